@@ -1,0 +1,115 @@
+// Activation functions shared by the CPU and CUDA kernels: the enum, its parsing, what each
+// activation saves for backward, and the scalar math (host and device). The CPU vectorized
+// kernels (csrc/cpu/kernels/linear_act.h) implement the same formulas on SIMD registers.
+#pragma once
+
+#include <c10/macros/Macros.h>
+#include <c10/util/Exception.h>
+
+#include <cmath>
+#include <cstdint>
+#include <string_view>
+
+namespace torch_ext {
+
+enum class Activation : int8_t {
+  None = 0,
+  Relu,
+  LeakyRelu,
+  Gelu,      // exact: x * Phi(x), as F.gelu(approximate="none")
+  GeluTanh,  // F.gelu(approximate="tanh")
+  Silu,
+  Sigmoid,
+  Tanh,
+};
+
+// What the forward pass keeps for backward besides input and weight.
+enum class SavedForBackward : int8_t {
+  Nothing,        // none: the derivative is 1
+  PositiveMask,   // relu, leaky_relu: 1 bit per element, set where the pre-activation > 0
+  Output,         // sigmoid, tanh: the derivative is a function of the output
+  PreActivation,  // gelu, gelu_tanh, silu
+};
+
+inline Activation parse_activation(std::string_view name) {
+  if (name == "none") return Activation::None;
+  if (name == "relu") return Activation::Relu;
+  if (name == "leaky_relu") return Activation::LeakyRelu;
+  if (name == "gelu") return Activation::Gelu;
+  if (name == "gelu_tanh") return Activation::GeluTanh;
+  if (name == "silu") return Activation::Silu;
+  if (name == "sigmoid") return Activation::Sigmoid;
+  if (name == "tanh") return Activation::Tanh;
+  TORCH_CHECK_VALUE(false, "activation must be one of none, relu, leaky_relu, gelu, gelu_tanh, silu, "
+                    "sigmoid, tanh; got '", std::string(name), "'");
+}
+
+inline SavedForBackward saved_for_backward(Activation act) {
+  switch (act) {
+    case Activation::None: return SavedForBackward::Nothing;
+    case Activation::Relu:
+    case Activation::LeakyRelu: return SavedForBackward::PositiveMask;
+    case Activation::Sigmoid:
+    case Activation::Tanh: return SavedForBackward::Output;
+    default: return SavedForBackward::PreActivation;
+  }
+}
+
+// Constants of the gelu formulas, as ATen writes them.
+constexpr double kSqrt1_2 = 0.70710678118654752440;       // 1/sqrt(2)
+constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1/sqrt(2*pi)
+constexpr double kGeluTanhBeta = 0.79788456080286535588;  // sqrt(2/pi)
+constexpr double kGeluTanhKappa = 0.044715;
+
+// act(x) on one element. T is the math type (float for float/half/bfloat16, double for double).
+template <typename T>
+C10_HOST_DEVICE inline T activation_forward(Activation act, T x, T negative_slope) {
+  switch (act) {
+    case Activation::None: return x;
+    case Activation::Relu: return x > T(0) ? x : (x != x ? x : T(0));  // NaN propagates like F.relu
+    case Activation::LeakyRelu: return x > T(0) ? x : x * negative_slope;
+    case Activation::Gelu: return x * T(0.5) * (T(1) + ::erf(x * T(kSqrt1_2)));
+    case Activation::GeluTanh: {
+      const T inner = T(kGeluTanhBeta) * (x + T(kGeluTanhKappa) * x * x * x);
+      return T(0.5) * x * (T(1) + ::tanh(inner));
+    }
+    case Activation::Silu: return x / (T(1) + ::exp(-x));
+    case Activation::Sigmoid: return T(1) / (T(1) + ::exp(-x));
+    case Activation::Tanh: return ::tanh(x);
+  }
+  return x;
+}
+
+// d act / d pre for activations that save the pre-activation x (gelu, gelu_tanh, silu).
+template <typename T>
+C10_HOST_DEVICE inline T activation_derivative_from_input(Activation act, T x) {
+  switch (act) {
+    case Activation::Gelu: {
+      const T cdf = T(0.5) * (T(1) + ::erf(x * T(kSqrt1_2)));
+      const T pdf = ::exp(T(-0.5) * x * x) * T(kInvSqrt2Pi);
+      return cdf + x * pdf;
+    }
+    case Activation::GeluTanh: {
+      const T x_sq = x * x;
+      const T inner = T(kGeluTanhBeta) * (x + T(kGeluTanhKappa) * x_sq * x);
+      const T t = ::tanh(inner);
+      const T left_derivative = T(0.5) * (T(1) + t);
+      const T right_derivative =
+          T(0.5) * x * (T(1) - t * t) * T(kGeluTanhBeta) * (T(1) + T(3 * kGeluTanhKappa) * x_sq);
+      return left_derivative + right_derivative;
+    }
+    case Activation::Silu: {
+      const T s = T(1) / (T(1) + ::exp(-x));
+      return s * (T(1) + x * (T(1) - s));
+    }
+    default: return T(1);
+  }
+}
+
+// d act / d pre for activations that save the output y (sigmoid, tanh).
+template <typename T>
+C10_HOST_DEVICE inline T activation_derivative_from_output(Activation act, T y) {
+  return act == Activation::Sigmoid ? y * (T(1) - y) : T(1) - y * y;
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,2 @@
+// Built with the avx512 instruction set (see kernels_impl.h and setup.py).
+#include "cpu/capability/kernels_impl.h"

@@ -1,0 +1,275 @@
+// Fused dense layer + activation on CPU: act(x @ W.T + b).
+//
+// The GEMMs go through ATen (MKL/oneDNN). What is fused is everything around them, and it is
+// done per row panel while the panel's GEMM output is still in cache:
+//   forward : GEMM of the panel, then ONE pass over it for bias + activation, which also writes
+//             what backward needs (a 1-bit mask for relu/leaky_relu, the pre-activation for
+//             gelu/gelu_tanh/silu; sigmoid/tanh backward uses the output, none needs nothing);
+//   backward: ONE pass forming the panel's pre-activation gradient and its bias-gradient sums,
+//             then the panel's two GEMMs (grad_input rows, and grad_weight accumulated).
+// Panels are about kDefaultPanelBytes of output + input rows (TORCH_EXT_PANEL_BYTES overrides,
+// for tuning). bfloat16 uses one panel: accumulating grad_weight across panels would round it to
+// bfloat16 after every panel, where one GEMM accumulates the whole reduction in float32.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <cstdlib>
+#include <string_view>
+#include <vector>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/kernels.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+using cpu::KernelsFor;
+
+constexpr int64_t kDefaultPanelBytes = 1 << 20;
+
+Activation activation_from(c10::string_view name) {
+  return parse_activation(std::string_view(name.data(), name.size()));
+}
+
+int64_t panel_bytes() {
+  static const int64_t bytes = [] {
+    const char* env = std::getenv("TORCH_EXT_PANEL_BYTES");
+    const int64_t value = env ? std::atoll(env) : 0;
+    return value > 0 ? value : kDefaultPanelBytes;
+  }();
+  return bytes;
+}
+
+// Rows of one bias-gradient partial sum: a fixed function of N, so the summation order (and
+// the result) does not depend on the number of threads.
+int64_t reduction_block_rows(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)); }
+
+int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like, int64_t multiple_of) {
+  if (like.scalar_type() == at::kBFloat16 || m == 0) return std::max<int64_t>(m, 1);
+  const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
+  const int64_t rows = std::max<int64_t>(panel_bytes() / row_bytes, 1);
+  return std::min(m, std::max(multiple_of, rows / multiple_of * multiple_of));
+}
+
+int64_t leading_rows(const Tensor& input) {
+  int64_t m = 1;
+  for (int64_t d = 0; d + 1 < input.dim(); ++d) m *= input.size(d);
+  return m;
+}
+
+std::vector<int64_t> with_last_dim(const Tensor& input, int64_t last) {
+  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
+  sizes.back() = last;
+  return sizes;
+}
+
+void check_cpu_dtype(const char* op, const Tensor& t, const char* name) {
+  check_floating(op, t, name);
+  TORCH_CHECK(t.scalar_type() != at::kHalf, op, ": ", name,
+              " is float16, which the CPU kernels do not support; use float32, float64 or bfloat16");
+}
+
+void check_linear_args(const char* op, const Tensor& input, const Tensor& weight,
+                       const std::optional<Tensor>& bias) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features), got a 0-D tensor");
+  TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.size(-1) is ", input.size(-1),
+              " but weight.size(1) (in_features) is ", weight.size(1), "; they must be equal");
+  check_same_device(op, input, "input", weight, "weight");
+  check_same_dtype(op, input, "input", weight, "weight");
+  check_cpu_dtype(op, input, "input");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape (out_features,) = (", weight.size(0), ",), got ", bias->sizes());
+    check_same_device(op, input, "input", *bias, "bias");
+    check_same_dtype(op, input, "input", *bias, "bias");
+  }
+}
+
+template <typename S>
+using MathT = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+template <typename S>
+void forward_panels(Activation act, double negative_slope, const Tensor& x2d, const Tensor& weight,
+                    const Tensor& bias, Tensor& gemm_dst, Tensor& out, Tensor& mask) {
+  const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
+  const bool pre_out = !gemm_dst.is_same(out);
+  const auto kernel = KernelsFor<S>::forward(cpu::cpu_kernels());
+  const S* bias_ptr = bias.defined() ? bias.const_data_ptr<S>() : nullptr;
+  const int64_t mask_ld = mask.defined() ? mask.size(1) : 0;
+  const int64_t rows_per_panel = panel_rows(m, n, k, x2d, 1);
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
+  const Tensor weight_t = weight.t();
+  for (int64_t r0 = 0; r0 < m; r0 += rows_per_panel) {
+    const int64_t rows = std::min(rows_per_panel, m - r0);
+    Tensor panel = gemm_dst.narrow(0, r0, rows);
+    at::mm_out(panel, x2d.narrow(0, r0, rows), weight_t);
+    at::parallel_for(r0, r0 + rows, grain, [&](int64_t begin, int64_t end) {
+      cpu::LinearActForwardRows<S> a{
+          end - begin, n,
+          gemm_dst.data_ptr<S>() + begin * n, n,
+          bias_ptr, pre_out,
+          out.data_ptr<S>() + begin * n, n,
+          mask.defined() ? mask.data_ptr<uint8_t>() + begin * mask_ld : nullptr, mask_ld};
+      kernel(act, MathT<S>(negative_slope), a);
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor& weight,
+                                              const std::optional<Tensor>& bias,
+                                              c10::string_view activation, double negative_slope) {
+  constexpr const char* op = "torch_ext.linear_act_fwd";
+  check_linear_args(op, input, weight, bias);
+  const Activation act = activation_from(activation);
+  const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
+  const Tensor x2d = input.reshape({m, k});
+  const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
+  Tensor out = at::empty({m, n}, input.options());
+  Tensor saved, mask, gemm_dst = out;
+  switch (saved_for_backward(act)) {
+    case SavedForBackward::PositiveMask:
+      mask = at::empty({m, (n + 7) / 8}, input.options().dtype(at::kByte));
+      saved = mask;
+      break;
+    case SavedForBackward::PreActivation:
+      saved = at::empty({m, n}, input.options());
+      gemm_dst = saved;
+      break;
+    default:
+      saved = at::empty({0}, input.options());
+  }
+  switch (input.scalar_type()) {
+    case at::kFloat: forward_panels<float>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask); break;
+    case at::kDouble: forward_panels<double>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask); break;
+    default: forward_panels<c10::BFloat16>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);
+  }
+  out = out.view(with_last_dim(input, n));
+  if (saved.dim() == 2) saved = saved.view(with_last_dim(input, saved.size(1)));
+  return {out, saved};
+}
+
+template <typename S>
+void backward_panels(Activation act, double negative_slope, const Tensor& g2d, const Tensor& x2d,
+                     const Tensor& weight, const Tensor& saved2d, const Tensor& mask2d,
+                     Tensor& grad_input, Tensor& grad_weight, Tensor& bias_grad) {
+  using Acc = MathT<S>;
+  const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
+  const auto kernel = KernelsFor<S>::backward(cpu::cpu_kernels());
+  const int64_t block = reduction_block_rows(n);
+  const int64_t rows_per_panel = panel_rows(m, n, k, x2d, block);
+  const int64_t blocks_per_panel = (rows_per_panel + block - 1) / block;
+  Tensor grad_pre = at::empty({rows_per_panel, n}, x2d.options());
+  Tensor partials;
+  if (bias_grad.defined()) partials = at::empty({blocks_per_panel, n}, bias_grad.options());
+  const int64_t ld_g = g2d.stride(0);
+  const int64_t ld_saved = saved2d.defined() ? saved2d.stride(0) : 0;
+  const int64_t ld_mask = mask2d.defined() ? mask2d.stride(0) : 0;
+  for (int64_t r0 = 0; r0 < m; r0 += rows_per_panel) {
+    const int64_t rows = std::min(rows_per_panel, m - r0);
+    const int64_t blocks = (rows + block - 1) / block;
+    if (partials.defined()) partials.zero_();
+    at::parallel_for(0, blocks, 1, [&](int64_t block_begin, int64_t block_end) {
+      for (int64_t b = block_begin; b < block_end; ++b) {
+        const int64_t first = r0 + b * block;
+        const int64_t count = std::min(block, r0 + rows - first);
+        cpu::LinearActBackwardRows<S> a{
+            count, n,
+            g2d.const_data_ptr<S>() + first * ld_g, ld_g,
+            saved2d.defined() ? saved2d.const_data_ptr<S>() + first * ld_saved : nullptr, ld_saved,
+            mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() + first * ld_mask : nullptr, ld_mask,
+            grad_pre.data_ptr<S>() + (first - r0) * n, n,
+            partials.defined() ? partials.data_ptr<Acc>() + b * n : nullptr};
+        kernel(act, Acc(negative_slope), a);
+      }
+    });
+    if (partials.defined()) {
+      Acc* acc = bias_grad.data_ptr<Acc>();
+      const Acc* part = partials.const_data_ptr<Acc>();
+      for (int64_t b = 0; b < blocks; ++b)
+        for (int64_t j = 0; j < n; ++j) acc[j] += part[b * n + j];
+    }
+    const Tensor panel_grad = grad_pre.narrow(0, 0, rows);
+    if (grad_input.defined()) {
+      Tensor grad_input_rows = grad_input.narrow(0, r0, rows);
+      at::mm_out(grad_input_rows, panel_grad, weight);
+    }
+    if (grad_weight.defined()) {
+      const Tensor x_panel = x2d.narrow(0, r0, rows);
+      if (r0 == 0) {
+        at::mm_out(grad_weight, panel_grad.t(), x_panel);
+      } else {
+        grad_weight.addmm_(panel_grad.t(), x_panel);
+      }
+    }
+  }
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output, const Tensor& input,
+                                                      const Tensor& weight, const Tensor& saved,
+                                                      c10::string_view activation, double negative_slope,
+                                                      std::array<bool, 3> output_mask) {
+  constexpr const char* op = "torch_ext.linear_act_bwd";
+  check_linear_args(op, input, weight, std::nullopt);
+  const Activation act = activation_from(activation);
+  const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
+  check_same_device(op, input, "input", grad_output, "grad_output");
+  check_same_dtype(op, input, "input", grad_output, "grad_output");
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op,
+              ": grad_output must have shape ", at::IntArrayRef(with_last_dim(input, n)), ", got ",
+              grad_output.sizes());
+  check_same_device(op, input, "input", saved, "saved");
+  Tensor saved2d, mask2d;
+  switch (saved_for_backward(act)) {
+    case SavedForBackward::PositiveMask:
+      TORCH_CHECK(saved.scalar_type() == at::kByte && saved.numel() == m * ((n + 7) / 8), op,
+                  ": saved must be the uint8 mask of shape (*, ", (n + 7) / 8, ") from linear_act_fwd, got ",
+                  saved.scalar_type(), " of shape ", saved.sizes());
+      mask2d = saved.reshape({m, (n + 7) / 8}).contiguous();
+      break;
+    case SavedForBackward::Output:
+    case SavedForBackward::PreActivation:
+      TORCH_CHECK(saved.sizes() == grad_output.sizes(), op, ": saved must have shape ", grad_output.sizes(),
+                  " (the ", saved_for_backward(act) == SavedForBackward::Output ? "output" : "pre-activation",
+                  " from linear_act_fwd), got ", saved.sizes());
+      check_same_dtype(op, input, "input", saved, "saved");
+      saved2d = saved.reshape({m, n}).contiguous();
+      break;
+    default:
+      break;
+  }
+  const Tensor x2d = input.reshape({m, k});
+  Tensor g2d = grad_output.reshape({m, n});
+  // The kernels read rows with unit column stride; any row stride (0 too) is fine. Other layouts
+  // (e.g. the all-zero strides of a grad expanded from a scalar) are made contiguous first.
+  if (n > 1 && g2d.stride(1) != 1) g2d = g2d.contiguous();
+
+  const auto options = input.options();
+  const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  Tensor grad_input = output_mask[0] ? at::empty({m, k}, options) : Tensor();
+  Tensor grad_weight = output_mask[1] ? at::empty({n, k}, options) : Tensor();
+  Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
+  if (m == 0 && grad_weight.defined()) grad_weight.zero_();
+  switch (input.scalar_type()) {
+    case at::kFloat: backward_panels<float>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad); break;
+    case at::kDouble: backward_panels<double>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad); break;
+    default: backward_panels<c10::BFloat16>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad);
+  }
+  // Gradients not asked for come back as (distinct) empty tensors.
+  return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
+          grad_weight.defined() ? grad_weight : at::empty({0}, options),
+          bias_grad.defined() ? bias_grad.to(input.scalar_type()) : at::empty({0}, options)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("linear_act_fwd", &linear_act_fwd_cpu);
+  m.impl("linear_act_bwd", &linear_act_bwd_cpu);
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,148 @@
+"""Build torch_ext._C against the torch that is installed.
+
+    pip install --no-build-isolation .          # CPU build (CUDA too when available)
+    TORCH_EXT_CUDA=0|1|auto pip install ...       # force off / force on / detect (default)
+
+CPU kernels are compiled once per instruction set (DEFAULT, AVX2, AVX512 on x86-64) as
+small static libraries with their own flags, and chosen at run time by
+at::get_cpu_capability(), the same switch ATen's own kernels use (it honours
+ATEN_CPU_CAPABILITY). See csrc/cpu/capability/README.md for why they are separate.
+"""
+import glob
+import os
+import platform
+import shutil
+import sys
+
+from setuptools import find_packages, setup
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
+
+
+def _read_version():
+    with open(os.path.join(ROOT, "torch_ext", "version.py")) as f:
+        scope = {}
+        exec(f.read(), scope)
+        return scope["__version__"]
+
+
+def _cuda_requested():
+    """TORCH_EXT_CUDA: 'auto' (default) builds CUDA only when torch has CUDA and nvcc is found."""
+    mode = os.environ.get("TORCH_EXT_CUDA", "auto").strip().lower()
+    if mode not in ("auto", "0", "1"):
+        sys.exit(f"TORCH_EXT_CUDA must be 'auto', '0' or '1', got {mode!r}")
+    if mode == "0":
+        return False
+    import torch
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    has_torch_cuda = torch.version.cuda is not None
+    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    if mode == "1":
+        if not has_torch_cuda:
+            sys.exit("TORCH_EXT_CUDA=1 but the installed torch has no CUDA (torch.version.cuda is None)")
+        if not has_nvcc:
+            sys.exit("TORCH_EXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to a folder with bin/nvcc)")
+        return True
+    return has_torch_cuda and has_nvcc
+
+
+def _cxx_std():
+    import torch
+
+    major, minor = (int(v) for v in torch.__version__.split(".")[:2])
+    return "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
+
+
+def _capability_libraries(include_dirs):
+    """One static library per CPU instruction set, each built with its own -m flags.
+
+    Order matters: the linker keeps the first copy of an inline function that several objects
+    define, so the plain objects and the DEFAULT build come before AVX2 and AVX512.
+    """
+    import torch
+
+    variants = [("DEFAULT", [])]
+    if platform.machine().lower() in ("x86_64", "amd64") and sys.platform.startswith("linux"):
+        variants += [
+            ("AVX2", ["-mavx2", "-mfma", "-mf16c"]),
+            ("AVX512", ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512dq", "-mfma", "-mf16c"]),
+        ]
+    abi = int(torch._C._GLIBCXX_USE_CXX11_ABI)
+    libs = []
+    for name, flags in variants:
+        macros = [("CPU_CAPABILITY", name), (f"CPU_CAPABILITY_{name}", None)]
+        libs.append(
+            (
+                f"torch_ext_cpu_{name.lower()}",
+                {
+                    "sources": [f"csrc/cpu/capability/{name.lower()}.cpp"],
+                    "include_dirs": include_dirs,
+                    "macros": macros,
+                    "cflags": [_cxx_std(), "-O3", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + flags,
+                    "obj_deps": {"": sorted(glob.glob("csrc/**/*.h", recursive=True))},
+                },
+            )
+        )
+    return libs
+
+
+def _extensions_and_libraries():
+    import torch
+    from torch.utils.cpp_extension import CppExtension, CUDAExtension, include_paths
+
+    csrc = os.path.join(ROOT, "csrc")
+    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    include_dirs = [csrc] + include_paths()
+    libraries = _capability_libraries(include_dirs)
+    extra = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}
+    define_macros = [("TORCH_EXT_CPU_CAPABILITIES", str(len(libraries)))]
+    if _cuda_requested():
+        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+        sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        ext_cls = CUDAExtension
+        define_macros.append(("TORCH_EXT_WITH_CUDA", None))
+    else:
+        ext_cls = CppExtension
+        extra.pop("nvcc")
+    ext = ext_cls(
+        "torch_ext._C",
+        sources,
+        include_dirs=[csrc],
+        define_macros=define_macros,
+        extra_compile_args=extra,
+        extra_link_args=["-fopenmp"],
+        # The capability libraries are named here too so that their order on the link line
+        # is fixed (see _capability_libraries).
+        libraries=[name for name, _ in libraries],
+    )
+    return [ext], libraries
+
+
+def _build_ext_cls():
+    from torch.utils.cpp_extension import BuildExtension
+
+    use_ninja = shutil.which("ninja") is not None
+    return BuildExtension.with_options(use_ninja=use_ninja)
+
+
+ext_modules, libraries = _extensions_and_libraries()
+
+setup(
+    name="torch_ext",
+    version=_read_version(),
+    description="Fused dense+activation and loss operators for PyTorch (CPU and CUDA)",
+    long_description=open(os.path.join(ROOT, "README.md")).read(),
+    long_description_content_type="text/markdown",
+    packages=find_packages(include=["torch_ext", "torch_ext.*"]),
+    python_requires=">=3.10",
+    install_requires=["torch>=2.4"],
+    extras_require={
+        "test": ["pytest", "numpy"],
+        "bench": ["tabulate", "matplotlib", "tqdm"],
+    },
+    ext_modules=ext_modules,
+    libraries=libraries,
+    cmdclass={"build_ext": _build_ext_cls()},
+    zip_safe=False,
+)

@@ -1,0 +1,171 @@
+"""Fused dense layer + activation: ``act(input @ weight.T + bias)``.
+
+Ops (csrc/ops.cpp): ``torch_ext::linear_act_fwd`` and ``torch_ext::linear_act_bwd``. This file
+gives them their fake kernels, their autograd (``FusedLinearFunction``, also registered on the
+forward op itself), the functional ``fused_linear`` and the module ``FusedLinear``.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._common import autocast_to_lower_precision
+
+ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+# What the forward op saves for backward (besides input and weight); see csrc/activation.h.
+_SAVES_MASK = frozenset({"relu", "leaky_relu"})
+_SAVES_OUTPUT = frozenset({"sigmoid", "tanh"})
+_SAVES_PRE_ACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
+
+_fwd_op = torch.ops.torch_ext.linear_act_fwd.default
+_bwd_op = torch.ops.torch_ext.linear_act_bwd.default
+
+
+def _check_activation(activation) -> None:
+    if activation not in ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+
+
+def _check_linear_args(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+    """The checks of csrc/cpu/linear_act.cpp, for fake tensors (torch.compile tracing)."""
+    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    torch._check(input.dim() >= 1, lambda: f"{op}: input must have shape (*, in_features), got a 0-D tensor")
+    torch._check(
+        input.shape[-1] == weight.shape[1],
+        lambda: f"{op}: input.size(-1) is {input.shape[-1]} but weight.size(1) (in_features) is {weight.shape[1]}; they must be equal",
+    )
+    tensors = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
+    for name, t in tensors:
+        torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}; they must be on the same device")
+        torch._check(t.dtype == input.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
+    if bias is not None:
+        torch._check(
+            bias.dim() == 1 and bias.shape[0] == weight.shape[0],
+            lambda: f"{op}: bias must have shape (out_features,) = ({weight.shape[0]},), got {tuple(bias.shape)}",
+        )
+
+
+@torch.library.register_fake("torch_ext::linear_act_fwd")
+def _linear_act_fwd_fake(input, weight, bias, activation, negative_slope):
+    _check_linear_args("torch_ext.linear_act_fwd", input, weight, bias)
+    _check_activation(activation)
+    n = weight.shape[0]
+    out = input.new_empty((*input.shape[:-1], n))
+    if activation in _SAVES_MASK:
+        saved = input.new_empty((*input.shape[:-1], (n + 7) // 8), dtype=torch.uint8)
+    elif activation in _SAVES_PRE_ACTIVATION:
+        saved = input.new_empty(out.shape)
+    else:
+        saved = input.new_empty((0,))
+    return out, saved
+
+
+@torch.library.register_fake("torch_ext::linear_act_bwd")
+def _linear_act_bwd_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
+    _check_linear_args("torch_ext.linear_act_bwd", input, weight, None)
+    _check_activation(activation)
+    return (
+        input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
+        input.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,)),
+        input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,)),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    input, weight, bias, activation, negative_slope = inputs
+    out, saved = output
+    ctx.activation = activation
+    ctx.negative_slope = negative_slope
+    ctx.has_bias = bias is not None
+    # sigmoid/tanh derive their gradient from the output; the others from the op's `saved`.
+    ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved)
+    ctx.mark_non_differentiable(saved)
+
+
+def _backward(ctx, grad_out, _grad_saved):
+    if torch.is_grad_enabled() and grad_out.requires_grad:
+        raise RuntimeError(
+            "torch_ext.fused_linear does not support double backward (create_graph=True); "
+            "use torch.nn.functional for higher-order gradients"
+        )
+    input, weight, saved = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
+    if not any(mask):
+        return None, None, None, None, None
+    grad_input, grad_weight, grad_bias = _bwd_op(
+        grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask
+    )
+    return (
+        grad_input if mask[0] else None,
+        grad_weight if mask[1] else None,
+        grad_bias if mask[2] else None,
+        None,
+        None,
+    )
+
+
+# Calling torch.ops.torch_ext.linear_act_fwd directly is differentiable too.
+torch.library.register_autograd("torch_ext::linear_act_fwd", _backward, setup_context=_setup_context)
+
+
+class FusedLinearFunction(torch.autograd.Function):
+    """autograd.Function over the fused ops: ``apply(input, weight, bias, activation,
+    negative_slope) -> (out, saved)``; ``saved`` is what backward uses and is not differentiable."""
+
+    @staticmethod
+    def forward(input, weight, bias, activation, negative_slope):
+        return _fwd_op(input, weight, bias, activation, negative_slope)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def fused_linear(
+    input: Tensor,
+    weight: Tensor,
+    bias: Optional[Tensor] = None,
+    activation: str = "none",
+    negative_slope: float = 0.01,
+) -> Tensor:
+    """``act(F.linear(input, weight, bias))`` in one fused op.
+
+    activation: none, relu, leaky_relu (with ``negative_slope``), gelu (exact erf), gelu_tanh
+    (``F.gelu(approximate="tanh")``), silu, sigmoid, tanh. Input ``(*, in_features)``, weight
+    ``(out_features, in_features)``, bias ``(out_features,)`` or None. Under ``torch.autocast``
+    the tensors are cast as for ``F.linear``.
+    """
+    _check_activation(activation)
+    input, weight, bias = autocast_to_lower_precision(input, weight, bias)
+    return FusedLinearFunction.apply(input, weight, bias, activation, float(negative_slope))[0]
+
+
+class FusedLinear(nn.Linear):
+    """``nn.Sequential(nn.Linear(in_features, out_features, bias), act)`` as one fused module.
+
+    Same parameters, initialization and state_dict keys as ``nn.Linear``.
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        bias: bool = True,
+        activation: str = "none",
+        negative_slope: float = 0.01,
+        device=None,
+        dtype=None,
+    ) -> None:
+        _check_activation(activation)
+        super().__init__(in_features, out_features, bias=bias, device=device, dtype=dtype)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, input: Tensor) -> Tensor:
+        return fused_linear(input, self.weight, self.bias, self.activation, self.negative_slope)
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"{super().extra_repr()}, activation={self.activation!r}{slope}"
