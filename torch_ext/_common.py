@@ -14,7 +14,8 @@ def autocast_to_lower_precision(*tensors: Optional[Tensor]):
     if first is None:
         return tensors
     device_type = first.device.type
-    if not torch.is_autocast_enabled(device_type):
+    # "meta" and other devices without autocast raise in is_autocast_enabled.
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
         return tensors
     dtype = torch.get_autocast_dtype(device_type)
     return tuple(

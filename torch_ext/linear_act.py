@@ -85,11 +85,6 @@ def _setup_context(ctx, inputs, output):
 
 
 def _backward(ctx, grad_out, _grad_saved):
-    if torch.is_grad_enabled() and grad_out.requires_grad:
-        raise RuntimeError(
-            "torch_ext.fused_linear does not support double backward (create_graph=True); "
-            "use torch.nn.functional for higher-order gradients"
-        )
     input, weight, saved = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
@@ -109,6 +104,20 @@ def _backward(ctx, grad_out, _grad_saved):
 
 # Calling torch.ops.torch_ext.linear_act_fwd directly is differentiable too.
 torch.library.register_autograd("torch_ext::linear_act_fwd", _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise RuntimeError(
+        "torch_ext.fused_linear does not support double backward (a gradient of its gradient, "
+        "e.g. after create_graph=True); use torch.nn.functional for higher-order gradients"
+    )
+
+
+# The backward op is differentiable once: with create_graph=True its outputs get a grad_fn, and
+# differentiating them raises the error above instead of silently giving wrong values.
+torch.library.register_autograd(
+    "torch_ext::linear_act_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None
+)
 
 
 class FusedLinearFunction(torch.autograd.Function):

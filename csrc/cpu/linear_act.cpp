@@ -7,9 +7,11 @@
 //             gelu/gelu_tanh/silu; sigmoid/tanh backward uses the output, none needs nothing);
 //   backward: ONE pass forming the panel's pre-activation gradient and its bias-gradient sums,
 //             then the panel's two GEMMs (grad_input rows, and grad_weight accumulated).
-// Panels are about kDefaultPanelBytes of output + input rows (TORCH_EXT_PANEL_BYTES overrides,
-// for tuning). bfloat16 uses one panel: accumulating grad_weight across panels would round it to
-// bfloat16 after every panel, where one GEMM accumulates the whole reduction in float32.
+// Panels are large (see panel_rows): measured here, 1 MiB panels cost more in GEMM efficiency
+// (~0.4 ms per GEMM at 8192x256->256) than they saved in cache traffic, so what panels buy is
+// a pre-activation-gradient buffer of panel size instead of M x N. bfloat16 uses one panel:
+// accumulating grad_weight across panels would round it to bfloat16 after every panel, where
+// one GEMM accumulates the whole reduction in float32.
 #include <ATen/ATen.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
@@ -28,30 +30,35 @@ namespace {
 using at::Tensor;
 using cpu::KernelsFor;
 
-constexpr int64_t kDefaultPanelBytes = 1 << 20;
+constexpr int64_t kDefaultPanelBytes = 16 << 20;
+constexpr int64_t kMinPanelRows = 1024;
 
 Activation activation_from(c10::string_view name) {
   return parse_activation(std::string_view(name.data(), name.size()));
 }
 
-int64_t panel_bytes() {
-  static const int64_t bytes = [] {
-    const char* env = std::getenv("TORCH_EXT_PANEL_BYTES");
-    const int64_t value = env ? std::atoll(env) : 0;
-    return value > 0 ? value : kDefaultPanelBytes;
-  }();
-  return bytes;
-}
-
-// Rows of one bias-gradient partial sum: a fixed function of N, so the summation order (and
-// the result) does not depend on the number of threads.
-int64_t reduction_block_rows(int64_t n) { return std::max<int64_t>(1, 8192 / std::max<int64_t>(n, 1)); }
-
-int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like, int64_t multiple_of) {
+// Rows per panel: about kDefaultPanelBytes of input + output rows, but at least kMinPanelRows,
+// since every panel re-reads and re-writes grad_weight (N x K) in its accumulating GEMM, and
+// small GEMMs run below MKL's full rate. TORCH_EXT_PANEL_BYTES (read per call, for tuning and
+// tests) sets the panel size exactly, without the minimum.
+int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like) {
   if (like.scalar_type() == at::kBFloat16 || m == 0) return std::max<int64_t>(m, 1);
   const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
-  const int64_t rows = std::max<int64_t>(panel_bytes() / row_bytes, 1);
-  return std::min(m, std::max(multiple_of, rows / multiple_of * multiple_of));
+  const char* env = std::getenv("TORCH_EXT_PANEL_BYTES");
+  const int64_t override_bytes = env ? std::atoll(env) : 0;
+  const int64_t rows = override_bytes > 0
+                           ? std::max<int64_t>(1, override_bytes / row_bytes)
+                           : std::max(kMinPanelRows, kDefaultPanelBytes / row_bytes);
+  return std::min(m, rows);
+}
+
+// Rows of one bias-gradient partial sum: a function of the shapes only, so the summation order
+// (and the result) does not depend on the number of threads. At most kMaxBlocks partial rows
+// per panel keeps the partials buffer small next to the panel.
+int64_t reduction_block_rows(int64_t rows_per_panel, int64_t n) {
+  constexpr int64_t kMaxBlocks = 64;
+  const int64_t min_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
+  return std::max(min_rows, (rows_per_panel + kMaxBlocks - 1) / kMaxBlocks);
 }
 
 int64_t leading_rows(const Tensor& input) {
@@ -101,7 +108,7 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
   const auto kernel = KernelsFor<S>::forward(cpu::cpu_kernels());
   const S* bias_ptr = bias.defined() ? bias.const_data_ptr<S>() : nullptr;
   const int64_t mask_ld = mask.defined() ? mask.size(1) : 0;
-  const int64_t rows_per_panel = panel_rows(m, n, k, x2d, 1);
+  const int64_t rows_per_panel = panel_rows(m, n, k, x2d);
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1));
   const Tensor weight_t = weight.t();
   for (int64_t r0 = 0; r0 < m; r0 += rows_per_panel) {
@@ -160,8 +167,8 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
   using Acc = MathT<S>;
   const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
   const auto kernel = KernelsFor<S>::backward(cpu::cpu_kernels());
-  const int64_t block = reduction_block_rows(n);
-  const int64_t rows_per_panel = panel_rows(m, n, k, x2d, block);
+  const int64_t rows_per_panel = panel_rows(m, n, k, x2d);
+  const int64_t block = reduction_block_rows(rows_per_panel, n);
   const int64_t blocks_per_panel = (rows_per_panel + block - 1) / block;
   Tensor grad_pre = at::empty({rows_per_panel, n}, x2d.options());
   Tensor partials;

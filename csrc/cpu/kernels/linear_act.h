@@ -20,22 +20,28 @@ using at::vec::Vectorized;
 template <typename T>
 using Vec = Vectorized<T>;
 
-// Bit j set where lane j of x is > 0 (false for NaN), for the first `lanes` lanes.
-template <typename T>
-inline uint32_t positive_bits(const Vec<T>& x, int64_t lanes = Vec<T>::size()) {
+// Bit j set where lane j of x passes the gradient: x > 0, and for relu also NaN (ATen's relu
+// backward is `out <= 0 ? 0 : grad`, which lets NaN through; leaky_relu's is `x > 0 ? ...`).
+template <typename T, bool kNanIsSet>
+inline uint32_t mask_bits(const Vec<T>& x, int64_t lanes) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), _CMP_GT_OQ) & ((1u << lanes) - 1u);
+    return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kNanIsSet ? _CMP_NLE_UQ : _CMP_GT_OQ) &
+           ((1u << lanes) - 1u);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
-    return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), _CMP_GT_OQ)) & ((1u << lanes) - 1u);
+    return _mm256_movemask_ps(_mm256_cmp_ps(x, _mm256_setzero_ps(), kNanIsSet ? _CMP_NLE_UQ : _CMP_GT_OQ)) &
+           ((1u << lanes) - 1u);
   }
 #endif
   __at_align__ T values[Vec<T>::size()];
   x.store(values);
   uint32_t bits = 0;
-  for (int64_t j = 0; j < lanes; ++j) bits |= uint32_t(values[j] > T(0)) << j;
+  for (int64_t j = 0; j < lanes; ++j) {
+    const bool set = kNanIsSet ? !(values[j] <= T(0)) : values[j] > T(0);
+    bits |= uint32_t(set) << j;
+  }
   return bits;
 }
 
@@ -74,8 +80,9 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
   } else if constexpr (A == Activation::Gelu) {
     return x * half * (one + (x * Vec<T>(T(kSqrt1_2))).erf());
   } else if constexpr (A == Activation::GeluTanh) {
+    // x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)); see csrc/activation.h.
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x * x * x);
-    return half * x * (one + inner.tanh());
+    return x / (one + (Vec<T>(T(-2)) * inner).exp());
   } else if constexpr (A == Activation::Silu) {
     return x / (one + x.neg().exp());
   } else if constexpr (A == Activation::Sigmoid) {
@@ -99,11 +106,9 @@ inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
     const Vec<T>& x = saved;
     const Vec<T> x_sq = x * x;
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x_sq * x);
-    const Vec<T> t = inner.tanh();
-    const Vec<T> left_derivative = half * (one + t);
-    const Vec<T> right_derivative = half * x * (one - t * t) * Vec<T>(T(kGeluTanhBeta)) *
-                                    (one + Vec<T>(T(3 * kGeluTanhKappa)) * x_sq);
-    return g * (left_derivative + right_derivative);
+    const Vec<T> s = one / (one + (Vec<T>(T(-2)) * inner).exp());
+    const Vec<T> du = Vec<T>(T(kGeluTanhBeta)) * (one + Vec<T>(T(3 * kGeluTanhKappa)) * x_sq);
+    return g * (s + Vec<T>(T(2)) * x * s * (one - s) * du);
   } else if constexpr (A == Activation::Silu) {
     const Vec<T>& x = saved;
     const Vec<T> s = one / (one + x.neg().exp());
@@ -134,7 +139,7 @@ inline void forward_segment(int64_t len, const T* gemm, const T* bias, T* pre_ou
     if (bias != nullptr) x = x + V::loadu(bias + i, lanes);
     if (pre_out != nullptr) x.store(pre_out + i, lanes);
     if (mask != nullptr) {
-      const uint32_t bits = positive_bits<T>(x, lanes);
+      const uint32_t bits = mask_bits<T, A == Activation::Relu>(x, lanes);
       if constexpr (kBytewiseMask) {
         for (int64_t b = 0; b < (lanes + 7) / 8; ++b) mask[i / 8 + b] = uint8_t(bits >> (8 * b));
       } else {

@@ -1,0 +1,133 @@
+"""Helpers shared by the op-family test files: per-dtype tolerances, an ``assert_close`` that
+applies them, a recorder of the bytes autograd saves, and a runner for subprocess checks under
+each ``ATEN_CPU_CAPABILITY``."""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+# (rtol, atol) per dtype of the tensor under test. The reference is always PyTorch's own ops:
+# - float64 / float32: the same computation in the same dtype; only summation order and the
+#   activation formulas' rounding differ.
+# - bfloat16: a float32 reference computed from the *same* bfloat16 values upcast (see
+#   reference_dtype). The op under test rounds its GEMM result and its output to bfloat16, so it
+#   is a few bf16 ulps (2**-8 = 3.9e-3 relative) off the exact result; 1.6e-2 allows ~4 ulps.
+# atol is relative to the magnitude of the expected tensor (see assert_close's `scale`), so
+# reductions over many elements (weight and bias gradients) are judged at their own scale.
+TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
+    torch.float64: (1e-7, 1e-7),
+    torch.float32: (1e-4, 1e-5),
+    torch.bfloat16: (1.6e-2, 1e-2),
+    torch.float16: (2e-3, 1e-3),
+}
+
+
+def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
+    """(rtol, atol) for results of dtype `dtype`."""
+    return TOLERANCES[dtype]
+
+
+def reference_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype to compute PyTorch's reference in for inputs of `dtype`: float32 for the reduced
+    precision types (from the same low-precision values, upcast), else `dtype` itself.
+
+    Why not the bfloat16 eager result: eager bf16 rounds twice (after the GEMM and after the
+    activation) and its own error is as large as the one we want to bound; comparing two noisy
+    results needs a tolerance that is the sum of both. The float32 result from the same bf16
+    inputs is the exact answer up to float32 rounding, so the tolerance bounds our error alone.
+    """
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def assert_close(
+    actual: Optional[Tensor],
+    expected: Optional[Tensor],
+    *,
+    dtype: Optional[torch.dtype] = None,
+    rtol: Optional[float] = None,
+    atol: Optional[float] = None,
+    scale: Optional[float] = None,
+    equal_nan: bool = False,
+    check_dtype: bool = True,
+    msg: str = "",
+) -> None:
+    """torch.testing.assert_close with the tolerance of `dtype` (default: actual's dtype).
+
+    Values are compared in float64, so `expected` may be a higher-precision reference. atol is
+    multiplied by `scale` (default: max(1, the largest finite |expected|)). With check_dtype,
+    `actual` must have `dtype` when given, else expected's dtype. None matches only None.
+    """
+    if actual is None or expected is None:
+        assert actual is None and expected is None, f"{msg}: one is None: {actual!r} vs {expected!r}"
+        return
+    if check_dtype:
+        want = dtype if dtype is not None else expected.dtype
+        assert actual.dtype == want, f"{msg}: dtype {actual.dtype}, expected {want}"
+    dtype = dtype or actual.dtype
+    assert actual.shape == expected.shape, f"{msg}: shape {tuple(actual.shape)} vs {tuple(expected.shape)}"
+    default_rtol, default_atol = tolerance(dtype)
+    rtol = default_rtol if rtol is None else rtol
+    atol = default_atol if atol is None else atol
+    if scale is None:
+        finite = expected[torch.isfinite(expected)] if expected.is_floating_point() else expected
+        scale = max(1.0, finite.abs().max().item()) if finite.numel() else 1.0
+    torch.testing.assert_close(
+        actual.double(),
+        expected.double(),
+        rtol=rtol,
+        atol=atol * scale,
+        equal_nan=equal_nan,
+        msg=(lambda m: f"{msg}\n{m}") if msg else None,
+    )
+
+
+def storage_key(t: Tensor) -> int:
+    return t.untyped_storage().data_ptr()
+
+
+class SavedTensorBytes:
+    """Context manager recording the tensors autograd saves for backward (through
+    torch.autograd.graph.saved_tensors_hooks). ``bytes_excluding(tensors)`` sums the storage
+    bytes of those that share storage with none of `tensors` (e.g. the op's inputs/parameters),
+    each storage counted once."""
+
+    def __init__(self) -> None:
+        self.saved = []
+        self._hooks = torch.autograd.graph.saved_tensors_hooks(self._pack, lambda t: t)
+
+    def _pack(self, t: Tensor) -> Tensor:
+        self.saved.append(t)
+        return t
+
+    def __enter__(self) -> "SavedTensorBytes":
+        self._hooks.__enter__()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._hooks.__exit__(*exc)
+
+    def bytes_excluding(self, tensors: Iterable[Optional[Tensor]]) -> int:
+        excluded = {storage_key(t) for t in tensors if t is not None}
+        seen: Dict[int, int] = {}
+        for t in self.saved:
+            key = storage_key(t)
+            if key not in excluded:
+                seen[key] = t.untyped_storage().nbytes()
+        return sum(seen.values())
+
+
+CPU_CAPABILITY_LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
+
+
+def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """Run `code` with this interpreter in a fresh process (env added to os.environ)."""
+    full_env = dict(os.environ)
+    full_env.update(env or {})
+    return subprocess.run(
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout
+    )
