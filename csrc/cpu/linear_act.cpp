@@ -30,7 +30,7 @@ namespace {
 using at::Tensor;
 using cpu::KernelsFor;
 
-constexpr int64_t kDefaultPanelBytes = 16 << 20;
+constexpr int64_t kDefaultPanelBytes = 4 << 20;
 constexpr int64_t kMinPanelRows = 1024;
 
 Activation activation_from(c10::string_view name) {
