@@ -128,6 +128,9 @@ def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float =
     """Run `code` with this interpreter in a fresh process (env added to os.environ)."""
     full_env = dict(os.environ)
     full_env.update(env or {})
+    # cwd is tests/, so that `import torch_ext` finds the installed package and not the
+    # uncompiled source folder at the repository root.
     return subprocess.run(
-        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout
+        [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout,
+        cwd=os.path.dirname(os.path.abspath(__file__)),
     )
