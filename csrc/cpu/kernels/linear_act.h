@@ -81,8 +81,10 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
     return x * half * (one + (x * Vec<T>(T(kSqrt1_2))).erf());
   } else if constexpr (A == Activation::GeluTanh) {
     // x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)); see csrc/activation.h.
+    // exp_u20 (ATen's 2-ulp exp) rather than Sleef's 1-ulp: the backward prologue at 8192x256
+    // went from 0.84 to 0.67 ms; results stay within float32 tolerance of F.gelu.
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x * x * x);
-    return x / (one + (Vec<T>(T(-2)) * inner).exp());
+    return x / (one + (Vec<T>(T(-2)) * inner).exp_u20());
   } else if constexpr (A == Activation::Silu) {
     return x / (one + x.neg().exp());
   } else if constexpr (A == Activation::Sigmoid) {
@@ -106,7 +108,7 @@ inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
     const Vec<T>& x = saved;
     const Vec<T> x_sq = x * x;
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x_sq * x);
-    const Vec<T> s = one / (one + (Vec<T>(T(-2)) * inner).exp());
+    const Vec<T> s = one / (one + (Vec<T>(T(-2)) * inner).exp_u20());
     const Vec<T> du = Vec<T>(T(kGeluTanhBeta)) * (one + Vec<T>(T(3 * kGeluTanhKappa)) * x_sq);
     return g * (s + Vec<T>(T(2)) * x * s * (one - s) * du);
   } else if constexpr (A == Activation::Silu) {
