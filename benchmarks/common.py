@@ -93,22 +93,6 @@ def saved_bytes(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()
     return sum(seen.values())
 
 
-def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20) -> float:
-    """Bytes per second moved by a large tensor copy (read + write both counted)."""
-    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
-    dst = torch.empty_like(src)
-    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, rounds=7)
-    return 2 * nbytes / median(samples["copy"])
-
-
-def gemm_rate(device: str = "cpu", n: int = 1024, dtype=torch.float32) -> float:
-    """FLOP per second of an n x n x n matmul."""
-    a = torch.randn(n, n, device=device, dtype=dtype)
-    b = torch.randn(n, n, device=device, dtype=dtype)
-    samples = time_interleaved({"mm": lambda: torch.mm(a, b)}, device=device, rounds=7)
-    return 2 * n**3 / median(samples["mm"])
-
-
 def machine_info(device: str = "cpu") -> dict:
     import platform
 
