@@ -17,6 +17,39 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("linear_act_bwd(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
         "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+
+  // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
+  // row, weighted and reduced like the loss). target: class indices (int64/uint8, input's shape
+  // without the class dim) or class probabilities (input's shape and dtype). Returns (loss,
+  // stats); stats (rows, 2), float32 (float64 for float64 input), is what backward needs.
+  m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
+        "float label_smoothing, float z_loss) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  // Gradients for (input, target); target's only for probability targets; not asked for: empty.
+  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
+        "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask) "
+        "-> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+
+  // Elementwise regression losses: loss = "mse" | "huber" (param = delta) | "smooth_l1" (param =
+  // beta); input, target and the optional elementwise weight of one shape (the Python functions
+  // broadcast). Weighted mse's mean divides by the sum of the weights, the others' by numel.
+  m.def("regression_loss_fwd(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
+        "str reduction) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  m.def("regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
+        "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+
+  // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist); dist (rows, 3) holds
+  // d(a, p), d(a, n) and d(p, n) (0 without swap) in float32 (float64 for float64 input).
+  m.def("triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
+        "float eps, bool swap, str reduction) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("triplet_margin_loss_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, "
+        "Tensor dist, float margin, float p, float eps, bool swap, str reduction, bool[3] output_mask) "
+        "-> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // torch_ext._C registers the ops above when imported, and tells which CPU kernels it runs.

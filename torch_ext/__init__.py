@@ -5,11 +5,23 @@ Swap ``torch.nn.functional`` calls for the same-named ones here, or modules for 
     import torch_ext
     y = torch_ext.fused_linear(x, weight, bias, activation="gelu")   # gelu(F.linear(x, w, b))
     layer = torch_ext.FusedLinear(512, 2048, activation="relu")       # Linear + ReLU
+    loss = torch_ext.cross_entropy(logits, target, label_smoothing=0.1)
 """
 import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
+from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
+from .regression_loss import (
+    HuberLoss,
+    MSELoss,
+    RegressionLossFunction,
+    SmoothL1Loss,
+    huber_loss,
+    mse_loss,
+    smooth_l1_loss,
+)
+from .triplet_margin_loss import TripletMarginLoss, TripletMarginLossFunction, triplet_margin_loss
 from .version import __version__
 
 
@@ -21,9 +33,22 @@ def cpu_capability() -> str:
 
 __all__ = [
     "ACTIVATIONS",
+    "CrossEntropyFunction",
+    "CrossEntropyLoss",
     "FusedLinear",
     "FusedLinearFunction",
+    "HuberLoss",
+    "MSELoss",
+    "RegressionLossFunction",
+    "SmoothL1Loss",
+    "TripletMarginLoss",
+    "TripletMarginLossFunction",
     "cpu_capability",
+    "cross_entropy",
     "fused_linear",
+    "huber_loss",
+    "mse_loss",
+    "smooth_l1_loss",
+    "triplet_margin_loss",
     "__version__",
 ]

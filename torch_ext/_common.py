@@ -22,3 +22,44 @@ def autocast_to_lower_precision(*tensors: Optional[Tensor]):
         t.to(dtype) if t is not None and t.is_floating_point() and t.dtype != torch.float64 else t
         for t in tensors
     )
+
+
+def autocast_to_float32(*tensors: Optional[Tensor]):
+    """Cast as autocast casts the inputs of PyTorch's losses (its float32 list): when autocast is
+    enabled on their device, floating tensors of a lower precision go to float32."""
+    first = next((t for t in tensors if t is not None), None)
+    if first is None:
+        return tensors
+    device_type = first.device.type
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return tensors
+    return tuple(
+        t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
+    )
+
+
+REDUCTIONS = ("mean", "sum", "none")
+
+
+def resolve_reduction(size_average, reduce, reduction: str) -> str:
+    """The reduction string, honouring the deprecated size_average/reduce as torch.nn does."""
+    if size_average is not None or reduce is not None:
+        from torch.nn import _reduction
+
+        reduction = _reduction.legacy_get_string(size_average, reduce)
+    if reduction not in REDUCTIONS:
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    return reduction
+
+
+def register_no_double_backward(op_name: str, public_name: str) -> None:
+    """Make the backward op `op_name` differentiable once: with create_graph=True its outputs get
+    a grad_fn, and differentiating them raises a clear error instead of giving wrong values."""
+
+    def no_double_backward(ctx, *grads):
+        raise RuntimeError(
+            f"{public_name} does not support double backward (a gradient of its gradient, e.g. "
+            "after create_graph=True); use torch.nn.functional for higher-order gradients"
+        )
+
+    torch.library.register_autograd(op_name, no_double_backward, setup_context=lambda ctx, inputs, output: None)

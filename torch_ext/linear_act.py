@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision
+from ._common import autocast_to_lower_precision, register_no_double_backward
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 # What the forward op saves for backward (besides input and weight); see csrc/activation.h.
@@ -106,18 +106,7 @@ def _backward(ctx, grad_out, _grad_saved):
 torch.library.register_autograd("torch_ext::linear_act_fwd", _backward, setup_context=_setup_context)
 
 
-def _no_double_backward(ctx, *grads):
-    raise RuntimeError(
-        "torch_ext.fused_linear does not support double backward (a gradient of its gradient, "
-        "e.g. after create_graph=True); use torch.nn.functional for higher-order gradients"
-    )
-
-
-# The backward op is differentiable once: with create_graph=True its outputs get a grad_fn, and
-# differentiating them raises the error above instead of silently giving wrong values.
-torch.library.register_autograd(
-    "torch_ext::linear_act_bwd", _no_double_backward, setup_context=lambda ctx, inputs, output: None
-)
+register_no_double_backward("torch_ext::linear_act_bwd", "torch_ext.fused_linear")
 
 
 class FusedLinearFunction(torch.autograd.Function):

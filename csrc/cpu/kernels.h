@@ -11,8 +11,13 @@
 #include <type_traits>
 
 #include "activation.h"
+#include "loss.h"
 
 namespace torch_ext::cpu {
+
+// Accumulation type of storage type S: double for double, float for float and bfloat16.
+template <typename S>
+using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 // Rows are contiguous in their last dimension; ld* are row strides in elements.
 template <typename S>
@@ -40,7 +45,75 @@ struct LinearActBackwardRows {
   S* grad_pre;        // grad_out * act'(pre)
   int64_t ld_grad_pre;
   // n accumulators: += the sum of grad_pre over these rows, or nullptr. float for bfloat16.
-  std::conditional_t<std::is_same_v<S, double>, double, float>* bias_grad;
+  acc_t<S>* bias_grad;
+};
+
+// Cross-entropy over input viewed as (batch, classes, spatial), contiguous. Row r = n * spatial
+// + s holds the logits input[n, :, s]; spatial == 1 is the (N, C) case with unit class stride.
+// The kernel runs its own parallel loop over rows.
+template <typename S>
+struct CrossEntropyArgs {
+  using A = acc_t<S>;
+  int64_t batch, classes, spatial;
+  const S* input;
+  const int64_t* target;   // class index per row (already range-checked), or nullptr
+  const S* target_prob;    // class probabilities in input's layout, or nullptr
+  const A* weight;         // per class, or nullptr
+  int64_t ignore_index;
+  A label_smoothing, z_loss;
+  A weight_sum;            // sum of weight, or classes without weight
+  A* stats;                // (rows, 2): logsumexp, and for probability targets sum_c w_c t'_c
+  // forward
+  A* row_loss;             // unreduced loss per row
+  // backward: d(loss)/d(row loss) per row, or `scale` for every row when row_scale is null
+  const A* row_scale;
+  A scale;
+  S* grad_input;
+  S* grad_target;          // probability targets only, or nullptr
+};
+
+// Elementwise regression loss over n contiguous elements. Reductions sum fixed blocks of
+// `block` elements into partials (so results do not depend on the thread count); the op file
+// adds the partials in order.
+template <typename S>
+struct RegressionLossArgs {
+  using A = acc_t<S>;
+  int64_t numel, block;
+  const S* input;
+  const S* target;
+  const S* weight;         // elementwise, or nullptr
+  RegressionLoss loss;
+  A param;                 // delta (huber) or beta (smooth_l1)
+  // forward: the per-element loss (reduction none), or per-block partial sums
+  S* out;
+  A* loss_partials;
+  A* weight_partials;      // sum of weight per block (weighted mean), or nullptr
+  // backward: the incoming gradient per element (reduction none), or `scale` for all
+  const S* grad_loss;
+  A scale;
+  S* grad_input;           // or nullptr
+  S* grad_target;          // or nullptr
+};
+
+// Triplet margin loss over rows of `dim` contiguous elements.
+template <typename S>
+struct TripletMarginArgs {
+  using A = acc_t<S>;
+  int64_t rows, dim;
+  const S* anchor;
+  const S* positive;
+  const S* negative;
+  A margin, p, eps;
+  bool swap;
+  A* dist;                 // (rows, 3): d(a, p), d(a, n), d(p, n) (the last only with swap)
+  // forward
+  A* row_loss;
+  // backward, as in CrossEntropyArgs
+  const A* row_scale;
+  A scale;
+  S* grad_anchor;          // each may be nullptr
+  S* grad_positive;
+  S* grad_negative;
 };
 
 struct CpuKernels {
@@ -51,6 +124,24 @@ struct CpuKernels {
   void (*linear_act_backward_f32)(Activation, float, const LinearActBackwardRows<float>&);
   void (*linear_act_backward_f64)(Activation, double, const LinearActBackwardRows<double>&);
   void (*linear_act_backward_bf16)(Activation, float, const LinearActBackwardRows<c10::BFloat16>&);
+  void (*cross_entropy_forward_f32)(const CrossEntropyArgs<float>&);
+  void (*cross_entropy_forward_f64)(const CrossEntropyArgs<double>&);
+  void (*cross_entropy_forward_bf16)(const CrossEntropyArgs<c10::BFloat16>&);
+  void (*cross_entropy_backward_f32)(const CrossEntropyArgs<float>&);
+  void (*cross_entropy_backward_f64)(const CrossEntropyArgs<double>&);
+  void (*cross_entropy_backward_bf16)(const CrossEntropyArgs<c10::BFloat16>&);
+  void (*regression_loss_forward_f32)(const RegressionLossArgs<float>&);
+  void (*regression_loss_forward_f64)(const RegressionLossArgs<double>&);
+  void (*regression_loss_forward_bf16)(const RegressionLossArgs<c10::BFloat16>&);
+  void (*regression_loss_backward_f32)(const RegressionLossArgs<float>&);
+  void (*regression_loss_backward_f64)(const RegressionLossArgs<double>&);
+  void (*regression_loss_backward_bf16)(const RegressionLossArgs<c10::BFloat16>&);
+  void (*triplet_margin_forward_f32)(const TripletMarginArgs<float>&);
+  void (*triplet_margin_forward_f64)(const TripletMarginArgs<double>&);
+  void (*triplet_margin_forward_bf16)(const TripletMarginArgs<c10::BFloat16>&);
+  void (*triplet_margin_backward_f32)(const TripletMarginArgs<float>&);
+  void (*triplet_margin_backward_f64)(const TripletMarginArgs<double>&);
+  void (*triplet_margin_backward_bf16)(const TripletMarginArgs<c10::BFloat16>&);
 };
 
 // Typed access to the table, so op code can be written once over its scalar type.
@@ -58,14 +149,32 @@ template <typename S> struct KernelsFor;
 template <> struct KernelsFor<float> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f32; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f32; }
+  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f32; }
+  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f32; }
+  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f32; }
+  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f32; }
+  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f32; }
+  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f32; }
 };
 template <> struct KernelsFor<double> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f64; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f64; }
+  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f64; }
+  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f64; }
+  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f64; }
+  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f64; }
+  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f64; }
+  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f64; }
 };
 template <> struct KernelsFor<c10::BFloat16> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_bf16; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_bf16; }
+  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_bf16; }
+  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_bf16; }
+  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_bf16; }
+  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_bf16; }
+  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_bf16; }
+  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_bf16; }
 };
 
 const CpuKernels& cpu_kernels();

@@ -73,11 +73,6 @@ std::vector<int64_t> with_last_dim(const Tensor& input, int64_t last) {
   return sizes;
 }
 
-void check_cpu_dtype(const char* op, const Tensor& t, const char* name) {
-  check_floating(op, t, name);
-  TORCH_CHECK(t.scalar_type() != at::kHalf, op, ": ", name,
-              " is float16, which the CPU kernels do not support; use float32, float64 or bfloat16");
-}
 
 void check_linear_args(const char* op, const Tensor& input, const Tensor& weight,
                        const std::optional<Tensor>& bias) {

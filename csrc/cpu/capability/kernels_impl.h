@@ -10,7 +10,10 @@
 #endif
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/linear_act.h"
+#include "cpu/kernels/regression_loss.h"
+#include "cpu/kernels/triplet_margin_loss.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 
@@ -26,6 +29,24 @@ const CpuKernels& kernels() {
       &linear_act_backward<float, float>,
       &linear_act_backward<double, double>,
       &linear_act_backward<c10::BFloat16, float>,
+      &cross_entropy_forward<float>,
+      &cross_entropy_forward<double>,
+      &cross_entropy_forward<c10::BFloat16>,
+      &cross_entropy_backward<float>,
+      &cross_entropy_backward<double>,
+      &cross_entropy_backward<c10::BFloat16>,
+      &regression_loss_forward<float>,
+      &regression_loss_forward<double>,
+      &regression_loss_forward<c10::BFloat16>,
+      &regression_loss_backward<float>,
+      &regression_loss_backward<double>,
+      &regression_loss_backward<c10::BFloat16>,
+      &triplet_margin_forward<float>,
+      &triplet_margin_forward<double>,
+      &triplet_margin_forward<c10::BFloat16>,
+      &triplet_margin_backward<float>,
+      &triplet_margin_backward<double>,
+      &triplet_margin_backward<c10::BFloat16>,
   };
   return table;
 }

@@ -1,0 +1,251 @@
+// Fused cross-entropy on CPU, with every option of F.cross_entropy plus z_loss.
+//
+//   forward : one read of the logits: per row the logsumexp (online over blocks, or over a tile
+//             of positions for (N, C, d...) input) and the loss; no log-probabilities are
+//             stored. Saved for backward: `stats`, two numbers per row (the logsumexp, and for
+//             probability targets the row's target mass sum_c w_c t'_c).
+//   backward: one read of the logits and one write of the gradient, per row.
+// The formulas are in csrc/cpu/kernels/cross_entropy.h. Reductions add per-row losses in row
+// order (sum_in_order), so results do not depend on the number of threads.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "loss.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+using cpu::KernelsFor;
+
+struct CrossEntropyLayout {
+  int64_t batch, classes, spatial;
+  bool probabilities;  // class-probability targets (floating), else class indices
+  std::vector<int64_t> loss_shape;  // of reduction="none": input's shape without the class dim
+  int64_t rows() const { return batch * spatial; }
+};
+
+CrossEntropyLayout check_cross_entropy_args(const char* op, const Tensor& input, const Tensor& target,
+                                            const std::optional<Tensor>& weight, int64_t ignore_index,
+                                            double label_smoothing, double z_loss) {
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor");
+  check_cpu_dtype(op, input, "input");
+  check_same_device(op, input, "input", target, "target");
+  CrossEntropyLayout layout;
+  layout.classes = input.dim() == 1 ? input.size(0) : input.size(1);
+  layout.batch = input.dim() == 1 ? 1 : input.size(0);
+  layout.spatial = 1;
+  for (int64_t d = 0; d < input.dim(); ++d) {
+    if (d >= 2) layout.spatial *= input.size(d);
+    if (d != (input.dim() == 1 ? 0 : 1)) layout.loss_shape.push_back(input.size(d));
+  }
+  layout.probabilities = at::isFloatingType(target.scalar_type());
+  if (layout.probabilities) {
+    TORCH_CHECK(target.sizes() == input.sizes(), op, ": a floating-point target holds class probabilities and must have "
+                "input's shape ", input.sizes(), ", got ", target.sizes(),
+                " (class indices must be int64 or uint8, of input's shape without the class dimension)");
+    check_same_dtype(op, input, "input", target, "target");
+    TORCH_CHECK_VALUE(ignore_index < 0, op, ": ignore_index is not supported for class-probability (floating "
+                      "point) targets; got ignore_index=", ignore_index);
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
+                ": target must hold class indices as int64 (or uint8), or class probabilities of input's "
+                "floating dtype; got ", target.scalar_type());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(layout.loss_shape), op, ": target of class indices must have shape ",
+                at::IntArrayRef(layout.loss_shape), " (input's shape without the class dimension), got ", target.sizes());
+  }
+  if (weight.has_value()) {
+    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == layout.classes, op, ": weight must be a 1-D tensor of ",
+                layout.classes, " class weights, got shape ", weight->sizes());
+    check_same_device(op, input, "input", *weight, "weight");
+    check_floating(op, *weight, "weight");
+  }
+  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
+                    ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
+  TORCH_CHECK_VALUE(std::isfinite(z_loss), op, ": z_loss must be finite, got ", z_loss);
+  return layout;
+}
+
+// Checks every class index (ignore_index aside) and returns the denominator of the mean: the sum
+// of the weights of the rows not ignored (their count without weight).
+double check_targets(const char* op, const Tensor& target, int64_t classes, int64_t ignore_index,
+                     const Tensor& weight) {
+  const int64_t* y = target.const_data_ptr<int64_t>();
+  const int64_t rows = target.numel();
+  double denominator = 0;
+  for (int64_t r = 0; r < rows; ++r) {
+    if (y[r] == ignore_index) continue;
+    TORCH_CHECK_INDEX(y[r] >= 0 && y[r] < classes, op, ": target ", y[r], " is out of bounds: class indices must be in [0, ",
+                      classes - 1, "] or equal ignore_index (", ignore_index, ")");
+    if (!weight.defined()) {
+      denominator += 1;
+    } else if (weight.scalar_type() == at::kDouble) {
+      denominator += weight.const_data_ptr<double>()[y[r]];
+    } else {
+      denominator += weight.const_data_ptr<float>()[y[r]];
+    }
+  }
+  return denominator;
+}
+
+at::ScalarType acc_dtype(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+// The inputs of both ops, prepared for the kernels: contiguous, targets as int64, weight in the
+// accumulation type, and the mean's denominator.
+struct CrossEntropyInputs {
+  CrossEntropyLayout layout;
+  Tensor input, target, weight;
+  double weight_sum, denominator;
+};
+
+CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& target,
+                           const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                           double z_loss) {
+  CrossEntropyInputs in;
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  in.input = input.contiguous();
+  in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
+  if (in.layout.probabilities) {
+    in.target = target.contiguous();
+    in.denominator = double(in.layout.rows());
+  } else {
+    in.target = target.to(at::kLong).contiguous();
+    in.denominator = check_targets(op, in.target, in.layout.classes, ignore_index, in.weight);
+  }
+  in.weight_sum = !in.weight.defined() ? double(in.layout.classes)
+                  : in.weight.scalar_type() == at::kDouble
+                      ? sum_in_order(in.weight.const_data_ptr<double>(), in.weight.numel())
+                      : sum_in_order(in.weight.const_data_ptr<float>(), in.weight.numel());
+  return in;
+}
+
+template <typename S>
+cpu::CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing,
+                                     double z_loss, Tensor& stats) {
+  using A = cpu::acc_t<S>;
+  cpu::CrossEntropyArgs<S> a{};
+  a.batch = in.layout.batch;
+  a.classes = in.layout.classes;
+  a.spatial = in.layout.spatial;
+  a.input = in.input.const_data_ptr<S>();
+  a.target = in.layout.probabilities ? nullptr : in.target.const_data_ptr<int64_t>();
+  a.target_prob = in.layout.probabilities ? in.target.const_data_ptr<S>() : nullptr;
+  a.weight = in.weight.defined() ? in.weight.const_data_ptr<A>() : nullptr;
+  a.ignore_index = ignore_index;
+  a.label_smoothing = A(label_smoothing);
+  a.z_loss = A(z_loss);
+  a.weight_sum = A(in.weight_sum);
+  a.stats = stats.data_ptr<A>();
+  return a;
+}
+
+template <typename S>
+void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
+                 Tensor& stats, Tensor& row_loss) {
+  auto a = kernel_args<S>(in, ignore_index, label_smoothing, z_loss, stats);
+  a.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();
+  KernelsFor<S>::cross_entropy_forward(cpu::cpu_kernels())(a);
+}
+
+template <typename S>
+void run_backward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
+                  Tensor& stats, const Tensor& row_scale, double scale, Tensor& grad_input, Tensor& grad_target) {
+  using A = cpu::acc_t<S>;
+  auto a = kernel_args<S>(in, ignore_index, label_smoothing, z_loss, stats);
+  a.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+  a.scale = A(scale);
+  a.grad_input = grad_input.defined() ? grad_input.data_ptr<S>() : nullptr;
+  a.grad_target = grad_target.defined() ? grad_target.data_ptr<S>() : nullptr;
+  KernelsFor<S>::cross_entropy_backward(cpu::cpu_kernels())(a);
+}
+
+double sum_rows(const Tensor& row_loss) {
+  return row_loss.scalar_type() == at::kDouble ? sum_in_order(row_loss.const_data_ptr<double>(), row_loss.numel())
+                                               : sum_in_order(row_loss.const_data_ptr<float>(), row_loss.numel());
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                 c10::string_view reduction, double label_smoothing, double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  const auto acc_options = input.options().dtype(acc_dtype(input));
+  Tensor stats = at::zeros({rows, 2}, acc_options);
+  Tensor row_loss = at::zeros({rows}, acc_options);
+  // No classes: every row is ignored (a class index would be out of bounds) or has an empty
+  // probability sum, so the loss of each row is 0, as in PyTorch.
+  if (rows > 0 && in.layout.classes > 0) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, stats, row_loss); break;
+      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, stats, row_loss); break;
+      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats, row_loss);
+    }
+  }
+  Tensor loss;
+  switch (red) {
+    case Reduction::None: loss = row_loss.to(input.scalar_type()).view(in.layout.loss_shape); break;
+    case Reduction::Sum: loss = at::scalar_tensor(sum_rows(row_loss), input.options()); break;
+    case Reduction::Mean: loss = at::scalar_tensor(sum_rows(row_loss) / in.denominator, input.options()); break;
+  }
+  return {loss, stats};
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, const Tensor& stats,
+                                                 int64_t ignore_index, c10::string_view reduction,
+                                                 double label_smoothing, double z_loss,
+                                                 std::array<bool, 2> output_mask) {
+  constexpr const char* op = "torch_ext.cross_entropy_bwd";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  TORCH_CHECK(!output_mask[1] || in.layout.probabilities, op,
+              ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
+  check_same_device(op, input, "input", stats, "stats");
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(input) && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 2,
+              op, ": stats must be the (", rows, ", 2) ", acc_dtype(input), " tensor from cross_entropy_fwd, got ",
+              stats.scalar_type(), " of shape ", stats.sizes());
+  check_same_device(op, input, "input", grad_loss, "grad_loss");
+  Tensor row_scale;
+  double scale = 0;
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(in.layout.loss_shape), op, ": grad_loss must have shape ",
+                at::IntArrayRef(in.layout.loss_shape), " for reduction='none', got ", grad_loss.sizes());
+    row_scale = grad_loss.to(acc_dtype(input)).contiguous();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
+                "', got shape ", grad_loss.sizes());
+    scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
+  }
+  Tensor stats_c = stats.contiguous();
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;
+      case at::kDouble: run_backward<double>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;
+      default: run_backward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target);
+    }
+  }
+  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+}
+
+}  // namespace torch_ext

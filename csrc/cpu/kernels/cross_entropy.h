@@ -1,0 +1,468 @@
+// Vectorized cross-entropy kernels: forward (logsumexp, loss per row) and backward (the
+// gradient of a row in one read-write pass). Compiled once per instruction set; included only
+// from csrc/cpu/capability/kernels_impl.h, inside namespace torch_ext::cpu::CPU_CAPABILITY.
+//
+// Per row with logits x, lse = logsumexp(x), smoothing e, C classes, class weights w (1 when
+// absent), W = sum_c w_c, row weight r = w[y] (0 for ignored rows) and z = z_loss:
+//   class target y : loss = r ((1 - e)(lse - x_y) + z lse^2) + e/C sum_c w_c (lse - x_c)
+//                    grad = (r (1 - e) + 2 r z lse + e W / C) p_c - e/C w_c - r (1 - e) [c == y]
+//   probabilities t: t'_c = (1 - e) t_c + e/C, T = sum_c w_c t'_c
+//                    loss = sum_c w_c t'_c (lse - x_c) + z lse^2
+//                    grad = (T + 2 z lse) p_c - w_c t'_c,  d/dt_c = (1 - e) w_c (lse - x_c)
+// with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale).
+//
+// Two layouts. spatial == 1 ((N, C) input, class stride 1): each row is read once, in blocks of
+// kBlock classes that stay in L1 while the block max, the rescaled sum of exponentials (online
+// across blocks) and the linear sums are taken. spatial > 1 ((N, C, d...) input): a tile of one
+// vector of adjacent positions is processed at once, lanes = positions, looping over classes
+// (stride `spatial`); the tile is read from memory once (max), then again from cache (sums).
+#pragma once
+
+#include <ATen/Parallel.h>
+#include <ATen/cpu/vec/vec.h>
+
+#include <cmath>
+#include <limits>
+#include <type_traits>
+#include <vector>
+
+#include "cpu/kernels.h"
+
+namespace torch_ext::cpu::CPU_CAPABILITY {
+namespace cross_entropy_impl {
+
+using at::vec::Vectorized;
+
+constexpr int64_t kBlock = 1024;
+
+// NaN-propagating max, as at::vec::maximum.
+template <typename A>
+inline A max_nan(A a, A b) {
+  return (a != a || a > b) ? a : b;
+}
+
+template <typename A>
+inline A reduce_max(const Vectorized<A>& v) {
+  __at_align__ A lanes[Vectorized<A>::size()];
+  v.store(lanes);
+  A m = lanes[0];
+  for (int64_t j = 1; j < Vectorized<A>::size(); ++j) m = max_nan(m, lanes[j]);
+  return m;
+}
+
+template <typename A>
+inline A reduce_sum(const Vectorized<A>& v) {
+  __at_align__ A lanes[Vectorized<A>::size()];
+  v.store(lanes);
+  A s = 0;
+  for (int64_t j = 0; j < Vectorized<A>::size(); ++j) s += lanes[j];
+  return s;
+}
+
+// Lanes [0, count) of x, the others `fill`.
+template <typename A>
+inline Vectorized<A> load_or(const A* x, int64_t count, A fill) {
+  using V = Vectorized<A>;
+  if (count == V::size()) return V::loadu(x);
+  return V::set(V(fill), V::loadu(x, count), count);
+}
+
+// Running statistics of one row over its blocks (spatial == 1).
+template <typename A>
+struct RowState {
+  A max = -std::numeric_limits<A>::infinity();
+  A sum_exp = 0;
+  A shift = 0;      // subtracted from x in the linear sums (the first block's max), so logits of
+  bool shifted = false;  // large magnitude do not cancel catastrophically against lse
+  A sum_wx = 0;     // sum_c w_c (x_c - shift)     (class targets with smoothing)
+  A sum_wt = 0;     // sum_c w_c t'_c              (probability targets)
+  A sum_wtx = 0;    // sum_c w_c t'_c (x_c - shift)
+};
+
+// Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), w: the full
+// weight vector or nullptr.
+template <typename A>
+inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0,
+                             int64_t n, A smoothing, A inv_classes, bool linear_sums) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const A inf = std::numeric_limits<A>::infinity();
+  V vmax(-inf);
+  for (int64_t i = 0; i < n; i += L) vmax = at::vec::maximum(vmax, load_or(x + i, std::min(L, n - i), -inf));
+  const A block_max = reduce_max(vmax);
+  if (!st.shifted) {
+    st.shift = std::isfinite(block_max) ? block_max : A(0);
+    st.shifted = true;
+  }
+  if (block_max > st.max) {
+    st.sum_exp *= std::exp(st.max - block_max);
+    st.max = block_max;
+  } else if (block_max != block_max) {
+    st.max = block_max;  // NaN: the row's result is NaN
+  }
+  if (st.max != -inf) {  // all-(-inf) so far: every exponential is 0 (and x - max would be NaN)
+    const V m(st.max);
+    V s(0);
+    for (int64_t i = 0; i < n; i += L) s += (load_or(x + i, std::min(L, n - i), -inf) - m).exp_u20();
+    st.sum_exp += reduce_sum(s);
+  }
+  if (!linear_sums) return;
+  const V shift(st.shift);
+  if (t == nullptr) {
+    V s(0);
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t k = std::min(L, n - i);
+      V d = V::set(V(0), V::loadu(x + i, k) - shift, k);
+      if (w != nullptr) d = d * V::loadu(w + c0 + i, k);
+      s += d;
+    }
+    st.sum_wx += reduce_sum(s);
+  } else {
+    const V keep(A(1) - smoothing), spread(smoothing * inv_classes);
+    V swt(0), swtx(0);
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t k = std::min(L, n - i);
+      V wt = V::set(V(0), V::loadu(t + i, k) * keep + spread, k);
+      if (w != nullptr) wt = wt * V::loadu(w + c0 + i, k);
+      swt += wt;
+      swtx += wt * V::set(V(0), V::loadu(x + i, k) - shift, k);
+    }
+    st.sum_wt += reduce_sum(swt);
+    st.sum_wtx += reduce_sum(swtx);
+  }
+}
+
+// The block [c0, c0 + n) of a row as A values: the row itself when S is A, else converted into
+// `buffer`.
+template <typename S, typename A>
+inline const A* as_math(const S* row, int64_t c0, int64_t n, A* buffer) {
+  if constexpr (std::is_same_v<S, A>) {
+    return row + c0;
+  } else {
+    at::vec::convert(row + c0, buffer, n);
+    return buffer;
+  }
+}
+
+template <typename A>
+inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
+  return target != nullptr && target[row] == ignore_index;
+}
+
+template <typename S>
+void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
+  using A = acc_t<S>;
+  const int64_t C = a.classes;
+  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const bool prob = a.target_prob != nullptr;
+  const bool linear_sums = prob || e > 0;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
+    __at_align__ A xbuf[kBlock];
+    __at_align__ A tbuf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      if (ignored<A>(a.target, r, a.ignore_index)) {
+        a.row_loss[r] = 0;
+        a.stats[2 * r] = a.stats[2 * r + 1] = 0;
+        continue;
+      }
+      const S* x = a.input + r * C;
+      const S* t = prob ? a.target_prob + r * C : nullptr;
+      RowState<A> st;
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - c0);
+        accumulate_block<A>(st, as_math<S, A>(x, c0, n, xbuf), t ? as_math<S, A>(t, c0, n, tbuf) : nullptr,
+                            a.weight, c0, n, e, inv_c, linear_sums);
+      }
+      const A lse = st.max + std::log(st.sum_exp);
+      A loss;
+      if (prob) {
+        loss = st.sum_wt * (lse - st.shift) - st.sum_wtx;
+        if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+      } else {
+        const int64_t y = a.target[r];
+        const A rw = a.weight ? a.weight[y] : A(1);
+        loss = (A(1) - e) * (lse - A(x[y]));
+        if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+        loss *= rw;
+        if (e > 0) loss += e * inv_c * (a.weight_sum * (lse - st.shift) - st.sum_wx);
+      }
+      a.row_loss[r] = loss;
+      a.stats[2 * r] = lse;
+      a.stats[2 * r + 1] = prob ? st.sum_wt : A(0);
+    }
+  });
+}
+
+template <typename S>
+void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t C = a.classes;
+  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const bool prob = a.target_prob != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
+    __at_align__ A xbuf[kBlock];
+    __at_align__ A tbuf[kBlock];
+    __at_align__ A gbuf[kBlock];
+    __at_align__ A gtbuf[kBlock];
+    for (int64_t r = begin; r < end; ++r) {
+      S* gi = a.grad_input ? a.grad_input + r * C : nullptr;  // null: only the target's gradient
+      if (ignored<A>(a.target, r, a.ignore_index)) {
+        if (gi != nullptr) std::fill(gi, gi + C, S(0));
+        continue;
+      }
+      const S* x = a.input + r * C;
+      const S* t = prob ? a.target_prob + r * C : nullptr;
+      S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
+      const A sc = a.row_scale ? a.row_scale[r] : a.scale;
+      const A lse = a.stats[2 * r];
+      const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
+      int64_t y = -1;
+      A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
+      if (prob) {
+        coef_p = sc * (a.stats[2 * r + 1] + z_term);
+        coef_w = sc;
+      } else {
+        y = a.target[r];
+        const A rw = a.weight ? a.weight[y] : A(1);
+        coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
+        coef_w = sc * e * inv_c;
+        coef_y = sc * rw * (A(1) - e);
+      }
+      const V vp(coef_p), vw(coef_w), vlse(lse), keep(A(1) - e), spread(e * inv_c), vt(sc * (A(1) - e));
+      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+        const int64_t n = std::min(kBlock, C - c0);
+        const A* xb = as_math<S, A>(x, c0, n, xbuf);
+        const A* tb = t ? as_math<S, A>(t, c0, n, tbuf) : nullptr;
+        A* gb = gbuf;
+        if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
+        for (int64_t i = 0; i < n; i += L) {
+          const int64_t k = std::min(L, n - i);
+          const V xv = V::loadu(xb + i, k);
+          const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
+          V g = vp * (xv - vlse).exp_u20();
+          if (tb != nullptr) {
+            const V tv = V::loadu(tb + i, k);
+            g = g - vw * wv * (tv * keep + spread);
+            if (gt != nullptr) (vt * wv * (vlse - xv)).store(gtbuf + i, k);
+          } else if (e > 0) {
+            g = g - vw * wv;
+          }
+          g.store(gb + i, k);
+        }
+        if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
+        if constexpr (!std::is_same_v<S, A>) {
+          if (gi != nullptr) at::vec::convert(gbuf, gi + c0, n);
+        }
+        if (gt != nullptr) at::vec::convert(gtbuf, gt + c0, n);
+      }
+    }
+  });
+}
+
+// ---- spatial > 1: tiles of up to one vector of adjacent positions ----------------------------
+
+// A tile's logits as A values with class stride `ld`: the input itself when S is A (ld =
+// spatial), else converted into `buffer` (ld = lanes).
+template <typename S, typename A>
+inline const A* tile_as_math(const S* base, int64_t classes, int64_t spatial, int64_t lanes,
+                             std::vector<A>& buffer, int64_t& ld) {
+  if constexpr (std::is_same_v<S, A>) {
+    ld = spatial;
+    return base;
+  } else {
+    ld = Vectorized<A>::size();
+    buffer.resize(classes * ld);
+    for (int64_t c = 0; c < classes; ++c)
+      for (int64_t l = 0; l < lanes; ++l) buffer[c * ld + l] = A(base[c * spatial + l]);
+    return buffer.data();
+  }
+}
+
+template <typename S>
+void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t C = a.classes, HW = a.spatial;
+  const int64_t tiles_per_image = (HW + L - 1) / L;
+  const A e = a.label_smoothing, inv_c = A(1) / A(C), inf = std::numeric_limits<A>::infinity();
+  const bool prob = a.target_prob != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C * L, 1));
+  at::parallel_for(0, a.batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> xbuf, tbuf;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / tiles_per_image, s0 = (tile % tiles_per_image) * L;
+      const int64_t lanes = std::min(L, HW - s0);
+      const int64_t offset = n * C * HW + s0;
+      int64_t ld = 0, ldt = 0;
+      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld);
+      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt) : nullptr;
+      V m(-inf);
+      for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, V::loadu(x + c * ld, lanes));
+      V s(0), swx(0), swt(0), swtx(0);
+      const V keep(A(1) - e), spread(e * inv_c);
+      for (int64_t c = 0; c < C; ++c) {
+        const V xv = V::loadu(x + c * ld, lanes);
+        s += (xv - m).exp_u20();
+        const V wv(a.weight ? a.weight[c] : A(1));
+        if (prob) {
+          const V wt = wv * (V::loadu(t + c * ldt, lanes) * keep + spread);
+          swt += wt;
+          swtx += wt * (xv - m);
+        } else if (e > 0) {
+          swx += wv * (xv - m);
+        }
+      }
+      __at_align__ A max_l[L], sum_l[L], swx_l[L], swt_l[L], swtx_l[L];
+      m.store(max_l);
+      s.store(sum_l);
+      swx.store(swx_l);
+      swt.store(swt_l);
+      swtx.store(swtx_l);
+      for (int64_t l = 0; l < lanes; ++l) {
+        const int64_t r = n * HW + s0 + l;
+        if (ignored<A>(a.target, r, a.ignore_index)) {
+          a.row_loss[r] = 0;
+          a.stats[2 * r] = a.stats[2 * r + 1] = 0;
+          continue;
+        }
+        const A lse = max_l[l] + std::log(sum_l[l]);
+        A loss;
+        if (prob) {
+          loss = swt_l[l] * (lse - max_l[l]) - swtx_l[l];
+          if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+        } else {
+          const int64_t y = a.target[r];
+          const A rw = a.weight ? a.weight[y] : A(1);
+          loss = (A(1) - e) * (lse - x[y * ld + l]);
+          if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+          loss *= rw;
+          if (e > 0) loss += e * inv_c * (a.weight_sum * (lse - max_l[l]) - swx_l[l]);
+        }
+        a.row_loss[r] = loss;
+        a.stats[2 * r] = lse;
+        a.stats[2 * r + 1] = prob ? swt_l[l] : A(0);
+      }
+    }
+  });
+}
+
+template <typename S>
+void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t C = a.classes, HW = a.spatial;
+  const int64_t tiles_per_image = (HW + L - 1) / L;
+  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const bool prob = a.target_prob != nullptr;
+  const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C * L, 1));
+  at::parallel_for(0, a.batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+    std::vector<A> xbuf, tbuf, gbuf, gtbuf;
+    for (int64_t tile = begin; tile < end; ++tile) {
+      const int64_t n = tile / tiles_per_image, s0 = (tile % tiles_per_image) * L;
+      const int64_t lanes = std::min(L, HW - s0);
+      const int64_t offset = n * C * HW + s0;
+      int64_t ld = 0, ldt = 0;
+      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld);
+      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt) : nullptr;
+      // Per-lane coefficients, as in backward_contiguous_rows; ignored lanes are masked to 0.
+      __at_align__ A cp[L], cw[L], cy[L], lse_l[L], keep_l[L], sc_l[L];
+      int64_t y_l[L];
+      for (int64_t l = 0; l < L; ++l) {
+        cp[l] = cw[l] = cy[l] = lse_l[l] = sc_l[l] = 0;
+        keep_l[l] = 0;
+        y_l[l] = -1;
+        if (l >= lanes) continue;
+        const int64_t r = n * HW + s0 + l;
+        if (ignored<A>(a.target, r, a.ignore_index)) continue;
+        const A sc = a.row_scale ? a.row_scale[r] : a.scale;
+        const A lse = a.stats[2 * r];
+        const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
+        keep_l[l] = 1;
+        lse_l[l] = lse;
+        sc_l[l] = sc;
+        if (prob) {
+          cp[l] = sc * (a.stats[2 * r + 1] + z_term);
+          cw[l] = sc;
+        } else {
+          y_l[l] = a.target[r];
+          const A rw = a.weight ? a.weight[y_l[l]] : A(1);
+          cp[l] = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
+          cw[l] = sc * e * inv_c;
+          cy[l] = sc * rw * (A(1) - e);
+        }
+      }
+      const V vp = V::loadu(cp), vw = V::loadu(cw), vlse = V::loadu(lse_l), vsc = V::loadu(sc_l);
+      const V live = V::loadu(keep_l) != V(0);
+      const V keep(A(1) - e), spread(e * inv_c);
+      S* gi = a.grad_input ? a.grad_input + offset : nullptr;
+      S* gt = a.grad_target ? a.grad_target + offset : nullptr;
+      // In place when S is A and the input gradient is wanted; else through tile buffers.
+      const bool direct = std::is_same_v<S, A> && gi != nullptr;
+      A* g_out;
+      A* gt_out = nullptr;
+      int64_t ldg;
+      if (direct) {
+        g_out = reinterpret_cast<A*>(gi);
+        gt_out = reinterpret_cast<A*>(gt);
+        ldg = HW;
+      } else {
+        gbuf.resize(C * L);
+        g_out = gbuf.data();
+        if (gt) {
+          gtbuf.resize(C * L);
+          gt_out = gtbuf.data();
+        }
+        ldg = L;
+      }
+      for (int64_t c = 0; c < C; ++c) {
+        const V xv = V::loadu(x + c * ld, lanes);
+        const V wv(a.weight ? a.weight[c] : A(1));
+        V g = vp * (xv - vlse).exp_u20();
+        if (prob) {
+          g = g - vw * wv * (V::loadu(t + c * ldt, lanes) * keep + spread);
+          if (gt_out) (vsc * keep * wv * (vlse - xv)).store(gt_out + c * ldg, lanes);
+        } else if (e > 0) {
+          g = g - vw * wv;
+        }
+        V::blendv(V(0), g, live).store(g_out + c * ldg, lanes);
+      }
+      for (int64_t l = 0; l < lanes; ++l)
+        if (y_l[l] >= 0) g_out[y_l[l] * ldg + l] -= cy[l];
+      if (!direct) {
+        for (int64_t c = 0; c < C; ++c)
+          for (int64_t l = 0; l < lanes; ++l) {
+            if (gi) gi[c * HW + l] = S(g_out[c * ldg + l]);
+            if (gt) gt[c * HW + l] = S(gt_out[c * ldg + l]);
+          }
+      }
+    }
+  });
+}
+
+}  // namespace cross_entropy_impl
+
+template <typename S>
+void cross_entropy_forward(const CrossEntropyArgs<S>& a) {
+  if (a.spatial == 1) {
+    cross_entropy_impl::forward_contiguous_rows<S>(a);
+  } else {
+    cross_entropy_impl::forward_spatial_tiles<S>(a);
+  }
+}
+
+template <typename S>
+void cross_entropy_backward(const CrossEntropyArgs<S>& a) {
+  if (a.spatial == 1) {
+    cross_entropy_impl::backward_contiguous_rows<S>(a);
+  } else {
+    cross_entropy_impl::backward_spatial_tiles<S>(a);
+  }
+}
+
+}  // namespace torch_ext::cpu::CPU_CAPABILITY

@@ -1,0 +1,167 @@
+// Fused elementwise regression losses on CPU: mse, huber, smooth_l1 (csrc/cpu/kernels/
+// regression_loss.h has the formulas).
+//   forward : one read of input and target (and weight); the loss per element, or sums over
+//             fixed blocks that are added in order (results do not depend on the thread count).
+//   backward: one read of input and target, one write of each requested gradient.
+// Nothing is saved for backward besides the inputs. The op takes input and target of one
+// shape; the Python functions broadcast them first, as torch.nn.functional does.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "loss.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+using cpu::KernelsFor;
+
+constexpr int64_t kReductionBlock = 32768;  // elements per partial sum
+
+RegressionLoss check_regression_args(const char* op, const Tensor& input, const Tensor& target,
+                                     const std::optional<Tensor>& weight, c10::string_view loss, double param) {
+  const RegressionLoss kind = parse_regression_loss(std::string_view(loss.data(), loss.size()));
+  check_cpu_dtype(op, input, "input");
+  check_same_device(op, input, "input", target, "target");
+  check_same_dtype(op, input, "input", target, "target");
+  TORCH_CHECK(input.sizes() == target.sizes(), op, ": input and target must have the same shape (the functional API "
+              "broadcasts them first), got ", input.sizes(), " and ", target.sizes());
+  if (weight.has_value()) {
+    check_same_device(op, input, "input", *weight, "weight");
+    check_same_dtype(op, input, "input", *weight, "weight");
+    TORCH_CHECK(weight->sizes() == input.sizes(), op, ": weight must have input's shape ", input.sizes(), ", got ",
+                weight->sizes());
+  }
+  if (kind == RegressionLoss::Huber) {
+    TORCH_CHECK_VALUE(param > 0, op, ": huber_loss needs delta > 0, got delta=", param);
+  } else if (kind == RegressionLoss::SmoothL1) {
+    TORCH_CHECK_VALUE(param >= 0, op, ": smooth_l1_loss needs beta >= 0, got beta=", param);
+  }
+  return kind;
+}
+
+template <typename S>
+cpu::RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tensor& x, const Tensor& t,
+                                       const Tensor& w) {
+  cpu::RegressionLossArgs<S> a{};
+  a.numel = x.numel();
+  a.block = kReductionBlock;
+  a.input = x.const_data_ptr<S>();
+  a.target = t.const_data_ptr<S>();
+  a.weight = w.defined() ? w.const_data_ptr<S>() : nullptr;
+  a.loss = kind;
+  a.param = cpu::acc_t<S>(param);
+  return a;
+}
+
+template <typename S>
+void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w, Tensor& out,
+                 Tensor& loss_partials, Tensor& weight_partials) {
+  using A = cpu::acc_t<S>;
+  auto a = kernel_args<S>(kind, param, x, t, w);
+  a.out = out.defined() ? out.data_ptr<S>() : nullptr;
+  a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
+  a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
+  KernelsFor<S>::regression_loss_forward(cpu::cpu_kernels())(a);
+}
+
+template <typename S>
+void run_backward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w,
+                  const Tensor& grad, double scale, Tensor& grad_input, Tensor& grad_target) {
+  auto a = kernel_args<S>(kind, param, x, t, w);
+  a.grad_loss = grad.defined() ? grad.const_data_ptr<S>() : nullptr;
+  a.scale = cpu::acc_t<S>(scale);
+  a.grad_input = grad_input.defined() ? grad_input.data_ptr<S>() : nullptr;
+  a.grad_target = grad_target.defined() ? grad_target.data_ptr<S>() : nullptr;
+  KernelsFor<S>::regression_loss_backward(cpu::cpu_kernels())(a);
+}
+
+double sum_partials(const Tensor& partials) {
+  return partials.scalar_type() == at::kDouble ? sum_in_order(partials.const_data_ptr<double>(), partials.numel())
+                                               : sum_in_order(partials.const_data_ptr<float>(), partials.numel());
+}
+
+// The mean's denominator: the sum of the weights for weighted mse (as F.mse_loss), else numel.
+bool divides_by_weight_sum(RegressionLoss kind, const std::optional<Tensor>& weight) {
+  return kind == RegressionLoss::Mse && weight.has_value();
+}
+
+Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                               c10::string_view loss, double param, c10::string_view reduction) {
+  constexpr const char* op = "torch_ext.regression_loss";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t blocks = (x.numel() + kReductionBlock - 1) / kReductionBlock;
+  Tensor out, loss_partials, weight_partials;
+  if (red == Reduction::None) {
+    out = at::empty(input.sizes(), input.options());
+  } else {
+    loss_partials = at::empty({blocks}, input.options().dtype(acc));
+    if (red == Reduction::Mean && divides_by_weight_sum(kind, weight))
+      weight_partials = at::empty({blocks}, input.options().dtype(acc));
+  }
+  if (x.numel() > 0) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_forward<float>(kind, param, x, t, w, out, loss_partials, weight_partials); break;
+      case at::kDouble: run_forward<double>(kind, param, x, t, w, out, loss_partials, weight_partials); break;
+      default: run_forward<c10::BFloat16>(kind, param, x, t, w, out, loss_partials, weight_partials);
+    }
+  }
+  if (red == Reduction::None) return out;
+  double total = sum_partials(loss_partials);
+  if (red == Reduction::Mean)
+    total /= weight_partials.defined() ? sum_partials(weight_partials) : double(x.numel());
+  return at::scalar_tensor(total, input.options());
+}
+
+std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                   const std::optional<Tensor>& weight, c10::string_view loss,
+                                                   double param, c10::string_view reduction,
+                                                   std::array<bool, 2> output_mask) {
+  constexpr const char* op = "torch_ext.regression_loss_bwd";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
+  check_same_device(op, input, "input", grad_loss, "grad_loss");
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  Tensor grad;
+  double scale = 0;
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes() == input.sizes(), op, ": grad_loss must have input's shape ", input.sizes(),
+                " for reduction='none', got ", grad_loss.sizes());
+    grad = grad_loss.to(input.scalar_type()).contiguous();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
+                "', got shape ", grad_loss.sizes());
+    scale = grad_loss.item<double>();
+    if (red == Reduction::Mean)
+      scale /= divides_by_weight_sum(kind, weight) ? w.sum(at::kDouble).item<double>() : double(x.numel());
+  }
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  if (x.numel() > 0 && (grad_input.defined() || grad_target.defined())) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_backward<float>(kind, param, x, t, w, grad, scale, grad_input, grad_target); break;
+      case at::kDouble: run_backward<double>(kind, param, x, t, w, grad, scale, grad_input, grad_target); break;
+      default: run_backward<c10::BFloat16>(kind, param, x, t, w, grad, scale, grad_input, grad_target);
+    }
+  }
+  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("regression_loss_fwd", &regression_loss_fwd_cpu);
+  m.impl("regression_loss_bwd", &regression_loss_bwd_cpu);
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,157 @@
+// Fused triplet margin loss on CPU (csrc/cpu/kernels/triplet_margin_loss.h has the formulas).
+//   forward : one read of anchor, positive and negative; saved for backward: the three row
+//             distances (rows x 3 numbers), instead of the difference tensors eager keeps.
+//   backward: one read of the three inputs, one write of each requested gradient.
+#include <ATen/ATen.h>
+#include <torch/library.h>
+
+#include <cmath>
+#include <string_view>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/kernels.h"
+#include "loss.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+using cpu::KernelsFor;
+
+void check_triplet_args(const char* op, const Tensor& anchor, const Tensor& positive, const Tensor& negative,
+                        double p) {
+  TORCH_CHECK(anchor.dim() == 1 || anchor.dim() == 2, op, ": anchor must have shape (D) or (N, D), got ",
+              anchor.sizes());
+  check_cpu_dtype(op, anchor, "anchor");
+  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{positive, "positive"}, {negative, "negative"}}) {
+    TORCH_CHECK(t.sizes() == anchor.sizes(), op, ": ", name, " must have anchor's shape ", anchor.sizes(), ", got ",
+                t.sizes());
+    check_same_device(op, anchor, "anchor", t, name);
+    check_same_dtype(op, anchor, "anchor", t, name);
+  }
+  TORCH_CHECK_VALUE(p > 0 && std::isfinite(p), op, ": p must be a positive finite number (torch_ext does not "
+                    "implement the p=0 and p=inf distances), got p=", p);
+}
+
+template <typename S>
+cpu::TripletMarginArgs<S> kernel_args(const Tensor& a, const Tensor& p, const Tensor& n, double margin, double norm_p,
+                                      double eps, bool swap, Tensor& dist) {
+  using A = cpu::acc_t<S>;
+  cpu::TripletMarginArgs<S> args{};
+  args.rows = a.dim() == 2 ? a.size(0) : 1;
+  args.dim = a.size(-1);
+  args.anchor = a.const_data_ptr<S>();
+  args.positive = p.const_data_ptr<S>();
+  args.negative = n.const_data_ptr<S>();
+  args.margin = A(margin);
+  args.p = A(norm_p);
+  args.eps = A(eps);
+  args.swap = swap;
+  args.dist = dist.data_ptr<A>();
+  return args;
+}
+
+std::vector<int64_t> loss_shape(const Tensor& anchor) {
+  return anchor.dim() == 2 ? std::vector<int64_t>{anchor.size(0)} : std::vector<int64_t>{};
+}
+
+std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, const Tensor& positive,
+                                                       const Tensor& negative, double margin, double p, double eps,
+                                                       bool swap, c10::string_view reduction) {
+  constexpr const char* op = "torch_ext.triplet_margin_loss";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  check_triplet_args(op, anchor, positive, negative, p);
+  const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
+  const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
+  const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  Tensor dist = at::empty({rows, 3}, acc_options);
+  Tensor row_loss = at::empty({rows}, acc_options);
+  if (rows > 0) {
+    switch (anchor.scalar_type()) {
+#define TORCH_EXT_TRIPLET_FORWARD(S)                                                      \
+  {                                                                                        \
+    auto args = kernel_args<S>(a, pos, neg, margin, p, eps, swap, dist);                   \
+    args.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();                                    \
+    KernelsFor<S>::triplet_margin_forward(cpu::cpu_kernels())(args);                       \
+  }
+      case at::kFloat: TORCH_EXT_TRIPLET_FORWARD(float) break;
+      case at::kDouble: TORCH_EXT_TRIPLET_FORWARD(double) break;
+      default: TORCH_EXT_TRIPLET_FORWARD(c10::BFloat16)
+#undef TORCH_EXT_TRIPLET_FORWARD
+    }
+  }
+  const double total = row_loss.scalar_type() == at::kDouble
+                           ? sum_in_order(row_loss.const_data_ptr<double>(), rows)
+                           : sum_in_order(row_loss.const_data_ptr<float>(), rows);
+  Tensor loss;
+  switch (red) {
+    case Reduction::None: loss = row_loss.to(anchor.scalar_type()).view(loss_shape(anchor)); break;
+    case Reduction::Sum: loss = at::scalar_tensor(total, anchor.options()); break;
+    case Reduction::Mean: loss = at::scalar_tensor(total / double(rows), anchor.options()); break;
+  }
+  return {loss, dist};
+}
+
+std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& anchor,
+                                                               const Tensor& positive, const Tensor& negative,
+                                                               const Tensor& dist, double margin, double p, double eps,
+                                                               bool swap, c10::string_view reduction,
+                                                               std::array<bool, 3> output_mask) {
+  constexpr const char* op = "torch_ext.triplet_margin_loss_bwd";
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  check_triplet_args(op, anchor, positive, negative, p);
+  const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
+  const auto acc = anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  check_same_device(op, anchor, "anchor", dist, "dist");
+  TORCH_CHECK(dist.scalar_type() == acc && dist.dim() == 2 && dist.size(0) == rows && dist.size(1) == 3, op,
+              ": dist must be the (", rows, ", 3) ", acc, " tensor from triplet_margin_loss_fwd, got ",
+              dist.scalar_type(), " of shape ", dist.sizes());
+  check_same_device(op, anchor, "anchor", grad_loss, "grad_loss");
+  Tensor row_scale;
+  double scale = 0;
+  if (red == Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(loss_shape(anchor)), op, ": grad_loss must have shape ",
+                at::IntArrayRef(loss_shape(anchor)), " for reduction='none', got ", grad_loss.sizes());
+    row_scale = grad_loss.to(acc).contiguous();
+  } else {
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
+                "', got shape ", grad_loss.sizes());
+    scale = grad_loss.item<double>() / (red == Reduction::Mean ? double(rows) : 1.0);
+  }
+  const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
+  Tensor dist_c = dist.contiguous();
+  Tensor grads[3];
+  for (int i = 0; i < 3; ++i)
+    if (output_mask[i]) grads[i] = at::empty(anchor.sizes(), anchor.options());
+  if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
+    switch (anchor.scalar_type()) {
+#define TORCH_EXT_TRIPLET_BACKWARD(S)                                                           \
+  {                                                                                              \
+    auto args = kernel_args<S>(a, pos, neg, margin, p, eps, swap, dist_c);                       \
+    args.row_scale = row_scale.defined() ? row_scale.const_data_ptr<cpu::acc_t<S>>() : nullptr;  \
+    args.scale = cpu::acc_t<S>(scale);                                                           \
+    args.grad_anchor = grads[0].defined() ? grads[0].data_ptr<S>() : nullptr;                    \
+    args.grad_positive = grads[1].defined() ? grads[1].data_ptr<S>() : nullptr;                  \
+    args.grad_negative = grads[2].defined() ? grads[2].data_ptr<S>() : nullptr;                  \
+    KernelsFor<S>::triplet_margin_backward(cpu::cpu_kernels())(args);                            \
+  }
+      case at::kFloat: TORCH_EXT_TRIPLET_BACKWARD(float) break;
+      case at::kDouble: TORCH_EXT_TRIPLET_BACKWARD(double) break;
+      default: TORCH_EXT_TRIPLET_BACKWARD(c10::BFloat16)
+#undef TORCH_EXT_TRIPLET_BACKWARD
+    }
+  }
+  for (auto& g : grads)
+    if (!g.defined()) g = at::empty({0}, anchor.options());
+  return {grads[0], grads[1], grads[2]};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("triplet_margin_loss_fwd", &triplet_margin_loss_fwd_cpu);
+  m.impl("triplet_margin_loss_bwd", &triplet_margin_loss_bwd_cpu);
+}
+
+}  // namespace torch_ext

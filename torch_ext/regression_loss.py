@@ -1,0 +1,177 @@
+"""Fused elementwise regression losses: ``mse_loss``, ``huber_loss``, ``smooth_l1_loss``.
+
+Ops (csrc/ops.cpp): ``torch_ext::regression_loss_fwd`` and ``torch_ext::regression_loss_bwd``.
+This file gives them their fake kernels and autograd (``RegressionLossFunction``, also registered
+on the forward op), the functionals and the modules ``MSELoss``, ``HuberLoss``, ``SmoothL1Loss``.
+"""
+from __future__ import annotations
+
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction
+
+_fwd_op = torch.ops.torch_ext.regression_loss_fwd.default
+_bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
+
+LOSSES = ("mse", "huber", "smooth_l1")
+
+
+def _check_args(op, input, target, weight, loss, param, reduction):
+    """The checks of csrc/cpu/regression_loss.cpp, for fake tensors (torch.compile tracing)."""
+    if loss not in LOSSES:
+        raise ValueError(f"loss must be 'mse', 'huber' or 'smooth_l1'; got {loss!r}")
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    torch._check(
+        input.shape == target.shape,
+        lambda: f"{op}: input and target must have the same shape (the functional API broadcasts them first), got {tuple(input.shape)} and {tuple(target.shape)}",
+    )
+    torch._check(target.dtype == input.dtype, lambda: f"{op}: target has dtype {target.dtype} but input has dtype {input.dtype}; they must match")
+    if weight is not None:
+        torch._check(weight.shape == input.shape, lambda: f"{op}: weight must have input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
+        torch._check(weight.dtype == input.dtype, lambda: f"{op}: weight has dtype {weight.dtype} but input has dtype {input.dtype}; they must match")
+    _check_param(op, loss, param)
+
+
+def _check_param(op, loss, param):
+    if loss == "huber" and not param > 0:
+        raise ValueError(f"{op}: huber_loss needs delta > 0, got delta={param}")
+    if loss == "smooth_l1" and not param >= 0:
+        raise ValueError(f"{op}: smooth_l1_loss needs beta >= 0, got beta={param}")
+
+
+@torch.library.register_fake("torch_ext::regression_loss_fwd")
+def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction):
+    _check_args("torch_ext.regression_loss", input, target, weight, loss, param, reduction)
+    return input.new_empty(input.shape if reduction == "none" else ())
+
+
+@torch.library.register_fake("torch_ext::regression_loss_bwd")
+def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, reduction, output_mask):
+    _check_args("torch_ext.regression_loss_bwd", input, target, weight, loss, param, reduction)
+    return tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    input, target, weight, loss, param, reduction = inputs
+    ctx.options = (loss, param, reduction)
+    ctx.save_for_backward(input, target, weight)
+
+
+def _backward(ctx, grad_loss):
+    input, target, weight = ctx.saved_tensors
+    needs = ctx.needs_input_grad
+    mask = [bool(needs[0]), bool(needs[1])]
+    grads = [None] * 6
+    if any(mask):
+        grad_input, grad_target = _bwd_op(grad_loss, input, target, weight, *ctx.options, mask)
+        grads[0] = grad_input if mask[0] else None
+        grads[1] = grad_target if mask[1] else None
+    return tuple(grads)
+
+
+torch.library.register_autograd("torch_ext::regression_loss_fwd", _backward, setup_context=_setup_context)
+register_no_double_backward("torch_ext::regression_loss_bwd", "torch_ext's regression losses")
+
+
+class RegressionLossFunction(torch.autograd.Function):
+    """autograd.Function over the fused ops: ``apply(input, target, weight, loss, param,
+    reduction)`` with loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta);
+    input, target and weight (or None) of one shape."""
+
+    @staticmethod
+    def forward(input, target, weight, loss, param, reduction):
+        return _fwd_op(input, target, weight, loss, param, reduction)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def _regression_loss(name, input, target, weight, loss, param, reduction):
+    if target.shape != input.shape:
+        warnings.warn(
+            f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
+            "This will likely lead to incorrect results due to broadcasting. "
+            "Please ensure they have the same size.",
+            stacklevel=3,
+        )
+    if weight is not None:
+        if weight.shape != input.shape:
+            raise ValueError(f"{name}: weight must have input's size {tuple(input.shape)}, got {tuple(weight.shape)}")
+        if weight.requires_grad and torch.is_grad_enabled():
+            raise RuntimeError(f"{name}: the gradient with respect to weight is not implemented; pass weight.detach()")
+    _check_param(name, loss, param)
+    input, target, weight = autocast_to_float32(input, target, weight)
+    if target.shape != input.shape:
+        # Expanded views: autograd's expand backward sums the gradients back to each shape.
+        input, target = torch.broadcast_tensors(input, target)
+        if weight is not None:
+            weight = weight.expand(input.shape)
+    if target.dtype != input.dtype and input.is_floating_point() and target.is_floating_point():
+        dtype = torch.promote_types(input.dtype, target.dtype)  # as PyTorch's losses promote
+        input, target = input.to(dtype), target.to(dtype)
+    if weight is not None and weight.dtype != input.dtype:
+        weight = weight.to(input.dtype)
+    return RegressionLossFunction.apply(input, target, weight, loss, float(param), reduction)
+
+
+def mse_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    weight: Optional[Tensor] = None,
+) -> Tensor:
+    """``F.mse_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size; the
+    mean then divides by ``weight.sum()``), broadcasting and results."""
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    return _regression_loss("torch_ext.mse_loss", input, target, weight, "mse", 0.0, reduction)
+
+
+def huber_loss(
+    input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0, weight: Optional[Tensor] = None
+) -> Tensor:
+    """``F.huber_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size),
+    broadcasting and results."""
+    reduction = resolve_reduction(None, None, reduction)
+    return _regression_loss("torch_ext.huber_loss", input, target, weight, "huber", delta, reduction)
+
+
+def smooth_l1_loss(
+    input: Tensor,
+    target: Tensor,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+    beta: float = 1.0,
+) -> Tensor:
+    """``F.smooth_l1_loss`` in fused kernels: same arguments, broadcasting and results
+    (``beta=0`` is the L1 loss)."""
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    return _regression_loss("torch_ext.smooth_l1_loss", input, target, None, "smooth_l1", beta, reduction)
+
+
+class MSELoss(nn.MSELoss):
+    """``nn.MSELoss`` on the fused kernels."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return mse_loss(input, target, reduction=self.reduction)
+
+
+class HuberLoss(nn.HuberLoss):
+    """``nn.HuberLoss`` on the fused kernels."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+
+
+class SmoothL1Loss(nn.SmoothL1Loss):
+    """``nn.SmoothL1Loss`` on the fused kernels."""
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)

@@ -1,0 +1,117 @@
+"""Fused triplet margin loss: ``F.triplet_margin_loss``.
+
+Ops (csrc/ops.cpp): ``torch_ext::triplet_margin_loss_fwd`` and ``torch_ext::triplet_margin_loss_bwd``.
+This file gives them their fake kernels and autograd (``TripletMarginLossFunction``, also
+registered on the forward op), the functional and the module ``TripletMarginLoss``.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+from torch import Tensor, nn
+
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction
+
+_fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
+_bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
+
+
+def _check_p(op, p):
+    if not (p > 0 and math.isfinite(p)):
+        raise ValueError(
+            f"{op}: p must be a positive finite number (torch_ext does not implement the p=0 and p=inf distances), got p={p}"
+        )
+
+
+def _check_args(op, anchor, positive, negative, p, reduction):
+    """The checks of csrc/cpu/triplet_margin_loss.cpp, for fake tensors (torch.compile tracing)."""
+    torch._check(anchor.dim() in (1, 2), lambda: f"{op}: anchor must have shape (D) or (N, D), got {tuple(anchor.shape)}")
+    for name, t in (("positive", positive), ("negative", negative)):
+        torch._check(t.shape == anchor.shape, lambda: f"{op}: {name} must have anchor's shape {tuple(anchor.shape)}, got {tuple(t.shape)}")
+        torch._check(t.dtype == anchor.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but anchor has dtype {anchor.dtype}; they must match")
+    _check_p(op, p)
+    if reduction not in ("mean", "sum", "none"):
+        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+
+
+@torch.library.register_fake("torch_ext::triplet_margin_loss_fwd")
+def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction):
+    _check_args("torch_ext.triplet_margin_loss", anchor, positive, negative, p, reduction)
+    rows = anchor.shape[0] if anchor.dim() == 2 else 1
+    loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
+    acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    return anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)
+
+
+@torch.library.register_fake("torch_ext::triplet_margin_loss_bwd")
+def _triplet_bwd_fake(grad_loss, anchor, positive, negative, dist, margin, p, eps, swap, reduction, output_mask):
+    _check_args("torch_ext.triplet_margin_loss_bwd", anchor, positive, negative, p, reduction)
+    return tuple(anchor.new_empty(anchor.shape) if m else anchor.new_empty((0,)) for m in output_mask)
+
+
+def _setup_context(ctx, inputs, output):
+    anchor, positive, negative, margin, p, eps, swap, reduction = inputs
+    _, dist = output
+    ctx.options = (margin, p, eps, swap, reduction)
+    ctx.save_for_backward(anchor, positive, negative, dist)
+    ctx.mark_non_differentiable(dist)
+
+
+def _backward(ctx, grad_loss, _grad_dist):
+    anchor, positive, negative, dist = ctx.saved_tensors
+    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+    grads = [None] * 8
+    if any(mask):
+        computed = _bwd_op(grad_loss, anchor, positive, negative, dist, *ctx.options, mask)
+        for i in range(3):
+            grads[i] = computed[i] if mask[i] else None
+    return tuple(grads)
+
+
+torch.library.register_autograd("torch_ext::triplet_margin_loss_fwd", _backward, setup_context=_setup_context)
+register_no_double_backward("torch_ext::triplet_margin_loss_bwd", "torch_ext.triplet_margin_loss")
+
+
+class TripletMarginLossFunction(torch.autograd.Function):
+    """autograd.Function over the fused ops: ``apply(anchor, positive, negative, margin, p, eps,
+    swap, reduction) -> (loss, dist)``; ``dist`` (the row distances) is what backward uses."""
+
+    @staticmethod
+    def forward(anchor, positive, negative, margin, p, eps, swap, reduction):
+        return _fwd_op(anchor, positive, negative, margin, p, eps, swap, reduction)
+
+    setup_context = staticmethod(_setup_context)
+    backward = staticmethod(_backward)
+
+
+def triplet_margin_loss(
+    anchor: Tensor,
+    positive: Tensor,
+    negative: Tensor,
+    margin: float = 1.0,
+    p: float = 2,
+    eps: float = 1e-6,
+    swap: bool = False,
+    size_average: Optional[bool] = None,
+    reduce: Optional[bool] = None,
+    reduction: str = "mean",
+) -> Tensor:
+    """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
+    or ``(N, D)``. ``p`` must be positive and finite."""
+    reduction = resolve_reduction(size_average, reduce, reduction)
+    _check_p("torch_ext.triplet_margin_loss", p)
+    anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
+    return TripletMarginLossFunction.apply(
+        anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
+    )[0]
+
+
+class TripletMarginLoss(nn.TripletMarginLoss):
+    """``nn.TripletMarginLoss`` on the fused kernels."""
+
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+        return triplet_margin_loss(
+            anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps, swap=self.swap, reduction=self.reduction
+        )
