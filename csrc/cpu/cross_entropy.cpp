@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
 
@@ -228,8 +229,8 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
   }
   Tensor stats_c = stats.contiguous();
-  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
-  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
     switch (input.scalar_type()) {
       case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;

@@ -22,6 +22,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "cpu/allocator.h"
 #include "cpu/kernels.h"
 
 namespace torch_ext {
@@ -131,7 +132,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   const Tensor x2d = input.reshape({m, k});
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
-  Tensor out = at::empty({m, n}, input.options());
+  Tensor out = cpu::empty_cpu_output({m, n}, input.options());
   Tensor saved, mask, gemm_dst = out;
   switch (saved_for_backward(act)) {
     case SavedForBackward::PositiveMask:
@@ -139,7 +140,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
       saved = mask;
       break;
     case SavedForBackward::PreActivation:
-      saved = at::empty({m, n}, input.options());
+      saved = cpu::empty_cpu_output({m, n}, input.options());
       gemm_dst = saved;
       break;
     default:
@@ -165,7 +166,7 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
   const int64_t rows_per_panel = panel_rows(m, n, k, x2d);
   const int64_t block = reduction_block_rows(rows_per_panel, n);
   const int64_t blocks_per_panel = (rows_per_panel + block - 1) / block;
-  Tensor grad_pre = at::empty({rows_per_panel, n}, x2d.options());
+  Tensor grad_pre = cpu::empty_cpu_output({rows_per_panel, n}, x2d.options());
   Tensor partials;
   if (bias_grad.defined()) partials = at::empty({blocks_per_panel, n}, bias_grad.options());
   const int64_t ld_g = g2d.stride(0);
@@ -252,8 +253,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
 
   const auto options = input.options();
   const auto acc_dtype = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  Tensor grad_input = output_mask[0] ? at::empty({m, k}, options) : Tensor();
-  Tensor grad_weight = output_mask[1] ? at::empty({n, k}, options) : Tensor();
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output({m, k}, options) : Tensor();
+  Tensor grad_weight = output_mask[1] ? cpu::empty_cpu_output({n, k}, options) : Tensor();
   Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
   switch (input.scalar_type()) {

@@ -11,6 +11,7 @@
 #include <string_view>
 
 #include "checks.h"
+#include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
 
@@ -101,7 +102,7 @@ Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const 
   const int64_t blocks = (x.numel() + kReductionBlock - 1) / kReductionBlock;
   Tensor out, loss_partials, weight_partials;
   if (red == Reduction::None) {
-    out = at::empty(input.sizes(), input.options());
+    out = cpu::empty_cpu_output(input.sizes(), input.options());
   } else {
     loss_partials = at::empty({blocks}, input.options().dtype(acc));
     if (red == Reduction::Mean && divides_by_weight_sum(kind, weight))
@@ -144,8 +145,8 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
     if (red == Reduction::Mean)
       scale /= divides_by_weight_sum(kind, weight) ? w.sum(at::kDouble).item<double>() : double(x.numel());
   }
-  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
-  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0 && (grad_input.defined() || grad_target.defined())) {
     switch (input.scalar_type()) {
       case at::kFloat: run_backward<float>(kind, param, x, t, w, grad, scale, grad_input, grad_target); break;

@@ -10,6 +10,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
 
@@ -123,7 +124,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
   Tensor dist_c = dist.contiguous();
   Tensor grads[3];
   for (int i = 0; i < 3; ++i)
-    if (output_mask[i]) grads[i] = at::empty(anchor.sizes(), anchor.options());
+    if (output_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
     switch (anchor.scalar_type()) {
 #define TORCH_EXT_TRIPLET_BACKWARD(S)                                                           \
