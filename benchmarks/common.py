@@ -93,6 +93,15 @@ def saved_bytes(step: Callable[[], object], exclude: Iterable[torch.Tensor] = ()
     return sum(seen.values())
 
 
+def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, rounds: int = 7) -> float:
+    """Bytes per second that a large tensor copy moves, read + write both counted: the median
+    over `rounds` of ``dst.copy_(src)`` on two `nbytes` buffers (much larger than any cache)."""
+    src = torch.empty(nbytes // 4, dtype=torch.float32, device=device).uniform_()
+    dst = torch.empty_like(src)
+    samples = time_interleaved({"copy": lambda: dst.copy_(src)}, device=device, rounds=rounds)
+    return 2 * nbytes / median(samples["copy"])
+
+
 def machine_info(device: str = "cpu") -> dict:
     import platform
 

@@ -53,6 +53,27 @@ cpu::TripletMarginArgs<S> kernel_args(const Tensor& a, const Tensor& p, const Te
   return args;
 }
 
+template <typename S>
+void run_forward(const Tensor& a, const Tensor& p, const Tensor& n, double margin, double norm_p, double eps, bool swap,
+                 Tensor& dist, Tensor& row_loss) {
+  auto args = kernel_args<S>(a, p, n, margin, norm_p, eps, swap, dist);
+  args.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();
+  KernelsFor<S>::triplet_margin_forward(cpu::cpu_kernels())(args);
+}
+
+template <typename S>
+void run_backward(const Tensor& a, const Tensor& p, const Tensor& n, double margin, double norm_p, double eps,
+                  bool swap, Tensor& dist, const Tensor& row_scale, double scale, Tensor (&grads)[3]) {
+  using A = cpu::acc_t<S>;
+  auto args = kernel_args<S>(a, p, n, margin, norm_p, eps, swap, dist);
+  args.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+  args.scale = A(scale);
+  args.grad_anchor = grads[0].defined() ? grads[0].data_ptr<S>() : nullptr;
+  args.grad_positive = grads[1].defined() ? grads[1].data_ptr<S>() : nullptr;
+  args.grad_negative = grads[2].defined() ? grads[2].data_ptr<S>() : nullptr;
+  KernelsFor<S>::triplet_margin_backward(cpu::cpu_kernels())(args);
+}
+
 std::vector<int64_t> loss_shape(const Tensor& anchor) {
   return anchor.dim() == 2 ? std::vector<int64_t>{anchor.size(0)} : std::vector<int64_t>{};
 }
@@ -70,16 +91,9 @@ std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, con
   Tensor row_loss = at::empty({rows}, acc_options);
   if (rows > 0) {
     switch (anchor.scalar_type()) {
-#define TORCH_EXT_TRIPLET_FORWARD(S)                                                      \
-  {                                                                                        \
-    auto args = kernel_args<S>(a, pos, neg, margin, p, eps, swap, dist);                   \
-    args.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();                                    \
-    KernelsFor<S>::triplet_margin_forward(cpu::cpu_kernels())(args);                       \
-  }
-      case at::kFloat: TORCH_EXT_TRIPLET_FORWARD(float) break;
-      case at::kDouble: TORCH_EXT_TRIPLET_FORWARD(double) break;
-      default: TORCH_EXT_TRIPLET_FORWARD(c10::BFloat16)
-#undef TORCH_EXT_TRIPLET_FORWARD
+      case at::kFloat: run_forward<float>(a, pos, neg, margin, p, eps, swap, dist, row_loss); break;
+      case at::kDouble: run_forward<double>(a, pos, neg, margin, p, eps, swap, dist, row_loss); break;
+      default: run_forward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist, row_loss);
     }
   }
   const double total = row_loss.scalar_type() == at::kDouble
@@ -127,20 +141,9 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
     if (output_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
     switch (anchor.scalar_type()) {
-#define TORCH_EXT_TRIPLET_BACKWARD(S)                                                           \
-  {                                                                                              \
-    auto args = kernel_args<S>(a, pos, neg, margin, p, eps, swap, dist_c);                       \
-    args.row_scale = row_scale.defined() ? row_scale.const_data_ptr<cpu::acc_t<S>>() : nullptr;  \
-    args.scale = cpu::acc_t<S>(scale);                                                           \
-    args.grad_anchor = grads[0].defined() ? grads[0].data_ptr<S>() : nullptr;                    \
-    args.grad_positive = grads[1].defined() ? grads[1].data_ptr<S>() : nullptr;                  \
-    args.grad_negative = grads[2].defined() ? grads[2].data_ptr<S>() : nullptr;                  \
-    KernelsFor<S>::triplet_margin_backward(cpu::cpu_kernels())(args);                            \
-  }
-      case at::kFloat: TORCH_EXT_TRIPLET_BACKWARD(float) break;
-      case at::kDouble: TORCH_EXT_TRIPLET_BACKWARD(double) break;
-      default: TORCH_EXT_TRIPLET_BACKWARD(c10::BFloat16)
-#undef TORCH_EXT_TRIPLET_BACKWARD
+      case at::kFloat: run_backward<float>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads); break;
+      case at::kDouble: run_backward<double>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads); break;
+      default: run_backward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads);
     }
   }
   for (auto& g : grads)
