@@ -92,7 +92,7 @@ class RegressionLossFunction(torch.autograd.Function):
 
 
 def _regression_loss(name, input, target, weight, loss, param, reduction):
-    if target.shape != input.shape:
+    if target.shape != input.shape and not torch.compiler.is_compiling():  # warn() breaks graphs
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
             "This will likely lead to incorrect results due to broadcasting. "
@@ -106,17 +106,23 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
             raise RuntimeError(f"{name}: the gradient with respect to weight is not implemented; pass weight.detach()")
     _check_param(name, loss, param)
     input, target, weight = autocast_to_float32(input, target, weight)
+    weight_sum = None
     if target.shape != input.shape:
         # Expanded views: autograd's expand backward sums the gradients back to each shape.
         input, target = torch.broadcast_tensors(input, target)
         if weight is not None:
+            if loss == "mse" and reduction == "mean":
+                # F.mse_loss divides by the sum of the weight as given (input's size), not of its
+                # broadcast: take the kernel's sum and divide by that.
+                weight_sum, reduction = weight.sum(), "sum"
             weight = weight.expand(input.shape)
     if target.dtype != input.dtype and input.is_floating_point() and target.is_floating_point():
         dtype = torch.promote_types(input.dtype, target.dtype)  # as PyTorch's losses promote
         input, target = input.to(dtype), target.to(dtype)
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)
-    return RegressionLossFunction.apply(input, target, weight, loss, float(param), reduction)
+    out = RegressionLossFunction.apply(input, target, weight, loss, float(param), reduction)
+    return out if weight_sum is None else out / weight_sum
 
 
 def mse_loss(

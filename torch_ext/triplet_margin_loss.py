@@ -101,6 +101,8 @@ def triplet_margin_loss(
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
     or ``(N, D)``. ``p`` must be positive and finite."""
     reduction = resolve_reduction(size_average, reduce, reduction)
+    if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
+        raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
     return TripletMarginLossFunction.apply(

@@ -5,7 +5,7 @@
 //   mse      : d^2                                      grad  2 d
 //   huber    : |d| < delta ? d^2 / 2 : delta (|d| - delta / 2)   grad  clamp(d, -delta, delta)
 //   smooth_l1: |d| < beta ? d^2 / (2 beta) : |d| - beta / 2       grad  clamp(d / beta, -1, 1)
-//              (beta == 0: |d|, grad sign(d), 0 at d == 0, as l1_loss)
+//              (beta == 0: |d|, grad sgn(d), 0 at d == 0 and d == NaN, as l1_loss)
 // each times w; the target gradient is minus the input gradient. These are ATen's formulas
 // (including which side of the boundary takes which branch).
 #pragma once
@@ -53,8 +53,8 @@ inline Vectorized<A> grad_of(const Vectorized<A>& d, A param) {
     return V::blendv(V::blendv(d, p, d > p), p.neg(), d < p.neg());
   } else {
     const V one(A(1));
-    if (param == 0) {  // sign(d), 0 at 0, NaN stays NaN
-      return V::blendv(V::blendv(d * V(A(0)), one, d > V(A(0))), one.neg(), d < V(A(0)));
+    if (param == 0) {  // l1_loss: sgn(d), which is 0 at 0 and at NaN
+      return V::blendv(V::blendv(V(A(0)), one, d > V(A(0))), one.neg(), d < V(A(0)));
     }
     const V p(param);
     return V::blendv(V::blendv(d / p, one, d > p), one.neg(), d < p.neg());
