@@ -21,7 +21,8 @@ TORCH_LIBRARY(torch_ext, m) {
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
   // row, weighted and reduced like the loss). target: class indices (int64/uint8, input's shape
   // without the class dim) or class probabilities (input's shape and dtype). Returns (loss,
-  // stats); stats (rows, 2), float32 (float64 for float64 input), is what backward needs.
+  // stats); stats (rows, 3), float32 (float64 for float64 input), is what backward needs: per row
+  // the max logit, log(sum exp(x - max)) and, for probability targets, sum_c weight_c target_c.
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
         "float label_smoothing, float z_loss) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});

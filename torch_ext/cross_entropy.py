@@ -67,7 +67,7 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
         "torch_ext.cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing, z_loss
     )
     loss = input.new_empty(loss_shape if reduction == "none" else ())
-    stats = input.new_empty((rows, 2), dtype=_accumulation_dtype(input.dtype))
+    stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
     return loss, stats
 
 
@@ -114,7 +114,7 @@ register_no_double_backward("torch_ext::cross_entropy_bwd", "torch_ext.cross_ent
 
 class CrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, target, weight, ignore_index,
-    reduction, label_smoothing, z_loss) -> (loss, stats)``; ``stats`` (the logsumexp per row) is
+    reduction, label_smoothing, z_loss) -> (loss, stats)``; ``stats`` (per row: the max logit and log(sum exp(x - max))) is
     what backward uses and is not differentiable."""
 
     @staticmethod

@@ -181,7 +181,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
   const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({rows, 2}, acc_options);
+  Tensor stats = at::zeros({rows, 3}, acc_options);
   Tensor row_loss = at::zeros({rows}, acc_options);
   // No classes: every row is ignored (a class index would be out of bounds) or has an empty
   // probability sum, so the loss of each row is 0, as in PyTorch.
@@ -213,8 +213,8 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
   TORCH_CHECK(!output_mask[1] || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
   check_same_device(op, input, "input", stats, "stats");
-  TORCH_CHECK(stats.scalar_type() == acc_dtype(input) && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 2,
-              op, ": stats must be the (", rows, ", 2) ", acc_dtype(input), " tensor from cross_entropy_fwd, got ",
+  TORCH_CHECK(stats.scalar_type() == acc_dtype(input) && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3,
+              op, ": stats must be the (", rows, ", 3) ", acc_dtype(input), " tensor from cross_entropy_fwd, got ",
               stats.scalar_type(), " of shape ", stats.sizes());
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   Tensor row_scale;

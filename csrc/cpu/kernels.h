@@ -62,7 +62,8 @@ struct CrossEntropyArgs {
   int64_t ignore_index;
   A label_smoothing, z_loss;
   A weight_sum;            // sum of weight, or classes without weight
-  A* stats;                // (rows, 2): logsumexp, and for probability targets sum_c w_c t'_c
+  A* stats;                // (rows, 3): max, log(sum exp(x - max)) (their sum is the logsumexp),
+                           // and for probability targets sum_c w_c t'_c
   // forward
   A* row_loss;             // unreduced loss per row
   // backward: d(loss)/d(row loss) per row, or `scale` for every row when row_scale is null

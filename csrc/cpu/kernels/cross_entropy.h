@@ -10,6 +10,8 @@
 //                    loss = sum_c w_c t'_c (lse - x_c) + z lse^2
 //                    grad = (T + 2 z lse) p_c - w_c t'_c,  d/dt_c = (1 - e) w_c (lse - x_c)
 // with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale).
+// lse is kept as max + log(sum exp(x - max)) in two numbers and never rounded as one: near
+// |x| = 1e4 a float32 lse is off by half a float step (5e-4), which lse - x_y would inherit.
 //
 // Two layouts. spatial == 1 ((N, C) input, class stride 1): each row is read once, in blocks of
 // kBlock classes that stay in L1 while the block max, the rescaled sum of exponentials (online
@@ -163,7 +165,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     for (int64_t r = begin; r < end; ++r) {
       if (ignored<A>(a.target, r, a.ignore_index)) {
         a.row_loss[r] = 0;
-        a.stats[2 * r] = a.stats[2 * r + 1] = 0;
+        a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
         continue;
       }
       const S* x = a.input + r * C;
@@ -174,22 +176,25 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
         accumulate_block<A>(st, as_math<S, A>(x, c0, n, xbuf), t ? as_math<S, A>(t, c0, n, tbuf) : nullptr,
                             a.weight, c0, n, e, inv_c, linear_sums);
       }
-      const A lse = st.max + std::log(st.sum_exp);
+      const A log_sum = std::log(st.sum_exp);
+      const A lse = st.max + log_sum;                       // for z_loss only
+      const A lse_shifted = (st.max - st.shift) + log_sum;  // lse - shift
       A loss;
       if (prob) {
-        loss = st.sum_wt * (lse - st.shift) - st.sum_wtx;
+        loss = st.sum_wt * lse_shifted - st.sum_wtx;
         if (a.z_loss != 0) loss += a.z_loss * lse * lse;
       } else {
         const int64_t y = a.target[r];
         const A rw = a.weight ? a.weight[y] : A(1);
-        loss = (A(1) - e) * (lse - A(x[y]));
+        loss = (A(1) - e) * ((st.max - A(x[y])) + log_sum);
         if (a.z_loss != 0) loss += a.z_loss * lse * lse;
         loss *= rw;
-        if (e > 0) loss += e * inv_c * (a.weight_sum * (lse - st.shift) - st.sum_wx);
+        if (e > 0) loss += e * inv_c * (a.weight_sum * lse_shifted - st.sum_wx);
       }
       a.row_loss[r] = loss;
-      a.stats[2 * r] = lse;
-      a.stats[2 * r + 1] = prob ? st.sum_wt : A(0);
+      a.stats[3 * r] = st.max;
+      a.stats[3 * r + 1] = log_sum;
+      a.stats[3 * r + 2] = prob ? st.sum_wt : A(0);
     }
   });
 }
@@ -218,12 +223,13 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       const S* t = prob ? a.target_prob + r * C : nullptr;
       S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
       const A sc = a.row_scale ? a.row_scale[r] : a.scale;
-      const A lse = a.stats[2 * r];
+      const A row_max = a.stats[3 * r], log_sum = a.stats[3 * r + 1];
+      const A lse = row_max + log_sum;
       const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
       int64_t y = -1;
       A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
       if (prob) {
-        coef_p = sc * (a.stats[2 * r + 1] + z_term);
+        coef_p = sc * (a.stats[3 * r + 2] + z_term);
         coef_w = sc;
       } else {
         y = a.target[r];
@@ -232,7 +238,8 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
         coef_w = sc * e * inv_c;
         coef_y = sc * rw * (A(1) - e);
       }
-      const V vp(coef_p), vw(coef_w), vlse(lse), keep(A(1) - e), spread(e * inv_c), vt(sc * (A(1) - e));
+      const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
+          vt(sc * (A(1) - e));
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t n = std::min(kBlock, C - c0);
         const A* xb = as_math<S, A>(x, c0, n, xbuf);
@@ -243,11 +250,11 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
           const int64_t k = std::min(L, n - i);
           const V xv = V::loadu(xb + i, k);
           const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
-          V g = vp * (xv - vlse).exp_u20();
+          V g = vp * ((xv - vmax) - vlog).exp_u20();
           if (tb != nullptr) {
             const V tv = V::loadu(tb + i, k);
             g = g - vw * wv * (tv * keep + spread);
-            if (gt != nullptr) (vt * wv * (vlse - xv)).store(gtbuf + i, k);
+            if (gt != nullptr) (vt * wv * ((vmax - xv) + vlog)).store(gtbuf + i, k);
           } else if (e > 0) {
             g = g - vw * wv;
           }
@@ -327,25 +334,27 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         const int64_t r = n * HW + s0 + l;
         if (ignored<A>(a.target, r, a.ignore_index)) {
           a.row_loss[r] = 0;
-          a.stats[2 * r] = a.stats[2 * r + 1] = 0;
+          a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
           continue;
         }
-        const A lse = max_l[l] + std::log(sum_l[l]);
+        const A log_sum = std::log(sum_l[l]);
+        const A lse = max_l[l] + log_sum;  // for z_loss only
         A loss;
         if (prob) {
-          loss = swt_l[l] * (lse - max_l[l]) - swtx_l[l];
+          loss = swt_l[l] * log_sum - swtx_l[l];
           if (a.z_loss != 0) loss += a.z_loss * lse * lse;
         } else {
           const int64_t y = a.target[r];
           const A rw = a.weight ? a.weight[y] : A(1);
-          loss = (A(1) - e) * (lse - x[y * ld + l]);
+          loss = (A(1) - e) * ((max_l[l] - x[y * ld + l]) + log_sum);
           if (a.z_loss != 0) loss += a.z_loss * lse * lse;
           loss *= rw;
-          if (e > 0) loss += e * inv_c * (a.weight_sum * (lse - max_l[l]) - swx_l[l]);
+          if (e > 0) loss += e * inv_c * (a.weight_sum * log_sum - swx_l[l]);
         }
         a.row_loss[r] = loss;
-        a.stats[2 * r] = lse;
-        a.stats[2 * r + 1] = prob ? swt_l[l] : A(0);
+        a.stats[3 * r] = max_l[l];
+        a.stats[3 * r + 1] = log_sum;
+        a.stats[3 * r + 2] = prob ? swt_l[l] : A(0);
       }
     }
   });
@@ -371,23 +380,24 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld);
       const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt) : nullptr;
       // Per-lane coefficients, as in backward_contiguous_rows; ignored lanes are masked to 0.
-      __at_align__ A cp[L], cw[L], cy[L], lse_l[L], keep_l[L], sc_l[L];
+      __at_align__ A cp[L], cw[L], cy[L], max_l[L], log_l[L], keep_l[L], sc_l[L];
       int64_t y_l[L];
       for (int64_t l = 0; l < L; ++l) {
-        cp[l] = cw[l] = cy[l] = lse_l[l] = sc_l[l] = 0;
+        cp[l] = cw[l] = cy[l] = max_l[l] = log_l[l] = sc_l[l] = 0;
         keep_l[l] = 0;
         y_l[l] = -1;
         if (l >= lanes) continue;
         const int64_t r = n * HW + s0 + l;
         if (ignored<A>(a.target, r, a.ignore_index)) continue;
         const A sc = a.row_scale ? a.row_scale[r] : a.scale;
-        const A lse = a.stats[2 * r];
+        max_l[l] = a.stats[3 * r];
+        log_l[l] = a.stats[3 * r + 1];
+        const A lse = max_l[l] + log_l[l];
         const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
         keep_l[l] = 1;
-        lse_l[l] = lse;
         sc_l[l] = sc;
         if (prob) {
-          cp[l] = sc * (a.stats[2 * r + 1] + z_term);
+          cp[l] = sc * (a.stats[3 * r + 2] + z_term);
           cw[l] = sc;
         } else {
           y_l[l] = a.target[r];
@@ -397,7 +407,8 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
           cy[l] = sc * rw * (A(1) - e);
         }
       }
-      const V vp = V::loadu(cp), vw = V::loadu(cw), vlse = V::loadu(lse_l), vsc = V::loadu(sc_l);
+      const V vp = V::loadu(cp), vw = V::loadu(cw), vmax = V::loadu(max_l), vlog = V::loadu(log_l);
+      const V vsc = V::loadu(sc_l);
       const V live = V::loadu(keep_l) != V(0);
       const V keep(A(1) - e), spread(e * inv_c);
       S* gi = a.grad_input ? a.grad_input + offset : nullptr;
@@ -423,10 +434,10 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       for (int64_t c = 0; c < C; ++c) {
         const V xv = V::loadu(x + c * ld, lanes);
         const V wv(a.weight ? a.weight[c] : A(1));
-        V g = vp * (xv - vlse).exp_u20();
+        V g = vp * ((xv - vmax) - vlog).exp_u20();
         if (prob) {
           g = g - vw * wv * (V::loadu(t + c * ldt, lanes) * keep + spread);
-          if (gt_out) (vsc * keep * wv * (vlse - xv)).store(gt_out + c * ldg, lanes);
+          if (gt_out) (vsc * keep * wv * ((vmax - xv) + vlog)).store(gt_out + c * ldg, lanes);
         } else if (e > 0) {
           g = g - vw * wv;
         }
