@@ -3,6 +3,7 @@
 #include <Python.h>
 #include <torch/library.h>
 
+#include "cpu/allocator.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(torch_ext, m) {
@@ -58,9 +59,20 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(torch_ext::cpu::cpu_kernels().capability);
 }
 
+static PyObject* empty_cache(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
+}
+
+static PyObject* cached_bytes(PyObject*, PyObject*) {
+  return PyLong_FromSize_t(torch_ext::cpu::cached_bytes());
+}
+
 static PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
+    {"empty_cache", empty_cache, METH_NOARGS,
+     "Return the cached free CPU output blocks to the system; returns the bytes released."},
+    {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {

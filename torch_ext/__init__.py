@@ -31,6 +31,18 @@ def cpu_capability() -> str:
     return _C.cpu_capability()
 
 
+def empty_cache() -> int:
+    """Return the CPU output buffers torch_ext keeps for reuse (large gradients and outputs
+    freed by PyTorch, up to TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB) to the system, like
+    torch.cuda.empty_cache(). Returns the bytes released."""
+    return _C.empty_cache()
+
+
+def cached_bytes() -> int:
+    """Bytes held in CPU output buffers kept for reuse (see empty_cache)."""
+    return _C.cached_bytes()
+
+
 __all__ = [
     "ACTIVATIONS",
     "CrossEntropyFunction",
@@ -43,7 +55,9 @@ __all__ = [
     "SmoothL1Loss",
     "TripletMarginLoss",
     "TripletMarginLossFunction",
+    "cached_bytes",
     "cpu_capability",
+    "empty_cache",
     "cross_entropy",
     "fused_linear",
     "huber_loss",

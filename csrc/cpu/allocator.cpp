@@ -6,6 +6,8 @@
 #include <c10/core/CPUAllocator.h>
 
 #include <cstdlib>
+#include <deque>
+#include <mutex>
 
 #if defined(__linux__)
 #include <sys/mman.h>
@@ -14,42 +16,136 @@
 namespace torch_ext::cpu {
 namespace {
 
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
 constexpr size_t kHugePage = size_t(2) << 20;
 
-void free_huge(void* ptr) { std::free(ptr); }
+size_t cache_limit_from_env() {
+  const char* env = std::getenv("TORCH_EXT_CPU_CACHE_BYTES");
+  return env ? size_t(std::strtoull(env, nullptr, 10)) : (size_t(2) << 30);
+}
 
-// Huge-page-aligned blocks with MADV_HUGEPAGE; smaller requests (e.g. a resize to small) go to
+struct Block {
+  void* ptr;
+  size_t capacity;  // bytes, a multiple of kHugePage
+};
+
+void* allocate_huge(size_t capacity) {
+  void* ptr = nullptr;
+  TORCH_CHECK(posix_memalign(&ptr, kHugePage, capacity) == 0 && ptr != nullptr,
+              "torch_ext: out of memory allocating ", capacity, " bytes");
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  madvise(ptr, capacity, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
+#endif
+  return ptr;
+}
+
+// Freed large blocks, most recent last. Leaked on purpose (never destroyed), so tensors that
+// outlive static destruction at exit can still return their blocks.
+class BlockCache {
+ public:
+  Block take(size_t nbytes) {
+    const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      // The smallest cached block that fits without wasting more than a quarter of it.
+      auto best = free_.end();
+      for (auto it = free_.begin(); it != free_.end(); ++it) {
+        if (it->capacity >= capacity && it->capacity - capacity <= it->capacity / 4 &&
+            (best == free_.end() || it->capacity < best->capacity))
+          best = it;
+      }
+      if (best != free_.end()) {
+        Block block = *best;
+        free_.erase(best);
+        cached_ -= block.capacity;
+        return block;
+      }
+    }
+    return {allocate_huge(capacity), capacity};
+  }
+
+  void give_back(Block block) {
+    std::deque<Block> evicted;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      if (block.capacity > limit_) {
+        evicted.push_back(block);
+      } else {
+        free_.push_back(block);
+        cached_ += block.capacity;
+        while (cached_ > limit_) {  // evict the least recently freed
+          cached_ -= free_.front().capacity;
+          evicted.push_back(free_.front());
+          free_.pop_front();
+        }
+      }
+    }
+    for (const Block& b : evicted) std::free(b.ptr);
+  }
+
+  size_t clear() {
+    std::deque<Block> all;
+    size_t bytes;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      all.swap(free_);
+      bytes = cached_;
+      cached_ = 0;
+    }
+    for (const Block& b : all) std::free(b.ptr);
+    return bytes;
+  }
+
+  size_t cached() {
+    std::lock_guard<std::mutex> lock(mutex_);
+    return cached_;
+  }
+
+ private:
+  std::mutex mutex_;
+  std::deque<Block> free_;
+  size_t cached_ = 0;
+  const size_t limit_ = cache_limit_from_env();
+};
+
+BlockCache& cache() {
+  static BlockCache* instance = new BlockCache();
+  return *instance;
+}
+
+void release_block(void* ctx) {
+  Block* block = static_cast<Block*>(ctx);
+  cache().give_back(*block);
+  delete block;
+}
+
+// Large requests come from the cache; smaller ones (e.g. a storage resized to small) from
 // PyTorch's CPU allocator. Each DataPtr carries its own deleter, so the two kinds mix freely.
-struct HugePageAllocator final : c10::Allocator {
+struct CachingHugePageAllocator final : c10::Allocator {
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kHugePageMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
-    const size_t rounded = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    void* ptr = nullptr;
-    TORCH_CHECK(posix_memalign(&ptr, kHugePage, rounded) == 0 && ptr != nullptr,
-                "torch_ext: out of memory allocating ", nbytes, " bytes");
-    madvise(ptr, rounded, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-    return {ptr, ptr, &free_huge, c10::Device(c10::DeviceType::CPU)};
+    Block* block = new Block(cache().take(nbytes));
+    return {block->ptr, block, &release_block, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
 };
-#endif
 
 }  // namespace
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
   if (options.device().is_cpu() && nbytes >= kHugePageMinBytes) {
-    static HugePageAllocator allocator;
+    static CachingHugePageAllocator allocator;
     return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                      options.dtype().toScalarType(), std::nullopt);
   }
-#endif
   return at::empty(sizes, options);
 }
+
+size_t empty_cache() { return cache().clear(); }
+
+size_t cached_bytes() { return cache().cached(); }
 
 }  // namespace torch_ext::cpu

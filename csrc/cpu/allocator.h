@@ -1,20 +1,34 @@
 // Allocation of the large tensors the CPU ops return (gradients, unreduced losses, activations).
 //
-// A fresh multi-megabyte buffer from malloc is mapped 4 KiB page by page on first touch, and on
-// the development machines each page fault costs ~2.5 us: writing a 512 MiB cross-entropy
-// gradient took ~300 ms of faults against ~25 ms of memory traffic. empty_cpu_output backs
-// buffers of kHugePageMinBytes or more with 2 MiB transparent huge pages (madvise
-// MADV_HUGEPAGE, 512x fewer faults), as PyTorch's own allocator does for every allocation when
-// THP_MEM_ALLOC_ENABLE=1 is set. Smaller buffers, and systems without THP, get at::empty's.
+// A fresh multi-megabyte buffer from malloc is mapped page by page on first touch, and on the
+// development machines (virtual machines) those faults dominate memory-bound ops: ~2.5 us per
+// 4 KiB page, ~300 ms for the 512 MiB gradient of a 4096 x 32000 cross-entropy whose memory
+// traffic takes ~30 ms; memory the process gave back to the system costs as much again when it
+// is touched anew, even in 2 MiB pages. So buffers of kHugePageMinBytes or more
+//   - are 2 MiB-aligned with MADV_HUGEPAGE (transparent huge pages: 512x fewer faults), as
+//     PyTorch's own allocator does for all tensors when THP_MEM_ALLOC_ENABLE=1 is set, and
+//   - are kept when freed, up to a bounded total (TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB;
+//     0 disables), and handed to the next request of about the same size: a training loop
+//     reuses the same gradient buffers each step, as PyTorch's CUDA caching allocator does.
+//     torch_ext.empty_cache() returns them to the system.
+// Smaller buffers, and systems without madvise, get at::empty's.
 #pragma once
 
 #include <ATen/core/Tensor.h>
+
+#include <cstddef>
 
 namespace torch_ext::cpu {
 
 constexpr size_t kHugePageMinBytes = size_t(4) << 20;
 
-// at::empty(sizes, options) (contiguous) for a CPU tensor, in huge pages when it is large.
+// at::empty(sizes, options) (contiguous) for a CPU tensor, from the cache above when large.
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
+
+// Frees every cached block; returns the bytes released.
+size_t empty_cache();
+
+// Bytes held in cached (free) blocks.
+size_t cached_bytes();
 
 }  // namespace torch_ext::cpu

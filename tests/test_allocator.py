@@ -1,0 +1,86 @@
+"""Tests of the CPU output allocator (csrc/cpu/allocator.*): large outputs of the ops come from a
+bounded cache of freed huge-page blocks, which torch_ext.empty_cache() releases and
+TORCH_EXT_CPU_CACHE_BYTES bounds (0 disables)."""
+from __future__ import annotations
+
+import textwrap
+
+import torch
+import torch.nn.functional as F
+
+import torch_ext
+from utils import run_python
+
+BIG = (512, 4096)  # 8 MiB of float32: above the 4 MiB threshold of the cache
+
+
+def _grad_of_mse(x: torch.Tensor) -> torch.Tensor:
+    x = x.detach().requires_grad_()
+    torch_ext.mse_loss(x, torch.zeros_like(x), reduction="sum").backward()
+    return x.grad
+
+
+def test_freed_output_is_reused_and_released():
+    torch_ext.empty_cache()
+    assert torch_ext.cached_bytes() == 0
+    x = torch.randn(BIG)
+    g = _grad_of_mse(x)
+    torch.testing.assert_close(g, 2 * x)
+    ptr = g.data_ptr()
+    assert ptr % (2 << 20) == 0, "large outputs are 2 MiB aligned (huge pages)"
+    del g
+    assert torch_ext.cached_bytes() >= x.numel() * 4
+    g2 = _grad_of_mse(x)  # same size: the cached block comes back, with the right values
+    assert g2.data_ptr() == ptr
+    assert torch_ext.cached_bytes() == 0
+    torch.testing.assert_close(g2, 2 * x)
+    del g2
+    released = torch_ext.empty_cache()
+    assert released >= x.numel() * 4 and torch_ext.cached_bytes() == 0
+
+
+def test_small_outputs_do_not_use_the_cache():
+    torch_ext.empty_cache()
+    g = _grad_of_mse(torch.randn(64, 64))
+    del g
+    assert torch_ext.cached_bytes() == 0
+
+
+def test_cached_tensor_behaves_like_any_tensor():
+    torch_ext.empty_cache()
+    x = torch.randn(BIG)
+    g = _grad_of_mse(x)
+    g.resize_(16, 16)  # a resizable storage, like at::empty's
+    g.add_(1)
+    g.resize_(1024, 4096)  # grows through the same allocator
+    assert g.shape == (1024, 4096)
+    h = g.clone()
+    torch.testing.assert_close(h, g)
+    del g, h
+
+
+def test_cache_bytes_env_zero_disables_caching():
+    code = textwrap.dedent(
+        """
+        import torch, torch_ext
+        x = torch.randn(512, 4096, requires_grad=True)
+        torch_ext.mse_loss(x, torch.zeros_like(x)).backward()
+        x.grad = None
+        print(torch_ext.cached_bytes())
+        """
+    )
+    result = run_python(code, env={"TORCH_EXT_CPU_CACHE_BYTES": "0"})
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "0"
+
+
+def test_gradients_stay_correct_across_reused_steps():
+    # A training-loop pattern: the same gradient buffer is handed out each step, so a stale value
+    # would show up as a wrong gradient in a later step.
+    torch_ext.empty_cache()
+    for step in range(3):
+        x = torch.randn(1024, 2048, requires_grad=True)
+        t = torch.randint(0, 2048, (1024,))
+        torch_ext.cross_entropy(x, t).backward()
+        expected = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
+        torch.testing.assert_close(x.grad, expected)
