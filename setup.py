@@ -55,7 +55,8 @@ def _cxx_std():
 
 
 def _capability_libraries(include_dirs):
-    """One static library per CPU instruction set, each built with its own -m flags.
+    """One static library per CPU instruction set, each built with its own -m flags (and
+    -fopenmp: at::parallel_for is inline, and without it the kernels' loops run on one thread).
 
     Order matters: the linker keeps the first copy of an inline function that several objects
     define, so the plain objects and the DEFAULT build come before AVX2 and AVX512.
@@ -79,7 +80,7 @@ def _capability_libraries(include_dirs):
                     "sources": [f"csrc/cpu/capability/{name.lower()}.cpp"],
                     "include_dirs": include_dirs,
                     "macros": macros,
-                    "cflags": [_cxx_std(), "-O3", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + flags,
+                    "cflags": [_cxx_std(), "-O3", "-fopenmp", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + flags,
                     "obj_deps": {"": sorted(glob.glob("csrc/**/*.h", recursive=True))},
                 },
             )

@@ -48,6 +48,11 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
         "float eps, bool swap, str reduction) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // The forward plus the gradients of the loss for grad_output = 1 (those in grad_mask; the others
+  // come back empty), computed in the same pass over the inputs.
+  m.def("triplet_margin_loss_fwd_grad(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
+        "float eps, bool swap, str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
   m.def("triplet_margin_loss_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, "
         "Tensor dist, float margin, float p, float eps, bool swap, str reduction, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)",

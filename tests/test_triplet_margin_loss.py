@@ -873,3 +873,48 @@ def test_mixed_float_dtypes_like_pytorch():
             continue
         assert y.dtype == ref.dtype, f"{[v.dtype for v in args]}: result {y.dtype}, PyTorch {ref.dtype}"
         assert_close(y, ref, dtype=torch.bfloat16, check_dtype=False)
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward op that also forms the gradients (the eager path when an input requires grad)
+# ----------------------------------------------------------------------------------------------
+
+FWD_GRAD = torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("swap", (False, True))
+@pytest.mark.parametrize("p", (1.0, 2.0, 3.0))
+@pytest.mark.parametrize("mask", ([True, False, False], [True, True, True], [False, True, False]))
+def test_fwd_grad_op_equals_fwd_and_bwd_ops(reduction, swap, p, mask):
+    a, pos, neg = make_triplet((6, 11))
+    loss, dist, *grads = FWD_GRAD(a, pos, neg, 0.7, p, 1e-6, swap, reduction, mask)
+    ref_loss, ref_dist = FWD(a, pos, neg, 0.7, p, 1e-6, swap, reduction)
+    assert torch.equal(loss, ref_loss) and torch.equal(dist, ref_dist)
+    ones = torch.ones(ref_loss.shape)
+    ref_grads = BWD(ones, a, pos, neg, ref_dist, 0.7, p, 1e-6, swap, reduction, mask)
+    for got, want, m in zip(grads, ref_grads, mask):
+        assert got.shape == (want.shape if m else (0,))
+        if m:
+            assert torch.equal(got, want)  # the same row routine, so the same bits
+
+
+@pytest.mark.parametrize("shape", ((5, 7), (7,), (0, 4)))
+def test_opcheck_fwd_grad(shape):
+    a, pos, neg = make_triplet(shape)
+    for mask in ([True, False, True], [False, False, False]):
+        # "sum": the mean of no rows is NaN, which opcheck's comparison does not accept
+        torch.library.opcheck(FWD_GRAD, (a, pos, neg, 1.0, 2.0, 1e-6, True, "sum", mask))
+
+
+def test_gradient_formed_in_forward_handed_over_once():
+    # The first backward returns the forward's gradients (scaled by grad_output); a retained
+    # graph's later backward recomputes them, with the same bits; grad_output 1 skips the scaling.
+    tensors = [leaf(v) for v in make_triplet((8, 5))]
+    y = triplet_margin_loss(*tensors)
+    g1 = torch.autograd.grad(y, tensors, retain_graph=True)
+    g2 = torch.autograd.grad(y, tensors, torch.tensor(1.0), retain_graph=True)
+    g3 = torch.autograd.grad(y, tensors, torch.tensor(-2.5))
+    for a, b, c in zip(g1, g2, g3):
+        assert torch.equal(a, b)
+        assert_close(c, -2.5 * a)

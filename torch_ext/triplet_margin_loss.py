@@ -16,6 +16,7 @@ from ._common import autocast_to_float32, register_no_double_backward, resolve_r
 
 _fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
+_fwd_grad_op = torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default
 
 
 def _check_p(op, p):
@@ -43,6 +44,13 @@ def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reductio
     loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
     acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     return anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)
+
+
+@torch.library.register_fake("torch_ext::triplet_margin_loss_fwd_grad")
+def _triplet_fwd_grad_fake(anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask):
+    loss, dist = _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction)
+    grads = tuple(anchor.new_empty(anchor.shape) if m else anchor.new_empty((0,)) for m in grad_mask)
+    return (loss, dist) + grads
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_bwd")
@@ -86,6 +94,46 @@ class TripletMarginLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+class _TripletMarginLossGradInForward(torch.autograd.Function):
+    """The eager path of triplet_margin_loss when an input requires grad: the forward op also
+    writes the gradients for grad_output = 1 while each row is in cache (one read of the inputs
+    instead of two). The first backward hands them over, scaled in place by grad_output unless
+    it is 1; a later backward of the same graph (retain_graph=True) recomputes them with the
+    backward op for grad_output = 1 and scales them the same way, so both give the same bits. They are held from forward to backward as ctx attributes (the input's size each),
+    which saved-tensor hooks do not see."""
+
+    @staticmethod
+    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction):
+        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+        loss, dist, *grads = _fwd_grad_op(anchor, positive, negative, margin, p, eps, swap, reduction, mask)
+        ctx.options = (margin, p, eps, swap, reduction)
+        ctx.save_for_backward(anchor, positive, negative, dist)
+        ctx.mark_non_differentiable(dist)
+        ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
+        return loss, dist
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_dist):
+        if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
+            return _backward(ctx, grad_loss, None)
+        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
+        unit_grads, ctx.unit_grads = ctx.unit_grads, None
+        anchor, positive, negative, dist = ctx.saved_tensors
+        if unit_grads is None:  # a later backward of a retained graph: recompute them as the forward did
+            computed = _bwd_op(torch.ones_like(grad_loss), anchor, positive, negative, dist, *ctx.options, mask)
+            unit_grads = [c if m else None for c, m in zip(computed, mask)]
+        reduction = ctx.options[-1]
+        if reduction == "none" and anchor.dim() == 2:
+            scale = grad_loss.reshape(-1, 1)
+        else:
+            scale = None if bool(grad_loss.reshape(()) == 1) else grad_loss.reshape(())
+        grads = [None] * 8
+        for i in range(3):
+            if mask[i] and unit_grads[i] is not None:
+                grads[i] = unit_grads[i] if scale is None else unit_grads[i].mul_(scale)
+        return tuple(grads)
+
+
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -99,12 +147,18 @@ def triplet_margin_loss(
     reduction: str = "mean",
 ) -> Tensor:
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
-    or ``(N, D)``. ``p`` must be positive and finite."""
+    or ``(N, D)``. ``p`` must be positive and finite. In eager mode, when an input requires grad,
+    its gradient is formed in the forward pass (see _TripletMarginLossGradInForward)."""
     reduction = resolve_reduction(size_average, reduce, reduction)
     if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
         raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
+    wants_grad = torch.is_grad_enabled() and (anchor.requires_grad or positive.requires_grad or negative.requires_grad)
+    if wants_grad and not torch.compiler.is_compiling():  # compiled graphs take the op pair
+        return _TripletMarginLossGradInForward.apply(
+            anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
+        )[0]
     return TripletMarginLossFunction.apply(
         anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
     )[0]

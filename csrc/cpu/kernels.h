@@ -109,7 +109,8 @@ struct TripletMarginArgs {
   A* dist;                 // (rows, 3): d(a, p), d(a, n), d(p, n) (the last only with swap)
   // forward
   A* row_loss;
-  // backward, as in CrossEntropyArgs
+  // backward, as in CrossEntropyArgs. The forward kernel also writes the gradients given here
+  // (non-null), for an incoming gradient `scale` per row.
   const A* row_scale;
   A scale;
   S* grad_anchor;          // each may be nullptr

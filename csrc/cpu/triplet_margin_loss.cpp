@@ -1,6 +1,8 @@
 // Fused triplet margin loss on CPU (csrc/cpu/kernels/triplet_margin_loss.h has the formulas).
 //   forward : one read of anchor, positive and negative; saved for backward: the three row
 //             distances (rows x 3 numbers), instead of the difference tensors eager keeps.
+//             triplet_margin_loss_fwd_grad also writes the gradients for grad_output = 1 while
+//             each row is in cache, which saves the backward's second read of the inputs.
 //   backward: one read of the three inputs, one write of each requested gradient.
 #include <ATen/ATen.h>
 #include <torch/library.h>
@@ -55,9 +57,13 @@ cpu::TripletMarginArgs<S> kernel_args(const Tensor& a, const Tensor& p, const Te
 
 template <typename S>
 void run_forward(const Tensor& a, const Tensor& p, const Tensor& n, double margin, double norm_p, double eps, bool swap,
-                 Tensor& dist, Tensor& row_loss) {
+                 Tensor& dist, Tensor& row_loss, double grad_scale, Tensor (&grads)[3]) {
   auto args = kernel_args<S>(a, p, n, margin, norm_p, eps, swap, dist);
   args.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();
+  args.scale = cpu::acc_t<S>(grad_scale);
+  args.grad_anchor = grads[0].defined() ? grads[0].data_ptr<S>() : nullptr;
+  args.grad_positive = grads[1].defined() ? grads[1].data_ptr<S>() : nullptr;
+  args.grad_negative = grads[2].defined() ? grads[2].data_ptr<S>() : nullptr;
   KernelsFor<S>::triplet_margin_forward(cpu::cpu_kernels())(args);
 }
 
@@ -78,10 +84,13 @@ std::vector<int64_t> loss_shape(const Tensor& anchor) {
   return anchor.dim() == 2 ? std::vector<int64_t>{anchor.size(0)} : std::vector<int64_t>{};
 }
 
-std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, const Tensor& positive,
-                                                       const Tensor& negative, double margin, double p, double eps,
-                                                       bool swap, c10::string_view reduction) {
-  constexpr const char* op = "torch_ext.triplet_margin_loss";
+// The forward, and when grad_mask asks for them, the gradients for grad_output = 1 in the same
+// pass (triplet_margin_loss_fwd_grad).
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, const Tensor& anchor,
+                                                                 const Tensor& positive, const Tensor& negative,
+                                                                 double margin, double p, double eps, bool swap,
+                                                                 c10::string_view reduction,
+                                                                 std::array<bool, 3> grad_mask) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
@@ -89,11 +98,15 @@ std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, con
   const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
   Tensor dist = at::empty({rows, 3}, acc_options);
   Tensor row_loss = at::empty({rows}, acc_options);
+  Tensor grads[3];
+  for (int i = 0; i < 3; ++i)
+    if (grad_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
+  const double grad_scale = red == Reduction::Mean ? 1.0 / double(rows) : 1.0;
   if (rows > 0) {
     switch (anchor.scalar_type()) {
-      case at::kFloat: run_forward<float>(a, pos, neg, margin, p, eps, swap, dist, row_loss); break;
-      case at::kDouble: run_forward<double>(a, pos, neg, margin, p, eps, swap, dist, row_loss); break;
-      default: run_forward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist, row_loss);
+      case at::kFloat: run_forward<float>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads); break;
+      case at::kDouble: run_forward<double>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads); break;
+      default: run_forward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads);
     }
   }
   const double total = row_loss.scalar_type() == at::kDouble
@@ -105,7 +118,24 @@ std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, con
     case Reduction::Sum: loss = at::scalar_tensor(total, anchor.options()); break;
     case Reduction::Mean: loss = at::scalar_tensor(total / double(rows), anchor.options()); break;
   }
+  for (auto& g : grads)
+    if (!g.defined()) g = at::empty({0}, anchor.options());
+  return {loss, dist, grads[0], grads[1], grads[2]};
+}
+
+std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, const Tensor& positive,
+                                                       const Tensor& negative, double margin, double p, double eps,
+                                                       bool swap, c10::string_view reduction) {
+  auto [loss, dist, ga, gp, gn] = forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p,
+                                               eps, swap, reduction, {false, false, false});
   return {loss, dist};
+}
+
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_grad_cpu(
+    const Tensor& anchor, const Tensor& positive, const Tensor& negative, double margin, double p, double eps,
+    bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask) {
+  return forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
+                      grad_mask);
 }
 
 std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& anchor,
@@ -155,6 +185,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("triplet_margin_loss_fwd", &triplet_margin_loss_fwd_cpu);
+  m.impl("triplet_margin_loss_fwd_grad", &triplet_margin_loss_fwd_grad_cpu);
   m.impl("triplet_margin_loss_bwd", &triplet_margin_loss_bwd_cpu);
 }
 

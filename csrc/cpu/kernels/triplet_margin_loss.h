@@ -1,6 +1,6 @@
 // Vectorized triplet margin loss: forward (the row distances and the loss per row, one read of
-// the three inputs) and backward (the requested gradients in one pass over the rows of the
-// active triplets). Compiled once per instruction set; included only from
+// the three inputs; optionally also the gradients for grad_output = 1, from cache) and backward
+// (the requested gradients in one pass over the rows). Compiled once per instruction set; included only from
 // csrc/cpu/capability/kernels_impl.h, inside namespace torch_ext::cpu::CPU_CAPABILITY.
 //
 // As torch.nn.functional.triplet_margin_loss: d(x, y) = ||x - y + eps||_p (pairwise_distance),
@@ -77,12 +77,17 @@ inline A reduce_sum(const Vectorized<A>& v) {
 }
 
 template <Norm N, typename S>
+inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap, acc_t<S> d_an, acc_t<S> d_pn,
+                         acc_t<S> g);
+
+template <Norm N, typename S>
 void forward(const TripletMarginArgs<S>& a) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t D = a.dim;
   const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
+  const bool with_grads = a.grad_anchor || a.grad_positive || a.grad_negative;
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     __at_align__ A ab[kChunk], pb[kChunk], nb[kChunk];
     const V eps(a.eps), p(a.p);
@@ -111,73 +116,83 @@ void forward(const TripletMarginArgs<S>& a) {
       a.dist[3 * r] = d_ap;
       a.dist[3 * r + 1] = d_an;
       a.dist[3 * r + 2] = d_pn;
+      // Gradients asked of the forward (grad_output = 1): the row is still in cache.
+      if (with_grads) backward_row<N, S>(a, r, d_ap, d_an, d_pn, a.scale);
     }
   });
 }
 
+// The gradients of row r, given its distances and its incoming gradient g, into the requested
+// outputs. Inputs are read once more (from cache when called right after the forward sums).
 template <Norm N, typename S>
-void backward(const TripletMarginArgs<S>& a) {
+inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap, acc_t<S> d_an, acc_t<S> d_pn,
+                         acc_t<S> g) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t D = a.dim;
-  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(D, 1));
   const auto coef_of = [&](A d) -> A {
     if (d == 0) return A(0);
     if constexpr (N == Norm::L1) return A(1);
     else if constexpr (N == Norm::L2) return A(1) / d;
     else return A(1) / std::pow(d, a.p - A(1));
   };
+  A w_an = 1, w_pn = 0;  // how d_neg depends on d(a, n) and d(p, n)
+  if (a.swap) {
+    if (d_pn < d_an) { w_an = 0; w_pn = 1; }
+    else if (d_pn == d_an) { w_an = w_pn = A(0.5); }
+  }
+  const A d_neg = w_an * d_an + w_pn * d_pn;
+  if (!(a.margin + d_ap - d_neg >= 0)) g = 0;  // clamp_min passes the gradient where x >= 0
+  S* out_a = a.grad_anchor ? a.grad_anchor + r * D : nullptr;
+  S* out_p = a.grad_positive ? a.grad_positive + r * D : nullptr;
+  S* out_n = a.grad_negative ? a.grad_negative + r * D : nullptr;
+  if (g == 0) {  // inactive triplet (or a zero incoming gradient): zero rows, as clamp_min
+    if (out_a) std::fill(out_a, out_a + D, S(0));
+    if (out_p) std::fill(out_p, out_p + D, S(0));
+    if (out_n) std::fill(out_n, out_n + D, S(0));
+    return;
+  }
+  __at_align__ A ab[kChunk], pb[kChunk], nb[kChunk], ga[kChunk], gp[kChunk], gn[kChunk];
+  const V eps(a.eps), pm1(a.p - A(1));
+  const V c_ap(g * coef_of(d_ap)), c_an(g * w_an * coef_of(d_an)), c_pn(g * w_pn * coef_of(d_pn));
+  const bool use_pn = w_pn != 0;
+  for (int64_t c = 0; c < D; c += kChunk) {
+    const int64_t n = std::min(kChunk, D - c);
+    const A* x = chunk_as_math<S, A>(a.anchor + r * D + c, n, ab);
+    const A* y = chunk_as_math<S, A>(a.positive + r * D + c, n, pb);
+    const A* z = chunk_as_math<S, A>(a.negative + r * D + c, n, nb);
+    A *oa = ga, *op = gp, *on = gn;
+    if constexpr (std::is_same_v<S, A>) {
+      oa = out_a ? out_a + c : nullptr;
+      op = out_p ? out_p + c : nullptr;
+      on = out_n ? out_n + c : nullptr;
+    }
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t k = std::min(L, n - i);
+      const V xv = V::loadu(x + i, k), yv = V::loadu(y + i, k), zv = V::loadu(z + i, k);
+      const V u_ap = norm_grad<N, A>(xv - yv + eps, c_ap, pm1);
+      const V u_an = w_an != 0 ? norm_grad<N, A>(xv - zv + eps, c_an, pm1) : V(0);
+      const V u_pn = use_pn ? norm_grad<N, A>(yv - zv + eps, c_pn, pm1) : V(0);
+      if (out_a) (u_ap - u_an).store(oa + i, k);
+      if (out_p) (u_ap.neg() - u_pn).store(op + i, k);
+      if (out_n) (u_an + u_pn).store(on + i, k);
+    }
+    if constexpr (!std::is_same_v<S, A>) {
+      if (out_a) at::vec::convert(ga, out_a + c, n);
+      if (out_p) at::vec::convert(gp, out_p + c, n);
+      if (out_n) at::vec::convert(gn, out_n + c, n);
+    }
+  }
+}
+
+template <Norm N, typename S>
+void backward(const TripletMarginArgs<S>& a) {
+  const int64_t grain = std::max<int64_t>(1, 16384 / std::max<int64_t>(a.dim, 1));
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
-    __at_align__ A ab[kChunk], pb[kChunk], nb[kChunk], ga[kChunk], gp[kChunk], gn[kChunk];
-    const V eps(a.eps), pm1(a.p - A(1));
     for (int64_t r = begin; r < end; ++r) {
-      const A d_ap = a.dist[3 * r], d_an = a.dist[3 * r + 1], d_pn = a.dist[3 * r + 2];
-      A w_an = 1, w_pn = 0;  // how d_neg depends on d(a, n) and d(p, n)
-      if (a.swap) {
-        if (d_pn < d_an) { w_an = 0; w_pn = 1; }
-        else if (d_pn == d_an) { w_an = w_pn = A(0.5); }
-      }
-      const A d_neg = w_an * d_an + w_pn * d_pn;
-      const A g = (a.margin + d_ap - d_neg >= 0) ? (a.row_scale ? a.row_scale[r] : a.scale) : A(0);
-      S* out_a = a.grad_anchor ? a.grad_anchor + r * D : nullptr;
-      S* out_p = a.grad_positive ? a.grad_positive + r * D : nullptr;
-      S* out_n = a.grad_negative ? a.grad_negative + r * D : nullptr;
-      if (g == 0) {  // inactive triplet (or a zero incoming gradient): zero rows, as clamp_min
-        if (out_a) std::fill(out_a, out_a + D, S(0));
-        if (out_p) std::fill(out_p, out_p + D, S(0));
-        if (out_n) std::fill(out_n, out_n + D, S(0));
-        continue;
-      }
-      const V c_ap(g * coef_of(d_ap)), c_an(g * w_an * coef_of(d_an)), c_pn(g * w_pn * coef_of(d_pn));
-      const bool use_pn = w_pn != 0;
-      for (int64_t c = 0; c < D; c += kChunk) {
-        const int64_t n = std::min(kChunk, D - c);
-        const A* x = chunk_as_math<S, A>(a.anchor + r * D + c, n, ab);
-        const A* y = chunk_as_math<S, A>(a.positive + r * D + c, n, pb);
-        const A* z = chunk_as_math<S, A>(a.negative + r * D + c, n, nb);
-        A *oa = ga, *op = gp, *on = gn;
-        if constexpr (std::is_same_v<S, A>) {
-          oa = out_a ? out_a + c : nullptr;
-          op = out_p ? out_p + c : nullptr;
-          on = out_n ? out_n + c : nullptr;
-        }
-        for (int64_t i = 0; i < n; i += L) {
-          const int64_t k = std::min(L, n - i);
-          const V xv = V::loadu(x + i, k), yv = V::loadu(y + i, k), zv = V::loadu(z + i, k);
-          const V u_ap = norm_grad<N, A>(xv - yv + eps, c_ap, pm1);
-          const V u_an = w_an != 0 ? norm_grad<N, A>(xv - zv + eps, c_an, pm1) : V(0);
-          const V u_pn = use_pn ? norm_grad<N, A>(yv - zv + eps, c_pn, pm1) : V(0);
-          if (out_a) (u_ap - u_an).store(oa + i, k);
-          if (out_p) (u_ap.neg() - u_pn).store(op + i, k);
-          if (out_n) (u_an + u_pn).store(on + i, k);
-        }
-        if constexpr (!std::is_same_v<S, A>) {
-          if (out_a) at::vec::convert(ga, out_a + c, n);
-          if (out_p) at::vec::convert(gp, out_p + c, n);
-          if (out_n) at::vec::convert(gn, out_n + c, n);
-        }
-      }
+      backward_row<N, S>(a, r, a.dist[3 * r], a.dist[3 * r + 1], a.dist[3 * r + 2],
+                         a.row_scale ? a.row_scale[r] : a.scale);
     }
   });
 }
