@@ -93,7 +93,8 @@ def _extensions_and_libraries():
     from torch.utils.cpp_extension import CppExtension, CUDAExtension, include_paths
 
     csrc = os.path.join(ROOT, "csrc")
-    sources = ["csrc/ops.cpp"] + sorted(glob.glob("csrc/cpu/*.cpp"))
+    # csrc/*.cpp: the schemas (ops.cpp) and device-neutral ops; csrc/cpu/*.cpp: the CPU ops.
+    sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
     include_dirs = [csrc] + include_paths()
     libraries = _capability_libraries(include_dirs)
     extra = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}

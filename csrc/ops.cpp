@@ -57,6 +57,19 @@ TORCH_LIBRARY(torch_ext, m) {
         "Tensor dist, float margin, float p, float eps, bool swap, str reduction, bool[3] output_mask) "
         "-> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+
+  // cross_entropy(input @ linear_weight.T + linear_bias, target, ...) over chunks of chunk_size rows,
+  // never holding the whole logits. input (*, H), linear_weight (V, H); target class indices (*)
+  // or probabilities (*, V). Returns (loss, grad_input, grad_weight, grad_bias): the gradients for
+  // grad_output = 1 of those set in grad_mask (reduction mean or sum only), else empty.
+  m.def("linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+        "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
+        "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+  m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+        "Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
+        "int chunk_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 }
 
 // torch_ext._C registers the ops above when imported, and tells which CPU kernels it runs.

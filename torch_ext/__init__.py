@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
+from .linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
 from .regression_loss import (
     HuberLoss,
     MSELoss,
@@ -50,6 +51,8 @@ __all__ = [
     "FusedLinear",
     "FusedLinearFunction",
     "HuberLoss",
+    "LinearCrossEntropyFunction",
+    "LinearCrossEntropyLoss",
     "MSELoss",
     "RegressionLossFunction",
     "SmoothL1Loss",
@@ -61,6 +64,7 @@ __all__ = [
     "cross_entropy",
     "fused_linear",
     "huber_loss",
+    "linear_cross_entropy",
     "mse_loss",
     "smooth_l1_loss",
     "triplet_margin_loss",

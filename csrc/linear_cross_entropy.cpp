@@ -1,0 +1,246 @@
+// Linear + cross-entropy without materializing the logits: cross_entropy(input @ W.T + b, target).
+//
+// Rows are processed in chunks of chunk_size: the chunk's logits (chunk x V) by one GEMM, the
+// fused cross-entropy ops on them (forward: the loss; backward: the logits' gradient in one
+// pass), then the chunk's input gradient (dlogits @ W) and its share of the weight and bias
+// gradients (accumulated across chunks), and the buffers are reused by the next chunk. Peak extra
+// memory: two chunk x V buffers besides the V x H weight gradient.
+//
+// The loop is device-neutral: ATen GEMMs plus torch_ext's cross-entropy ops called through the
+// dispatcher, so the same function serves every device whose cross-entropy kernels exist. It
+// is registered for CPU here (CUDA registers it with its kernels).
+//
+// linear_cross_entropy_fwd can also return the gradients for grad_output = 1 (grad_mask), formed
+// in the same pass while each chunk's logits exist: the backward then only scales them, instead
+// of recomputing the logits (the Python layer does that in eager mode for reductions mean/sum).
+#include <ATen/ATen.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+#include <torch/library.h>
+
+#include <string_view>
+#include <vector>
+
+#include "checks.h"
+#include "cpu/allocator.h"
+#include "loss.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target,
+                                             const std::optional<Tensor>& weight, int64_t ignore_index,
+                                             c10::string_view reduction, double label_smoothing, double z_loss) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
+                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                                               int64_t, c10::string_view, double, double)>();
+  return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+}
+
+Tensor cross_entropy_grad(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+                          const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                          c10::string_view reduction, double label_smoothing, double z_loss) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::cross_entropy_bwd", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                            const Tensor&, int64_t, c10::string_view, double, double,
+                                            std::array<bool, 2>)>();
+  return std::get<0>(op.call(grad_loss, logits, target, weight, stats, ignore_index, reduction, label_smoothing,
+                             z_loss, {true, false}));
+}
+
+struct Shapes {
+  int64_t rows, hidden, vocab;
+  bool probabilities;
+  std::vector<int64_t> loss_shape;  // reduction="none": input's leading dims
+};
+
+Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weight,
+                  const std::optional<Tensor>& linear_bias, const Tensor& target, int64_t chunk_size) {
+  TORCH_CHECK(linear_weight.dim() == 2, op, ": linear_weight must be 2-D (V, H), got shape ", linear_weight.sizes());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, H), got a 0-D tensor");
+  check_floating(op, input, "input");
+  check_same_device(op, input, "input", linear_weight, "linear_weight");
+  check_same_dtype(op, input, "input", linear_weight, "linear_weight");
+  check_same_device(op, input, "input", target, "target");
+  Shapes s;
+  s.hidden = linear_weight.size(1);
+  s.vocab = linear_weight.size(0);
+  TORCH_CHECK(input.size(-1) == s.hidden, op, ": input.size(-1) is ", input.size(-1),
+              " but linear_weight.size(1) (H) is ", s.hidden, "; they must be equal");
+  if (linear_bias.has_value()) {
+    TORCH_CHECK(linear_bias->dim() == 1 && linear_bias->size(0) == s.vocab, op, ": linear_bias must have shape (V,) = (",
+                s.vocab, ",), got ", linear_bias->sizes());
+    check_same_device(op, input, "input", *linear_bias, "linear_bias");
+    check_same_dtype(op, input, "input", *linear_bias, "linear_bias");
+  }
+  TORCH_CHECK_VALUE(chunk_size >= 1, op, ": chunk_size must be >= 1, got ", chunk_size);
+  s.loss_shape.assign(input.sizes().begin(), input.sizes().end() - 1);
+  s.rows = c10::multiply_integers(s.loss_shape);
+  s.probabilities = at::isFloatingType(target.scalar_type());
+  if (s.probabilities) {
+    std::vector<int64_t> want = s.loss_shape;
+    want.push_back(s.vocab);
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(want), op, ": a floating-point target holds class probabilities and must "
+                "have shape ", at::IntArrayRef(want), " (input's leading dims, V), got ", target.sizes());
+  } else {
+    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
+                ": target must hold class indices as int64 (or uint8), or class probabilities; got ", target.scalar_type());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(s.loss_shape), op, ": target of class indices must have shape ",
+                at::IntArrayRef(s.loss_shape), " (input's leading dims), got ", target.sizes());
+  }
+  return s;
+}
+
+// The mean's denominator, as cross_entropy's: the summed weight of the rows not ignored (class
+// indices; their count without weight), or the number of rows (probabilities).
+double mean_denominator(const Shapes& s, const Tensor& target, const std::optional<Tensor>& weight,
+                        int64_t ignore_index) {
+  if (s.probabilities || s.rows == 0) return double(s.rows);
+  const Tensor kept = target.ne(ignore_index);
+  if (!weight.has_value()) return kept.sum().item<double>();
+  const Tensor safe = target.to(at::kLong).masked_fill(target.eq(ignore_index), 0).clamp(0, s.vocab - 1);
+  return (weight->to(at::kDouble).index_select(0, safe.reshape(-1)) * kept.reshape(-1)).sum().item<double>();
+}
+
+struct Gradients {
+  Tensor input, weight, bias;
+};
+
+// The chunk loop. grad_loss undefined: the forward (loss, and the gradients in grad_mask for
+// grad_output = 1). grad_loss defined: the backward (gradients only).
+std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, const Tensor& linear_weight,
+                                         const std::optional<Tensor>& linear_bias, const Tensor& target,
+                                         const std::optional<Tensor>& weight, int64_t ignore_index,
+                                         c10::string_view reduction_name, double label_smoothing, double z_loss,
+                                         int64_t chunk_size, std::array<bool, 3> grad_mask, const Tensor& grad_loss) {
+  const Shapes s = check_args(op, input, linear_weight, linear_bias, target, chunk_size);
+  const Reduction reduction = parse_reduction(std::string_view(reduction_name.data(), reduction_name.size()));
+  const bool forward = !grad_loss.defined();
+  const bool want_bias = grad_mask[2] && linear_bias.has_value();
+  const bool any_grad = grad_mask[0] || grad_mask[1] || want_bias;
+  TORCH_CHECK(!(forward && any_grad && reduction == Reduction::None), op,
+              ": the forward forms gradients only for reduction 'mean' or 'sum'");
+  const Tensor x = input.reshape({s.rows, s.hidden});
+  const Tensor t = s.probabilities ? target.reshape({s.rows, s.vocab}) : target.reshape({s.rows});
+  const Tensor w_t = linear_weight.t();
+  const auto options = input.options();
+  // bfloat16/float16: the weight and bias gradients accumulate across chunks in float32.
+  const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
+  const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
+
+  // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
+  // one number (the chunk is reduced with "sum", so the mean divides by the global denominator).
+  const double denominator = reduction == Reduction::Mean ? mean_denominator(s, t, weight, ignore_index) : 1.0;
+  Tensor grad_rows;
+  Tensor grad_scalar;
+  if (!forward && reduction == Reduction::None) {
+    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(s.loss_shape), op, ": grad_loss must have shape ",
+                at::IntArrayRef(s.loss_shape), " for reduction='none', got ", grad_loss.sizes());
+    grad_rows = grad_loss.reshape({s.rows});
+  } else if (any_grad) {
+    const double incoming = forward ? 1.0 : grad_loss.item<double>();
+    grad_scalar = at::scalar_tensor(incoming / denominator, options.dtype(at::kDouble));
+  }
+
+  Gradients g;
+  if (grad_mask[0]) g.input = at::empty({s.rows, s.hidden}, options);
+  if (grad_mask[1]) g.weight = at::zeros({s.vocab, s.hidden}, acc_options);
+  if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
+  Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
+  double loss_sum = 0;
+
+  const char* chunk_reduction = reduction == Reduction::None ? "none" : "sum";
+  // empty_cpu_output: a reused block on CPU (no page faults per call), at::empty elsewhere.
+  Tensor logits_buffer = cpu::empty_cpu_output({std::min(chunk_size, s.rows), s.vocab}, options);
+  for (int64_t r0 = 0; r0 < s.rows; r0 += chunk_size) {
+    const int64_t n = std::min(chunk_size, s.rows - r0);
+    const Tensor xc = x.narrow(0, r0, n);
+    const Tensor tc = t.narrow(0, r0, n);
+    Tensor logits = logits_buffer.narrow(0, 0, n);
+    if (linear_bias.has_value()) {
+      at::addmm_out(logits, *linear_bias, xc, w_t);
+    } else {
+      at::mm_out(logits, xc, w_t);
+    }
+    auto [chunk_loss, stats] =
+        cross_entropy_fwd(logits, tc, weight, ignore_index, forward ? chunk_reduction : "sum", label_smoothing, z_loss);
+    if (forward) {
+      if (reduction == Reduction::None) {
+        loss_rows.narrow(0, r0, n).copy_(chunk_loss);
+      } else {
+        loss_sum += chunk_loss.item<double>();
+      }
+    }
+    if (!any_grad) continue;
+    const Tensor dlogits = grad_rows.defined()
+                               ? cross_entropy_grad(grad_rows.narrow(0, r0, n), logits, tc, weight, stats,
+                                                    ignore_index, "none", label_smoothing, z_loss)
+                               : cross_entropy_grad(grad_scalar, logits, tc, weight, stats, ignore_index, "sum",
+                                                    label_smoothing, z_loss);
+    if (g.input.defined()) {
+      Tensor rows = g.input.narrow(0, r0, n);
+      at::mm_out(rows, dlogits, linear_weight);
+    }
+    if (g.weight.defined()) {
+      if (reduced) {
+        g.weight.addmm_(dlogits.t().to(at::kFloat), xc.to(at::kFloat));
+      } else {
+        g.weight.addmm_(dlogits.t(), xc);
+      }
+    }
+    if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
+  }
+
+  Tensor loss;
+  if (forward) {
+    switch (reduction) {
+      case Reduction::None: loss = loss_rows.view(s.loss_shape); break;
+      case Reduction::Sum: loss = at::scalar_tensor(loss_sum, options); break;
+      case Reduction::Mean: loss = at::scalar_tensor(loss_sum / denominator, options); break;
+    }
+  }
+  if (g.input.defined()) g.input = g.input.view(input.sizes());
+  if (reduced) {
+    if (g.weight.defined()) g.weight = g.weight.to(input.scalar_type());
+    if (g.bias.defined()) g.bias = g.bias.to(input.scalar_type());
+  }
+  return {loss, g};
+}
+
+Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
+
+std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
+    const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias, const Tensor& target,
+    const std::optional<Tensor>& weight, int64_t ignore_index, c10::string_view reduction, double label_smoothing,
+    double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
+  auto [loss, g] = chunk_loop("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight,
+                              ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, Tensor());
+  return {loss, or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
+}
+
+std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
+    const Tensor& grad_loss, const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias,
+    const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
+    double label_smoothing, double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask) {
+  constexpr const char* op = "torch_ext.linear_cross_entropy_bwd";
+  check_same_device(op, input, "input", grad_loss, "grad_loss");
+  if (parse_reduction(std::string_view(reduction.data(), reduction.size())) != Reduction::None)
+    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
+                "', got shape ", grad_loss.sizes());
+  auto [loss, g] = chunk_loop(op, input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+                              label_smoothing, z_loss, chunk_size, output_mask, grad_loss);
+  return {or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
+  m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
+}
+
+}  // namespace torch_ext
