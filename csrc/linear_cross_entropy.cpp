@@ -147,8 +147,11 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   }
 
   Gradients g;
-  if (grad_mask[0]) g.input = at::empty({s.rows, s.hidden}, options);
-  if (grad_mask[1]) g.weight = at::zeros({s.vocab, s.hidden}, acc_options);
+  if (grad_mask[0]) g.input = cpu::empty_cpu_output({s.rows, s.hidden}, options);
+  // The first chunk writes the weight gradient (mm_out), the others accumulate (addmm_);
+  // zeros only when there is no chunk.
+  if (grad_mask[1]) g.weight = s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options)
+                                           : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
   double loss_sum = 0;
@@ -186,10 +189,12 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
       at::mm_out(rows, dlogits, linear_weight);
     }
     if (g.weight.defined()) {
-      if (reduced) {
-        g.weight.addmm_(dlogits.t().to(at::kFloat), xc.to(at::kFloat));
+      const Tensor d_t = reduced ? dlogits.t().to(at::kFloat) : dlogits.t();
+      const Tensor x_acc = reduced ? xc.to(at::kFloat) : xc;
+      if (r0 == 0) {
+        at::mm_out(g.weight, d_t, x_acc);
       } else {
-        g.weight.addmm_(dlogits.t(), xc);
+        g.weight.addmm_(d_t, x_acc);
       }
     }
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
