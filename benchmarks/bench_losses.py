@@ -5,6 +5,9 @@
     python benchmarks/bench_losses.py --sizes cross_entropy=8192x50257 2048x2048
     python benchmarks/bench_losses.py --save              # also write benchmarks/results/losses_cpu.txt
 
+(benchmarks/run.py runs these with the other op families, forward and backward apart, with peak
+memory; it takes its sizes and workloads from SCENARIOS and make_workload here.)
+
 Each op is timed as one training step's loss: forward, then torch.autograd.grad of the loss for
 the inputs that require grad (cross_entropy: the logits, with class-index targets; mse, huber,
 smooth_l1: the input, not the target; triplet: the anchor only). Candidates: PyTorch eager
@@ -52,23 +55,90 @@ OPS: Dict[str, Tuple[Tuple[int, int], Callable, Callable]] = {
 }
 
 
-def make_inputs(op: str, n: int, d: int) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
+# Representative sizes for benchmarks/run.py: op -> {name: (N, D)} (D: classes for cross_entropy).
+SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
+    "cross_entropy": {
+        "cnn": (256, 1000),  # ImageNet classifier, batch 256
+        "rnn": (2048, 10000),  # RNN language model (PTB/WikiText-2-size vocabulary), 2048 tokens
+        "llm": (4096, 32000),  # LLM vocabulary (the goal of issue 3), 4096 tokens
+        "quick": (1024, 8000),
+        "tiny": (64, 100),
+    },
+    **{
+        op: {
+            "cnn": (32, 3 * 224 * 224),  # image reconstruction: a batch of 32 RGB 224x224 images
+            "ffn": (4096, 4096),  # regression of Transformer hidden states (the goal of issue 3)
+            "quick": (1024, 1024),
+            "tiny": (64, 64),
+        }
+        for op in ("mse", "huber", "smooth_l1")
+    },
+    "triplet": {
+        "cnn": (8192, 512),  # CNN embeddings for metric learning (the goal of issue 3)
+        "quick": (2048, 256),
+        "tiny": (64, 32),
+    },
+}
+DEFAULT_SCENARIOS = {
+    "cross_entropy": ("cnn", "rnn", "llm"),
+    "mse": ("ffn",),
+    "huber": ("ffn",),
+    "smooth_l1": ("ffn",),
+    "triplet": ("cnn",),
+}
+
+
+def make_inputs(
+    op: str, n: int, d: int, dtype: torch.dtype = DTYPE, device: str = "cpu"
+) -> Tuple[Tuple[torch.Tensor, ...], Tuple[torch.Tensor, ...]]:
     """(all inputs, those that require grad), seeded."""
     torch.manual_seed(0)
     if op == "cross_entropy":
-        logits = torch.randn(n, d, dtype=DTYPE, requires_grad=True)
-        target = torch.randint(0, d, (n,), dtype=torch.int64)
+        logits = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+        target = torch.randint(0, d, (n,), dtype=torch.int64, device=device)
         return (logits, target), (logits,)
     if op == "triplet":
-        anchor = torch.randn(n, d, dtype=DTYPE, requires_grad=True)
-        positive, negative = torch.randn(n, d, dtype=DTYPE), torch.randn(n, d, dtype=DTYPE)
+        anchor = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+        positive = torch.randn(n, d, dtype=dtype, device=device)
+        negative = torch.randn(n, d, dtype=dtype, device=device)
         return (anchor, positive, negative), (anchor,)
-    x = torch.randn(n, d, dtype=DTYPE, requires_grad=True)
-    y = torch.randn(n, d, dtype=DTYPE)  # |x - y| straddles delta = beta = 1: both branches run
+    x = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
+    y = torch.randn(n, d, dtype=dtype, device=device)  # |x - y| straddles delta = beta = 1: both branches run
     return (x, y), (x,)
 
 
-def bytes_moved(op: str, n: int, d: int) -> int:
+def bytes_per_phase(op: str, n: int, d: int, dtype: torch.dtype = DTYPE) -> Dict[str, int]:
+    """The least bytes each phase must move on its own ('fwd', 'bwd') and a fused step must move
+    ('fwd+bwd' = bytes_moved). Forward: read the inputs once. Backward: read what the gradient
+    needs and write it (cross_entropy: the logits and the targets; mse/huber/smooth_l1: input and
+    target; triplet: anchor, positive and negative). A step may be cheaper than the sum, since
+    the gradient can be formed while the forward has the inputs in cache."""
+    e = torch.finfo(dtype).bits // 8
+    if op == "cross_entropy":
+        fwd = n * d * e + n * 8
+        return {"fwd": fwd, "bwd": fwd + n * d * e, "fwd+bwd": bytes_moved(op, n, d, dtype)}
+    if op == "triplet":
+        fwd = 3 * n * d * e
+        return {"fwd": fwd, "bwd": fwd + n * d * e, "fwd+bwd": bytes_moved(op, n, d, dtype)}
+    return {"fwd": 2 * n * d * e, "bwd": 3 * n * d * e, "fwd+bwd": bytes_moved(op, n, d, dtype)}
+
+
+def make_workload(op: str, n: int, d: int, dtype: torch.dtype = DTYPE, device: str = "cpu") -> common.Workload:
+    """The loss `op` at N x D as a benchmark case: eager F.* and ours (torch_ext.*), gradients of
+    the inputs that require grad, floor = bytes that must move / copy bandwidth."""
+    _, eager, ours = OPS[op]
+    inputs, requires = make_inputs(op, n, d, dtype, device)
+    return common.Workload(
+        label=f"{n}x{d}",
+        inputs=inputs,
+        requires=requires,
+        exclude=inputs,
+        fns={"eager": eager, "ours": ours},
+        floor_bytes=bytes_per_phase(op, n, d, dtype),
+    )
+
+
+def bytes_moved(op: str, n: int, d: int, dtype: torch.dtype = DTYPE) -> int:
     """Bytes a fwd+bwd step must move at the least: every input read once, every gradient written
     once (a kernel that forms the gradient while the forward has the data in cache needs no more).
     cross_entropy: read the logits, write their gradient, read the targets: 2*N*C*4 + N*8
@@ -76,8 +146,9 @@ def bytes_moved(op: str, n: int, d: int) -> int:
     mse / huber / smooth_l1: read input and target, write grad_input: 3*N*D*4
       (ours: 5*N*D*4, forward and backward each read both).
     triplet: read anchor, positive, negative, write grad_anchor: 4*N*D*4
-      (ours forms the gradient in the forward pass: 4*N*D*4)."""
-    e = torch.finfo(DTYPE).bits // 8
+      (ours forms the gradient in the forward pass: 4*N*D*4).
+    (Element size 4 for float32; `dtype` sets it.)"""
+    e = torch.finfo(dtype).bits // 8
     if op == "cross_entropy":
         return 2 * n * d * e + n * 8
     if op == "triplet":
