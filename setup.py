@@ -47,6 +47,21 @@ def _cuda_requested():
     return has_torch_cuda and has_nvcc
 
 
+def _pip_cuda_include_dirs():
+    """Include folders of the CUDA headers that the pip `nvidia-*` packages ship (CUDA 13:
+    nvidia/cu13/include; CUDA 12: nvidia/<library>/include). A system toolkit may lack some of
+    the headers ATen's CUDA headers include (e.g. cusparse.h); the wheels torch depends on have
+    them."""
+    try:
+        import nvidia
+    except ImportError:
+        return []
+    dirs = []
+    for root in getattr(nvidia, "__path__", []):
+        dirs += glob.glob(os.path.join(root, "cu*", "include")) + glob.glob(os.path.join(root, "*", "include"))
+    return sorted({d for d in dirs if os.path.isdir(d)})
+
+
 def _cxx_std():
     import torch
 
@@ -99,9 +114,12 @@ def _extensions_and_libraries():
     libraries = _capability_libraries(include_dirs)
     extra = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}
     define_macros = [("TORCH_EXT_CPU_CAPABILITIES", str(len(libraries)))]
+    cuda_include_dirs = []
     if _cuda_requested():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
+        # After the toolkit's own headers (CUDA_HOME/include comes first), so they only fill gaps.
+        cuda_include_dirs = _pip_cuda_include_dirs()
         ext_cls = CUDAExtension
         define_macros.append(("TORCH_EXT_WITH_CUDA", None))
     else:
@@ -110,7 +128,7 @@ def _extensions_and_libraries():
     ext = ext_cls(
         "torch_ext._C",
         sources,
-        include_dirs=[csrc],
+        include_dirs=[csrc] + cuda_include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
         extra_link_args=["-fopenmp"],
