@@ -259,13 +259,18 @@ def peak_rss_bytes() -> Optional[int]:
 
 def reset_peak_rss() -> bool:
     """Set the peak resident set size to the current one; False where the kernel does not allow it."""
+    peak_before, now_before = _status_kib("VmHWM"), _status_kib("VmRSS")
+    if peak_before is None or now_before is None:
+        return False
     try:
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")
     except OSError:
         return False
-    peak, now = _status_kib("VmHWM"), _status_kib("VmRSS")
-    return peak is not None and now is not None and peak <= now + 64  # a few pages may fault in between
+    peak = _status_kib("VmHWM")
+    # Reset when the peak dropped, or when there was nothing to drop (already at the peak). Not
+    # "peak <= resident now": other threads may fault or free pages between the two reads.
+    return peak is not None and (peak < peak_before or peak_before <= now_before)
 
 
 def release_free_memory() -> None:
