@@ -3,8 +3,9 @@
 // Rows are processed in chunks of chunk_size: the chunk's logits (chunk x V) by one GEMM, the
 // fused cross-entropy ops on them (forward: the loss; backward: the logits' gradient in one
 // pass), then the chunk's input gradient (dlogits @ W) and its share of the weight and bias
-// gradients (accumulated across chunks), and the buffers are reused by the next chunk. Peak extra
-// memory: two chunk x V buffers besides the V x H weight gradient.
+// gradients (accumulated across chunks), and the buffer is reused by the next chunk. The logits'
+// gradient is written over the logits (cross_entropy_bwd_inplace), so the peak extra memory is
+// one chunk x V buffer besides the V x H weight gradient.
 //
 // The loop is device-neutral: ATen GEMMs plus torch_ext's cross-entropy ops called through the
 // dispatcher, so the same function serves every device whose cross-entropy kernels exist. It
@@ -39,17 +40,16 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
   return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss);
 }
 
-Tensor cross_entropy_grad(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                          const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                          c10::string_view reduction, double label_smoothing, double z_loss) {
+// The logits' gradient, written over the logits.
+void cross_entropy_grad_in_place(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
+                                 const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                                 c10::string_view reduction, double label_smoothing, double z_loss) {
   static const auto op =
       c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::cross_entropy_bwd", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                            const Tensor&, int64_t, c10::string_view, double, double,
-                                            std::array<bool, 2>)>();
-  return std::get<0>(op.call(grad_loss, logits, target, weight, stats, ignore_index, reduction, label_smoothing,
-                             z_loss, {true, false}));
+          .findSchemaOrThrow("torch_ext::cross_entropy_bwd_inplace", "")
+          .typed<void(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
+                      int64_t, c10::string_view, double, double)>();
+  op.call(grad_loss, logits, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss);
 }
 
 struct Shapes {
@@ -179,11 +179,14 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
       }
     }
     if (!any_grad) continue;
-    const Tensor dlogits = grad_rows.defined()
-                               ? cross_entropy_grad(grad_rows.narrow(0, r0, n), logits, tc, weight, stats,
-                                                    ignore_index, "none", label_smoothing, z_loss)
-                               : cross_entropy_grad(grad_scalar, logits, tc, weight, stats, ignore_index, "sum",
-                                                    label_smoothing, z_loss);
+    if (grad_rows.defined()) {
+      cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), logits, tc, weight, stats, ignore_index, "none",
+                                  label_smoothing, z_loss);
+    } else {
+      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, ignore_index, "sum", label_smoothing,
+                                  z_loss);
+    }
+    const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
       Tensor rows = g.input.narrow(0, r0, n);
       at::mm_out(rows, dlogits, linear_weight);

@@ -32,6 +32,11 @@ TORCH_LIBRARY(torch_ext, m) {
         "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask) "
         "-> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // The input's gradient written over the input (contiguous), for callers that no longer need the
+  // logits (linear_cross_entropy's chunks).
+  m.def("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
+        "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss) -> ()",
+        {at::Tag::pt2_compliant_tag});
 
   // Elementwise regression losses: loss = "mse" | "huber" (param = delta) | "smooth_l1" (param =
   // beta); input, target and the optional elementwise weight of one shape (the Python functions

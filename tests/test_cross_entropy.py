@@ -1380,3 +1380,46 @@ def test_every_cpu_capability(capability):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{proc.stdout}\n{proc.stderr}"
     assert f"{capability.upper()}: 0 failures" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# The in-place backward (linear_cross_entropy writes each chunk's gradient over its logits)
+# ----------------------------------------------------------------------------------------------
+
+BWD_INPLACE = torch.ops.torch_ext.cross_entropy_bwd_inplace.default
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("shape", [(6, 37), (3, 1500), (2, 5, 3), (9,)], ids=str)
+def test_bwd_inplace_equals_bwd(dtype, reduction, shape):
+    c = shape[0] if len(shape) == 1 else shape[1]
+    x = make_input(shape, dtype)
+    t = class_target(shape, c, "some", 2)
+    w = make_weight(c, dtype)
+    loss, stats = FWD(x, t, w, 2, reduction, 0.1, 1e-3)
+    g = torch.randn(loss.shape, dtype=dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
+    want = BWD(g, x, t, w, stats, 2, reduction, 0.1, 1e-3, [True, False])[0]
+    y = x.clone()
+    assert BWD_INPLACE(g, y, t, w, stats, 2, reduction, 0.1, 1e-3) is None
+    assert torch.equal(y, want)  # the same kernel, reading each block before writing it
+
+
+def test_bwd_inplace_needs_contiguous_input():
+    x = make_input((7, 6)).t()  # (6, 7), not contiguous
+    t = class_target((6, 7), 7)
+    loss, stats = FWD(x, t, None, -100, "mean", 0.0, 0.0)
+    with pytest.raises(RuntimeError, match="input must be contiguous"):
+        BWD_INPLACE(torch.tensor(1.0), x, t, None, stats, -100, "mean", 0.0, 0.0)
+
+
+@pytest.mark.parametrize("shape", [(5, 11), (2, 4, 3)], ids=str)
+def test_opcheck_bwd_inplace(shape):
+    c = shape[1]
+    x = make_input(shape)
+    t = class_target(shape, c)
+    loss, stats = FWD(x, t, None, -100, "sum", 0.0, 0.0)
+    # A mutating op without autograd (only called below it): schema (the mutation annotation)
+    # and fake tensor checks.
+    torch.library.opcheck(BWD_INPLACE, (torch.tensor(1.0), x.clone(), t, None, stats, -100, "sum", 0.0, 0.0),
+                          test_utils=("test_schema", "test_faketensor"))

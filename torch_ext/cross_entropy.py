@@ -86,6 +86,14 @@ def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_inde
     )
 
 
+@torch.library.register_fake("torch_ext::cross_entropy_bwd_inplace")
+def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss):
+    _check_args(
+        "torch_ext.cross_entropy_bwd_inplace", input, target, weight, ignore_index, reduction, label_smoothing, z_loss
+    )
+    return None
+
+
 def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
     _, stats = output

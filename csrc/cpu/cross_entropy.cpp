@@ -201,16 +201,16 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   return {loss, stats};
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight, const Tensor& stats,
-                                                 int64_t ignore_index, c10::string_view reduction,
-                                                 double label_smoothing, double z_loss,
-                                                 std::array<bool, 2> output_mask) {
-  constexpr const char* op = "torch_ext.cross_entropy_bwd";
+// The gradients into grad_input / grad_target (either may be undefined); grad_input may be the
+// input itself (the kernels read each block before writing it).
+void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                   const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                   c10::string_view reduction, double label_smoothing, double z_loss, Tensor& grad_input,
+                   Tensor& grad_target) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
   const int64_t rows = in.layout.rows();
-  TORCH_CHECK(!output_mask[1] || in.layout.probabilities, op,
+  TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
   check_same_device(op, input, "input", stats, "stats");
   TORCH_CHECK(stats.scalar_type() == acc_dtype(input) && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3,
@@ -229,8 +229,6 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
   }
   Tensor stats_c = stats.contiguous();
-  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
-  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
     switch (input.scalar_type()) {
       case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;
@@ -238,8 +236,32 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
       default: run_backward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target);
     }
   }
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, const Tensor& stats,
+                                                 int64_t ignore_index, c10::string_view reduction,
+                                                 double label_smoothing, double z_loss,
+                                                 std::array<bool, 2> output_mask) {
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
+                label_smoothing, z_loss, grad_input, grad_target);
   return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
+// The input's gradient written over the input (linear_cross_entropy's chunk logits, which are
+// not needed afterwards): no second chunk-sized buffer.
+void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                   const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                                   c10::string_view reduction, double label_smoothing, double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
+  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
+  Tensor grad_input = input;
+  Tensor no_target_grad;
+  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
+                grad_input, no_target_grad);
 }
 
 }  // namespace
@@ -247,6 +269,7 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
+  m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
 }
 
 }  // namespace torch_ext
