@@ -29,6 +29,7 @@
 #include <vector>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/common.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 namespace cross_entropy_impl {
@@ -50,15 +51,6 @@ inline A reduce_max(const Vectorized<A>& v) {
   A m = lanes[0];
   for (int64_t j = 1; j < Vectorized<A>::size(); ++j) m = max_nan(m, lanes[j]);
   return m;
-}
-
-template <typename A>
-inline A reduce_sum(const Vectorized<A>& v) {
-  __at_align__ A lanes[Vectorized<A>::size()];
-  v.store(lanes);
-  A s = 0;
-  for (int64_t j = 0; j < Vectorized<A>::size(); ++j) s += lanes[j];
-  return s;
 }
 
 // Lanes [0, count) of x, the others `fill`.
@@ -134,18 +126,6 @@ inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w
   }
 }
 
-// The block [c0, c0 + n) of a row as A values: the row itself when S is A, else converted into
-// `buffer`.
-template <typename S, typename A>
-inline const A* as_math(const S* row, int64_t c0, int64_t n, A* buffer) {
-  if constexpr (std::is_same_v<S, A>) {
-    return row + c0;
-  } else {
-    at::vec::convert(row + c0, buffer, n);
-    return buffer;
-  }
-}
-
 template <typename A>
 inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
   return target != nullptr && target[row] == ignore_index;
@@ -173,7 +153,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       RowState<A> st;
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t n = std::min(kBlock, C - c0);
-        accumulate_block<A>(st, as_math<S, A>(x, c0, n, xbuf), t ? as_math<S, A>(t, c0, n, tbuf) : nullptr,
+        accumulate_block<A>(st, as_math<S, A>(x + c0, n, xbuf), t ? as_math<S, A>(t + c0, n, tbuf) : nullptr,
                             a.weight, c0, n, e, inv_c, linear_sums);
       }
       const A log_sum = std::log(st.sum_exp);
@@ -242,8 +222,8 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
           vt(sc * (A(1) - e));
       for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
         const int64_t n = std::min(kBlock, C - c0);
-        const A* xb = as_math<S, A>(x, c0, n, xbuf);
-        const A* tb = t ? as_math<S, A>(t, c0, n, tbuf) : nullptr;
+        const A* xb = as_math<S, A>(x + c0, n, xbuf);
+        const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
         A* gb = gbuf;
         if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
         for (int64_t i = 0; i < n; i += L) {

@@ -16,6 +16,7 @@
 #include <type_traits>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/common.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 namespace regression_loss_impl {
@@ -61,17 +62,6 @@ inline Vectorized<A> grad_of(const Vectorized<A>& d, A param) {
   }
 }
 
-// Elements [begin, end) of x as A: x itself when S is A, else converted into buffer.
-template <typename S, typename A>
-inline const A* chunk_as_math(const S* x, int64_t begin, int64_t n, A* buffer) {
-  if constexpr (std::is_same_v<S, A>) {
-    return x + begin;
-  } else {
-    at::vec::convert(x + begin, buffer, n);
-    return buffer;
-  }
-}
-
 template <RegressionLoss K, typename S>
 void forward(const RegressionLossArgs<S>& a) {
   using A = acc_t<S>;
@@ -85,9 +75,9 @@ void forward(const RegressionLossArgs<S>& a) {
       V loss_sum(0), weight_sum(0);
       for (int64_t c = first; c < last; c += kChunk) {
         const int64_t n = std::min(kChunk, last - c);
-        const A* x = chunk_as_math<S, A>(a.input, c, n, xb);
-        const A* t = chunk_as_math<S, A>(a.target, c, n, tb);
-        const A* w = a.weight ? chunk_as_math<S, A>(a.weight, c, n, wb) : nullptr;
+        const A* x = as_math<S, A>(a.input + c, n, xb);
+        const A* t = as_math<S, A>(a.target + c, n, tb);
+        const A* w = a.weight ? as_math<S, A>(a.weight + c, n, wb) : nullptr;
         A* o = nullptr;
         if (a.out != nullptr) {
           if constexpr (std::is_same_v<S, A>) o = a.out + c; else o = ob;
@@ -110,20 +100,8 @@ void forward(const RegressionLossArgs<S>& a) {
           if (a.out != nullptr) at::vec::convert(ob, a.out + c, n);
         }
       }
-      if (a.loss_partials != nullptr) {
-        __at_align__ A lanes[L];
-        loss_sum.store(lanes);
-        A s = 0;
-        for (int64_t j = 0; j < L; ++j) s += lanes[j];
-        a.loss_partials[b] = s;
-      }
-      if (a.weight_partials != nullptr) {
-        __at_align__ A lanes[L];
-        weight_sum.store(lanes);
-        A s = 0;
-        for (int64_t j = 0; j < L; ++j) s += lanes[j];
-        a.weight_partials[b] = s;
-      }
+      if (a.loss_partials != nullptr) a.loss_partials[b] = reduce_sum(loss_sum);
+      if (a.weight_partials != nullptr) a.weight_partials[b] = reduce_sum(weight_sum);
     }
   });
 }
@@ -139,10 +117,10 @@ void backward(const RegressionLossArgs<S>& a) {
     const V scale(a.scale);
     for (int64_t c = begin; c < end; c += kChunk) {
       const int64_t n = std::min(kChunk, end - c);
-      const A* x = chunk_as_math<S, A>(a.input, c, n, xb);
-      const A* t = chunk_as_math<S, A>(a.target, c, n, tb);
-      const A* w = a.weight ? chunk_as_math<S, A>(a.weight, c, n, wb) : nullptr;
-      const A* g = a.grad_loss ? chunk_as_math<S, A>(a.grad_loss, c, n, gb) : nullptr;
+      const A* x = as_math<S, A>(a.input + c, n, xb);
+      const A* t = as_math<S, A>(a.target + c, n, tb);
+      const A* w = a.weight ? as_math<S, A>(a.weight + c, n, wb) : nullptr;
+      const A* g = a.grad_loss ? as_math<S, A>(a.grad_loss + c, n, gb) : nullptr;
       A* gi = ib;
       A* gt = jb;
       if constexpr (std::is_same_v<S, A>) {

@@ -17,6 +17,7 @@
 #include <type_traits>
 
 #include "cpu/kernels.h"
+#include "cpu/kernels/common.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 namespace triplet_impl {
@@ -57,25 +58,6 @@ inline Vectorized<A> norm_grad(const Vectorized<A>& v, const Vectorized<A>& coef
   }
 }
 
-template <typename S, typename A>
-inline const A* chunk_as_math(const S* x, int64_t n, A* buffer) {
-  if constexpr (std::is_same_v<S, A>) {
-    return x;
-  } else {
-    at::vec::convert(x, buffer, n);
-    return buffer;
-  }
-}
-
-template <typename A>
-inline A reduce_sum(const Vectorized<A>& v) {
-  __at_align__ A lanes[Vectorized<A>::size()];
-  v.store(lanes);
-  A s = 0;
-  for (int64_t j = 0; j < Vectorized<A>::size(); ++j) s += lanes[j];
-  return s;
-}
-
 template <Norm N, typename S>
 inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap, acc_t<S> d_an, acc_t<S> d_pn,
                          acc_t<S> g);
@@ -95,9 +77,9 @@ void forward(const TripletMarginArgs<S>& a) {
       V s_ap(0), s_an(0), s_pn(0);
       for (int64_t c = 0; c < D; c += kChunk) {
         const int64_t n = std::min(kChunk, D - c);
-        const A* x = chunk_as_math<S, A>(a.anchor + r * D + c, n, ab);
-        const A* y = chunk_as_math<S, A>(a.positive + r * D + c, n, pb);
-        const A* z = chunk_as_math<S, A>(a.negative + r * D + c, n, nb);
+        const A* x = as_math<S, A>(a.anchor + r * D + c, n, ab);
+        const A* y = as_math<S, A>(a.positive + r * D + c, n, pb);
+        const A* z = as_math<S, A>(a.negative + r * D + c, n, nb);
         for (int64_t i = 0; i < n; i += L) {
           const int64_t k = std::min(L, n - i);
           const V xv = V::loadu(x + i, k), yv = V::loadu(y + i, k), zv = V::loadu(z + i, k);
@@ -159,9 +141,9 @@ inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap
   const bool use_pn = w_pn != 0;
   for (int64_t c = 0; c < D; c += kChunk) {
     const int64_t n = std::min(kChunk, D - c);
-    const A* x = chunk_as_math<S, A>(a.anchor + r * D + c, n, ab);
-    const A* y = chunk_as_math<S, A>(a.positive + r * D + c, n, pb);
-    const A* z = chunk_as_math<S, A>(a.negative + r * D + c, n, nb);
+    const A* x = as_math<S, A>(a.anchor + r * D + c, n, ab);
+    const A* y = as_math<S, A>(a.positive + r * D + c, n, pb);
+    const A* z = as_math<S, A>(a.negative + r * D + c, n, nb);
     A *oa = ga, *op = gp, *on = gn;
     if constexpr (std::is_same_v<S, A>) {
       oa = out_a ? out_a + c : nullptr;
