@@ -63,3 +63,19 @@ def register_no_double_backward(op_name: str, public_name: str) -> None:
         )
 
     torch.library.register_autograd(op_name, no_double_backward, setup_context=lambda ctx, inputs, output: None)
+
+
+def hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs: int, row_scale=None):
+    """The backward of an op whose forward formed its gradients for grad_output = 1 (triplet,
+    linear_cross_entropy): the gradients in `mask` scaled in place by grad_output (by `row_scale`
+    when given, for reduction="none"), left as they are when grad_output is the scalar 1, padded
+    with None to n_inputs. Scaled in place: the caller hands them over once."""
+    if row_scale is not None:
+        scale = row_scale
+    else:
+        scale = None if bool(grad_loss.reshape(()) == 1) else grad_loss.reshape(())
+    grads = [None] * n_inputs
+    for i, (g, m) in enumerate(zip(unit_grads, mask)):
+        if m and g is not None:
+            grads[i] = g if scale is None else g.mul_(scale)
+    return tuple(grads)

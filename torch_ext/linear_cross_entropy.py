@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_lower_precision, hand_over_unit_grads, register_no_double_backward, resolve_reduction
 
 _fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
@@ -160,12 +160,7 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
             input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
             computed = _bwd_op(torch.ones_like(grad_loss), input, linear_weight, linear_bias, target, weight, *ctx.options, mask)
             unit_grads = [c if m else None for c, m in zip(computed, mask)]
-        scale = None if bool(grad_loss.reshape(()) == 1) else grad_loss.reshape(())
-        grads = [None] * 10
-        for i in range(3):
-            if mask[i] and unit_grads[i] is not None:
-                grads[i] = unit_grads[i] if scale is None else unit_grads[i].mul_(scale)
-        return tuple(grads)
+        return hand_over_unit_grads(unit_grads, mask, grad_loss, 10)
 
 
 def linear_cross_entropy(

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction
 
 _fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
@@ -122,16 +122,8 @@ class _TripletMarginLossGradInForward(torch.autograd.Function):
         if unit_grads is None:  # a later backward of a retained graph: recompute them as the forward did
             computed = _bwd_op(torch.ones_like(grad_loss), anchor, positive, negative, dist, *ctx.options, mask)
             unit_grads = [c if m else None for c, m in zip(computed, mask)]
-        reduction = ctx.options[-1]
-        if reduction == "none" and anchor.dim() == 2:
-            scale = grad_loss.reshape(-1, 1)
-        else:
-            scale = None if bool(grad_loss.reshape(()) == 1) else grad_loss.reshape(())
-        grads = [None] * 8
-        for i in range(3):
-            if mask[i] and unit_grads[i] is not None:
-                grads[i] = unit_grads[i] if scale is None else unit_grads[i].mul_(scale)
-        return tuple(grads)
+        per_row = ctx.options[-1] == "none" and anchor.dim() == 2  # reduction "none": one scale a row
+        return hand_over_unit_grads(unit_grads, mask, grad_loss, 8, grad_loss.reshape(-1, 1) if per_row else None)
 
 
 def triplet_margin_loss(
