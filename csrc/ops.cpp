@@ -19,6 +19,16 @@ TORCH_LIBRARY(torch_ext, m) {
         "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 
+  // The activation of an MLP on its own: act(input) over (*, n), or gated (GLU family: swiglu =
+  // silu, geglu = gelu): act(input[..., :n]) * input[..., n:] over (*, 2n).
+  m.def("mlp_act_fwd(Tensor input, str activation, float negative_slope, bool gated) -> Tensor",
+        {at::Tag::pt2_compliant_tag});
+  // Returns (grad_input, output): the input's gradient, and the forward output formed again in
+  // the same pass (to recompute it instead of saving it); those not in output_mask: empty.
+  m.def("mlp_act_bwd(Tensor grad_output, Tensor input, str activation, float negative_slope, bool gated, "
+        "bool[2] output_mask) -> (Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
   // row, weighted and reduced like the loss). target: class indices (int64/uint8, input's shape
   // without the class dim) or class probabilities (input's shape and dtype). Returns (loss,

@@ -12,6 +12,7 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
+from .mlp import GATED_ACTIVATIONS, MLP_ACTIVATIONS, FusedMLP, FusedMLPFunction, fused_mlp
 from .linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
 from .regression_loss import (
     HuberLoss,
@@ -50,6 +51,10 @@ __all__ = [
     "CrossEntropyLoss",
     "FusedLinear",
     "FusedLinearFunction",
+    "FusedMLP",
+    "FusedMLPFunction",
+    "GATED_ACTIVATIONS",
+    "MLP_ACTIVATIONS",
     "HuberLoss",
     "LinearCrossEntropyFunction",
     "LinearCrossEntropyLoss",
@@ -63,6 +68,7 @@ __all__ = [
     "empty_cache",
     "cross_entropy",
     "fused_linear",
+    "fused_mlp",
     "huber_loss",
     "linear_cross_entropy",
     "mse_loss",

@@ -48,6 +48,23 @@ struct LinearActBackwardRows {
   acc_t<S>* bias_grad;
 };
 
+// The MLP activation alone: out = act(input) over (rows, n), or gated: out = act(u) * v where
+// input rows are [u | v] of 2n columns. Backward writes grad_input (n or 2n columns) and, when
+// out is not null, the forward output again (recomputed rather than saved).
+template <typename S>
+struct MlpActRows {
+  int64_t rows, n;
+  bool gated;
+  const S* input;
+  int64_t ld_input;
+  const S* grad_out;  // backward only
+  int64_t ld_grad_out;
+  S* out;             // or nullptr (backward)
+  int64_t ld_out;
+  S* grad_input;      // backward, or nullptr
+  int64_t ld_grad_input;
+};
+
 // Cross-entropy over input viewed as (batch, classes, spatial), contiguous. Row r = n * spatial
 // + s holds the logits input[n, :, s]; spatial == 1 is the (N, C) case with unit class stride.
 // The kernel runs its own parallel loop over rows.
@@ -126,6 +143,12 @@ struct CpuKernels {
   void (*linear_act_backward_f32)(Activation, float, const LinearActBackwardRows<float>&);
   void (*linear_act_backward_f64)(Activation, double, const LinearActBackwardRows<double>&);
   void (*linear_act_backward_bf16)(Activation, float, const LinearActBackwardRows<c10::BFloat16>&);
+  void (*mlp_act_forward_f32)(Activation, float, const MlpActRows<float>&);
+  void (*mlp_act_forward_f64)(Activation, double, const MlpActRows<double>&);
+  void (*mlp_act_forward_bf16)(Activation, float, const MlpActRows<c10::BFloat16>&);
+  void (*mlp_act_backward_f32)(Activation, float, const MlpActRows<float>&);
+  void (*mlp_act_backward_f64)(Activation, double, const MlpActRows<double>&);
+  void (*mlp_act_backward_bf16)(Activation, float, const MlpActRows<c10::BFloat16>&);
   void (*cross_entropy_forward_f32)(const CrossEntropyArgs<float>&);
   void (*cross_entropy_forward_f64)(const CrossEntropyArgs<double>&);
   void (*cross_entropy_forward_bf16)(const CrossEntropyArgs<c10::BFloat16>&);
@@ -151,6 +174,8 @@ template <typename S> struct KernelsFor;
 template <> struct KernelsFor<float> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f32; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f32; }
+  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f32; }
+  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f32; }
   static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f32; }
   static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f32; }
   static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f32; }
@@ -161,6 +186,8 @@ template <> struct KernelsFor<float> {
 template <> struct KernelsFor<double> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f64; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f64; }
+  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f64; }
+  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f64; }
   static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f64; }
   static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f64; }
   static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f64; }
@@ -171,6 +198,8 @@ template <> struct KernelsFor<double> {
 template <> struct KernelsFor<c10::BFloat16> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_bf16; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_bf16; }
+  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_bf16; }
+  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_bf16; }
   static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_bf16; }
   static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_bf16; }
   static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_bf16; }

@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
+#include "shapes.h"
 
 namespace torch_ext {
 namespace {
@@ -60,18 +61,6 @@ int64_t reduction_block_rows(int64_t rows_per_panel, int64_t n) {
   constexpr int64_t kMaxBlocks = 64;
   const int64_t min_rows = std::max<int64_t>(1, 4096 / std::max<int64_t>(n, 1));
   return std::max(min_rows, (rows_per_panel + kMaxBlocks - 1) / kMaxBlocks);
-}
-
-int64_t leading_rows(const Tensor& input) {
-  int64_t m = 1;
-  for (int64_t d = 0; d + 1 < input.dim(); ++d) m *= input.size(d);
-  return m;
-}
-
-std::vector<int64_t> with_last_dim(const Tensor& input, int64_t last) {
-  std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
-  sizes.back() = last;
-  return sizes;
 }
 
 

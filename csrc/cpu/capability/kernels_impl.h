@@ -12,6 +12,7 @@
 #include "cpu/kernels.h"
 #include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/linear_act.h"
+#include "cpu/kernels/mlp_act.h"
 #include "cpu/kernels/regression_loss.h"
 #include "cpu/kernels/triplet_margin_loss.h"
 
@@ -29,6 +30,12 @@ const CpuKernels& kernels() {
       &linear_act_backward<float, float>,
       &linear_act_backward<double, double>,
       &linear_act_backward<c10::BFloat16, float>,
+      &mlp_act_forward<float, float>,
+      &mlp_act_forward<double, double>,
+      &mlp_act_forward<c10::BFloat16, float>,
+      &mlp_act_backward<float, float>,
+      &mlp_act_backward<double, double>,
+      &mlp_act_backward<c10::BFloat16, float>,
       &cross_entropy_forward<float>,
       &cross_entropy_forward<double>,
       &cross_entropy_forward<c10::BFloat16>,

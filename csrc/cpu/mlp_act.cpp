@@ -1,0 +1,118 @@
+// The MLP activation on CPU: act(x) over (*, n), or gated (swiglu, geglu, ...): act(u) * v over
+// (*, 2n) rows [u | v], in one pass. Its backward forms the input gradient (both halves) and,
+// when asked, the forward output again in the same pass, so FusedMLP saves the pre-activation
+// alone and gets the hidden activation for fc2's weight gradient without another read.
+#include <ATen/ATen.h>
+#include <ATen/Parallel.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "activation.h"
+#include "checks.h"
+#include "cpu/allocator.h"
+#include "cpu/kernels.h"
+#include "shapes.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+using cpu::KernelsFor;
+
+template <typename S>
+using MathT = std::conditional_t<std::is_same_v<S, double>, double, float>;
+
+// Output columns of the activation over `input`: its width, or half of it when gated.
+int64_t output_width(const char* op, const Tensor& input, bool gated) {
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension, got a 0-D tensor");
+  const int64_t width = input.size(-1);
+  TORCH_CHECK(!gated || width % 2 == 0, op, ": a gated activation needs an even input.size(-1) "
+              "(the gate half, then the value half), got ", width);
+  return gated ? width / 2 : width;
+}
+
+int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
+
+template <typename S>
+void run_rows(bool backward, Activation act, double slope, const cpu::MlpActRows<S>& all) {
+  const auto kernel = backward ? KernelsFor<S>::mlp_act_backward(cpu::cpu_kernels())
+                               : KernelsFor<S>::mlp_act_forward(cpu::cpu_kernels());
+  at::parallel_for(0, all.rows, grain_rows(all.n), [&](int64_t begin, int64_t end) {
+    cpu::MlpActRows<S> a = all;
+    a.rows = end - begin;
+    a.input += begin * a.ld_input;
+    if (a.grad_out) a.grad_out += begin * a.ld_grad_out;
+    if (a.out) a.out += begin * a.ld_out;
+    if (a.grad_input) a.grad_input += begin * a.ld_grad_input;
+    kernel(act, MathT<S>(slope), a);
+  });
+}
+
+template <typename S>
+void dispatch_rows(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated,
+                   const Tensor& in2d, const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
+  cpu::MlpActRows<S> a{rows, n, gated,
+                       in2d.const_data_ptr<S>(), in2d.size(1),
+                       g2d.defined() ? g2d.const_data_ptr<S>() : nullptr, g2d.defined() ? g2d.stride(0) : 0,
+                       out2d.defined() ? out2d.data_ptr<S>() : nullptr, n,
+                       grad2d.defined() ? grad2d.data_ptr<S>() : nullptr, in2d.size(1)};
+  run_rows<S>(backward, act, slope, a);
+}
+
+void run(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated,
+         const Tensor& in2d, const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
+  switch (in2d.scalar_type()) {
+    case at::kFloat: return dispatch_rows<float>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
+    case at::kDouble: return dispatch_rows<double>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
+    default: return dispatch_rows<c10::BFloat16>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
+  }
+}
+
+Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double negative_slope, bool gated) {
+  constexpr const char* op = "torch_ext.mlp_act_fwd";
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const int64_t n = output_width(op, input, gated);
+  check_cpu_dtype(op, input, "input");
+  const int64_t rows = leading_rows(input);
+  const Tensor in2d = input.reshape({rows, input.size(-1)}).contiguous();
+  Tensor out = cpu::empty_cpu_output({rows, n}, input.options());
+  run(false, act, negative_slope, rows, n, gated, in2d, Tensor(), out, Tensor());
+  return out.view(with_last_dim(input, n));
+}
+
+std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tensor& input,
+                                           c10::string_view activation, double negative_slope, bool gated,
+                                           std::array<bool, 2> output_mask) {
+  constexpr const char* op = "torch_ext.mlp_act_bwd";
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const int64_t n = output_width(op, input, gated);
+  check_cpu_dtype(op, input, "input");
+  check_same_device(op, input, "input", grad_output, "grad_output");
+  check_same_dtype(op, input, "input", grad_output, "grad_output");
+  const auto out_sizes = with_last_dim(input, n);
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_sizes), op, ": grad_output must have shape ",
+              at::IntArrayRef(out_sizes), ", got ", grad_output.sizes());
+  const auto options = input.options();
+  if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, options), at::empty({0}, options)};
+  const int64_t rows = leading_rows(input), width = input.size(-1);
+  const Tensor in2d = input.reshape({rows, width}).contiguous();
+  // Rows are read with unit column stride; any row stride (0 too, a grad expanded from a scalar
+  // along the rows) is fine, other layouts are made contiguous first.
+  Tensor g2d = grad_output.reshape({rows, n});
+  if (n > 1 && g2d.stride(1) != 1) g2d = g2d.contiguous();
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output({rows, width}, options) : Tensor();
+  Tensor out = output_mask[1] ? cpu::empty_cpu_output({rows, n}, options) : Tensor();
+  run(true, act, negative_slope, rows, n, gated, in2d, g2d, out, grad_input);
+  return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
+          out.defined() ? out.view(out_sizes) : at::empty({0}, options)};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
+  m.impl("mlp_act_fwd", &mlp_act_fwd_cpu);
+  m.impl("mlp_act_bwd", &mlp_act_bwd_cpu);
+}
+
+}  // namespace torch_ext

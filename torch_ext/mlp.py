@@ -1,0 +1,258 @@
+"""The Transformer feed-forward block: ``fc2(act(fc1(x)))``, and its gated forms (swiglu, geglu).
+
+Ops (csrc/ops.cpp): ``torch_ext::mlp_act_fwd`` / ``mlp_act_bwd``, the activation on its own
+(or gated: ``act(u) * v`` over rows ``[u | v]``), whose backward also forms the activation's
+output again in the same pass. ``FusedMLP`` builds on them and on the dense layer's ops:
+
+- forward: fc1 with its bias and activation fused (``linear_act_fwd``; gated: fc1 with its bias,
+  then one pass for ``act(u) * v``), then fc2;
+- saved for backward with ``recompute=True``: the pre-activation only (what the activation's
+  derivative needs); the activation's output, which fc2's weight gradient needs, is formed again
+  in backward. Eager ``Linear -> act -> Linear`` saves both, and gated eager code also saves the
+  gate's activation, so this saves 1/2 of eager's activation bytes.
+- relu, leaky_relu, sigmoid, tanh and none need the output anyway (it is fc2's input and their
+  derivative comes from it or from a 1-bit mask), so for them there is nothing to recompute
+  and FusedMLP saves what two FusedLinear layers would.
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from ._common import autocast_to_lower_precision, register_no_double_backward
+from .linear_act import _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
+
+# Gated activations: name -> the activation applied to the gate half.
+GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
+MLP_ACTIVATIONS = ACTIVATIONS + tuple(GATED_ACTIVATIONS)
+
+_linear_fwd = torch.ops.torch_ext.linear_act_fwd.default
+_linear_bwd = torch.ops.torch_ext.linear_act_bwd.default
+_act_fwd = torch.ops.torch_ext.mlp_act_fwd.default
+_act_bwd = torch.ops.torch_ext.mlp_act_bwd.default
+
+
+def _check_mlp_act_input(op: str, input: Tensor, gated: bool) -> int:
+    """The checks of csrc/cpu/mlp_act.cpp for fake tensors; returns the output width."""
+    torch._check(input.dim() >= 1, lambda: f"{op}: input must have at least one dimension, got a 0-D tensor")
+    width = input.shape[-1]
+    torch._check(
+        not gated or width % 2 == 0,
+        lambda: f"{op}: a gated activation needs an even input.size(-1) (the gate half, then the value half), got {width}",
+    )
+    return width // 2 if gated else width
+
+
+@torch.library.register_fake("torch_ext::mlp_act_fwd")
+def _mlp_act_fwd_fake(input, activation, negative_slope, gated):
+    _check_activation(activation)
+    n = _check_mlp_act_input("torch_ext.mlp_act_fwd", input, gated)
+    return input.new_empty((*input.shape[:-1], n))
+
+
+@torch.library.register_fake("torch_ext::mlp_act_bwd")
+def _mlp_act_bwd_fake(grad_output, input, activation, negative_slope, gated, output_mask):
+    _check_activation(activation)
+    n = _check_mlp_act_input("torch_ext.mlp_act_bwd", input, gated)
+    return (
+        input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
+        input.new_empty((*input.shape[:-1], n)) if output_mask[1] else input.new_empty((0,)),
+    )
+
+
+def _act_setup_context(ctx, inputs, output):
+    input, activation, negative_slope, gated = inputs
+    ctx.args = (activation, negative_slope, gated)
+    ctx.save_for_backward(input)
+
+
+def _act_backward(ctx, grad_out):
+    (input,) = ctx.saved_tensors
+    if not ctx.needs_input_grad[0]:
+        return None, None, None, None
+    return _act_bwd(grad_out, input, *ctx.args, [True, False])[0], None, None, None
+
+
+# Calling torch.ops.torch_ext.mlp_act_fwd directly is differentiable too.
+torch.library.register_autograd("torch_ext::mlp_act_fwd", _act_backward, setup_context=_act_setup_context)
+register_no_double_backward("torch_ext::mlp_act_bwd", "torch_ext.FusedMLP")
+
+
+def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation) -> None:
+    """Shapes, dtypes and devices, named as the user passed them (plain raises: torch.compile
+    traces them as constant checks on static shapes)."""
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}; got {activation!r}")
+    gated = activation in GATED_ACTIVATIONS
+    op = "torch_ext.fused_mlp"
+    if fc1_weight.dim() != 2:
+        raise RuntimeError(f"{op}: fc1_weight must be 2-D (out_features, in_features), got shape {tuple(fc1_weight.shape)}")
+    if fc2_weight.dim() != 2:
+        raise RuntimeError(f"{op}: fc2_weight must be 2-D (out_features, in_features), got shape {tuple(fc2_weight.shape)}")
+    if input.dim() < 1:
+        raise RuntimeError(f"{op}: input must have shape (*, in_features), got a 0-D tensor")
+    if input.shape[-1] != fc1_weight.shape[1]:
+        raise RuntimeError(
+            f"{op}: input.size(-1) is {input.shape[-1]} but fc1_weight.size(1) (in_features) is {fc1_weight.shape[1]}"
+        )
+    fc1_out = fc1_weight.shape[0]
+    if gated and fc1_out % 2 != 0:
+        raise RuntimeError(
+            f"{op}: a gated activation ({activation}) needs fc1_weight of shape (2 * hidden, in), got {tuple(fc1_weight.shape)}"
+        )
+    hidden = fc1_out // 2 if gated else fc1_out
+    if fc2_weight.shape[1] != hidden:
+        what = "half of fc1_weight.size(0), for a gated activation" if gated else "fc1_weight.size(0)"
+        raise RuntimeError(f"{op}: fc2_weight.size(1) is {fc2_weight.shape[1]} but the hidden width ({what}) is {hidden}")
+    for name, b, n in (("fc1_bias", fc1_bias, fc1_out), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
+        if b is not None and (b.dim() != 1 or b.shape[0] != n):
+            raise RuntimeError(f"{op}: {name} must have shape ({n},), got {tuple(b.shape)}")
+    for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
+        if t is not None and t.device != input.device:
+            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}; they must be on the same device")
+        if t is not None and t.dtype != input.dtype:
+            raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
+
+
+class FusedMLPFunction(torch.autograd.Function):
+    """autograd.Function of FusedMLP: ``apply(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
+    activation, negative_slope, recompute) -> (out, hidden, saved)``; only ``out`` is
+    differentiable (``hidden`` is fc2's input, ``saved`` what fc1's backward needs)."""
+
+    @staticmethod
+    def forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
+        if activation in GATED_ACTIVATIONS:
+            pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
+            hidden = _act_fwd(pre, GATED_ACTIVATIONS[activation], negative_slope, True)
+            saved = pre
+        else:
+            hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope)
+        return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute = inputs
+        _, hidden, saved = output
+        gated = activation in GATED_ACTIVATIONS
+        ctx.activation = GATED_ACTIVATIONS.get(activation, activation)
+        ctx.gated = gated
+        ctx.negative_slope = negative_slope
+        ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+        # Recompute where the activation's derivative needs the pre-activation: then the output
+        # is a second tensor of the same size, formed again in backward instead of saved.
+        ctx.recompute = bool(recompute) and (gated or activation in _SAVES_PRE_ACTIVATION)
+        if activation in ("sigmoid", "tanh"):
+            saved = hidden  # their derivative is a function of the output (see linear_act.py)
+        ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden)
+        ctx.mark_non_differentiable(hidden, saved)
+
+    @staticmethod
+    def backward(ctx, grad_out, _grad_hidden, _grad_saved):
+        input, fc1_weight, fc2_weight, saved, hidden = ctx.saved_tensors
+        needs = ctx.needs_input_grad
+        need_fc1 = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2])]
+        need_w2, need_b2 = bool(needs[3]), bool(ctx.has_bias[1] and needs[4])
+        act, slope, gated = ctx.activation, ctx.negative_slope, ctx.gated
+        rows = input.shape[:-1].numel()
+        g2d = grad_out.reshape(rows, fc2_weight.shape[0])
+        grad_hidden = (g2d @ fc2_weight).view(*input.shape[:-1], fc2_weight.shape[1]) if any(need_fc1) else None
+
+        grad_fc1 = (None, None, None)
+        if gated:
+            grad_pre = None
+            if grad_hidden is not None:
+                grad_pre, formed = _act_bwd(grad_hidden, saved, act, slope, True, [True, need_w2 and ctx.recompute])
+                if need_w2 and ctx.recompute:
+                    hidden = formed
+            elif need_w2 and ctx.recompute:
+                hidden = _act_fwd(saved, act, slope, True)
+            if grad_pre is not None:
+                pre2d = grad_pre.reshape(rows, fc1_weight.shape[0])
+                grad_fc1 = (
+                    (pre2d @ fc1_weight).view(input.shape) if need_fc1[0] else None,
+                    pre2d.t() @ input.reshape(rows, fc1_weight.shape[1]) if need_fc1[1] else None,
+                    pre2d.sum(0) if need_fc1[2] else None,
+                )
+        else:
+            if need_w2 and ctx.recompute:
+                hidden = _act_fwd(saved, act, slope, False)
+            if grad_hidden is not None:
+                gi, gw, gb = _linear_bwd(grad_hidden, input, fc1_weight, saved, act, slope, need_fc1)
+                grad_fc1 = (gi if need_fc1[0] else None, gw if need_fc1[1] else None, gb if need_fc1[2] else None)
+
+        grad_w2 = g2d.t() @ hidden.reshape(rows, fc2_weight.shape[1]) if need_w2 else None
+        grad_b2 = g2d.sum(0) if need_b2 else None
+        return (*grad_fc1, grad_w2, grad_b2, None, None, None)
+
+
+def fused_mlp(
+    input: Tensor,
+    fc1_weight: Tensor,
+    fc1_bias: Optional[Tensor],
+    fc2_weight: Tensor,
+    fc2_bias: Optional[Tensor],
+    activation: str = "gelu",
+    negative_slope: float = 0.01,
+    recompute: bool = True,
+) -> Tensor:
+    """``F.linear(act(F.linear(input, fc1_weight, fc1_bias)), fc2_weight, fc2_bias)``.
+
+    Gated activations (``swiglu``: silu, ``geglu``: exact gelu, ``geglu_tanh``) split fc1's output
+    ``(*, 2 * hidden)`` into the gate ``u`` (first half) and the value ``v`` and use ``act(u) * v``.
+    With ``recompute`` the activation's output is formed again in backward rather than saved.
+    Under ``torch.autocast`` the tensors are cast as for ``F.linear``.
+    """
+    _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
+    input, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_to_lower_precision(
+        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias
+    )
+    return FusedMLPFunction.apply(
+        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute)
+    )[0]
+
+
+class FusedMLP(nn.Module):
+    """The Transformer FFN ``fc2(act(fc1(x)))`` (timm's ``Mlp`` layout: submodules ``fc1`` and
+    ``fc2``, both ``nn.Linear``), fused.
+
+    activation: any of ``torch_ext.ACTIVATIONS``, or gated ``swiglu`` / ``geglu`` / ``geglu_tanh``,
+    for which fc1 has ``2 * hidden_features`` outputs, the gate first. out_features defaults to
+    in_features. recompute: save only the pre-activation for backward (see torch_ext/mlp.py).
+    """
+
+    def __init__(
+        self,
+        in_features: int,
+        hidden_features: int,
+        out_features: Optional[int] = None,
+        activation: str = "gelu",
+        bias: bool = True,
+        recompute: bool = True,
+        negative_slope: float = 0.01,
+        device=None,
+        dtype=None,
+    ) -> None:
+        if activation not in MLP_ACTIVATIONS:
+            raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}; got {activation!r}")
+        super().__init__()
+        factory = {"device": device, "dtype": dtype}
+        gated = activation in GATED_ACTIVATIONS
+        out_features = in_features if out_features is None else out_features
+        self.fc1 = nn.Linear(in_features, hidden_features * (2 if gated else 1), bias=bias, **factory)
+        self.fc2 = nn.Linear(hidden_features, out_features, bias=bias, **factory)
+        self.activation = activation
+        self.negative_slope = negative_slope
+        self.recompute = recompute
+
+    def forward(self, input: Tensor) -> Tensor:
+        return fused_mlp(
+            input, self.fc1.weight, self.fc1.bias, self.fc2.weight, self.fc2.bias,
+            self.activation, self.negative_slope, self.recompute,
+        )
+
+    def extra_repr(self) -> str:
+        slope = f", negative_slope={self.negative_slope}" if self.activation == "leaky_relu" else ""
+        return f"activation={self.activation!r}{slope}, recompute={self.recompute}"
