@@ -11,6 +11,7 @@ import torch  # noqa: F401  (loads libtorch before our extension)
 
 from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
+from .fuse import FuseReport, fuse
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
 from .mlp import GATED_ACTIVATIONS, MLP_ACTIVATIONS, FusedMLP, FusedMLPFunction, fused_mlp
 from .linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
@@ -49,6 +50,7 @@ __all__ = [
     "ACTIVATIONS",
     "CrossEntropyFunction",
     "CrossEntropyLoss",
+    "FuseReport",
     "FusedLinear",
     "FusedLinearFunction",
     "FusedMLP",
@@ -67,6 +69,7 @@ __all__ = [
     "cpu_capability",
     "empty_cache",
     "cross_entropy",
+    "fuse",
     "fused_linear",
     "fused_mlp",
     "huber_loss",
