@@ -17,7 +17,7 @@ recording, as in training), backward, and the two together, for
 Timing: the candidates run interleaved, in a new random order each round; each figure is the
 median over rounds, with its spread; speed-ups are taken within each round, then their median.
 Floors: bytes that must move / measured copy bandwidth for the memory-bound losses; the bare
-GEMMs (timed in each round at the same shapes) for dense and linear_cross_entropy.
+GEMMs (timed in each round at the same shapes) for dense, mlp and linear_cross_entropy.
 Memory: bytes autograd saves for backward, and the peak memory of one forward+backward step
 (CPU: peak RSS, each candidate in a fresh process; CUDA: peak allocated).
 
@@ -27,8 +27,9 @@ Sizes (--sizes NAME picks it for every op that has it; default: the starred ones
   mse, huber, smooth_l1 cnn 32x150528, ffn* 4096x4096   (smooth_l1 only when named in --ops)
   triplet               cnn* 8192x512
   linear_cross_entropy  rnn 2048x512->10000, llm* 4096x512->32000   (N x H -> vocabulary V)
+  mlp                   ffn* 4096x256->1024 gelu, llm* 2048x512->1376 swiglu   (M x K -> hidden H)
   every op: quick (the --quick size), tiny (for tests)
-Explicit sizes: MxKxN[:activation] for linear_act, NxHxV for linear_cross_entropy, NxD for the
+Explicit sizes: MxKxN[:activation] for linear_act, MxKxH[:activation] for mlp, NxHxV for linear_cross_entropy, NxD for the
 others; prefix with OP= to apply to one op only.
 
 Writes NAME.json (every figure, machine, versions, git commit, time, load), NAME.txt (the tables)
@@ -59,6 +60,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import bench_linear_act  # noqa: E402
+import bench_mlp  # noqa: E402
 import bench_losses  # noqa: E402
 import common  # noqa: E402
 import torch_ext  # noqa: E402
@@ -193,6 +195,16 @@ OPS: Dict[str, OpSpec] = {
         defaults=bench_linear_act.DEFAULT_SCENARIOS,
         build=lambda p, dtype, device: bench_linear_act.make_workload(*p, dtype=dtype, device=device),
     ),
+    "mlp": OpSpec(
+        name="mlp",
+        kind="dense",
+        kernel="mlp_act_fwd",
+        dims=3,
+        dim_names="MxKxH[:activation]",
+        scenarios=bench_mlp.SCENARIOS,
+        defaults=bench_mlp.DEFAULT_SCENARIOS,
+        build=lambda p, dtype, device: bench_mlp.make_workload(*p, dtype=dtype, device=device),
+    ),
     "cross_entropy": _loss_spec("cross_entropy", "cross_entropy_fwd"),
     "mse": _loss_spec("mse", "regression_loss_fwd"),
     "huber": _loss_spec("huber", "regression_loss_fwd"),
@@ -219,7 +231,10 @@ ALIASES = {
     "smooth_l1_loss": "smooth_l1",
     "triplet_margin_loss": "triplet",
     "lce": "linear_cross_entropy",
+    "fused_mlp": "mlp",
 }
+# Ops whose explicit sizes take an activation (":gelu"), and the ones each accepts.
+ACTIVATION_OPS = {"linear_act": torch_ext.ACTIVATIONS, "mlp": torch_ext.MLP_ACTIVATIONS}
 SCENARIO_NAMES = ("cnn", "rnn", "ffn", "llm", "quick", "tiny")
 
 
@@ -248,7 +263,7 @@ class Case:
 
     def label(self) -> str:
         p = self.params
-        if self.op == "linear_act":
+        if self.op in ACTIVATION_OPS:
             text = f"{p[0]}x{p[1]}->{p[2]} {p[3]}"
         elif self.op == "linear_cross_entropy":
             text = f"{p[0]}x{p[1]}->{p[2]}"
@@ -286,10 +301,12 @@ def _parse_dims(spec: str, op: Optional[str]) -> Tuple[List[int], Optional[str]]
         raise UsageError(f"--sizes: {spec!r} is neither a size name ({', '.join(SCENARIO_NAMES)}) nor sizes like 4096x32000")
     if any(v <= 0 for v in values):
         raise UsageError(f"--sizes: sizes must be positive, got {spec!r}")
-    if activation and activation not in torch_ext.ACTIVATIONS:
-        raise UsageError(f"--sizes: unknown activation {activation!r} in {spec!r}; activations are {', '.join(torch_ext.ACTIVATIONS)}")
-    if activation and op not in (None, "linear_act"):
-        raise UsageError(f"--sizes: an activation (':{activation}') applies to linear_act only, not {op}")
+    if activation and activation not in torch_ext.MLP_ACTIVATIONS:
+        raise UsageError(f"--sizes: unknown activation {activation!r} in {spec!r}; activations are {', '.join(torch_ext.MLP_ACTIVATIONS)}")
+    if activation and op is not None and op not in ACTIVATION_OPS:
+        raise UsageError(f"--sizes: an activation (':{activation}') applies to {' and '.join(ACTIVATION_OPS)} only, not {op}")
+    if activation and op == "linear_act" and activation not in torch_ext.ACTIVATIONS:
+        raise UsageError(f"--sizes: {activation!r} is a gated activation, for mlp only")
     return values, activation or None
 
 
@@ -320,14 +337,15 @@ def resolve_cases(ops: List[str], sizes: Optional[Sequence[str]], quick: bool) -
                 per_op[op].append(Case(op, spec.lower(), OPS[op].scenarios[spec.lower()]))
             continue
         values, activation = _parse_dims(spec, targets[0] if sep else None)
-        hits = [op for op in targets if OPS[op].dims == len(values) and (activation is None or op == "linear_act")]
+        hits = [op for op in targets if OPS[op].dims == len(values)
+                and (activation is None or activation in ACTIVATION_OPS.get(op, ()))]
         if not hits:
             wanted = "; ".join(f"{op}: {OPS[op].dim_names}" for op in targets)
             raise UsageError(f"--sizes: {token!r} fits none of the selected ops ({wanted})")
         for op in hits:
             params = tuple(values)
-            if op == "linear_act":
-                params = params + (activation or "gelu_tanh",)
+            if op in ACTIVATION_OPS:
+                params = params + (activation or OPS[op].scenarios["quick"][3],)
             per_op[op].append(Case(op, "custom", params))
     cases = [c for op in ops for c in per_op[op]]
     notes = [f"{op}: none of --sizes applies (its sizes: {', '.join(OPS[op].scenarios)})" for op in ops if not per_op[op]]
@@ -672,7 +690,7 @@ def _forkserver(compile_: bool):
             _FORKSERVER = multiprocessing.get_context("spawn")
             return _FORKSERVER
         main = sys.modules.get("__main__")
-        preload = ["torch", "torch_ext", "common", "bench_linear_act", "bench_losses"]
+        preload = ["torch", "torch_ext", "common", "bench_linear_act", "bench_losses", "bench_mlp"]
         if compile_:  # importing torch.compile's machinery once here, not in each child, saves ~2 s a child
             preload += ["torch._dynamo", "torch._functorch.aot_autograd", "torch._inductor.compile_fx",
                         "torch._inductor.codecache"]
@@ -881,7 +899,7 @@ def notes_text(meta: dict, records: List[dict], extra: List[str]) -> List[str]:
         "eager time / ours time (> 1: ours is faster). fwd runs with autograd recording, as in training.",
         "Floors, for the fwd+bwd step: memory-bound losses: the bytes a step must move (read the inputs once, "
         "write the gradient once) / copy bandwidth; linear_act and linear_cross_entropy: their three bare GEMMs "
-        "(forward; the two gradients) at the same shapes, timed in each round. '% of floor' = floor "
+        "(forward; the two gradients), mlp: its six, at the same shapes, timed in each round. '% of floor' = floor "
         "time / ours time (100% = at the floor; reads alone run faster than copies, so a loss can pass 100%). "
         "The JSON also has per-phase floors, each phase starting from the inputs.",
         "Saved = bytes of the tensors autograd saves for backward, beyond the inputs and parameters (tensors an "
