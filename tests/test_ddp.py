@@ -1,0 +1,158 @@
+"""Data-parallel training on fused ops (issue #6, item 5): the CNN classifier of test_models.py with
+``torch_ext.FusedLinear(activation="relu")`` and ``torch_ext.CrossEntropyLoss``, wrapped in
+``torch.nn.parallel.DistributedDataParallel`` over 2 CPU processes (gloo backend on the loopback
+interface), each process on its half of a global batch.
+
+The reference is the same fused model in this (single) process on the whole global batch: after
+every backward, DDP's averaged gradients must equal its gradients, and after the SGD steps the
+parameters must be equal too (float32, 1e-5). Both halves have the same size and the loss is a
+mean, so the average of the two ranks' losses equals the single-process loss as well.
+
+The workers are spawned processes; they report through files in tmp_path (results, or the
+traceback of a failure), and the test gives up on them after a timeout instead of hanging.
+"""
+from __future__ import annotations
+
+import datetime
+import os
+import socket
+import sys
+import time
+import traceback
+
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import torch_ext
+from test_models import CNNClassifier, cnn_batch
+from utils import assert_close
+
+WORLD_SIZE = 2
+GLOBAL_BATCH = 16  # each rank gets GLOBAL_BATCH // WORLD_SIZE samples
+STEPS = 4
+LR = 0.1
+RTOL = ATOL = 1e-5
+TIMEOUT_S = 120  # for the whole group of workers; a normal run takes a few seconds
+PG_TIMEOUT_S = 60  # gloo's own timeout, so a worker whose peer died fails instead of waiting forever
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def train_steps(model: nn.Module, batches, parameters_of: nn.Module):
+    """SGD over `batches`; returns the losses and, for each step, the gradients after backward."""
+    opt = torch.optim.SGD(parameters_of.parameters(), lr=LR)
+    losses, grads = [], []
+    for images, labels in batches:
+        opt.zero_grad(set_to_none=True)
+        _, loss = model(images, labels)
+        loss.backward()
+        losses.append(loss.item())
+        grads.append({name: p.grad.detach().clone() for name, p in parameters_of.named_parameters()})
+        opt.step()
+    return losses, grads
+
+
+def _worker(rank: int, port: int, directory: str) -> None:
+    """One DDP rank: trains on its half of each global batch, saves losses, gradients, parameters."""
+    try:
+        torch.set_num_threads(1)
+        os.environ["MASTER_ADDR"] = "127.0.0.1"
+        os.environ["MASTER_PORT"] = str(port)
+        if sys.platform.startswith("linux"):
+            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
+        dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
+                                timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
+        try:
+            setup = torch.load(os.path.join(directory, "setup.pt"))
+            model = CNNClassifier(fused=True)
+            model.load_state_dict(setup["state_dict"])
+            ddp = nn.parallel.DistributedDataParallel(model)
+            half = GLOBAL_BATCH // WORLD_SIZE
+            shards = [(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
+                      for images, labels in setup["batches"]]
+            losses, grads = train_steps(ddp, shards, parameters_of=model)
+            params = {name: p.detach().clone() for name, p in model.named_parameters()}
+            torch.save({"losses": losses, "grads": grads, "params": params},
+                       os.path.join(directory, f"rank{rank}.pt"))
+        finally:
+            dist.destroy_process_group()
+    except BaseException:
+        with open(os.path.join(directory, f"rank{rank}.err"), "w") as f:
+            f.write(traceback.format_exc())
+        raise
+
+
+def run_workers(directory: str) -> None:
+    """Spawns the ranks and waits for them; fails (after terminating them) on error or timeout."""
+    ctx = mp.get_context("spawn")
+    port = free_port()
+    procs = [ctx.Process(target=_worker, args=(rank, port, directory), daemon=True) for rank in range(WORLD_SIZE)]
+    for p in procs:
+        p.start()
+    deadline = time.monotonic() + TIMEOUT_S
+    try:
+        # Wait for all of them; stop waiting as soon as one fails (its peer would block on it).
+        while any(p.is_alive() for p in procs) and time.monotonic() < deadline:
+            if any(p.exitcode not in (None, 0) for p in procs):
+                break
+            time.sleep(0.05)
+    finally:
+        hung = [rank for rank, p in enumerate(procs) if p.is_alive()]
+        for p in procs:
+            if p.is_alive():
+                p.terminate()
+        for p in procs:
+            p.join(10)
+            if p.is_alive():
+                p.kill()
+                p.join()
+
+    errors = ""
+    for rank in range(WORLD_SIZE):
+        path = os.path.join(directory, f"rank{rank}.err")
+        if os.path.exists(path):
+            with open(path) as f:
+                errors += f"\n--- rank {rank} ---\n{f.read()}"
+    codes = [p.exitcode for p in procs]
+    assert codes == [0] * WORLD_SIZE, (
+        f"DDP workers exited with codes {codes} (ranks {hung} were still running "
+        f"{'after the ' + str(TIMEOUT_S) + ' s timeout' if time.monotonic() >= deadline else 'when another failed'} "
+        f"and were terminated){errors}")
+
+
+def test_ddp_gradients_equal_single_process(tmp_path):
+    gen = torch.Generator().manual_seed(3)
+    batches = [cnn_batch(gen, GLOBAL_BATCH) for _ in range(STEPS)]
+    model = CNNClassifier(fused=True)
+    assert any(isinstance(m, torch_ext.FusedLinear) for m in model.modules()), "the CNN has no fused layer"
+    assert isinstance(model.criterion, torch_ext.CrossEntropyLoss), "the CNN's loss is not torch_ext's"
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    torch.save({"state_dict": initial, "batches": batches}, tmp_path / "setup.pt")
+
+    run_workers(str(tmp_path))
+
+    losses, grads = train_steps(model, batches, parameters_of=model)
+    params = dict(model.named_parameters())
+    results = [torch.load(tmp_path / f"rank{rank}.pt") for rank in range(WORLD_SIZE)]
+
+    for step in range(STEPS):
+        mean_loss = sum(r["losses"][step] for r in results) / WORLD_SIZE
+        assert abs(mean_loss - losses[step]) <= RTOL * abs(losses[step]) + ATOL, (
+            f"step {step}: mean of the ranks' losses {[r['losses'][step] for r in results]} = {mean_loss!r}, "
+            f"single-process loss {losses[step]!r}")
+        for name, expected in grads[step].items():
+            assert expected.abs().max() > 0, f"step {step}: the gradient of {name} is zero; the check is empty"
+            for rank, r in enumerate(results):
+                assert_close(r["grads"][step][name], expected, rtol=RTOL, atol=ATOL,
+                             msg=f"step {step}, rank {rank}: DDP gradient of {name} vs single process")
+    for name, expected in params.items():
+        assert not torch.equal(expected.detach(), initial[name]), f"{name} did not change in {STEPS} steps"
+        for rank, r in enumerate(results):
+            assert_close(r["params"][name], expected.detach(), rtol=RTOL, atol=ATOL,
+                         msg=f"rank {rank}: parameter {name} after {STEPS} DDP steps vs single process")
