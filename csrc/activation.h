@@ -45,7 +45,7 @@ inline Activation parse_activation(std::string_view name) {
                     "sigmoid, tanh; got '", std::string(name), "'");
 }
 
-inline SavedForBackward saved_for_backward(Activation act) {
+C10_HOST_DEVICE inline SavedForBackward saved_for_backward(Activation act) {
   switch (act) {
     case Activation::None: return SavedForBackward::Nothing;
     case Activation::Relu:
@@ -112,6 +112,23 @@ C10_HOST_DEVICE inline T activation_derivative_from_input(Activation act, T x) {
 template <typename T>
 C10_HOST_DEVICE inline T activation_derivative_from_output(Activation act, T y) {
   return act == Activation::Sigmoid ? y * (T(1) - y) : T(1) - y * y;
+}
+
+// act(x) and g * act'(x) on one element from the pre-activation x, with ATen's conventions at
+// the kinks and for NaN: relu's gradient is selected (`x <= 0 ? 0 : g`, so NaN x passes g),
+// leaky_relu's is `x > 0 ? g : g * slope`. (The CPU kernels do the same on SIMD registers in
+// csrc/cpu/kernels/mlp_act.h.)
+template <typename T>
+C10_HOST_DEVICE inline void activation_value_and_grad(Activation act, T x, T g, T negative_slope, T& value, T& grad) {
+  value = activation_forward(act, x, negative_slope);
+  switch (act) {
+    case Activation::None: grad = g; break;
+    case Activation::Relu: grad = x <= T(0) ? T(0) : g; break;
+    case Activation::LeakyRelu: grad = x > T(0) ? g : g * negative_slope; break;
+    case Activation::Sigmoid:
+    case Activation::Tanh: grad = g * activation_derivative_from_output(act, value); break;
+    default: grad = g * activation_derivative_from_input(act, x);
+  }
 }
 
 }  // namespace torch_ext

@@ -154,7 +154,8 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
                                            : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
-  double loss_sum = 0;
+  // Summed in float64 where the chunks' losses are (no host synchronization per chunk on CUDA).
+  Tensor loss_sum = at::zeros({}, options.dtype(at::kDouble));
 
   const char* chunk_reduction = reduction == Reduction::None ? "none" : "sum";
   // empty_cpu_output: a reused block on CPU (no page faults per call), at::empty elsewhere.
@@ -175,7 +176,7 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
       if (reduction == Reduction::None) {
         loss_rows.narrow(0, r0, n).copy_(chunk_loss);
       } else {
-        loss_sum += chunk_loss.item<double>();
+        loss_sum.add_(chunk_loss.to(at::kDouble));
       }
     }
     if (!any_grad) continue;
@@ -207,8 +208,8 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   if (forward) {
     switch (reduction) {
       case Reduction::None: loss = loss_rows.view(s.loss_shape); break;
-      case Reduction::Sum: loss = at::scalar_tensor(loss_sum, options); break;
-      case Reduction::Mean: loss = at::scalar_tensor(loss_sum / denominator, options); break;
+      case Reduction::Sum: loss = loss_sum.to(input.scalar_type()); break;
+      case Reduction::Mean: loss = loss_sum.div(denominator).to(input.scalar_type()); break;
     }
   }
   if (g.input.defined()) g.input = g.input.view(input.sizes());
@@ -250,5 +251,13 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
   m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
 }
+
+#ifdef TORCH_EXT_WITH_CUDA
+// The same chunk loop on CUDA: cuBLAS GEMMs and csrc/cuda/cross_entropy.cu through the dispatcher.
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("linear_cross_entropy_fwd", &linear_cross_entropy_fwd);
+  m.impl("linear_cross_entropy_bwd", &linear_cross_entropy_bwd);
+}
+#endif
 
 }  // namespace torch_ext

@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "loss_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
@@ -24,54 +25,6 @@ namespace {
 
 using at::Tensor;
 using cpu::KernelsFor;
-
-struct CrossEntropyLayout {
-  int64_t batch, classes, spatial;
-  bool probabilities;  // class-probability targets (floating), else class indices
-  std::vector<int64_t> loss_shape;  // of reduction="none": input's shape without the class dim
-  int64_t rows() const { return batch * spatial; }
-};
-
-CrossEntropyLayout check_cross_entropy_args(const char* op, const Tensor& input, const Tensor& target,
-                                            const std::optional<Tensor>& weight, int64_t ignore_index,
-                                            double label_smoothing, double z_loss) {
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor");
-  check_cpu_dtype(op, input, "input");
-  check_same_device(op, input, "input", target, "target");
-  CrossEntropyLayout layout;
-  layout.classes = input.dim() == 1 ? input.size(0) : input.size(1);
-  layout.batch = input.dim() == 1 ? 1 : input.size(0);
-  layout.spatial = 1;
-  for (int64_t d = 0; d < input.dim(); ++d) {
-    if (d >= 2) layout.spatial *= input.size(d);
-    if (d != (input.dim() == 1 ? 0 : 1)) layout.loss_shape.push_back(input.size(d));
-  }
-  layout.probabilities = at::isFloatingType(target.scalar_type());
-  if (layout.probabilities) {
-    TORCH_CHECK(target.sizes() == input.sizes(), op, ": a floating-point target holds class probabilities and must have "
-                "input's shape ", input.sizes(), ", got ", target.sizes(),
-                " (class indices must be int64 or uint8, of input's shape without the class dimension)");
-    check_same_dtype(op, input, "input", target, "target");
-    TORCH_CHECK_VALUE(ignore_index < 0, op, ": ignore_index is not supported for class-probability (floating "
-                      "point) targets; got ignore_index=", ignore_index);
-  } else {
-    TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
-                ": target must hold class indices as int64 (or uint8), or class probabilities of input's "
-                "floating dtype; got ", target.scalar_type());
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(layout.loss_shape), op, ": target of class indices must have shape ",
-                at::IntArrayRef(layout.loss_shape), " (input's shape without the class dimension), got ", target.sizes());
-  }
-  if (weight.has_value()) {
-    TORCH_CHECK(weight->dim() == 1 && weight->size(0) == layout.classes, op, ": weight must be a 1-D tensor of ",
-                layout.classes, " class weights, got shape ", weight->sizes());
-    check_same_device(op, input, "input", *weight, "weight");
-    check_floating(op, *weight, "weight");
-  }
-  TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
-                    ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
-  TORCH_CHECK_VALUE(std::isfinite(z_loss), op, ": z_loss must be finite, got ", z_loss);
-  return layout;
-}
 
 // Checks every class index (ignore_index aside) and returns the denominator of the mean: the sum
 // of the weights of the rows not ignored (their count without weight).
@@ -111,7 +64,7 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
                            double z_loss) {
   CrossEntropyInputs in;
-  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, check_cpu_dtype);
   in.input = input.contiguous();
   in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
   if (in.layout.probabilities) {
@@ -212,20 +165,14 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
-  check_same_device(op, input, "input", stats, "stats");
-  TORCH_CHECK(stats.scalar_type() == acc_dtype(input) && stats.dim() == 2 && stats.size(0) == rows && stats.size(1) == 3,
-              op, ": stats must be the (", rows, ", 3) ", acc_dtype(input), " tensor from cross_entropy_fwd, got ",
-              stats.scalar_type(), " of shape ", stats.sizes());
+  check_row_stats(op, input, "input", stats, "stats", rows, acc_dtype(input), "cross_entropy_fwd");
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   Tensor row_scale;
   double scale = 0;
+  check_grad_loss(op, grad_loss, red, reduction, at::IntArrayRef(in.layout.loss_shape));
   if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(in.layout.loss_shape), op, ": grad_loss must have shape ",
-                at::IntArrayRef(in.layout.loss_shape), " for reduction='none', got ", grad_loss.sizes());
     row_scale = grad_loss.to(acc_dtype(input)).contiguous();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
-                "', got shape ", grad_loss.sizes());
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
   }
   Tensor stats_c = stats.contiguous();

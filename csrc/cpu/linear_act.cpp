@@ -22,6 +22,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "dense_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "shapes.h"
@@ -64,23 +65,6 @@ int64_t reduction_block_rows(int64_t rows_per_panel, int64_t n) {
 }
 
 
-void check_linear_args(const char* op, const Tensor& input, const Tensor& weight,
-                       const std::optional<Tensor>& bias) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
-              weight.sizes());
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features), got a 0-D tensor");
-  TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.size(-1) is ", input.size(-1),
-              " but weight.size(1) (in_features) is ", weight.size(1), "; they must be equal");
-  check_same_device(op, input, "input", weight, "weight");
-  check_same_dtype(op, input, "input", weight, "weight");
-  check_cpu_dtype(op, input, "input");
-  if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
-                ": bias must have shape (out_features,) = (", weight.size(0), ",), got ", bias->sizes());
-    check_same_device(op, input, "input", *bias, "bias");
-    check_same_dtype(op, input, "input", *bias, "bias");
-  }
-}
 
 template <typename S>
 using MathT = std::conditional_t<std::is_same_v<S, double>, double, float>;
@@ -116,7 +100,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
                                               const std::optional<Tensor>& bias,
                                               c10::string_view activation, double negative_slope) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
-  check_linear_args(op, input, weight, bias);
+  check_linear_args(op, input, weight, bias, check_cpu_dtype);
   const Activation act = activation_from(activation);
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   const Tensor x2d = input.reshape({m, k});
@@ -206,7 +190,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
                                                       c10::string_view activation, double negative_slope,
                                                       std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.linear_act_bwd";
-  check_linear_args(op, input, weight, std::nullopt);
+  check_linear_args(op, input, weight, std::nullopt, check_cpu_dtype);
   const Activation act = activation_from(activation);
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   check_same_device(op, input, "input", grad_output, "grad_output");
@@ -214,26 +198,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op,
               ": grad_output must have shape ", at::IntArrayRef(with_last_dim(input, n)), ", got ",
               grad_output.sizes());
-  check_same_device(op, input, "input", saved, "saved");
-  Tensor saved2d, mask2d;
-  switch (saved_for_backward(act)) {
-    case SavedForBackward::PositiveMask:
-      TORCH_CHECK(saved.scalar_type() == at::kByte && saved.numel() == m * ((n + 7) / 8), op,
-                  ": saved must be the uint8 mask of shape (*, ", (n + 7) / 8, ") from linear_act_fwd, got ",
-                  saved.scalar_type(), " of shape ", saved.sizes());
-      mask2d = saved.reshape({m, (n + 7) / 8}).contiguous();
-      break;
-    case SavedForBackward::Output:
-    case SavedForBackward::PreActivation:
-      TORCH_CHECK(saved.sizes() == grad_output.sizes(), op, ": saved must have shape ", grad_output.sizes(),
-                  " (the ", saved_for_backward(act) == SavedForBackward::Output ? "output" : "pre-activation",
-                  " from linear_act_fwd), got ", saved.sizes());
-      check_same_dtype(op, input, "input", saved, "saved");
-      saved2d = saved.reshape({m, n}).contiguous();
-      break;
-    default:
-      break;
-  }
+  const auto saved_views = saved_for_linear_act_bwd(op, act, saved, input, grad_output, m, n);
+  const Tensor& mask2d = saved_views.first;
+  const Tensor& saved2d = saved_views.second;
   const Tensor x2d = input.reshape({m, k});
   Tensor g2d = grad_output.reshape({m, n});
   // The kernels read rows with unit column stride; any row stride (0 too) is fine. Other layouts

@@ -10,6 +10,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "dense_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "shapes.h"
@@ -22,15 +23,6 @@ using cpu::KernelsFor;
 
 template <typename S>
 using MathT = std::conditional_t<std::is_same_v<S, double>, double, float>;
-
-// Output columns of the activation over `input`: its width, or half of it when gated.
-int64_t output_width(const char* op, const Tensor& input, bool gated) {
-  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension, got a 0-D tensor");
-  const int64_t width = input.size(-1);
-  TORCH_CHECK(!gated || width % 2 == 0, op, ": a gated activation needs an even input.size(-1) "
-              "(the gate half, then the value half), got ", width);
-  return gated ? width / 2 : width;
-}
 
 int64_t grain_rows(int64_t n) { return std::max<int64_t>(1, 16384 / std::max<int64_t>(n, 1)); }
 
@@ -72,7 +64,7 @@ void run(bool backward, Activation act, double slope, int64_t rows, int64_t n, b
 Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double negative_slope, bool gated) {
   constexpr const char* op = "torch_ext.mlp_act_fwd";
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
-  const int64_t n = output_width(op, input, gated);
+  const int64_t n = mlp_act_output_width(op, input, gated);
   check_cpu_dtype(op, input, "input");
   const int64_t rows = leading_rows(input);
   const Tensor in2d = input.reshape({rows, input.size(-1)}).contiguous();
@@ -86,7 +78,7 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tens
                                            std::array<bool, 2> output_mask) {
   constexpr const char* op = "torch_ext.mlp_act_bwd";
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
-  const int64_t n = output_width(op, input, gated);
+  const int64_t n = mlp_act_output_width(op, input, gated);
   check_cpu_dtype(op, input, "input");
   check_same_device(op, input, "input", grad_output, "grad_output");
   check_same_dtype(op, input, "input", grad_output, "grad_output");

@@ -14,6 +14,7 @@
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
+#include "loss_checks.h"
 
 namespace torch_ext {
 namespace {
@@ -22,28 +23,6 @@ using at::Tensor;
 using cpu::KernelsFor;
 
 constexpr int64_t kReductionBlock = 32768;  // elements per partial sum
-
-RegressionLoss check_regression_args(const char* op, const Tensor& input, const Tensor& target,
-                                     const std::optional<Tensor>& weight, c10::string_view loss, double param) {
-  const RegressionLoss kind = parse_regression_loss(std::string_view(loss.data(), loss.size()));
-  check_cpu_dtype(op, input, "input");
-  check_same_device(op, input, "input", target, "target");
-  check_same_dtype(op, input, "input", target, "target");
-  TORCH_CHECK(input.sizes() == target.sizes(), op, ": input and target must have the same shape (the functional API "
-              "broadcasts them first), got ", input.sizes(), " and ", target.sizes());
-  if (weight.has_value()) {
-    check_same_device(op, input, "input", *weight, "weight");
-    check_same_dtype(op, input, "input", *weight, "weight");
-    TORCH_CHECK(weight->sizes() == input.sizes(), op, ": weight must have input's shape ", input.sizes(), ", got ",
-                weight->sizes());
-  }
-  if (kind == RegressionLoss::Huber) {
-    TORCH_CHECK_VALUE(param > 0, op, ": huber_loss needs delta > 0, got delta=", param);
-  } else if (kind == RegressionLoss::SmoothL1) {
-    TORCH_CHECK_VALUE(param >= 0, op, ": smooth_l1_loss needs beta >= 0, got beta=", param);
-  }
-  return kind;
-}
 
 template <typename S>
 cpu::RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tensor& x, const Tensor& t,
@@ -86,16 +65,11 @@ double sum_partials(const Tensor& partials) {
                                                : sum_in_order(partials.const_data_ptr<float>(), partials.numel());
 }
 
-// The mean's denominator: the sum of the weights for weighted mse (as F.mse_loss), else numel.
-bool divides_by_weight_sum(RegressionLoss kind, const std::optional<Tensor>& weight) {
-  return kind == RegressionLoss::Mse && weight.has_value();
-}
-
 Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                                c10::string_view loss, double param, c10::string_view reduction) {
   constexpr const char* op = "torch_ext.regression_loss";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -128,19 +102,16 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
                                                    std::array<bool, 2> output_mask) {
   constexpr const char* op = "torch_ext.regression_loss_bwd";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   Tensor grad;
   double scale = 0;
+  check_grad_loss(op, grad_loss, red, reduction, input.sizes());
   if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.sizes() == input.sizes(), op, ": grad_loss must have input's shape ", input.sizes(),
-                " for reduction='none', got ", grad_loss.sizes());
     grad = grad_loss.to(input.scalar_type()).contiguous();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
-                "', got shape ", grad_loss.sizes());
     scale = grad_loss.item<double>();
     if (red == Reduction::Mean)
       scale /= divides_by_weight_sum(kind, weight) ? w.sum(at::kDouble).item<double>() : double(x.numel());

@@ -15,27 +15,13 @@
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
+#include "loss_checks.h"
 
 namespace torch_ext {
 namespace {
 
 using at::Tensor;
 using cpu::KernelsFor;
-
-void check_triplet_args(const char* op, const Tensor& anchor, const Tensor& positive, const Tensor& negative,
-                        double p) {
-  TORCH_CHECK(anchor.dim() == 1 || anchor.dim() == 2, op, ": anchor must have shape (D) or (N, D), got ",
-              anchor.sizes());
-  check_cpu_dtype(op, anchor, "anchor");
-  for (const auto& [t, name] : {std::pair<const Tensor&, const char*>{positive, "positive"}, {negative, "negative"}}) {
-    TORCH_CHECK(t.sizes() == anchor.sizes(), op, ": ", name, " must have anchor's shape ", anchor.sizes(), ", got ",
-                t.sizes());
-    check_same_device(op, anchor, "anchor", t, name);
-    check_same_dtype(op, anchor, "anchor", t, name);
-  }
-  TORCH_CHECK_VALUE(p > 0 && std::isfinite(p), op, ": p must be a positive finite number (torch_ext does not "
-                    "implement the p=0 and p=inf distances), got p=", p);
-}
 
 template <typename S>
 cpu::TripletMarginArgs<S> kernel_args(const Tensor& a, const Tensor& p, const Tensor& n, double margin, double norm_p,
@@ -92,7 +78,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                                  c10::string_view reduction,
                                                                  std::array<bool, 3> grad_mask) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p);
+  check_triplet_args(op, anchor, positive, negative, p, check_cpu_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
   const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -145,23 +131,17 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
                                                                std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.triplet_margin_loss_bwd";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p);
+  check_triplet_args(op, anchor, positive, negative, p, check_cpu_dtype);
   const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
   const auto acc = anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  check_same_device(op, anchor, "anchor", dist, "dist");
-  TORCH_CHECK(dist.scalar_type() == acc && dist.dim() == 2 && dist.size(0) == rows && dist.size(1) == 3, op,
-              ": dist must be the (", rows, ", 3) ", acc, " tensor from triplet_margin_loss_fwd, got ",
-              dist.scalar_type(), " of shape ", dist.sizes());
+  check_row_stats(op, anchor, "anchor", dist, "dist", rows, acc, "triplet_margin_loss_fwd");
   check_same_device(op, anchor, "anchor", grad_loss, "grad_loss");
   Tensor row_scale;
   double scale = 0;
+  check_grad_loss(op, grad_loss, red, reduction, at::IntArrayRef(loss_shape(anchor)));
   if (red == Reduction::None) {
-    TORCH_CHECK(grad_loss.sizes() == at::IntArrayRef(loss_shape(anchor)), op, ": grad_loss must have shape ",
-                at::IntArrayRef(loss_shape(anchor)), " for reduction='none', got ", grad_loss.sizes());
     row_scale = grad_loss.to(acc).contiguous();
   } else {
-    TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
-                "', got shape ", grad_loss.sizes());
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? double(rows) : 1.0);
   }
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();

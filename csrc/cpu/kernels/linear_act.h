@@ -199,8 +199,15 @@ void forward_rows(const LinearActForwardRows<S>& a, T slope) {
         const int64_t len = std::min(kSegment, a.n - c);
         at::vec::convert(gemm + c, x, len);
         if (a.bias) at::vec::convert(a.bias + c, b, len);
-        forward_segment<A, T>(len, x, a.bias ? b : nullptr, a.pre_out ? x : nullptr, y,
-                              mask ? mask + c / 8 : nullptr, slope);
+        if (a.bias && a.pre_out) {
+          // The activation of the pre-activation as saved (rounded to S), so that backward's
+          // derivative and FusedMLP's recomputed output see the value the forward used.
+          for (int64_t i = 0; i < len; ++i) x[i] = T(S(x[i] + b[i]));
+          forward_segment<A, T>(len, x, nullptr, x, y, mask ? mask + c / 8 : nullptr, slope);
+        } else {
+          forward_segment<A, T>(len, x, a.bias ? b : nullptr, a.pre_out ? x : nullptr, y,
+                                mask ? mask + c / 8 : nullptr, slope);
+        }
         if (a.pre_out) at::vec::convert(x, gemm + c, len);
         at::vec::convert(y, out + c, len);
       }

@@ -1,0 +1,74 @@
+// The argument checks of the dense-layer ops (linear_act, mlp_act), shared by their CPU and CUDA
+// files. check_dtype: the dtypes the device's kernels take (check_cpu_dtype, check_floating).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <c10/util/Exception.h>
+
+#include <optional>
+#include <utility>
+
+#include "activation.h"
+#include "checks.h"
+#include "shapes.h"
+
+namespace torch_ext {
+
+using CheckDtype = void (*)(const char*, const at::Tensor&, const char*);
+
+inline void check_linear_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
+                              const std::optional<at::Tensor>& bias, CheckDtype check_dtype) {
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
+              weight.sizes());
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features), got a 0-D tensor");
+  TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.size(-1) is ", input.size(-1),
+              " but weight.size(1) (in_features) is ", weight.size(1), "; they must be equal");
+  check_same_device(op, input, "input", weight, "weight");
+  check_same_dtype(op, input, "input", weight, "weight");
+  check_dtype(op, input, "input");
+  if (bias.has_value()) {
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
+                ": bias must have shape (out_features,) = (", weight.size(0), ",), got ", bias->sizes());
+    check_same_device(op, input, "input", *bias, "bias");
+    check_same_dtype(op, input, "input", *bias, "bias");
+  }
+}
+
+// linear_act_bwd's `saved` as the kernels read it: (mask (m, ceil(n/8)), undefined) for
+// relu/leaky_relu, (undefined, pre-activation or output (m, n)) for the others that save one.
+inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op, Activation act, const at::Tensor& saved,
+                                                                  const at::Tensor& input, const at::Tensor& grad_output,
+                                                                  int64_t m, int64_t n) {
+  check_same_device(op, input, "input", saved, "saved");
+  at::Tensor mask2d, saved2d;
+  switch (saved_for_backward(act)) {
+    case SavedForBackward::PositiveMask:
+      TORCH_CHECK(saved.scalar_type() == at::kByte && saved.numel() == m * ((n + 7) / 8), op,
+                  ": saved must be the uint8 mask of shape (*, ", (n + 7) / 8, ") from linear_act_fwd, got ",
+                  saved.scalar_type(), " of shape ", saved.sizes());
+      mask2d = saved.reshape({m, (n + 7) / 8}).contiguous();
+      break;
+    case SavedForBackward::Output:
+    case SavedForBackward::PreActivation:
+      TORCH_CHECK(saved.sizes() == grad_output.sizes(), op, ": saved must have shape ", grad_output.sizes(),
+                  " (the ", saved_for_backward(act) == SavedForBackward::Output ? "output" : "pre-activation",
+                  " from linear_act_fwd), got ", saved.sizes());
+      check_same_dtype(op, input, "input", saved, "saved");
+      saved2d = saved.reshape({m, n}).contiguous();
+      break;
+    default:
+      break;
+  }
+  return {mask2d, saved2d};
+}
+
+// Output columns of the MLP activation over `input`: its width, or half of it when gated.
+inline int64_t mlp_act_output_width(const char* op, const at::Tensor& input, bool gated) {
+  TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension, got a 0-D tensor");
+  const int64_t width = input.size(-1);
+  TORCH_CHECK(!gated || width % 2 == 0, op, ": a gated activation needs an even input.size(-1) "
+              "(the gate half, then the value half), got ", width);
+  return gated ? width / 2 : width;
+}
+
+}  // namespace torch_ext
