@@ -1,0 +1,517 @@
+// Fused cross-entropy on CUDA, with every option of F.cross_entropy plus z_loss; the same ops,
+// formulas and saved statistics as csrc/cpu/cross_entropy.cpp (see csrc/cpu/kernels/cross_entropy.h
+// for the formulas).
+//
+//   forward : (N, C) input: one block per row, an online max / sum-exp per thread over strided
+//             (vectorized) classes, then a block reduction in a fixed order (deterministic, no
+//             atomics). (N, C, d...) input: one thread per position, looping over classes, so
+//             adjacent threads read adjacent positions.
+//   backward: the same layouts, one read of the logits and one write of the gradient.
+// Target validation runs on the device and is reported by the host (one synchronization), so a
+// bad class index is a Python error, never a device-side assert.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "checks.h"
+#include "loss_checks.h"
+#include "cuda/reduce.cuh"
+#include "loss.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+
+template <typename S>
+struct CrossEntropyArgs {
+  using A = at::acc_type<S, true>;
+  int64_t rows, classes, spatial;
+  const S* input;
+  const int64_t* target;   // or nullptr (probabilities)
+  const S* target_prob;    // or nullptr
+  const A* weight;         // or nullptr
+  int64_t ignore_index;
+  A label_smoothing, z_loss;
+  const A* weight_sum;     // device scalar: sum of weight (classes without weight)
+  A* stats;                // (rows, 3): max, log(sum exp(x - max)), target mass
+  A* row_loss;             // forward
+  const A* row_scale;      // backward: per row (reduction none), or
+  const A* scale;          // a device scalar for every row
+  S* grad_input;           // or nullptr
+  S* grad_target;          // or nullptr
+};
+
+// A row's running statistics: max and sum of exp(x - max) (online), and the linear sums of the
+// smoothing and probability terms, taken relative to `shift` (the row's first finite logit) so
+// that large logits do not cancel against lse.
+template <typename A>
+struct RowPartial {
+  A max, sum_exp, sum_wx, sum_wt, sum_wtx;
+
+  __device__ static RowPartial empty() { return {-INFINITY, A(0), A(0), A(0), A(0)}; }
+
+  __device__ void add_logit(A x) {
+    if (x > max) {
+      sum_exp = (max == -INFINITY ? A(0) : sum_exp * ::exp(max - x)) + A(1);
+      max = x;
+    } else if (x != x) {
+      max = x;
+      sum_exp = x;
+    } else if (x != -INFINITY) {
+      sum_exp += ::exp(x - max);
+    }
+  }
+
+  __device__ void merge(const RowPartial& o) {
+    const A m = max != max ? max : ((o.max != o.max || o.max > max) ? o.max : max);  // NaN-propagating
+    A s;
+    if (m != m) {
+      s = m;
+    } else {
+      s = (max == -INFINITY ? A(0) : sum_exp * ::exp(max - m)) + (o.max == -INFINITY ? A(0) : o.sum_exp * ::exp(o.max - m));
+    }
+    max = m;
+    sum_exp = s;
+    sum_wx += o.sum_wx;
+    sum_wt += o.sum_wt;
+    sum_wtx += o.sum_wtx;
+  }
+};
+
+template <typename A>
+struct MergeRowPartial {
+  __device__ RowPartial<A> operator()(RowPartial<A> a, const RowPartial<A>& b) const {
+    a.merge(b);
+    return a;
+  }
+};
+
+template <typename A>
+__device__ __forceinline__ RowPartial<A> shfl_down(const RowPartial<A>& p, int offset) {
+  return {__shfl_down_sync(0xffffffffu, p.max, offset), __shfl_down_sync(0xffffffffu, p.sum_exp, offset),
+          __shfl_down_sync(0xffffffffu, p.sum_wx, offset), __shfl_down_sync(0xffffffffu, p.sum_wt, offset),
+          __shfl_down_sync(0xffffffffu, p.sum_wtx, offset)};
+}
+
+// One class of one row: x, and t (probability targets) at class c.
+template <typename S>
+__device__ __forceinline__ void accumulate_class(RowPartial<at::acc_type<S, true>>& p, const CrossEntropyArgs<S>& a,
+                                                 at::acc_type<S, true> x, const S* t_row, int64_t c, int64_t stride,
+                                                 at::acc_type<S, true> shift, bool linear_sums) {
+  using A = at::acc_type<S, true>;
+  p.add_logit(x);
+  if (!linear_sums) return;
+  const A w = a.weight ? a.weight[c] : A(1);
+  if (t_row == nullptr) {
+    p.sum_wx += w * (x - shift);
+  } else {
+    const A wt = w * (A(t_row[c * stride]) * (A(1) - a.label_smoothing) + a.label_smoothing / A(a.classes));
+    p.sum_wt += wt;
+    p.sum_wtx += wt * (x - shift);
+  }
+}
+
+template <typename S>
+__device__ __forceinline__ bool row_ignored(const CrossEntropyArgs<S>& a, int64_t r) {
+  return a.target != nullptr && a.target[r] == a.ignore_index;
+}
+
+// The row's loss and statistics from its reduced partial (x_row: the row's first logit, with
+// class stride `stride`).
+template <typename S>
+__device__ void finish_forward_row(const CrossEntropyArgs<S>& a, int64_t r, const RowPartial<at::acc_type<S, true>>& p,
+                                   const S* x_row, int64_t stride, at::acc_type<S, true> shift) {
+  using A = at::acc_type<S, true>;
+  const A e = a.label_smoothing, inv_c = A(1) / A(a.classes);
+  const A log_sum = ::log(p.sum_exp);
+  const A lse = p.max + log_sum;
+  const A lse_shifted = (p.max - shift) + log_sum;
+  A loss;
+  if (a.target_prob != nullptr) {
+    loss = p.sum_wt * lse_shifted - p.sum_wtx;
+    if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+  } else {
+    const int64_t y = a.target[r];
+    const A rw = a.weight ? a.weight[y] : A(1);
+    loss = (A(1) - e) * ((p.max - A(x_row[y * stride])) + log_sum);
+    if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+    loss *= rw;
+    if (e > 0) loss += e * inv_c * (*a.weight_sum * lse_shifted - p.sum_wx);
+  }
+  a.row_loss[r] = loss;
+  a.stats[3 * r] = p.max;
+  a.stats[3 * r + 1] = log_sum;
+  a.stats[3 * r + 2] = a.target_prob != nullptr ? p.sum_wt : A(0);
+}
+
+template <typename S>
+__device__ __forceinline__ at::acc_type<S, true> row_shift(const S* x_row) {
+  using A = at::acc_type<S, true>;
+  const A first = A(x_row[0]);
+  return ::isfinite(first) ? first : A(0);
+}
+
+// 16-byte packs of S for the vectorized (N, C) path.
+template <typename S, int kVec>
+struct alignas(sizeof(S) * kVec) Pack {
+  S v[kVec];
+};
+
+// (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
+template <typename S, int kVec>
+__global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  __shared__ RowPartial<A> warp_partials[32];
+  const int64_t C = a.classes;
+  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    if (row_ignored(a, r)) {
+      if (threadIdx.x == 0) {
+        a.row_loss[r] = 0;
+        a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
+      }
+      continue;
+    }
+    const S* x = a.input + r * C;
+    const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
+    const A shift = row_shift(x);
+    RowPartial<A> p = RowPartial<A>::empty();
+    for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
+      const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) accumulate_class(p, a, A(pack.v[j]), t, c0 + j, 1, shift, linear_sums);
+    }
+    p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
+                     [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
+    if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
+    __syncthreads();  // warp_partials is reused by the next row
+  }
+}
+
+// (N, C, d...): one thread per position r = n * spatial + s; class c at offset c * spatial.
+template <typename S>
+__global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  const int64_t C = a.classes, HW = a.spatial;
+  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
+    if (row_ignored(a, r)) {
+      a.row_loss[r] = 0;
+      a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
+      continue;
+    }
+    const int64_t offset = (r / HW) * C * HW + r % HW;
+    const S* x = a.input + offset;
+    const S* t = a.target_prob ? a.target_prob + offset : nullptr;
+    const A shift = row_shift(x);
+    RowPartial<A> p = RowPartial<A>::empty();
+    for (int64_t c = 0; c < C; ++c) accumulate_class(p, a, A(x[c * HW]), t, c, HW, shift, linear_sums);
+    finish_forward_row(a, r, p, x, HW, shift);
+  }
+}
+
+// Per row: grad_c = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y] (see the CPU kernel).
+template <typename A>
+struct RowGradient {
+  A coef_p, coef_w, coef_y, row_max, log_sum, scale;
+  int64_t y;
+};
+
+template <typename S>
+__device__ __forceinline__ RowGradient<at::acc_type<S, true>> row_gradient(const CrossEntropyArgs<S>& a, int64_t r) {
+  using A = at::acc_type<S, true>;
+  const A e = a.label_smoothing, inv_c = A(1) / A(a.classes);
+  const A sc = a.row_scale ? a.row_scale[r] : *a.scale;
+  RowGradient<A> g;
+  g.row_max = a.stats[3 * r];
+  g.log_sum = a.stats[3 * r + 1];
+  g.scale = sc;
+  const A lse = g.row_max + g.log_sum;
+  const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
+  if (a.target_prob != nullptr) {
+    g.coef_p = sc * (a.stats[3 * r + 2] + z_term);
+    g.coef_w = sc;
+    g.coef_y = 0;
+    g.y = -1;
+  } else {
+    g.y = a.target[r];
+    const A rw = a.weight ? a.weight[g.y] : A(1);
+    g.coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * *a.weight_sum : A(0)));
+    g.coef_w = sc * e * inv_c;
+    g.coef_y = sc * rw * (A(1) - e);
+  }
+  return g;
+}
+
+template <typename S>
+__device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a, const RowGradient<at::acc_type<S, true>>& g,
+                                               at::acc_type<S, true> x, const S* t_row, S* gi_row, S* gt_row,
+                                               int64_t c, int64_t stride) {
+  using A = at::acc_type<S, true>;
+  const A e = a.label_smoothing;
+  const A w = a.weight ? a.weight[c] : A(1);
+  A grad = g.coef_p * ::exp((x - g.row_max) - g.log_sum);
+  if (t_row != nullptr) {
+    const A t = A(t_row[c * stride]);
+    grad -= g.coef_w * w * (t * (A(1) - e) + e / A(a.classes));
+    if (gt_row != nullptr) gt_row[c * stride] = S(g.scale * (A(1) - e) * w * ((g.row_max - x) + g.log_sum));
+  } else if (e > 0) {
+    grad -= g.coef_w * w;
+  }
+  if (c == g.y) grad -= g.coef_y;
+  if (gi_row != nullptr) gi_row[c * stride] = S(grad);
+}
+
+template <typename S, int kVec>
+__global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  const int64_t C = a.classes;
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    S* gi = a.grad_input ? a.grad_input + r * C : nullptr;
+    if (row_ignored(a, r)) {
+      if (gi != nullptr)
+        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gi[c] = S(0);
+      continue;
+    }
+    const S* x = a.input + r * C;
+    const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
+    S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
+    const RowGradient<A> g = row_gradient(a, r);
+    for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
+      // Read the whole pack before writing: grad_input may be the input itself (in place).
+      const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) gradient_class(a, g, A(pack.v[j]), t, gi, gt, c0 + j, 1);
+    }
+  }
+}
+
+template <typename S>
+__global__ void backward_positions_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  const int64_t C = a.classes, HW = a.spatial;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t offset = (r / HW) * C * HW + r % HW;
+    S* gi = a.grad_input ? a.grad_input + offset : nullptr;
+    if (row_ignored(a, r)) {
+      if (gi != nullptr)
+        for (int64_t c = 0; c < C; ++c) gi[c * HW] = S(0);
+      continue;
+    }
+    const S* x = a.input + offset;
+    const S* t = a.target_prob ? a.target_prob + offset : nullptr;
+    S* gt = a.grad_target ? a.grad_target + offset : nullptr;
+    const RowGradient<A> g = row_gradient(a, r);
+    for (int64_t c = 0; c < C; ++c) gradient_class(a, g, A(x[c * HW]), t, gi, gt, c, HW);
+  }
+}
+
+// ---- host side -------------------------------------------------------------------------------
+
+at::ScalarType acc_dtype(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+struct CrossEntropyInputs {
+  CrossEntropyLayout layout;
+  Tensor input, target, weight;
+  Tensor weight_sum, denominator;  // device scalars in the accumulation type
+};
+
+// Contiguous inputs, targets as int64 (checked on the device: one synchronization), weight in
+// the accumulation type, and the mean's denominator (sum of the kept rows' weights) as a device
+// scalar, summed by ATen's deterministic reduction.
+CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& target,
+                           const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
+                           double z_loss) {
+  CrossEntropyInputs in;
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, check_floating);
+  const auto acc = input.options().dtype(acc_dtype(input));
+  in.input = input.contiguous();
+  in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
+  in.weight_sum = in.weight.defined() ? in.weight.sum() : at::scalar_tensor(double(in.layout.classes), acc);
+  if (in.layout.probabilities) {
+    in.target = target.contiguous();
+    in.denominator = at::scalar_tensor(double(in.layout.rows()), acc);
+    return in;
+  }
+  in.target = target.to(at::kLong).contiguous();
+  const int64_t classes = in.layout.classes;
+  const Tensor kept = in.target.ne(ignore_index);
+  const Tensor bad = kept.logical_and(in.target.lt(0).logical_or(in.target.ge(classes)));
+  if (bad.any().item<bool>()) {
+    const int64_t first = in.target.masked_select(bad).reshape(-1)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": target ", first, " is out of bounds: class indices must be in [0, ", classes - 1,
+                      "] or equal ignore_index (", ignore_index, ")");
+  }
+  if (in.weight.defined()) {
+    const Tensor safe = in.target.masked_fill(kept.logical_not(), 0).reshape(-1);
+    in.denominator = in.weight.index_select(0, safe).mul(kept.reshape(-1).to(acc_dtype(input))).sum();
+  } else {
+    in.denominator = kept.sum().to(acc_dtype(input));
+  }
+  return in;
+}
+
+template <typename S>
+CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing,
+                                double z_loss, const Tensor& stats) {
+  using A = at::acc_type<S, true>;
+  CrossEntropyArgs<S> a{};
+  a.rows = in.layout.rows();
+  a.classes = in.layout.classes;
+  a.spatial = in.layout.spatial;
+  a.input = in.input.const_data_ptr<S>();
+  a.target = in.layout.probabilities ? nullptr : in.target.const_data_ptr<int64_t>();
+  a.target_prob = in.layout.probabilities ? in.target.const_data_ptr<S>() : nullptr;
+  a.weight = in.weight.defined() ? in.weight.const_data_ptr<A>() : nullptr;
+  a.ignore_index = ignore_index;
+  a.label_smoothing = A(label_smoothing);
+  a.z_loss = A(z_loss);
+  a.weight_sum = in.weight_sum.const_data_ptr<A>();
+  a.stats = const_cast<A*>(stats.const_data_ptr<A>());
+  return a;
+}
+
+// 16-byte packs when every row starts 16-byte aligned (C a multiple of the pack, aligned bases).
+template <typename S>
+bool use_packs(const CrossEntropyArgs<S>& a) {
+  constexpr int kVec = 16 / sizeof(S);
+  const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
+  return kVec > 1 && a.spatial == 1 && a.classes % kVec == 0 && aligned(a.input) && aligned(a.grad_input);
+}
+
+int threads_for_row(int64_t loads) {
+  int threads = 32;
+  while (threads < 512 && threads < loads) threads *= 2;
+  return threads;
+}
+
+int64_t grid_for(int64_t blocks) { return std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 30); }
+
+template <typename S>
+void launch(bool backward, const CrossEntropyArgs<S>& a) {
+  const auto stream = c10::cuda::getCurrentCUDAStream();
+  constexpr int kVec = 16 / sizeof(S) > 0 ? 16 / sizeof(S) : 1;
+  if (a.spatial > 1) {
+    const int threads = 256;
+    const int64_t blocks = grid_for((a.rows + threads - 1) / threads);
+    if (backward) backward_positions_kernel<S><<<blocks, threads, 0, stream>>>(a);
+    else forward_positions_kernel<S><<<blocks, threads, 0, stream>>>(a);
+  } else if (use_packs(a)) {
+    const int threads = threads_for_row(a.classes / kVec);
+    if (backward) backward_rows_kernel<S, kVec><<<grid_for(a.rows), threads, 0, stream>>>(a);
+    else forward_rows_kernel<S, kVec><<<grid_for(a.rows), threads, 0, stream>>>(a);
+  } else {
+    const int threads = threads_for_row(a.classes);
+    if (backward) backward_rows_kernel<S, 1><<<grid_for(a.rows), threads, 0, stream>>>(a);
+    else forward_rows_kernel<S, 1><<<grid_for(a.rows), threads, 0, stream>>>(a);
+  }
+  C10_CUDA_KERNEL_LAUNCH_CHECK();
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
+                                                  const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                  c10::string_view reduction, double label_smoothing, double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  const auto acc_options = input.options().dtype(acc_dtype(input));
+  Tensor stats = at::zeros({rows, 3}, acc_options);
+  Tensor row_loss = at::zeros({rows}, acc_options);
+  if (rows > 0 && in.layout.classes > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+      auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
+      a.row_loss = row_loss.data_ptr<at::acc_type<scalar_t, true>>();
+      launch<scalar_t>(false, a);
+    });
+  }
+  Tensor loss;
+  switch (red) {
+    case Reduction::None: loss = row_loss.to(input.scalar_type()).view(in.layout.loss_shape); break;
+    case Reduction::Sum: loss = row_loss.sum().to(input.scalar_type()); break;
+    case Reduction::Mean: loss = row_loss.sum().div(in.denominator).to(input.scalar_type()); break;
+  }
+  return {loss, stats};
+}
+
+void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                   const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                   c10::string_view reduction, double label_smoothing, double z_loss, Tensor& grad_input,
+                   Tensor& grad_target) {
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
+              ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
+  check_row_stats(op, input, "input", stats, "stats", rows, acc_dtype(input), "cross_entropy_fwd");
+  check_same_device(op, input, "input", grad_loss, "grad_loss");
+  Tensor row_scale, scale;
+  check_grad_loss(op, grad_loss, red, reduction, at::IntArrayRef(in.layout.loss_shape));
+  if (red == Reduction::None) {
+    row_scale = grad_loss.to(acc_dtype(input)).contiguous();
+  } else {
+    scale = grad_loss.reshape({}).to(acc_dtype(input));
+    if (red == Reduction::Mean) scale = scale.div(in.denominator);
+  }
+  const Tensor stats_c = stats.contiguous();
+  if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats_c);
+      a.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+      a.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
+      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
+      launch<scalar_t>(true, a);
+    });
+  }
+}
+
+std::tuple<Tensor, Tensor> cross_entropy_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                  const std::optional<Tensor>& weight, const Tensor& stats,
+                                                  int64_t ignore_index, c10::string_view reduction,
+                                                  double label_smoothing, double z_loss,
+                                                  std::array<bool, 2> output_mask) {
+  const c10::cuda::CUDAGuard guard(input.device());
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
+                label_smoothing, z_loss, grad_input, grad_target);
+  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
+void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
+                                    c10::string_view reduction, double label_smoothing, double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
+  const c10::cuda::CUDAGuard guard(input.device());
+  TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
+  Tensor grad_input = input;
+  Tensor no_target_grad;
+  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
+                grad_input, no_target_grad);
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
+  m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
+  m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);
+}
+
+}  // namespace torch_ext

@@ -1,0 +1,197 @@
+// Fused elementwise regression losses on CUDA: mse, huber, smooth_l1; the same ops and formulas
+// as csrc/cpu/regression_loss.cpp (the scalar formulas are in csrc/loss.h).
+//   forward : one read of input and target (and weight); the loss per element, or one partial
+//             sum per CUDA block of a fixed number of elements, added by ATen's deterministic
+//             sum (no atomics: the result does not depend on scheduling).
+//   backward: one read of input and target, one write of each requested gradient.
+#include <ATen/AccumulateType.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <c10/cuda/CUDAException.h>
+#include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
+#include <torch/library.h>
+
+#include <string_view>
+
+#include "checks.h"
+#include "cuda/reduce.cuh"
+#include "loss.h"
+#include "loss_checks.h"
+
+namespace torch_ext {
+namespace {
+
+using at::Tensor;
+
+constexpr int kThreads = 256;
+constexpr int kItemsPerThread = 8;
+constexpr int64_t kElementsPerBlock = int64_t(kThreads) * kItemsPerThread;
+
+template <typename S>
+struct RegressionLossArgs {
+  using A = at::acc_type<S, true>;
+  int64_t numel;
+  const S* input;
+  const S* target;
+  const S* weight;          // or nullptr
+  RegressionLoss loss;
+  A param;
+  S* out;                   // forward, reduction none
+  A* loss_partials;         // forward, reductions: one per block
+  A* weight_partials;       // weighted mse mean, or nullptr
+  const S* grad_loss;       // backward, reduction none: per element, or
+  const A* scale;           // a device scalar for every element
+  S* grad_input;            // or nullptr
+  S* grad_target;           // or nullptr
+};
+
+// Block b covers elements [b * kElementsPerBlock, (b + 1) * kElementsPerBlock), read with unit
+// stride by consecutive threads.
+template <typename S>
+__global__ void forward_kernel(RegressionLossArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  __shared__ A partial_loss[32];
+  __shared__ A partial_weight[32];
+  const int64_t first = int64_t(blockIdx.x) * kElementsPerBlock;
+  A loss_sum = 0, weight_sum = 0;
+#pragma unroll
+  for (int k = 0; k < kItemsPerThread; ++k) {
+    const int64_t i = first + int64_t(k) * kThreads + threadIdx.x;
+    if (i >= a.numel) break;
+    A l = regression_loss_value<A>(a.loss, A(a.input[i]) - A(a.target[i]), a.param);
+    if (a.weight != nullptr) {
+      const A w = A(a.weight[i]);
+      l *= w;
+      weight_sum += w;
+    }
+    if (a.out != nullptr) {
+      a.out[i] = S(l);
+    } else {
+      loss_sum += l;
+    }
+  }
+  if (a.loss_partials == nullptr) return;
+  loss_sum = block_sum(loss_sum, partial_loss);
+  if (a.weight_partials != nullptr) weight_sum = block_sum(weight_sum, partial_weight);
+  if (threadIdx.x == 0) {
+    a.loss_partials[blockIdx.x] = loss_sum;
+    if (a.weight_partials != nullptr) a.weight_partials[blockIdx.x] = weight_sum;
+  }
+}
+
+template <typename S>
+__global__ void backward_kernel(RegressionLossArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  const A scale = a.scale != nullptr ? *a.scale : A(0);
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += int64_t(gridDim.x) * blockDim.x) {
+    A g = regression_loss_derivative<A>(a.loss, A(a.input[i]) - A(a.target[i]), a.param);
+    g *= a.grad_loss != nullptr ? A(a.grad_loss[i]) : scale;
+    if (a.weight != nullptr) g *= A(a.weight[i]);
+    if (a.grad_input != nullptr) a.grad_input[i] = S(g);
+    if (a.grad_target != nullptr) a.grad_target[i] = S(-g);
+  }
+}
+
+template <typename S>
+RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w) {
+  RegressionLossArgs<S> a{};
+  a.numel = x.numel();
+  a.input = x.const_data_ptr<S>();
+  a.target = t.const_data_ptr<S>();
+  a.weight = w.defined() ? w.const_data_ptr<S>() : nullptr;
+  a.loss = kind;
+  a.param = at::acc_type<S, true>(param);
+  return a;
+}
+
+at::ScalarType acc_dtype(const Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
+Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
+                                c10::string_view loss, double param, c10::string_view reduction) {
+  constexpr const char* op = "torch_ext.regression_loss";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
+  const auto acc = input.options().dtype(acc_dtype(input));
+  Tensor out, loss_partials, weight_partials;
+  if (red == Reduction::None) {
+    out = at::empty(input.sizes(), input.options());
+  } else {
+    loss_partials = at::empty({blocks}, acc);
+    if (red == Reduction::Mean && divides_by_weight_sum(kind, weight)) weight_partials = at::empty({blocks}, acc);
+  }
+  if (blocks > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_fwd_cuda", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      auto a = kernel_args<scalar_t>(kind, param, x, t, w);
+      a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+      a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
+      a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
+      forward_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  if (red == Reduction::None) return out;
+  Tensor total = loss_partials.sum();
+  if (red == Reduction::Mean) {
+    total = weight_partials.defined() ? total.div(weight_partials.sum()) : total.div(double(x.numel()));
+  }
+  return total.to(input.scalar_type());
+}
+
+std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
+                                                    const std::optional<Tensor>& weight, c10::string_view loss,
+                                                    double param, c10::string_view reduction,
+                                                    std::array<bool, 2> output_mask) {
+  constexpr const char* op = "torch_ext.regression_loss_bwd";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
+  check_same_device(op, input, "input", grad_loss, "grad_loss");
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  Tensor grad, scale;
+  check_grad_loss(op, grad_loss, red, reduction, input.sizes());
+  if (red == Reduction::None) {
+    grad = grad_loss.to(input.scalar_type()).contiguous();
+  } else {
+    scale = grad_loss.reshape({}).to(acc_dtype(input));
+    if (red == Reduction::Mean) {
+      scale = divides_by_weight_sum(kind, weight) ? scale.div(w.sum(acc_dtype(input))) : scale.div(double(x.numel()));
+    }
+  }
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  if (x.numel() > 0 && (grad_input.defined() || grad_target.defined())) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_bwd_cuda", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      auto a = kernel_args<scalar_t>(kind, param, x, t, w);
+      a.grad_loss = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
+      a.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
+      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
+      const int64_t blocks = std::min<int64_t>((x.numel() + kThreads - 1) / kThreads, int64_t(1) << 20);
+      backward_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
+}  // namespace
+
+TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
+  m.impl("regression_loss_fwd", &regression_loss_fwd_cuda);
+  m.impl("regression_loss_bwd", &regression_loss_bwd_cuda);
+}
+
+}  // namespace torch_ext
