@@ -1,0 +1,329 @@
+"""Every op on every device, against PyTorch's own ops on the same device (issue 7).
+
+Parametrized over device: "cpu" always runs (so this file's checks are exercised on every
+machine), "cuda" is skipped with a reason where no GPU is present. The op-family test files
+cover the CPU kernels in depth; this file checks that each CUDA kernel computes the same
+function, at the dtypes, layouts and sizes where a GPU kernel differs from a CPU one: float16,
+non-contiguous inputs, stride-0 gradients, rows > 65535, C > 65536, N x C > 2**31 elements,
+determinism, and bad input that must be a Python error rather than a device-side assert.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_ext
+from utils import assert_close
+
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "torch_ext::cross_entropy_fwd", "CUDA"
+)
+DEVICES = [
+    "cpu",
+    pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not HAS_CUDA,
+            reason="no CUDA GPU, or torch_ext built without CUDA kernels (TORCH_EXT_CUDA=1 on a CUDA build of torch)",
+        ),
+    ),
+]
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_ext's CUDA kernels")
+
+
+def dtypes_for(device):
+    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+def ref_dtype(dtype):
+    return torch.float32 if dtype in (torch.bfloat16, torch.float16) else dtype
+
+
+def grads_of(fn, inputs, grad_output=None):
+    inputs = [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+    out = fn(*inputs)
+    wrt = [t for t in inputs if t.requires_grad]
+    grads = torch.autograd.grad(out, wrt, grad_output if grad_output is not None else torch.ones_like(out))
+    return out.detach(), grads
+
+
+def check_against_reference(ours, reference, inputs, dtype, grad_output=None, **tol):
+    """ours(*inputs) vs reference(*inputs upcast to the reference dtype): output and gradients."""
+    out, grads = grads_of(ours, inputs, grad_output)
+    up = [t.to(ref_dtype(dtype)) if t.is_floating_point() else t for t in inputs]
+    go = grad_output.to(ref_dtype(dtype)) if grad_output is not None else None
+    ref_out, ref_grads = grads_of(reference, up, go)
+    # equal_nan: a mean over only ignored targets is NaN in both
+    assert_close(out, ref_out, dtype=dtype, check_dtype=False, equal_nan=True, msg="output", **tol)
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, dtype=dtype, check_dtype=False, equal_nan=True, msg=f"gradient {i}", **tol)
+
+
+# ---- cross_entropy ------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(7, 5), (3, 1000), (4, 4096), (2, 5, 3, 3), (5,)])
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1}, {"weighted": True}],
+)
+def test_cross_entropy(device, shape, options):
+    options = dict(options)
+    weighted = options.pop("weighted", False)
+    classes = shape[0] if len(shape) == 1 else shape[1]
+    target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    for dtype in dtypes_for(device):
+        x = (torch.randn(shape, device=device) * 3).to(dtype)
+        t = torch.randint(0, classes, target_shape, device=device)
+        w = torch.rand(classes, device=device).to(dtype) if weighted else None
+        check_against_reference(
+            lambda x: torch_ext.cross_entropy(x, t, weight=w, **options),
+            lambda x: F.cross_entropy(x, t, weight=None if w is None else w.to(x.dtype), **options),
+            [x],
+            dtype,
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_probabilities_and_z_loss(device):
+    for dtype in dtypes_for(device):
+        x = torch.randn(6, 37, device=device).to(dtype)
+        p = torch.softmax(torch.randn(6, 37, device=device), -1).to(dtype)
+        check_against_reference(
+            lambda x, p: torch_ext.cross_entropy(x, p, label_smoothing=0.2),
+            lambda x, p: F.cross_entropy(x, p, label_smoothing=0.2),
+            [x, p],
+            dtype,
+        )
+        t = torch.randint(0, 37, (6,), device=device)
+        z = 1e-3
+        check_against_reference(
+            lambda x: torch_ext.cross_entropy(x, t, z_loss=z),
+            lambda x: F.cross_entropy(x, t) + z * torch.logsumexp(x.float(), -1).pow(2).mean().to(x.dtype),
+            [x],
+            dtype,
+        )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_noncontiguous_and_stride0_grad(device):
+    x = torch.randn(40, 9, device=device).t()  # (9, 40): a transposed view
+    t = torch.randint(0, 40, (9,), device=device)
+    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
+    g = torch.ones((), device=device).expand(9)  # stride 0
+    check_against_reference(
+        lambda x: torch_ext.cross_entropy(x, t, reduction="none"),
+        lambda x: F.cross_entropy(x, t, reduction="none"),
+        [x],
+        torch.float32,
+        grad_output=g,
+    )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_bad_target_is_a_python_error(device):
+    x = torch.randn(4, 5, device=device)
+    with pytest.raises(IndexError, match="out of bounds"):
+        torch_ext.cross_entropy(x, torch.tensor([0, 1, 7, 2], device=device))
+    with pytest.raises(IndexError, match="out of bounds"):
+        torch_ext.cross_entropy(x, torch.tensor([0, -3, 1, 2], device=device))
+    # The device is still usable (no device-side assert poisoned the context).
+    assert torch.isfinite(torch_ext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device=device)))
+
+
+@cuda_only
+def test_cross_entropy_cpu_target_for_cuda_input():
+    x = torch.randn(4, 5, device="cuda")
+    with pytest.raises(RuntimeError, match="target is on cpu but input is on cuda"):
+        torch_ext.cross_entropy(x, torch.tensor([0, 1, 2, 3]))
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_cross_entropy_deterministic(device):
+    x = torch.randn(300, 5000, device=device, requires_grad=True)
+    t = torch.randint(0, 5000, (300,), device=device)
+    runs = []
+    for _ in range(2):
+        loss = torch_ext.cross_entropy(x, t, label_smoothing=0.1)
+        (g,) = torch.autograd.grad(loss, x)
+        runs.append((loss, g))
+    assert torch.equal(runs[0][0], runs[1][0]) and torch.equal(runs[0][1], runs[1][1])
+
+
+@cuda_only
+@pytest.mark.parametrize("shape", [(70000, 10), (3, 70000), (2, 3, 70000)])
+def test_cross_entropy_large_dims_cuda(shape):
+    """rows > 65535 (a grid's y/z limit), C > 65536 (more classes than one block's threads)."""
+    x = torch.randn(shape, device="cuda")
+    t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda")
+    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
+
+
+@cuda_only
+def test_cross_entropy_more_than_2_31_elements_cuda():
+    """N x C > 2**31 (int32 offsets would overflow): bfloat16 (4.3 GB of logits)."""
+    n, c = 16500, 131072
+    x = torch.randn(n, c, device="cuda", dtype=torch.bfloat16)
+    t = torch.randint(0, c, (n,), device="cuda")
+    loss = torch_ext.cross_entropy(x, t, reduction="none")
+    rows = torch.tensor([0, n // 2, n - 1], device="cuda")
+    ref = F.cross_entropy(x[rows].float(), t[rows], reduction="none")
+    assert_close(loss[rows], ref, dtype=torch.bfloat16, check_dtype=False)
+
+
+# ---- regression losses ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("loss", ["mse", "huber", "smooth_l1"])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_regression_losses(device, loss, reduction):
+    ours = {"mse": torch_ext.mse_loss, "huber": torch_ext.huber_loss, "smooth_l1": torch_ext.smooth_l1_loss}[loss]
+    ref = {"mse": F.mse_loss, "huber": F.huber_loss, "smooth_l1": F.smooth_l1_loss}[loss]
+    for dtype in dtypes_for(device):
+        for shape in [(0,), (7,), (33, 17), (2, 3, 5, 7), (5000, 3)]:
+            x = (torch.randn(shape, device=device) * 2).to(dtype)
+            y = torch.randn(shape, device=device).to(dtype)
+            check_against_reference(
+                lambda x, y: ours(x, y, reduction=reduction),
+                lambda x, y: ref(x, y, reduction=reduction),
+                [x, y],
+                dtype,
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.filterwarnings("ignore:Using a target size")  # broadcasting on purpose
+def test_regression_broadcast_and_stride0_grad(device):
+    x = torch.randn(6, 1, 5, device=device)
+    y = torch.randn(4, 5, device=device).t().contiguous().t()  # non-contiguous
+    check_against_reference(
+        lambda x, y: torch_ext.mse_loss(x, y), lambda x, y: F.mse_loss(x, y), [x, y], torch.float32
+    )
+    g = torch.ones((), device=device).expand(6, 4, 5)
+    check_against_reference(
+        lambda x, y: torch_ext.huber_loss(x, y, reduction="none", delta=0.5),
+        lambda x, y: F.huber_loss(x, y, reduction="none", delta=0.5),
+        [x, y],
+        torch.float32,
+        grad_output=g,
+    )
+
+
+# ---- triplet ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("p", [1.0, 2.0, 3.0])
+@pytest.mark.parametrize("swap", [False, True])
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_triplet(device, p, swap, reduction):
+    for dtype in dtypes_for(device):
+        for shape in [(7,), (9, 31), (300, 128)]:
+            a, q, n = (torch.randn(shape, device=device).to(dtype) for _ in range(3))
+            check_against_reference(
+                lambda a, q, n: torch_ext.triplet_margin_loss(a, q, n, margin=0.5, p=p, swap=swap, reduction=reduction),
+                lambda a, q, n: F.triplet_margin_loss(a, q, n, margin=0.5, p=p, swap=swap, reduction=reduction),
+                [a, q, n],
+                dtype,
+            )
+
+
+# ---- dense + activation, MLP --------------------------------------------------------------------
+
+EAGER = {
+    "none": lambda t: t,
+    "relu": F.relu,
+    "leaky_relu": lambda t: F.leaky_relu(t, 0.01),
+    "gelu": F.gelu,
+    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+    "silu": F.silu,
+    "sigmoid": torch.sigmoid,
+    "tanh": torch.tanh,
+}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", torch_ext.ACTIVATIONS)
+def test_fused_linear(device, activation):
+    for dtype in dtypes_for(device):
+        for shape, (k, n) in [((5, 16), (16, 12)), ((2, 3, 33), (33, 17)), ((0, 8), (8, 4)), ((8,), (8, 9))]:
+            x = torch.randn(shape, device=device).to(dtype)
+            w = (torch.randn(n, k, device=device) / k**0.5).to(dtype)
+            b = torch.randn(n, device=device).to(dtype)
+            check_against_reference(
+                lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
+                lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                [x, w, b],
+                dtype,
+            )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu", "geglu"])
+def test_fused_mlp(device, activation):
+    gate = torch_ext.GATED_ACTIVATIONS.get(activation)
+    act = EAGER[gate or activation]
+
+    def reference(x, w1, b1, w2, b2):
+        h = F.linear(x, w1, b1)
+        if gate:
+            u, v = h.chunk(2, -1)
+            h = act(u) * v
+        else:
+            h = act(h)
+        return F.linear(h, w2, b2)
+
+    for dtype in dtypes_for(device):
+        h1 = 2 * 24 if gate else 24
+        x = torch.randn(3, 5, 16, device=device).to(dtype)
+        w1 = (torch.randn(h1, 16, device=device) / 4).to(dtype)
+        b1 = torch.randn(h1, device=device).to(dtype)
+        w2 = (torch.randn(16, 24, device=device) / 5).to(dtype)
+        b2 = torch.randn(16, device=device).to(dtype)
+        check_against_reference(
+            lambda *t: torch_ext.fused_mlp(*t, activation=activation), reference, [x, w1, b1, w2, b2], dtype
+        )
+
+
+# ---- linear + cross-entropy ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
+def test_linear_cross_entropy(device, reduction):
+    for dtype in dtypes_for(device):
+        x = torch.randn(37, 24, device=device).to(dtype)
+        w = (torch.randn(301, 24, device=device) / 5).to(dtype)
+        t = torch.randint(0, 301, (37,), device=device)
+        t[3] = -100
+        check_against_reference(
+            lambda x, w: torch_ext.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=8),
+            lambda x, w: F.cross_entropy(F.linear(x, w), t, reduction=reduction),
+            [x, w],
+            dtype,
+        )
+
+
+# ---- registration -------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op(device):
+    x = torch.randn(6, 10, device=device, requires_grad=True)
+    w = torch.randn(7, 10, device=device, requires_grad=True)
+    b = torch.randn(7, device=device, requires_grad=True)
+    t = torch.randint(0, 10, (6,), device=device)
+    ops = torch.ops.torch_ext
+    samples = [
+        (ops.linear_act_fwd.default, (x, w, b, "gelu", 0.01)),
+        (ops.mlp_act_fwd.default, (torch.randn(6, 8, device=device, requires_grad=True), "silu", 0.01, True)),
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0)),
+        (ops.regression_loss_fwd.default, (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean")),
+        (ops.triplet_margin_loss_fwd.default, (x, torch.randn(6, 10, device=device), torch.randn(6, 10, device=device),
+                                               1.0, 2.0, 1e-6, False, "mean")),
+    ]
+    for op, args in samples:
+        torch.library.opcheck(op, args)
