@@ -117,6 +117,21 @@ def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
 
 
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient, whose own backward raises (see FusedMLPFunction.backward)."""
+
+    @staticmethod
+    def forward(ctx, grad, *sources):
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise RuntimeError(
+            "torch_ext.FusedMLP does not support double backward (a gradient of its gradient, e.g. after "
+            "create_graph=True); use torch.nn layers for higher-order gradients"
+        )
+
+
 class FusedMLPFunction(torch.autograd.Function):
     """autograd.Function of FusedMLP: ``apply(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
     activation, negative_slope, recompute) -> (out, hidden, saved)``; only ``out`` is
@@ -146,12 +161,25 @@ class FusedMLPFunction(torch.autograd.Function):
         ctx.recompute = bool(recompute) and (gated or activation in _SAVES_PRE_ACTIVATION)
         if activation in ("sigmoid", "tanh"):
             saved = hidden  # their derivative is a function of the output (see linear_act.py)
-        ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden)
+        # The biases too (parameters: no extra memory), for the double-backward guard's edges.
+        ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden, fc1_bias, fc2_bias)
         ctx.mark_non_differentiable(hidden, saved)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_hidden, _grad_saved):
-        input, fc1_weight, fc2_weight, saved, hidden = ctx.saved_tensors
+        if not torch.is_grad_enabled():
+            return FusedMLPFunction._backward(ctx, grad_out)
+        # create_graph=True: the gradients are formed without history (part of them by matmuls
+        # that would give an incomplete second derivative) and tied to everything they depend
+        # on through a node that raises if they are differentiated.
+        with torch.no_grad():
+            grads = FusedMLPFunction._backward(ctx, grad_out)
+        sources = [t for t in (grad_out, *ctx.saved_tensors) if t is not None and t.requires_grad]
+        return tuple(None if g is None else _NoDoubleBackward.apply(g, *sources) for g in grads)
+
+    @staticmethod
+    def _backward(ctx, grad_out):
+        input, fc1_weight, fc2_weight, saved, hidden, _, _ = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_fc1 = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2])]
         need_w2, need_b2 = bool(needs[3]), bool(ctx.has_bias[1] and needs[4])
