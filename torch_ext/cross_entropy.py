@@ -101,9 +101,12 @@ def _setup_context(ctx, inputs, output):
     ctx.probabilities = target.is_floating_point()
     ctx.save_for_backward(input, target, weight, stats)
     ctx.mark_non_differentiable(stats)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for `stats` in backward
 
 
 def _backward(ctx, grad_loss, _grad_stats):
+    if grad_loss is None:  # only `stats` reached backward (materialize_grads is off)
+        return (None,) * 7
     input, target, weight, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(ctx.probabilities and needs[1])]

@@ -165,6 +165,13 @@ _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
 
 
+def _is_builtin_other(module: nn.Module) -> bool:
+    """A torch.nn module whose forward fuse() does not look into (not Sequential, a container or
+    a Transformer layer)."""
+    return (type(module).__module__.startswith("torch.nn") and type(module) is not nn.Sequential
+            and not isinstance(module, _CONTAINERS) and type(module) not in _TRANSFORMER_LAYERS)
+
+
 def _is_custom(module: nn.Module) -> bool:
     """A module whose forward fuse() traces: not one of torch.nn's or torch_ext's own."""
     name = type(module).__module__ or ""
@@ -675,6 +682,11 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
         if not isinstance(linear, nn.Linear) or isinstance(linear, FusedLinear):
             continue
         label = f"{', '.join(paths)} ({type(linear).__name__} {linear.in_features}->{linear.out_features})"
+        parents = [m.model.get_submodule(p.rpartition(".")[0]) for p in paths]
+        if all(type(p).__module__.startswith("torch_ext.") for p in parents):
+            continue  # inside torch_ext's own modules (FusedMLP's fc1/fc2): fused already
+        if all(_is_builtin_other(p) for p in parents) and type(linear) is not nn.Linear:
+            continue  # a Linear subclass inside a torch.nn module (MultiheadAttention.out_proj): not a candidate
         if type(linear) is not nn.Linear:
             report.skipped.append(f"{label}: a subclass of nn.Linear")
             continue

@@ -82,9 +82,12 @@ def _setup_context(ctx, inputs, output):
     # sigmoid/tanh derive their gradient from the output; the others from the op's `saved`.
     ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved)
     ctx.mark_non_differentiable(saved)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` in backward
 
 
 def _backward(ctx, grad_out, _grad_saved):
+    if grad_out is None:  # only `saved` reached backward (materialize_grads is off)
+        return None, None, None, None, None
     input, weight, saved = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]

@@ -101,9 +101,12 @@ def _setup_context(ctx, inputs, output):
     ctx.has_bias = linear_bias is not None
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
     ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
 def _backward(ctx, grad_loss, *_unused):
+    if grad_loss is None:  # only the non-differentiable outputs reached backward
+        return (None,) * 11
     input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
     mask = _output_mask(ctx)
     grads = [None] * 11
@@ -227,6 +230,11 @@ class LinearCrossEntropyLoss(nn.Module):
         chunk_size: Optional[int] = None,
     ) -> None:
         super().__init__()
+        if weight is not None and not isinstance(weight, Tensor):
+            raise TypeError(
+                f"LinearCrossEntropyLoss: weight is the optional 1-D tensor of class weights, got {type(weight).__name__}; "
+                "the head's weight is not held by the module but passed to forward(input, linear_weight, target)"
+            )
         self.register_buffer("weight", weight)
         self.ignore_index = ignore_index
         self.reduction = resolve_reduction(None, None, reduction)

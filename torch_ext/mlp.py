@@ -164,9 +164,12 @@ class FusedMLPFunction(torch.autograd.Function):
         # The biases too (parameters: no extra memory), for the double-backward guard's edges.
         ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden, fc1_bias, fc2_bias)
         ctx.mark_non_differentiable(hidden, saved)
+        ctx.set_materialize_grads(False)  # no zero-filled (M, hidden) gradients for them in backward
 
     @staticmethod
     def backward(ctx, grad_out, _grad_hidden, _grad_saved):
+        if grad_out is None:  # only hidden / saved reached backward (materialize_grads is off)
+            return (None,) * 8
         if not torch.is_grad_enabled():
             return FusedMLPFunction._backward(ctx, grad_out)
         # create_graph=True: the gradients are formed without history (part of them by matmuls
@@ -179,24 +182,34 @@ class FusedMLPFunction(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, grad_out):
+        # Ordered for peak memory: the recomputed hidden activation is dropped as soon as fc2's
+        # weight gradient has used it, before fc1's gradients are formed.
         input, fc1_weight, fc2_weight, saved, hidden, _, _ = ctx.saved_tensors
         needs = ctx.needs_input_grad
         need_fc1 = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2])]
         need_w2, need_b2 = bool(needs[3]), bool(ctx.has_bias[1] and needs[4])
         act, slope, gated = ctx.activation, ctx.negative_slope, ctx.gated
-        rows = input.shape[:-1].numel()
+        rows, hidden_width = input.shape[:-1].numel(), fc2_weight.shape[1]
         g2d = grad_out.reshape(rows, fc2_weight.shape[0])
-        grad_hidden = (g2d @ fc2_weight).view(*input.shape[:-1], fc2_weight.shape[1]) if any(need_fc1) else None
 
-        grad_fc1 = (None, None, None)
+        def fc2_weight_grad(h):
+            return g2d.t() @ h.reshape(rows, hidden_width) if need_w2 else None
+
+        def hidden_grad():
+            return (g2d @ fc2_weight).view(*input.shape[:-1], hidden_width) if any(need_fc1) else None
+
+        grad_w2, grad_fc1 = None, (None, None, None)
         if gated:
+            grad_hidden = hidden_grad()
             grad_pre = None
             if grad_hidden is not None:
+                # One pass: the gate's gradient and (recompute) the hidden activation again.
                 grad_pre, formed = _act_bwd(grad_hidden, saved, act, slope, True, [True, need_w2 and ctx.recompute])
-                if need_w2 and ctx.recompute:
-                    hidden = formed
-            elif need_w2 and ctx.recompute:
-                hidden = _act_fwd(saved, act, slope, True)
+                del grad_hidden
+                grad_w2 = fc2_weight_grad(formed if ctx.recompute else hidden)
+                del formed
+            elif need_w2:
+                grad_w2 = fc2_weight_grad(_act_fwd(saved, act, slope, True) if ctx.recompute else hidden)
             if grad_pre is not None:
                 pre2d = grad_pre.reshape(rows, fc1_weight.shape[0])
                 grad_fc1 = (
@@ -205,13 +218,12 @@ class FusedMLPFunction(torch.autograd.Function):
                     pre2d.sum(0) if need_fc1[2] else None,
                 )
         else:
-            if need_w2 and ctx.recompute:
-                hidden = _act_fwd(saved, act, slope, False)
+            if need_w2:
+                grad_w2 = fc2_weight_grad(_act_fwd(saved, act, slope, False) if ctx.recompute else hidden)
+            grad_hidden = hidden_grad()
             if grad_hidden is not None:
                 gi, gw, gb = _linear_bwd(grad_hidden, input, fc1_weight, saved, act, slope, need_fc1)
                 grad_fc1 = (gi if need_fc1[0] else None, gw if need_fc1[1] else None, gb if need_fc1[2] else None)
-
-        grad_w2 = g2d.t() @ hidden.reshape(rows, fc2_weight.shape[1]) if need_w2 else None
         grad_b2 = g2d.sum(0) if need_b2 else None
         return (*grad_fc1, grad_w2, grad_b2, None, None, None)
 

@@ -65,9 +65,12 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (margin, p, eps, swap, reduction)
     ctx.save_for_backward(anchor, positive, negative, dist)
     ctx.mark_non_differentiable(dist)
+    ctx.set_materialize_grads(False)  # no zero-filled gradient for `dist` in backward
 
 
 def _backward(ctx, grad_loss, _grad_dist):
+    if grad_loss is None:  # only `dist` reached backward (materialize_grads is off)
+        return (None,) * 8
     anchor, positive, negative, dist = ctx.saved_tensors
     mask = [bool(n) for n in ctx.needs_input_grad[:3]]
     grads = [None] * 8
@@ -109,11 +112,14 @@ class _TripletMarginLossGradInForward(torch.autograd.Function):
         ctx.options = (margin, p, eps, swap, reduction)
         ctx.save_for_backward(anchor, positive, negative, dist)
         ctx.mark_non_differentiable(dist)
+        ctx.set_materialize_grads(False)
         ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
         return loss, dist
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_dist):
+        if grad_loss is None:  # only `dist` reached backward (materialize_grads is off)
+            return (None,) * 8
         if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
             return _backward(ctx, grad_loss, None)
         mask = [bool(n) for n in ctx.needs_input_grad[:3]]
