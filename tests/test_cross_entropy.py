@@ -38,7 +38,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance
+from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -107,15 +107,6 @@ def reference(input, target, weight=None, ignore_index=-100, reduction="mean", l
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     return loss + z.sum() / denom
 
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values *and strides* (detach keeps the layout)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def make_input(shape, dtype=torch.float32, scale=1.0):

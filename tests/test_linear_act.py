@@ -43,6 +43,9 @@ from utils import (
     reference_dtype,
     run_python,
     tolerance,
+    act_fn,
+    act_module,
+    leaf,
 )
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
@@ -62,31 +65,6 @@ def dtype_id(dtype: torch.dtype) -> str:
 # ----------------------------------------------------------------------------------------------
 
 
-def act_fn(activation: str, negative_slope: float = 0.01):
-    """PyTorch's own activation, as a function of the pre-activation."""
-    return {
-        "none": lambda t: t,
-        "relu": F.relu,
-        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "silu": F.silu,
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-    }[activation]
-
-
-def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
-    return {
-        "none": nn.Identity(),
-        "relu": nn.ReLU(),
-        "leaky_relu": nn.LeakyReLU(negative_slope),
-        "gelu": nn.GELU(),
-        "gelu_tanh": nn.GELU(approximate="tanh"),
-        "silu": nn.SiLU(),
-        "sigmoid": nn.Sigmoid(),
-        "tanh": nn.Tanh(),
-    }[activation]
 
 
 def reference(x, w, b, activation, negative_slope=0.01):
@@ -115,15 +93,6 @@ def make_args(in_shape, out_features, dtype=torch.float32, bias=True):
     b = (0.5 * torch.randn(out_features)).to(dtype) if bias else None
     return x, w, b
 
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values *and strides* (detach keeps the layout)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def forward_backward(fn, x, w, b, grad, dtype=None):

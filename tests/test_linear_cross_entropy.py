@@ -37,7 +37,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import LinearCrossEntropyLoss, linear_cross_entropy
-from utils import SavedTensorBytes, assert_close, reference_dtype, storage_key
+from utils import SavedTensorBytes, assert_close, reference_dtype, storage_key, leaf
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -96,15 +96,6 @@ def reference(input, linear_weight, target, linear_bias=None, weight=None, ignor
         loss = loss.reshape(lead)
     return loss
 
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values *and strides* (detach keeps the layout)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def make_args(lead, hidden, vocab, dtype=torch.float32, bias=True, logit_scale=1.0):

@@ -29,7 +29,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import FusedMLP, FusedMLPFunction, fused_mlp
-from utils import SavedTensorBytes, assert_close, reference_dtype, tolerance
+from utils import SavedTensorBytes, assert_close, reference_dtype, tolerance, act_fn, act_module, leaf
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -49,41 +49,7 @@ def dtype_id(dtype: torch.dtype) -> str:
     return str(dtype).replace("torch.", "")
 
 
-def act_fn(activation: str, negative_slope: float = SLOPE):
-    """PyTorch's own activation, as a function of its input."""
-    return {
-        "none": lambda t: t,
-        "relu": F.relu,
-        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
-        "gelu": F.gelu,
-        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-        "silu": F.silu,
-        "sigmoid": torch.sigmoid,
-        "tanh": torch.tanh,
-    }[activation]
 
-
-def act_module(activation: str, negative_slope: float = SLOPE) -> nn.Module:
-    return {
-        "none": nn.Identity(),
-        "relu": nn.ReLU(),
-        "leaky_relu": nn.LeakyReLU(negative_slope),
-        "gelu": nn.GELU(),
-        "gelu_tanh": nn.GELU(approximate="tanh"),
-        "silu": nn.SiLU(),
-        "sigmoid": nn.Sigmoid(),
-        "tanh": nn.Tanh(),
-    }[activation]
-
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values and strides (cast to dtype when given)."""
-    if t is None:
-        return None
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def test_activation_lists():

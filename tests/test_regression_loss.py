@@ -29,7 +29,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import assert_close, reference_dtype
+from utils import assert_close, reference_dtype, leaf
 
 LOSSES = ("mse", "huber", "smooth_l1")
 WEIGHTED_LOSSES = ("mse", "huber")
@@ -68,13 +68,6 @@ def reference(loss, input, target, reduction="mean", param=None, weight=None):
     assert weight is None
     return F.smooth_l1_loss(input, target, reduction=reduction, beta=1.0 if param is None else param)
 
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values *and strides* (detach keeps the layout)."""
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def plain(t, dtype=None):

@@ -31,7 +31,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import TripletMarginLoss, triplet_margin_loss
-from utils import assert_close, reference_dtype
+from utils import assert_close, reference_dtype, leaf
 
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -67,13 +67,6 @@ def raw(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean"):
     """The raw forward op (its autograd included); the loss only."""
     return torch.ops.torch_ext.triplet_margin_loss_fwd(a, pos, neg, float(margin), float(p), float(eps), swap, reduction)[0]
 
-
-def leaf(t, dtype=None):
-    """A leaf requiring grad with t's values *and strides* (detach keeps the layout)."""
-    t = t.detach()
-    if dtype is not None and t.dtype != dtype:
-        t = t.to(dtype)
-    return t.requires_grad_()
 
 
 def plain(t, dtype=None):

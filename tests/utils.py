@@ -9,7 +9,8 @@ import sys
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
-from torch import Tensor
+import torch.nn.functional as F
+from torch import Tensor, nn
 
 # (rtol, atol) per dtype of the tensor under test. The reference is always PyTorch's own ops:
 # - float64 / float32: the same computation in the same dtype; only summation order and the
@@ -134,3 +135,42 @@ def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float =
         [sys.executable, "-c", code], env=full_env, capture_output=True, text=True, timeout=timeout,
         cwd=os.path.dirname(os.path.abspath(__file__)),
     )
+
+
+def leaf(t: Optional[Tensor], dtype: Optional[torch.dtype] = None) -> Optional[Tensor]:
+    """A leaf requiring grad with t's values *and strides* (detach keeps the layout), cast to
+    dtype when given; None stays None."""
+    if t is None:
+        return None
+    t = t.detach()
+    if dtype is not None and t.dtype != dtype:
+        t = t.to(dtype)
+    return t.requires_grad_()
+
+
+def act_fn(activation: str, negative_slope: float = 0.01):
+    """PyTorch's own activation (torch_ext.ACTIVATIONS names), as a function of its input."""
+    return {
+        "none": lambda t: t,
+        "relu": F.relu,
+        "leaky_relu": lambda t: F.leaky_relu(t, negative_slope),
+        "gelu": F.gelu,
+        "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
+        "silu": F.silu,
+        "sigmoid": torch.sigmoid,
+        "tanh": torch.tanh,
+    }[activation]
+
+
+def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
+    """PyTorch's own activation module for a torch_ext.ACTIVATIONS name."""
+    return {
+        "none": nn.Identity(),
+        "relu": nn.ReLU(),
+        "leaky_relu": nn.LeakyReLU(negative_slope),
+        "gelu": nn.GELU(),
+        "gelu_tanh": nn.GELU(approximate="tanh"),
+        "silu": nn.SiLU(),
+        "sigmoid": nn.Sigmoid(),
+        "tanh": nn.Tanh(),
+    }[activation]
