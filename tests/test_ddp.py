@@ -1,10 +1,11 @@
 """Data-parallel training on fused ops (issue #6, item 5): the CNN classifier of test_models.py with
 ``torch_ext.FusedLinear(activation="relu")`` and ``torch_ext.CrossEntropyLoss``, wrapped in
-``torch.nn.parallel.DistributedDataParallel`` over 2 CPU processes (gloo backend on the loopback
-interface), each process on its half of a global batch.
+``torch.nn.parallel.DistributedDataParallel`` (and, as the README says it works, in FSDP2's
+``fully_shard``) over 2 CPU processes (gloo backend on the loopback interface), each process on its
+half of a global batch.
 
 The reference is the same fused model in this (single) process on the whole global batch: after
-every backward, DDP's averaged gradients must equal its gradients, and after the SGD steps the
+every backward, the data-parallel (averaged) gradients must equal its gradients, and after the SGD steps the
 parameters must be equal too (float32, 1e-5). Both halves have the same size and the loss is a
 mean, so the average of the two ranks' losses equals the single-process loss as well.
 
@@ -20,6 +21,7 @@ import sys
 import time
 import traceback
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -58,8 +60,27 @@ def train_steps(model: nn.Module, batches, parameters_of: nn.Module):
     return losses, grads
 
 
-def _worker(rank: int, port: int, directory: str) -> None:
-    """One DDP rank: trains on its half of each global batch, saves losses, gradients, parameters."""
+def _full(t: torch.Tensor) -> torch.Tensor:
+    """A plain tensor from FSDP2's sharded DTensor (or t itself)."""
+    return t.full_tensor() if hasattr(t, "full_tensor") else t
+
+
+def _wrap(model: nn.Module, mode: str) -> nn.Module:
+    if mode == "ddp":
+        return nn.parallel.DistributedDataParallel(model)
+    try:
+        from torch.distributed.fsdp import fully_shard
+    except ImportError:  # torch < 2.6
+        from torch.distributed._composable.fsdp import fully_shard
+    from torch.distributed.device_mesh import init_device_mesh
+
+    fully_shard(model, mesh=init_device_mesh("cpu", (WORLD_SIZE,)))
+    return model
+
+
+def _worker(rank: int, port: int, directory: str, mode: str) -> None:
+    """One rank (mode "ddp" or "fsdp2"): trains on its half of each global batch, saves losses,
+    gradients, parameters."""
     try:
         torch.set_num_threads(1)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -72,12 +93,13 @@ def _worker(rank: int, port: int, directory: str) -> None:
             setup = torch.load(os.path.join(directory, "setup.pt"))
             model = CNNClassifier(fused=True)
             model.load_state_dict(setup["state_dict"])
-            ddp = nn.parallel.DistributedDataParallel(model)
+            wrapped = _wrap(model, mode)
             half = GLOBAL_BATCH // WORLD_SIZE
             shards = [(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
                       for images, labels in setup["batches"]]
-            losses, grads = train_steps(ddp, shards, parameters_of=model)
-            params = {name: p.detach().clone() for name, p in model.named_parameters()}
+            losses, grads = train_steps(wrapped, shards, parameters_of=model)
+            grads = [{name: _full(g) for name, g in step.items()} for step in grads]
+            params = {name: _full(p.detach()).clone() for name, p in model.named_parameters()}
             torch.save({"losses": losses, "grads": grads, "params": params},
                        os.path.join(directory, f"rank{rank}.pt"))
         finally:
@@ -88,11 +110,11 @@ def _worker(rank: int, port: int, directory: str) -> None:
         raise
 
 
-def run_workers(directory: str) -> None:
+def run_workers(directory: str, mode: str) -> None:
     """Spawns the ranks and waits for them; fails (after terminating them) on error or timeout."""
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, directory), daemon=True) for rank in range(WORLD_SIZE)]
+    procs = [ctx.Process(target=_worker, args=(rank, port, directory, mode), daemon=True) for rank in range(WORLD_SIZE)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -121,12 +143,14 @@ def run_workers(directory: str) -> None:
                 errors += f"\n--- rank {rank} ---\n{f.read()}"
     codes = [p.exitcode for p in procs]
     assert codes == [0] * WORLD_SIZE, (
-        f"DDP workers exited with codes {codes} (ranks {hung} were still running "
+        f"{mode} workers exited with codes {codes} (ranks {hung} were still running "
         f"{'after the ' + str(TIMEOUT_S) + ' s timeout' if time.monotonic() >= deadline else 'when another failed'} "
         f"and were terminated){errors}")
 
 
-def test_ddp_gradients_equal_single_process(tmp_path):
+@pytest.mark.filterwarnings("ignore:FSDP2-wrapped module")  # its note on view outputs (the CNN's loss)
+@pytest.mark.parametrize("mode", ["ddp", "fsdp2"])
+def test_data_parallel_gradients_equal_single_process(tmp_path, mode):
     gen = torch.Generator().manual_seed(3)
     batches = [cnn_batch(gen, GLOBAL_BATCH) for _ in range(STEPS)]
     model = CNNClassifier(fused=True)
@@ -135,7 +159,7 @@ def test_ddp_gradients_equal_single_process(tmp_path):
     initial = {k: v.clone() for k, v in model.state_dict().items()}
     torch.save({"state_dict": initial, "batches": batches}, tmp_path / "setup.pt")
 
-    run_workers(str(tmp_path))
+    run_workers(str(tmp_path), mode)
 
     losses, grads = train_steps(model, batches, parameters_of=model)
     params = dict(model.named_parameters())
@@ -150,9 +174,9 @@ def test_ddp_gradients_equal_single_process(tmp_path):
             assert expected.abs().max() > 0, f"step {step}: the gradient of {name} is zero; the check is empty"
             for rank, r in enumerate(results):
                 assert_close(r["grads"][step][name], expected, rtol=RTOL, atol=ATOL,
-                             msg=f"step {step}, rank {rank}: DDP gradient of {name} vs single process")
+                             msg=f"step {step}, rank {rank}: {mode} gradient of {name} vs single process")
     for name, expected in params.items():
         assert not torch.equal(expected.detach(), initial[name]), f"{name} did not change in {STEPS} steps"
         for rank, r in enumerate(results):
             assert_close(r["params"][name], expected.detach(), rtol=RTOL, atol=ATOL,
-                         msg=f"rank {rank}: parameter {name} after {STEPS} DDP steps vs single process")
+                         msg=f"rank {rank}: parameter {name} after {STEPS} {mode} steps vs single process")

@@ -105,16 +105,19 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   const Tensor x2d = input.reshape({m, k});
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
-  Tensor out = cpu::empty_cpu_output({m, n}, input.options());
+  // Outputs are allocated in their final shape (*, n) and written through (m, n) views, so that
+  // the op returns base tensors, not views (FSDP2 warns about module outputs that are views).
+  Tensor out_full = cpu::empty_cpu_output(with_last_dim(input, n), input.options());
+  Tensor out = out_full.view({m, n});
   Tensor saved, mask, gemm_dst = out;
   switch (saved_for_backward(act)) {
     case SavedForBackward::PositiveMask:
-      mask = at::empty({m, (n + 7) / 8}, input.options().dtype(at::kByte));
-      saved = mask;
+      saved = at::empty(with_last_dim(input, (n + 7) / 8), input.options().dtype(at::kByte));
+      mask = saved.view({m, (n + 7) / 8});
       break;
     case SavedForBackward::PreActivation:
-      saved = cpu::empty_cpu_output({m, n}, input.options());
-      gemm_dst = saved;
+      saved = cpu::empty_cpu_output(with_last_dim(input, n), input.options());
+      gemm_dst = saved.view({m, n});
       break;
     default:
       saved = at::empty({0}, input.options());
@@ -124,9 +127,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
     case at::kDouble: forward_panels<double>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask); break;
     default: forward_panels<c10::BFloat16>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);
   }
-  out = out.view(with_last_dim(input, n));
-  if (saved.dim() == 2) saved = saved.view(with_last_dim(input, saved.size(1)));
-  return {out, saved};
+  return {out_full, saved};
 }
 
 template <typename S>

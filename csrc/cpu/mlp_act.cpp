@@ -68,9 +68,10 @@ Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double 
   check_cpu_dtype(op, input, "input");
   const int64_t rows = leading_rows(input);
   const Tensor in2d = input.reshape({rows, input.size(-1)}).contiguous();
-  Tensor out = cpu::empty_cpu_output({rows, n}, input.options());
+  Tensor out_full = cpu::empty_cpu_output(with_last_dim(input, n), input.options());  // returned as a base tensor
+  Tensor out = out_full.view({rows, n});
   run(false, act, negative_slope, rows, n, gated, in2d, Tensor(), out, Tensor());
-  return out.view(with_last_dim(input, n));
+  return out_full;
 }
 
 std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tensor& input,

@@ -125,16 +125,19 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   const Tensor x2d = input.reshape({m, k});
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
-  Tensor out = at::empty({m, n}, input.options());
+  // Outputs are allocated in their final shape (*, n) and written through (m, n) views, so that
+  // the op returns base tensors, not views (FSDP2 warns about module outputs that are views).
+  Tensor out_full = at::empty(with_last_dim(input, n), input.options());
+  Tensor out = out_full.view({m, n});
   Tensor saved, mask, gemm = out;
   switch (saved_for_backward(act)) {
     case SavedForBackward::PositiveMask:
-      mask = at::empty({m, (n + 7) / 8}, input.options().dtype(at::kByte));
-      saved = mask;
+      saved = at::empty(with_last_dim(input, (n + 7) / 8), input.options().dtype(at::kByte));
+      mask = saved.view({m, (n + 7) / 8});
       break;
     case SavedForBackward::PreActivation:
-      saved = at::empty({m, n}, input.options());
-      gemm = saved;
+      saved = at::empty(with_last_dim(input, n), input.options());
+      gemm = saved.view({m, n});
       break;
     default:
       saved = at::empty({0}, input.options());
@@ -152,9 +155,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  out = out.view(with_last_dim(input, n));
-  if (saved.dim() == 2) saved = saved.view(with_last_dim(input, saved.size(1)));
-  return {out, saved};
+  return {out_full, saved};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output, const Tensor& input,

@@ -90,7 +90,8 @@ Tensor mlp_act_fwd_cuda(const Tensor& input, c10::string_view activation, double
   check_floating(op, input, "input");
   const int64_t rows = leading_rows(input);
   const Tensor in2d = input.reshape({rows, input.size(-1)}).contiguous();
-  Tensor out = at::empty({rows, n}, input.options());
+  Tensor out_full = at::empty(with_last_dim(input, n), input.options());  // returned as a base tensor
+  Tensor out = out_full.view({rows, n});
   if (rows * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mlp_act_fwd_cuda", [&] {
       MlpActArgs<scalar_t> a{rows, n, gated, act, at::acc_type<scalar_t, true>(negative_slope),
@@ -98,7 +99,7 @@ Tensor mlp_act_fwd_cuda(const Tensor& input, c10::string_view activation, double
       launch<scalar_t>(false, a);
     });
   }
-  return out.view(with_last_dim(input, n));
+  return out_full;
 }
 
 std::tuple<Tensor, Tensor> mlp_act_bwd_cuda(const Tensor& grad_output, const Tensor& input, c10::string_view activation,
