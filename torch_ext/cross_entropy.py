@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx
 
 _fwd_op = torch.ops.torch_ext.cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
@@ -128,11 +128,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     reduction, label_smoothing, z_loss) -> (loss, stats)``; ``stats`` (per row: the max logit and log(sum exp(x - max))) is
     what backward uses and is not differentiable."""
 
-    @staticmethod
-    def forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
-        return _fwd_op(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
-
-    setup_context = staticmethod(_setup_context)
+    forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
 
 

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, register_no_double_backward
+from ._common import autocast_to_lower_precision, register_no_double_backward, forward_with_ctx
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 # What the forward op saves for backward (besides input and weight); see csrc/activation.h.
@@ -116,11 +116,7 @@ class FusedLinearFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, weight, bias, activation,
     negative_slope) -> (out, saved)``; ``saved`` is what backward uses and is not differentiable."""
 
-    @staticmethod
-    def forward(input, weight, bias, activation, negative_slope):
-        return _fwd_op(input, weight, bias, activation, negative_slope)
-
-    setup_context = staticmethod(_setup_context)
+    forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, hand_over_unit_grads, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_lower_precision, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
 
 _fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
@@ -126,11 +126,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask)`` -> (loss,
     *unused); the backward recomputes each chunk's logits. torch.compile'd graphs use this path."""
 
-    @staticmethod
-    def forward(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask):
-        return _fwd_op(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask)
-
-    setup_context = staticmethod(_setup_context)
+    forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
 
 

@@ -138,7 +138,13 @@ class FusedMLPFunction(torch.autograd.Function):
     differentiable (``hidden`` is fc2's input, ``saved`` what fc1's backward needs)."""
 
     @staticmethod
-    def forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
+    def forward(ctx, *inputs):  # ctx style: see forward_with_ctx in torch_ext/_common.py
+        output = FusedMLPFunction._forward(*inputs)
+        FusedMLPFunction._setup_context(ctx, inputs, output)
+        return output
+
+    @staticmethod
+    def _forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
         if activation in GATED_ACTIVATIONS:
             pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
             hidden = _act_fwd(pre, GATED_ACTIVATIONS[activation], negative_slope, True)
@@ -148,7 +154,7 @@ class FusedMLPFunction(torch.autograd.Function):
         return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
 
     @staticmethod
-    def setup_context(ctx, inputs, output):
+    def _setup_context(ctx, inputs, output):
         input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute = inputs
         _, hidden, saved = output
         gated = activation in GATED_ACTIVATIONS

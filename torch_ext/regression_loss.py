@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx
 
 _fwd_op = torch.ops.torch_ext.regression_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
@@ -83,11 +83,7 @@ class RegressionLossFunction(torch.autograd.Function):
     reduction)`` with loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta);
     input, target and weight (or None) of one shape."""
 
-    @staticmethod
-    def forward(input, target, weight, loss, param, reduction):
-        return _fwd_op(input, target, weight, loss, param, reduction)
-
-    setup_context = staticmethod(_setup_context)
+    forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction
+from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
 
 _fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
@@ -89,11 +89,7 @@ class TripletMarginLossFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(anchor, positive, negative, margin, p, eps,
     swap, reduction) -> (loss, dist)``; ``dist`` (the row distances) is what backward uses."""
 
-    @staticmethod
-    def forward(anchor, positive, negative, margin, p, eps, swap, reduction):
-        return _fwd_op(anchor, positive, negative, margin, p, eps, swap, reduction)
-
-    setup_context = staticmethod(_setup_context)
+    forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
 
 
