@@ -4,7 +4,8 @@
 #   2. run the CUDA tests (tests/test_cuda.py: every op on CUDA against PyTorch's ops);
 #   3. run the CUDA benchmarks at the sizes of issue 7's goals (bfloat16);
 # writing logs and result files to ${OUT:-gpu_results}. Sized to finish in under 8 minutes on an
-# H200. Every step runs even when an earlier one fails; the exit status is the first failure's.
+# H200. After the build, every step runs even when an earlier one fails; the exit status is the
+# first failure's (a failed build stops the script).
 #
 #   scripts/gpu_check.sh                   # or: OUT=/somewhere scripts/gpu_check.sh
 set -uo pipefail
