@@ -9,6 +9,7 @@
 #include <cmath>
 #include <cstdint>
 #include <string_view>
+#include <type_traits>
 
 namespace torch_ext {
 
@@ -53,6 +54,22 @@ C10_HOST_DEVICE inline SavedForBackward saved_for_backward(Activation act) {
     case Activation::Sigmoid:
     case Activation::Tanh: return SavedForBackward::Output;
     default: return SavedForBackward::PreActivation;
+  }
+}
+
+// Calls f(std::integral_constant<Activation, A>{}) for the A equal to `act`: the one switch
+// that turns the runtime activation into the compile-time one of the kernel templates.
+template <typename F>
+inline void with_activation(Activation act, F&& f) {
+  switch (act) {
+    case Activation::None: return f(std::integral_constant<Activation, Activation::None>{});
+    case Activation::Relu: return f(std::integral_constant<Activation, Activation::Relu>{});
+    case Activation::LeakyRelu: return f(std::integral_constant<Activation, Activation::LeakyRelu>{});
+    case Activation::Gelu: return f(std::integral_constant<Activation, Activation::Gelu>{});
+    case Activation::GeluTanh: return f(std::integral_constant<Activation, Activation::GeluTanh>{});
+    case Activation::Silu: return f(std::integral_constant<Activation, Activation::Silu>{});
+    case Activation::Sigmoid: return f(std::integral_constant<Activation, Activation::Sigmoid>{});
+    case Activation::Tanh: return f(std::integral_constant<Activation, Activation::Tanh>{});
   }
 }
 

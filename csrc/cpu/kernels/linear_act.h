@@ -241,30 +241,12 @@ void backward_rows(const LinearActBackwardRows<S>& a, T slope) {
 // Activation is a template parameter of the loops above; pick the instance once per call.
 template <typename S, typename T>
 void linear_act_forward(Activation act, T slope, const LinearActForwardRows<S>& a) {
-  switch (act) {
-    case Activation::None: return forward_rows<Activation::None, S, T>(a, slope);
-    case Activation::Relu: return forward_rows<Activation::Relu, S, T>(a, slope);
-    case Activation::LeakyRelu: return forward_rows<Activation::LeakyRelu, S, T>(a, slope);
-    case Activation::Gelu: return forward_rows<Activation::Gelu, S, T>(a, slope);
-    case Activation::GeluTanh: return forward_rows<Activation::GeluTanh, S, T>(a, slope);
-    case Activation::Silu: return forward_rows<Activation::Silu, S, T>(a, slope);
-    case Activation::Sigmoid: return forward_rows<Activation::Sigmoid, S, T>(a, slope);
-    case Activation::Tanh: return forward_rows<Activation::Tanh, S, T>(a, slope);
-  }
+  with_activation(act, [&](auto A) { forward_rows<decltype(A)::value, S, T>(a, slope); });
 }
 
 template <typename S, typename T>
 void linear_act_backward(Activation act, T slope, const LinearActBackwardRows<S>& a) {
-  switch (act) {
-    case Activation::None: return backward_rows<Activation::None, S, T>(a, slope);
-    case Activation::Relu: return backward_rows<Activation::Relu, S, T>(a, slope);
-    case Activation::LeakyRelu: return backward_rows<Activation::LeakyRelu, S, T>(a, slope);
-    case Activation::Gelu: return backward_rows<Activation::Gelu, S, T>(a, slope);
-    case Activation::GeluTanh: return backward_rows<Activation::GeluTanh, S, T>(a, slope);
-    case Activation::Silu: return backward_rows<Activation::Silu, S, T>(a, slope);
-    case Activation::Sigmoid: return backward_rows<Activation::Sigmoid, S, T>(a, slope);
-    case Activation::Tanh: return backward_rows<Activation::Tanh, S, T>(a, slope);
-  }
+  with_activation(act, [&](auto A) { backward_rows<decltype(A)::value, S, T>(a, slope); });
 }
 
 }  // namespace torch_ext::cpu::CPU_CAPABILITY

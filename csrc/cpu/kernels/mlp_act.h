@@ -127,30 +127,12 @@ void mlp_act_backward_rows(const MlpActRows<S>& a, T slope) {
 // Activation is a template parameter of the loops above; pick the instance once per call.
 template <typename S, typename T>
 void mlp_act_forward(Activation act, T slope, const MlpActRows<S>& a) {
-  switch (act) {
-    case Activation::None: return mlp_act_forward_rows<Activation::None, S, T>(a, slope);
-    case Activation::Relu: return mlp_act_forward_rows<Activation::Relu, S, T>(a, slope);
-    case Activation::LeakyRelu: return mlp_act_forward_rows<Activation::LeakyRelu, S, T>(a, slope);
-    case Activation::Gelu: return mlp_act_forward_rows<Activation::Gelu, S, T>(a, slope);
-    case Activation::GeluTanh: return mlp_act_forward_rows<Activation::GeluTanh, S, T>(a, slope);
-    case Activation::Silu: return mlp_act_forward_rows<Activation::Silu, S, T>(a, slope);
-    case Activation::Sigmoid: return mlp_act_forward_rows<Activation::Sigmoid, S, T>(a, slope);
-    case Activation::Tanh: return mlp_act_forward_rows<Activation::Tanh, S, T>(a, slope);
-  }
+  with_activation(act, [&](auto A) { mlp_act_forward_rows<decltype(A)::value, S, T>(a, slope); });
 }
 
 template <typename S, typename T>
 void mlp_act_backward(Activation act, T slope, const MlpActRows<S>& a) {
-  switch (act) {
-    case Activation::None: return mlp_act_backward_rows<Activation::None, S, T>(a, slope);
-    case Activation::Relu: return mlp_act_backward_rows<Activation::Relu, S, T>(a, slope);
-    case Activation::LeakyRelu: return mlp_act_backward_rows<Activation::LeakyRelu, S, T>(a, slope);
-    case Activation::Gelu: return mlp_act_backward_rows<Activation::Gelu, S, T>(a, slope);
-    case Activation::GeluTanh: return mlp_act_backward_rows<Activation::GeluTanh, S, T>(a, slope);
-    case Activation::Silu: return mlp_act_backward_rows<Activation::Silu, S, T>(a, slope);
-    case Activation::Sigmoid: return mlp_act_backward_rows<Activation::Sigmoid, S, T>(a, slope);
-    case Activation::Tanh: return mlp_act_backward_rows<Activation::Tanh, S, T>(a, slope);
-  }
+  with_activation(act, [&](auto A) { mlp_act_backward_rows<decltype(A)::value, S, T>(a, slope); });
 }
 
 }  // namespace torch_ext::cpu::CPU_CAPABILITY
