@@ -29,7 +29,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import FusedMLP, FusedMLPFunction, fused_mlp
-from utils import SavedTensorBytes, assert_close, reference_dtype, tolerance, act_fn, act_module, leaf
+from utils import SavedTensorBytes, act_fn, assert_close, leaf, reference_dtype, tolerance
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}

@@ -22,7 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, register_no_double_backward
+from ._common import autocast_to_lower_precision, forward_with_ctx, register_no_double_backward
 from .linear_act import _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
 
 # Gated activations: name -> the activation applied to the gate half.
@@ -81,11 +81,15 @@ torch.library.register_autograd("torch_ext::mlp_act_fwd", _act_backward, setup_c
 register_no_double_backward("torch_ext::mlp_act_bwd", "torch_ext.FusedMLP")
 
 
+def _check_mlp_activation(activation) -> None:
+    if activation not in MLP_ACTIVATIONS:
+        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}; got {activation!r}")
+
+
 def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation) -> None:
     """Shapes, dtypes and devices, named as the user passed them (plain raises: torch.compile
     traces them as constant checks on static shapes)."""
-    if activation not in MLP_ACTIVATIONS:
-        raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}; got {activation!r}")
+    _check_mlp_activation(activation)
     gated = activation in GATED_ACTIVATIONS
     op = "torch_ext.fused_mlp"
     if fc1_weight.dim() != 2:
@@ -132,45 +136,41 @@ class _NoDoubleBackward(torch.autograd.Function):
         )
 
 
+def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
+    if activation in GATED_ACTIVATIONS:
+        pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
+        hidden = _act_fwd(pre, GATED_ACTIVATIONS[activation], negative_slope, True)
+        saved = pre
+    else:
+        hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope)
+    return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
+
+
+def _mlp_setup_context(ctx, inputs, output):
+    input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute = inputs
+    _, hidden, saved = output
+    gated = activation in GATED_ACTIVATIONS
+    ctx.activation = GATED_ACTIVATIONS.get(activation, activation)
+    ctx.gated = gated
+    ctx.negative_slope = negative_slope
+    ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
+    # Recompute where the activation's derivative needs the pre-activation: then the output
+    # is a second tensor of the same size, formed again in backward instead of saved.
+    ctx.recompute = bool(recompute) and (gated or activation in _SAVES_PRE_ACTIVATION)
+    if activation in ("sigmoid", "tanh"):
+        saved = hidden  # their derivative is a function of the output (see linear_act.py)
+    # The biases too (parameters: no extra memory), for the double-backward guard's edges.
+    ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden, fc1_bias, fc2_bias)
+    ctx.mark_non_differentiable(hidden, saved)
+    ctx.set_materialize_grads(False)  # no zero-filled (M, hidden) gradients for them in backward
+
+
 class FusedMLPFunction(torch.autograd.Function):
     """autograd.Function of FusedMLP: ``apply(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
     activation, negative_slope, recompute) -> (out, hidden, saved)``; only ``out`` is
     differentiable (``hidden`` is fc2's input, ``saved`` what fc1's backward needs)."""
 
-    @staticmethod
-    def forward(ctx, *inputs):  # ctx style: see forward_with_ctx in torch_ext/_common.py
-        output = FusedMLPFunction._forward(*inputs)
-        FusedMLPFunction._setup_context(ctx, inputs, output)
-        return output
-
-    @staticmethod
-    def _forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
-        if activation in GATED_ACTIVATIONS:
-            pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
-            hidden = _act_fwd(pre, GATED_ACTIVATIONS[activation], negative_slope, True)
-            saved = pre
-        else:
-            hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope)
-        return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
-
-    @staticmethod
-    def _setup_context(ctx, inputs, output):
-        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute = inputs
-        _, hidden, saved = output
-        gated = activation in GATED_ACTIVATIONS
-        ctx.activation = GATED_ACTIVATIONS.get(activation, activation)
-        ctx.gated = gated
-        ctx.negative_slope = negative_slope
-        ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-        # Recompute where the activation's derivative needs the pre-activation: then the output
-        # is a second tensor of the same size, formed again in backward instead of saved.
-        ctx.recompute = bool(recompute) and (gated or activation in _SAVES_PRE_ACTIVATION)
-        if activation in ("sigmoid", "tanh"):
-            saved = hidden  # their derivative is a function of the output (see linear_act.py)
-        # The biases too (parameters: no extra memory), for the double-backward guard's edges.
-        ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden, fc1_bias, fc2_bias)
-        ctx.mark_non_differentiable(hidden, saved)
-        ctx.set_materialize_grads(False)  # no zero-filled (M, hidden) gradients for them in backward
+    forward = forward_with_ctx(_mlp_forward, _mlp_setup_context)
 
     @staticmethod
     def backward(ctx, grad_out, _grad_hidden, _grad_saved):
@@ -281,8 +281,7 @@ class FusedMLP(nn.Module):
         device=None,
         dtype=None,
     ) -> None:
-        if activation not in MLP_ACTIVATIONS:
-            raise ValueError(f"activation must be one of {', '.join(MLP_ACTIVATIONS)}; got {activation!r}")
+        _check_mlp_activation(activation)
         super().__init__()
         factory = {"device": device, "dtype": dtype}
         gated = activation in GATED_ACTIVATIONS
