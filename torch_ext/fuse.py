@@ -159,6 +159,18 @@ def _fused_loss(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
     return new, ""
 
 
+def _replacement_loss(module: nn.Module, where: str, report: FuseReport) -> Optional[nn.Module]:
+    """torch_ext's loss module to put in place of `module` (None: keep it), reported either way."""
+    new, why = _fused_loss(module)
+    if new is not None and _has_hooks(module):
+        new, why = None, "has hooks"
+    if new is not None:
+        report.replaced.append(f"{where} ({type(module).__name__}) -> torch_ext.{type(new).__name__}")
+    elif why:
+        report.skipped.append(f"{where} ({type(module).__name__}): {why}")
+    return new
+
+
 # --- the model's tree ------------------------------------------------------------------------
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -311,12 +323,14 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
             continue
         if head in state and len(chain) == 1:
             continue
+        # What self.a.b names: `obj`, an attribute of `owner` (self.a).
         try:
-            obj = module
-            for name in chain:
-                obj = getattr(obj, name)
+            owner = module
+            for name in chain[:-1]:
+                owner = getattr(owner, name)
+            obj = getattr(owner, chain[-1])
         except AttributeError:
-            obj = None
+            owner = obj = None
         if isinstance(obj, nn.Module):
             called = isinstance(parents.get(node), ast.Call) and parents[node].func is node
             if called and in_forward:
@@ -328,13 +342,6 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
             continue
         # A parameter or buffer of a submodule (self.fc.weight) is read as it is; anything else
         # read in forward (a flag, a temperature) would be frozen by the trace.
-        owner_chain = chain[:-1]
-        try:
-            owner = module
-            for name in owner_chain:
-                owner = getattr(owner, name)
-        except AttributeError:
-            owner = None
         if isinstance(owner, nn.Module) and (chain[-1] in owner._parameters or chain[-1] in owner._buffers):
             continue
         # Configuration constants (ints, strings, bools, None, tuples of them) are taken as fixed.
@@ -654,27 +661,14 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
         model = _deepcopy(model)
     report = FuseReport()
 
-    # Loss modules: a drop-in subclass each, wherever they are.
-    new_loss, why = _fused_loss(model)
-    if new_loss is not None and _has_hooks(model):
-        report.skipped.append(f"model ({type(model).__name__}): has hooks")
-    elif new_loss is not None:
-        report.replaced.append(f"model ({type(model).__name__}) -> torch_ext.{type(new_loss).__name__}")
-        model = new_loss
-    elif why:
-        report.skipped.append(f"model ({type(model).__name__}): {why}")
+    # Loss modules: a drop-in subclass each, wherever they are (the model itself too).
+    new_loss = _replacement_loss(model, "model", report)
+    model = model if new_loss is None else new_loss
     m = _Model(model)
     for key, paths in m.paths.items():
-        module = m.modules[key]
-        new_loss, why = _fused_loss(module)
-        if new_loss is not None and _has_hooks(module):
-            report.skipped.append(f"{', '.join(paths)} ({type(module).__name__}): has hooks")
-        elif new_loss is not None:
-            for path in paths:
-                _set(model, path, new_loss)
-            report.replaced.append(f"{', '.join(paths)} ({type(module).__name__}) -> torch_ext.{type(new_loss).__name__}")
-        elif why:
-            report.skipped.append(f"{', '.join(paths)} ({type(module).__name__}): {why}")
+        new_loss = _replacement_loss(m.modules[key], ", ".join(paths), report)
+        for path in paths if new_loss is not None else ():
+            _set(model, path, new_loss)
 
     # Linear + activation.
     for key, paths in m.paths.items():
