@@ -63,9 +63,22 @@ class Workload:
         return self.backward(fn(*self.inputs))
 
 
-def _sync(device: str) -> None:
+def sync(device: str) -> None:
     if device.startswith("cuda"):
         torch.cuda.synchronize()
+
+
+def time_step(fwd: Callable[[], object], bwd: Callable[[object], object], device: str = "cpu") -> Tuple[float, float]:
+    """Seconds of one forward() and of backward(its output), synchronizing on CUDA around each."""
+    sync(device)
+    t0 = time.perf_counter()
+    out = fwd()
+    sync(device)
+    t1 = time.perf_counter()
+    bwd(out)
+    del out
+    sync(device)
+    return t1 - t0, time.perf_counter() - t1
 
 
 def time_interleaved(
@@ -81,13 +94,13 @@ def time_interleaved(
     for fn in candidates.values():
         for _ in range(warmup):
             fn()
-    _sync(device)
+    sync(device)
     # Calls per round: enough that one sample lasts min_round_s for the slowest candidate.
     calls = {}
     for name, fn in candidates.items():
         start = time.perf_counter()
         fn()
-        _sync(device)
+        sync(device)
         calls[name] = max(1, int(min_round_s / max(time.perf_counter() - start, 1e-7)))
     rng = random.Random(seed)
     samples: Dict[str, List[float]] = {name: [] for name in candidates}
@@ -96,11 +109,11 @@ def time_interleaved(
         rng.shuffle(order)
         for name in order:
             fn, n = candidates[name], calls[name]
-            _sync(device)
+            sync(device)
             start = time.perf_counter()
             for _ in range(n):
                 fn()
-            _sync(device)
+            sync(device)
             samples[name].append((time.perf_counter() - start) / n)
     return samples
 
@@ -127,19 +140,10 @@ def time_phases(
     for fwd, bwd in candidates.values():
         for _ in range(warmup):
             bwd(fwd())
-    _sync(device)
+    sync(device)
 
     def one(name: str) -> Tuple[float, float]:
-        fwd, bwd = candidates[name]
-        _sync(device)
-        t0 = time.perf_counter()
-        out = fwd()
-        _sync(device)
-        t1 = time.perf_counter()
-        bwd(out)
-        del out
-        _sync(device)
-        return t1 - t0, time.perf_counter() - t1
+        return time_step(*candidates[name], device=device)
 
     if calls is None:
         calls = {name: calls_per_round(sum(one(name)), min_round_s) for name in candidates}

@@ -184,27 +184,24 @@ def _loss_spec(op: str, kernel: str) -> OpSpec:
     )
 
 
+def _dense_spec(op: str, kernel: str, dim_names: str, module) -> OpSpec:
+    """A GEMM + activation family whose benchmark module has SCENARIOS, DEFAULT_SCENARIOS and
+    make_workload(m, k, n, activation, dtype, device); floor: its bare GEMMs."""
+    return OpSpec(
+        name=op,
+        kind="dense",
+        kernel=kernel,
+        dims=3,
+        dim_names=dim_names,
+        scenarios=module.SCENARIOS,
+        defaults=module.DEFAULT_SCENARIOS,
+        build=lambda p, dtype, device: module.make_workload(*p, dtype=dtype, device=device),
+    )
+
+
 OPS: Dict[str, OpSpec] = {
-    "linear_act": OpSpec(
-        name="linear_act",
-        kind="dense",
-        kernel="linear_act_fwd",
-        dims=3,
-        dim_names="MxKxN[:activation]",
-        scenarios=bench_linear_act.SCENARIOS,
-        defaults=bench_linear_act.DEFAULT_SCENARIOS,
-        build=lambda p, dtype, device: bench_linear_act.make_workload(*p, dtype=dtype, device=device),
-    ),
-    "mlp": OpSpec(
-        name="mlp",
-        kind="dense",
-        kernel="mlp_act_fwd",
-        dims=3,
-        dim_names="MxKxH[:activation]",
-        scenarios=bench_mlp.SCENARIOS,
-        defaults=bench_mlp.DEFAULT_SCENARIOS,
-        build=lambda p, dtype, device: bench_mlp.make_workload(*p, dtype=dtype, device=device),
-    ),
+    "linear_act": _dense_spec("linear_act", "linear_act_fwd", "MxKxN[:activation]", bench_linear_act),
+    "mlp": _dense_spec("mlp", "mlp_act_fwd", "MxKxH[:activation]", bench_mlp),
     "cross_entropy": _loss_spec("cross_entropy", "cross_entropy_fwd"),
     "mse": _loss_spec("mse", "regression_loss_fwd"),
     "huber": _loss_spec("huber", "regression_loss_fwd"),
@@ -439,11 +436,6 @@ def compare(expected, actual, dtype: torch.dtype) -> Optional[str]:
     return ", ".join(failed) or None
 
 
-def _sync(device: str) -> None:
-    if device.startswith("cuda"):
-        torch.cuda.synchronize()
-
-
 def first_call(wl: common.Workload, fn: Callable, device: str):
     """One timed step, also recording the bytes saved for backward: (results, (fwd s, bwd s), saved)."""
     excluded = {t.untyped_storage().data_ptr() for t in wl.exclude if isinstance(t, torch.Tensor)}
@@ -455,14 +447,14 @@ def first_call(wl: common.Workload, fn: Callable, device: str):
             seen[storage.data_ptr()] = storage.nbytes()
         return t
 
-    _sync(device)
+    common.sync(device)
     t0 = time.perf_counter()
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
         out = fn(*wl.inputs)
-    _sync(device)
+    common.sync(device)
     t1 = time.perf_counter()
     grads = wl.backward(out)
-    _sync(device)
+    common.sync(device)
     t2 = time.perf_counter()
     return (out.detach(),) + tuple(grads), (t1 - t0, t2 - t1), sum(seen.values())
 
@@ -520,18 +512,10 @@ def run_case(case: Case, cfg, machine, progress) -> dict:
         if wl.floor_fns is not None:
             f_fwd, f_bwd = wl.floor_fns
             for _ in range(2):  # a second call only when cheap, as above
-                _sync(device)
-                t0 = time.perf_counter()
-                o = f_fwd()
-                _sync(device)
-                t1 = time.perf_counter()
-                f_bwd(o)
-                _sync(device)
-                t = (t1 - t0, time.perf_counter() - t1)
+                t = common.time_step(f_fwd, f_bwd, device)
                 first["floor"] = min(first.get("floor", t), t, key=sum)
                 if sum(t) >= 0.5:
                     break
-            del o
         del reference
         # Rounds: as many as fit the case budget, at least 3 (or --rounds if fewer).
         calls = {name: common.calls_per_round(sum(t), cfg.min_round_s) for name, t in first.items()}
