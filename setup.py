@@ -38,28 +38,57 @@ def _cuda_requested():
 
     has_torch_cuda = torch.version.cuda is not None
     has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
+    has_cublaslt = has_torch_cuda and _cublaslt_library() is not None
     if mode == "1":
         if not has_torch_cuda:
             sys.exit("TORCH_EXT_CUDA=1 but the installed torch has no CUDA (torch.version.cuda is None)")
         if not has_nvcc:
             sys.exit("TORCH_EXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to a folder with bin/nvcc)")
+        if not has_cublaslt:
+            sys.exit("TORCH_EXT_CUDA=1 but no libcublasLt.so* was found in the pip nvidia-* packages or "
+                     "in CUDA_HOME's lib folders")
         return True
-    return has_torch_cuda and has_nvcc
+    if has_torch_cuda and has_nvcc and not has_cublaslt:
+        print("torch_ext: building without CUDA: no libcublasLt.so* found (set TORCH_EXT_CUDA=1 to make this an error)")
+    return has_torch_cuda and has_nvcc and has_cublaslt
 
 
-def _pip_cuda_include_dirs():
-    """Include folders of the CUDA headers that the pip `nvidia-*` packages ship (CUDA 13:
-    nvidia/cu13/include; CUDA 12: nvidia/<library>/include). A system toolkit may lack some of
-    the headers ATen's CUDA headers include (e.g. cusparse.h); the wheels torch depends on have
-    them."""
+def _pip_cuda_dirs(kind):
+    """The `include` or `lib` folders of the pip `nvidia-*` packages that torch depends on (CUDA
+    13: nvidia/cu13/<kind>; CUDA 12: nvidia/<library>/<kind>)."""
     try:
         import nvidia
     except ImportError:
         return []
     dirs = []
     for root in getattr(nvidia, "__path__", []):
-        dirs += glob.glob(os.path.join(root, "cu*", "include")) + glob.glob(os.path.join(root, "*", "include"))
+        dirs += glob.glob(os.path.join(root, "cu*", kind)) + glob.glob(os.path.join(root, "*", kind))
     return sorted({d for d in dirs if os.path.isdir(d)})
+
+
+def _pip_cuda_include_dirs():
+    """A system toolkit may lack some of the headers ATen's CUDA headers include (e.g.
+    cusparse.h, cublasLt.h); the wheels torch depends on have them. They come after the
+    toolkit's own headers (CUDA_HOME/include is first), so they only fill gaps."""
+    return _pip_cuda_dirs("include")
+
+
+def _cublaslt_library():
+    """The libcublasLt the CUDA kernels link against (csrc/cuda/cublaslt_gemm.cu): the one of the
+    pip wheel torch loads, else the toolkit's; None when neither exists. Linked by path, so the
+    module records its soname (libcublasLt.so.<major>) and, at import, uses the copy torch has
+    already loaded."""
+    from torch.utils.cpp_extension import CUDA_HOME
+
+    candidates = [os.path.join(d, "libcublasLt.so*") for d in _pip_cuda_dirs("lib")]
+    if CUDA_HOME:
+        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
+            candidates.append(os.path.join(CUDA_HOME, sub, "libcublasLt.so*"))
+    for pattern in candidates:
+        found = sorted(glob.glob(pattern), key=len)
+        if found:
+            return found[0]
+    return None
 
 
 def _cxx_std():
@@ -115,11 +144,12 @@ def _extensions_and_libraries():
     extra = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}
     define_macros = [("TORCH_EXT_CPU_CAPABILITIES", str(len(libraries)))]
     cuda_include_dirs = []
+    link_args = ["-fopenmp"]
     if _cuda_requested():
         os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        # After the toolkit's own headers (CUDA_HOME/include comes first), so they only fill gaps.
         cuda_include_dirs = _pip_cuda_include_dirs()
+        link_args.append(_cublaslt_library())
         ext_cls = CUDAExtension
         define_macros.append(("TORCH_EXT_WITH_CUDA", None))
     else:
@@ -131,7 +161,7 @@ def _extensions_and_libraries():
         include_dirs=[csrc] + cuda_include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=["-fopenmp"],
+        extra_link_args=link_args,
         # The capability libraries are named here too so that their order on the link line
         # is fixed (see _capability_libraries).
         libraries=[name for name, _ in libraries],

@@ -261,6 +261,98 @@ def test_fused_linear(device, activation):
             )
 
 
+# On CUDA, none / relu (out_features % 128 == 0) / gelu_tanh (float16, bfloat16; % 8 == 0) take
+# cuBLASLt GEMMs whose epilogues add the bias, apply the activation and write the saved mask or
+# pre-activation, and the weight gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu).
+# Each case runs with cuBLASLt on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
+CUBLASLT = pytest.mark.parametrize("cublaslt", ["1", "0"], ids=["cublaslt", "no_cublaslt"])
+
+
+def grid_values(shape, denominator, device, dtype):
+    """Integers in [-2, 2] / denominator."""
+    return (torch.randint(-2, 3, shape, device=device) / denominator).to(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+@CUBLASLT
+def test_fused_linear_cublaslt_shapes(device, activation, cublaslt, monkeypatch):
+    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+    for dtype in dtypes_for(device):
+        for shape, (k, n), layout in [
+            ((64, 48), (48, 256), "contiguous"),
+            ((3, 7, 40), (40, 128), "contiguous"),
+            ((1, 24), (24, 384), "contiguous"),
+            ((72, 40), (40, 128), "transposed"),   # x.t() of a (40, 72) tensor: column-major
+            ((33, 40), (40, 136), "contiguous"),   # relu: 136 % 128 != 0, own epilogue
+        ]:
+            # Values on a grid that float16/bfloat16 hold exactly, and pre-activations too (k <= 48):
+            # no relu mask bit can flip between our rounding and the float32 reference's.
+            x = grid_values(shape, 2, device, dtype)
+            if layout == "transposed":
+                x = x.t().contiguous().t()
+            w = grid_values((n, k), 4, device, dtype)
+            for b in (grid_values((n,), 8, device, dtype), None):
+                inputs = [x, w] + ([b] if b is not None else [])
+                check_against_reference(
+                    lambda x, w, *b: torch_ext.fused_linear(x, w, b[0] if b else None, activation),
+                    lambda x, w, *b: EAGER[activation](F.linear(x, w, b[0] if b else None)),
+                    inputs,
+                    dtype,
+                )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@CUBLASLT
+def test_relu_mask_layout(device, cublaslt, monkeypatch):
+    """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0, on every
+    path: cuBLASLt's bit mask (n % 128 == 0) is read by our backward kernel. Integer-valued
+    inputs make the GEMM exact, so the reference mask is exact too."""
+    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+    for dtype in dtypes_for(device):
+        for m, k, n in [(37, 16, 256), (5, 8, 128), (9, 8, 24)]:
+            x = torch.randint(-3, 4, (m, k), device=device).to(dtype)
+            w = torch.randint(-3, 4, (n, k), device=device).to(dtype)
+            b = torch.randint(-3, 4, (n,), device=device).to(dtype)
+            out, mask = torch.ops.torch_ext.linear_act_fwd(x, w, b, "relu", 0.0)
+            pre = F.linear(x.double(), w.double(), b.double())
+            bits = (pre > 0).to(torch.uint8).view(m, n // 8, 8)
+            expected = (bits << torch.arange(8, device=device, dtype=torch.uint8)).sum(-1).to(torch.uint8)
+            assert torch.equal(mask, expected), f"{dtype} {(m, k, n)}: mask bits differ"
+            assert torch.equal(out.double(), pre.clamp_min(0)), f"{dtype} {(m, k, n)}: output"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+@CUBLASLT
+def test_fused_linear_nan_inf_propagate(device, activation, cublaslt, monkeypatch):
+    """NaN and inf in the input come out where F.linear + the activation puts them."""
+    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+    for dtype in dtypes_for(device):
+        x = torch.randn(6, 32, device=device).to(dtype)
+        x[1, 3] = float("nan")
+        x[4, 0] = float("inf")
+        w = torch.randn(128, 32, device=device).to(dtype)
+        b = torch.randn(128, device=device).to(dtype)
+        ours = torch_ext.fused_linear(x, w, b, activation).float()
+        ref = EAGER[activation](F.linear(x.float(), w.float(), b.float()))
+        assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{dtype}: NaN positions differ"
+        assert torch.equal(torch.isinf(ours), torch.isinf(ref)), f"{dtype}: inf positions differ"
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@CUBLASLT
+def test_fused_linear_backward_deterministic(device, cublaslt, monkeypatch):
+    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+    x = torch.randn(4099, 64, device=device, requires_grad=True)
+    w = torch.randn(256, 64, device=device, requires_grad=True)
+    b = torch.randn(256, device=device, requires_grad=True)
+    g = torch.randn(4099, 256, device=device)
+    grads = [torch.autograd.grad(torch_ext.fused_linear(x, w, b, "relu"), (x, w, b), g) for _ in range(2)]
+    for first, second in zip(*grads):
+        assert torch.equal(first, second)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu", "geglu"])
 def test_fused_mlp(device, activation):

@@ -1,13 +1,19 @@
 // Fused dense layer + activation on CUDA: act(x @ W.T + b); the same ops and saved tensors as
 // csrc/cpu/linear_act.cpp (relu/leaky_relu: a 1-bit mask; gelu/gelu_tanh/silu: the
 // pre-activation; sigmoid/tanh: the output).
-//   forward : the GEMM through ATen (cuBLAS), then ONE pass over its output for bias +
-//             activation, which also writes the mask or the pre-activation;
-//   backward: ONE pass forming the pre-activation gradient, the bias gradient as its column sums
-//             (ATen's deterministic reduction, float32 accumulation), then the two GEMMs.
-// Not yet: cuBLASLt epilogues (bias / RELU_AUX_BIAS / GELU_AUX_BIAS forward, DRELU_BGRAD /
-// DGELU_BGRAD backward), which would fold these passes into the GEMMs; they need a GPU to
-// validate and measure.
+//   forward : one cuBLASLt GEMM whose epilogue adds the bias, applies the activation and writes
+//             the mask or pre-activation (cuda/cublaslt_gemm.h), where cuBLASLt has the
+//             function: none, relu (n % 128 == 0, so that our mask rows are its bit-mask rows),
+//             gelu_tanh in float16/bfloat16 (n % 8 == 0). Otherwise the GEMM through ATen, then
+//             ONE pass over its output for bias + activation (+ mask or pre-activation).
+//   backward: ONE pass forming the pre-activation gradient, then grad_weight by one cuBLASLt
+//             GEMM whose BGRADB epilogue also forms the bias gradient (its column sums), and
+//             grad_input by ATen's GEMM. float64 (and bias-only gradients) take ATen's GEMM and
+//             its deterministic column sum.
+// cuBLASLt's DRELU_BGRAD / DGELU_BGRAD epilogues apply an activation's gradient to the output of
+// a GEMM, i.e. they belong to the grad-input GEMM of the layer *after* this one; linear_act_bwd
+// receives grad_output already formed, so its activation gradient is the pass above.
+// TORCH_EXT_CUBLASLT=0 turns the cuBLASLt paths off (ATen GEMMs + own passes, as on CPU).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -19,9 +25,11 @@
 #include <c10/cuda/CUDAStream.h>
 #include <torch/library.h>
 
+#include <optional>
 #include <string_view>
 
 #include "activation.h"
+#include "cuda/cublaslt_gemm.h"
 #include "checks.h"
 #include "dense_checks.h"
 #include "shapes.h"
@@ -110,6 +118,28 @@ __global__ void backward_prologue_kernel(PrologueArgs<S> a) {
   }
 }
 
+// The cuBLASLt epilogue that computes this activation and writes linear_act's saved tensor in
+// its layout, if there is one (see the top of the file).
+std::optional<cuda::LtEpilogue> forward_epilogue(Activation act, at::ScalarType dtype, int64_t n) {
+  if (!cuda::cublaslt_enabled() || !cuda::cublaslt_dtype(dtype)) return std::nullopt;
+  switch (act) {
+    case Activation::None: return cuda::LtEpilogue::None;
+    // The mask's rows are ceil(n / 8) bytes; cuBLASLt's bit-mask rows are a multiple of 128 bits.
+    case Activation::Relu: return n % 128 == 0 ? std::optional(cuda::LtEpilogue::ReluAux) : std::nullopt;
+    // cuBLASLt's GELU is the tanh form. float32 keeps our epilogue: the accuracy of cuBLASLt's
+    // tanh in float32 is not documented, and float32 results are compared at float32 tolerance.
+    case Activation::GeluTanh:
+      return dtype != at::kFloat && n % 8 == 0 ? std::optional(cuda::LtEpilogue::GeluTanhAux) : std::nullopt;
+    default: return std::nullopt;
+  }
+}
+
+void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k) {
+  TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt has no algorithm for the ", what, " (", m, " x ", k, " @ ", k,
+                  " x ", n, "); using ATen's GEMM and a separate pass (slower). Shapes with sizes that are "
+                  "multiples of 8 avoid this.");
+}
+
 int64_t blocks_for(int64_t work, int threads) {
   return std::min<int64_t>(std::max<int64_t>((work + threads - 1) / threads, 1), int64_t(1) << 20);
 }
@@ -123,7 +153,9 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
   check_linear_args(op, input, weight, bias, check_floating);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
-  const Tensor x2d = input.reshape({m, k});
+  Tensor x2d = input.reshape({m, k});
+  // GEMM operands need unit stride in one dimension (ATen's GEMM would copy too).
+  if (x2d.stride(0) != 1 && x2d.stride(1) != 1) x2d = x2d.contiguous();
   const Tensor bias_c = bias.has_value() ? bias->contiguous() : Tensor();
   // Outputs are allocated in their final shape (*, n) and written through (m, n) views, so that
   // the op returns base tensors, not views (FSDP2 warns about module outputs that are views).
@@ -142,8 +174,21 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
     default:
       saved = at::empty({0}, input.options());
   }
-  at::mm_out(gemm, x2d, weight.t());
-  if (m * n > 0) {
+  bool fused = false;
+  if (m > 0 && n > 0 && k > 0) {
+    if (const auto epilogue = forward_epilogue(act, input.scalar_type(), n)) {
+      cuda::LtEpilogueArgs args;
+      args.kind = *epilogue;
+      args.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
+      args.aux = mask.defined() ? mask.data_ptr() : (gemm.is_same(out) ? nullptr : gemm.data_ptr());
+      args.aux_ld = n;  // bits of a mask row (n / 8 bytes), or elements of a pre-activation row
+      const Tensor w = weight.stride(0) != 1 && weight.stride(1) != 1 ? weight.contiguous() : weight;
+      fused = cuda::lt_gemm(x2d, w.t(), out, args);
+      if (!fused) warn_no_algorithm("forward GEMM with its epilogue", m, n, k);
+    }
+  }
+  if (!fused) at::mm_out(gemm, x2d, weight.t());
+  if (!fused && m * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_act_fwd_cuda", [&] {
       EpilogueArgs<scalar_t> a{m, n, act, at::acc_type<scalar_t, true>(negative_slope),
                                bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
@@ -177,7 +222,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   const auto options = input.options();
   if (!output_mask[0] && !output_mask[1] && !output_mask[2])
     return {at::empty({0}, options), at::empty({0}, options), at::empty({0}, options)};
-  const Tensor x2d = input.reshape({m, k});
+  Tensor x2d = input.reshape({m, k});
+  if (x2d.stride(0) != 1 && x2d.stride(1) != 1) x2d = x2d.contiguous();
   Tensor g2d = grad_output.reshape({m, n});
   if (n > 1 && g2d.stride(1) != 1) g2d = g2d.contiguous();
   Tensor grad_pre = at::empty({m, n}, options);
@@ -194,12 +240,26 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
+  Tensor grad_weight, grad_bias;
+  if (output_mask[1] && output_mask[2] && m > 0 && n > 0 && k > 0 && cuda::cublaslt_enabled() &&
+      cuda::cublaslt_dtype(input.scalar_type())) {
+    // grad_weight (n, k) = grad_pre.T @ x, and in the same GEMM grad_bias = grad_pre.T.sum(1).
+    grad_weight = at::empty({n, k}, options);
+    grad_bias = at::empty({n}, options);
+    cuda::LtEpilogueArgs args;
+    args.kind = cuda::LtEpilogue::BiasGradOfA;
+    args.bias_grad = grad_bias.data_ptr();
+    if (!cuda::lt_gemm(grad_pre.t(), x2d, grad_weight, args)) {
+      warn_no_algorithm("weight-gradient GEMM with the bias gradient", n, k, m);
+      grad_weight = grad_bias = Tensor();
+    }
+  }
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  if (output_mask[1] && !grad_weight.defined()) grad_weight = at::mm(grad_pre.t(), x2d);
+  if (output_mask[2] && !grad_bias.defined()) grad_bias = grad_pre.sum(0, /*keepdim=*/false, acc).to(input.scalar_type());
   Tensor grad_input = output_mask[0] ? at::mm(grad_pre, weight).view(input.sizes()) : at::empty({0}, options);
-  Tensor grad_weight = output_mask[1] ? at::mm(grad_pre.t(), x2d) : at::empty({0}, options);
-  Tensor grad_bias = output_mask[2] ? grad_pre.sum(0, /*keepdim=*/false, acc).to(input.scalar_type())
-                                    : at::empty({0}, options);
-  return {grad_input, grad_weight, grad_bias};
+  return {grad_input, output_mask[1] ? grad_weight : at::empty({0}, options),
+          output_mask[2] ? grad_bias : at::empty({0}, options)};
 }
 
 }  // namespace
