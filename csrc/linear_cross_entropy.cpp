@@ -23,6 +23,9 @@
 
 #include "checks.h"
 #include "cpu/allocator.h"
+#ifdef TORCH_EXT_WITH_CUDA
+#include "cuda/cublaslt_gemm.h"
+#endif
 #include "loss.h"
 
 namespace torch_ext {
@@ -104,6 +107,30 @@ double mean_denominator(const Shapes& s, const Tensor& target, const std::option
   if (!weight.has_value()) return kept.sum().item<double>();
   const Tensor safe = target.to(at::kLong).masked_fill(target.eq(ignore_index), 0).clamp(0, s.vocab - 1);
   return (weight->to(at::kDouble).index_select(0, safe.reshape(-1)) * kept.reshape(-1)).sum().item<double>();
+}
+
+// acc (V, H) = dlogits.T @ xc (first chunk) or += it (the others). For bfloat16/float16 acc is
+// float32: on CUDA one cuBLASLt GEMM takes the 16-bit operands at tensor-core rate and adds into
+// the float32 sum; elsewhere (and with TORCH_EXT_CUBLASLT=0) the operands are widened first.
+void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc, bool first) {
+  const bool widen = acc.scalar_type() != dlogits.scalar_type();
+#ifdef TORCH_EXT_WITH_CUDA
+  if (widen && acc.is_cuda() && acc.numel() > 0 && cuda::cublaslt_enabled()) {
+    cuda::LtEpilogueArgs args;
+    args.accumulate = !first;
+    if (cuda::lt_gemm(dlogits.t(), xc, acc, args)) return;
+    TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt took neither the layout of the input nor an algorithm for "
+                    "the float32-accumulated weight-gradient GEMM; widening the chunk's operands to float32 instead "
+                    "(slower); a contiguous input avoids this");
+  }
+#endif
+  const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
+  const Tensor x_acc = widen ? xc.to(acc.scalar_type()) : xc;
+  if (first) {
+    at::mm_out(acc, d_t, x_acc);
+  } else {
+    acc.addmm_(d_t, x_acc);
+  }
 }
 
 struct Gradients {
@@ -192,15 +219,7 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
       Tensor rows = g.input.narrow(0, r0, n);
       at::mm_out(rows, dlogits, linear_weight);
     }
-    if (g.weight.defined()) {
-      const Tensor d_t = reduced ? dlogits.t().to(at::kFloat) : dlogits.t();
-      const Tensor x_acc = reduced ? xc.to(at::kFloat) : xc;
-      if (r0 == 0) {
-        at::mm_out(g.weight, d_t, x_acc);
-      } else {
-        g.weight.addmm_(d_t, x_acc);
-      }
-    }
+    if (g.weight.defined()) accumulate_weight_grad(g.weight, dlogits, xc, /*first=*/r0 == 0);
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
   }
 

@@ -17,16 +17,21 @@ from ._common import autocast_to_lower_precision, hand_over_unit_grads, register
 _fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
 
-# Bytes of one chunk's logits (their gradient is written over them).
-CHUNK_BYTES = 64 << 20
+# Bytes of one chunk's logits (their gradient is written over them), per device type. CPU: measured
+# (benchmarks/results/cpu.txt). CUDA: each chunk's weight-gradient GEMM also reads and writes the
+# float32 V x H sum (8 V H bytes for 2 V H x rows FLOPs), so a chunk needs some 600+ rows to keep an
+# H200's GEMM compute-bound; 512 MiB gives 2088 rows at V=128256 in bfloat16 (not yet measured on
+# a GPU).
+CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
 
 
-def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype) -> int:
+def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
     """Rows per chunk when chunk_size is None: as many as keep one chunk's logits (rows x vocab) within
-    CHUNK_BYTES (64 MiB), rounded down to a multiple of 8 when at least 8, at least 1. At
-    N=4096, V=32000, float32 that is 520 rows: 63 MiB of logits, ~1/8 of the whole."""
+    CHUNK_BYTES of the device type (CPU 64 MiB, CUDA 512 MiB), rounded down to a multiple of 8 when
+    at least 8, at least 1. At N=4096, V=32000, float32 on CPU that is 520 rows: 63 MiB of logits,
+    ~1/8 of the whole."""
     element = torch.empty((), dtype=dtype).element_size()
-    chunk = max(1, CHUNK_BYTES // max(1, vocab * element))
+    chunk = max(1, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // max(1, vocab * element))
     if chunk >= 8:
         chunk -= chunk % 8
     return int(max(1, min(chunk, rows))) if rows > 0 else 1
@@ -193,7 +198,9 @@ def linear_cross_entropy(
         raise RuntimeError("torch_ext.linear_cross_entropy does not compute a gradient for class-probability targets; pass target.detach()")
     rows = input.shape[:-1].numel() if input.dim() >= 1 else 0
     if chunk_size is None:
-        chunk_size = default_chunk_size(rows, linear_weight.shape[0] if linear_weight.dim() == 2 else 1, input.dtype)
+        chunk_size = default_chunk_size(
+            rows, linear_weight.shape[0] if linear_weight.dim() == 2 else 1, input.dtype, input.device.type
+        )
     elif chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     autocast = input.device.type if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type) else None
