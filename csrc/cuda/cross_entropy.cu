@@ -24,6 +24,7 @@
 
 #include "checks.h"
 #include "loss_checks.h"
+#include "cuda/pack.cuh"
 #include "cuda/reduce.cuh"
 #include "loss.h"
 
@@ -160,12 +161,6 @@ __device__ __forceinline__ at::acc_type<S, true> row_shift(const S* x_row) {
   const A first = A(x_row[0]);
   return ::isfinite(first) ? first : A(0);
 }
-
-// 16-byte packs of S for the vectorized (N, C) path.
-template <typename S, int kVec>
-struct alignas(sizeof(S) * kVec) Pack {
-  S v[kVec];
-};
 
 // (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
 template <typename S, int kVec>
@@ -387,8 +382,8 @@ CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignore_ind
 template <typename S>
 bool use_packs(const CrossEntropyArgs<S>& a) {
   constexpr int kVec = 16 / sizeof(S);
-  const auto aligned = [](const void* p) { return p == nullptr || reinterpret_cast<uintptr_t>(p) % 16 == 0; };
-  return kVec > 1 && a.spatial == 1 && a.classes % kVec == 0 && aligned(a.input) && aligned(a.grad_input);
+  return kVec > 1 && a.spatial == 1 && rows_fit_packs<S, kVec>(a.input, a.classes) &&
+         rows_fit_packs<S, kVec>(a.grad_input, a.classes);
 }
 
 int threads_for_row(int64_t loads) {

@@ -30,6 +30,7 @@
 
 #include "activation.h"
 #include "cuda/cublaslt_gemm.h"
+#include "cuda/pack.cuh"
 #include "checks.h"
 #include "dense_checks.h"
 #include "shapes.h"
@@ -40,6 +41,8 @@ namespace {
 using at::Tensor;
 
 // One thread per group of 8 columns of one row, so each relu/leaky_relu mask byte has one writer.
+// kPacked: every row of every operand starts aligned to a pack of 8 (n % 8 == 0), and the 8
+// columns move as one vector (16 bytes in 16-bit types; a warp then reads 512 contiguous bytes).
 constexpr int kGroup = 8;
 
 template <typename S>
@@ -55,23 +58,30 @@ struct EpilogueArgs {
   uint8_t* mask;      // (rows, ceil(n / 8)), or nullptr
 };
 
-template <typename S>
+template <typename S, bool kPacked>
 __global__ void forward_epilogue_kernel(EpilogueArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t groups = (a.n + kGroup - 1) / kGroup;
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
+    const int width = int(std::min<int64_t>(kGroup, a.n - c0));
+    Pack<S, kGroup> pre = load_pack<kPacked, S, kGroup>(a.gemm + r * a.n + c0, width);
+    Pack<S, kGroup> bias{};
+    if (a.bias != nullptr) bias = load_pack<kPacked, S, kGroup>(a.bias + c0, width);
+    Pack<S, kGroup> out;
     uint8_t bits = 0;
-    for (int j = 0; j < kGroup && c0 + j < a.n; ++j) {
-      const int64_t idx = r * a.n + c0 + j;
-      A x = A(a.gemm[idx]);
-      if (a.bias != nullptr) x += A(a.bias[c0 + j]);
-      if (a.pre_out) a.gemm[idx] = S(x);
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      A x = A(pre.v[j]);
+      if (a.bias != nullptr) x += A(bias.v[j]);
+      pre.v[j] = S(x);
       // relu: set where x > 0 or NaN (ATen's relu backward lets NaN through); leaky_relu: x > 0
       const bool set = a.act == Activation::Relu ? !(x <= A(0)) : x > A(0);
-      bits |= uint8_t(set) << j;
-      a.out[idx] = S(activation_forward<A>(a.act, x, a.slope));
+      bits |= uint8_t(set && j < width) << j;
+      out.v[j] = S(activation_forward<A>(a.act, x, a.slope));
     }
+    if (a.pre_out) store_pack<kPacked>(a.gemm + r * a.n + c0, pre, width);
+    store_pack<kPacked>(a.out + r * a.n + c0, out, width);
     if (a.mask != nullptr) a.mask[r * groups + c0 / kGroup] = bits;
   }
 }
@@ -89,32 +99,40 @@ struct PrologueArgs {
   S* grad_pre;             // (rows, n)
 };
 
-template <typename S>
+template <typename S, bool kPacked>
 __global__ void backward_prologue_kernel(PrologueArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t groups = (a.n + kGroup - 1) / kGroup;
+  const SavedForBackward saved_kind = saved_for_backward(a.act);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
+    const int width = int(std::min<int64_t>(kGroup, a.n - c0));
+    const Pack<S, kGroup> g = load_pack<kPacked, S, kGroup>(a.grad_out + r * a.ld_grad_out + c0, width);
+    Pack<S, kGroup> saved{};
+    if (a.saved != nullptr) saved = load_pack<kPacked, S, kGroup>(a.saved + r * a.n + c0, width);
     const uint8_t bits = a.mask != nullptr ? a.mask[r * groups + c0 / kGroup] : 0;
-    for (int j = 0; j < kGroup && c0 + j < a.n; ++j) {
-      const A g = A(a.grad_out[r * a.ld_grad_out + c0 + j]);
-      A d;
-      switch (saved_for_backward(a.act)) {
+    Pack<S, kGroup> d;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const A gj = A(g.v[j]);
+      A dj;
+      switch (saved_kind) {
         case SavedForBackward::PositiveMask:
           // Selected, not multiplied: relu's 0 stays 0 where grad_out is inf or NaN, as in ATen.
-          d = ((bits >> j) & 1u) ? g : (a.act == Activation::Relu ? A(0) : g * a.slope);
+          dj = ((bits >> j) & 1u) ? gj : (a.act == Activation::Relu ? A(0) : gj * a.slope);
           break;
         case SavedForBackward::Output:
-          d = g * activation_derivative_from_output<A>(a.act, A(a.saved[r * a.n + c0 + j]));
+          dj = gj * activation_derivative_from_output<A>(a.act, A(saved.v[j]));
           break;
         case SavedForBackward::PreActivation:
-          d = g * activation_derivative_from_input<A>(a.act, A(a.saved[r * a.n + c0 + j]));
+          dj = gj * activation_derivative_from_input<A>(a.act, A(saved.v[j]));
           break;
         default:
-          d = g;
+          dj = gj;
       }
-      a.grad_pre[r * a.n + c0 + j] = S(d);
+      d.v[j] = S(dj);
     }
+    store_pack<kPacked>(a.grad_pre + r * a.n + c0, d, width);
   }
 }
 
@@ -195,8 +213,14 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
                                gemm.data_ptr<scalar_t>(), !gemm.is_same(out), out.data_ptr<scalar_t>(),
                                mask.defined() ? mask.data_ptr<uint8_t>() : nullptr};
       const int threads = 256;
-      forward_epilogue_kernel<scalar_t><<<blocks_for(m * ((n + kGroup - 1) / kGroup), threads), threads, 0,
-                                          c10::cuda::getCurrentCUDAStream()>>>(a);
+      const int64_t blocks = blocks_for(m * ((n + kGroup - 1) / kGroup), threads);
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      if (rows_fit_packs<scalar_t, kGroup>(a.gemm, n) && rows_fit_packs<scalar_t, kGroup>(a.out, n) &&
+          rows_fit_packs<scalar_t, kGroup>(a.bias, kGroup)) {
+        forward_epilogue_kernel<scalar_t, true><<<blocks, threads, 0, stream>>>(a);
+      } else {
+        forward_epilogue_kernel<scalar_t, false><<<blocks, threads, 0, stream>>>(a);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -235,8 +259,14 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
                                mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() : nullptr,
                                grad_pre.data_ptr<scalar_t>()};
       const int threads = 256;
-      backward_prologue_kernel<scalar_t><<<blocks_for(m * ((n + kGroup - 1) / kGroup), threads), threads, 0,
-                                           c10::cuda::getCurrentCUDAStream()>>>(a);
+      const int64_t blocks = blocks_for(m * ((n + kGroup - 1) / kGroup), threads);
+      const auto stream = c10::cuda::getCurrentCUDAStream();
+      if (rows_fit_packs<scalar_t, kGroup>(a.grad_out, a.ld_grad_out) && rows_fit_packs<scalar_t, kGroup>(a.saved, n) &&
+          rows_fit_packs<scalar_t, kGroup>(a.grad_pre, n)) {
+        backward_prologue_kernel<scalar_t, true><<<blocks, threads, 0, stream>>>(a);
+      } else {
+        backward_prologue_kernel<scalar_t, false><<<blocks, threads, 0, stream>>>(a);
+      }
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }

@@ -1,7 +1,7 @@
 // The MLP activation on CUDA: act(x) over (*, n), or gated act(u) * v over (*, 2n) rows [u | v];
 // the same ops as csrc/cpu/mlp_act.cpp. Its backward forms the input gradient and, when asked,
 // the forward output again in the same pass (FusedMLP's recompute). Elementwise, one thread per
-// output element; the formulas are those of csrc/activation.h.
+// 8 output columns; the formulas are those of csrc/activation.h.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -15,6 +15,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "cuda/pack.cuh"
 #include "dense_checks.h"
 #include "shapes.h"
 
@@ -37,37 +38,63 @@ struct MlpActArgs {
   S* grad_input;          // input's shape, or nullptr
 };
 
-template <typename S>
+// One thread per group of 8 output columns of one row; kPacked: n % 8 == 0 and aligned rows, so
+// each operand's 8 columns move as one vector (16 bytes in 16-bit types), coalesced across a warp.
+constexpr int kGroup = 8;
+
+template <typename S, bool kPacked>
 __global__ void forward_kernel(MlpActArgs<S> a) {
   using A = at::acc_type<S, true>;
-  const int64_t width = a.gated ? 2 * a.n : a.n;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * a.n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / a.n, c = i % a.n;
-    A y = activation_forward<A>(a.act, A(a.input[r * width + c]), a.slope);
-    if (a.gated) y *= A(a.input[r * width + a.n + c]);
-    a.out[i] = S(y);
+  const int64_t width = a.gated ? 2 * a.n : a.n, groups = (a.n + kGroup - 1) / kGroup;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups, c0 = (i % groups) * kGroup;
+    const int count = int(std::min<int64_t>(kGroup, a.n - c0));
+    const Pack<S, kGroup> u = load_pack<kPacked, S, kGroup>(a.input + r * width + c0, count);
+    Pack<S, kGroup> v{};
+    if (a.gated) v = load_pack<kPacked, S, kGroup>(a.input + r * width + a.n + c0, count);
+    Pack<S, kGroup> out;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      A y = activation_forward<A>(a.act, A(u.v[j]), a.slope);
+      if (a.gated) y *= A(v.v[j]);
+      out.v[j] = S(y);
+    }
+    store_pack<kPacked>(a.out + r * a.n + c0, out, count);
   }
 }
 
-template <typename S>
+template <typename S, bool kPacked>
 __global__ void backward_kernel(MlpActArgs<S> a) {
   using A = at::acc_type<S, true>;
-  const int64_t width = a.gated ? 2 * a.n : a.n;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * a.n; i += int64_t(gridDim.x) * blockDim.x) {
-    const int64_t r = i / a.n, c = i % a.n;
-    const A g = A(a.grad_out[r * a.ld_grad_out + c]);
-    const A u = A(a.input[r * width + c]);
-    A value, grad_u;
-    if (a.gated) {
-      const A v = A(a.input[r * width + a.n + c]);
-      activation_value_and_grad<A>(a.act, u, g * v, a.slope, value, grad_u);
-      if (a.grad_input) a.grad_input[r * width + a.n + c] = S(g * value);
-      if (a.out) a.out[i] = S(value * v);
-    } else {
-      activation_value_and_grad<A>(a.act, u, g, a.slope, value, grad_u);
-      if (a.out) a.out[i] = S(value);
+  const int64_t width = a.gated ? 2 * a.n : a.n, groups = (a.n + kGroup - 1) / kGroup;
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t r = i / groups, c0 = (i % groups) * kGroup;
+    const int count = int(std::min<int64_t>(kGroup, a.n - c0));
+    const Pack<S, kGroup> g = load_pack<kPacked, S, kGroup>(a.grad_out + r * a.ld_grad_out + c0, count);
+    const Pack<S, kGroup> u = load_pack<kPacked, S, kGroup>(a.input + r * width + c0, count);
+    Pack<S, kGroup> v{};
+    if (a.gated) v = load_pack<kPacked, S, kGroup>(a.input + r * width + a.n + c0, count);
+    Pack<S, kGroup> grad_u, grad_v, out;
+#pragma unroll
+    for (int j = 0; j < kGroup; ++j) {
+      const A gj = A(g.v[j]);
+      A value, du;
+      if (a.gated) {
+        const A vj = A(v.v[j]);
+        activation_value_and_grad<A>(a.act, A(u.v[j]), gj * vj, a.slope, value, du);
+        grad_v.v[j] = S(gj * value);
+        out.v[j] = S(value * vj);
+      } else {
+        activation_value_and_grad<A>(a.act, A(u.v[j]), gj, a.slope, value, du);
+        out.v[j] = S(value);
+      }
+      grad_u.v[j] = S(du);
     }
-    if (a.grad_input) a.grad_input[r * width + c] = S(grad_u);
+    if (a.grad_input != nullptr) {
+      store_pack<kPacked>(a.grad_input + r * width + c0, grad_u, count);
+      if (a.gated) store_pack<kPacked>(a.grad_input + r * width + a.n + c0, grad_v, count);
+    }
+    if (a.out != nullptr) store_pack<kPacked>(a.out + r * a.n + c0, out, count);
   }
 }
 
@@ -75,10 +102,17 @@ __global__ void backward_kernel(MlpActArgs<S> a) {
 template <typename S>
 void launch(bool backward, MlpActArgs<S>& a) {
   const int threads = 256;
-  const int64_t blocks = std::min<int64_t>(std::max<int64_t>((a.rows * a.n + threads - 1) / threads, 1), int64_t(1) << 20);
+  const int64_t groups = (a.n + kGroup - 1) / kGroup;
+  const int64_t blocks = std::min<int64_t>(std::max<int64_t>((a.rows * groups + threads - 1) / threads, 1), int64_t(1) << 20);
   const auto stream = c10::cuda::getCurrentCUDAStream();
-  if (backward) backward_kernel<S><<<blocks, threads, 0, stream>>>(a);
-  else forward_kernel<S><<<blocks, threads, 0, stream>>>(a);
+  // Rows of the input are `width` long, the value half starts n in: n % 8 == 0 keeps both aligned.
+  const bool packed = rows_fit_packs<S, kGroup>(a.input, a.n) && rows_fit_packs<S, kGroup>(a.out, a.n) &&
+                      rows_fit_packs<S, kGroup>(a.grad_out, a.ld_grad_out) &&
+                      rows_fit_packs<S, kGroup>(a.grad_input, a.n);
+  if (backward && packed) backward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
+  else if (backward) backward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
+  else if (packed) forward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
+  else forward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
