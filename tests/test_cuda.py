@@ -265,7 +265,10 @@ def test_fused_linear(device, activation):
 # cuBLASLt GEMMs whose epilogues add the bias, apply the activation and write the saved mask or
 # pre-activation, and the weight gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu).
 # Each case runs with cuBLASLt on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
-CUBLASLT = pytest.mark.parametrize("cublaslt", ["1", "0"], ids=["cublaslt", "no_cublaslt"])
+@pytest.fixture(params=["1", "0"], ids=["cublaslt", "no_cublaslt"])
+def cublaslt(request, monkeypatch):
+    monkeypatch.setenv("TORCH_EXT_CUBLASLT", request.param)
+    return request.param
 
 
 def grid_values(shape, denominator, device, dtype):
@@ -275,9 +278,7 @@ def grid_values(shape, denominator, device, dtype):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
-@CUBLASLT
-def test_fused_linear_cublaslt_shapes(device, activation, cublaslt, monkeypatch):
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
     for dtype in dtypes_for(device):
         for shape, (k, n), layout in [
             ((64, 48), (48, 256), "contiguous"),
@@ -303,12 +304,10 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt, monkeypatch)
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@CUBLASLT
-def test_relu_mask_layout(device, cublaslt, monkeypatch):
+def test_relu_mask_layout(device, cublaslt):
     """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0, on every
     path: cuBLASLt's bit mask (n % 128 == 0) is read by our backward kernel. Integer-valued
     inputs make the GEMM exact, so the reference mask is exact too."""
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
     for dtype in dtypes_for(device):
         for m, k, n in [(37, 16, 256), (5, 8, 128), (9, 8, 24)]:
             x = torch.randint(-3, 4, (m, k), device=device).to(dtype)
@@ -324,10 +323,8 @@ def test_relu_mask_layout(device, cublaslt, monkeypatch):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
-@CUBLASLT
-def test_fused_linear_nan_inf_propagate(device, activation, cublaslt, monkeypatch):
+def test_fused_linear_nan_inf_propagate(device, activation, cublaslt):
     """NaN and inf in the input come out where F.linear + the activation puts them."""
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
     for dtype in dtypes_for(device):
         x = torch.randn(6, 32, device=device).to(dtype)
         x[1, 3] = float("nan")
@@ -341,9 +338,7 @@ def test_fused_linear_nan_inf_propagate(device, activation, cublaslt, monkeypatc
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@CUBLASLT
-def test_fused_linear_backward_deterministic(device, cublaslt, monkeypatch):
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+def test_fused_linear_backward_deterministic(device, cublaslt):
     x = torch.randn(4099, 64, device=device, requires_grad=True)
     w = torch.randn(256, 64, device=device, requires_grad=True)
     b = torch.randn(256, device=device, requires_grad=True)
@@ -385,9 +380,8 @@ def test_fused_mlp(device, activation):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-@CUBLASLT  # CUDA, float16/bfloat16: the weight gradient is summed over chunks in float32 by cuBLASLt
-def test_linear_cross_entropy(device, reduction, cublaslt, monkeypatch):
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", cublaslt)
+def test_linear_cross_entropy(device, reduction, cublaslt):
+    # CUDA, float16/bfloat16: cuBLASLt sums the chunks' weight gradients in float32.
     for dtype in dtypes_for(device):
         x = torch.randn(37, 24, device=device).to(dtype)
         w = (torch.randn(301, 24, device=device) / 5).to(dtype)
