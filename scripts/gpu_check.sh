@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # The GPU check, in one command on a machine with an NVIDIA GPU and no network (issue 7):
-#   1. build torch_ext for the local GPU (TORCH_EXT_CUDA=1, MAX_JOBS from nproc, the GPU's arch);
+#   1. build torch_ext in place for the local GPU (TORCH_EXT_CUDA=1, MAX_JOBS from nproc, the GPU's arch);
 #   2. run the CUDA tests (tests/test_cuda.py: every op on CUDA against PyTorch's ops);
 #   3. run the CUDA benchmarks at the sizes of issue 7's goals (bfloat16);
 # writing logs and result files to ${OUT:-gpu_results}. Sized to finish in under 8 minutes on an
@@ -25,23 +25,27 @@ step() {  # step NAME COMMAND...: run, log to $OUT/NAME.log, report the time and
   return $rc
 }
 
+# The GPU machine's image has python3 (no plain `python`) and a read-only-in-spirit environment:
+# the extension is built in place and found through PYTHONPATH, nothing is installed.
+PY="${PYTHON:-python3}"
+export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 export MAX_JOBS="${MAX_JOBS:-$(nproc)}"
 export CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
 if [ -z "${TORCH_CUDA_ARCH_LIST:-}" ]; then
-  TORCH_CUDA_ARCH_LIST=$(python -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
+  TORCH_CUDA_ARCH_LIST=$("$PY" -c "import torch; print('%d.%d' % torch.cuda.get_device_capability())")
   export TORCH_CUDA_ARCH_LIST
 fi
-{ nvidia-smi; python -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"; \
+{ nvidia-smi; "$PY" -c "import torch; print('torch', torch.__version__, 'CUDA', torch.version.cuda, torch.cuda.get_device_name())"; \
   echo "MAX_JOBS=$MAX_JOBS TORCH_CUDA_ARCH_LIST=$TORCH_CUDA_ARCH_LIST"; git log -1 --oneline; } > "$OUT/env.txt" 2>&1
 cat "$OUT/env.txt"
 
-step build env TORCH_EXT_CUDA=1 python -m pip install --no-build-isolation --no-deps -e . || exit 1
-step import python -c "import torch, torch_ext; x = torch.randn(4, 8, device='cuda'); print(torch_ext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device='cuda')))"
-step tests python -m pytest tests/test_cuda.py -q -rs --junitxml="$OUT/tests.xml"
+step build env TORCH_EXT_CUDA=1 "$PY" setup.py build_ext --inplace || exit 1
+step import "$PY" -c "import torch, torch_ext; x = torch.randn(4, 8, device='cuda'); print(torch_ext.cross_entropy(x, torch.tensor([0, 1, 2, 3], device='cuda')))"
+step tests "$PY" -m pytest tests/test_cuda.py -q -rs --junitxml="$OUT/tests.xml"
 # The goals of issue 7 (bfloat16): cross_entropy 8192x128256, dense 8192x4096->16384 gelu_tanh, mse and
 # triplet at their default sizes, linear_cross_entropy N=8192, H=4096, V=128256.
 # (--case-seconds bounds each case's timing; torch.compile's compile time comes on top, once per case.)
-step bench_goals python benchmarks/run.py --device cuda --dtype bfloat16 --case-seconds 8 --out "$OUT" --name cuda_goals \
+step bench_goals "$PY" benchmarks/run.py --device cuda --dtype bfloat16 --case-seconds 8 --out "$OUT" --name cuda_goals \
   --ops cross_entropy linear_act mse triplet linear_cross_entropy mlp \
   --sizes cross_entropy=8192x128256 linear_act=8192x4096x16384:gelu_tanh mse=ffn triplet=cnn \
           linear_cross_entropy=8192x4096x128256 mlp=llm
