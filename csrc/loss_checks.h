@@ -19,6 +19,15 @@ namespace torch_ext {
 
 // ---- backward ops
 
+// A forward that also forms the input's gradient for grad_loss = 1 (cross_entropy_fwd_grad): the
+// loss must be one number, so that the backward can scale the gradient by it.
+inline Reduction check_reduction_with_grad_in_forward(const char* op, c10::string_view reduction) {
+  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  TORCH_CHECK_VALUE(red != Reduction::None, op, ": reduction must be 'mean' or 'sum' (the gradient is formed for a "
+                    "grad_loss of one value), got 'none'");
+  return red;
+}
+
 // grad_loss of a loss's backward: of the unreduced loss's shape for reduction="none", else one value.
 inline void check_grad_loss(const char* op, const at::Tensor& grad_loss, Reduction red, c10::string_view reduction,
                             at::IntArrayRef loss_shape) {

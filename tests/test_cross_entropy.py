@@ -28,6 +28,7 @@ from __future__ import annotations
 import inspect
 import itertools
 import os
+import sys
 import textwrap
 import warnings
 
@@ -195,6 +196,17 @@ def run_case(input, target, weight=None, *, grad="random", input_grad=True, targ
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
+def grad_in_forward(request, monkeypatch):
+    """Runs a test on both eager paths: forward and backward apart (CPU's), and the gradient formed
+    in the forward op and handed over by backward (CUDA's, torch_ext.cross_entropy_fwd_grad), here
+    switched on for CPU too."""
+    if request.param:
+        module = sys.modules["torch_ext.cross_entropy"]
+        monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", module.GRAD_IN_FORWARD_DEVICES | {"cpu"})
+    return request.param
+
+
 def test_signature_mirrors_functional():
     ours = inspect.signature(cross_entropy).parameters
     theirs = inspect.signature(F.cross_entropy).parameters
@@ -234,7 +246,7 @@ def _target(kind, shape, dtype, ignored, ignore_index):
 @pytest.mark.parametrize("z_loss", Z_LOSSES)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_matches_pytorch(dtype, reduction, z_loss, kind):
+def test_matches_pytorch(dtype, reduction, z_loss, kind, grad_in_forward):
     # Every combination of weight x ignore_index case x label_smoothing (x the parameters of the
     # test): loss, the input gradient for a random grad_output, and the target's gradient for
     # probability targets. Each combination runs on one of the shapes, rotating with the test's
@@ -320,7 +332,7 @@ SHAPE_CASES = [
 
 @pytest.mark.parametrize("shape", SHAPE_CASES)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_shapes(dtype, shape):
+def test_shapes(dtype, shape, grad_in_forward):
     c = shape[class_dim(torch.empty(shape))]
     x = make_input(shape, dtype)
     w = make_weight(c, dtype)
@@ -345,7 +357,7 @@ EMPTY_SHAPES = [
 @pytest.mark.parametrize("z_loss", [0.0, 0.5])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_empty(dtype, reduction, z_loss, shape):
+def test_empty(dtype, reduction, z_loss, shape, grad_in_forward):
     # mean over no rows is NaN, sum is 0, none is empty, as PyTorch; gradients are empty.
     c = shape[1]
     x = make_input(shape, dtype)
@@ -372,7 +384,7 @@ def test_empty(dtype, reduction, z_loss, shape):
 @pytest.mark.parametrize("z_loss", [0.0, 0.5])
 @pytest.mark.parametrize("ls", LABEL_SMOOTHINGS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
-def test_all_ignored(dtype, ls, z_loss):
+def test_all_ignored(dtype, ls, z_loss, grad_in_forward):
     # Every row ignored: mean is NaN, sum 0, none all 0; the gradient is exactly 0 (PyTorch's
     # too, even for mean), never NaN.
     x = make_input((4, 6, 2), dtype)
@@ -622,7 +634,7 @@ LAYOUT_CASES = [
 
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
-def test_noncontiguous(dtype, case):
+def test_noncontiguous(dtype, case, grad_in_forward):
     x, t, w, grad, prob = _layout_case(case, dtype)
     if case.startswith("input"):
         assert not x.is_contiguous()
@@ -650,7 +662,7 @@ def test_noncontiguous_gives_same_bits_as_contiguous():
 
 @pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_retain_graph_backward_twice(reduction, prob):
+def test_retain_graph_backward_twice(reduction, prob, grad_in_forward):
     x = leaf(make_input((5, 11)))
     t = leaf(prob_target(x.shape)) if prob else class_target(x.shape, 11, "some", -100)
     w = make_weight(11)
@@ -678,7 +690,7 @@ def test_retain_graph_backward_twice(reduction, prob):
         assert_close(lf.grad, 2 * a)
 
 
-def test_second_forward_after_backward():
+def test_second_forward_after_backward(grad_in_forward):
     w = make_weight(9)
     for i in range(3):
         x = make_input((4, 9))
@@ -732,7 +744,7 @@ def test_input_grad_only_with_prob_target_not_requiring_grad():
 
 
 @pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
-def test_double_backward_raises(prob):
+def test_double_backward_raises(prob, grad_in_forward):
     x = leaf(make_input((3, 5), torch.float64))
     t = leaf(prob_target(x.shape, dtype=torch.float64)) if prob else class_target(x.shape, 5)
     y = cross_entropy(x, t, z_loss=1e-3)
@@ -760,7 +772,7 @@ GRADCHECK_CASES = [
 
 
 @pytest.mark.parametrize("case", GRADCHECK_CASES, ids=[c[0] for c in GRADCHECK_CASES])
-def test_gradcheck(case):
+def test_gradcheck(case, grad_in_forward):
     _, shape, kind, weighted, ii, reduction, ls, z = case
     c = shape[class_dim(torch.empty(shape))]
     x = leaf(make_input(shape, torch.float64))
@@ -928,6 +940,95 @@ def test_bwd_op_matches_autograd(dtype, reduction, kind):
         assert_close(gt2, ref[1], dtype=dtype, msg="grad_target alone")
     else:
         assert gt.numel() == 0
+
+
+FWD_GRAD = torch.ops.torch_ext.cross_entropy_fwd_grad.default
+
+
+@pytest.mark.parametrize("kind", ["class", "prob"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("shape", [(6, 11), (3, 11, 2), (11,), (0, 11)], ids=str)
+def test_fwd_grad_op_equals_fwd_then_bwd(shape, dtype, reduction, kind):
+    """cross_entropy_fwd_grad = (cross_entropy_fwd, the backward op's input gradient for grad 1)."""
+    c = shape[class_dim(torch.empty(shape))]
+    x = make_input(shape, dtype)
+    w = make_weight(c, dtype)
+    t = prob_target(shape, dtype=dtype) if kind == "prob" else class_target(shape, c, "some" if shape[0] > 1 else "none", -100)
+    loss, stats, grad = FWD_GRAD(x, t, w, -100, reduction, 0.1, 0.5)
+    loss_ref, stats_ref = FWD(x, t, w, -100, reduction, 0.1, 0.5)
+    (grad_ref, _) = BWD(torch.ones(()).to(dtype), x, t, w, stats_ref, -100, reduction, 0.1, 0.5, [True, False])
+    same = dict(rtol=0, atol=0, equal_nan=True)  # a mean over only ignored rows is NaN in both
+    torch.testing.assert_close(loss, loss_ref, **same)
+    torch.testing.assert_close(stats, stats_ref, **same)
+    assert grad.shape == x.shape and grad.dtype == x.dtype
+    torch.testing.assert_close(grad, grad_ref, **same)
+
+
+def test_fwd_grad_op_refuses_reduction_none():
+    x = make_input((4, 5))
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        FWD_GRAD(x, class_target(x.shape, 5), None, -100, "none", 0.0, 0.0)
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        fx = mode.from_tensor(x)
+        FWD_GRAD(fx, mode.from_tensor(class_target(x.shape, 5)), None, -100, "none", 0.0, 0.0)
+
+
+@pytest.mark.parametrize("sample", [s for s in OPCHECK_SAMPLES if s[5] != "none"], ids=lambda s: s[0])
+def test_opcheck_fwd_grad(sample):
+    _, shape, kind, weighted, ii, reduction, ls, z, rg = sample
+    x, t, w = _opcheck_args(shape, kind, weighted, ii, rg)
+    if kind == "prob":
+        t = t.detach()  # this op forms no target gradient
+    torch.library.opcheck(FWD_GRAD, (x, t, w, ii, reduction, ls, z))
+
+
+def test_fwd_grad_op_is_differentiable_directly():
+    x = leaf(make_input((5, 7)))
+    t = class_target(x.shape, 7, "some", -100)
+    loss, _, _ = FWD_GRAD(x, t, None, -100, "mean", 0.1, 1e-3)
+    (gx,) = torch.autograd.grad(loss * 3.0, x)
+    xr = leaf(x)
+    (gr,) = torch.autograd.grad(reference(xr, t, label_smoothing=0.1, z_loss=1e-3) * 3.0, xr)
+    assert_close(gx, gr)
+
+
+def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
+    """The eager CUDA path (here switched on for CPU): input requiring grad, reduction mean/sum,
+    target not requiring grad, grad mode on; otherwise the forward/backward pair."""
+    module = sys.modules["torch_ext.cross_entropy"]
+    calls = []
+    real = module._fwd_grad_op
+    monkeypatch.setattr(module, "_fwd_grad_op", lambda *a: calls.append(a[4]) or real(*a))
+    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
+    x = leaf(make_input((4, 6)))
+    t = class_target(x.shape, 6)
+    cross_entropy(x, t)
+    cross_entropy(x, t, reduction="sum")
+    assert calls == ["mean", "sum"]
+    cross_entropy(x, t, reduction="none")
+    cross_entropy(x.detach(), t)
+    with torch.no_grad():
+        cross_entropy(x, t)
+    cross_entropy(x, leaf(prob_target(x.shape)))
+    assert calls == ["mean", "sum"]
+    assert module.GRAD_IN_FORWARD_DEVICES == {"cpu"}
+    monkeypatch.undo()
+    assert sys.modules["torch_ext.cross_entropy"].GRAD_IN_FORWARD_DEVICES == {"cuda"}
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5, 0.0])
+def test_grad_in_forward_scales_by_grad_output(grad_scale, grad_in_forward):
+    x = leaf(make_input((6, 9)))
+    t = class_target(x.shape, 9, "some", -100)
+    w = make_weight(9)
+    y = cross_entropy(x, t, w, label_smoothing=0.1)
+    y.backward(torch.tensor(grad_scale))
+    xr = leaf(x)
+    reference(xr, t, w, label_smoothing=0.1).backward(torch.tensor(grad_scale))
+    assert_close(x.grad, xr.grad)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,6 +9,8 @@ determinism, and bad input that must be a Python error rather than a device-side
 """
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -63,13 +65,22 @@ def check_against_reference(ours, reference, inputs, dtype, grad_output=None, **
 # ---- cross_entropy ------------------------------------------------------------------------------
 
 
+@pytest.fixture(params=[True, False], ids=["grad_in_forward", "fwd_bwd"])
+def ce_grad_in_forward(request, monkeypatch):
+    """Both eager paths of cross_entropy on every device: the gradient formed by the forward kernel
+    (cross_entropy_fwd_grad; CUDA's default for reductions mean and sum) and forward/backward apart."""
+    module = sys.modules["torch_ext.cross_entropy"]
+    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
+    return request.param
+
+
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("shape", [(7, 5), (3, 1000), (4, 4096), (2, 5, 3, 3), (5,)])
 @pytest.mark.parametrize(
     "options",
     [{}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1}, {"weighted": True}],
 )
-def test_cross_entropy(device, shape, options):
+def test_cross_entropy(device, shape, options, ce_grad_in_forward):
     options = dict(options)
     weighted = options.pop("weighted", False)
     classes = shape[0] if len(shape) == 1 else shape[1]
@@ -87,7 +98,7 @@ def test_cross_entropy(device, shape, options):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_probabilities_and_z_loss(device):
+def test_cross_entropy_probabilities_and_z_loss(device, ce_grad_in_forward):
     for dtype in dtypes_for(device):
         x = torch.randn(6, 37, device=device).to(dtype)
         p = torch.softmax(torch.randn(6, 37, device=device), -1).to(dtype)
@@ -108,7 +119,7 @@ def test_cross_entropy_probabilities_and_z_loss(device):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_noncontiguous_and_stride0_grad(device):
+def test_cross_entropy_noncontiguous_and_stride0_grad(device, ce_grad_in_forward):
     x = torch.randn(40, 9, device=device).t()  # (9, 40): a transposed view
     t = torch.randint(0, 40, (9,), device=device)
     check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
@@ -141,7 +152,7 @@ def test_cross_entropy_cpu_target_for_cuda_input():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_deterministic(device):
+def test_cross_entropy_deterministic(device, ce_grad_in_forward):
     x = torch.randn(300, 5000, device=device, requires_grad=True)
     t = torch.randint(0, 5000, (300,), device=device)
     runs = []
@@ -171,6 +182,13 @@ def test_cross_entropy_more_than_2_31_elements_cuda():
     rows = torch.tensor([0, n // 2, n - 1], device="cuda")
     ref = F.cross_entropy(x[rows].float(), t[rows], reduction="none")
     assert_close(loss[rows], ref, dtype=torch.bfloat16, check_dtype=False)
+    # The gradient (formed by the forward kernel for reduction mean) at the same rows, times n:
+    # softmax - one_hot(target).
+    xg = x.requires_grad_()
+    (g,) = torch.autograd.grad(torch_ext.cross_entropy(xg, t), xg)
+    want = torch.softmax(x[rows].float(), -1)
+    want[torch.arange(3, device="cuda"), t[rows]] -= 1
+    torch.testing.assert_close(g[rows].float() * n, want, rtol=2e-2, atol=1e-7)
 
 
 # ---- regression losses ---------------------------------------------------------------------------
@@ -409,6 +427,7 @@ def test_opcheck_every_op(device):
         (ops.linear_act_fwd.default, (x, w, b, "gelu", 0.01)),
         (ops.mlp_act_fwd.default, (torch.randn(6, 8, device=device, requires_grad=True), "silu", 0.01, True)),
         (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0)),
+        (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "mean", 0.1, 1e-3)),
         (ops.regression_loss_fwd.default, (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean")),
         (ops.triplet_margin_loss_fwd.default, (x, torch.randn(6, 10, device=device), torch.randn(6, 10, device=device),
                                                1.0, 2.0, 1e-6, False, "mean")),

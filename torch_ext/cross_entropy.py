@@ -11,10 +11,16 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx
+from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
 
 _fwd_op = torch.ops.torch_ext.cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
+_fwd_grad_op = torch.ops.torch_ext.cross_entropy_fwd_grad.default
+
+# Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
+# and sum; see _CrossEntropyGradInForward). CPU keeps forward and backward apart: its two passes
+# already run near the memory floor there, and nothing input-sized is held between them.
+GRAD_IN_FORWARD_DEVICES = frozenset({"cuda"})
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -94,6 +100,32 @@ def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ign
     return None
 
 
+@torch.library.register_fake("torch_ext::cross_entropy_fwd_grad")
+def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+    if reduction == "none":
+        raise ValueError("torch_ext.cross_entropy_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'")
+    loss, stats = _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    return loss, stats, input.new_empty(input.shape)
+
+
+def _setup_context_fwd_grad(ctx, inputs, output):
+    _, stats, unit_grad = output
+    ctx.save_for_backward(unit_grad)
+    ctx.mark_non_differentiable(stats, unit_grad)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_fwd_grad(ctx, grad_loss, _grad_stats, _grad_unit):
+    """Calling the op directly is differentiable too: the gradient it formed times grad_loss."""
+    if grad_loss is None or not ctx.needs_input_grad[0]:
+        return (None,) * 7
+    (unit_grad,) = ctx.saved_tensors
+    return (unit_grad * grad_loss.reshape(()),) + (None,) * 6
+
+
+torch.library.register_autograd("torch_ext::cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)
+
+
 def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
     _, stats = output
@@ -132,6 +164,48 @@ class CrossEntropyFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+class _CrossEntropyGradInForward(torch.autograd.Function):
+    """The eager path on GRAD_IN_FORWARD_DEVICES for reductions mean and sum when the input requires
+    grad (and the target does not): the forward kernel also writes the input's gradient for
+    grad_output = 1 while each row is in cache, so a training step reads the logits from memory
+    once instead of twice. The first backward hands the gradient over, scaled in place by
+    grad_output unless it is 1; a later backward of a retained graph recomputes it from the saved
+    stats (for grad_output = 1, scaled the same way, so both give the same bits). It is held from
+    forward to backward as a ctx attribute (input-sized, as eager's saved log-probabilities),
+    which saved-tensor hooks do not see."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+        loss, stats, unit_grad = _fwd_grad_op(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+        ctx.probabilities = False  # _backward's mask: no target gradient on this path
+        ctx.save_for_backward(input, target, weight, stats)
+        ctx.unit_grad = unit_grad
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
+            ctx.unit_grad = None
+            return _backward(ctx, grad_loss, None)
+        unit_grad, ctx.unit_grad = ctx.unit_grad, None
+        if unit_grad is None:
+            input, target, weight, stats = ctx.saved_tensors
+            unit_grad = _bwd_op(torch.ones_like(grad_loss), input, target, weight, stats, *ctx.options, [True, False])[0]
+        return hand_over_unit_grads([unit_grad], [True], grad_loss, 7)
+
+
+def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:
+    return (
+        input.device.type in GRAD_IN_FORWARD_DEVICES
+        and reduction != "none"
+        and torch.is_grad_enabled()
+        and input.requires_grad
+        and not target.requires_grad
+        and not torch.compiler.is_compiling()
+    )
+
+
 def cross_entropy(
     input: Tensor,
     target: Tensor,
@@ -151,15 +225,18 @@ def cross_entropy(
     ``z_loss`` (keyword-only, default 0) adds ``z_loss * logsumexp(row)**2`` per row, weighted
     like the row's loss (by ``weight[target]``; 0 for ignored rows; 1 for probability targets)
     and reduced like it. Under ``torch.autocast`` it computes in float32, as PyTorch's losses do.
+    On CUDA in eager mode (reductions mean and sum) the input's gradient is formed in the forward
+    pass (see _CrossEntropyGradInForward).
     """
     reduction = resolve_reduction(size_average, reduce, reduction)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
-    return CrossEntropyFunction.apply(
-        input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss)
-    )[0]
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    if _grad_in_forward(input, target, reduction):
+        return _CrossEntropyGradInForward.apply(*args)
+    return CrossEntropyFunction.apply(*args)[0]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

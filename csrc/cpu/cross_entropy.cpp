@@ -211,12 +211,30 @@ void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input,
                 grad_input, no_target_grad);
 }
 
+// The forward and the input's gradient for grad_loss = 1, as two passes: the CPU path of
+// torch_ext.cross_entropy keeps them apart (nothing logits-sized is held from forward to
+// backward); this op serves tests and opcheck of the CUDA path's contract.
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& input, const Tensor& target,
+                                                              const std::optional<Tensor>& weight, int64_t ignore_index,
+                                                              c10::string_view reduction, double label_smoothing,
+                                                              double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
+  check_reduction_with_grad_in_forward(op, reduction);
+  auto [loss, stats] = cross_entropy_fwd_cpu(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+  Tensor grad_input = cpu::empty_cpu_output(input.sizes(), input.options());
+  Tensor no_target_grad;
+  backward_into(op, at::ones({}, input.options()), input, target, weight, stats, ignore_index, reduction,
+                label_smoothing, z_loss, grad_input, no_target_grad);
+  return {loss, stats, grad_input};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cpu);
 }
 
 }  // namespace torch_ext

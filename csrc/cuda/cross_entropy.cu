@@ -7,6 +7,10 @@
 //             atomics). (N, C, d...) input: one thread per position, looping over classes, so
 //             adjacent threads read adjacent positions.
 //   backward: the same layouts, one read of the logits and one write of the gradient.
+//   forward with gradient (cross_entropy_fwd_grad, the eager path for reductions mean and sum):
+//             the forward kernel writes each row's gradient for grad_loss = 1 right after the
+//             row's statistics (the row is still in L2), so a training step reads the logits from
+//             memory once; the backward then only scales it, unless grad_loss is 1.
 // Target validation runs on the device and is reported by the host (one synchronization), so a
 // bad class index is a Python error, never a device-side assert.
 #include <ATen/AccumulateType.h>
@@ -162,59 +166,6 @@ __device__ __forceinline__ at::acc_type<S, true> row_shift(const S* x_row) {
   return ::isfinite(first) ? first : A(0);
 }
 
-// (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
-template <typename S, int kVec>
-__global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
-  using A = at::acc_type<S, true>;
-  __shared__ RowPartial<A> warp_partials[32];
-  const int64_t C = a.classes;
-  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
-  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    if (row_ignored(a, r)) {
-      if (threadIdx.x == 0) {
-        a.row_loss[r] = 0;
-        a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-      }
-      continue;
-    }
-    const S* x = a.input + r * C;
-    const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
-    const A shift = row_shift(x);
-    RowPartial<A> p = RowPartial<A>::empty();
-    for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
-      const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) accumulate_class(p, a, A(pack.v[j]), t, c0 + j, 1, shift, linear_sums);
-    }
-    p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
-                     [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
-    if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
-    __syncthreads();  // warp_partials is reused by the next row
-  }
-}
-
-// (N, C, d...): one thread per position r = n * spatial + s; class c at offset c * spatial.
-template <typename S>
-__global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
-  using A = at::acc_type<S, true>;
-  const int64_t C = a.classes, HW = a.spatial;
-  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
-  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
-    if (row_ignored(a, r)) {
-      a.row_loss[r] = 0;
-      a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-      continue;
-    }
-    const int64_t offset = (r / HW) * C * HW + r % HW;
-    const S* x = a.input + offset;
-    const S* t = a.target_prob ? a.target_prob + offset : nullptr;
-    const A shift = row_shift(x);
-    RowPartial<A> p = RowPartial<A>::empty();
-    for (int64_t c = 0; c < C; ++c) accumulate_class(p, a, A(x[c * HW]), t, c, HW, shift, linear_sums);
-    finish_forward_row(a, r, p, x, HW, shift);
-  }
-}
-
 // Per row: grad_c = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y] (see the CPU kernel).
 template <typename A>
 struct RowGradient {
@@ -267,27 +218,101 @@ __device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a, con
   if (gi_row != nullptr) gi_row[c * stride] = S(grad);
 }
 
+// A row's gradients by the block, from its stats (not an ignored row).
 template <typename S, int kVec>
-__global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
+__device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a, int64_t r) {
   using A = at::acc_type<S, true>;
   const int64_t C = a.classes;
+  const S* x = a.input + r * C;
+  const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
+  S* gi = a.grad_input ? a.grad_input + r * C : nullptr;
+  S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
+  const RowGradient<A> g = row_gradient(a, r);
+  for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
+    // Read the whole pack before writing: grad_input may be the input itself (in place).
+    const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) gradient_class(a, g, A(pack.v[j]), t, gi, gt, c0 + j, 1);
+  }
+}
+
+template <typename S>
+__device__ __forceinline__ void zero_row(S* row, int64_t C) {
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) row[c] = S(0);
+}
+
+// (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
+// kWithGrad: after the row's statistics, the same block writes the row's gradient for the scale
+// in a.scale (cross_entropy_fwd_grad), re-reading the row while it is still in L2.
+template <typename S, int kVec, bool kWithGrad>
+__global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  __shared__ RowPartial<A> warp_partials[32];
+  const int64_t C = a.classes;
+  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    S* gi = a.grad_input ? a.grad_input + r * C : nullptr;
     if (row_ignored(a, r)) {
-      if (gi != nullptr)
-        for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gi[c] = S(0);
+      if (threadIdx.x == 0) {
+        a.row_loss[r] = 0;
+        a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
+      }
+      if constexpr (kWithGrad) zero_row(a.grad_input + r * C, C);
       continue;
     }
     const S* x = a.input + r * C;
     const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
-    S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
-    const RowGradient<A> g = row_gradient(a, r);
+    const A shift = row_shift(x);
+    RowPartial<A> p = RowPartial<A>::empty();
     for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
-      // Read the whole pack before writing: grad_input may be the input itself (in place).
       const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
 #pragma unroll
-      for (int j = 0; j < kVec; ++j) gradient_class(a, g, A(pack.v[j]), t, gi, gt, c0 + j, 1);
+      for (int j = 0; j < kVec; ++j) accumulate_class(p, a, A(pack.v[j]), t, c0 + j, 1, shift, linear_sums);
     }
+    p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
+                     [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
+    if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
+    __syncthreads();  // warp_partials is reused by the next row; the row's stats are visible
+    if constexpr (kWithGrad) write_row_gradient<S, kVec>(a, r);
+  }
+}
+
+// (N, C, d...): one thread per position r = n * spatial + s; class c at offset c * spatial.
+// kWithGrad: the thread then writes its position's gradient (cross_entropy_fwd_grad).
+template <typename S, bool kWithGrad>
+__global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
+  using A = at::acc_type<S, true>;
+  const int64_t C = a.classes, HW = a.spatial;
+  const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
+  for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
+    const int64_t offset = (r / HW) * C * HW + r % HW;
+    if (row_ignored(a, r)) {
+      a.row_loss[r] = 0;
+      a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
+      if constexpr (kWithGrad)
+        for (int64_t c = 0; c < C; ++c) a.grad_input[offset + c * HW] = S(0);
+      continue;
+    }
+    const S* x = a.input + offset;
+    const S* t = a.target_prob ? a.target_prob + offset : nullptr;
+    const A shift = row_shift(x);
+    RowPartial<A> p = RowPartial<A>::empty();
+    for (int64_t c = 0; c < C; ++c) accumulate_class(p, a, A(x[c * HW]), t, c, HW, shift, linear_sums);
+    finish_forward_row(a, r, p, x, HW, shift);
+    if constexpr (kWithGrad) {
+      const RowGradient<A> g = row_gradient(a, r);
+      for (int64_t c = 0; c < C; ++c) gradient_class(a, g, A(x[c * HW]), t, a.grad_input + offset, static_cast<S*>(nullptr), c, HW);
+    }
+  }
+}
+
+template <typename S, int kVec>
+__global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
+  for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
+    if (row_ignored(a, r)) {
+      if (a.grad_input != nullptr) zero_row(a.grad_input + r * a.classes, a.classes);
+      continue;
+    }
+    write_row_gradient<S, kVec>(a, r);
   }
 }
 
@@ -394,23 +419,34 @@ int threads_for_row(int64_t loads) {
 
 int64_t grid_for(int64_t blocks) { return std::min<int64_t>(std::max<int64_t>(blocks, 1), int64_t(1) << 30); }
 
+enum class Pass { Forward, Backward, ForwardWithGrad };
+
+template <typename S, int kVec>
+void launch_rows(Pass pass, const CrossEntropyArgs<S>& a, int threads, cudaStream_t stream) {
+  const int64_t blocks = grid_for(a.rows);
+  switch (pass) {
+    case Pass::Forward: forward_rows_kernel<S, kVec, false><<<blocks, threads, 0, stream>>>(a); break;
+    case Pass::ForwardWithGrad: forward_rows_kernel<S, kVec, true><<<blocks, threads, 0, stream>>>(a); break;
+    case Pass::Backward: backward_rows_kernel<S, kVec><<<blocks, threads, 0, stream>>>(a); break;
+  }
+}
+
 template <typename S>
-void launch(bool backward, const CrossEntropyArgs<S>& a) {
+void launch(Pass pass, const CrossEntropyArgs<S>& a) {
   const auto stream = c10::cuda::getCurrentCUDAStream();
   constexpr int kVec = 16 / sizeof(S) > 0 ? 16 / sizeof(S) : 1;
   if (a.spatial > 1) {
     const int threads = 256;
     const int64_t blocks = grid_for((a.rows + threads - 1) / threads);
-    if (backward) backward_positions_kernel<S><<<blocks, threads, 0, stream>>>(a);
-    else forward_positions_kernel<S><<<blocks, threads, 0, stream>>>(a);
+    switch (pass) {
+      case Pass::Forward: forward_positions_kernel<S, false><<<blocks, threads, 0, stream>>>(a); break;
+      case Pass::ForwardWithGrad: forward_positions_kernel<S, true><<<blocks, threads, 0, stream>>>(a); break;
+      case Pass::Backward: backward_positions_kernel<S><<<blocks, threads, 0, stream>>>(a); break;
+    }
   } else if (use_packs(a)) {
-    const int threads = threads_for_row(a.classes / kVec);
-    if (backward) backward_rows_kernel<S, kVec><<<grid_for(a.rows), threads, 0, stream>>>(a);
-    else forward_rows_kernel<S, kVec><<<grid_for(a.rows), threads, 0, stream>>>(a);
+    launch_rows<S, kVec>(pass, a, threads_for_row(a.classes / kVec), stream);
   } else {
-    const int threads = threads_for_row(a.classes);
-    if (backward) backward_rows_kernel<S, 1><<<grid_for(a.rows), threads, 0, stream>>>(a);
-    else forward_rows_kernel<S, 1><<<grid_for(a.rows), threads, 0, stream>>>(a);
+    launch_rows<S, 1>(pass, a, threads_for_row(a.classes), stream);
   }
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
@@ -430,7 +466,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
       auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
       a.row_loss = row_loss.data_ptr<at::acc_type<scalar_t, true>>();
-      launch<scalar_t>(false, a);
+      launch<scalar_t>(Pass::Forward, a);
     });
   }
   Tensor loss;
@@ -440,6 +476,39 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
     case Reduction::Mean: loss = row_loss.sum().div(in.denominator).to(input.scalar_type()); break;
   }
   return {loss, stats};
+}
+
+// The loss, the stats and the input's gradient for grad_loss = 1 in one kernel: each row's
+// gradient is written right after its statistics, while the row is still in L2, so the logits
+// are read from memory once per training step instead of twice (reductions mean and sum).
+std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cuda(const Tensor& input, const Tensor& target,
+                                                               const std::optional<Tensor>& weight,
+                                                               int64_t ignore_index, c10::string_view reduction,
+                                                               double label_smoothing, double z_loss) {
+  constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  const auto acc_options = input.options().dtype(acc_dtype(input));
+  Tensor stats = at::zeros({rows, 3}, acc_options);
+  Tensor row_loss = at::zeros({rows}, acc_options);
+  Tensor grad_input = at::empty(input.sizes(), input.options());
+  // d(loss)/d(row loss): 1 for sum, 1 / denominator for mean (a device scalar: no sync).
+  const Tensor scale = red == Reduction::Mean ? in.denominator.reciprocal() : at::scalar_tensor(1.0, acc_options);
+  if (rows > 0 && in.layout.classes > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_fwd_grad_cuda", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
+      a.row_loss = row_loss.data_ptr<A>();
+      a.scale = scale.const_data_ptr<A>();
+      a.grad_input = grad_input.data_ptr<scalar_t>();
+      launch<scalar_t>(Pass::ForwardWithGrad, a);
+    });
+  }
+  Tensor loss = red == Reduction::Sum ? row_loss.sum().to(input.scalar_type())
+                                      : row_loss.sum().div(in.denominator).to(input.scalar_type());
+  return {loss, stats, grad_input};
 }
 
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -470,7 +539,7 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
       a.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
       a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
       a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
-      launch<scalar_t>(true, a);
+      launch<scalar_t>(Pass::Backward, a);
     });
   }
 }
@@ -507,6 +576,7 @@ TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);
+  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cuda);
 }
 
 }  // namespace torch_ext
