@@ -16,6 +16,7 @@
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/cuda/CUDAContextLight.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
@@ -218,6 +219,30 @@ __device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a, con
   if (gi_row != nullptr) gi_row[c * stride] = S(grad);
 }
 
+// fn(c, x_c) for every class of a row read by the block: thread i takes packs i, i + blockDim.x,
+// ... in that order (so the per-thread order, and the result, is fixed), kUnroll packs loaded
+// before any is used, to keep enough loads in flight per multiprocessor to stream from memory.
+template <typename S, int kVec, typename Fn>
+__device__ __forceinline__ void for_each_class(const S* x, int64_t C, Fn fn) {
+  constexpr int kUnroll = 4;
+  const int64_t step = int64_t(blockDim.x) * kVec;
+  int64_t c0 = int64_t(threadIdx.x) * kVec;
+  for (; c0 + (kUnroll - 1) * step < C; c0 += kUnroll * step) {
+    Pack<S, kVec> packs[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) packs[u] = *reinterpret_cast<const Pack<S, kVec>*>(x + c0 + u * step);
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u)
+#pragma unroll
+      for (int j = 0; j < kVec; ++j) fn(c0 + u * step + j, packs[u].v[j]);
+  }
+  for (; c0 < C; c0 += step) {
+    const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
+#pragma unroll
+    for (int j = 0; j < kVec; ++j) fn(c0 + j, pack.v[j]);
+  }
+}
+
 // A row's gradients by the block, from its stats (not an ignored row).
 template <typename S, int kVec>
 __device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a, int64_t r) {
@@ -228,12 +253,9 @@ __device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a,
   S* gi = a.grad_input ? a.grad_input + r * C : nullptr;
   S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
   const RowGradient<A> g = row_gradient(a, r);
-  for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
-    // Read the whole pack before writing: grad_input may be the input itself (in place).
-    const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
-#pragma unroll
-    for (int j = 0; j < kVec; ++j) gradient_class(a, g, A(pack.v[j]), t, gi, gt, c0 + j, 1);
-  }
+  // Packs are read before they are written: grad_input may be the input itself (in place), and
+  // each thread writes only the classes it read.
+  for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { gradient_class(a, g, A(xc), t, gi, gt, c, 1); });
 }
 
 template <typename S>
@@ -263,11 +285,7 @@ __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
     const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
     const A shift = row_shift(x);
     RowPartial<A> p = RowPartial<A>::empty();
-    for (int64_t c0 = int64_t(threadIdx.x) * kVec; c0 < C; c0 += int64_t(blockDim.x) * kVec) {
-      const Pack<S, kVec> pack = *reinterpret_cast<const Pack<S, kVec>*>(x + c0);
-#pragma unroll
-      for (int j = 0; j < kVec; ++j) accumulate_class(p, a, A(pack.v[j]), t, c0 + j, 1, shift, linear_sums);
-    }
+    for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { accumulate_class(p, a, A(xc), t, c, 1, shift, linear_sums); });
     p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
                      [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
     if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
@@ -421,12 +439,24 @@ int64_t grid_for(int64_t blocks) { return std::min<int64_t>(std::max<int64_t>(bl
 
 enum class Pass { Forward, Backward, ForwardWithGrad };
 
+// ForwardWithGrad reads each row a second time right after its statistics: for that read to hit
+// L2, the rows of the blocks in flight must fit in it (half of it, for the gradient's writes).
+// The kernels loop over rows, so the grid is capped there, at no fewer blocks than multiprocessors.
+int64_t blocks_with_rows_in_l2(int64_t rows, int64_t row_bytes) {
+  const cudaDeviceProp* props = at::cuda::getCurrentDeviceProperties();
+  const int64_t fit = int64_t(props->l2CacheSize) / std::max<int64_t>(2 * row_bytes, 1);
+  return grid_for(std::min(rows, std::max<int64_t>(fit, props->multiProcessorCount)));
+}
+
 template <typename S, int kVec>
 void launch_rows(Pass pass, const CrossEntropyArgs<S>& a, int threads, cudaStream_t stream) {
   const int64_t blocks = grid_for(a.rows);
   switch (pass) {
     case Pass::Forward: forward_rows_kernel<S, kVec, false><<<blocks, threads, 0, stream>>>(a); break;
-    case Pass::ForwardWithGrad: forward_rows_kernel<S, kVec, true><<<blocks, threads, 0, stream>>>(a); break;
+    case Pass::ForwardWithGrad:
+      forward_rows_kernel<S, kVec, true>
+          <<<blocks_with_rows_in_l2(a.rows, a.classes * int64_t(sizeof(S))), threads, 0, stream>>>(a);
+      break;
     case Pass::Backward: backward_rows_kernel<S, kVec><<<blocks, threads, 0, stream>>>(a); break;
   }
 }
