@@ -81,6 +81,23 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs: int, row_scale=N
     return tuple(grads)
 
 
+def unit_grads_backward(ctx, grad_loss, mask, n_inputs: int, recompute, graph_backward, row_scale=None):
+    """The backward of a *GradInForward Function, whose forward kept ctx.unit_grads: the gradients
+    for grad_output = 1 that its forward op formed. With create_graph, graph_backward() (the
+    backward op, which refuses double backward). Otherwise the first backward hands the unit
+    gradients over (hand_over_unit_grads), and a later one of a retained graph first recomputes
+    them with recompute(ones_like(grad_loss)) -> the backward op's outputs, so that both give
+    the same bits."""
+    if torch.is_grad_enabled():
+        ctx.unit_grads = None
+        return graph_backward()
+    unit_grads, ctx.unit_grads = ctx.unit_grads, None
+    if unit_grads is None:
+        computed = recompute(torch.ones_like(grad_loss))
+        unit_grads = [c if m else None for c, m in zip(computed, mask)]
+    return hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs, row_scale)
+
+
 def forward_with_ctx(op, setup_context):
     """An autograd.Function forward in the ctx style: forward(ctx, *inputs) runs `op` and then
     `setup_context` (the one the op's own register_autograd uses). Why not the setup_context

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
@@ -180,19 +180,16 @@ class _CrossEntropyGradInForward(torch.autograd.Function):
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
         ctx.probabilities = False  # _backward's mask: no target gradient on this path
         ctx.save_for_backward(input, target, weight, stats)
-        ctx.unit_grad = unit_grad
+        ctx.unit_grads = [unit_grad, None]
         return loss
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
-            ctx.unit_grad = None
-            return _backward(ctx, grad_loss, None)
-        unit_grad, ctx.unit_grad = ctx.unit_grad, None
-        if unit_grad is None:
-            input, target, weight, stats = ctx.saved_tensors
-            unit_grad = _bwd_op(torch.ones_like(grad_loss), input, target, weight, stats, *ctx.options, [True, False])[0]
-        return hand_over_unit_grads([unit_grad], [True], grad_loss, 7)
+        return unit_grads_backward(
+            ctx, grad_loss, [True, False], 7,
+            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, [True, False]),
+            graph_backward=lambda: _backward(ctx, grad_loss, None),
+        )
 
 
 def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
+from ._common import autocast_to_lower_precision, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
@@ -155,16 +155,12 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
-        if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
-            ctx.unit_grads = None
-            return _backward(ctx, grad_loss)[:10]
         mask = _output_mask(ctx)
-        unit_grads, ctx.unit_grads = ctx.unit_grads, None
-        if unit_grads is None:
-            input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
-            computed = _bwd_op(torch.ones_like(grad_loss), input, linear_weight, linear_bias, target, weight, *ctx.options, mask)
-            unit_grads = [c if m else None for c, m in zip(computed, mask)]
-        return hand_over_unit_grads(unit_grads, mask, grad_loss, 10)
+        return unit_grads_backward(
+            ctx, grad_loss, mask, 10,
+            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
+            graph_backward=lambda: _backward(ctx, grad_loss)[:10],
+        )
 
 
 def linear_cross_entropy(

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, hand_over_unit_grads, register_no_double_backward, resolve_reduction, forward_with_ctx
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
@@ -116,16 +116,15 @@ class _TripletMarginLossGradInForward(torch.autograd.Function):
     def backward(ctx, grad_loss, _grad_dist):
         if grad_loss is None:  # only `dist` reached backward (materialize_grads is off)
             return (None,) * 8
-        if torch.is_grad_enabled():  # create_graph=True: the backward op, which refuses double backward
-            return _backward(ctx, grad_loss, None)
         mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        unit_grads, ctx.unit_grads = ctx.unit_grads, None
-        anchor, positive, negative, dist = ctx.saved_tensors
-        if unit_grads is None:  # a later backward of a retained graph: recompute them as the forward did
-            computed = _bwd_op(torch.ones_like(grad_loss), anchor, positive, negative, dist, *ctx.options, mask)
-            unit_grads = [c if m else None for c, m in zip(computed, mask)]
+        anchor = ctx.saved_tensors[0]
         per_row = ctx.options[-1] == "none" and anchor.dim() == 2  # reduction "none": one scale a row
-        return hand_over_unit_grads(unit_grads, mask, grad_loss, 8, grad_loss.reshape(-1, 1) if per_row else None)
+        return unit_grads_backward(
+            ctx, grad_loss, mask, 8,
+            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
+            graph_backward=lambda: _backward(ctx, grad_loss, None),
+            row_scale=grad_loss.reshape(-1, 1) if per_row else None,
+        )
 
 
 def triplet_margin_loss(
