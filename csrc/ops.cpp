@@ -63,6 +63,12 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
         "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
+  // (loss, the gradients of (input, target) for grad_loss = 1 as output_mask asks, else empty),
+  // reductions mean and sum: the eager CUDA path forms them in the forward kernel, which reads
+  // input and target once per training step; its backward hands them over. CPU: the two passes.
+  m.def("regression_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
+        "str reduction, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
 
   // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist); dist (rows, 3) holds
   // d(a, p), d(a, n) and d(p, n) (0 without swap) in float32 (float64 for float64 input).

@@ -995,6 +995,16 @@ def test_fwd_grad_op_is_differentiable_directly():
     assert_close(gx, gr)
 
 
+def test_fwd_grad_op_gives_a_probability_targets_gradient_through_the_backward_op():
+    x, t = leaf(make_input((4, 7))), leaf(prob_target((4, 7)))
+    loss, _, _ = FWD_GRAD(x, t, None, -100, "sum", 0.1, 0.0)
+    gx, gt = torch.autograd.grad(loss * 2.0, (x, t))
+    xr, tr = leaf(x), leaf(t)
+    want = torch.autograd.grad(reference(xr, tr, reduction="sum", label_smoothing=0.1) * 2.0, (xr, tr))
+    assert_close(gx, want[0])
+    assert_close(gt, want[1])
+
+
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
     """The eager CUDA path (here switched on for CPU): input requiring grad, reduction mean/sum,
     target not requiring grad, grad mode on; otherwise the forward/backward pair."""

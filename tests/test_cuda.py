@@ -66,11 +66,13 @@ def check_against_reference(ours, reference, inputs, dtype, grad_output=None, **
 
 
 @pytest.fixture(params=[True, False], ids=["grad_in_forward", "fwd_bwd"])
-def ce_grad_in_forward(request, monkeypatch):
-    """Both eager paths of cross_entropy on every device: the gradient formed by the forward kernel
-    (cross_entropy_fwd_grad; CUDA's default for reductions mean and sum) and forward/backward apart."""
-    module = sys.modules["torch_ext.cross_entropy"]
-    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
+def grad_in_forward(request, monkeypatch):
+    """Both eager paths of cross_entropy and the regression losses on every device: the gradients
+    formed by the forward kernel (the *_fwd_grad ops; CUDA's default for reductions mean and sum)
+    and forward/backward apart."""
+    for name in ("torch_ext.cross_entropy", "torch_ext.regression_loss"):
+        devices = frozenset({"cpu", "cuda"}) if request.param else frozenset()
+        monkeypatch.setattr(sys.modules[name], "GRAD_IN_FORWARD_DEVICES", devices)
     return request.param
 
 
@@ -80,7 +82,7 @@ def ce_grad_in_forward(request, monkeypatch):
     "options",
     [{}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1}, {"weighted": True}],
 )
-def test_cross_entropy(device, shape, options, ce_grad_in_forward):
+def test_cross_entropy(device, shape, options, grad_in_forward):
     options = dict(options)
     weighted = options.pop("weighted", False)
     classes = shape[0] if len(shape) == 1 else shape[1]
@@ -98,7 +100,7 @@ def test_cross_entropy(device, shape, options, ce_grad_in_forward):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_probabilities_and_z_loss(device, ce_grad_in_forward):
+def test_cross_entropy_probabilities_and_z_loss(device, grad_in_forward):
     for dtype in dtypes_for(device):
         x = torch.randn(6, 37, device=device).to(dtype)
         p = torch.softmax(torch.randn(6, 37, device=device), -1).to(dtype)
@@ -119,7 +121,7 @@ def test_cross_entropy_probabilities_and_z_loss(device, ce_grad_in_forward):
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_noncontiguous_and_stride0_grad(device, ce_grad_in_forward):
+def test_cross_entropy_noncontiguous_and_stride0_grad(device, grad_in_forward):
     x = torch.randn(40, 9, device=device).t()  # (9, 40): a transposed view
     t = torch.randint(0, 40, (9,), device=device)
     check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
@@ -152,7 +154,7 @@ def test_cross_entropy_cpu_target_for_cuda_input():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-def test_cross_entropy_deterministic(device, ce_grad_in_forward):
+def test_cross_entropy_deterministic(device, grad_in_forward):
     x = torch.randn(300, 5000, device=device, requires_grad=True)
     t = torch.randint(0, 5000, (300,), device=device)
     runs = []
@@ -197,7 +199,7 @@ def test_cross_entropy_more_than_2_31_elements_cuda():
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("loss", ["mse", "huber", "smooth_l1"])
 @pytest.mark.parametrize("reduction", ["mean", "sum", "none"])
-def test_regression_losses(device, loss, reduction):
+def test_regression_losses(device, loss, reduction, grad_in_forward):
     ours = {"mse": torch_ext.mse_loss, "huber": torch_ext.huber_loss, "smooth_l1": torch_ext.smooth_l1_loss}[loss]
     ref = {"mse": F.mse_loss, "huber": F.huber_loss, "smooth_l1": F.smooth_l1_loss}[loss]
     for dtype in dtypes_for(device):
@@ -214,7 +216,7 @@ def test_regression_losses(device, loss, reduction):
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.filterwarnings("ignore:Using a target size")  # broadcasting on purpose
-def test_regression_broadcast_and_stride0_grad(device):
+def test_regression_broadcast_and_stride0_grad(device, grad_in_forward):
     x = torch.randn(6, 1, 5, device=device)
     y = torch.randn(4, 5, device=device).t().contiguous().t()  # non-contiguous
     check_against_reference(
@@ -429,6 +431,8 @@ def test_opcheck_every_op(device):
         (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0)),
         (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "mean", 0.1, 1e-3)),
         (ops.regression_loss_fwd.default, (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean")),
+        (ops.regression_loss_fwd_grad.default,
+         (x, torch.randn(6, 10, device=device), torch.rand(6, 10, device=device), "mse", 0.0, "mean", [True, True])),
         (ops.triplet_margin_loss_fwd.default, (x, torch.randn(6, 10, device=device), torch.randn(6, 10, device=device),
                                                1.0, 2.0, 1e-6, False, "mean")),
     ]

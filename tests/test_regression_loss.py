@@ -21,6 +21,7 @@ The reference is always PyTorch itself: ``F.mse_loss`` / ``F.huber_loss`` / ``F.
 from __future__ import annotations
 
 import math
+import sys
 import warnings
 
 import pytest
@@ -148,11 +149,22 @@ SHAPES = [(), (1,), (7,), (17,), (3, 5), (2, 3, 7), (2, 3, 4, 5), (1031,), (33, 
 assert math.prod(SHAPES[-1]) > 100_000
 
 
+@pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
+def grad_in_forward(request, monkeypatch):
+    """Runs a test on both eager paths: forward and backward apart (CPU's), and the gradients formed
+    in the forward op and handed over by backward (CUDA's, torch_ext.regression_loss_fwd_grad),
+    here switched on for CPU too."""
+    if request.param:
+        module = sys.modules["torch_ext.regression_loss"]
+        monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", module.GRAD_IN_FORWARD_DEVICES | {"cpu"})
+    return request.param
+
+
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_matches_pytorch(loss, reduction, dtype, shape):
+def test_matches_pytorch(loss, reduction, dtype, shape, grad_in_forward):
     x, t = make_pair(shape, dtype)
     y, _ = check_against_pytorch(loss, x, t, reduction)
     assert y.dtype == dtype
@@ -174,7 +186,7 @@ def test_large_reduction_accuracy(loss, reduction):
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_empty(loss, reduction, dtype, shape):
+def test_empty(loss, reduction, dtype, shape, grad_in_forward):
     x, t = make_pair(shape, dtype)
     y, (gx, gt) = check_against_pytorch(loss, x, t, reduction, equal_nan=True)
     if reduction == "mean":
@@ -286,7 +298,7 @@ BROADCAST_CASES = [
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_broadcasting(loss, reduction, dtype, case):
+def test_broadcasting(loss, reduction, dtype, case, grad_in_forward):
     x_shape, t_shape = case
     x = (2 * torch.randn(x_shape)).to(dtype)
     t = torch.randn(t_shape).to(dtype)
@@ -356,7 +368,7 @@ def _weight(shape, dtype, kind):
 @pytest.mark.parametrize("shape", [(), (7,), (4, 9), (2, 3, 5)], ids=["0d", "7", "4x9", "2x3x5"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("loss", WEIGHTED_LOSSES)
-def test_weight(loss, dtype, shape, kind):
+def test_weight(loss, dtype, shape, kind, grad_in_forward):
     x, t = make_pair(shape, dtype)
     w = _weight(shape, dtype, kind)
     param = 0.5 if loss == "huber" else None
@@ -445,7 +457,7 @@ WRT_SUBSETS = [("input",), ("target",), ("input", "target")]
 @pytest.mark.parametrize("wrt", WRT_SUBSETS, ids=lambda s: "+".join(s))
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss,param", [("mse", None), ("huber", 0.5), ("smooth_l1", 2.5), ("smooth_l1", 0.0)])
-def test_requires_grad_subsets(loss, param, reduction, wrt):
+def test_requires_grad_subsets(loss, param, reduction, wrt, grad_in_forward):
     x, t = make_pair((5, 7), torch.float64)
     named = {"input": x.clone(), "target": t.clone()}
     for name in wrt:
@@ -710,7 +722,7 @@ def test_gradcheck_broadcast(loss, param, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", WEIGHTED_LOSSES)
-def test_gradcheck_weighted(loss, reduction):
+def test_gradcheck_weighted(loss, reduction, grad_in_forward):
     x, t = away_from_kinks((3, 5), 0.5, loss)
     w = _weight((3, 5), torch.float64, "with_zeros_and_negative")
     assert torch.autograd.gradcheck(lambda a, b: ours(loss, a, b, reduction, 0.5, weight=w),
@@ -719,7 +731,7 @@ def test_gradcheck_weighted(loss, reduction):
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("loss", LOSSES)
-def test_retain_graph_backward_twice(loss, reduction):
+def test_retain_graph_backward_twice(loss, reduction, grad_in_forward):
     x, t = (leaf(v) for v in make_pair((3, 7)))
     y = ours(loss, x, t, reduction)
     g = torch.randn(y.shape)
@@ -737,7 +749,7 @@ def test_retain_graph_backward_twice(loss, reduction):
 
 
 @pytest.mark.parametrize("loss", LOSSES)
-def test_double_backward_raises(loss):
+def test_double_backward_raises(loss, grad_in_forward):
     x, t = (leaf(v) for v in make_pair((3, 5), torch.float64))
     y = ours(loss, x, t, "sum")
     with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
@@ -824,6 +836,84 @@ def test_raw_ops_match_autograd(loss, weighted, reduction, dtype):
     gx, gt = BWD(g, x, t, w, loss, param, reduction, [False, True])
     assert gx.numel() == 0
     assert_close(gt, rt, dtype=dtype, msg="grad_target alone")
+
+
+FWD_GRAD = torch.ops.torch_ext.regression_loss_fwd_grad.default
+
+
+@pytest.mark.parametrize("mask", [[True, True], [True, False], [False, True]], ids=["11", "10", "01"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss,weighted", OPCHECK_CASES, ids=lambda v: str(v))
+def test_fwd_grad_op_equals_fwd_then_bwd(loss, weighted, reduction, mask):
+    """regression_loss_fwd_grad = (regression_loss_fwd, the backward op's gradients for grad 1)."""
+    for dtype in DTYPES:
+        for shape in [(3, 11), (2, 0), (7,)]:
+            x, t, w, param = _raw_args(loss, weighted, shape, dtype)
+            value, gx, gt = FWD_GRAD(x, t, w, loss, param, reduction, mask)
+            same = dict(rtol=0, atol=0, equal_nan=True)  # the mean of nothing is NaN in both
+            torch.testing.assert_close(value, FWD(x, t, w, loss, param, reduction), **same)
+            rx, rt = BWD(torch.ones(()).to(dtype), x, t, w, loss, param, reduction, mask)
+            torch.testing.assert_close(gx, rx, **same)
+            torch.testing.assert_close(gt, rt, **same)
+
+
+def test_fwd_grad_op_refuses_reduction_none():
+    x, t, _, _ = _raw_args("mse", False)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        FWD_GRAD(x, t, None, "mse", 0.0, "none", [True, True])
+
+
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("reduction", ["mean", "sum"])
+@pytest.mark.parametrize("loss,weighted", OPCHECK_CASES, ids=lambda v: str(v))
+def test_opcheck_fwd_grad(loss, weighted, reduction, requires_grad):
+    x, t, w, param = _raw_args(loss, weighted)
+    if requires_grad:
+        x, t = leaf(x), leaf(t)
+    torch.library.opcheck(FWD_GRAD, (x, t, w, loss, param, reduction, [True, True]))
+
+
+def test_fwd_grad_op_is_differentiable_directly():
+    x, t, _, _ = _raw_args("huber", False)
+    x, t = leaf(x), leaf(t)
+    value, _, _ = FWD_GRAD(x, t, None, "huber", 0.5, "mean", [True, False])
+    (gx,) = torch.autograd.grad(value * 3.0, x, retain_graph=True)
+    xr = leaf(x)
+    (gr,) = torch.autograd.grad(F.huber_loss(xr, t.detach(), delta=0.5) * 3.0, xr)
+    assert_close(gx, gr)
+    # target's gradient was not formed (output_mask[1] False): the backward op supplies it.
+    (gt,) = torch.autograd.grad(value * 3.0, t)
+    tr = leaf(t)
+    (gtr,) = torch.autograd.grad(F.huber_loss(x.detach(), tr, delta=0.5) * 3.0, tr)
+    assert_close(gt, gtr)
+
+
+def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
+    module = sys.modules["torch_ext.regression_loss"]
+    calls = []
+    real = module._fwd_grad_op
+    monkeypatch.setattr(module, "_fwd_grad_op", lambda *a: calls.append((a[5], a[6])) or real(*a))
+    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
+    x, t = make_pair((4, 6))
+    torch_ext.mse_loss(leaf(x), t)
+    torch_ext.huber_loss(x, leaf(t), reduction="sum")
+    assert calls == [("mean", [True, False]), ("sum", [False, True])]
+    torch_ext.mse_loss(leaf(x), t, reduction="none")
+    torch_ext.mse_loss(x, t)
+    with torch.no_grad():
+        torch_ext.mse_loss(leaf(x), t)
+    assert len(calls) == 2
+
+
+@pytest.mark.parametrize("grad_scale", [1.0, 2.5, 0.0])
+def test_grad_in_forward_scales_by_grad_output(grad_scale, grad_in_forward):
+    x, t = make_pair((6, 9))
+    x, t = leaf(x), leaf(t)
+    torch_ext.smooth_l1_loss(x, t, beta=0.5).backward(torch.tensor(grad_scale))
+    xr, tr = leaf(x), leaf(t)
+    F.smooth_l1_loss(xr, tr, beta=0.5).backward(torch.tensor(grad_scale))
+    assert_close(x.grad, xr.grad)
+    assert_close(t.grad, tr.grad)
 
 
 def test_fwd_op_ignores_param_for_mse():

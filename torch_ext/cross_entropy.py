@@ -109,18 +109,26 @@ def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction,
 
 
 def _setup_context_fwd_grad(ctx, inputs, output):
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
     _, stats, unit_grad = output
-    ctx.save_for_backward(unit_grad)
+    ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+    ctx.save_for_backward(input, target, weight, stats, unit_grad)
     ctx.mark_non_differentiable(stats, unit_grad)
     ctx.set_materialize_grads(False)
 
 
 def _backward_fwd_grad(ctx, grad_loss, _grad_stats, _grad_unit):
-    """Calling the op directly is differentiable too: the gradient it formed times grad_loss."""
-    if grad_loss is None or not ctx.needs_input_grad[0]:
-        return (None,) * 7
-    (unit_grad,) = ctx.saved_tensors
-    return (unit_grad * grad_loss.reshape(()),) + (None,) * 6
+    """Calling the op directly is differentiable too: the input gradient it formed times grad_loss,
+    and the backward op for a probability target's gradient (which the op does not form)."""
+    grads = [None] * 7
+    if grad_loss is None:
+        return tuple(grads)
+    input, target, weight, stats, unit_grad = ctx.saved_tensors
+    if ctx.needs_input_grad[0]:
+        grads[0] = unit_grad * grad_loss.reshape(())
+    if ctx.needs_input_grad[1]:
+        grads[1] = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, [False, True])[1]
+    return tuple(grads)
 
 
 torch.library.register_autograd("torch_ext::cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)

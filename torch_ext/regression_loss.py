@@ -12,10 +12,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx
+from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.regression_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
+_fwd_grad_op = torch.ops.torch_ext.regression_loss_fwd_grad.default
+
+# Device types whose eager path forms the gradients in the forward kernel (reductions mean and
+# sum; see _RegressionLossGradInForward). CPU keeps forward and backward apart.
+GRAD_IN_FORWARD_DEVICES = frozenset({"cuda"})
 
 LOSSES = ("mse", "huber", "smooth_l1")
 
@@ -54,6 +59,68 @@ def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction):
 def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, reduction, output_mask):
     _check_args("torch_ext.regression_loss_bwd", input, target, weight, loss, param, reduction)
     return tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
+
+
+@torch.library.register_fake("torch_ext::regression_loss_fwd_grad")
+def _regression_loss_fwd_grad_fake(input, target, weight, loss, param, reduction, output_mask):
+    if reduction == "none":
+        raise ValueError("torch_ext.regression_loss_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'")
+    value = _regression_loss_fwd_fake(input, target, weight, loss, param, reduction)
+    return (value,) + tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
+
+
+def _setup_context_fwd_grad(ctx, inputs, output):
+    input, target, weight, loss, param, reduction, output_mask = inputs
+    _, grad_input, grad_target = output
+    ctx.formed = tuple(bool(m) for m in output_mask)
+    ctx.options = (loss, param, reduction)
+    ctx.save_for_backward(input, target, weight, grad_input, grad_target)
+    ctx.mark_non_differentiable(grad_input, grad_target)
+    ctx.set_materialize_grads(False)
+
+
+def _backward_fwd_grad(ctx, grad_loss, _grad_gi, _grad_gt):
+    """Calling the op directly is differentiable too: the gradients it formed times grad_loss, and
+    the backward op for any that output_mask did not ask for."""
+    grads = [None] * 7
+    if grad_loss is None:
+        return tuple(grads)
+    input, target, weight, *units = ctx.saved_tensors
+    missing = [bool(ctx.needs_input_grad[i] and not ctx.formed[i]) for i in range(2)]
+    computed = _bwd_op(grad_loss, input, target, weight, *ctx.options, missing) if any(missing) else (None, None)
+    for i in range(2):
+        if ctx.needs_input_grad[i]:
+            grads[i] = computed[i] if missing[i] else units[i] * grad_loss.reshape(())
+    return tuple(grads)
+
+
+torch.library.register_autograd("torch_ext::regression_loss_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)
+
+
+class _RegressionLossGradInForward(torch.autograd.Function):
+    """The eager path on GRAD_IN_FORWARD_DEVICES for reductions mean and sum: the forward kernel
+    also writes the gradients for grad_output = 1, so a training step reads input and target once
+    instead of twice. The first backward hands them over (scaled in place unless grad_output is
+    1); a later backward of a retained graph recomputes them with the backward op. They are held
+    from forward to backward as ctx attributes (input-sized), which saved-tensor hooks do not see."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, loss, param, reduction):
+        mask = [bool(n) for n in ctx.needs_input_grad[:2]]
+        value, *grads = _fwd_grad_op(input, target, weight, loss, param, reduction, mask)
+        ctx.options = (loss, param, reduction)
+        ctx.save_for_backward(input, target, weight)
+        ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
+        return value
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        mask = [bool(n) for n in ctx.needs_input_grad[:2]]
+        return unit_grads_backward(
+            ctx, grad_loss, mask, 6,
+            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
+            graph_backward=lambda: _backward(ctx, grad_loss),
+        )
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,7 +184,17 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
         input, target = input.to(dtype), target.to(dtype)
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)
-    out = RegressionLossFunction.apply(input, target, weight, loss, float(param), reduction)
+    args = (input, target, weight, loss, float(param), reduction)
+    if (
+        input.device.type in GRAD_IN_FORWARD_DEVICES
+        and reduction != "none"
+        and torch.is_grad_enabled()
+        and (input.requires_grad or target.requires_grad)
+        and not torch.compiler.is_compiling()
+    ):
+        out = _RegressionLossGradInForward.apply(*args)
+    else:
+        out = RegressionLossFunction.apply(*args)
     return out if weight_sum is None else out / weight_sum
 
 

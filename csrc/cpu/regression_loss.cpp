@@ -129,11 +129,27 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
+// The loss and the gradients for grad_loss = 1, as two passes: the CPU path of torch_ext's
+// regression losses keeps forward and backward apart; this op serves tests and opcheck of the
+// CUDA path's contract.
+std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& input, const Tensor& target,
+                                                                const std::optional<Tensor>& weight,
+                                                                c10::string_view loss, double param,
+                                                                c10::string_view reduction,
+                                                                std::array<bool, 2> output_mask) {
+  check_reduction_with_grad_in_forward("torch_ext.regression_loss_fwd_grad", reduction);
+  Tensor value = regression_loss_fwd_cpu(input, target, weight, loss, param, reduction);
+  auto [grad_input, grad_target] =
+      regression_loss_bwd_cpu(at::ones({}, input.options()), input, target, weight, loss, param, reduction, output_mask);
+  return {value, grad_input, grad_target};
+}
+
 }  // namespace
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("regression_loss_fwd", &regression_loss_fwd_cpu);
   m.impl("regression_loss_bwd", &regression_loss_bwd_cpu);
+  m.impl("regression_loss_fwd_grad", &regression_loss_fwd_grad_cpu);
 }
 
 }  // namespace torch_ext

@@ -4,6 +4,9 @@
 //             sum per CUDA block of a fixed number of elements, added by ATen's deterministic
 //             sum (no atomics: the result does not depend on scheduling).
 //   backward: one read of input and target, one write of each requested gradient.
+//   forward with gradients (regression_loss_fwd_grad, the eager path for reductions mean and
+//             sum): the forward kernel also writes the gradients for grad_loss = 1, so a
+//             training step reads input and target once; the backward hands them over.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -50,22 +53,34 @@ struct RegressionLossArgs {
 
 // Block b covers elements [b * kElementsPerBlock, (b + 1) * kElementsPerBlock), read with unit
 // stride by consecutive threads.
-template <typename S>
+// kWithGrad (regression_loss_fwd_grad): each element's gradient for grad_loss = 1 (times *scale)
+// is written while its input and target are in registers.
+template <typename S, bool kWithGrad>
 __global__ void forward_kernel(RegressionLossArgs<S> a) {
   using A = at::acc_type<S, true>;
   __shared__ A partial_loss[32];
   __shared__ A partial_weight[32];
   const int64_t first = int64_t(blockIdx.x) * kElementsPerBlock;
   A loss_sum = 0, weight_sum = 0;
+  A scale = 0;
+  if constexpr (kWithGrad) scale = *a.scale;
 #pragma unroll
   for (int k = 0; k < kItemsPerThread; ++k) {
     const int64_t i = first + int64_t(k) * kThreads + threadIdx.x;
     if (i >= a.numel) break;
-    A l = regression_loss_value<A>(a.loss, A(a.input[i]) - A(a.target[i]), a.param);
+    const A diff = A(a.input[i]) - A(a.target[i]);
+    A l = regression_loss_value<A>(a.loss, diff, a.param);
+    A g = 0;
+    if constexpr (kWithGrad) g = regression_loss_derivative<A>(a.loss, diff, a.param) * scale;
     if (a.weight != nullptr) {
       const A w = A(a.weight[i]);
       l *= w;
       weight_sum += w;
+      if constexpr (kWithGrad) g *= w;
+    }
+    if constexpr (kWithGrad) {
+      if (a.grad_input != nullptr) a.grad_input[i] = S(g);
+      if (a.grad_target != nullptr) a.grad_target[i] = S(-g);
     }
     if (a.out != nullptr) {
       a.out[i] = S(l);
@@ -135,7 +150,7 @@ Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const
       a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
       a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
       a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
-      forward_kernel<scalar_t><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+      forward_kernel<scalar_t, false><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
@@ -145,6 +160,47 @@ Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const
     total = weight_partials.defined() ? total.div(weight_partials.sum()) : total.div(double(x.numel()));
   }
   return total.to(input.scalar_type());
+}
+
+// The loss and the gradients for grad_loss = 1 in one kernel: a training step reads input and
+// target once (reductions mean and sum; the backward hands the gradients over).
+std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cuda(const Tensor& input, const Tensor& target,
+                                                                 const std::optional<Tensor>& weight,
+                                                                 c10::string_view loss, double param,
+                                                                 c10::string_view reduction,
+                                                                 std::array<bool, 2> output_mask) {
+  constexpr const char* op = "torch_ext.regression_loss_fwd_grad";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
+  const auto acc = input.options().dtype(acc_dtype(input));
+  Tensor loss_partials = at::empty({blocks}, acc);
+  // d(loss)/d(element loss): 1 for sum; for mean 1 / numel, or 1 / sum(weight) for weighted mse.
+  const bool by_weight_sum = red == Reduction::Mean && divides_by_weight_sum(kind, weight);
+  const Tensor weight_sum = by_weight_sum ? w.sum(acc_dtype(input)) : Tensor();
+  const Tensor scale = by_weight_sum ? weight_sum.reciprocal()
+                       : at::scalar_tensor(red == Reduction::Mean ? 1.0 / double(std::max<int64_t>(x.numel(), 1)) : 1.0, acc);
+  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  if (blocks > 0) {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_fwd_grad_cuda", [&] {
+      using A = at::acc_type<scalar_t, true>;
+      auto a = kernel_args<scalar_t>(kind, param, x, t, w);
+      a.loss_partials = loss_partials.data_ptr<A>();
+      a.scale = scale.const_data_ptr<A>();
+      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
+      forward_kernel<scalar_t, true><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
+      C10_CUDA_KERNEL_LAUNCH_CHECK();
+    });
+  }
+  Tensor total = loss_partials.sum();
+  if (red == Reduction::Mean) total = by_weight_sum ? total.div(weight_sum) : total.div(double(x.numel()));
+  return {total.to(input.scalar_type()), grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
 std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -192,6 +248,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("regression_loss_fwd", &regression_loss_fwd_cuda);
   m.impl("regression_loss_bwd", &regression_loss_bwd_cuda);
+  m.impl("regression_loss_fwd_grad", &regression_loss_fwd_grad_cuda);
 }
 
 }  // namespace torch_ext
