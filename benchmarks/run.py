@@ -577,10 +577,15 @@ def run_case(case: Case, cfg, machine, progress) -> dict:
             f"{', '.join(early)}: backward under 5% of the step (the gradients are formed in the forward pass): "
             "compare fwd+bwd, not the phases"
         )
+    held = None  # the gradient ours forms in the forward pass and holds until backward
     if case.op == "triplet":
+        held = "the anchor's gradient"
+    elif case.op in ("cross_entropy", "mse", "huber", "smooth_l1") and device.startswith("cuda"):
+        held = "the input's gradient (on CUDA)"
+    if held is not None:
         n, d = case.params
         record["notes"].append(
-            f"ours forms the anchor's gradient in the forward pass and holds it until backward "
+            f"ours forms {held} in the forward pass and holds it until backward "
             f"({n * d * dtype.itemsize / 2**20:.1f} MB), which 'saved' does not count (peak does)"
         )
     del wl, fns, candidates, samples
@@ -704,6 +709,8 @@ def measure_memory(jobs: List[Tuple[Case, str]], cfg, on_done: Callable[[int, di
     ctx = _forkserver(any(name == "compile" for _, name in jobs))
     pending = list(enumerate(jobs))
     running = {}  # connection -> (index, process, start time)
+    failed_once = set()  # a job whose process failed is run once more (seen once in a local test run: eager's
+    # peak came back None, not reproduced in 9 runs since); a second failure is reported
     while pending or running:
         while pending and len(running) < cfg.memory_jobs:
             i, (case, name) = pending.pop(0)
@@ -731,6 +738,10 @@ def measure_memory(jobs: List[Tuple[Case, str]], cfg, on_done: Callable[[int, di
             if proc.is_alive():
                 proc.kill()
                 proc.join()
+            if result.get("peak") is None and i not in failed_once:
+                failed_once.add(i)
+                pending.append((i, jobs[i]))
+                continue
             on_done(i, result)
 
 

@@ -51,8 +51,8 @@ def test_json_has_every_figure(quick_run):
         for phase in PHASES:
             assert r["speedup"]["vs_eager"][phase] > 0
         assert r["floor"]["ms"]["fwd+bwd"] > 0
-        assert r["saved_bytes"]["eager"] is not None
-        assert r["peak_bytes"]["eager"] is not None and r["peak_bytes"]["ours"] is not None
+        assert r["saved_bytes"]["eager"] is not None, (r["op"], r["notes"])
+        assert r["peak_bytes"]["eager"] is not None and r["peak_bytes"]["ours"] is not None, (r["op"], r["notes"])
 
 
 def test_table_written(quick_run):
