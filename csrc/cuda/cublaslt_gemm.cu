@@ -125,6 +125,9 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   TORCH_INTERNAL_ASSERT(cublaslt_dtype(in_dtype) && b.scalar_type() == in_dtype &&
                         (out.scalar_type() == in_dtype || (widening && epilogue.kind == LtEpilogue::None &&
                                                            epilogue.bias == nullptr)));
+  // The handle, workspace and stream are the current device's: make it out's (callers such as
+  // linear_cross_entropy's device-neutral loop set no guard of their own).
+  const c10::cuda::CUDAGuard guard(out.device());
   const auto a_view = transposed_view(a), b_view = transposed_view(b);
   if (!a_view || !b_view || out.stride(1) != 1 || (m > 1 && out.stride(0) < n)) return false;
   const int64_t ld_out = m == 1 ? n : out.stride(0);

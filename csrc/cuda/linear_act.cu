@@ -152,10 +152,10 @@ std::optional<cuda::LtEpilogue> forward_epilogue(Activation act, at::ScalarType 
   }
 }
 
-void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k) {
-  TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt has no algorithm for the ", what, " (", m, " x ", k, " @ ", k,
-                  " x ", n, "); using ATen's GEMM and a separate pass (slower). Shapes with sizes that are "
-                  "multiples of 8 avoid this.");
+void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k, at::ScalarType dtype) {
+  TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt took neither the operands' layout nor an algorithm for the ", what,
+                  " (", m, " x ", k, " @ ", k, " x ", n, ", ", dtype, "); using ATen's GEMM and a separate pass "
+                  "(slower). Contiguous operands with sizes that are multiples of 8 usually avoid this.");
 }
 
 int64_t blocks_for(int64_t work, int threads) {
@@ -202,7 +202,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
       args.aux_ld = n;  // bits of a mask row (n / 8 bytes), or elements of a pre-activation row
       const Tensor w = weight.stride(0) != 1 && weight.stride(1) != 1 ? weight.contiguous() : weight;
       fused = cuda::lt_gemm(x2d, w.t(), out, args);
-      if (!fused) warn_no_algorithm("forward GEMM with its epilogue", m, n, k);
+      if (!fused) warn_no_algorithm("forward GEMM with its epilogue", m, n, k, input.scalar_type());
     }
   }
   if (!fused) at::mm_out(gemm, x2d, weight.t());
@@ -280,7 +280,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
     args.kind = cuda::LtEpilogue::BiasGradOfA;
     args.bias_grad = grad_bias.data_ptr();
     if (!cuda::lt_gemm(grad_pre.t(), x2d, grad_weight, args)) {
-      warn_no_algorithm("weight-gradient GEMM with the bias gradient", n, k, m);
+      warn_no_algorithm("weight-gradient GEMM with the bias gradient", n, k, m, input.scalar_type());
       grad_weight = grad_bias = Tensor();
     }
   }
