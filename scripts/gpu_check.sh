@@ -2,7 +2,8 @@
 # The GPU check, in one command on a machine with an NVIDIA GPU and no network (issue 7):
 #   1. build torch_ext in place for the local GPU (TORCH_EXT_CUDA=1, MAX_JOBS from nproc, the GPU's arch);
 #   2. run the CUDA tests (tests/test_cuda.py: every op on CUDA against PyTorch's ops);
-#   3. run the CUDA benchmarks at the sizes of issue 7's goals (bfloat16);
+#   3. run the CUDA benchmarks at the sizes of issue 7's goals (bfloat16): without torch.compile,
+#      then with it;
 # writing logs and result files to ${OUT:-gpu_results}. Sized to finish in under 8 minutes on an
 # H200. After the build, every step runs even when an earlier one fails; the exit status is the
 # first failure's (a failed build stops the script).
@@ -45,9 +46,14 @@ step tests "$PY" -m pytest tests/test_cuda.py -q -rs --junitxml="$OUT/tests.xml"
 # The goals of issue 7 (bfloat16): cross_entropy 8192x128256, dense 8192x4096->16384 gelu_tanh, mse and
 # triplet at their default sizes, linear_cross_entropy N=8192, H=4096, V=128256.
 # (--case-seconds bounds each case's timing; torch.compile's compile time comes on top, once per case.)
+# First without torch.compile (about a minute), so that the figures against eager and the floors
+# are in $OUT even if the device time runs out during the compiles of the full run after it.
+GOALS=(--ops cross_entropy linear_act mse triplet linear_cross_entropy mlp
+       --sizes cross_entropy=8192x128256 linear_act=8192x4096x16384:gelu_tanh mse=ffn triplet=cnn
+               linear_cross_entropy=8192x4096x128256 mlp=llm)
+step bench_goals_eager "$PY" benchmarks/run.py --device cuda --dtype bfloat16 --case-seconds 4 --no-compile \
+  --out "$OUT" --name cuda_goals_eager "${GOALS[@]}"
 step bench_goals "$PY" benchmarks/run.py --device cuda --dtype bfloat16 --case-seconds 8 --out "$OUT" --name cuda_goals \
-  --ops cross_entropy linear_act mse triplet linear_cross_entropy mlp \
-  --sizes cross_entropy=8192x128256 linear_act=8192x4096x16384:gelu_tanh mse=ffn triplet=cnn \
-          linear_cross_entropy=8192x4096x128256 mlp=llm
+  "${GOALS[@]}"
 echo "results in $OUT: $(ls "$OUT" | tr '\n' ' ')"
 exit $status
