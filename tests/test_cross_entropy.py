@@ -1069,7 +1069,7 @@ def _eager_and_compiled(fn, compiled, x, t, w, target_grad=False):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_matches_eager(dynamo_reset, backend):
+def test_compile_matches_eager(dynamo_reset, backend, grad_in_forward):
     x = make_input((6, 9))
     t = class_target(x.shape, 9, "some", -100)
     w = make_weight(9)
@@ -1110,7 +1110,7 @@ def test_compile_dynamic_shapes(dynamo_reset):
             assert_close(a, e, msg=str(shape))
 
 
-def test_compile_no_graph_breaks(dynamo_reset):
+def test_compile_no_graph_breaks(dynamo_reset, grad_in_forward):
     module = CrossEntropyLoss(weight=make_weight(6), reduction="none", z_loss=0.5)
 
     def fn(x, t, p, w):

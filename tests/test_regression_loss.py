@@ -951,7 +951,7 @@ def _all_losses_reference(x, t, w):
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
-def test_compile_matches_eager(dynamo_reset, backend):
+def test_compile_matches_eager(dynamo_reset, backend, grad_in_forward):
     compiled = torch.compile(_all_losses, fullgraph=True, backend=backend)
     x, t = make_pair((6, 9))
     w = _weight((6, 9), torch.float32, "positive")
@@ -990,7 +990,7 @@ def test_compile_broadcasting(dynamo_reset, loss):
         assert_close(a, r, msg=name)
 
 
-def test_compile_no_graph_breaks(dynamo_reset):
+def test_compile_no_graph_breaks(dynamo_reset, grad_in_forward):
     x, t = make_pair((4, 5))
     w = _weight((4, 5), torch.float32, "positive")
     explanation = torch._dynamo.explain(_all_losses)(x, t, w)
