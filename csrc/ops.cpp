@@ -47,9 +47,9 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
         "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss) -> ()",
         {at::Tag::pt2_compliant_tag});
-  // (loss, stats, the input's gradient for grad_loss = 1), reductions mean and sum: the eager CUDA
-  // path forms the gradient in the forward kernel, while each row is in cache, and its backward
-  // hands it over (scaled unless grad_loss is 1). CPU: the two passes, for tests and opcheck.
+  // (loss, stats, the input's gradient for grad_loss = 1), reductions mean and sum: the eager path
+  // forms the gradient in the forward kernel, while each row is in cache, and its backward hands
+  // it over (scaled unless grad_loss is 1).
   m.def("cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
         "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});

@@ -198,12 +198,11 @@ def run_case(input, target, weight=None, *, grad="random", input_grad=True, targ
 
 @pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
 def grad_in_forward(request, monkeypatch):
-    """Runs a test on both eager paths: forward and backward apart (CPU's), and the gradient formed
-    in the forward op and handed over by backward (CUDA's, torch_ext.cross_entropy_fwd_grad), here
-    switched on for CPU too."""
-    if request.param:
-        module = sys.modules["torch_ext.cross_entropy"]
-        monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", module.GRAD_IN_FORWARD_DEVICES | {"cpu"})
+    """Runs a test on both eager paths: the gradient formed in the forward op and handed over by
+    backward (torch_ext.cross_entropy_fwd_grad, the default for reductions mean and sum), and
+    forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
+    module = sys.modules["torch_ext.cross_entropy"]
+    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
     return request.param
 
 
@@ -1006,8 +1005,8 @@ def test_fwd_grad_op_gives_a_probability_targets_gradient_through_the_backward_o
 
 
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
-    """The eager CUDA path (here switched on for CPU): input requiring grad, reduction mean/sum,
-    target not requiring grad, grad mode on; otherwise the forward/backward pair."""
+    """The gradient-in-forward path: input requiring grad, reduction mean/sum, target not
+    requiring grad, grad mode on; otherwise the forward/backward pair."""
     module = sys.modules["torch_ext.cross_entropy"]
     calls = []
     real = module._fwd_grad_op
@@ -1024,9 +1023,8 @@ def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
         cross_entropy(x, t)
     cross_entropy(x, leaf(prob_target(x.shape)))
     assert calls == ["mean", "sum"]
-    assert module.GRAD_IN_FORWARD_DEVICES == {"cpu"}
     monkeypatch.undo()
-    assert sys.modules["torch_ext.cross_entropy"].GRAD_IN_FORWARD_DEVICES == {"cuda"}
+    assert sys.modules["torch_ext.cross_entropy"].GRAD_IN_FORWARD_DEVICES == {"cpu", "cuda"}
 
 
 @pytest.mark.parametrize("grad_scale", [1.0, 2.5, 0.0])

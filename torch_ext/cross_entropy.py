@@ -18,9 +18,8 @@ _bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
 _fwd_grad_op = torch.ops.torch_ext.cross_entropy_fwd_grad.default
 
 # Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
-# and sum; see _CrossEntropyGradInForward). CPU keeps forward and backward apart: its two passes
-# already run near the memory floor there, and nothing input-sized is held between them.
-GRAD_IN_FORWARD_DEVICES = frozenset({"cuda"})
+# and sum; see _CrossEntropyGradInForward): all that have the kernels.
+GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 
 def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -230,8 +229,8 @@ def cross_entropy(
     ``z_loss`` (keyword-only, default 0) adds ``z_loss * logsumexp(row)**2`` per row, weighted
     like the row's loss (by ``weight[target]``; 0 for ignored rows; 1 for probability targets)
     and reduced like it. Under ``torch.autocast`` it computes in float32, as PyTorch's losses do.
-    On CUDA in eager mode (reductions mean and sum) the input's gradient is formed in the forward
-    pass (see _CrossEntropyGradInForward).
+    In eager mode (reductions mean and sum) the input's gradient is formed in the forward pass
+    (see _CrossEntropyGradInForward).
     """
     reduction = resolve_reduction(size_average, reduce, reduction)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():

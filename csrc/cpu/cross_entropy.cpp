@@ -5,6 +5,9 @@
 //             stored. Saved for backward: `stats`, two numbers per row (the logsumexp, and for
 //             probability targets the row's target mass sum_c w_c t'_c).
 //   backward: one read of the logits and one write of the gradient, per row.
+//   forward with gradient (cross_entropy_fwd_grad, the eager path for reductions mean and sum):
+//             each (N, C) row's gradient for grad_loss = 1 is written right after its
+//             statistics, while the row is in L2: one read of the logits per training step.
 // The formulas are in csrc/cpu/kernels/cross_entropy.h. Reductions add per-row losses in row
 // order (sum_in_order), so results do not depend on the number of threads.
 #include <ATen/ATen.h>
@@ -101,12 +104,20 @@ cpu::CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignor
   return a;
 }
 
+// The forward kernel; with grad_input, also the input's gradient for d(loss)/d(row loss) = scale:
+// (N, C) rows in the same pass (each row's gradient while it is in L2), (N, C, d...) tiles by
+// the backward kernel right after.
 template <typename S>
 void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
-                 Tensor& stats, Tensor& row_loss) {
+                 Tensor& stats, Tensor& row_loss, Tensor* grad_input = nullptr, double scale = 0) {
   auto a = kernel_args<S>(in, ignore_index, label_smoothing, z_loss, stats);
   a.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();
+  if (grad_input != nullptr) {
+    a.scale = cpu::acc_t<S>(scale);
+    a.grad_input = grad_input->data_ptr<S>();
+  }
   KernelsFor<S>::cross_entropy_forward(cpu::cpu_kernels())(a);
+  if (grad_input != nullptr && in.layout.spatial > 1) KernelsFor<S>::cross_entropy_backward(cpu::cpu_kernels())(a);
 }
 
 template <typename S>
@@ -124,6 +135,14 @@ void run_backward(const CrossEntropyInputs& in, int64_t ignore_index, double lab
 double sum_rows(const Tensor& row_loss) {
   return row_loss.scalar_type() == at::kDouble ? sum_in_order(row_loss.const_data_ptr<double>(), row_loss.numel())
                                                : sum_in_order(row_loss.const_data_ptr<float>(), row_loss.numel());
+}
+
+Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, const Tensor& input) {
+  switch (red) {
+    case Reduction::None: return row_loss.to(input.scalar_type()).view(in.layout.loss_shape);
+    case Reduction::Sum: return at::scalar_tensor(sum_rows(row_loss), input.options());
+    default: return at::scalar_tensor(sum_rows(row_loss) / in.denominator, input.options());
+  }
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
@@ -145,13 +164,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
       default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats, row_loss);
     }
   }
-  Tensor loss;
-  switch (red) {
-    case Reduction::None: loss = row_loss.to(input.scalar_type()).view(in.layout.loss_shape); break;
-    case Reduction::Sum: loss = at::scalar_tensor(sum_rows(row_loss), input.options()); break;
-    case Reduction::Mean: loss = at::scalar_tensor(sum_rows(row_loss) / in.denominator, input.options()); break;
-  }
-  return {loss, stats};
+  return {reduced_loss(red, row_loss, in, input), stats};
 }
 
 // The gradients into grad_input / grad_target (either may be undefined); grad_input may be the
@@ -211,21 +224,31 @@ void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input,
                 grad_input, no_target_grad);
 }
 
-// The forward and the input's gradient for grad_loss = 1, as two passes: the CPU path of
-// torch_ext.cross_entropy keeps them apart (nothing logits-sized is held from forward to
-// backward); this op serves tests and opcheck of the CUDA path's contract.
+// The loss, the stats and the input's gradient for grad_loss = 1 in one pass over the logits:
+// each row's gradient is written right after its statistics, while the row is in L2 (the eager
+// path of torch_ext.cross_entropy for reductions mean and sum; its backward hands it over).
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& input, const Tensor& target,
                                                               const std::optional<Tensor>& weight, int64_t ignore_index,
                                                               c10::string_view reduction, double label_smoothing,
                                                               double z_loss) {
   constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
-  check_reduction_with_grad_in_forward(op, reduction);
-  auto [loss, stats] = cross_entropy_fwd_cpu(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const int64_t rows = in.layout.rows();
+  const auto acc_options = input.options().dtype(acc_dtype(input));
+  Tensor stats = at::zeros({rows, 3}, acc_options);
+  Tensor row_loss = at::zeros({rows}, acc_options);
   Tensor grad_input = cpu::empty_cpu_output(input.sizes(), input.options());
-  Tensor no_target_grad;
-  backward_into(op, at::ones({}, input.options()), input, target, weight, stats, ignore_index, reduction,
-                label_smoothing, z_loss, grad_input, no_target_grad);
-  return {loss, stats, grad_input};
+  // d(loss)/d(row loss), as the backward op's scale for grad_loss = 1.
+  const double scale = red == Reduction::Mean ? 1.0 / in.denominator : 1.0;
+  if (rows > 0 && in.layout.classes > 0) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale); break;
+      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale); break;
+      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale);
+    }
+  }
+  return {reduced_loss(red, row_loss, in, input), stats, grad_input};
 }
 
 }  // namespace

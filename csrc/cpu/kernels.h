@@ -83,7 +83,8 @@ struct CrossEntropyArgs {
                            // and for probability targets sum_c w_c t'_c
   // forward
   A* row_loss;             // unreduced loss per row
-  // backward: d(loss)/d(row loss) per row, or `scale` for every row when row_scale is null
+  // backward: d(loss)/d(row loss) per row, or `scale` for every row when row_scale is null.
+  // The (N, C) forward kernel also writes grad_input when it is given (for row_scale / scale).
   const A* row_scale;
   A scale;
   S* grad_input;

@@ -1,5 +1,6 @@
 // Vectorized cross-entropy kernels: forward (logsumexp, loss per row) and backward (the
-// gradient of a row in one read-write pass). Compiled once per instruction set; included only
+// gradient of a row in one read-write pass). The (N, C) forward also writes each row's gradient
+// right after its statistics, while the row is in L2, when given grad_input (cross_entropy_fwd_grad). Compiled once per instruction set; included only
 // from csrc/cpu/capability/kernels_impl.h, inside namespace torch_ext::cpu::CPU_CAPABILITY.
 //
 // Per row with logits x, lse = logsumexp(x), smoothing e, C classes, class weights w (1 when
@@ -131,6 +132,71 @@ inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
   return target != nullptr && target[row] == ignore_index;
 }
 
+// Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
+// the incoming gradient row_scale[r] or scale. Buffers: kBlock values each.
+template <typename S>
+inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf, acc_t<S>* tbuf, acc_t<S>* gbuf,
+                         acc_t<S>* gtbuf) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const int64_t C = a.classes;
+  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const bool prob = a.target_prob != nullptr;
+  S* gi = a.grad_input ? a.grad_input + r * C : nullptr;  // null: only the target's gradient
+  if (ignored<A>(a.target, r, a.ignore_index)) {
+    if (gi != nullptr) std::fill(gi, gi + C, S(0));
+    return;
+  }
+  const S* x = a.input + r * C;
+  const S* t = prob ? a.target_prob + r * C : nullptr;
+  S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
+  const A sc = a.row_scale ? a.row_scale[r] : a.scale;
+  const A row_max = a.stats[3 * r], log_sum = a.stats[3 * r + 1];
+  const A lse = row_max + log_sum;
+  const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
+  int64_t y = -1;
+  A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
+  if (prob) {
+    coef_p = sc * (a.stats[3 * r + 2] + z_term);
+    coef_w = sc;
+  } else {
+    y = a.target[r];
+    const A rw = a.weight ? a.weight[y] : A(1);
+    coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
+    coef_w = sc * e * inv_c;
+    coef_y = sc * rw * (A(1) - e);
+  }
+  const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
+      vt(sc * (A(1) - e));
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    const A* xb = as_math<S, A>(x + c0, n, xbuf);
+    const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
+    A* gb = gbuf;
+    if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
+    for (int64_t i = 0; i < n; i += L) {
+      const int64_t k = std::min(L, n - i);
+      const V xv = V::loadu(xb + i, k);
+      const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
+      V g = vp * ((xv - vmax) - vlog).exp_u20();
+      if (tb != nullptr) {
+        const V tv = V::loadu(tb + i, k);
+        g = g - vw * wv * (tv * keep + spread);
+        if (gt != nullptr) (vt * wv * ((vmax - xv) + vlog)).store(gtbuf + i, k);
+      } else if (e > 0) {
+        g = g - vw * wv;
+      }
+      g.store(gb + i, k);
+    }
+    if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
+    if constexpr (!std::is_same_v<S, A>) {
+      if (gi != nullptr) at::vec::convert(gbuf, gi + c0, n);
+    }
+    if (gt != nullptr) at::vec::convert(gtbuf, gt + c0, n);
+  }
+}
+
 template <typename S>
 void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   using A = acc_t<S>;
@@ -142,10 +208,13 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
     __at_align__ A xbuf[kBlock];
     __at_align__ A tbuf[kBlock];
+    __at_align__ A gbuf[kBlock];
+    __at_align__ A gtbuf[kBlock];
     for (int64_t r = begin; r < end; ++r) {
       if (ignored<A>(a.target, r, a.ignore_index)) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
@@ -175,6 +244,8 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       a.stats[3 * r] = st.max;
       a.stats[3 * r + 1] = log_sum;
       a.stats[3 * r + 2] = prob ? st.sum_wt : A(0);
+      // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
+      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);
     }
   });
 }
@@ -182,71 +253,13 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
 template <typename S>
 void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   using A = acc_t<S>;
-  using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
-  const int64_t C = a.classes;
-  const A e = a.label_smoothing, inv_c = A(1) / A(C);
-  const bool prob = a.target_prob != nullptr;
-  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
+  const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.classes, 1));
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
     __at_align__ A xbuf[kBlock];
     __at_align__ A tbuf[kBlock];
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
-    for (int64_t r = begin; r < end; ++r) {
-      S* gi = a.grad_input ? a.grad_input + r * C : nullptr;  // null: only the target's gradient
-      if (ignored<A>(a.target, r, a.ignore_index)) {
-        if (gi != nullptr) std::fill(gi, gi + C, S(0));
-        continue;
-      }
-      const S* x = a.input + r * C;
-      const S* t = prob ? a.target_prob + r * C : nullptr;
-      S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
-      const A sc = a.row_scale ? a.row_scale[r] : a.scale;
-      const A row_max = a.stats[3 * r], log_sum = a.stats[3 * r + 1];
-      const A lse = row_max + log_sum;
-      const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
-      int64_t y = -1;
-      A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
-      if (prob) {
-        coef_p = sc * (a.stats[3 * r + 2] + z_term);
-        coef_w = sc;
-      } else {
-        y = a.target[r];
-        const A rw = a.weight ? a.weight[y] : A(1);
-        coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
-        coef_w = sc * e * inv_c;
-        coef_y = sc * rw * (A(1) - e);
-      }
-      const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
-          vt(sc * (A(1) - e));
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-        const int64_t n = std::min(kBlock, C - c0);
-        const A* xb = as_math<S, A>(x + c0, n, xbuf);
-        const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
-        A* gb = gbuf;
-        if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
-        for (int64_t i = 0; i < n; i += L) {
-          const int64_t k = std::min(L, n - i);
-          const V xv = V::loadu(xb + i, k);
-          const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
-          V g = vp * ((xv - vmax) - vlog).exp_u20();
-          if (tb != nullptr) {
-            const V tv = V::loadu(tb + i, k);
-            g = g - vw * wv * (tv * keep + spread);
-            if (gt != nullptr) (vt * wv * ((vmax - xv) + vlog)).store(gtbuf + i, k);
-          } else if (e > 0) {
-            g = g - vw * wv;
-          }
-          g.store(gb + i, k);
-        }
-        if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
-        if constexpr (!std::is_same_v<S, A>) {
-          if (gi != nullptr) at::vec::convert(gbuf, gi + c0, n);
-        }
-        if (gt != nullptr) at::vec::convert(gtbuf, gt + c0, n);
-      }
-    }
+    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);
   });
 }
 
