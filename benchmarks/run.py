@@ -580,7 +580,7 @@ def run_case(case: Case, cfg, machine, progress) -> dict:
     held = None  # the gradient ours forms in the forward pass and holds until backward
     if case.op == "triplet":
         held = "the anchor's gradient"
-    elif case.op == "cross_entropy" or (case.op in ("mse", "huber", "smooth_l1") and device.startswith("cuda")):
+    elif case.op in ("cross_entropy", "mse", "huber", "smooth_l1"):
         held = "the input's gradient"
     if held is not None:
         n, d = case.params

@@ -64,8 +64,8 @@ TORCH_LIBRARY(torch_ext, m) {
         "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   // (loss, the gradients of (input, target) for grad_loss = 1 as output_mask asks, else empty),
-  // reductions mean and sum: the eager CUDA path forms them in the forward kernel, which reads
-  // input and target once per training step; its backward hands them over. CPU: the two passes.
+  // reductions mean and sum: the eager path forms them in the forward kernel, which reads input
+  // and target once per training step; its backward hands them over.
   m.def("regression_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
         "str reduction, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});

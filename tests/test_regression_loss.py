@@ -151,12 +151,11 @@ assert math.prod(SHAPES[-1]) > 100_000
 
 @pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
 def grad_in_forward(request, monkeypatch):
-    """Runs a test on both eager paths: forward and backward apart (CPU's), and the gradients formed
-    in the forward op and handed over by backward (CUDA's, torch_ext.regression_loss_fwd_grad),
-    here switched on for CPU too."""
-    if request.param:
-        module = sys.modules["torch_ext.regression_loss"]
-        monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", module.GRAD_IN_FORWARD_DEVICES | {"cpu"})
+    """Runs a test on both eager paths: the gradients formed in the forward op and handed over by
+    backward (torch_ext.regression_loss_fwd_grad, the default for reductions mean and sum), and
+    forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
+    module = sys.modules["torch_ext.regression_loss"]
+    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
     return request.param
 
 

@@ -19,8 +19,8 @@ _bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
 _fwd_grad_op = torch.ops.torch_ext.regression_loss_fwd_grad.default
 
 # Device types whose eager path forms the gradients in the forward kernel (reductions mean and
-# sum; see _RegressionLossGradInForward). CPU keeps forward and backward apart.
-GRAD_IN_FORWARD_DEVICES = frozenset({"cuda"})
+# sum; see _RegressionLossGradInForward): all that have the kernels.
+GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 LOSSES = ("mse", "huber", "smooth_l1")
 

@@ -107,7 +107,8 @@ struct RegressionLossArgs {
   S* out;
   A* loss_partials;
   A* weight_partials;      // sum of weight per block (weighted mean), or nullptr
-  // backward: the incoming gradient per element (reduction none), or `scale` for all
+  // backward: the incoming gradient per element (reduction none), or `scale` for all. The
+  // forward kernel also writes grad_input / grad_target when given (for `scale`).
   const S* grad_loss;
   A scale;
   S* grad_input;           // or nullptr

@@ -3,6 +3,8 @@
 //   forward : one read of input and target (and weight); the loss per element, or sums over
 //             fixed blocks that are added in order (results do not depend on the thread count).
 //   backward: one read of input and target, one write of each requested gradient.
+//   forward with gradients (regression_loss_fwd_grad, the eager path for reductions mean and
+//             sum): the forward pass also writes the gradients for grad_loss = 1.
 // Nothing is saved for backward besides the inputs. The op takes input and target of one
 // shape; the Python functions broadcast them first, as torch.nn.functional does.
 #include <ATen/ATen.h>
@@ -38,14 +40,20 @@ cpu::RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const 
   return a;
 }
 
+// The forward kernel; given (defined) grad_input / grad_target, it also writes the gradients for
+// d(loss)/d(element loss) = scale in the same pass (regression_loss_fwd_grad).
 template <typename S>
 void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w, Tensor& out,
-                 Tensor& loss_partials, Tensor& weight_partials) {
+                 Tensor& loss_partials, Tensor& weight_partials, Tensor* grad_input = nullptr,
+                 Tensor* grad_target = nullptr, double scale = 0) {
   using A = cpu::acc_t<S>;
   auto a = kernel_args<S>(kind, param, x, t, w);
   a.out = out.defined() ? out.data_ptr<S>() : nullptr;
   a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
   a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
+  a.scale = A(scale);
+  a.grad_input = grad_input != nullptr && grad_input->defined() ? grad_input->data_ptr<S>() : nullptr;
+  a.grad_target = grad_target != nullptr && grad_target->defined() ? grad_target->data_ptr<S>() : nullptr;
   KernelsFor<S>::regression_loss_forward(cpu::cpu_kernels())(a);
 }
 
@@ -63,6 +71,14 @@ void run_backward(RegressionLoss kind, double param, const Tensor& x, const Tens
 double sum_partials(const Tensor& partials) {
   return partials.scalar_type() == at::kDouble ? sum_in_order(partials.const_data_ptr<double>(), partials.numel())
                                                : sum_in_order(partials.const_data_ptr<float>(), partials.numel());
+}
+
+// The sum of the block partials, divided for the mean by the weights' sum (weighted mse) or numel.
+Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& weight_partials, int64_t numel,
+                    const Tensor& input) {
+  double total = sum_partials(loss_partials);
+  if (red == Reduction::Mean) total /= weight_partials.defined() ? sum_partials(weight_partials) : double(numel);
+  return at::scalar_tensor(total, input.options());
 }
 
 Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
@@ -90,10 +106,7 @@ Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const 
     }
   }
   if (red == Reduction::None) return out;
-  double total = sum_partials(loss_partials);
-  if (red == Reduction::Mean)
-    total /= weight_partials.defined() ? sum_partials(weight_partials) : double(x.numel());
-  return at::scalar_tensor(total, input.options());
+  return reduced_loss(red, loss_partials, weight_partials, x.numel(), input);
 }
 
 std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -129,19 +142,39 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
-// The loss and the gradients for grad_loss = 1, as two passes: the CPU path of torch_ext's
-// regression losses keeps forward and backward apart; this op serves tests and opcheck of the
-// CUDA path's contract.
+// The loss and the gradients for grad_loss = 1 in one pass over input and target (the eager path
+// for reductions mean and sum on every device; its backward hands them over).
 std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& input, const Tensor& target,
                                                                 const std::optional<Tensor>& weight,
                                                                 c10::string_view loss, double param,
                                                                 c10::string_view reduction,
                                                                 std::array<bool, 2> output_mask) {
-  check_reduction_with_grad_in_forward("torch_ext.regression_loss_fwd_grad", reduction);
-  Tensor value = regression_loss_fwd_cpu(input, target, weight, loss, param, reduction);
-  auto [grad_input, grad_target] =
-      regression_loss_bwd_cpu(at::ones({}, input.options()), input, target, weight, loss, param, reduction, output_mask);
-  return {value, grad_input, grad_target};
+  constexpr const char* op = "torch_ext.regression_loss_fwd_grad";
+  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
+  const Tensor x = input.contiguous(), t = target.contiguous();
+  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
+  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const int64_t blocks = (x.numel() + kReductionBlock - 1) / kReductionBlock;
+  Tensor out;
+  Tensor loss_partials = at::empty({blocks}, input.options().dtype(acc));
+  const bool by_weight_sum = red == Reduction::Mean && divides_by_weight_sum(kind, weight);
+  Tensor weight_partials = by_weight_sum ? at::empty({blocks}, input.options().dtype(acc)) : Tensor();
+  // d(loss)/d(element loss), as the backward op's scale for grad_loss = 1 (the same bits).
+  double scale = 1.0;
+  if (red == Reduction::Mean) scale /= by_weight_sum ? w.sum(at::kDouble).item<double>() : double(x.numel());
+  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  if (x.numel() > 0) {
+    switch (input.scalar_type()) {
+      case at::kFloat: run_forward<float>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale); break;
+      case at::kDouble: run_forward<double>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale); break;
+      default: run_forward<c10::BFloat16>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale);
+    }
+  }
+  return {reduced_loss(red, loss_partials, weight_partials, x.numel(), input),
+          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
 }  // namespace

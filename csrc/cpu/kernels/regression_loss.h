@@ -1,5 +1,6 @@
 // Vectorized elementwise regression losses (mse, huber, smooth_l1): forward (per-element loss,
-// or per-block sums) and backward (input and target gradients in one pass). Compiled once per
+// or per-block sums; given grad_input / grad_target, the gradients for `scale` in the same pass)
+// and backward (input and target gradients in one pass). Compiled once per
 // instruction set; included only from csrc/cpu/capability/kernels_impl.h, inside namespace
 // torch_ext::cpu::CPU_CAPABILITY. With d = input - target and an optional elementwise weight w:
 //   mse      : d^2                                      grad  2 d
@@ -68,8 +69,12 @@ void forward(const RegressionLossArgs<S>& a) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t blocks = (a.numel + a.block - 1) / a.block;
+  // Given grad_input / grad_target, the forward also writes the gradients for `scale`
+  // (regression_loss_fwd_grad): the same products as backward's, so the same bits.
+  const bool grads = a.grad_input != nullptr || a.grad_target != nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
-    __at_align__ A xb[kChunk], tb[kChunk], wb[kChunk], ob[kChunk];
+    __at_align__ A xb[kChunk], tb[kChunk], wb[kChunk], ob[kChunk], ib[kChunk], jb[kChunk];
+    const V scale(a.scale);
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * a.block, last = std::min(a.numel, first + a.block);
       V loss_sum(0), weight_sum(0);
@@ -82,9 +87,16 @@ void forward(const RegressionLossArgs<S>& a) {
         if (a.out != nullptr) {
           if constexpr (std::is_same_v<S, A>) o = a.out + c; else o = ob;
         }
+        A* gi = ib;
+        A* gt = jb;
+        if constexpr (std::is_same_v<S, A>) {
+          gi = a.grad_input ? a.grad_input + c : nullptr;
+          gt = a.grad_target ? a.grad_target + c : nullptr;
+        }
         for (int64_t i = 0; i < n; i += L) {
           const int64_t k = std::min(L, n - i);
-          V l = loss_of<K, A>(V::loadu(x + i, k) - V::loadu(t + i, k), a.param);
+          const V d = V::loadu(x + i, k) - V::loadu(t + i, k);
+          V l = loss_of<K, A>(d, a.param);
           if (w != nullptr) {
             const V wv = V::loadu(w + i, k);
             l = l * wv;
@@ -95,9 +107,17 @@ void forward(const RegressionLossArgs<S>& a) {
           } else {
             loss_sum += V::set(V(0), l, k);
           }
+          if (grads) {
+            V r = grad_of<K, A>(d, a.param) * scale;
+            if (w != nullptr) r = r * V::loadu(w + i, k);
+            if (a.grad_input != nullptr) r.store(gi + i, k);
+            if (a.grad_target != nullptr) r.neg().store(gt + i, k);
+          }
         }
         if constexpr (!std::is_same_v<S, A>) {
           if (a.out != nullptr) at::vec::convert(ob, a.out + c, n);
+          if (a.grad_input != nullptr) at::vec::convert(ib, a.grad_input + c, n);
+          if (a.grad_target != nullptr) at::vec::convert(jb, a.grad_target + c, n);
         }
       }
       if (a.loss_partials != nullptr) a.loss_partials[b] = reduce_sum(loss_sum);
