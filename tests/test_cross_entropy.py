@@ -39,7 +39,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
+from utils import set_grad_in_forward, SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -201,8 +201,7 @@ def grad_in_forward(request, monkeypatch):
     """Runs a test on both eager paths: the gradient formed in the forward op and handed over by
     backward (torch_ext.cross_entropy_fwd_grad, the default for reductions mean and sum), and
     forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
-    module = sys.modules["torch_ext.cross_entropy"]
-    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
+    set_grad_in_forward(monkeypatch, "torch_ext.cross_entropy", request.param)
     return request.param
 
 

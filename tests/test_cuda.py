@@ -9,14 +9,12 @@ determinism, and bad input that must be a Python error rather than a device-side
 """
 from __future__ import annotations
 
-import sys
-
 import pytest
 import torch
 import torch.nn.functional as F
 
 import torch_ext
-from utils import assert_close
+from utils import assert_close, set_grad_in_forward
 
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "torch_ext::cross_entropy_fwd", "CUDA"
@@ -71,8 +69,7 @@ def grad_in_forward(request, monkeypatch):
     formed by the forward kernel (the *_fwd_grad ops; CUDA's default for reductions mean and sum)
     and forward/backward apart."""
     for name in ("torch_ext.cross_entropy", "torch_ext.regression_loss"):
-        devices = frozenset({"cpu", "cuda"}) if request.param else frozenset()
-        monkeypatch.setattr(sys.modules[name], "GRAD_IN_FORWARD_DEVICES", devices)
+        set_grad_in_forward(monkeypatch, name, request.param)
     return request.param
 
 

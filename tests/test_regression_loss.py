@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import assert_close, reference_dtype, leaf
+from utils import set_grad_in_forward, assert_close, reference_dtype, leaf
 
 LOSSES = ("mse", "huber", "smooth_l1")
 WEIGHTED_LOSSES = ("mse", "huber")
@@ -154,8 +154,7 @@ def grad_in_forward(request, monkeypatch):
     """Runs a test on both eager paths: the gradients formed in the forward op and handed over by
     backward (torch_ext.regression_loss_fwd_grad, the default for reductions mean and sum), and
     forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
-    module = sys.modules["torch_ext.regression_loss"]
-    monkeypatch.setattr(module, "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu", "cuda"}) if request.param else frozenset())
+    set_grad_in_forward(monkeypatch, "torch_ext.regression_loss", request.param)
     return request.param
 
 
