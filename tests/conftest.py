@@ -1,4 +1,6 @@
 """Shared pytest fixtures of the torch_ext test suite."""
+import sys
+
 import pytest
 import torch
 
@@ -16,3 +18,21 @@ def dynamo_reset():
     torch._dynamo.reset()
     yield
     torch._dynamo.reset()
+
+
+# The loss modules whose eager path forms the gradients in the forward op (*_fwd_grad) for
+# reductions mean and sum, switched by their GRAD_IN_FORWARD_DEVICES.
+GRAD_IN_FORWARD_MODULES = ("torch_ext.cross_entropy", "torch_ext.regression_loss")
+
+
+@pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
+def grad_in_forward(request, monkeypatch):
+    """Runs a test on both eager paths of the losses: the gradients formed in the forward op and
+    handed over by backward (the default for reductions mean and sum), and forward and backward
+    apart (what compiled graphs and reduction none use), each switched on for every device."""
+    import torch_ext  # noqa: F401  (the modules below)
+
+    devices = frozenset({"cpu", "cuda"}) if request.param else frozenset()
+    for name in GRAD_IN_FORWARD_MODULES:
+        monkeypatch.setattr(sys.modules[name], "GRAD_IN_FORWARD_DEVICES", devices)
+    return request.param

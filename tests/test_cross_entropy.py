@@ -39,7 +39,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import set_grad_in_forward, SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
+from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -194,15 +194,6 @@ def run_case(input, target, weight=None, *, grad="random", input_grad=True, targ
 # ----------------------------------------------------------------------------------------------
 # 0. Signature
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
-def grad_in_forward(request, monkeypatch):
-    """Runs a test on both eager paths: the gradient formed in the forward op and handed over by
-    backward (torch_ext.cross_entropy_fwd_grad, the default for reductions mean and sum), and
-    forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
-    set_grad_in_forward(monkeypatch, "torch_ext.cross_entropy", request.param)
-    return request.param
 
 
 def test_signature_mirrors_functional():

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 
 import torch_ext
-from utils import assert_close, set_grad_in_forward
+from utils import assert_close
 
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "torch_ext::cross_entropy_fwd", "CUDA"
@@ -61,16 +61,6 @@ def check_against_reference(ours, reference, inputs, dtype, grad_output=None, **
 
 
 # ---- cross_entropy ------------------------------------------------------------------------------
-
-
-@pytest.fixture(params=[True, False], ids=["grad_in_forward", "fwd_bwd"])
-def grad_in_forward(request, monkeypatch):
-    """Both eager paths of cross_entropy and the regression losses on every device: the gradients
-    formed by the forward kernel (the *_fwd_grad ops; CUDA's default for reductions mean and sum)
-    and forward/backward apart."""
-    for name in ("torch_ext.cross_entropy", "torch_ext.regression_loss"):
-        set_grad_in_forward(monkeypatch, name, request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("device", DEVICES)

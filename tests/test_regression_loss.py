@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import set_grad_in_forward, assert_close, reference_dtype, leaf
+from utils import assert_close, reference_dtype, leaf
 
 LOSSES = ("mse", "huber", "smooth_l1")
 WEIGHTED_LOSSES = ("mse", "huber")
@@ -147,15 +147,6 @@ def away_from_kinks(shape, param, loss, dtype=torch.float64, margin=0.05):
 # The last one has > 100k elements (at::parallel_for's GRAIN_SIZE is 32768): the parallel path.
 SHAPES = [(), (1,), (7,), (17,), (3, 5), (2, 3, 7), (2, 3, 4, 5), (1031,), (33, 37), (257, 513)]
 assert math.prod(SHAPES[-1]) > 100_000
-
-
-@pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
-def grad_in_forward(request, monkeypatch):
-    """Runs a test on both eager paths: the gradients formed in the forward op and handed over by
-    backward (torch_ext.regression_loss_fwd_grad, the default for reductions mean and sum), and
-    forward and backward apart (compiled graphs, reduction none, and here switched on for all)."""
-    set_grad_in_forward(monkeypatch, "torch_ext.regression_loss", request.param)
-    return request.param
 
 
 @pytest.mark.parametrize("shape", SHAPES, ids=lambda s: "x".join(map(str, s)) or "0d")

@@ -175,9 +175,3 @@ def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
         "tanh": nn.Tanh(),
     }[activation]
 
-
-def set_grad_in_forward(monkeypatch, module_name: str, on: bool) -> None:
-    """Switch a loss module's gradient-in-forward eager path (its *_fwd_grad op, the default for
-    reductions mean and sum) on for every device, or off (forward and backward apart)."""
-    devices = frozenset({"cpu", "cuda"}) if on else frozenset()
-    monkeypatch.setattr(sys.modules[module_name], "GRAD_IN_FORWARD_DEVICES", devices)
