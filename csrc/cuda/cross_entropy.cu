@@ -481,6 +481,32 @@ void launch(Pass pass, const CrossEntropyArgs<S>& a) {
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
+// The forward kernel; given grad_input and `scale` (a device scalar), it also writes the input's
+// gradient for d(loss)/d(row loss) = scale, each row's right after its statistics.
+void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
+                 const Tensor& stats, const Tensor& row_loss, const Tensor& grad_input = Tensor(),
+                 const Tensor& scale = Tensor()) {
+  if (in.layout.rows() == 0 || in.layout.classes == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
+    a.row_loss = row_loss.data_ptr<A>();
+    if (grad_input.defined()) {
+      a.scale = scale.const_data_ptr<A>();
+      a.grad_input = grad_input.data_ptr<scalar_t>();
+    }
+    launch<scalar_t>(grad_input.defined() ? Pass::ForwardWithGrad : Pass::Forward, a);
+  });
+}
+
+Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, const Tensor& input) {
+  switch (red) {
+    case Reduction::None: return row_loss.to(input.scalar_type()).view(in.layout.loss_shape);
+    case Reduction::Sum: return row_loss.sum().to(input.scalar_type());
+    default: return row_loss.sum().div(in.denominator).to(input.scalar_type());
+  }
+}
+
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
                                                   const std::optional<Tensor>& weight, int64_t ignore_index,
                                                   c10::string_view reduction, double label_smoothing, double z_loss) {
@@ -488,24 +514,11 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
-  const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({rows, 3}, acc_options);
-  Tensor row_loss = at::zeros({rows}, acc_options);
-  if (rows > 0 && in.layout.classes > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
-      auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
-      a.row_loss = row_loss.data_ptr<at::acc_type<scalar_t, true>>();
-      launch<scalar_t>(Pass::Forward, a);
-    });
-  }
-  Tensor loss;
-  switch (red) {
-    case Reduction::None: loss = row_loss.to(input.scalar_type()).view(in.layout.loss_shape); break;
-    case Reduction::Sum: loss = row_loss.sum().to(input.scalar_type()); break;
-    case Reduction::Mean: loss = row_loss.sum().div(in.denominator).to(input.scalar_type()); break;
-  }
-  return {loss, stats};
+  Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
+  Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
+  run_forward(in, ignore_index, label_smoothing, z_loss, stats, row_loss);
+  return {reduced_loss(red, row_loss, in, input), stats};
 }
 
 // The loss, the stats and the input's gradient for grad_loss = 1 in one kernel: each row's
@@ -519,26 +532,14 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cuda(const Tensor& inp
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
-  const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({rows, 3}, acc_options);
-  Tensor row_loss = at::zeros({rows}, acc_options);
+  Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
+  Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
   Tensor grad_input = at::empty(input.sizes(), input.options());
   // d(loss)/d(row loss): 1 for sum, 1 / denominator for mean (a device scalar: no sync).
   const Tensor scale = red == Reduction::Mean ? in.denominator.reciprocal() : at::scalar_tensor(1.0, acc_options);
-  if (rows > 0 && in.layout.classes > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_fwd_grad_cuda", [&] {
-      using A = at::acc_type<scalar_t, true>;
-      auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
-      a.row_loss = row_loss.data_ptr<A>();
-      a.scale = scale.const_data_ptr<A>();
-      a.grad_input = grad_input.data_ptr<scalar_t>();
-      launch<scalar_t>(Pass::ForwardWithGrad, a);
-    });
-  }
-  Tensor loss = red == Reduction::Sum ? row_loss.sum().to(input.scalar_type())
-                                      : row_loss.sum().div(in.denominator).to(input.scalar_type());
-  return {loss, stats, grad_input};
+  run_forward(in, ignore_index, label_smoothing, z_loss, stats, row_loss, grad_input, scale);
+  return {reduced_loss(red, row_loss, in, input), stats, grad_input};
 }
 
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,

@@ -126,6 +126,40 @@ at::ScalarType acc_dtype(const Tensor& input) {
   return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
 }
 
+// The forward kernel; given `scale` (a device scalar), it also writes the defined ones of
+// grad_input / grad_target for d(loss)/d(element loss) = scale in the same pass.
+void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w, const Tensor& out,
+                 const Tensor& loss_partials, const Tensor& weight_partials, const Tensor& scale = Tensor(),
+                 const Tensor& grad_input = Tensor(), const Tensor& grad_target = Tensor()) {
+  const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
+  if (blocks == 0) return;
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "regression_loss_fwd_cuda", [&] {
+    using A = at::acc_type<scalar_t, true>;
+    auto a = kernel_args<scalar_t>(kind, param, x, t, w);
+    a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+    a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
+    a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
+    const auto stream = c10::cuda::getCurrentCUDAStream();
+    if (scale.defined()) {
+      a.scale = scale.const_data_ptr<A>();
+      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
+      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
+      forward_kernel<scalar_t, true><<<blocks, kThreads, 0, stream>>>(a);
+    } else {
+      forward_kernel<scalar_t, false><<<blocks, kThreads, 0, stream>>>(a);
+    }
+    C10_CUDA_KERNEL_LAUNCH_CHECK();
+  });
+}
+
+// The sum of the block partials, divided for the mean by weight_sum (weighted mse) or numel.
+Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& weight_sum, int64_t numel,
+                    const Tensor& input) {
+  Tensor total = loss_partials.sum();
+  if (red == Reduction::Mean) total = weight_sum.defined() ? total.div(weight_sum) : total.div(double(numel));
+  return total.to(input.scalar_type());
+}
+
 Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
                                 c10::string_view loss, double param, c10::string_view reduction) {
   constexpr const char* op = "torch_ext.regression_loss";
@@ -143,23 +177,10 @@ Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const
     loss_partials = at::empty({blocks}, acc);
     if (red == Reduction::Mean && divides_by_weight_sum(kind, weight)) weight_partials = at::empty({blocks}, acc);
   }
-  if (blocks > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_fwd_cuda", [&] {
-      using A = at::acc_type<scalar_t, true>;
-      auto a = kernel_args<scalar_t>(kind, param, x, t, w);
-      a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
-      a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
-      a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
-      forward_kernel<scalar_t, false><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
+  run_forward(kind, param, x, t, w, out, loss_partials, weight_partials);
   if (red == Reduction::None) return out;
-  Tensor total = loss_partials.sum();
-  if (red == Reduction::Mean) {
-    total = weight_partials.defined() ? total.div(weight_partials.sum()) : total.div(double(x.numel()));
-  }
-  return total.to(input.scalar_type());
+  return reduced_loss(red, loss_partials, weight_partials.defined() ? weight_partials.sum() : Tensor(), x.numel(),
+                      input);
 }
 
 // The loss and the gradients for grad_loss = 1 in one kernel: a training step reads input and
@@ -178,28 +199,17 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cuda(const Tensor& i
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
   const auto acc = input.options().dtype(acc_dtype(input));
   Tensor loss_partials = at::empty({blocks}, acc);
-  // d(loss)/d(element loss): 1 for sum; for mean 1 / numel, or 1 / sum(weight) for weighted mse.
-  const bool by_weight_sum = red == Reduction::Mean && divides_by_weight_sum(kind, weight);
-  const Tensor weight_sum = by_weight_sum ? w.sum(acc_dtype(input)) : Tensor();
-  const Tensor scale = by_weight_sum ? weight_sum.reciprocal()
+  // d(loss)/d(element loss): 1 for sum; for mean 1 / numel, or 1 / sum(weight) for weighted mse
+  // (taken before the pass, which needs it).
+  const Tensor weight_sum =
+      red == Reduction::Mean && divides_by_weight_sum(kind, weight) ? w.sum(acc_dtype(input)) : Tensor();
+  const Tensor scale = weight_sum.defined() ? weight_sum.reciprocal()
                        : at::scalar_tensor(red == Reduction::Mean ? 1.0 / double(std::max<int64_t>(x.numel(), 1)) : 1.0, acc);
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
-  if (blocks > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_fwd_grad_cuda", [&] {
-      using A = at::acc_type<scalar_t, true>;
-      auto a = kernel_args<scalar_t>(kind, param, x, t, w);
-      a.loss_partials = loss_partials.data_ptr<A>();
-      a.scale = scale.const_data_ptr<A>();
-      a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
-      a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
-      forward_kernel<scalar_t, true><<<blocks, kThreads, 0, c10::cuda::getCurrentCUDAStream()>>>(a);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
-  }
-  Tensor total = loss_partials.sum();
-  if (red == Reduction::Mean) total = by_weight_sum ? total.div(weight_sum) : total.div(double(x.numel()));
-  return {total.to(input.scalar_type()), grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+  run_forward(kind, param, x, t, w, Tensor(), loss_partials, Tensor(), scale, grad_input, grad_target);
+  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input),
+          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
