@@ -137,8 +137,24 @@ struct TripletMarginArgs {
   S* grad_negative;
 };
 
+// Float32 GEMM: C = A . B, or C += A . B when accumulate. C (m x n) has unit column stride and
+// row stride ldc; A(i, p) = a[i * a_rs + p * a_cs], B(p, j) = b[p * b_rs + j * b_cs] (any strides).
+// The kernel runs its own parallel loops (csrc/cpu/kernels/gemm.h).
+struct GemmF32Args {
+  int64_t m, n, k;
+  const float* a;
+  int64_t a_rs, a_cs;
+  const float* b;
+  int64_t b_rs, b_cs;
+  float* c;
+  int64_t ldc;
+  bool accumulate;
+};
+
 struct CpuKernels {
   const char* capability;
+  // nullptr where this instruction set has no GEMM of ours (the DEFAULT build): ATen's is used.
+  void (*gemm_f32)(const GemmF32Args&);
   void (*linear_act_forward_f32)(Activation, float, const LinearActForwardRows<float>&);
   void (*linear_act_forward_f64)(Activation, double, const LinearActForwardRows<double>&);
   void (*linear_act_forward_bf16)(Activation, float, const LinearActForwardRows<c10::BFloat16>&);

@@ -24,6 +24,7 @@
 #include "checks.h"
 #include "dense_checks.h"
 #include "cpu/allocator.h"
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "shapes.h"
 
@@ -83,7 +84,7 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
   for (int64_t r0 = 0; r0 < m; r0 += rows_per_panel) {
     const int64_t rows = std::min(rows_per_panel, m - r0);
     Tensor panel = gemm_dst.narrow(0, r0, rows);
-    at::mm_out(panel, x2d.narrow(0, r0, rows), weight_t);
+    cpu::matmul_into(panel, x2d.narrow(0, r0, rows), weight_t, /*accumulate=*/false);
     at::parallel_for(r0, r0 + rows, grain, [&](int64_t begin, int64_t end) {
       cpu::LinearActForwardRows<S> a{
           end - begin, n,
@@ -173,15 +174,11 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
     const Tensor panel_grad = grad_pre.narrow(0, 0, rows);
     if (grad_input.defined()) {
       Tensor grad_input_rows = grad_input.narrow(0, r0, rows);
-      at::mm_out(grad_input_rows, panel_grad, weight);
+      cpu::matmul_into(grad_input_rows, panel_grad, weight, /*accumulate=*/false);
     }
     if (grad_weight.defined()) {
       const Tensor x_panel = x2d.narrow(0, r0, rows);
-      if (r0 == 0) {
-        at::mm_out(grad_weight, panel_grad.t(), x_panel);
-      } else {
-        grad_weight.addmm_(panel_grad.t(), x_panel);
-      }
+      cpu::matmul_into(grad_weight, panel_grad.t(), x_panel, /*accumulate=*/r0 > 0);
     }
   }
 }

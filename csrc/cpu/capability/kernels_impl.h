@@ -11,6 +11,7 @@
 
 #include "cpu/kernels.h"
 #include "cpu/kernels/cross_entropy.h"
+#include "cpu/kernels/gemm.h"
 #include "cpu/kernels/linear_act.h"
 #include "cpu/kernels/mlp_act.h"
 #include "cpu/kernels/regression_loss.h"
@@ -24,6 +25,11 @@ namespace torch_ext::cpu::CPU_CAPABILITY {
 const CpuKernels& kernels() {
   static const CpuKernels table{
       TORCH_EXT_STRINGIFY(CPU_CAPABILITY),
+#if defined(CPU_CAPABILITY_DEFAULT)
+      nullptr,  // Vectorized<float> is emulated there: ATen's GEMM is faster
+#else
+      &gemm_f32,
+#endif
       &linear_act_forward<float, float>,
       &linear_act_forward<double, double>,
       &linear_act_forward<c10::BFloat16, float>,
