@@ -11,6 +11,11 @@ namespace torch_ext::cpu {
 
 namespace {
 
+// Below this many rows of the product, packing B (k x n values per call) costs more than our
+// micro-kernel saves: ATen's GEMM (a matrix-vector product for one row) is 1.4-4x faster at
+// 1-16 rows of 256-1024 columns, measured.
+constexpr int64_t kMinRows = 32;
+
 bool own_float32_gemm() {
   if (cpu_kernels().gemm_f32 == nullptr) return false;
   const char* env = std::getenv("TORCH_EXT_CPU_GEMM");
@@ -24,7 +29,7 @@ const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
   if (out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
-      unit_column_stride && own_float32_gemm()) {
+      unit_column_stride && a.size(0) >= kMinRows && own_float32_gemm()) {
     GemmF32Args g{a.size(0), b.size(1), a.size(1),
                   a.const_data_ptr<float>(), a.stride(0), a.stride(1),
                   b.const_data_ptr<float>(), b.stride(0), b.stride(1),

@@ -1,7 +1,8 @@
 // The CPU ops' matrix products. Float32 runs on the GEMM of our own (csrc/cpu/kernels/gemm.h)
 // where this machine's kernel table has one (AVX2 and AVX-512 builds; it follows
-// ATEN_CPU_CAPABILITY like the other kernels); other dtypes, and the DEFAULT build, run ATen's.
-// TORCH_EXT_CPU_GEMM=aten (read per call) sends float32 to ATen's too.
+// ATEN_CPU_CAPABILITY like the other kernels) for products of 32 rows or more; other dtypes,
+// smaller products and the DEFAULT build run ATen's. TORCH_EXT_CPU_GEMM=aten (read per call)
+// sends float32 to ATen's too.
 #pragma once
 
 #include <ATen/core/Tensor.h>

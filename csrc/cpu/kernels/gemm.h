@@ -38,8 +38,9 @@ constexpr int64_t kGemmNR = 2 * FloatVec::size();
 constexpr int64_t kGemmMR = FloatVec::size() == 16 ? 12 : 6;
 constexpr int64_t kGemmKC = 256;       // rows of a packed B block: 32 KiB micro-panels
 constexpr int64_t kGemmDepthKC = 64;   // the same when threads split k (smaller: C is summed in L2)
+constexpr int64_t kGemmDepthMaxC = 64 * 1024;  // values of C, at most, for threads to split k
 constexpr int64_t kGemmNC = 512;       // columns of a packed B block: 512 KiB
-constexpr int64_t kGemmMC = 21 * kGemmMR;  // rows of A packed at a time, when A is packed
+constexpr int64_t kGemmMC = 240;       // rows of A packed at a time, when A is packed (a multiple of MR and of the vector width)
 
 // C tile (rows x cols of at most MR x NR) = or += A tile . packed B micro-panel, over kc.
 // a points at A(tile row 0, block column 0); a_rs, a_cs are A's strides.
@@ -86,6 +87,54 @@ inline void gemm_micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t 
   }
 }
 
+// dst[k * ld_dst + r] = src[r * ld_src + k] for a square block of one vector's width: the
+// transposition that packing B = W.T needs, in registers.
+inline void gemm_transpose_block(const float* src, int64_t ld_src, float* dst, int64_t ld_dst) {
+#if defined(CPU_CAPABILITY_AVX512)
+  __m512 r[16], t[16];
+  for (int i = 0; i < 16; ++i) r[i] = _mm512_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 16; i += 2) {  // within 128-bit lanes: pairs of rows
+    t[i] = _mm512_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm512_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 16; g += 4) {  // within lanes: u[g + c] lane L = column 4L + c of rows g..g+3
+    r[g] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    r[g + 1] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g]), _mm512_castps_pd(t[g + 2])));
+    r[g + 2] = _mm512_castpd_ps(_mm512_unpacklo_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+    r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
+  }
+  for (int c = 0; c < 4; ++c) {  // across lanes
+    const __m512 v02 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), w02 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 v13 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd), w13 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(v02, w02, 0x88));
+    _mm512_storeu_ps(dst + (8 + c) * ld_dst, _mm512_shuffle_f32x4(v02, w02, 0xdd));
+    _mm512_storeu_ps(dst + (4 + c) * ld_dst, _mm512_shuffle_f32x4(v13, w13, 0x88));
+    _mm512_storeu_ps(dst + (12 + c) * ld_dst, _mm512_shuffle_f32x4(v13, w13, 0xdd));
+  }
+#elif defined(CPU_CAPABILITY_AVX2)
+  __m256 r[8], t[8];
+  for (int i = 0; i < 8; ++i) r[i] = _mm256_loadu_ps(src + i * ld_src);
+  for (int i = 0; i < 8; i += 2) {
+    t[i] = _mm256_unpacklo_ps(r[i], r[i + 1]);
+    t[i + 1] = _mm256_unpackhi_ps(r[i], r[i + 1]);
+  }
+  for (int g = 0; g < 8; g += 4) {  // u[g + c] lane L = column 4L + c of rows g..g+3
+    r[g] = _mm256_shuffle_ps(t[g], t[g + 2], 0x44);
+    r[g + 1] = _mm256_shuffle_ps(t[g], t[g + 2], 0xee);
+    r[g + 2] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0x44);
+    r[g + 3] = _mm256_shuffle_ps(t[g + 1], t[g + 3], 0xee);
+  }
+  for (int c = 0; c < 4; ++c) {
+    _mm256_storeu_ps(dst + c * ld_dst, _mm256_permute2f128_ps(r[c], r[4 + c], 0x20));
+    _mm256_storeu_ps(dst + (4 + c) * ld_dst, _mm256_permute2f128_ps(r[c], r[4 + c], 0x31));
+  }
+#else
+  constexpr int64_t kVec = FloatVec::size();
+  for (int64_t i = 0; i < kVec; ++i)
+    for (int64_t k = 0; k < kVec; ++k) dst[k * ld_dst + i] = src[i * ld_src + k];
+#endif
+}
+
 // Packs B rows [p0, p0 + kc) x columns [first, first + cols) (cols <= NR) into one micro-panel
 // (kc x NR values, columns past cols zero).
 inline void gemm_pack_b_panel(const GemmF32Args& g, int64_t p0, int64_t kc, int64_t first, int64_t cols,
@@ -100,48 +149,59 @@ inline void gemm_pack_b_panel(const GemmF32Args& g, int64_t p0, int64_t kc, int6
     }
   } else if (g.b_cs == 1) {
     for (int64_t p = 0; p < kc; ++p) std::memcpy(dst + p * kGemmNR, src + p * g.b_rs, sizeof(float) * cols);
-  } else {  // e.g. B = W.T of x @ W.T, whose columns are contiguous: read each column in order
+  } else {  // e.g. B = W.T of x @ W.T, whose columns are contiguous
+    int64_t p_done = 0;
+    if (g.b_rs == 1 && cols == kGemmNR) {
+      for (; p_done + kVec <= kc; p_done += kVec) {
+        gemm_transpose_block(src + p_done, g.b_cs, dst + p_done * kGemmNR, kGemmNR);
+        gemm_transpose_block(src + p_done + kVec * g.b_cs, g.b_cs, dst + p_done * kGemmNR + kVec, kGemmNR);
+      }
+    }
     for (int64_t j = 0; j < cols; ++j)
-      for (int64_t p = 0; p < kc; ++p) dst[p * kGemmNR + j] = src[p * g.b_rs + j * g.b_cs];
+      for (int64_t p = p_done; p < kc; ++p) dst[p * kGemmNR + j] = src[p * g.b_rs + j * g.b_cs];
   }
 }
 
-// Copies an A tile (rows <= MR rows x kc) into packed (kc x MR, missing rows zero). Used when
-// A's rows are not contiguous in k (A = g.T of grad_W = g.T @ x): read in place, a tile's kc
-// values of one row sit kc rows of memory apart, and at power-of-two strides they fall into a
-// few L1 sets and evict each other. Also for a last tile of fewer than MR rows, so that the
-// micro-kernel never reads past A.
-inline void gemm_pack_a_tile(const float* a, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, float* packed) {
-  if (rows < kGemmMR) std::fill_n(packed, kGemmMR * kc, 0.f);
-  if (a_rs == 1 && rows == kGemmMR) {  // MR values per k: a loop of constant length, not memcpy calls
-    for (int64_t p = 0; p < kc; ++p)
-#pragma GCC unroll 12
-      for (int64_t i = 0; i < kGemmMR; ++i) packed[p * kGemmMR + i] = a[p * a_cs + i];
-  } else if (a_rs == 1) {
-    for (int64_t p = 0; p < kc; ++p) std::memcpy(packed + p * kGemmMR, a + p * a_cs, sizeof(float) * rows);
-  } else {
-    for (int64_t i = 0; i < rows; ++i)
-      for (int64_t p = 0; p < kc; ++p) packed[p * kGemmMR + i] = a[i * a_rs + p * a_cs];
-  }
+// Copies the last tile of an A read in place, when it has fewer than MR rows, into packed (kc x
+// MR, missing rows zero), so that the micro-kernel never reads past A.
+inline void gemm_pack_a_tail(const float* a, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, float* packed) {
+  std::fill_n(packed, kGemmMR * kc, 0.f);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t p = 0; p < kc; ++p) packed[p * kGemmMR + i] = a[i * a_rs + p * a_cs];
 }
 
-// Packs A rows [0, rows) x kc (rows <= kGemmMC) as consecutive tiles of packed_a_tile's layout.
-// When A's columns are contiguous (a_rs == 1), memory is read in order: one run of `rows`
-// values per k, scattered to the tiles.
+// Packs A rows [0, rows) x kc (rows <= kGemmMC) transposed, k-major: packed[p * kGemmMC + i] =
+// A(i, p), rows from `rows` up to a whole tile zero. The micro-kernel then reads a tile's MR
+// values of one k contiguously, and consecutive k kGemmMC values apart (not a power of two).
 inline void gemm_pack_a_block(const float* a, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, float* packed) {
-  const int64_t tiles = (rows + kGemmMR - 1) / kGemmMR;
-  if (a_rs != 1 || rows % kGemmMR != 0) {
-    for (int64_t t = 0; t < tiles; ++t)
-      gemm_pack_a_tile(a + t * kGemmMR * a_rs, a_rs, a_cs, std::min(kGemmMR, rows - t * kGemmMR), kc,
-                       packed + t * kGemmMR * kc);
-    return;
+  constexpr int64_t kVec = FloatVec::size();
+  const int64_t padded = (rows + kGemmMR - 1) / kGemmMR * kGemmMR;
+  int64_t rows_done = 0, p_done = 0;  // the part copied by the fast paths
+  if (a_rs == 1) {  // columns of A contiguous (A = g.T of grad_W = g.T @ x): one run per k
+    for (int64_t p = 0; p < kc; ++p) std::memcpy(packed + p * kGemmMC, a + p * a_cs, sizeof(float) * rows);
+    rows_done = rows;
+    p_done = kc;
+  } else if (a_cs == 1) {  // rows contiguous: square blocks transposed in registers
+    rows_done = rows / kVec * kVec;
+    p_done = kc / kVec * kVec;
+    for (int64_t i = 0; i < rows_done; i += kVec)
+      for (int64_t p = 0; p < p_done; p += kVec)
+        gemm_transpose_block(a + i * a_rs + p, a_rs, packed + p * kGemmMC + i, kGemmMC);
   }
   for (int64_t p = 0; p < kc; ++p) {
-    const float* src = a + p * a_cs;
-    for (int64_t t = 0; t < tiles; ++t)
-#pragma GCC unroll 12
-      for (int64_t i = 0; i < kGemmMR; ++i) packed[t * kGemmMR * kc + p * kGemmMR + i] = src[t * kGemmMR + i];
+    float* dst = packed + p * kGemmMC;
+    for (int64_t i = p < p_done ? rows_done : 0; i < rows; ++i) dst[i] = a[i * a_rs + p * a_cs];
+    std::fill(dst + rows, dst + padded, 0.f);
   }
+}
+
+// Whether A is packed (gemm_pack_a_block) rather than read in place by the micro-kernel: when its
+// rows are not contiguous in k, and when they are kGemmAliasFloats (4 KiB) apart or a multiple:
+// then the MR rows of a tile fall into the same L1 sets, more of them than the cache has ways,
+// and evict each other (measured: 0.85x ATen's time at 256 x 2048 -> 1024 unpacked).
+inline bool gemm_packs_a(const GemmF32Args& g) {
+  constexpr int64_t kGemmAliasFloats = 1024;
+  return g.a_cs != 1 || (g.m > 1 && g.a_rs % kGemmAliasFloats == 0);
 }
 
 // The product over k in [p_begin, p_end) for C rows [i_begin, i_end) x columns [j_begin, j_end),
@@ -176,7 +236,8 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
   const int64_t max_panels = (std::min(band.j_end - band.j_begin, kGemmNC) + kGemmNR - 1) / kGemmNR;
   std::unique_ptr<float[]> packed_b(new float[max_panels * std::min(band.p_end - band.p_begin, band.kc_block) * kGemmNR]);
   alignas(64) float tail_a[kGemmMR * kGemmKC];
-  std::unique_ptr<float[]> packed_a(g.a_cs != 1 ? new float[kGemmMC * std::min(band.p_end - band.p_begin, band.kc_block)] : nullptr);
+  const bool pack_a = gemm_packs_a(g);
+  std::unique_ptr<float[]> packed_a(pack_a ? new float[kGemmMC * std::min(band.p_end - band.p_begin, band.kc_block)] : nullptr);
   for (int64_t j0 = band.j_begin; j0 < band.j_end; j0 += kGemmNC) {
     const int64_t j_end = std::min(j0 + kGemmNC, band.j_end);
     const int64_t panels = (j_end - j0 + kGemmNR - 1) / kGemmNR;
@@ -199,7 +260,6 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
       const int64_t calls = ((band.i_end - band.i_begin + kGemmMR - 1) / kGemmMR) * panels;
       int64_t call = 0;
       // Each A tile (in L1) sweeps the block's micro-panels (in L2).
-      const bool pack_a = g.a_cs != 1;
       for (int64_t ic = band.i_begin; ic < band.i_end; ic += kGemmMC) {
         const int64_t ic_end = std::min(ic + kGemmMC, band.i_end);
         if (pack_a) gemm_pack_a_block(g.a + ic * g.a_rs + p0 * g.a_cs, g.a_rs, g.a_cs, ic_end - ic, kc, packed_a.get());
@@ -208,11 +268,11 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
           const float* a = g.a + i0 * g.a_rs + p0 * g.a_cs;
           int64_t a_rs = g.a_rs, a_cs = g.a_cs;
           if (pack_a) {
-            a = packed_a.get() + (i0 - ic) * kc;
+            a = packed_a.get() + (i0 - ic);
             a_rs = 1;
-            a_cs = kGemmMR;
+            a_cs = kGemmMC;
           } else if (rows < kGemmMR) {
-            gemm_pack_a_tile(a, a_rs, a_cs, rows, kc, tail_a);
+            gemm_pack_a_tail(a, a_rs, a_cs, rows, kc, tail_a);
             a = tail_a;
             a_rs = 1;
             a_cs = kGemmMR;
@@ -248,9 +308,12 @@ inline void gemm_f32(const GemmF32Args& g) {
   }
   enum class Split { Rows, Columns, Depth };
   const double row_cost = double(g.k) * g.n, column_cost = double(g.m) * g.k, depth_cost = double(g.m) * g.n;
-  const Split split = depth_cost < std::min(row_cost, column_cost) && g.k >= 2 * kGemmKC ? Split::Depth
-                      : row_cost <= column_cost                                      ? Split::Rows
-                                                                                     : Split::Columns;
+  // Depth only while C fits in L2 next to the blocks (it is reloaded every kGemmDepthKC values
+  // of k): measured slower than either band at 256 x 1024 (1 MiB).
+  const bool small_c = g.m * g.n <= kGemmDepthMaxC;
+  const Split split = small_c && depth_cost < std::min(row_cost, column_cost) && g.k >= 2 * kGemmKC ? Split::Depth
+                      : row_cost <= column_cost                                                 ? Split::Rows
+                                                                                                : Split::Columns;
   const int64_t unit = split == Split::Rows ? kGemmMR : split == Split::Columns ? kGemmNR : kGemmKC;
   const int64_t extent = split == Split::Rows ? g.m : split == Split::Columns ? g.n : g.k;
   const int64_t units = (extent + unit - 1) / unit;
