@@ -327,6 +327,7 @@ def machine_info(device: str = "cpu") -> dict:
         "cores": os.cpu_count(),
         "threads": torch.get_num_threads(),
         "cpu_capability": torch_ext.cpu_capability(),
+        "cpu_gemm": torch_ext.cpu_gemm(),
         "device": device,
     }
     if device.startswith("cuda"):

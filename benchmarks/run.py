@@ -879,7 +879,9 @@ def notes_text(meta: dict, records: List[dict], extra: List[str]) -> List[str]:
     m = meta["machine"]
     lines = [
         f"Machine: {m.get('processor')}, {m.get('cores')} cores, {m.get('threads')} torch threads, "
-        f"{m.get('cpu_capability')}" + (f", {m['gpu']}" if m.get("gpu") else "")
+        f"{m.get('cpu_capability')}"
+        + (f", float32 GEMM: {m['cpu_gemm']}" if m.get("cpu_gemm") and meta["device"] == "cpu" else "")
+        + (f", {m['gpu']}" if m.get("gpu") else "")
         + f"; torch {m['torch']}, torch_ext {m['torch_ext']}; git {str(meta['git_commit'])[:12]}"
         + (" (uncommitted changes)" if meta.get("git_dirty") else "") + f"; {meta['timestamp']}",
         f"Copy bandwidth {meta['copy_bandwidth'] / 1e9:.1f} GB/s (read + write), GEMM rate "
@@ -893,8 +895,9 @@ def notes_text(meta: dict, records: List[dict], extra: List[str]) -> List[str]:
         "eager time / ours time (> 1: ours is faster). fwd runs with autograd recording, as in training.",
         "Floors, for the fwd+bwd step: memory-bound losses: the bytes a step must move (read the inputs once, "
         "write the gradient once) / copy bandwidth; linear_act and linear_cross_entropy: their three bare GEMMs "
-        "(forward; the two gradients), mlp: its six, at the same shapes, timed in each round. '% of floor' = floor "
-        "time / ours time (100% = at the floor; reads alone run faster than copies, so a loss can pass 100%). "
+        "(forward; the two gradients), mlp: its six, at the same shapes, on ATen's GEMM, timed in each round. '% of "
+        "floor' = floor time / ours time (100% = at the floor; reads alone run faster than copies, so a loss can pass "
+        "100%; ours can pass it where its float32 CPU GEMMs run on torch_ext's own, which are faster here). "
         "The JSON also has per-phase floors, each phase starting from the inputs.",
         "Saved = bytes of the tensors autograd saves for backward, beyond the inputs and parameters (tensors an "
         "op keeps by other means, e.g. gradients formed in the forward pass, are not counted there; peak counts them).",

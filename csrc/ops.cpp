@@ -4,6 +4,7 @@
 #include <torch/library.h>
 
 #include "cpu/allocator.h"
+#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 
 TORCH_LIBRARY(torch_ext, m) {
@@ -104,6 +105,10 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(torch_ext::cpu::cpu_kernels().capability);
 }
 
+static PyObject* cpu_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(torch_ext::cpu::float32_gemm());
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -115,6 +120,8 @@ static PyObject* cached_bytes(PyObject*, PyObject*) {
 static PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
+    {"cpu_gemm", cpu_gemm, METH_NOARGS,
+     "GEMM of float32 CPU products of 32 rows or more: ours (AVX2/AVX512 kernels) or aten (TORCH_EXT_CPU_GEMM=aten)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -1018,6 +1018,7 @@ ISA_SCRIPT = textwrap.dedent(
 
     assert got == want, (got, want)
     assert torch_ext.cpu_capability() == want, (torch_ext.cpu_capability(), want)
+    assert torch_ext.cpu_gemm() == ("aten" if want == "DEFAULT" else "ours"), torch_ext.cpu_gemm()
     failures = []
 
     def check(fn, *args, **kwargs):
@@ -1034,6 +1035,12 @@ ISA_SCRIPT = textwrap.dedent(
                 check(T.check_against_pytorch, x, w, b, act, slope, grad=grad, msg=f"{want} {shape}")
             x, w, b = T.make_args((37, 19), 45, dtype)
             check(T.check_against_pytorch, x.t().contiguous().t()[:, :19], w, b, act, 0.2, msg=f"{want} strided")
+    # Shapes our GEMM takes (32 rows or more): its tiles, tails, packed A and k split.
+    for shape, n in (((70, 45), 38), ((250, 1024), 70), ((1500, 64), 48), ((40, 64), 300)):
+        x, w, b = T.make_args(shape, n)
+        check(T.check_against_pytorch, x, w, b, "gelu", msg=f"{want} GEMM {shape}->{n}")
+        check(T.check_against_pytorch, x.t().contiguous().t(), w, b, "relu", msg=f"{want} GEMM strided {shape}->{n}")
+    for dtype in T.DTYPES:
         # The relu mask bits, exactly (integer operands: exact pre-activations), every tail.
         for n in (1, 7, 8, 9, 17, 33, 45):
             x, w, b = T.integer_args((2, 5, 6), n, dtype)
@@ -1057,3 +1064,110 @@ def test_every_cpu_capability(capability):
         pytest.skip(proc.stdout.strip())
     assert proc.returncode == 0, f"ATEN_CPU_CAPABILITY={capability}:\n{proc.stdout}\n{proc.stderr}"
     assert f"{capability.upper()}: 0 failures" in proc.stdout
+
+
+# ----------------------------------------------------------------------------------------------
+# 16. The float32 GEMM of our own (csrc/cpu/kernels/gemm.h), against ATen's and float64
+# ----------------------------------------------------------------------------------------------
+
+GEMM_PATHS = ("ours", "aten")
+
+
+@pytest.fixture(params=GEMM_PATHS)
+def cpu_gemm(request, monkeypatch):
+    """Runs a test with float32 products on our GEMM and on ATen's (TORCH_EXT_CPU_GEMM)."""
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", request.param)
+    want = request.param if torch_ext.cpu_capability() != "DEFAULT" else "aten"
+    assert torch_ext.cpu_gemm() == want
+    return request.param
+
+
+# (input shape, out_features): every edge of the kernel's blocking. Rows: tiles of 12 (AVX-512)
+# or 6 (AVX2), 32 rows at least (fewer go to ATen). Columns: micro-panels of 32 / 16 and blocks
+# of 512. k: blocks of 256 (64 when threads split k). The forward multiplies (M, K) by W.T, the
+# backward (M, N) by W and grad.T (N, M) by x (M, K): each shape tests three layouts.
+GEMM_SHAPES = [
+    pytest.param((32, 1), 1, id="32x1->1"),
+    pytest.param((33, 7), 33, id="row_and_column_tails"),
+    pytest.param((37, 300), 31, id="k_tail"),
+    pytest.param((48, 257), 65, id="k_block_plus_one"),
+    pytest.param((61, 513), 100, id="two_k_blocks"),
+    pytest.param((40, 64), 1100, id="column_blocks"),
+    pytest.param((250, 1024), 70, id="A_packed_4KiB_rows"),  # rows 4 KiB apart: A is packed
+    pytest.param((241, 2048), 97, id="A_packed_2_blocks"),
+    pytest.param((1500, 64), 48, id="k_split"),  # grad_W: 48 x 64 from 1500 rows, split over k
+    pytest.param((2, 300, 40), 36, id="3d"),
+    pytest.param((300, 40), 300, id="wide"),  # n > m: threads split columns in backward
+]
+
+
+@pytest.mark.parametrize("in_shape,out_features", GEMM_SHAPES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+def test_gemm_shapes(cpu_gemm, activation, in_shape, out_features):
+    x, w, b = make_args(in_shape, out_features)
+    check_against_pytorch(x, w, b, activation, msg=f"{cpu_gemm} GEMM {in_shape}->{out_features}")
+
+
+@pytest.mark.parametrize("case", ["input_transposed", "input_sliced", "weight_sliced", "grad_transposed", "all_strided"])
+def test_gemm_layouts(cpu_gemm, case):
+    # The layout cases at a size our GEMM takes: every operand stride pattern through it.
+    global M, K, N
+    saved = M, K, N
+    M, K, N = 70, 45, 38
+    try:
+        x, w, b, grad = _layout_case(case, torch.float32)
+    finally:
+        M, K, N = saved
+    check_against_pytorch(x, w, b, "gelu", grad=grad, msg=f"{cpu_gemm} GEMM {case}")
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_gemm_thread_counts(cpu_gemm, threads):
+    # Each split (rows, columns, k) with 1 thread, the machine's, and more than k blocks allow.
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        for in_shape, out_features in (((300, 40), 24), ((40, 64), 300), ((1500, 64), 48)):
+            x, w, b = make_args(in_shape, out_features)
+            check_against_pytorch(x, w, b, "relu", msg=f"{cpu_gemm} {threads} threads {in_shape}->{out_features}")
+    finally:
+        torch.set_num_threads(before)
+
+
+@pytest.mark.parametrize("in_shape,out_features", [((300, 40), 24), ((250, 1024), 70), ((1500, 64), 48)])
+def test_gemm_paths_agree(monkeypatch, in_shape, out_features):
+    # Ours and ATen's differ only by float32 rounding (a different summation order).
+    if torch_ext.cpu_capability() == "DEFAULT":
+        pytest.skip("the DEFAULT instruction set has no GEMM of ours")
+    x, w, b = make_args(in_shape, out_features)
+    g = torch.randn(*in_shape[:-1], out_features)
+    results = {}
+    for path in GEMM_PATHS:
+        monkeypatch.setenv("TORCH_EXT_CPU_GEMM", path)
+        results[path] = forward_backward(lambda a, c, d: fused_linear(a, c, d, "gelu"), x, w, b, g)
+    (y0, g0), (y1, g1) = results["ours"], results["aten"]
+    k = in_shape[-1]
+    torch.testing.assert_close(y0, y1, rtol=1e-5, atol=1e-5 * math.sqrt(k))
+    for a, c in zip(g0, g1):
+        torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * math.sqrt(max(k, in_shape[0])))
+
+
+def test_gemm_nonfinite(cpu_gemm):
+    # NaN and inf reach exactly the outputs they reach in PyTorch (no padding value leaks).
+    x, w, b = make_args((40, 50), 45)
+    x[3, 7] = float("nan")
+    x[10, 2] = float("inf")
+    w[5, 1] = float("-inf")
+    y = fused_linear(x, w, b)
+    ref = F.linear(x, w, b)
+    assert torch.equal(torch.isnan(y), torch.isnan(ref))
+    assert torch.equal(torch.isinf(y), torch.isinf(ref))
+    finite = torch.isfinite(ref)
+    assert_close(y[finite], ref[finite])
+
+
+def test_gemm_env_switch(monkeypatch):
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
+    assert torch_ext.cpu_gemm() == "aten"
+    monkeypatch.delenv("TORCH_EXT_CPU_GEMM")
+    assert torch_ext.cpu_gemm() == ("aten" if torch_ext.cpu_capability() == "DEFAULT" else "ours")

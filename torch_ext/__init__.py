@@ -34,6 +34,13 @@ def cpu_capability() -> str:
     return _C.cpu_capability()
 
 
+def cpu_gemm() -> str:
+    """Which GEMM float32 CPU products of 32 rows or more run on: "ours" (torch_ext's AVX2 /
+    AVX-512 kernel, faster than ATen's on the machines measured; see README) or "aten" (the
+    DEFAULT instruction set, or TORCH_EXT_CPU_GEMM=aten, read per call)."""
+    return _C.cpu_gemm()
+
+
 def empty_cache() -> int:
     """Return the CPU output buffers torch_ext keeps for reuse (large gradients and outputs
     freed by PyTorch, up to TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB) to the system, like
@@ -67,6 +74,7 @@ __all__ = [
     "TripletMarginLossFunction",
     "cached_bytes",
     "cpu_capability",
+    "cpu_gemm",
     "empty_cache",
     "cross_entropy",
     "fuse",

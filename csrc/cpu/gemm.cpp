@@ -28,7 +28,7 @@ const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
   const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
-  if (out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
+  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat && b.scalar_type() == at::kFloat &&
       unit_column_stride && a.size(0) >= kMinRows && own_float32_gemm()) {
     GemmF32Args g{a.size(0), b.size(1), a.size(1),
                   a.const_data_ptr<float>(), a.stride(0), a.stride(1),

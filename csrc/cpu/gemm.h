@@ -9,8 +9,9 @@
 
 namespace torch_ext::cpu {
 
-// out = a @ b, or out += a @ b when accumulate. a (m x k) and b (k x n) may have any strides
-// (transposed views included); out (m x n) is written through its strides.
+// out = a @ b, or out += a @ b when accumulate, for tensors of any device (others than CPU, and
+// the cases above, go to ATen). a (m x k) and b (k x n) may have any strides (transposed views
+// included); out (m x n) is written through its strides.
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // Whether float32 products run on our GEMM now ("ours") or on ATen's ("aten").
