@@ -23,6 +23,7 @@
 
 #include "checks.h"
 #include "cpu/allocator.h"
+#include "cpu/gemm.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cublaslt_gemm.h"
 #endif
@@ -126,11 +127,7 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
 #endif
   const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
   const Tensor x_acc = widen ? xc.to(acc.scalar_type()) : xc;
-  if (first) {
-    at::mm_out(acc, d_t, x_acc);
-  } else {
-    acc.addmm_(d_t, x_acc);
-  }
+  cpu::matmul_into(acc, d_t, x_acc, /*accumulate=*/!first);
 }
 
 struct Gradients {
@@ -192,11 +189,8 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     const Tensor xc = x.narrow(0, r0, n);
     const Tensor tc = t.narrow(0, r0, n);
     Tensor logits = logits_buffer.narrow(0, 0, n);
-    if (linear_bias.has_value()) {
-      at::addmm_out(logits, *linear_bias, xc, w_t);
-    } else {
-      at::mm_out(logits, xc, w_t);
-    }
+    if (linear_bias.has_value()) logits.copy_(linear_bias->expand_as(logits));
+    cpu::matmul_into(logits, xc, w_t, /*accumulate=*/linear_bias.has_value());
     auto [chunk_loss, stats] =
         cross_entropy_fwd(logits, tc, weight, ignore_index, forward ? chunk_reduction : "sum", label_smoothing, z_loss);
     if (forward) {
@@ -217,7 +211,7 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
       Tensor rows = g.input.narrow(0, r0, n);
-      at::mm_out(rows, dlogits, linear_weight);
+      cpu::matmul_into(rows, dlogits, linear_weight, /*accumulate=*/false);
     }
     if (g.weight.defined()) accumulate_weight_grad(g.weight, dlogits, xc, /*first=*/r0 == 0);
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
