@@ -264,6 +264,21 @@ def test_matches_reference(dtype, reduction, kind):
                  msg=f"options {i}")
 
 
+@pytest.mark.parametrize("cpu_gemm", ["ours", "aten"])
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_matches_reference_on_each_cpu_gemm(monkeypatch, cpu_gemm, reduction, bias):
+    # Chunks of 48 rows, hidden 40 and vocab 70: all three float32 GEMMs (logits, input rows,
+    # weight-gradient accumulation) are large enough for torch_ext's CPU GEMM (32 rows or more).
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", cpu_gemm)
+    assert torch_ext.cpu_gemm() == ("aten" if torch_ext.cpu_capability() == "DEFAULT" else cpu_gemm)
+    lead, hidden, vocab = (3, 50), 40, 70
+    x, w, b = make_args(lead, hidden, vocab, torch.float32, bias)
+    t = class_target(lead, vocab, "some", 3)
+    run_case(x, w, t, b, make_weight(vocab), ignore_index=3, reduction=reduction, label_smoothing=0.1, z_loss=1e-3,
+             chunk_size=48, msg=f"{cpu_gemm} GEMM")
+
+
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_float64_exact(reduction, kind):
