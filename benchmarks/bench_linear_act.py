@@ -8,9 +8,9 @@ it takes its sizes and workload from SCENARIOS and make_workload here.)
 
 Reports median seconds per fwd+bwd step, speed-up ratios taken within each round, the floor
 of the three bare GEMMs (x @ W.T, grad @ W, grad.T @ x, on ATen's GEMM) and the bytes saved
-for backward beyond the input and weight (which every candidate keeps). On CPU, float32 runs
-ours on torch_ext's own GEMM (torch_ext.cpu_gemm()), faster than ATen's where measured, so
-'floor/ours' can pass 1; TORCH_EXT_CPU_GEMM=aten compares like with like.
+for backward beyond the input and weight (which every candidate keeps). On AMD CPUs float32
+runs ours on torch_ext's own GEMM (torch_ext.cpu_gemm() == "ours"), faster than ATen's where
+measured, so 'floor/ours' can pass 1; TORCH_EXT_CPU_GEMM=aten compares like with like.
 """
 from __future__ import annotations
 

@@ -897,7 +897,7 @@ def notes_text(meta: dict, records: List[dict], extra: List[str]) -> List[str]:
         "write the gradient once) / copy bandwidth; linear_act and linear_cross_entropy: their three bare GEMMs "
         "(forward; the two gradients), mlp: its six, at the same shapes, on ATen's GEMM, timed in each round. '% of "
         "floor' = floor time / ours time (100% = at the floor; reads alone run faster than copies, so a loss can pass "
-        "100%; ours can pass it where its float32 CPU GEMMs run on torch_ext's own, which are faster here). "
+        "100%; ours can pass it where its float32 CPU GEMMs run on torch_ext's own, 'float32 GEMM: ours' above). "
         "The JSON also has per-phase floors, each phase starting from the inputs.",
         "Saved = bytes of the tensors autograd saves for backward, beyond the inputs and parameters (tensors an "
         "op keeps by other means, e.g. gradients formed in the forward pass, are not counted there; peak counts them).",

@@ -106,7 +106,12 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
 }
 
 static PyObject* cpu_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(torch_ext::cpu::float32_gemm());
+  try {
+    return PyUnicode_FromString(torch_ext::cpu::float32_gemm());
+  } catch (const c10::Error& e) {  // a bad TORCH_EXT_CPU_GEMM: a Python error, not a C++ abort
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
 }
 
 static PyObject* empty_cache(PyObject*, PyObject*) {
@@ -121,7 +126,7 @@ static PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
-     "GEMM of float32 CPU products of 32 rows or more: ours (AVX2/AVX512 kernels) or aten (TORCH_EXT_CPU_GEMM=aten)."},
+     "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in the README)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

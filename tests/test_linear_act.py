@@ -1018,6 +1018,7 @@ ISA_SCRIPT = textwrap.dedent(
 
     assert got == want, (got, want)
     assert torch_ext.cpu_capability() == want, (torch_ext.cpu_capability(), want)
+    os.environ["TORCH_EXT_CPU_GEMM"] = "ours"  # the default only on AMD CPUs: test it on any
     assert torch_ext.cpu_gemm() == ("aten" if want == "DEFAULT" else "ours"), torch_ext.cpu_gemm()
     failures = []
 
@@ -1071,6 +1072,14 @@ def test_every_cpu_capability(capability):
 # ----------------------------------------------------------------------------------------------
 
 GEMM_PATHS = ("ours", "aten")
+
+
+def amd_cpu() -> bool:
+    try:
+        with open("/proc/cpuinfo") as f:
+            return any(line.startswith("vendor_id") and "AuthenticAMD" in line for line in f)
+    except OSError:
+        return False
 
 
 @pytest.fixture(params=GEMM_PATHS)
@@ -1167,7 +1176,19 @@ def test_gemm_nonfinite(cpu_gemm):
 
 
 def test_gemm_env_switch(monkeypatch):
+    ours_available = torch_ext.cpu_capability() != "DEFAULT"
     monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
     assert torch_ext.cpu_gemm() == "aten"
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "ours")
+    assert torch_ext.cpu_gemm() == ("ours" if ours_available else "aten")
+    default = "ours" if ours_available and amd_cpu() else "aten"  # ours by default on AMD CPUs only
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "auto")
+    assert torch_ext.cpu_gemm() == default
     monkeypatch.delenv("TORCH_EXT_CPU_GEMM")
-    assert torch_ext.cpu_gemm() == ("aten" if torch_ext.cpu_capability() == "DEFAULT" else "ours")
+    assert torch_ext.cpu_gemm() == default
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "mkl")
+    with pytest.raises(RuntimeError, match="TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'"):
+        torch_ext.cpu_gemm()
+    x, w, b = make_args((40, 8), 5)
+    with pytest.raises(RuntimeError, match="TORCH_EXT_CPU_GEMM"):
+        fused_linear(x, w, b)

@@ -35,9 +35,9 @@ def cpu_capability() -> str:
 
 
 def cpu_gemm() -> str:
-    """Which GEMM float32 CPU products of 32 rows or more run on: "ours" (torch_ext's AVX2 /
-    AVX-512 kernel, faster than ATen's on the machines measured; see README) or "aten" (the
-    DEFAULT instruction set, or TORCH_EXT_CPU_GEMM=aten, read per call)."""
+    """Which GEMM float32 CPU products of 32 rows or more run on now: "ours" (torch_ext's AVX2 /
+    AVX-512 kernel, the default on AMD CPUs, where it was measured faster than ATen's) or "aten".
+    TORCH_EXT_CPU_GEMM=ours|aten|auto (read per call) overrides the default."""
     return _C.cpu_gemm()
 
 
