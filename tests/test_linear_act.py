@@ -303,46 +303,47 @@ def test_tiny_row_panels(monkeypatch, activation, dtype, in_shape, out_features)
 M, K, N = 6, 10, 9
 
 
-def _layout_case(name, dtype):
-    """(x, w, b, grad) for one layout case; grad None = random contiguous, "sum" = y.sum()."""
+def _layout_case(name, dtype, m=M, k=K, n=N):
+    """(x, w, b, grad) for one layout case at (m, k) -> n; grad None = random contiguous, "sum" =
+    y.sum()."""
     c = lambda t: t.to(dtype)  # noqa: E731
-    x, w, b = make_args((M, K), N, dtype)
+    x, w, b = make_args((m, k), n, dtype)
     grad = None
     if name == "input_transposed":
-        x = c(torch.randn(K, M)).t()
+        x = c(torch.randn(k, m)).t()
     elif name == "input_sliced":
-        x = c(torch.randn(M, 2 * K))[:, ::2]
+        x = c(torch.randn(m, 2 * k))[:, ::2]
     elif name == "input_3d_permuted":
-        x = c(torch.randn(2, K, 3)).transpose(1, 2)
+        x = c(torch.randn(2, k, 3)).transpose(1, 2)
     elif name == "input_expanded":
-        x = c(torch.randn(K)).expand(M, K)
+        x = c(torch.randn(k)).expand(m, k)
     elif name == "input_3d_expanded":
-        x = c(torch.randn(1, 3, K)).expand(2, 3, K)
+        x = c(torch.randn(1, 3, k)).expand(2, 3, k)
     elif name == "weight_sliced":
-        w = c(torch.randn(N, 2 * K) / math.sqrt(K))[:, ::2]
+        w = c(torch.randn(n, 2 * k) / math.sqrt(k))[:, ::2]
     elif name == "weight_transposed":
-        w = c(torch.randn(N, K) / math.sqrt(K)).t().contiguous().t()
+        w = c(torch.randn(n, k) / math.sqrt(k)).t().contiguous().t()
     elif name == "bias_sliced":
-        b = c(torch.randn(2 * N))[::2]
+        b = c(torch.randn(2 * n))[::2]
     elif name == "grad_transposed":
-        grad = c(torch.randn(N, M)).t()
+        grad = c(torch.randn(n, m)).t()
     elif name == "grad_row_expanded":  # strides (0, 1): rows read with a row stride of 0
-        grad = c(torch.randn(N)).expand(M, N)
+        grad = c(torch.randn(n)).expand(m, n)
     elif name == "grad_column_expanded":  # strides (1, 0)
-        grad = c(torch.randn(M, 1)).expand(M, N)
+        grad = c(torch.randn(m, 1)).expand(m, n)
     elif name == "grad_3d_sliced":
-        x = c(torch.randn(2, 3, K))
-        grad = c(torch.randn(2, 3, 2 * N))[..., ::2]
+        x = c(torch.randn(2, 3, k))
+        grad = c(torch.randn(2, 3, 2 * n))[..., ::2]
     elif name == "grad_from_sum":  # y.sum() backward: strides (0, 0)
         grad = "sum"
     elif name == "grad_from_sum_3d":
-        x = c(torch.randn(2, 3, K))
+        x = c(torch.randn(2, 3, k))
         grad = "sum"
     elif name == "all_strided":
-        x = c(torch.randn(K, M)).t()
-        w = c(torch.randn(N, 2 * K) / math.sqrt(K))[:, ::2]
-        b = c(torch.randn(3 * N))[::3]
-        grad = c(torch.randn(N, M)).t()
+        x = c(torch.randn(k, m)).t()
+        w = c(torch.randn(n, 2 * k) / math.sqrt(k))[:, ::2]
+        b = c(torch.randn(3 * n))[::3]
+        grad = c(torch.randn(n, m)).t()
     else:
         raise AssertionError(name)
     return x, w, b, grad
@@ -1117,16 +1118,10 @@ def test_gemm_shapes(cpu_gemm, activation, in_shape, out_features):
     check_against_pytorch(x, w, b, activation, msg=f"{cpu_gemm} GEMM {in_shape}->{out_features}")
 
 
-@pytest.mark.parametrize("case", ["input_transposed", "input_sliced", "weight_sliced", "grad_transposed", "all_strided"])
+@pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_gemm_layouts(cpu_gemm, case):
     # The layout cases at a size our GEMM takes: every operand stride pattern through it.
-    global M, K, N
-    saved = M, K, N
-    M, K, N = 70, 45, 38
-    try:
-        x, w, b, grad = _layout_case(case, torch.float32)
-    finally:
-        M, K, N = saved
+    x, w, b, grad = _layout_case(case, torch.float32, 70, 45, 38)
     check_against_pytorch(x, w, b, "gelu", grad=grad, msg=f"{cpu_gemm} GEMM {case}")
 
 
