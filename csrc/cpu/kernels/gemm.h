@@ -28,6 +28,7 @@
 #include <algorithm>
 #include <cstring>
 #include <memory>
+#include <vector>
 
 #include "cpu/kernels.h"
 
@@ -234,10 +235,16 @@ struct PrefetchRows {
 
 inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
   const int64_t max_panels = (std::min(band.j_end - band.j_begin, kGemmNC) + kGemmNR - 1) / kGemmNR;
-  std::unique_ptr<float[]> packed_b(new float[max_panels * std::min(band.p_end - band.p_begin, band.kc_block) * kGemmNR]);
+  // Per-thread buffers, kept between calls: a fresh 0.5 MiB block per call would be mapped anew,
+  // page by page (malloc serves such sizes with mmap).
+  thread_local std::vector<float> packed_b_buffer, packed_a_buffer;
+  const int64_t kc_max = std::min(band.p_end - band.p_begin, band.kc_block);
+  packed_b_buffer.resize(std::max<size_t>(packed_b_buffer.size(), max_panels * kc_max * kGemmNR));
+  float* packed_b = packed_b_buffer.data();
   alignas(64) float tail_a[kGemmMR * kGemmKC];
   const bool pack_a = gemm_packs_a(g);
-  std::unique_ptr<float[]> packed_a(pack_a ? new float[kGemmMC * std::min(band.p_end - band.p_begin, band.kc_block)] : nullptr);
+  if (pack_a) packed_a_buffer.resize(std::max<size_t>(packed_a_buffer.size(), kGemmMC * kc_max));
+  float* packed_a = packed_a_buffer.data();
   for (int64_t j0 = band.j_begin; j0 < band.j_end; j0 += kGemmNC) {
     const int64_t j_end = std::min(j0 + kGemmNC, band.j_end);
     const int64_t panels = (j_end - j0 + kGemmNR - 1) / kGemmNR;
@@ -246,7 +253,7 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
       const bool accumulate = band.accumulate || p0 > band.p_begin;
       for (int64_t q = 0; q < panels; ++q) {
         const int64_t j = j0 + q * kGemmNR;
-        gemm_pack_b_panel(g, p0, kc, j, std::min(kGemmNR, j_end - j), packed_b.get() + q * kc * kGemmNR);
+        gemm_pack_b_panel(g, p0, kc, j, std::min(kGemmNR, j_end - j), packed_b + q * kc * kGemmNR);
       }
       PrefetchRows next_b, next_a;
       const int64_t p_next = p0 + band.kc_block;
@@ -262,13 +269,13 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
       // Each A tile (in L1) sweeps the block's micro-panels (in L2).
       for (int64_t ic = band.i_begin; ic < band.i_end; ic += kGemmMC) {
         const int64_t ic_end = std::min(ic + kGemmMC, band.i_end);
-        if (pack_a) gemm_pack_a_block(g.a + ic * g.a_rs + p0 * g.a_cs, g.a_rs, g.a_cs, ic_end - ic, kc, packed_a.get());
+        if (pack_a) gemm_pack_a_block(g.a + ic * g.a_rs + p0 * g.a_cs, g.a_rs, g.a_cs, ic_end - ic, kc, packed_a);
         for (int64_t i0 = ic; i0 < ic_end; i0 += kGemmMR) {
           const int64_t rows = std::min(kGemmMR, ic_end - i0);
           const float* a = g.a + i0 * g.a_rs + p0 * g.a_cs;
           int64_t a_rs = g.a_rs, a_cs = g.a_cs;
           if (pack_a) {
-            a = packed_a.get() + (i0 - ic);
+            a = packed_a + (i0 - ic);
             a_rs = 1;
             a_cs = kGemmMC;
           } else if (rows < kGemmMR) {
@@ -281,7 +288,7 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
             next_b.fetch(next_b.lines() * call / calls, next_b.lines() * (call + 1) / calls);
             next_a.fetch(next_a.lines() * call / calls, next_a.lines() * (call + 1) / calls);
             const int64_t j = j0 + q * kGemmNR;
-            gemm_micro_kernel(kc, a, a_rs, a_cs, packed_b.get() + q * kc * kGemmNR, band.c + i0 * band.ldc + j,
+            gemm_micro_kernel(kc, a, a_rs, a_cs, packed_b + q * kc * kGemmNR, band.c + i0 * band.ldc + j,
                               band.ldc, rows, std::min(kGemmNR, j_end - j), accumulate);
           }
         }
