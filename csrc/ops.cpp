@@ -1,6 +1,7 @@
 // Every op schema of torch_ext, in one place. Kernels: csrc/cpu/*.cpp, csrc/cuda/*.cu; fake
 // (meta) kernels and autograd: torch_ext/*.py.
 #include <Python.h>
+#include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
 #include "cpu/allocator.h"
@@ -114,6 +115,33 @@ static PyObject* cpu_gemm(PyObject*, PyObject*) {
   }
 }
 
+// _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
+// product (csrc/cpu/gemm.h), for its tests and benchmarks/bench_cpu_gemm.py; not public API.
+static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
+  PyObject *out_obj = nullptr, *a_obj = nullptr, *b_obj = nullptr;
+  int accumulate = 0;
+  if (!PyArg_ParseTuple(args, "OOOp", &out_obj, &a_obj, &b_obj, &accumulate)) return nullptr;
+  if (!THPVariable_Check(out_obj) || !THPVariable_Check(a_obj) || !THPVariable_Check(b_obj)) {
+    PyErr_SetString(PyExc_TypeError, "_cpu_matmul_into(out, a, b, accumulate): out, a and b must be tensors");
+    return nullptr;
+  }
+  try {
+    at::Tensor out = THPVariable_Unpack(out_obj);
+    const at::Tensor a = THPVariable_Unpack(a_obj), b = THPVariable_Unpack(b_obj);
+    TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2, "_cpu_matmul_into: out, a and b must be 2-D");
+    TORCH_CHECK(a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
+                "_cpu_matmul_into: shapes do not multiply: out ", out.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
+    TORCH_CHECK(out.is_cpu() && a.is_cpu() && b.is_cpu(), "_cpu_matmul_into: CPU tensors only");
+    TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
+                "_cpu_matmul_into: out, a and b must have one dtype");
+    torch_ext::cpu::matmul_into(out, a, b, accumulate != 0);
+  } catch (const c10::Error& e) {
+    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
+    return nullptr;
+  }
+  Py_RETURN_NONE;
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -127,6 +155,8 @@ static PyMethodDef methods[] = {
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in the README)."},
+    {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
+     "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, benchmarks)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -5,16 +5,17 @@
 // Why a GEMM of our own: on the development machine (AMD EPYC, 2 cores, AVX-512) ATen's float32
 // GEMM (MKL's sgemm) runs the dense layer's GEMMs at ~165-175 GFLOP/s, 70-75% of the cores' FMA
 // peak (~234 GFLOP/s, measured), and the dense layer's goal asks for more than ATen's three
-// GEMMs leave. This one runs them 6-20% faster (benchmarks/bench_gemm.py; csrc/cpu/gemm.h says
-// where it is used and how to turn it off).
+// GEMMs leave. This one runs them 1.0-1.2x faster (benchmarks/bench_cpu_gemm.py; csrc/cpu/gemm.h
+// says where it is used, on which CPUs, and how to turn it off).
 //
 // Layout (BLIS-like, simplified):
 //   - B is packed per block of KC rows x NC columns into micro-panels of NR columns (for each k,
 //     NR consecutive values; zero-padded).
 //   - A is read in place when its rows are contiguous: the micro-kernel broadcasts A(i, p)
 //     straight from memory, so A costs no packing pass. A tile's MR rows x KC values stay in L1
-//     while the tile sweeps the block's micro-panels (the loop over tiles is row-major).
-//     Other layouts (A = g.T of grad_W = g.T @ x) are packed MC rows at a time.
+//     while the tile sweeps the block's micro-panels (the loop over tiles is row-major). A is
+//     packed instead, MC rows at a time, when its rows are not contiguous in k (A = g.T of
+//     grad_W = g.T @ x) or sit a multiple of 4 KiB apart (gemm_packs_a).
 //   - The micro-kernel holds an MR x NR tile of C in registers: 12 x 32 in 24 of AVX-512's 32
 //     registers, 6 x 16 in 12 of AVX2's 16.
 //   - Threads each compute a band of C, or of the sum over k (see gemm_f32), and prefetch the
@@ -41,7 +42,7 @@ constexpr int64_t kGemmKC = 256;       // rows of a packed B block: 32 KiB micro
 constexpr int64_t kGemmDepthKC = 64;   // the same when threads split k (smaller: C is summed in L2)
 constexpr int64_t kGemmDepthMaxC = 64 * 1024;  // values of C, at most, for threads to split k
 constexpr int64_t kGemmNC = 512;       // columns of a packed B block: 512 KiB
-constexpr int64_t kGemmMC = 240;       // rows of A packed at a time, when A is packed (a multiple of MR and of the vector width)
+constexpr int64_t kGemmMC = 240;       // rows of A packed at a time (a multiple of MR and of the vector width)
 
 // C tile (rows x cols of at most MR x NR) = or += A tile . packed B micro-panel, over kc.
 // a points at A(tile row 0, block column 0); a_rs, a_cs are A's strides.

@@ -1,0 +1,78 @@
+"""torch_ext's float32 CPU GEMM (csrc/cpu/kernels/gemm.h) against ATen's, at the dense layer's shapes.
+
+    python benchmarks/bench_cpu_gemm.py                  # the shapes of benchmarks/run.py's dense cases
+    python benchmarks/bench_cpu_gemm.py --sizes 4096x512x2048 --rounds 15
+
+Each size M x K -> N is a dense layer's three products: forward x @ W.T (M x N), grad_input
+grad @ W (M x K) and grad_weight grad.T @ x (N x K), with the operands in the layouts the layer
+passes them. Both GEMMs write into the same preallocated result through the private
+torch_ext._C._cpu_matmul_into (the CPU ops' matrix product), switched with TORCH_EXT_CPU_GEMM;
+they run interleaved, in a new random order each round (common.time_interleaved). Reports the
+median ms of each, ATen's time / ours (the median of the per-round ratios; > 1: ours is
+faster) and ours' GFLOP/s.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+import torch
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import common  # noqa: E402
+
+import torch_ext  # noqa: E402
+
+DEFAULT_SIZES = [  # M x K -> N: the dense, MLP and linear_cross_entropy shapes of benchmarks/run.py
+    (8192, 256, 256), (256, 2048, 1024), (2048, 1024, 1024), (4096, 256, 1024), (4096, 1024, 256),
+    (2048, 512, 1376), (2048, 1376, 512), (512, 512, 32000),
+]
+
+
+def products(m, k, n):
+    """name -> (out, a, b) for a layer M x K -> N."""
+    x, w, g = torch.randn(m, k), torch.randn(n, k), torch.randn(m, n)
+    return {
+        "x @ W.T": (torch.empty(m, n), x, w.t()),
+        "grad @ W": (torch.empty(m, k), g, w),
+        "grad.T @ x": (torch.empty(n, k), g.t(), x),
+    }
+
+
+def run_gemm(path, out, a, b):
+    os.environ["TORCH_EXT_CPU_GEMM"] = path
+    torch_ext._C._cpu_matmul_into(out, a, b, False)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", nargs="*", help="MxKxN layer sizes (default: the dense shapes of run.py)")
+    p.add_argument("--rounds", type=int, default=11)
+    args = p.parse_args(argv)
+    sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes] if args.sizes else DEFAULT_SIZES
+    if torch_ext.cpu_capability() == "DEFAULT":
+        sys.exit("this CPU runs the DEFAULT instruction set, which has no GEMM of ours")
+    print(common.machine_info())
+    print(f"{'layer':<20}{'product':<13}{'ATen ms':>9}{'ours ms':>9}{'ATen/ours':>11}{'ours GFLOP/s':>14}")
+    saved_env = os.environ.get("TORCH_EXT_CPU_GEMM")
+    try:
+        for m, k, n in sizes:
+            for name, (out, a, b) in products(m, k, n).items():
+                samples = common.time_interleaved(
+                    {path: (lambda path=path: run_gemm(path, out, a, b)) for path in ("aten", "ours")},
+                    rounds=args.rounds,
+                )
+                ours = common.median(samples["ours"])
+                flop = 2 * out.shape[0] * out.shape[1] * a.shape[1]
+                print(f"{f'{m}x{k}->{n}':<20}{name:<13}{common.median(samples['aten']) * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                      f"{common.ratio(samples, 'aten', 'ours'):>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
+    finally:
+        if saved_env is None:
+            os.environ.pop("TORCH_EXT_CPU_GEMM", None)
+        else:
+            os.environ["TORCH_EXT_CPU_GEMM"] = saved_env
+
+
+if __name__ == "__main__":
+    main()
