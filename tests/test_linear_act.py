@@ -20,7 +20,10 @@ autograd (``nn.Linear`` + activation module for the module). Covered:
 * torch.library.opcheck of both ops; torch.compile (aot_eager, inductor, dynamic shapes, no
   graph breaks); torch.autocast; the FusedLinear module (state_dict, init, factory kwargs,
   repr); argument errors; double backward; retain_graph;
-* the same checks in subprocesses under ATEN_CPU_CAPABILITY=default, avx2 and avx512.
+* the same checks in subprocesses under ATEN_CPU_CAPABILITY=default, avx2 and avx512;
+* the layer on torch_ext's float32 CPU GEMM and on ATen's (TORCH_EXT_CPU_GEMM), at sizes across
+  the GEMM's blocking, every layout case and several thread counts (tests/test_cpu_gemm.py
+  tests the GEMM itself).
 """
 from __future__ import annotations
 
