@@ -189,11 +189,10 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     const Tensor xc = x.narrow(0, r0, n);
     const Tensor tc = t.narrow(0, r0, n);
     Tensor logits = logits_buffer.narrow(0, 0, n);
-    if (linear_bias.has_value() && !logits.is_cpu()) {
-      at::addmm_out(logits, *linear_bias, xc, w_t);  // CUDA: cuBLASLt can add the bias in its epilogue
+    if (linear_bias.has_value()) {
+      cpu::addmm_into(logits, *linear_bias, xc, w_t);
     } else {
-      if (linear_bias.has_value()) logits.copy_(linear_bias->expand_as(logits));  // as ATen's CPU addmm does
-      cpu::matmul_into(logits, xc, w_t, /*accumulate=*/linear_bias.has_value());
+      cpu::matmul_into(logits, xc, w_t, /*accumulate=*/false);
     }
     auto [chunk_loss, stats] =
         cross_entropy_fwd(logits, tc, weight, ignore_index, forward ? chunk_reduction : "sum", label_smoothing, z_loss);

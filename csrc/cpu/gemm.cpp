@@ -51,25 +51,41 @@ bool own_float32_gemm() {
   return amd_cpu();
 }
 
+// Whether out = a @ b runs on our GEMM (see gemm.h for the rule).
+bool takes_own_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
+  return out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
+         b.scalar_type() == at::kFloat && unit_column_stride && a.size(0) >= kMinRows && own_float32_gemm();
+}
+
+void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
+  GemmF32Args g{a.size(0), b.size(1), a.size(1),
+                a.const_data_ptr<float>(), a.stride(0), a.stride(1),
+                b.const_data_ptr<float>(), b.stride(0), b.stride(1),
+                out.data_ptr<float>(), out.stride(0), accumulate};
+  cpu_kernels().gemm_f32(g);
+}
+
 }  // namespace
 
 const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
-  if (out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
-      b.scalar_type() == at::kFloat && unit_column_stride && a.size(0) >= kMinRows && own_float32_gemm()) {
-    GemmF32Args g{a.size(0), b.size(1), a.size(1),
-                  a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                  b.const_data_ptr<float>(), b.stride(0), b.stride(1),
-                  out.data_ptr<float>(), out.stride(0), accumulate};
-    cpu_kernels().gemm_f32(g);
-    return;
-  }
-  if (accumulate) {
+  if (takes_own_gemm(out, a, b)) {
+    run_own_gemm(out, a, b, accumulate);
+  } else if (accumulate) {
     out.addmm_(a, b);
   } else {
     at::mm_out(out, a, b);
+  }
+}
+
+void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
+  if (takes_own_gemm(out, a, b)) {
+    out.copy_(bias.expand_as(out));
+    run_own_gemm(out, a, b, /*accumulate=*/true);
+  } else {
+    at::addmm_out(out, bias, a, b);
   }
 }
 

@@ -18,6 +18,11 @@ namespace torch_ext::cpu {
 // included); out (m x n) is written through its strides.
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
+// out = bias + a @ b (bias broadcast over the rows), as at::addmm_out: on our GEMM the bias is
+// copied into out first, as ATen's CPU addmm does; elsewhere at::addmm_out (on CUDA cuBLASLt
+// can add the bias in its epilogue).
+void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+
 // Whether float32 products run on our GEMM now ("ours") or on ATen's ("aten").
 const char* float32_gemm();
 
