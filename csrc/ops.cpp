@@ -1,6 +1,7 @@
 // Every op schema of torch_ext, in one place. Kernels: csrc/cpu/*.cpp, csrc/cuda/*.cu; fake
 // (meta) kernels and autograd: torch_ext/*.py.
 #include <Python.h>
+#include <torch/csrc/Exceptions.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
@@ -106,13 +107,11 @@ static PyObject* cpu_capability(PyObject*, PyObject*) {
   return PyUnicode_FromString(torch_ext::cpu::cpu_kernels().capability);
 }
 
+// HANDLE_TH_ERRORS: a C++ error (e.g. a bad TORCH_EXT_CPU_GEMM) becomes a Python one, not an abort.
 static PyObject* cpu_gemm(PyObject*, PyObject*) {
-  try {
-    return PyUnicode_FromString(torch_ext::cpu::float32_gemm());
-  } catch (const c10::Error& e) {  // a bad TORCH_EXT_CPU_GEMM: a Python error, not a C++ abort
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
+  HANDLE_TH_ERRORS
+  return PyUnicode_FromString(torch_ext::cpu::float32_gemm());
+  END_HANDLE_TH_ERRORS
 }
 
 // _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
@@ -125,21 +124,18 @@ static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
     PyErr_SetString(PyExc_TypeError, "_cpu_matmul_into(out, a, b, accumulate): out, a and b must be tensors");
     return nullptr;
   }
-  try {
-    at::Tensor out = THPVariable_Unpack(out_obj);
-    const at::Tensor a = THPVariable_Unpack(a_obj), b = THPVariable_Unpack(b_obj);
-    TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2, "_cpu_matmul_into: out, a and b must be 2-D");
-    TORCH_CHECK(a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
-                "_cpu_matmul_into: shapes do not multiply: out ", out.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
-    TORCH_CHECK(out.is_cpu() && a.is_cpu() && b.is_cpu(), "_cpu_matmul_into: CPU tensors only");
-    TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
-                "_cpu_matmul_into: out, a and b must have one dtype");
-    torch_ext::cpu::matmul_into(out, a, b, accumulate != 0);
-  } catch (const c10::Error& e) {
-    PyErr_SetString(PyExc_RuntimeError, e.what_without_backtrace());
-    return nullptr;
-  }
+  HANDLE_TH_ERRORS
+  at::Tensor out = THPVariable_Unpack(out_obj);
+  const at::Tensor a = THPVariable_Unpack(a_obj), b = THPVariable_Unpack(b_obj);
+  TORCH_CHECK(out.dim() == 2 && a.dim() == 2 && b.dim() == 2, "_cpu_matmul_into: out, a and b must be 2-D");
+  TORCH_CHECK(a.size(1) == b.size(0) && out.size(0) == a.size(0) && out.size(1) == b.size(1),
+              "_cpu_matmul_into: shapes do not multiply: out ", out.sizes(), ", a ", a.sizes(), ", b ", b.sizes());
+  TORCH_CHECK(out.is_cpu() && a.is_cpu() && b.is_cpu(), "_cpu_matmul_into: CPU tensors only");
+  TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
+              "_cpu_matmul_into: out, a and b must have one dtype");
+  torch_ext::cpu::matmul_into(out, a, b, accumulate != 0);
   Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
 }
 
 static PyObject* empty_cache(PyObject*, PyObject*) {
