@@ -73,6 +73,11 @@ double sum_partials(const Tensor& partials) {
                                                : sum_in_order(partials.const_data_ptr<float>(), partials.numel());
 }
 
+// The divisor of a mean's gradient: the sum of the weights (weighted mse) or the element count.
+double mean_divisor(RegressionLoss kind, const std::optional<Tensor>& weight, const Tensor& w, int64_t numel) {
+  return divides_by_weight_sum(kind, weight) ? w.sum(at::kDouble).item<double>() : double(numel);
+}
+
 // The sum of the block partials, divided for the mean by the weights' sum (weighted mse) or numel.
 Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& weight_partials, int64_t numel,
                     const Tensor& input) {
@@ -126,8 +131,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
     grad = grad_loss.to(input.scalar_type()).contiguous();
   } else {
     scale = grad_loss.item<double>();
-    if (red == Reduction::Mean)
-      scale /= divides_by_weight_sum(kind, weight) ? w.sum(at::kDouble).item<double>() : double(x.numel());
+    if (red == Reduction::Mean) scale /= mean_divisor(kind, weight, w, x.numel());
   }
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
@@ -162,7 +166,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& in
   Tensor weight_partials = by_weight_sum ? at::empty({blocks}, input.options().dtype(acc)) : Tensor();
   // d(loss)/d(element loss), as the backward op's scale for grad_loss = 1 (the same bits).
   double scale = 1.0;
-  if (red == Reduction::Mean) scale /= by_weight_sum ? w.sum(at::kDouble).item<double>() : double(x.numel());
+  if (red == Reduction::Mean) scale /= mean_divisor(kind, weight, w, x.numel());
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0) {
