@@ -174,4 +174,3 @@ def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
         "sigmoid": nn.Sigmoid(),
         "tanh": nn.Tanh(),
     }[activation]
-

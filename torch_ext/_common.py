@@ -65,6 +65,14 @@ def register_no_double_backward(op_name: str, public_name: str) -> None:
     torch.library.register_autograd(op_name, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 
 
+def forms_grad_in_forward(requires_grad: bool) -> bool:
+    """Whether a loss's eager path forms its gradients in the forward op (the *GradInForward
+    Functions): autograd will ask for them (grad mode on, `requires_grad` of the inputs that
+    count) and the call is not being compiled (compiled graphs take the forward/backward op pair).
+    The callers add their own conditions (devices, reductions)."""
+    return requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
+
+
 def hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs: int, row_scale=None):
     """The backward of an op whose forward formed its gradients for grad_output = 1 (triplet,
     linear_cross_entropy): the gradients in `mask` scaled in place by grad_output (by `row_scale`

@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
@@ -203,10 +203,7 @@ def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:
     return (
         input.device.type in GRAD_IN_FORWARD_DEVICES
         and reduction != "none"
-        and torch.is_grad_enabled()
-        and input.requires_grad
-        and not target.requires_grad
-        and not torch.compiler.is_compiling()
+        and forms_grad_in_forward(input.requires_grad and not target.requires_grad)
     )
 
 

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
@@ -204,10 +204,8 @@ def linear_cross_entropy(
     if target.is_floating_point():
         target = target.to(input.dtype)
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), int(chunk_size))
-    wants_grad = torch.is_grad_enabled() and (
-        input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    )
-    if wants_grad and reduction != "none" and not torch.compiler.is_compiling():
+    requires_grad = input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
+    if reduction != "none" and forms_grad_in_forward(requires_grad):
         loss = _LinearCrossEntropyGradInForward.apply(*args)
     else:
         loss = LinearCrossEntropyFunction.apply(*args, [False, False, False])[0]

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.regression_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
@@ -188,9 +188,7 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
     if (
         input.device.type in GRAD_IN_FORWARD_DEVICES
         and reduction != "none"
-        and torch.is_grad_enabled()
-        and (input.requires_grad or target.requires_grad)
-        and not torch.compiler.is_compiling()
+        and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ):
         out = _RegressionLossGradInForward.apply(*args)
     else:

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
 
 _fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 _bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
@@ -147,8 +147,7 @@ def triplet_margin_loss(
         raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
-    wants_grad = torch.is_grad_enabled() and (anchor.requires_grad or positive.requires_grad or negative.requires_grad)
-    if wants_grad and not torch.compiler.is_compiling():  # compiled graphs take the op pair
+    if forms_grad_in_forward(anchor.requires_grad or positive.requires_grad or negative.requires_grad):
         return _TripletMarginLossGradInForward.apply(
             anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
         )[0]
