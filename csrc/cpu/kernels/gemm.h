@@ -164,6 +164,14 @@ inline void gemm_pack_b_panel(const GemmF32Args& g, int64_t p0, int64_t kc, int6
   }
 }
 
+// Copies the last tile of an A read in place, when it has fewer than MR rows, into packed (kc x
+// MR, missing rows zero), so that the micro-kernel never reads past A.
+inline void gemm_pack_a_tail(const float* a, int64_t a_rs, int64_t a_cs, int64_t rows, int64_t kc, float* packed) {
+  std::fill_n(packed, kGemmMR * kc, 0.f);
+  for (int64_t i = 0; i < rows; ++i)
+    for (int64_t p = 0; p < kc; ++p) packed[p * kGemmMR + i] = a[i * a_rs + p * a_cs];
+}
+
 // Packs A rows [0, rows) x kc (rows <= kGemmMC) transposed, k-major: packed[p * kGemmMC + i] =
 // A(i, p), rows from `rows` up to a whole tile zero. The micro-kernel then reads a tile's MR
 // values of one k contiguously, and consecutive k kGemmMC values apart (not a power of two).
@@ -234,10 +242,9 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
   const int64_t kc_max = std::min(band.p_end - band.p_begin, band.kc_block);
   packed_b_buffer.resize(std::max<size_t>(packed_b_buffer.size(), max_panels * kc_max * kGemmNR));
   float* packed_b = packed_b_buffer.data();
-  // Also holds the last row tile of an A read in place, when it has fewer than MR rows, so
-  // that the micro-kernel never reads past A.
+  alignas(64) float tail_a[kGemmMR * kGemmKC];
   const bool pack_a = gemm_packs_a(g);
-  packed_a_buffer.resize(std::max<size_t>(packed_a_buffer.size(), kGemmMC * kc_max));
+  if (pack_a) packed_a_buffer.resize(std::max<size_t>(packed_a_buffer.size(), kGemmMC * kc_max));
   float* packed_a = packed_a_buffer.data();
   for (int64_t j0 = band.j_begin; j0 < band.j_end; j0 += kGemmNC) {
     const int64_t j_end = std::min(j0 + kGemmNC, band.j_end);
@@ -268,11 +275,15 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
           const int64_t rows = std::min(kGemmMR, ic_end - i0);
           const float* a = g.a + i0 * g.a_rs + p0 * g.a_cs;
           int64_t a_rs = g.a_rs, a_cs = g.a_cs;
-          if (pack_a || rows < kGemmMR) {
-            if (!pack_a) gemm_pack_a_block(a, a_rs, a_cs, rows, kc, packed_a);  // a short last tile
-            a = packed_a + (pack_a ? i0 - ic : 0);
+          if (pack_a) {
+            a = packed_a + (i0 - ic);
             a_rs = 1;
             a_cs = kGemmMC;
+          } else if (rows < kGemmMR) {
+            gemm_pack_a_tail(a, a_rs, a_cs, rows, kc, tail_a);
+            a = tail_a;
+            a_rs = 1;
+            a_cs = kGemmMR;
           }
           for (int64_t q = 0; q < panels; ++q, ++call) {
             next_b.fetch(next_b.lines() * call / calls, next_b.lines() * (call + 1) / calls);
