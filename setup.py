@@ -6,7 +6,8 @@
 CPU kernels are compiled once per instruction set (DEFAULT, AVX2, AVX512 on x86-64) as
 small static libraries with their own flags, and chosen at run time by
 at::get_cpu_capability(), the same switch ATen's own kernels use (it honours
-ATEN_CPU_CAPABILITY). See csrc/cpu/capability/README.md for why they are separate.
+ATEN_CPU_CAPABILITY). See csrc/cpu/capability/kernels_impl.h for why they are separate.
+How CUDA is found and probed: torch_ext/_cuda_toolchain.py.
 """
 import glob
 import os
@@ -15,6 +16,7 @@ import shutil
 import sys
 
 from setuptools import find_packages, setup
+from setuptools.command.build_clib import build_clib as _setuptools_build_clib
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,69 +28,36 @@ def _read_version():
         return scope["__version__"]
 
 
-def _cuda_requested():
-    """TORCH_EXT_CUDA: 'auto' (default) builds CUDA only when torch has CUDA and nvcc is found."""
-    mode = os.environ.get("TORCH_EXT_CUDA", "auto").strip().lower()
-    if mode not in ("auto", "0", "1"):
-        sys.exit(f"TORCH_EXT_CUDA must be 'auto', '0' or '1', got {mode!r}")
-    if mode == "0":
-        return False
+def _load_toolchain_module():
+    """torch_ext/_cuda_toolchain.py, loaded by path: the package itself cannot be imported before
+    its extension is built."""
+    import importlib.util
+
+    name = "torch_ext_cuda_toolchain"
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "torch_ext", "_cuda_toolchain.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # dataclasses look their module up here
+    spec.loader.exec_module(module)
+    return module
+
+
+toolchain = _load_toolchain_module()
+
+# Commands that compile: only these look for CUDA (and probe it). pip's metadata steps
+# (egg_info, dist_info) run setup.py too and need no decision.
+_BUILD_COMMANDS = {"build", "build_ext", "build_clib", "bdist_wheel", "install", "develop", "editable_wheel"}
+
+
+def _plan_cuda():
+    """TORCH_EXT_CUDA=auto|1|0 (default auto): see toolchain.plan. No GPU is needed at build time,
+    so TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0 (A100, H100/H200) rather than asking a device."""
+    mode = os.environ.get("TORCH_EXT_CUDA", "auto")
+    if mode.strip().lower() == "0":
+        return toolchain.plan(mode, "", None, "")
     import torch
-    from torch.utils.cpp_extension import CUDA_HOME
 
-    has_torch_cuda = torch.version.cuda is not None
-    has_nvcc = CUDA_HOME is not None and os.path.exists(os.path.join(CUDA_HOME, "bin", "nvcc"))
-    has_cublaslt = has_torch_cuda and _cublaslt_library() is not None
-    if mode == "1":
-        if not has_torch_cuda:
-            sys.exit("TORCH_EXT_CUDA=1 but the installed torch has no CUDA (torch.version.cuda is None)")
-        if not has_nvcc:
-            sys.exit("TORCH_EXT_CUDA=1 but no CUDA toolkit was found (set CUDA_HOME to a folder with bin/nvcc)")
-        if not has_cublaslt:
-            sys.exit("TORCH_EXT_CUDA=1 but no libcublasLt.so* was found in the pip nvidia-* packages or "
-                     "in CUDA_HOME's lib folders")
-        return True
-    if has_torch_cuda and has_nvcc and not has_cublaslt:
-        print("torch_ext: building without CUDA: no libcublasLt.so* found (set TORCH_EXT_CUDA=1 to make this an error)")
-    return has_torch_cuda and has_nvcc and has_cublaslt
-
-
-def _pip_cuda_dirs(kind):
-    """The `include` or `lib` folders of the pip `nvidia-*` packages that torch depends on (CUDA
-    13: nvidia/cu13/<kind>; CUDA 12: nvidia/<library>/<kind>)."""
-    try:
-        import nvidia
-    except ImportError:
-        return []
-    dirs = []
-    for root in getattr(nvidia, "__path__", []):
-        dirs += glob.glob(os.path.join(root, "cu*", kind)) + glob.glob(os.path.join(root, "*", kind))
-    return sorted({d for d in dirs if os.path.isdir(d)})
-
-
-def _pip_cuda_include_dirs():
-    """A system toolkit may lack some of the headers ATen's CUDA headers include (e.g.
-    cusparse.h, cublasLt.h); the wheels torch depends on have them. They come after the
-    toolkit's own headers (CUDA_HOME/include is first), so they only fill gaps."""
-    return _pip_cuda_dirs("include")
-
-
-def _cublaslt_library():
-    """The libcublasLt the CUDA kernels link against (csrc/cuda/cublaslt_gemm.cu): the one of the
-    pip wheel torch loads, else the toolkit's; None when neither exists. Linked by path, so the
-    module records its soname (libcublasLt.so.<major>) and, at import, uses the copy torch has
-    already loaded."""
-    from torch.utils.cpp_extension import CUDA_HOME
-
-    candidates = [os.path.join(d, "libcublasLt.so*") for d in _pip_cuda_dirs("lib")]
-    if CUDA_HOME:
-        for sub in ("lib64", "lib", "targets/x86_64-linux/lib", "targets/sbsa-linux/lib"):
-            candidates.append(os.path.join(CUDA_HOME, sub, "libcublasLt.so*"))
-    for pattern in candidates:
-        found = sorted(glob.glob(pattern), key=len)
-        if found:
-            return found[0]
-    return None
+    arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    return toolchain.plan(mode, torch.__version__, torch.version.cuda, arch_list)
 
 
 def _cxx_std():
@@ -132,51 +101,115 @@ def _capability_libraries(include_dirs):
     return libs
 
 
-def _extensions_and_libraries():
-    import torch
-    from torch.utils.cpp_extension import CppExtension, CUDAExtension, include_paths
+CXX_FLAGS = ["-O3", "-fopenmp"]
+NVCC_FLAGS = ["-O3"]
+
+
+def _extensions_and_libraries(cuda):
+    from torch.utils import cpp_extension
 
     csrc = os.path.join(ROOT, "csrc")
     # csrc/*.cpp: the schemas (ops.cpp) and device-neutral ops; csrc/cpu/*.cpp: the CPU ops.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
-    include_dirs = [csrc] + include_paths()
+    include_dirs = [csrc] + cpp_extension.include_paths()
     libraries = _capability_libraries(include_dirs)
-    extra = {"cxx": ["-O3", "-fopenmp"], "nvcc": ["-O3"]}
+    extra = {"cxx": list(CXX_FLAGS)}
     define_macros = [("TORCH_EXT_CPU_CAPABILITIES", str(len(libraries)))]
-    cuda_include_dirs = []
-    link_args = ["-fopenmp"]
-    if _cuda_requested():
-        os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
+    kwargs = dict(include_dirs=[csrc], extra_link_args=["-fopenmp"])
+    if cuda.build:
+        tc = cuda.tc
+        # torch's build helpers read their module's CUDA_HOME (nvcc, include/ and lib64/ come
+        # from it); torch guesses it from the nvcc on PATH without following wrapper scripts.
+        cpp_extension.CUDA_HOME = tc.home
+        os.environ["CUDA_HOME"] = tc.home
         sources += sorted(glob.glob("csrc/cuda/*.cu"))
-        cuda_include_dirs = _pip_cuda_include_dirs()
-        link_args.append(_cublaslt_library())
-        ext_cls = CUDAExtension
+        extra["nvcc"] = list(NVCC_FLAGS)
         define_macros.append(("TORCH_EXT_WITH_CUDA", None))
+        kwargs["include_dirs"] += tc.include_dirs  # after the toolkit's own: they only fill gaps
+        # -lcudart (which CUDAExtension always adds) resolves to the runtime torch loads;
+        # cuBLASLt is linked by path, so the module records its soname and, at import, uses
+        # the copy torch has already loaded.
+        kwargs["library_dirs"] = [toolchain.link_dir(tc, os.path.join(ROOT, "build", "cuda_link"))]
+        kwargs["extra_link_args"].append(tc.cublaslt)
+        ext_cls = cpp_extension.CUDAExtension
     else:
-        ext_cls = CppExtension
-        extra.pop("nvcc")
+        ext_cls = cpp_extension.CppExtension
     ext = ext_cls(
         "torch_ext._C",
         sources,
-        include_dirs=[csrc] + cuda_include_dirs,
         define_macros=define_macros,
         extra_compile_args=extra,
-        extra_link_args=link_args,
         # The capability libraries are named here too so that their order on the link line
         # is fixed (see _capability_libraries).
         libraries=[name for name, _ in libraries],
+        **kwargs,
     )
     return [ext], libraries
+
+
+def _build_config(cuda):
+    """What this build was: written next to the compiled module as torch_ext/_build_config.py,
+    read by torch_ext.show_config()."""
+    import torch
+
+    tc = cuda.tc
+    return {
+        "version": _read_version(),
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_mode": cuda.mode,
+        "cuda": cuda.build,
+        "cuda_why_not": cuda.why_not,
+        "cuda_home": tc.home if tc else None,
+        "cuda_home_from": tc.home_from if tc else None,
+        "cuda_version": tc.version if tc else None,
+        "cuda_archs": os.environ.get("TORCH_CUDA_ARCH_LIST") if cuda.build else None,
+        "cudart": tc.cudart if cuda.build else None,
+        "cublaslt": tc.cublaslt if cuda.build else None,
+        "cpu_capabilities": [name.rsplit("_", 1)[-1].upper() for name, _ in libraries],
+        "cxx_flags": [_cxx_std()] + CXX_FLAGS,
+        "nvcc_flags": NVCC_FLAGS if cuda.build else None,
+        "compiler": os.environ.get("CXX", "c++"),
+    }
 
 
 def _build_ext_cls():
     from torch.utils.cpp_extension import BuildExtension
 
-    use_ninja = shutil.which("ninja") is not None
-    return BuildExtension.with_options(use_ninja=use_ninja)
+    base = BuildExtension.with_options(use_ninja=shutil.which("ninja") is not None)
+
+    class build_ext(base):
+        """Builds the capability libraries first (setuptools' build_ext does not, so an in-place
+        or editable build would not link), then writes _build_config.py beside the module."""
+
+        def run(self):
+            self.run_command("build_clib")
+            super().run()
+            folder = os.path.dirname(self.get_ext_fullpath("torch_ext._C"))
+            os.makedirs(folder, exist_ok=True)
+            with open(os.path.join(folder, "_build_config.py"), "w") as f:
+                f.write('"""Written by setup.py when torch_ext._C was built; see torch_ext.show_config()."""\n')
+                f.write(f"BUILD_CONFIG = {_build_config(cuda_plan)!r}\n")
+
+    return build_ext
 
 
-ext_modules, libraries = _extensions_and_libraries()
+class build_clib(_setuptools_build_clib):
+    """The capability libraries compile in parallel, one per core (setuptools compiles them one
+    after another; each is one large translation unit)."""
+
+    def build_libraries(self, libraries):
+        from concurrent.futures import ThreadPoolExecutor
+
+        workers = max(1, min(len(libraries), os.cpu_count() or 1))
+        with ThreadPoolExecutor(workers) as pool:
+            for done in [pool.submit(super(build_clib, self).build_libraries, [lib]) for lib in libraries]:
+                done.result()
+
+
+_building = bool(_BUILD_COMMANDS.intersection(sys.argv[1:]))
+cuda_plan = _plan_cuda() if _building else toolchain.CudaPlan("auto", why_not="not building")
+ext_modules, libraries = _extensions_and_libraries(cuda_plan)
 
 setup(
     name="torch_ext",
@@ -188,13 +221,14 @@ setup(
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     # The tests include a smoke run of the benchmark suite, which checks its table and chart:
-    # so the test extras carry the benchmark's packages too.
+    # so the test extras carry the benchmark's packages too; transformers for the tests of
+    # fuse() on Hugging Face models.
     extras_require={
-        "test": ["pytest", "numpy", "tabulate", "matplotlib", "tqdm"],
+        "test": ["pytest", "numpy", "tabulate", "matplotlib", "tqdm", "transformers"],
         "bench": ["tabulate", "matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,
     libraries=libraries,
-    cmdclass={"build_ext": _build_ext_cls()},
+    cmdclass={"build_ext": _build_ext_cls(), "build_clib": build_clib},
     zip_safe=False,
 )
