@@ -138,6 +138,16 @@ static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// Whether this module holds the CUDA kernels (TORCH_EXT_WITH_CUDA, set by setup.py): the
+// compiled module's own answer, which show_config() checks the recorded build against.
+static PyObject* built_with_cuda(PyObject*, PyObject*) {
+#ifdef TORCH_EXT_WITH_CUDA
+  Py_RETURN_TRUE;
+#else
+  Py_RETURN_FALSE;
+#endif
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -153,6 +163,7 @@ static PyMethodDef methods[] = {
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in the README)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, benchmarks)."},
+    {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

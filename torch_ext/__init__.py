@@ -7,9 +7,42 @@ Swap ``torch.nn.functional`` calls for the same-named ones here, or modules for 
     layer = torch_ext.FusedLinear(512, 2048, activation="relu")       # Linear + ReLU
     loss = torch_ext.cross_entropy(logits, target, label_smoothing=0.1)
 """
+import os as _os
+import sys as _sys
+
 import torch  # noqa: F401  (loads libtorch before our extension)
 
-from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
+
+def _installed_copy(source):
+    """Another torch_ext folder on sys.path that holds the compiled module, or None."""
+    for entry in _sys.path:
+        folder = _os.path.join(_os.path.abspath(entry or _os.curdir), "torch_ext")
+        if folder != source and _os.path.isdir(folder) and any(n.startswith("_C.") for n in _os.listdir(folder)):
+            return folder
+    return None
+
+
+_here = _os.path.dirname(_os.path.abspath(__file__))
+_installed = None if any(n.startswith("_C.") for n in _os.listdir(_here)) else _installed_copy(_here)
+if _installed:
+    # Python started in the repository root (`python -m pytest`, `python -m torch_ext`) found
+    # the checkout's source folder first, which has no compiled module: the package meant is the
+    # installed one, so its submodules (compiled ones included) come from there.
+    __path__[:] = [_installed]
+
+try:
+    from . import _C  # noqa: F401  (registers the torch.ops.torch_ext ops)
+except ImportError as _error:
+    if _os.path.isfile(_os.path.join(_os.path.dirname(_here), "setup.py")):
+        _why = (f"Python imported the source folder {_here} (the current folder comes first on sys.path), "
+                "which has no compiled extension, and found no installed torch_ext. Install it: "
+                "`pip install --no-build-isolation .` (or `-e .`, editable, which builds the extension in place).")
+    else:
+        _why = (f"{_error}. Reinstall torch_ext against the torch you run: "
+                "`pip install --no-build-isolation --force-reinstall --no-deps <checkout>`.")
+    raise ImportError(f"torch_ext: cannot load its compiled module torch_ext._C: {_why}") from None
+from . import _config
+from ._config import show_config
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .fuse import FuseReport, fuse
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
@@ -26,6 +59,18 @@ from .regression_loss import (
 )
 from .triplet_margin_loss import TripletMarginLoss, TripletMarginLossFunction, triplet_margin_loss
 from .version import __version__
+
+if torch.version.cuda and not _C.built_with_cuda() and torch.cuda.is_available():
+    # pip hides the build's own warning; say it where it matters, on a machine with a GPU.
+    import warnings as _warnings
+
+    _warnings.warn(
+        "torch_ext was built without its CUDA kernels "
+        f"({_config.build_config().get('cuda_why_not', 'see python -m torch_ext')}): its ops raise on CUDA tensors. "
+        "Fix the cause and reinstall; `python -m torch_ext` shows the build.",
+        RuntimeWarning,
+        stacklevel=2,
+    )
 
 
 def cpu_capability() -> str:
@@ -76,6 +121,7 @@ __all__ = [
     "cpu_capability",
     "cpu_gemm",
     "empty_cache",
+    "show_config",
     "cross_entropy",
     "fuse",
     "fused_linear",
