@@ -17,6 +17,8 @@ mean's denominator of the loss (as tests/test_cross_entropy.py). Covered:
 * grad_output: random, scalar, implicit 1, expanded (stride 0), sliced, transposed;
 * retain_graph (twice), partial requires_grad (a frozen linear_weight gets no V x H gradient,
   input not requiring grad, only the bias), no grad at all, double backward raises;
+* the gradient of class-probability targets that require grad (as F.cross_entropy's, computed
+  chunk by chunk in backward, and only when asked for);
 * gradcheck (float64), torch.library.opcheck of both ops, the raw ops against autograd;
 * what the graph holds between forward and backward (far below N x V);
 * torch.compile(fullgraph=True) with aot_eager and inductor; torch.autocast (CPU, bfloat16);
@@ -728,16 +730,134 @@ def test_nothing_requires_grad():
     assert_close(y2, reference(x, w, t, b))
 
 
-def test_probability_target_gets_no_gradient():
-    # No gradient is computed for class-probability targets: a target that does not require grad
-    # works; one that requires grad is refused with a clear error (not a silent None).
-    x, w, b = make_args((4,), 5, 7)
-    p = prob_target((4,), 7)
-    xl = leaf(x)
-    linear_cross_entropy(xl, w, p, linear_bias=b).backward()
-    assert xl.grad is not None and p.grad is None
-    with pytest.raises(ERRORS, match=r"(?i)target"):
-        linear_cross_entropy(leaf(x), w, leaf(p), linear_bias=b).backward()
+def _target_grad_case(dtype, lead, hidden, vocab, bias, weighted, reduction, label_smoothing, z_loss, chunk_size,
+                      requires=NAMES, tol=None):
+    """The loss and the gradients of a class-probability target that requires grad (and of the
+    operands in `requires`) against torch.autograd.grad of F.cross_entropy(F.linear(...)) (plus
+    the z_loss term, which does not depend on the target), with a random grad_output."""
+    x, w, b = make_args(lead, hidden, vocab, dtype, bias)
+    t = prob_target(lead, vocab, "softmax", dtype)
+    cw = make_weight(vocab, dtype) if weighted else None
+    opts = dict(reduction=reduction, label_smoothing=label_smoothing, z_loss=z_loss)
+    values = dict(zip(NAMES, (x, w, b)))
+    ours = {n: (leaf(v) if n in requires else v) if v is not None else None for n, v in values.items()}
+    refs = {n: (leaf(v) if n in requires else v) if v is not None else None for n, v in values.items()}
+    tl, tr = leaf(t), leaf(t)
+    y = linear_cross_entropy(ours["input"], ours["linear_weight"], tl, linear_bias=ours["linear_bias"], weight=cw,
+                             chunk_size=chunk_size, **opts)
+    yr = reference(refs["input"], refs["linear_weight"], tr, refs["linear_bias"], cw, **opts)
+    tag = f"{dtype_id(dtype)} {lead} bias={bias} weighted={weighted} {opts} chunk={chunk_size}"
+    assert_close(y, yr, msg=f"{tag}: loss", **(tol or {}))
+    names = [n for n in NAMES if n in requires and values[n] is not None]
+    g = torch.randn(y.shape, dtype=dtype)
+    got = torch.autograd.grad(y, [ours[n] for n in names] + [tl], g)
+    want = torch.autograd.grad(yr, [refs[n] for n in names] + [tr], g)
+    assert got[-1].shape == t.shape and got[-1].dtype == dtype, f"{tag}: target grad {got[-1].shape} {got[-1].dtype}"
+    for name, a, r in zip(names + ["target"], got, want):
+        assert_close(a, r, msg=f"{tag}: grad of {name}", **(tol or {}))
+    return got[-1]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("label_smoothing", [0.0, 0.1, 1.0])
+def test_probability_target_gradient(dtype, reduction, label_smoothing):
+    # d loss / d target as F.cross_entropy's: -(1 - label_smoothing) * weight * log_softmax(logits),
+    # times grad_output (over the rows for mean); with class weights or not, bias or not, input
+    # (H), (N, H), (B, T, H), several chunks or one, z_loss 0 and not (z does not depend on target).
+    cases = [((7,), True, True, 0.0, 3), ((7,), False, False, 0.0, None), ((2, 5), True, False, 1e-3, 4),
+             ((), True, True, 0.0, 1), ((3, 1), False, True, 0.5, 2)]
+    for lead, bias, weighted, z, chunk in cases:
+        _target_grad_case(dtype, lead, 6, 9, bias, weighted, reduction, label_smoothing, z, chunk)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("requires", [(), ("input",), ("linear_weight", "linear_bias"), NAMES],
+                         ids=lambda r: "+".join(r) or "target_only")
+def test_probability_target_gradient_with_partial_requires_grad(reduction, requires):
+    # The target's gradient alone (nothing else requires grad: no fused gradient-in-forward) or
+    # with any of the others (the eager mean/sum path forms theirs in forward, the target's in backward).
+    _target_grad_case(torch.float64, (5,), 4, 7, True, True, reduction, 0.1, 1e-3, 2, requires=requires)
+
+
+def test_probability_target_gradient_empty_and_large_logits():
+    _target_grad_case(torch.float64, (0,), 4, 7, True, True, "sum", 0.1, 0.0, 2)
+    _target_grad_case(torch.float64, (0,), 4, 7, True, False, "none", 0.0, 0.0, None)
+    x, w, b = make_args((6,), 5, 8, torch.float64, logit_scale=300.0)
+    t = leaf(prob_target((6,), 8, "softmax", torch.float64))
+    tr = leaf(t)
+    got = torch.autograd.grad(linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=4), t)[0]
+    want = torch.autograd.grad(reference(x, w, tr, b), tr)[0]
+    assert torch.isfinite(got).all()
+    assert_close(got, want, rtol=1e-8, atol=1e-8)
+
+
+def _count_log_softmax(fn):
+    """fn() under a dispatch mode counting aten._log_softmax calls (the target gradient's, one per chunk)."""
+    calls = []
+
+    class Count(TorchDispatchMode):
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func is torch.ops.aten._log_softmax.default:
+                calls.append(args[0].shape)
+            return func(*args, **(kwargs or {}))
+
+    with Count():
+        fn()
+    return calls
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_probability_target_gradient_only_when_asked_and_by_chunks(reduction):
+    # A target that does not require grad costs nothing more (no log-softmax anywhere); one that
+    # does gets it computed chunk by chunk in backward: chunk_size x V at a time, never N x V.
+    n, hidden, vocab, chunk = 10, 4, 7, 3
+    x, w, b = (leaf(v) for v in make_args((n,), hidden, vocab))
+    t = prob_target((n,), vocab)
+    assert _count_log_softmax(lambda: linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction,
+                                                          chunk_size=chunk).sum().backward()) == []
+    assert x.grad is not None and t.grad is None
+    tl = leaf(t)
+    calls = _count_log_softmax(lambda: linear_cross_entropy(x, w, tl, linear_bias=b, reduction=reduction,
+                                                            chunk_size=chunk).sum().backward())
+    assert calls == [torch.Size([3, vocab])] * 3 + [torch.Size([1, vocab])], calls
+    assert tl.grad is not None and tl.grad.shape == t.shape
+
+
+def test_probability_target_gradient_retain_graph_and_compile(dynamo_reset):
+    x, w, b = (leaf(v) for v in make_args((2, 3), 4, 6, torch.float64))
+    t = leaf(prob_target((2, 3), 6, "softmax", torch.float64))
+    cw = make_weight(6, torch.float64)
+    y = linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, chunk_size=2)
+    first = torch.autograd.grad(y, (x, w, b, t), retain_graph=True)
+    second = torch.autograd.grad(y, (x, w, b, t))
+    for a, c in zip(first, second):
+        assert torch.equal(a, c)
+    tr = leaf(t)
+    want = torch.autograd.grad(reference(x, w, tr, b, cw, label_smoothing=0.1), tr)[0]
+    assert_close(first[3], want, rtol=1e-8, atol=1e-8)
+
+    def fn(x, w, b, t):
+        return linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, chunk_size=2)
+
+    compiled = torch.compile(fn, fullgraph=True, backend="aot_eager")
+    got = torch.autograd.grad(compiled(x, w, b, t), (x, w, b, t))
+    for a, c in zip(got, first):
+        assert_close(a, c, rtol=1e-10, atol=1e-10)
+
+
+def test_probability_target_gradient_autocast():
+    # Under CPU bfloat16 autocast, a float32 target gets a float32 gradient, as through F.linear + F.cross_entropy.
+    x, w, b = make_args((4,), 16, 9)
+    t, tr = leaf(prob_target((4,), 9)), leaf(prob_target((4,), 9))
+    with torch.no_grad():
+        tr.copy_(t)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        y = linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=3)
+        yr = F.cross_entropy(F.linear(x, w, b), tr)
+    got, want = torch.autograd.grad(y, t)[0], torch.autograd.grad(yr, tr)[0]
+    assert got.dtype == torch.float32
+    assert_close(got, want, dtype=torch.bfloat16, check_dtype=False, **BF16_TOL)
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -784,6 +904,12 @@ def test_gradcheck(case):
         return linear_cross_entropy(args[0], args[1], t, linear_bias=args[2] if bias else None, **opts)
 
     assert torch.autograd.gradcheck(fn, inputs)
+    if not kind.startswith("class"):  # the class-probability target requiring grad too
+
+        def fn_target(*args):
+            return linear_cross_entropy(args[0], args[1], args[-1], linear_bias=args[2] if bias else None, **opts)
+
+        assert torch.autograd.gradcheck(fn_target, inputs + (leaf(t),))
     if len(lead) == 1:  # the raw op (2-D input), loss output only
 
         def op(*args):
