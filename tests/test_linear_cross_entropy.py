@@ -596,6 +596,87 @@ def test_matches_torch_linear_cross_entropy():
                      rtol=1e-8, atol=1e-8, msg=f"{kind} {reduction}")
 
 
+def reference_kdim(input, linear_weight, target, linear_bias=None, weight=None, ignore_index=-100, reduction="mean",
+                   label_smoothing=0.0, z_loss=0.0):
+    """The K-dimensional loss: logits (N, C, d1, ..., dK) from linear_weight (C, d1, ..., dK, H),
+    F.cross_entropy over dim 1, plus the z_loss term weighted and reduced as `reference` does."""
+    logits = torch.einsum("nh,c...h->nc...", input, linear_weight)
+    if linear_bias is not None:
+        logits = logits + linear_bias
+    loss = F.cross_entropy(logits, target, weight, ignore_index=ignore_index, reduction=reduction,
+                           label_smoothing=label_smoothing)
+    if z_loss == 0:
+        return loss
+    lse = torch.logsumexp(logits, 1)
+    if target.is_floating_point():
+        rw = torch.ones_like(lse)
+    else:
+        valid = target != ignore_index
+        rw = valid.to(lse.dtype) * (1.0 if weight is None else weight[target.masked_fill(~valid, 0)])
+    z = z_loss * rw * lse.square()
+    if reduction == "none":
+        return loss + z
+    return loss + (z.sum() if reduction == "sum" else z.sum() / (lse.numel() if target.is_floating_point() else rw.sum()))
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("kind", ["class", "prob"])
+def test_k_dimensional_linear_weight(reduction, kind):
+    # linear_weight (C, d1, ..., dK, H) as F.linear_cross_entropy takes it: one chunked (C) problem
+    # per output position; loss and gradients (input, weight, bias, a probability target) against
+    # F.cross_entropy of the (N, C, d1, ..., dK) logits and PyTorch's F.linear_cross_entropy.
+    for dims, bias, weighted, ls, z in [((3,), True, True, 0.1, 0.0), ((2, 3), False, False, 0.0, 1e-3),
+                                        ((2, 1), True, True, 1.0, 0.5)]:
+        n, hidden, classes = 5, 4, 6
+        x = torch.randn(n, hidden, dtype=torch.float64)
+        w = torch.randn(classes, *dims, hidden, dtype=torch.float64) / 2
+        b = torch.randn(classes, *dims, dtype=torch.float64) if bias else None
+        cw = make_weight(classes, torch.float64) if weighted else None
+        if kind == "class":
+            t = class_target((n, *dims), classes, "some")
+        else:
+            t = leaf(torch.softmax(torch.randn(n, classes, *dims, dtype=torch.float64), 1))
+        ours = [leaf(v) for v in (x, w, b) if v is not None] + ([leaf(t)] if kind == "prob" else [])
+        refs = [leaf(v) for v in (x, w, b) if v is not None] + ([leaf(t)] if kind == "prob" else [])
+        to, tr = (ours[-1], refs[-1]) if kind == "prob" else (t, t)
+        opts = dict(weight=cw, reduction=reduction, label_smoothing=ls)
+        y = linear_cross_entropy(ours[0], ours[1], to, linear_bias=ours[2] if bias else None, z_loss=z, chunk_size=2,
+                                 **opts)
+        yr = reference_kdim(refs[0], refs[1], tr, refs[2] if bias else None, z_loss=z, **opts)
+        tag = f"{kind} dims={dims} bias={bias} weighted={weighted} ls={ls} z={z} {reduction}"
+        assert y.shape == yr.shape, tag
+        assert_close(y, yr, rtol=1e-10, atol=1e-10, msg=f"{tag}: loss")
+        if z == 0:
+            assert_close(y, F.linear_cross_entropy(x, w, t.detach(), linear_bias=b, **opts), rtol=1e-10, atol=1e-10,
+                         msg=f"{tag}: vs F.linear_cross_entropy")
+        g = torch.randn(y.shape, dtype=torch.float64)
+        for a, r in zip(torch.autograd.grad(y, ours, g), torch.autograd.grad(yr, refs, g)):
+            assert_close(a, r, rtol=1e-10, atol=1e-10, msg=f"{tag}: gradient")
+
+
+def test_k_dimensional_gradcheck_and_errors():
+    x = leaf(torch.randn(3, 2, dtype=torch.float64))
+    w = leaf(torch.randn(4, 2, 2, dtype=torch.float64))
+    b = leaf(torch.randn(4, 2, dtype=torch.float64))
+    p = leaf(torch.softmax(torch.randn(3, 4, 2, dtype=torch.float64), 1))
+    t = class_target((3, 2), 4, "some")
+    cw = make_weight(4, torch.float64)
+    assert torch.autograd.gradcheck(
+        lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, z_loss=0.1), (x, w, b))
+    assert torch.autograd.gradcheck(
+        lambda x, w, b, p: linear_cross_entropy(x, w, p, linear_bias=b, reduction="none", chunk_size=2), (x, w, b, p))
+    with pytest.raises(ValueError, match="input"):
+        linear_cross_entropy(torch.randn(2, 3, 2), w, t)
+    with pytest.raises(ValueError, match="input"):
+        linear_cross_entropy(torch.randn(2, dtype=torch.float64), w, t[0])
+    with pytest.raises(ValueError, match="linear_bias"):
+        linear_cross_entropy(x, w, t, linear_bias=torch.randn(4, dtype=torch.float64))
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(x, w, t[:, 0])
+    with pytest.raises(ValueError, match="target"):
+        linear_cross_entropy(x, w, p.detach().transpose(1, 2))
+
+
 # ----------------------------------------------------------------------------------------------
 # 4. Autograd: retain_graph, partial requires_grad, frozen weight, double backward
 # ----------------------------------------------------------------------------------------------
