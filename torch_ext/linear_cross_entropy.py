@@ -221,7 +221,12 @@ def linear_cross_entropy(
     Under ``torch.autocast`` the linear runs in the autocast dtype and the loss is returned in
     float32, as ``F.linear`` followed by ``F.cross_entropy`` would. In eager mode with reduction
     mean or sum, the gradients are formed in the forward pass (see
-    _LinearCrossEntropyGradInForward)."""
+    _LinearCrossEntropyGradInForward). A class-probability target that requires grad gets its
+    gradient too, as through F.cross_entropy: in backward, chunk by chunk (each chunk's logits
+    recomputed once more); a target that does not require grad costs nothing extra. A
+    K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
+    ``(N, H)``, target ``(N, d_1, ..., d_K)`` or ``(N, V, d_1, ..., d_K)``) is taken as
+    F.linear_cross_entropy takes it: one chunked problem per output position."""
     reduction = resolve_reduction(None, None, reduction)
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
