@@ -55,10 +55,10 @@ class LSTMLanguageModel(nn.Module):
         super().__init__()
         self.embed = nn.Embedding(VOCAB, embed)
         self.lstm = nn.LSTM(embed, hidden, batch_first=True)
-        # The head's weight lives in an ordinary nn.Linear (so self.head(h) gives logits when they
-        # are wanted, e.g. for sampling); training passes head.weight to the fused loss instead.
-        self.head = nn.Linear(hidden, VOCAB, bias=False)
-        self.criterion = torch_ext.LinearCrossEntropyLoss()
+        # The head and the loss are one module, a drop-in for torch.nn.LinearCrossEntropyLoss: it
+        # holds the head's nn.Linear (self.head.linear(h) gives logits when they are wanted, e.g.
+        # for sampling) and self.head(h, targets) is the loss, without forming the logits.
+        self.head = torch_ext.LinearCrossEntropyLoss(hidden, VOCAB)
 
     def hidden_states(self, tokens: torch.Tensor) -> torch.Tensor:
         return self.lstm(self.embed(tokens))[0]  # (batch, time, hidden)
@@ -66,7 +66,7 @@ class LSTMLanguageModel(nn.Module):
     def loss(self, tokens: torch.Tensor) -> torch.Tensor:
         """Mean next-token cross-entropy: hidden state at t predicts token t + 1."""
         h = self.hidden_states(tokens[:, :-1])
-        return self.criterion(h, self.head.weight, tokens[:, 1:])  # logits never formed
+        return self.head(h, tokens[:, 1:])  # h (batch, time, hidden); logits never formed
 
 
 def main(argv=None) -> None:

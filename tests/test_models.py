@@ -9,8 +9,9 @@ fused loss never forms the logits returns ``(None, loss)``):
   ``torch_ext.CrossEntropyLoss``.
 * RNN language model: Embedding -> LSTM -> Linear+Tanh -> head Linear, cross-entropy over every
   position (also with padding ignored through ignore_index, and label smoothing). Fused:
-  ``FusedLinear(activation="tanh")`` and the head + loss as ``torch_ext.linear_cross_entropy`` /
-  ``torch_ext.LinearCrossEntropyLoss`` with a chunk size below the row count (several chunks).
+  ``FusedLinear(activation="tanh")`` and the head + loss as ``torch_ext.linear_cross_entropy``
+  with a chunk size below the row count (several chunks); and ``torch_ext.LinearCrossEntropyLoss``
+  in place of ``torch.nn.LinearCrossEntropyLoss`` (the reference there), loading its state_dict.
 * Transformer encoder classifier: Embedding -> 2-layer ``nn.TransformerEncoder`` (GELU or ReLU
   feed-forward, dropout 0, batch_first) -> mean pool -> MLP head (Linear -> GELU -> Linear),
   cross-entropy. Fused: ``torch_ext.FusedMLP`` head (with and without recompute) and
@@ -89,11 +90,33 @@ class CNNClassifier(nn.Module):
         return logits, self.criterion(logits, labels)
 
 
+class _LinearThenCrossEntropy(nn.Module):
+    """torch.nn.LinearCrossEntropyLoss (PyTorch >= 2.13) for older PyTorch, from nn.Linear and
+    F.cross_entropy: the same constructor arguments used here, state_dict keys and forward."""
+
+    def __init__(self, in_features: int, num_classes: int, *, bias: bool = False, ignore_index=None,
+                 label_smoothing: float = 0.0) -> None:
+        super().__init__()
+        self.ignore_index = -100 if ignore_index is None else ignore_index
+        self.label_smoothing = label_smoothing
+        self.linear = nn.Linear(in_features, num_classes, bias=bias)
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        return F.cross_entropy(self.linear(input), target, ignore_index=self.ignore_index,
+                               label_smoothing=self.label_smoothing)
+
+
+TorchLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", _LinearThenCrossEntropy)
+
+
 class LSTMLanguageModel(nn.Module):
     """Embedding -> LSTM -> Linear + Tanh -> head Linear; cross-entropy over every position.
 
     head: "logits" (reference: nn.Linear then nn.CrossEntropyLoss on the (B*T, V) logits),
-    "functional" (torch_ext.linear_cross_entropy) or "module" (torch_ext.LinearCrossEntropyLoss).
+    "functional" (torch_ext.linear_cross_entropy on the head Linear's weight and bias),
+    "torch-module" (reference: torch.nn.LinearCrossEntropyLoss, which holds the head Linear as
+    head.linear; a stand-in of nn.Linear + F.cross_entropy with the same keys before PyTorch 2.13)
+    or "module" (torch_ext.LinearCrossEntropyLoss, the drop-in for it: the same state_dict keys).
     """
 
     VOCAB = 50
@@ -110,14 +133,20 @@ class LSTMLanguageModel(nn.Module):
         self.chunk_size = chunk_size
         self.embed = nn.Embedding(self.VOCAB, self.EMBED)
         self.lstm = nn.LSTM(self.EMBED, self.HIDDEN, batch_first=True)
-        if head == "logits":
+        if head in ("logits", "torch-module"):
             self.proj = nn.Sequential(nn.Linear(self.HIDDEN, self.HIDDEN), nn.Tanh())
-            self.criterion: nn.Module = nn.CrossEntropyLoss(ignore_index=ignore_index, label_smoothing=label_smoothing)
         else:
             self.proj = nn.Sequential(torch_ext.FusedLinear(self.HIDDEN, self.HIDDEN, activation="tanh"), nn.Identity())
-            self.criterion = torch_ext.LinearCrossEntropyLoss(
-                ignore_index=ignore_index, label_smoothing=label_smoothing, chunk_size=chunk_size)
-        self.head = nn.Linear(self.HIDDEN, self.VOCAB)
+        if head == "torch-module":
+            self.head: nn.Module = TorchLinearCrossEntropyLoss(self.HIDDEN, self.VOCAB, bias=True,
+                                                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+        elif head == "module":
+            self.head = torch_ext.LinearCrossEntropyLoss(self.HIDDEN, self.VOCAB, bias=True, ignore_index=ignore_index,
+                                                         label_smoothing=label_smoothing, chunk_size=chunk_size)
+        else:
+            if head == "logits":
+                self.criterion = nn.CrossEntropyLoss(ignore_index=ignore_index, label_smoothing=label_smoothing)
+            self.head = nn.Linear(self.HIDDEN, self.VOCAB)
 
     def forward(self, tokens: Tensor, targets: Tensor):
         hidden = self.proj(self.lstm(self.embed(tokens))[0])
@@ -128,8 +157,10 @@ class LSTMLanguageModel(nn.Module):
             loss = torch_ext.linear_cross_entropy(
                 hidden, self.head.weight, targets, linear_bias=self.head.bias, ignore_index=self.ignore_index,
                 label_smoothing=self.label_smoothing, chunk_size=self.chunk_size)
-        else:
-            loss = self.criterion(hidden, self.head.weight, targets, self.head.bias)
+        elif self.head_kind == "torch-module":  # PyTorch's module takes (N, in_features)
+            loss = self.head(hidden.reshape(-1, self.HIDDEN), targets.reshape(-1))
+        else:  # ours also takes (*, in_features)
+            loss = self.head(hidden, targets)
         return None, loss
 
 
@@ -214,9 +245,15 @@ CASES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[], nn.Module], Callabl
         lambda: CNNClassifier(label_smoothing=0.1), lambda: CNNClassifier(fused=True, label_smoothing=0.1), cnn_batch),
     "lstm-functional": (lambda: LSTMLanguageModel(), lambda: LSTMLanguageModel("functional"),
                         lambda g: lm_batch(g, pad=False)),
-    "lstm-module-padding": (
+    "lstm-functional-padding": (
         lambda: LSTMLanguageModel(ignore_index=LSTMLanguageModel.PAD),
-        lambda: LSTMLanguageModel("module", ignore_index=LSTMLanguageModel.PAD),
+        lambda: LSTMLanguageModel("functional", ignore_index=LSTMLanguageModel.PAD),
+        lambda g: lm_batch(g, pad=True)),
+    # torch_ext.LinearCrossEntropyLoss as a drop-in for torch.nn.LinearCrossEntropyLoss: it loads the
+    # latter's state_dict (strict) and gives the same loss, gradients and training curve.
+    "lstm-module-padding-smoothing": (
+        lambda: LSTMLanguageModel("torch-module", ignore_index=LSTMLanguageModel.PAD, label_smoothing=0.1),
+        lambda: LSTMLanguageModel("module", ignore_index=LSTMLanguageModel.PAD, label_smoothing=0.1),
         lambda g: lm_batch(g, pad=True)),
     "lstm-functional-padding-smoothing": (
         lambda: LSTMLanguageModel(ignore_index=LSTMLanguageModel.PAD, label_smoothing=0.1),
@@ -231,7 +268,7 @@ CASES: Dict[str, Tuple[Callable[[], nn.Module], Callable[[], nn.Module], Callabl
         transformer_batch),
 }
 # fuse() is applied to one reference model per family (and activation, for the Transformer).
-FUSE_CASES = ("cnn-label_smoothing", "lstm-module-padding", "transformer-gelu", "transformer-relu")
+FUSE_CASES = ("cnn-label_smoothing", "lstm-functional-padding", "transformer-gelu", "transformer-relu")
 
 
 def reference_model(case: str) -> nn.Module:
@@ -328,15 +365,15 @@ def test_lstm_head_runs_several_chunks():
 
 def test_padding_case_ignores_targets():
     """The padding batches hold ignored targets, and both models' losses are the mean over the others."""
-    tokens, targets = case_batches("lstm-module-padding", 1)[0]
+    tokens, targets = case_batches("lstm-functional-padding", 1)[0]
     ignored = (targets == LSTMLanguageModel.PAD).sum().item()
     assert 0 < ignored < targets.numel() // 2, f"{ignored} padded targets of {targets.numel()}"
-    reference = reference_model("lstm-module-padding")
+    reference = reference_model("lstm-functional-padding")
     logits, loss = reference(tokens, targets)
     keep = targets.reshape(-1) != LSTMLanguageModel.PAD
     expected = F.cross_entropy(logits.reshape(-1, LSTMLanguageModel.VOCAB)[keep], targets.reshape(-1)[keep])
     assert_close(loss, expected, rtol=RTOL, atol=ATOL, msg="reference loss over the unpadded targets")
-    fused = hand_fused_model("lstm-module-padding", reference)
+    fused = hand_fused_model("lstm-functional-padding", reference)
     assert_close(fused(tokens, targets)[1], expected, rtol=RTOL, atol=ATOL, msg="fused loss over the unpadded targets")
 
 
@@ -355,7 +392,7 @@ def torch_ext_losses(model: nn.Module) -> List[str]:
 # What fuse() must replace in each reference model: FusedLinear activations, torch_ext loss modules.
 EXPECTED_FUSION = {
     "cnn-label_smoothing": (["relu"], ["CrossEntropyLoss"]),
-    "lstm-module-padding": (["tanh"], ["CrossEntropyLoss"]),
+    "lstm-functional-padding": (["tanh"], ["CrossEntropyLoss"]),
     "transformer-gelu": (["gelu", "gelu", "gelu"], ["CrossEntropyLoss"]),  # 2 encoder layers + head
     "transformer-relu": (["gelu", "relu", "relu"], ["CrossEntropyLoss"]),
 }

@@ -7,9 +7,11 @@ the functional ``linear_cross_entropy`` and the module ``LinearCrossEntropyLoss`
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
@@ -95,6 +97,36 @@ def _lce_bwd_fake(grad_loss, input, linear_weight, linear_bias, target, weight, 
     return _grads_like(output_mask, input, linear_weight, linear_bias)
 
 
+def _probability_target_grad(grad_loss, saved, options):
+    """The gradient of the loss with respect to a class-probability target, as F.cross_entropy's:
+    the loss of a row is ``-sum_c w_c q_c log_softmax(logits)_c`` with ``q = (1 - label_smoothing)
+    * target + label_smoothing / V`` (z_loss does not depend on the target), so its gradient is
+    ``-(1 - label_smoothing) * w_c * log_softmax(logits)_c`` times grad_loss (divided by the row
+    count for reduction mean). Chunk by chunk: each chunk's logits are recomputed (one more GEMM
+    of the chunk) and never the whole N x V at once; only the result is target-sized. Torch ops,
+    so with create_graph it is differentiable like any other."""
+    input, linear_weight, linear_bias, target, weight = saved
+    ignore_index, reduction, label_smoothing, z_loss, chunk_size = options
+    vocab = linear_weight.shape[0]
+    x = input.reshape(-1, input.shape[-1])
+    rows = x.shape[0]
+    out = target.new_empty((rows, vocab))
+    if reduction == "none":
+        row_scale = grad_loss.reshape(-1, 1).to(out.dtype) * -(1.0 - label_smoothing)
+    else:
+        row_scale = grad_loss.reshape(()).to(out.dtype) * -(1.0 - label_smoothing)
+        if reduction == "mean":
+            row_scale = row_scale / max(rows, 1)
+    class_weight = None if weight is None else weight.to(out.dtype)
+    for start in range(0, rows, chunk_size):
+        stop = min(start + chunk_size, rows)
+        log_prob = torch.log_softmax(F.linear(x[start:stop], linear_weight, linear_bias), -1).to(out.dtype)
+        if class_weight is not None:
+            log_prob = log_prob * class_weight
+        out[start:stop] = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
+    return out.reshape(target.shape)
+
+
 def _output_mask(ctx):
     needs = ctx.needs_input_grad
     return [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
@@ -119,6 +151,8 @@ def _backward(ctx, grad_loss, *_unused):
         computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *ctx.options, mask)
         for i in range(3):
             grads[i] = computed[i] if mask[i] else None
+    if ctx.needs_input_grad[3]:
+        grads[3] = _probability_target_grad(grad_loss, ctx.saved_tensors, ctx.options)
     return tuple(grads)
 
 
@@ -156,11 +190,14 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_loss):
         mask = _output_mask(ctx)
-        return unit_grads_backward(
+        grads = unit_grads_backward(
             ctx, grad_loss, mask, 10,
             recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
             graph_backward=lambda: _backward(ctx, grad_loss)[:10],
         )
+        if ctx.needs_input_grad[3] and grads[3] is None:  # a class-probability target
+            grads = grads[:3] + (_probability_target_grad(grad_loss, ctx.saved_tensors, ctx.options),) + grads[4:]
+        return grads
 
 
 def linear_cross_entropy(
@@ -184,14 +221,20 @@ def linear_cross_entropy(
     Under ``torch.autocast`` the linear runs in the autocast dtype and the loss is returned in
     float32, as ``F.linear`` followed by ``F.cross_entropy`` would. In eager mode with reduction
     mean or sum, the gradients are formed in the forward pass (see
-    _LinearCrossEntropyGradInForward)."""
+    _LinearCrossEntropyGradInForward). A class-probability target that requires grad gets its
+    gradient too, as through F.cross_entropy: in backward, chunk by chunk (each chunk's logits
+    recomputed once more); a target that does not require grad costs nothing extra. A
+    K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
+    ``(N, H)``, target ``(N, d_1, ..., d_K)`` or ``(N, V, d_1, ..., d_K)``) is taken as
+    F.linear_cross_entropy takes it: one chunked problem per output position."""
     reduction = resolve_reduction(None, None, reduction)
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()")
-    if target.is_floating_point() and target.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("torch_ext.linear_cross_entropy does not compute a gradient for class-probability targets; pass target.detach()")
+    if linear_weight.dim() > 2:
+        return _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                              label_smoothing, z_loss, chunk_size)
     rows = input.shape[:-1].numel() if input.dim() >= 1 else 0
     if chunk_size is None:
         chunk_size = default_chunk_size(
@@ -212,34 +255,146 @@ def linear_cross_entropy(
     return loss.float() if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16) else loss
 
 
-class LinearCrossEntropyLoss(nn.Module):
-    """Module form of :func:`linear_cross_entropy`: ``forward(input, linear_weight, target,
-    linear_bias=None)``; the class weight is a buffer, as in ``nn.CrossEntropyLoss``."""
+def _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
+                   chunk_size):
+    """The K-dimensional loss of F.linear_cross_entropy: linear_weight ``(C, d_1, ..., d_K, H)``,
+    linear_bias ``(C, d_1, ..., d_K)``, input ``(N, H)``, target ``(N, d_1, ..., d_K)`` (class
+    indices) or ``(N, C, d_1, ..., d_K)`` (probabilities). Each output position p has its own
+    ``(C, H)`` weight, so it is one (C) problem per position (the same FLOPs as the logits GEMM,
+    and no ``N x C x prod(d)`` logits): the per-position losses of reduction sum are added, and
+    mean divides that sum by what F.cross_entropy divides by (the number of N x prod(d) rows for
+    probabilities, the summed class weights of the rows not ignored for indices; z_loss too)."""
+    op = "torch_ext.linear_cross_entropy"
+    classes, hidden = linear_weight.shape[0], linear_weight.shape[-1]
+    dims = tuple(linear_weight.shape[1:-1])
+    positions = math.prod(dims)
+    if input.dim() != 2:
+        raise ValueError(f"{op}: a K-dimensional linear_weight {tuple(linear_weight.shape)} needs a batched input "
+                         f"(N, H), got input of shape {tuple(input.shape)}")
+    if input.shape[1] != hidden:
+        raise ValueError(f"{op}: input.size(-1) is {input.shape[1]} but linear_weight.size(-1) (H) is {hidden}; "
+                         "they must be equal")
+    if linear_bias is not None and tuple(linear_bias.shape) != (classes,) + dims:
+        raise ValueError(f"{op}: linear_bias must have shape {(classes,) + dims} to match linear_weight "
+                         f"{tuple(linear_weight.shape)}, got {tuple(linear_bias.shape)}")
+    rows = input.shape[0]
+    prob = target.is_floating_point()
+    expected = (rows, classes) + dims if prob else (rows,) + dims
+    if tuple(target.shape) != expected:
+        kind = "class probabilities" if prob else "class indices"
+        raise ValueError(f"{op}: a target of {kind} must have shape {expected} for input {tuple(input.shape)} "
+                         f"and linear_weight {tuple(linear_weight.shape)}, got {tuple(target.shape)}")
+    w = linear_weight.reshape(classes, positions, hidden)
+    b = None if linear_bias is None else linear_bias.reshape(classes, positions)
+    t = target.reshape(rows, classes, positions) if prob else target.reshape(rows, positions)
+    per_position = "none" if reduction == "none" else "sum"
+    losses = [
+        linear_cross_entropy(input, w[:, p], t[:, :, p] if prob else t[:, p], linear_bias=None if b is None else b[:, p],
+                             weight=weight, reduction=per_position, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size)
+        for p in range(positions)
+    ]
+    if reduction == "none":
+        return torch.stack(losses, 1).reshape((rows,) + dims) if losses else input.new_empty((rows,) + dims)
+    loss = torch.stack(losses).sum() if losses else input.new_zeros(())
+    if reduction == "sum":
+        return loss
+    if prob:
+        return loss / (rows * positions)
+    valid = t != ignore_index
+    if weight is None:
+        return loss / valid.sum()
+    return loss / (weight[t.masked_fill(~valid, 0)] * valid).sum().to(loss.dtype)
+
+
+# torch.nn.LinearCrossEntropyLoss exists from PyTorch 2.13; before, the same module on _WeightedLoss
+# (its base there: the class weight a buffer, reduction an attribute).
+_TorchLinearCrossEntropyLoss = getattr(nn, "LinearCrossEntropyLoss", None)
+_LossBase = _TorchLinearCrossEntropyLoss if _TorchLinearCrossEntropyLoss is not None else nn.modules.loss._WeightedLoss
+
+
+class LinearCrossEntropyLoss(_LossBase):
+    """``torch.nn.LinearCrossEntropyLoss`` on the fused kernels: the module holds its own Linear
+    (``linear.weight`` of shape ``(C * prod(out_features), in_features)``, ``linear.bias`` when
+    ``bias=True``; the class weight is the buffer ``weight``) and is called ``loss(input, target)``.
+    Same constructor, parameters, state_dict keys and forward as PyTorch's (a subclass of it on
+    PyTorch >= 2.13; an nn.Module with the same interface before), plus the keyword-only ``z_loss``
+    and ``chunk_size`` of :func:`linear_cross_entropy`, which is the weight-as-argument form.
+
+    ``options`` (a ``torch.nn.LinearCrossEntropyOptions``) is accepted and kept (repr, attribute)
+    for code written for PyTorch's module, but this module always chunks, by ``chunk_size``: the
+    options' ``acc_policy`` and ``allow_retain_graph`` do not apply (the kernels accumulate in
+    float32, and a retained graph can always be backpropagated twice). Only its
+    ``batch_chunk_size`` is used, as the rows per chunk when ``chunk_size`` is None and the
+    options' ``chunking_method`` is None (what makes PyTorch use ``batch_chunk_size``).
+
+    ``out_features=(d_1, ..., d_K)``: the K-dimensional loss, input ``(N, in_features)``, target
+    ``(N, d_1, ..., d_K)`` or ``(N, C, d_1, ..., d_K)``; computed as one chunked (C) problem per
+    output position (see :func:`linear_cross_entropy`)."""
 
     def __init__(
         self,
-        weight: Optional[Tensor] = None,
-        ignore_index: int = -100,
-        reduction: str = "mean",
-        label_smoothing: float = 0.0,
+        in_features: int,
+        num_classes: int,
         *,
+        out_features: tuple = (),
+        bias: bool = False,
+        device=None,
+        dtype=None,
+        reduction: str = "mean",
+        weight: Optional[Tensor] = None,
+        ignore_index: Optional[int] = None,
+        label_smoothing: float = 0.0,
+        options=None,
         z_loss: float = 0.0,
         chunk_size: Optional[int] = None,
     ) -> None:
-        super().__init__()
-        if weight is not None and not isinstance(weight, Tensor):
-            raise TypeError(
-                f"LinearCrossEntropyLoss: weight is the optional 1-D tensor of class weights, got {type(weight).__name__}; "
-                "the head's weight is not held by the module but passed to forward(input, linear_weight, target)"
-            )
-        self.register_buffer("weight", weight)
-        self.ignore_index = ignore_index
-        self.reduction = resolve_reduction(None, None, reduction)
-        self.label_smoothing = label_smoothing
+        for name, value in (("in_features", in_features), ("num_classes", num_classes)):
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(
+                    f"LinearCrossEntropyLoss: {name} must be an int, got {type(value).__name__}. The module now "
+                    "mirrors torch.nn.LinearCrossEntropyLoss: LinearCrossEntropyLoss(in_features, num_classes, "
+                    "bias=..., weight=..., ...) holds the head's Linear and is called loss(input, target); "
+                    "torch_ext.linear_cross_entropy(input, linear_weight, target, ...) is the form that takes "
+                    "the head's weight as an argument"
+                )
+        if chunk_size is not None and chunk_size < 1:
+            raise ValueError(f"LinearCrossEntropyLoss: chunk_size must be >= 1 or None, got {chunk_size}")
+        out_features = tuple(out_features)
+        if _TorchLinearCrossEntropyLoss is not None:
+            super().__init__(in_features, num_classes, out_features=out_features, bias=bias, device=device,
+                             dtype=dtype, reduction=reduction, weight=weight, ignore_index=ignore_index,
+                             label_smoothing=label_smoothing, options=options)
+        else:  # PyTorch's __init__, on _WeightedLoss
+            if weight is not None and weight.shape != (num_classes,):
+                raise RuntimeError(f"expected weight shape to be {(num_classes,)}, got {tuple(weight.shape)}")
+            if label_smoothing < 0 or label_smoothing > 1.0:
+                raise RuntimeError(f"expected label_smoothing to be in range [0, 1], got {label_smoothing}")
+            super().__init__(weight=weight, size_average=None, reduce=None, reduction=reduction)
+            self.num_classes = num_classes
+            self.out_features = out_features
+            self.ignore_index = ignore_index
+            self.label_smoothing = label_smoothing
+            self.linear = nn.Linear(in_features, math.prod(out_features) * num_classes, bias=bias, device=device,
+                                    dtype=dtype)
+            self.options = options
+        self.reduction = resolve_reduction(None, None, self.reduction)
         self.z_loss = z_loss
         self.chunk_size = chunk_size
 
-    def forward(self, input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias: Optional[Tensor] = None) -> Tensor:
+    def _rows_per_chunk(self) -> Optional[int]:
+        if self.chunk_size is not None or self.options is None:
+            return self.chunk_size
+        if getattr(self.options, "chunking_method", "auto") is None:
+            return getattr(self.options, "batch_chunk_size", None)
+        return None
+
+    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+        linear_weight, linear_bias = self.linear.weight, self.linear.bias
+        if self.out_features:
+            linear_weight = linear_weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
+            if linear_bias is not None:
+                linear_bias = linear_bias.reshape((self.num_classes, *self.out_features))
         return linear_cross_entropy(
             input,
             linear_weight,
@@ -250,9 +405,13 @@ class LinearCrossEntropyLoss(nn.Module):
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
-            chunk_size=self.chunk_size,
+            chunk_size=self._rows_per_chunk(),
         )
 
     def extra_repr(self) -> str:
-        return (f"ignore_index={self.ignore_index}, reduction={self.reduction!r}, label_smoothing={self.label_smoothing}, "
-                f"z_loss={self.z_loss}, chunk_size={self.chunk_size}")
+        return (
+            f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
+            f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
+            f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options}, "
+            f"z_loss={self.z_loss}, chunk_size={self.chunk_size}"
+        )
