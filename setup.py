@@ -60,6 +60,12 @@ def _plan_cuda():
     return toolchain.plan(mode, torch.__version__, torch.version.cuda, arch_list)
 
 
+# -g0: Python's own CFLAGS (sysconfig) carry -g, which nearly doubles the compile time of
+# every translation unit (regression_loss.cpp: 17 s against 9 s) and makes objects 30x larger.
+CXX_FLAGS = ["-O3", "-fopenmp", "-g0"]
+NVCC_FLAGS = ["-O3"]
+
+
 def _cxx_std():
     import torch
 
@@ -93,16 +99,12 @@ def _capability_libraries(include_dirs):
                     "sources": [f"csrc/cpu/capability/{name.lower()}.cpp"],
                     "include_dirs": include_dirs,
                     "macros": macros,
-                    "cflags": [_cxx_std(), "-O3", "-fopenmp", "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + flags,
+                    "cflags": [_cxx_std(), "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + CXX_FLAGS + flags,
                     "obj_deps": {"": sorted(glob.glob("csrc/**/*.h", recursive=True))},
                 },
             )
         )
     return libs
-
-
-CXX_FLAGS = ["-O3", "-fopenmp"]
-NVCC_FLAGS = ["-O3"]
 
 
 def _extensions_and_libraries(cuda):

@@ -14,7 +14,12 @@
 // linear_cross_entropy_fwd can also return the gradients for grad_output = 1 (grad_mask), formed
 // in the same pass while each chunk's logits exist: the backward then only scales them, instead
 // of recomputing the logits (the Python layer does that in eager mode for reductions mean/sum).
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/TensorOperators.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 

@@ -10,7 +10,11 @@
 //             statistics, while the row is in L2: one read of the logits per training step.
 // The formulas are in csrc/cpu/kernels/cross_entropy.h. Reductions add per-row losses in row
 // order (sum_in_order), so results do not depend on the number of threads.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
+#include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
 #include <cmath>

@@ -1,6 +1,9 @@
 #include "cpu/gemm.h"
 
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/addmm.h>
+#include <ATen/ops/mm.h>
 
 #include <cstdlib>
 #include <cstring>

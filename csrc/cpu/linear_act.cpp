@@ -12,7 +12,10 @@
 // a pre-activation-gradient buffer of panel size instead of M x N. bfloat16 uses one panel:
 // accumulating grad_weight across panels would round it to bfloat16 after every panel, where
 // one GEMM accumulates the whole reduction in float32.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/zeros.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

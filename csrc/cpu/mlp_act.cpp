@@ -2,7 +2,9 @@
 // (*, 2n) rows [u | v], in one pass. Its backward forms the input gradient (both halves) and,
 // when asked, the forward output again in the same pass, so FusedMLP saves the pre-activation
 // alone and gets the hidden activation for fc2's weight gradient without another read.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 #include <ATen/Parallel.h>
 #include <torch/library.h>
 

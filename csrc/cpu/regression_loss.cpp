@@ -7,7 +7,10 @@
 //             sum): the forward pass also writes the gradients for grad_loss = 1.
 // Nothing is saved for backward besides the inputs. The op takes input and target of one
 // shape; the Python functions broadcast them first, as torch.nn.functional does.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <string_view>

@@ -4,7 +4,10 @@
 //             triplet_margin_loss_fwd_grad also writes the gradients for grad_output = 1 while
 //             each row is in cache, which saves the backward's second read of the inputs.
 //   backward: one read of the three inputs, one write of each requested gradient.
-#include <ATen/ATen.h>
+#include <ATen/Dispatch.h>
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+#include <ATen/ops/scalar_tensor.h>
 #include <torch/library.h>
 
 #include <cmath>
