@@ -198,9 +198,17 @@ def _build_ext_cls():
 
 class build_clib(_setuptools_build_clib):
     """The capability libraries compile in parallel, one per core (setuptools compiles them one
-    after another; each is one large translation unit)."""
+    after another; each is one large translation unit), through ccache or sccache when installed,
+    as torch's build already does for the extension's own files."""
 
     def build_libraries(self, libraries):
+        from torch.utils import cpp_extension
+
+        wrap = getattr(cpp_extension, "_wrap_compiler", None)  # honours TORCH_NO_COMPILER_WRAPPER
+        for attr in ("compiler_so", "compiler_so_cxx") if wrap else ():
+            command = getattr(self.compiler, attr, None)
+            if command and command[0] not in ("ccache", "sccache"):
+                setattr(self.compiler, attr, wrap(command))
         from concurrent.futures import ThreadPoolExecutor
 
         workers = max(1, min(len(libraries), os.cpu_count() or 1))
