@@ -83,3 +83,48 @@ def _node_spec(node: torch.fx.Node, owner: nn.Module) -> Optional[Spec]:
 def _describe(spec: Spec) -> str:
     return f"{spec[0]}, negative_slope={spec[1]}" if spec[0] == "leaky_relu" else spec[0]
 
+
+
+# --- other libraries' activation modules ------------------------------------------------------
+
+def _reference(spec: Spec):
+    name, slope = spec
+    return {
+        "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
+        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "leaky_relu": lambda x: F.leaky_relu(x, slope),
+    }[name]
+
+
+def computes(module: nn.Module, spec: Spec) -> bool:
+    """Whether `module` gives what FusedLinear's `spec` activation gives, to float32 rounding, on
+    probe inputs (large and negative values, two shapes): a library class is taken by its name
+    only together with this check, so that a changed formula is not fused silently."""
+    gen = torch.Generator().manual_seed(0)
+    probes = [
+        torch.cat([torch.linspace(-12.0, 12.0, 241), torch.tensor([-1e4, -80.0, -30.0, 30.0, 80.0, 1e4, 0.0])]),
+        torch.randn(3, 5, 16, generator=gen) * 4,
+    ]
+    try:
+        with torch.no_grad():
+            for x in probes:
+                got = module(x.clone())
+                if not (isinstance(got, torch.Tensor) and got.shape == x.shape and got.dtype == x.dtype):
+                    return False
+                if not torch.allclose(got, _reference(spec)(x), rtol=1e-5, atol=1e-6):
+                    return False
+    except Exception:  # noqa: BLE001 (a module that cannot run on a CPU float tensor is not ours)
+        return False
+    return True
+
+
+def activation_spec(module) -> Optional[Spec]:
+    """The FusedLinear activation an activation module computes: torch.nn's exact classes, or a
+    class torch_ext/integrations knows by name (transformers, timm) that passes `computes`."""
+    spec = _module_spec(module)
+    if spec is not None or not isinstance(module, nn.Module):
+        return spec
+    from ..integrations import library_activation_spec  # noqa: PLC0415 (libraries' tables, lazily)
+
+    spec = library_activation_spec(module)
+    return spec if spec is not None and computes(module, spec) else None

@@ -3,10 +3,11 @@ and whether torch.fx may replace its forward by a trace."""
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import textwrap
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional
+from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
@@ -35,9 +36,19 @@ class _SourceFacts:
 
 def _method_ast(fn) -> Optional[ast.AST]:
     try:
-        return ast.parse(textwrap.dedent(inspect.getsource(fn)))
-    except (OSError, TypeError, SyntaxError, IndentationError):
+        source = inspect.getsource(fn)
+    except (OSError, TypeError):
         return None
+    try:
+        return ast.parse(textwrap.dedent(source))
+    except (SyntaxError, IndentationError):
+        pass
+    # dedent fails when a docstring has lines indented less than the def: parse it in a block.
+    try:
+        block = ast.parse("if True:\n" + source).body[0]
+    except (SyntaxError, IndentationError):
+        return None
+    return ast.Module(body=block.body, type_ignores=[])
 
 
 def _own_methods(cls) -> Dict[str, Callable]:
@@ -160,3 +171,54 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
             facts.problem = facts.problem or f"its forward reads self.{'.'.join(chain)}, which a trace would freeze"
     return helpers
 
+
+
+# --- names: which attributes a class's code mentions --------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def parsed(fn) -> Optional[ast.AST]:
+    """_method_ast, once per function (fuse() reads the same library classes for every layer)."""
+    return _method_ast(fn)
+
+
+# Reading these of a module does not call it (x.fc.weight, hasattr(x.fc, "bias")).
+_READS = {"weight", "bias", "in_features", "out_features", "nf", "nx", "training"}
+_INSPECTING = {"hasattr", "isinstance", "type", "id"}
+
+
+def mentioned_names(tree: ast.AST) -> Dict[str, ast.AST]:
+    """Every attribute name (x.name) and string constant ("name", for getattr and the like) in
+    `tree` through which code could reach a module to call it, with one node that mentions it;
+    reads of a module's weights and checks like hasattr(x.fc, "bias") do not count."""
+    parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
+    names: Dict[str, ast.AST] = {}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            parent = parents.get(node)
+            if isinstance(parent, ast.Attribute) and parent.attr in _READS:
+                continue
+            if (isinstance(parent, ast.Call) and node in parent.args and isinstance(parent.func, ast.Name)
+                    and parent.func.id in _INSPECTING):
+                continue
+            names.setdefault(node.attr, node)
+        elif isinstance(node, ast.Constant) and isinstance(node.value, str) and node.value.isidentifier():
+            names.setdefault(node.value, node)
+    return names
+
+
+@functools.lru_cache(maxsize=None)
+def names_in_class(cls, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, str], str]:
+    """The names the methods of cls (all but `skip`) mention, each with the first 'Class.method'
+    mentioning it, and the first method whose source cannot be read ("" if none)."""
+    names: Dict[str, str] = {}
+    unreadable = ""
+    for name, fn in _own_methods(cls).items():
+        if name in skip:
+            continue
+        tree = parsed(fn)
+        if tree is None:
+            unreadable = unreadable or f"{cls.__name__}.{name}"
+            continue
+        for mentioned in mentioned_names(tree):
+            names.setdefault(mentioned, f"{cls.__name__}.{name}")
+    return names, unreadable
