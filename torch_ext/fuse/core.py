@@ -8,7 +8,7 @@ from typing import Dict, List, Tuple
 from torch import nn
 
 from ..linear_act import FusedLinear
-from ..integrations import fused_linear_like, is_library_module, linear_like
+from ..integrations import fuse_whole_models, fused_linear_like, is_library_module, linear_like
 from . import local
 from .activations import _describe
 from .losses import _replacement_loss
@@ -88,6 +88,8 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
         times = f" ({len(uses)} uses)" if len(uses) > 1 else ""
         report.replaced.append(f"{label} + {_describe(spec)} -> FusedLinear{times}")
     _rewrite_locally(m, pending, report)
+    if any(is_library_module(mod) for mod in m.modules.values()):
+        fuse_whole_models(model, report)  # e.g. transformers' causal-LM loss from the hidden states
     for t in m.traced.values():
         if t.edits:
             _rewrite_forward(t)

@@ -6,7 +6,8 @@ take optional arguments and branch, so the fx path cannot rewrite them).
 What is read, in the module's forward (no trace):
 - a pair: ``self.act(self.fc(x))``, or ``h = self.fc(x)`` directly followed by ``h = self.act(h)``
   (``h`` read nowhere else), where ``act`` is an activation module (fuse/activations.py
-  ``activation_spec``) or a function of the activation table. The Linear becomes a FusedLinear
+  ``activation_spec``); a function (torch.tanh) is recognised but stays, since swapping modules
+  cannot remove it from the forward. The Linear becomes a FusedLinear
   with the same Parameters, the activation module nn.Identity; the forward is not touched.
 - a gated MLP: a forward that is exactly ``return self.down(self.act(self.gate(x)) * self.up(x))``
   (Llama, Mistral, Qwen2, Gemma) with silu / gelu / gelu_tanh: its class becomes a subclass whose
@@ -230,7 +231,10 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     in_with = {id(n) for w in ast.walk(r.tree) if isinstance(w, (ast.With, ast.AsyncWith)) for n in ast.walk(w)}
     pairs = []
     for site in _pairs(r, body):
-        if id(site[1]) in in_with:
+        if site[4] is None:
+            # Swapping modules cannot take a function call out of the forward.
+            p.why_not[site[2]] = f"{type(module).__name__}.forward applies a function activation to it, which only a traced forward can drop"
+        elif id(site[1]) in in_with:
             p.why_not[site[2]] = f"{type(module).__name__}.forward calls it inside a with-block"
         else:
             pairs.append(site)

@@ -3,8 +3,8 @@
 Each file is imported only when a model holds a module of that library (its class's
 ``__module__`` names it), so torch_ext imports without those libraries installed. To support one
 more library: add a file with an ``ACTIVATIONS`` table (class name -> FusedLinear activation)
-and, if it has them, ``linear_like`` / ``fused_linear_like`` for its Linear variants, and name it
-in ``_LIBRARIES``.
+and, if it has them, ``linear_like`` / ``fused_linear_like`` for its Linear variants and
+``fuse_whole_model`` for rewrites of a whole model, and name it in ``_LIBRARIES``.
 """
 from __future__ import annotations
 
@@ -50,3 +50,17 @@ def linear_like(module: nn.Module) -> bool:
 def fused_linear_like(module: nn.Module, spec) -> nn.Module:
     """The fused replacement of a `linear_like` module, holding its Parameter objects."""
     return _library(module).fused_linear_like(module, spec)
+
+
+def fuse_whole_models(model: nn.Module, report) -> None:
+    """What a library rewrites on a whole model (transformers: the causal-LM loss from the hidden
+    states), for `model` and each of its submodules of a known library; reported either way."""
+    for where, module in list(model.named_modules()):
+        lib = _library(module)
+        if lib is None or not hasattr(lib, "fuse_whole_model"):
+            continue
+        replaced, why = lib.fuse_whole_model(module, where or "model")
+        if replaced:
+            report.replaced.append(replaced)
+        elif why:
+            report.skipped.append(why)
