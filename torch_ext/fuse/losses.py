@@ -29,8 +29,32 @@ def _fused_loss(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
             return None, f"p={module.p}: torch_ext.triplet_margin_loss supports finite p > 0"
         new = TripletMarginLoss(margin=module.margin, p=module.p, eps=module.eps, swap=module.swap,
                                 reduction=module.reduction)
+    elif hasattr(nn, "LinearCrossEntropyLoss") and kind is nn.LinearCrossEntropyLoss:
+        return _linear_cross_entropy_loss(module)
     else:
         return None, ""
+    new.train(module.training)
+    return new, ""
+
+
+def _linear_cross_entropy_loss(module: nn.Module) -> Tuple[Optional[nn.Module], str]:
+    """torch_ext.LinearCrossEntropyLoss (which mirrors nn.LinearCrossEntropyLoss, PyTorch 2.13+)
+    with the same arguments, built on meta, then given the module's own Linear (the same
+    Parameter objects) and class-weight buffer."""
+    from ..linear_cross_entropy import LinearCrossEntropyLoss  # noqa: PLC0415 (only where PyTorch has it)
+
+    linear = module.linear
+    try:
+        new = LinearCrossEntropyLoss(
+            linear.in_features, module.num_classes, out_features=tuple(module.out_features),
+            bias=linear.bias is not None, device="meta", dtype=linear.weight.dtype,
+            reduction=module.reduction, weight=None, ignore_index=module.ignore_index,
+            label_smoothing=module.label_smoothing, options=module.options,
+        )
+    except (TypeError, ValueError) as e:
+        return None, f"torch_ext.LinearCrossEntropyLoss does not take these arguments ({e})"
+    new.linear = linear
+    new.weight = module.weight  # the class weights (a buffer; None when not given)
     new.train(module.training)
     return new, ""
 
