@@ -17,16 +17,25 @@ from torch import nn
 _LIBRARIES = {"transformers": "transformers", "timm": "timm"}
 
 
+def _top_package(cls) -> str:
+    return (cls.__module__ or "").partition(".")[0]
+
+
 def _library(obj):
-    """This package's file for the library `obj`'s class comes from, or None."""
-    top = (type(obj).__module__ or "").partition(".")[0]
-    name = _LIBRARIES.get(top)
-    return importlib.import_module(f"{__name__}.{name}") if name else None
+    """This package's file for the library `obj`'s class (or the nearest base class, for a user's
+    subclass of a library model) comes from, or None."""
+    for cls in type(obj).__mro__:
+        name = _LIBRARIES.get(_top_package(cls))
+        if name:
+            return importlib.import_module(f"{__name__}.{name}")
+        if cls is nn.Module:
+            break
+    return None
 
 
 def is_library_module(module: nn.Module) -> bool:
     """A module of a library known here, whose forward fuse() may rewrite on its own from its source."""
-    return (type(module).__module__ or "").partition(".")[0] in _LIBRARIES
+    return _top_package(type(module)) in _LIBRARIES
 
 
 def library_activation_spec(module: nn.Module) -> Optional[Tuple[str, float]]:
