@@ -80,12 +80,14 @@ MLP_LINES = {
     "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
     "t5": ["encoder.block.{i}.layer.1.DenseReluDense.wi (Linear 32->64) + relu",
            "decoder.block.{i}.layer.2.DenseReluDense.wi (Linear 32->64) + relu"],
-    "t5-gated": ["encoder.block.{i}.layer.1.DenseReluDense.wi_0 (Linear 32->64) + gelu_tanh",
-                 "decoder.block.{i}.layer.2.DenseReluDense.wi_0 (Linear 32->64) + gelu_tanh"],
+    "t5-gated": ["encoder.block.{i}.layer.1.DenseReluDense (T5DenseGatedActDense: wi_0, wi_1 + NewGELUActivation) "
+                 "-> one GEMM + torch_ext's gated activation geglu_tanh",
+                 "decoder.block.{i}.layer.2.DenseReluDense (T5DenseGatedActDense: wi_0, wi_1 + NewGELUActivation) "
+                 "-> one GEMM + torch_ext's gated activation geglu_tanh"],
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc1", "gpt2": "mlp.c_fc",
-                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ", "t5-gated": "DenseReluDense.wi_0"}
+                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ", "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
 
@@ -165,6 +167,10 @@ def test_report_lists_every_mlp_block(family, fused_models):
         assert isinstance(mlp, type(mlp).__mro__[1]) and type(mlp.gate_proj) is nn.Linear
     elif family == "gpt2":
         assert type(fused.transformer.h[0].mlp.c_fc).__name__ == "FusedConv1D"
+    elif family == "t5-gated":
+        ff = fused.encoder.block[0].layer[1].DenseReluDense
+        assert isinstance(ff, tf.models.t5.modeling_t5.T5DenseGatedActDense) and type(ff.wi_0) is nn.Linear
+        assert type(ff).forward is not tf.models.t5.modeling_t5.T5DenseGatedActDense.forward
     else:
         assert "FusedLinear" in kinds
 

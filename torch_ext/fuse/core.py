@@ -150,11 +150,21 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
             gate, up, down, act, kind = p.gated
             parent.__class__ = local.gated_class(type(parent), gate, up, down, kind)
             for name in (gate, up, down):
-                done[pending[id(parent._modules[name])]] = ""
+                if id(parent._modules[name]) in pending:
+                    done[pending[id(parent._modules[name])]] = ""
             report.replaced.append(
                 f"{where} ({type(parent).__name__}: {gate}, {up}, {down} + {type(parent._modules[act]).__name__}) "
                 f"-> torch_ext.fused_mlp {kind}")
             continue
+        if p.gated_product is not None:
+            gate, up, act, kind, index = p.gated_product
+            parent.__class__ = local.gated_product_class(type(parent), gate, up, act, kind, index)
+            for name in (gate, up):
+                if id(parent._modules[name]) in pending:
+                    done[pending[id(parent._modules[name])]] = ""
+            report.replaced.append(
+                f"{where} ({type(parent).__name__}: {gate}, {up} + {type(parent._modules[act]).__name__}) "
+                f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
         for name, (spec, act) in p.pairs.items():
             linear = parent._modules[name]
             if id(linear) not in pending:

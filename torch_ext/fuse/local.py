@@ -21,13 +21,16 @@ and the report says so.
 from __future__ import annotations
 
 import ast
+import copy
+import inspect
 from dataclasses import dataclass, field
 from typing import Dict, List, Optional, Tuple
 
 import torch
 from torch import nn
 
-from ..mlp import fused_mlp
+from ..linear_act import fused_linear
+from ..mlp import GATED_ACTIVATIONS, fused_mlp
 from .activations import _FUNCTION_ACTIVATIONS, Spec, _describe, activation_spec
 from .rewrite import _has_hooks
 from .source import _own_methods, mentioned_names, names_in_class, parsed
@@ -44,6 +47,8 @@ class Plan:
     module: nn.Module
     pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)  # linear -> (spec, activation module name)
     gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
+    # act(gate(x)) * up(x) inside a longer forward: (gate, up, activation, kind, statement index)
+    gated_product: Optional[Tuple[str, str, str, str, int]] = None
     why_not: Dict[str, str] = field(default_factory=dict)  # linear name -> reason
     problem: str = ""  # why nothing in this module can be rewritten
 
@@ -170,6 +175,42 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, st
     return None
 
 
+def _gated_product(r: _Reader, body: List[ast.stmt]):
+    """Three consecutive statements `a = self.act(self.gate(x))`, `b = self.up(x)` (either order),
+    `h = a * b` (T5DenseGatedActDense), `a` and `b` read nowhere else: (index of the first, the
+    three call nodes, gate, up, act, spec, x, h), or None."""
+    def assigned(stmt):
+        ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+        return stmt.targets[0].id if ok else None
+
+    for i in range(len(body) - 2):
+        s1, s2, s3 = body[i:i + 3]
+        names = [assigned(s) for s in (s1, s2, s3)]
+        if None in names:
+            continue
+        for (sa, a), (sb, b) in (((s1, names[0]), (s2, names[1])), ((s2, names[1]), (s1, names[0]))):
+            act = r.activation(sa.value)
+            if act is None or act[1] is None or act[0][0] not in _GATED:
+                continue
+            gate_call = sa.value.args[0]
+            gate, up = r.linear(gate_call), r.linear(sb.value)
+            if not (gate and up and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear):
+                continue
+            x = gate_call.args[0]
+            if not (isinstance(x, ast.Name) and isinstance(sb.value.args[0], ast.Name) and sb.value.args[0].id == x.id):
+                continue
+            prod = s3.value
+            if not (isinstance(prod, ast.BinOp) and isinstance(prod.op, ast.Mult) and isinstance(prod.left, ast.Name)
+                    and isinstance(prod.right, ast.Name) and {prod.left.id, prod.right.id} == {a, b} and a != b
+                    and x.id not in (a, b)):
+                continue
+            reads = [n for n in ast.walk(r.tree) if isinstance(n, ast.Name) and n.id in (a, b) and isinstance(n.ctx, ast.Load)]
+            if len(reads) != 2:
+                continue
+            return i, (sa.value, gate_call, sb.value), gate, up, act[1], act[0], x.id, names[2]
+    return None
+
+
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     """What can be rewritten in `module` alone (see the module docstring); `ancestors`: every
     module above it, whose methods must not name what is swapped."""
@@ -223,8 +264,25 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
             why = why or "a module of its gated MLP has hooks"
         if not why:
             p.gated = (gate, up, down, act, _GATED[spec[0]])
+            _rest_not_fused(p, module, linear_ok, done=(gate, up, down))
             return p
         for name in (gate, up, down):
+            p.why_not[name] = why
+
+    gp = _gated_product(r, body) if g is None else None
+    fn = type(module).forward
+    if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
+        index, calls, gate, up, act, spec, _, _ = gp
+        why = elsewhere({gate, up, act}, [calls[0], calls[1], calls[2]])
+        if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
+            why = why or "only one of its gate and up projections has a bias"
+        if any(_has_hooks(r.sub(n)) for n in (gate, up, act)):
+            why = why or "a module of its gated product has hooks"
+        if not why:
+            p.gated_product = (gate, up, act, _GATED[spec[0]], index)
+            _rest_not_fused(p, module, linear_ok, done=(gate, up))
+            return p
+        for name in (gate, up):
             p.why_not[name] = why
 
     # Inside a with-block (autocast, no_grad) FusedLinear would round differently: left alone.
@@ -280,10 +338,14 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
                         p.why_not[s[2]] = why
                         changed = True
     p.pairs = {name: (sites[0][3], sites[0][4]) for name, sites in ok.items()}
-    for name, sub in module._modules.items():
-        if name not in p.pairs and name not in p.why_not and linear_ok(sub):
-            p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"
+    _rest_not_fused(p, module, linear_ok, done=tuple(p.pairs))
     return p
+
+
+def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done) -> None:
+    for name, sub in module._modules.items():
+        if name not in done and name not in p.why_not and linear_ok(sub):
+            p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"
 
 
 def gated_class(cls, gate: str, up: str, down: str, kind: str):
@@ -311,6 +373,60 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str):
 
 def _rebuild_gated(cls, gate, up, down, kind, state):
     module = cls.__new__(gated_class(cls, gate, up, down, kind))
+    module.__setstate__(state)
+    return module
+
+
+def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
+    """``act(gate(x)) * up(x)`` as one GEMM on [gate; up] and torch_ext's gated activation pass
+    (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call)."""
+    bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+    pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
+    return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
+
+
+def gated_product_class(cls, gate: str, up: str, act: str, kind: str, index: int):
+    """A subclass of cls whose forward is cls.forward's own source with its three statements
+    `a = self.act(self.gate(x)); b = self.up(x); h = a * b` (at `index` in its body) replaced by
+    `h = self._torch_ext_gated_linear(self.gate, self.up, x, kind)`, compiled with the globals of
+    cls.forward (a copy: nothing added to the library's module; torch.compile looks globals up
+    in that module by name, so the new call is a method, not a global)."""
+    fn = cls.forward
+    tree = copy.deepcopy(parsed(fn))
+    fdef = tree.body[0]
+    body = fdef.body
+    offset = 1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0
+    first, second, product = body[offset + index: offset + index + 3]
+    act_stmt = first if isinstance(first.value.func, ast.Attribute) and first.value.func.attr == act else second
+    x = act_stmt.value.args[0].args[0].id
+    call = ast.Call(
+        func=ast.Attribute(ast.Name("self", ast.Load()), "_torch_ext_gated_linear", ast.Load()),
+        args=[ast.Attribute(ast.Name("self", ast.Load()), gate, ast.Load()),
+              ast.Attribute(ast.Name("self", ast.Load()), up, ast.Load()),
+              ast.Name(x, ast.Load()), ast.Constant(kind)],
+        keywords=[])
+    body[offset + index: offset + index + 3] = [ast.Assign(targets=[product.targets[0]], value=call)]
+    fdef.decorator_list = []
+    ast.fix_missing_locations(tree)
+    scope = dict(fn.__globals__)
+    exec(compile(tree, inspect.getsourcefile(fn) or "<torch_ext.fuse>", "exec"), scope)  # noqa: S102 (cls.forward's own source)
+    forward = scope[fdef.name]
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_gated_product, (cls, gate, up, act, kind, index, self.__getstate__()))
+
+    return type(cls.__name__, (cls,), {
+        "forward": forward,
+        "_torch_ext_gated_linear": staticmethod(gated_linear),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__reduce_ex__": __reduce_ex__,
+        "__doc__": f"{cls.__name__} with act(gate(x)) * up(x) as one GEMM and torch_ext's gated activation ({kind}), by torch_ext.fuse.",
+    })
+
+
+def _rebuild_gated_product(cls, gate, up, act, kind, index, state):
+    module = cls.__new__(gated_product_class(cls, gate, up, act, kind, index))
     module.__setstate__(state)
     return module
 
