@@ -11,8 +11,25 @@ What it replaces:
   - in the ``forward`` of any other module that ``torch.fx`` can trace: the module keeps its
     class (as a subclass with the traced forward, minus the activation call), its submodules
     and its state_dict.
+  - where the fx path cannot rewrite a module (code above it it cannot read, or a library
+    module whose own forward it cannot trace), in that module on its own, read from its
+    forward's source (local.py): ``self.act(self.fc(x))`` or ``h = self.fc(x); h = self.act(h)``
+    with an activation module (the Linear becomes FusedLinear, the activation nn.Identity); a
+    forward that is exactly ``self.down(self.act(self.gate(x)) * self.up(x))`` becomes
+    ``fused_mlp`` (swiglu / geglu / geglu_tanh); ``a = self.act(self.gate(x)); b = self.up(x);
+    h = a * b`` inside a longer forward becomes one GEMM and the gated activation. This is how
+    it reaches Hugging Face models (BertIntermediate, ViTMLP, LlamaMLP, T5DenseActDense,
+    T5DenseGatedActDense, GPT2MLP's Conv1D). A Linear is rewritten there only if no method of
+    the module or of any module above it names it (an attribute chain or a string), so no
+    other code can call it directly; where a source cannot be read, it is left alone.
+- activations of other libraries (transformers.activations' GELUActivation, NewGELUActivation,
+  SiLUActivation..., timm's) are known by class name in torch_ext/integrations and accepted
+  only if they also compute the activation numerically at fuse time (activations.computes).
 - loss modules (``CrossEntropyLoss``, ``MSELoss``, ``HuberLoss``, ``SmoothL1Loss``,
-  ``TripletMarginLoss``) become torch_ext's, which subclass them.
+  ``TripletMarginLoss``, ``LinearCrossEntropyLoss``) become torch_ext's, which subclass them.
+- a transformers causal LM (``...ForCausalLM``, ``GPT2LMHeadModel``) computes its loss with
+  ``linear_cross_entropy`` on the hidden states when given labels, and returns logits=None then
+  (torch_ext/integrations/transformers.py).
 
 A Linear used in several places is replaced only if every use is followed by the same
 activation; one used where fuse() cannot see what follows it (a module fx cannot trace, a
@@ -20,9 +37,11 @@ built-in module other than the two above) is left alone. Subclasses of nn.Linear
 with hooks are left alone too (their forward or hooks could depend on the class). Everything
 left alone is listed, with the reason, in the report.
 
-Files: core.py (fuse() itself), activations.py (the activation table), source.py (reading a
-module's source), traced.py (the fx path over a whole model), rewrite.py (swapping modules,
-traced forwards), losses.py (loss modules), report.py (FuseReport).
+Files: core.py (fuse() itself), activations.py (the activation table and the numerical check),
+source.py (reading a module's source), traced.py (the fx path over a whole model), local.py
+(rewriting one module from its source), rewrite.py (swapping modules, traced forwards),
+losses.py (loss modules), report.py (FuseReport). What is specific to one library is in
+torch_ext/integrations/<library>.py, imported only when a model holds that library's modules.
 """
 from .core import fuse
 from .report import FuseReport

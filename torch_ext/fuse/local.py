@@ -31,7 +31,7 @@ from torch import nn
 
 from ..linear_act import fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp
-from .activations import _FUNCTION_ACTIVATIONS, Spec, _describe, activation_spec
+from .activations import _FUNCTION_ACTIVATIONS, Spec, activation_spec
 from .rewrite import _has_hooks
 from .source import _own_methods, mentioned_names, names_in_class, parsed
 
@@ -429,7 +429,3 @@ def _rebuild_gated_product(cls, gate, up, act, kind, index, state):
     module = cls.__new__(gated_product_class(cls, gate, up, act, kind, index))
     module.__setstate__(state)
     return module
-
-
-def describe_pair(spec: Spec) -> str:
-    return _describe(spec)
