@@ -11,6 +11,7 @@ Plus what fuse() must refuse: a renamed formula, a Linear named by code above it
 from __future__ import annotations
 
 import copy
+import inspect
 import os
 import subprocess
 import sys
@@ -291,6 +292,20 @@ def test_causal_lm_logits_only_when_asked():
         assert_close(fused(input_ids=ids, logits_to_keep=1).logits, ref(input_ids=ids, logits_to_keep=1).logits)
 
 
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_lm_generates_as_before(family):
+    ref = build(family).eval()
+    fused, _ = fuse(ref)
+    params = inspect.signature(fused.forward).parameters
+    assert "logits_to_keep" in params and "return_logits" in params  # what generate() looks for
+    ids = batch(family)["input_ids"][:, :4]
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        got = fused.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+        want = ref.generate(ids, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(got, want)
+
+
 def test_causal_lm_head_keeps_parameters_and_tied_weights():
     ref = build("gpt2")
     fused, _ = fuse(ref, inplace=True)
@@ -428,8 +443,6 @@ def test_activation_used_elsewhere_is_kept():
 
 @pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="PyTorch without nn.LinearCrossEntropyLoss")
 def test_linear_cross_entropy_loss_module():
-    import inspect
-
     if "in_features" not in inspect.signature(torch_ext.LinearCrossEntropyLoss.__init__).parameters:
         pytest.skip("torch_ext.LinearCrossEntropyLoss does not mirror nn.LinearCrossEntropyLoss yet (another branch)")
     loss = nn.LinearCrossEntropyLoss(8, 10, bias=True, ignore_index=-1, label_smoothing=0.1,

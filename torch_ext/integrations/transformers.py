@@ -175,6 +175,14 @@ def _causal_lm_class(cls):
         out = type(out)(**{k: v for k, v in out.items() if k != "logits"})  # logits=None
         return out if return_dict else out.to_tuple()
 
+    # generate() and others read the forward's parameters (logits_to_keep, cache...): the
+    # original ones, plus return_logits before **kwargs.
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    at = len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])
+    forward.__doc__ = cls.forward.__doc__
+
     def __reduce_ex__(self, protocol):
         return (_rebuild_causal_lm, (cls, self.__getstate__()))
 
