@@ -113,6 +113,10 @@ class DeferredCausalLMLoss:
         reduction = "sum" if num_items_in_batch is not None else "mean"
         loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, target,
                                     linear_bias=self.head.bias, reduction=reduction, ignore_index=ignore_index)
+        # ForCausalLMLoss returns float32 (it upcasts the logits). For bf16 / fp16 models
+        # linear_cross_entropy returns its loss in their dtype, so the value is rounded to it
+        # (its gradients are not); float32 models get the same loss to float32 rounding.
+        loss = loss.float()
         if reduction == "sum":
             if torch.is_tensor(num_items_in_batch):
                 num_items_in_batch = num_items_in_batch.to(loss.device)
