@@ -27,7 +27,7 @@ import torch_ext  # noqa: E402
 from torch_ext import FusedLinear  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from utils import assert_close  # noqa: E402
+from utils import SavedTensorBytes, assert_close  # noqa: E402
 
 tf = transformers
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
@@ -293,6 +293,22 @@ def test_causal_lm_logits_only_when_asked():
 
 
 @pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_causal_lm_saves_no_logits(family):
+    """The point of it: with labels, nothing of the logits' size is kept for backward (the
+    unfused model keeps at least one (tokens, vocab) tensor)."""
+    ref = build(family).train()
+    fused, _ = fuse(ref)
+    inputs = batch(family)
+    tokens = inputs["input_ids"].numel()
+    for model, keeps_logits in ((ref, True), (fused, False)):
+        with SavedTensorBytes() as rec:
+            loss = model(**inputs).loss
+        shaped_like_logits = [tuple(t.shape) for t in rec.saved if t.dim() >= 2 and t.shape[-1] == 100 and t.numel() >= tokens * 100]
+        assert bool(shaped_like_logits) == keeps_logits, f"{type(model).__name__}: saved {shaped_like_logits}"
+        loss.backward()
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
 def test_causal_lm_generates_as_before(family):
     ref = build(family).eval()
     fused, _ = fuse(ref)
@@ -424,6 +440,27 @@ def test_linear_named_by_code_above_is_left_alone():
     assert any("mlp.fc (Linear 8->16)" in s and "names 'fc'" in s for s in report.skipped), str(report)
     x = torch.randn(3, 8)
     assert_close(fused(x), model(x))
+
+
+def test_unreadable_source_above_is_left_alone():
+    """A module above the MLP has a method whose source cannot be read: fuse() cannot tell
+    whether it calls the Linear, so it leaves the MLP alone and says so."""
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = Block(nn.GELU())
+
+        def forward(self, x, extra=None):
+            return self.mlp(x)
+
+    scope = {}
+    exec("def helper(self, x):\n    return self.mlp.out(x)\n", scope)  # no file: no source
+    Outer.helper = scope["helper"]
+    model = Outer()
+    fused, report = fuse(model)
+    assert type(fused.mlp.fc) is nn.Linear, str(report)
+    assert any("mlp.fc (Linear 8->16)" in s and "Outer.helper is not available" in s for s in report.skipped), str(report)
 
 
 def test_activation_used_elsewhere_is_kept():
