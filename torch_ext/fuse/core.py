@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import logging
 import warnings
-from typing import Dict, List, Tuple
+from typing import Dict, List
 
 from torch import nn
 
@@ -119,14 +119,13 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
     path does not rewrite itself); its lines in the report are replaced by what it did or, when
     it says why not more precisely, by that."""
     done: Dict[int, str] = {}  # report.skipped index -> new text ("" to drop)
-    holders: Dict[int, Tuple[nn.Module, List[str]]] = {}
+    holders: Dict[int, nn.Module] = {}
     for key in pending:
         for path in m.paths[key]:
-            parent_path = path.rpartition(".")[0]
-            parent = m.model.get_submodule(parent_path)
+            parent = m.model.get_submodule(path.rpartition(".")[0])
             if _is_custom(parent):
-                holders.setdefault(id(parent), (parent, []))
-    for parent, _ in holders.values():
+                holders.setdefault(id(parent), parent)
+    for parent in holders.values():
         t = m.traced.get(id(parent))
         if t is not None and t.edits:
             continue  # its forward is being rewritten from its trace
@@ -165,10 +164,10 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
             report.replaced.append(
                 f"{where} ({type(parent).__name__}: {gate}, {up} + {type(parent._modules[act]).__name__}) "
                 f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
+        if any(id(parent._modules[name]) not in pending for name in p.pairs):
+            p.pairs = {}  # one of them is handled elsewhere: its activation module must stay
         for name, (spec, act) in p.pairs.items():
             linear = parent._modules[name]
-            if id(linear) not in pending:
-                continue
             fused = _fused_linear_from(linear, spec) if type(linear) is nn.Linear else fused_linear_like(linear, spec)
             setattr(parent, name, fused)
             done[pending[id(linear)]] = ""
