@@ -381,9 +381,32 @@ def test_conv1d_weight_is_not_copied():
 # ----------------------------------------------------------------------------------------------
 # What fuse() must refuse, and says why.
 
-def _fake_activation(name: str, formula):
+# What each ACT2FN entry is fused as (None: left alone), as measured with transformers 5.x.
+ACT2FN_EXPECTED = {
+    "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
+    "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "silu": "silu",
+    "swish": "silu", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "leaky_relu": "leaky_relu",
+    "gelu_10": None, "quick_gelu": None, "mish": None, "relu2": None, "relu6": None, "linear": None, "laplace": None,
+}
+
+
+@pytest.mark.parametrize("name", sorted(ACT2FN_EXPECTED))
+def test_act2fn_entries(name):
+    from transformers.activations import ACT2FN
+
+    act = ACT2FN[name]
+    model = Block(act)
+    fused, report = fuse(model)
+    expected = ACT2FN_EXPECTED[name]
+    got = fused.fc.activation if isinstance(fused.fc, FusedLinear) else None
+    assert got == expected, str(report)
+    x = torch.randn(4, 8) * 3
+    assert_close(fused(x), model(x))
+
+
+def _fake_activation(name: str, formula, module="transformers.activations"):
     cls = type(name, (nn.Module,), {"forward": lambda self, x: formula(x)})
-    cls.__module__ = "transformers.activations"  # what fuse() goes by, with the numerical check
+    cls.__module__ = module  # what fuse() goes by, with the numerical check
     return cls
 
 
@@ -403,15 +426,19 @@ class Block(nn.Module):
 Block.__module__ = "transformers.models.fake.modeling_fake"
 
 
-@pytest.mark.parametrize("name, formula, fused_as", [
-    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))), "gelu_tanh"),
-    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.05 * x ** 3))), None),
-    ("GELUActivation", lambda x: x * torch.sigmoid(1.702 * x), None),  # quick_gelu under gelu's name
-    ("SiLUActivation", lambda x: x * torch.sigmoid(x), "silu"),
-    ("SiLUActivation", lambda x: torch.where(x > 50, x, x * torch.sigmoid(x)) * 1.001, None),
+@pytest.mark.parametrize("name, formula, fused_as, module", [
+    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))), "gelu_tanh", "transformers.activations"),
+    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.05 * x ** 3))), None, "transformers.activations"),
+    ("GELUActivation", lambda x: x * torch.sigmoid(1.702 * x), None, "transformers.activations"),  # quick_gelu as gelu
+    ("SiLUActivation", lambda x: x * torch.sigmoid(x), "silu", "transformers.activations"),
+    ("SiLUActivation", lambda x: x * torch.sigmoid(x) * 1.001, None, "transformers.activations"),
+    ("GELUTanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), "gelu_tanh", "timm.layers.activations"),
+    ("Swish", lambda x: x * torch.sigmoid(x), "silu", "timm.layers.activations"),
+    ("GELU", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), None, "timm.layers.activations"),  # not exact gelu
+    ("NoSuchActivation", lambda x: torch.relu(x), None, "transformers.activations"),  # unknown name
 ])
-def test_library_activation_needs_its_formula(name, formula, fused_as):
-    model = Block(_fake_activation(name, formula)())
+def test_library_activation_needs_its_formula(name, formula, fused_as, module):
+    model = Block(_fake_activation(name, formula, module)())
     fused, report = fuse(model)
     if fused_as is None:
         assert type(fused.fc) is nn.Linear, str(report)

@@ -32,6 +32,7 @@ ACTIVATIONS = {
     "GELUTanh": ("gelu_tanh", _SLOPE),  # "gelu_pytorch_tanh" (Gemma)
     "PytorchGELUTanh": ("gelu_tanh", _SLOPE),  # its name in older releases
     "FastGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_fast": fused only if it matches gelu_tanh
+    "AccurateGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_accurate": the tanh formula, spelled out
     "SiLUActivation": ("silu", _SLOPE),  # "silu" (Llama, Mistral, Qwen2)
     "SiLU": ("silu", _SLOPE),
     "ReLU": ("relu", _SLOPE),
