@@ -74,7 +74,7 @@ FAMILIES = ["bert", "roberta", "vit", "gpt2", "llama", "mistral", "qwen2", "t5",
 MLP_LINES = {
     "bert": ["bert.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "roberta": ["roberta.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
-    "vit": ["vit.layers.{i}.mlp.fc1 (Linear 32->64) + gelu"],
+    "vit": ["vit.layers.{i}.mlp (ViTMLP: fc1, fc2 + GELUActivation) -> torch_ext.fused_mlp gelu (in its forward)"],
     "gpt2": ["transformer.h.{i}.mlp.c_fc (Conv1D 32->128) + gelu_tanh (NewGELUActivation) -> FusedConv1D"],
     "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
     "mistral": ["model.layers.{i}.mlp (MistralMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
@@ -87,7 +87,7 @@ MLP_LINES = {
                  "-> one GEMM + torch_ext's gated activation geglu_tanh"],
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
-MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc1", "gpt2": "mlp.c_fc",
+MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_fc",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ", "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
@@ -178,12 +178,16 @@ def test_report_lists_every_mlp_block(family, fused_models):
         assert isinstance(mlp, type(mlp).__mro__[1]) and type(mlp.gate_proj) is nn.Linear
     elif family == "gpt2":
         assert type(fused.transformer.h[0].mlp.c_fc).__name__ == "FusedConv1D"
+    elif family == "vit":
+        mlp = fused.vit.layers[0].mlp
+        assert isinstance(mlp, tf.models.vit.modeling_vit.ViTMLP) and type(mlp.fc1) is type(mlp.fc2) is nn.Linear
+        assert type(mlp).forward is not tf.models.vit.modeling_vit.ViTMLP.forward
     elif family == "t5-gated":
         ff = fused.encoder.block[0].layer[1].DenseReluDense
         assert isinstance(ff, tf.models.t5.modeling_t5.T5DenseGatedActDense) and type(ff.wi_0) is nn.Linear
         assert type(ff).forward is not tf.models.t5.modeling_t5.T5DenseGatedActDense.forward
     else:
-        assert "FusedLinear" in kinds
+        assert "FusedLinear" in kinds, str(report)
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -216,6 +220,23 @@ def test_state_dict_loads_both_ways(family, fused_models):
     other.eval()
     other.load_state_dict(ref.state_dict())
     assert_same_step(other, ref, inputs, f"{family}: fused model loaded from the unfused one")
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2", "llama", "t5-gated"])
+def test_whole_model_pickles(family, fused_models):
+    """torch.save of the whole fused model (its rewritten classes pickle as the library's class
+    plus what fuse() changed) loads back into a model that gives the same numbers."""
+    import io
+
+    ref, fused, _ = fused_models[family]
+    buffer = io.BytesIO()
+    torch.save(fused, buffer)
+    buffer.seek(0)
+    loaded = torch.load(buffer, weights_only=False)
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in fused.modules()]
+    ref.train()
+    loaded.train()
+    assert_same_step(loaded, ref, batch(family), f"{family} saved and loaded whole")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -155,15 +155,12 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
                 f"{where} ({type(parent).__name__}: {gate}, {up}, {down} + {type(parent._modules[act]).__name__}) "
                 f"-> torch_ext.fused_mlp {kind}")
             continue
-        if p.gated_product is not None:
-            gate, up, act, kind, index = p.gated_product
-            parent.__class__ = local.gated_product_class(type(parent), gate, up, act, kind, index)
-            for name in (gate, up):
+        if p.edit is not None:
+            parent.__class__ = local.edited_class(type(parent), p.edit)
+            for name in p.edit.attrs:
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""
-            report.replaced.append(
-                f"{where} ({type(parent).__name__}: {gate}, {up} + {type(parent._modules[act]).__name__}) "
-                f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
+            report.replaced.append(f"{where} ({p.edit_label}")
         if any(id(parent._modules[name]) not in pending for name in p.pairs):
             p.pairs = {}  # one of them is handled elsewhere: its activation module must stay
         for name, (spec, act) in p.pairs.items():

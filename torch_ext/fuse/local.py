@@ -31,7 +31,7 @@ from torch import nn
 
 from ..linear_act import fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp
-from .activations import _FUNCTION_ACTIVATIONS, Spec, activation_spec
+from .activations import _FUNCTION_ACTIVATIONS, Spec, _describe, activation_spec
 from .rewrite import _has_hooks
 from .source import _own_methods, mentioned_names, names_in_class, parsed
 
@@ -47,10 +47,25 @@ class Plan:
     module: nn.Module
     pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)  # linear -> (spec, activation module name)
     gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
-    # act(gate(x)) * up(x) inside a longer forward: (gate, up, activation, kind, statement index)
-    gated_product: Optional[Tuple[str, str, str, str, int]] = None
+    # Three statements of a longer forward replaced by one call (see Edit); with its report text.
+    edit: Optional["Edit"] = None
+    edit_label: str = ""
     why_not: Dict[str, str] = field(default_factory=dict)  # linear name -> reason
     problem: str = ""  # why nothing in this module can be rewritten
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace `count` top-level statements of forward from `index` (docstring not counted) by
+    `target = self._torch_ext_<helper>(self.<attrs[0]>, self.<attrs[1]>, <x>, *consts)`."""
+
+    index: int
+    count: int
+    target: str
+    helper: str
+    attrs: Tuple[str, ...]
+    x: str
+    consts: Tuple = ()
 
 
 def _self_attr(node) -> Optional[str]:
@@ -211,6 +226,31 @@ def _gated_product(r: _Reader, body: List[ast.stmt]):
     return None
 
 
+def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
+    """Three consecutive statements `h = self.fc1(x)`, `h = self.act(h)`, `y = self.fc2(h)` (ViTMLP),
+    fc1 and fc2 nn.Linear, `h` read nowhere after unless `y` rebinds it: (index, the three call
+    nodes, fc1, fc2, act, spec, x, y), or None."""
+    for i in range(len(body) - 2):
+        s1, s2, s3 = body[i:i + 3]
+        if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (s1, s2, s3)):
+            continue
+        h, h2, y = (s.targets[0].id for s in (s1, s2, s3))
+        fc1, fc2 = r.linear(s1.value), r.linear(s3.value)
+        act = r.activation(s2.value)
+        if not (fc1 and fc2 and act and act[1] and fc1 != fc2 and type(r.sub(fc1)) is type(r.sub(fc2)) is nn.Linear):
+            continue
+        x = s1.value.args[0]
+        a2, a3 = s2.value.args[0], s3.value.args[0]
+        if not (isinstance(x, ast.Name) and h == h2 and isinstance(a2, ast.Name) and a2.id == h
+                and isinstance(a3, ast.Name) and a3.id == h):
+            continue
+        read_later = any(isinstance(n, ast.Name) and n.id == h for st in body[i + 3:] for n in ast.walk(st))
+        if y != h and read_later:
+            continue
+        return i, (s1.value, s2.value, s3.value), fc1, fc2, act[1], act[0], x.id, y
+    return None
+
+
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     """What can be rewritten in `module` alone (see the module docstring); `ancestors`: every
     module above it, whose methods must not name what is swapped."""
@@ -272,18 +312,34 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     gp = _gated_product(r, body) if g is None else None
     fn = type(module).forward
     if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
-        index, calls, gate, up, act, spec, _, _ = gp
+        index, calls, gate, up, act, spec, x, target = gp
         why = elsewhere({gate, up, act}, [calls[0], calls[1], calls[2]])
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
             why = why or "only one of its gate and up projections has a bias"
         if any(_has_hooks(r.sub(n)) for n in (gate, up, act)):
             why = why or "a module of its gated product has hooks"
         if not why:
-            p.gated_product = (gate, up, act, _GATED[spec[0]], index)
+            kind = _GATED[spec[0]]
+            p.edit = Edit(index, 3, target, "gated_linear", (gate, up), x, (kind,))
+            p.edit_label = (f"{type(module).__name__}: {gate}, {up} + {type(r.sub(act)).__name__}) "
+                            f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
             _rest_not_fused(p, module, linear_ok, done=(gate, up))
             return p
         for name in (gate, up):
             p.why_not[name] = why
+
+    seq = _mlp_sequence(r, body) if g is None and gp is None else None
+    if seq is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
+        index, calls, fc1, fc2, act, spec, x, target = seq
+        why = elsewhere({fc1, fc2, act}, list(calls))
+        if any(_has_hooks(r.sub(n)) for n in (fc1, fc2, act)):
+            why = why or "a module of its MLP has hooks"
+        if not why:
+            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, spec)
+            p.edit_label = (f"{type(module).__name__}: {fc1}, {fc2} + {type(r.sub(act)).__name__}) "
+                            f"-> torch_ext.fused_mlp {_describe(spec)} (in its forward)")
+            _rest_not_fused(p, module, linear_ok, done=(fc1, fc2))
+            return p
 
     # Inside a with-block (autocast, no_grad) FusedLinear would round differently: left alone.
     in_with = {id(n) for w in ast.walk(r.tree) if isinstance(w, (ast.With, ast.AsyncWith)) for n in ast.walk(w)}
@@ -385,47 +441,51 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
     return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
 
 
-def gated_product_class(cls, gate: str, up: str, act: str, kind: str, index: int):
-    """A subclass of cls whose forward is cls.forward's own source with its three statements
-    `a = self.act(self.gate(x)); b = self.up(x); h = a * b` (at `index` in its body) replaced by
-    `h = self._torch_ext_gated_linear(self.gate, self.up, x, kind)`, compiled with the globals of
-    cls.forward (a copy: nothing added to the library's module; torch.compile looks globals up
-    in that module by name, so the new call is a method, not a global)."""
+def mlp(fc1: nn.Linear, fc2: nn.Linear, x, activation: str, negative_slope: float):
+    """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters."""
+    return fused_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, negative_slope)
+
+
+_HELPERS = {"gated_linear": gated_linear, "mlp": mlp}
+
+
+def edited_class(cls, edit: Edit):
+    """A subclass of cls whose forward is cls.forward's own source with `edit` applied, compiled
+    with the globals of cls.forward (a copy: nothing is added to the library's module; and since
+    torch.compile looks globals up in that module by name, the new call is a method, not a
+    global). isinstance, the other methods and the state_dict stay."""
     fn = cls.forward
     tree = copy.deepcopy(parsed(fn))
     fdef = tree.body[0]
     body = fdef.body
-    offset = 1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0
-    first, second, product = body[offset + index: offset + index + 3]
-    act_stmt = first if isinstance(first.value.func, ast.Attribute) and first.value.func.attr == act else second
-    x = act_stmt.value.args[0].args[0].id
-    call = ast.Call(
-        func=ast.Attribute(ast.Name("self", ast.Load()), "_torch_ext_gated_linear", ast.Load()),
-        args=[ast.Attribute(ast.Name("self", ast.Load()), gate, ast.Load()),
-              ast.Attribute(ast.Name("self", ast.Load()), up, ast.Load()),
-              ast.Name(x, ast.Load()), ast.Constant(kind)],
-        keywords=[])
-    body[offset + index: offset + index + 3] = [ast.Assign(targets=[product.targets[0]], value=call)]
+    start = edit.index + (1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0)
+
+    def self_attr(name):
+        return ast.Attribute(ast.Name("self", ast.Load()), name, ast.Load())
+
+    call = ast.Call(func=self_attr(f"_torch_ext_{edit.helper}"),
+                    args=[self_attr(a) for a in edit.attrs] + [ast.Name(edit.x, ast.Load())] + [ast.Constant(c) for c in edit.consts],
+                    keywords=[])
+    body[start:start + edit.count] = [ast.Assign(targets=[ast.Name(edit.target, ast.Store())], value=call)]
     fdef.decorator_list = []
     ast.fix_missing_locations(tree)
     scope = dict(fn.__globals__)
     exec(compile(tree, inspect.getsourcefile(fn) or "<torch_ext.fuse>", "exec"), scope)  # noqa: S102 (cls.forward's own source)
-    forward = scope[fdef.name]
 
     def __reduce_ex__(self, protocol):
-        return (_rebuild_gated_product, (cls, gate, up, act, kind, index, self.__getstate__()))
+        return (_rebuild_edited, (cls, edit, self.__getstate__()))
 
     return type(cls.__name__, (cls,), {
-        "forward": forward,
-        "_torch_ext_gated_linear": staticmethod(gated_linear),
+        "forward": scope[fdef.name],
+        f"_torch_ext_{edit.helper}": staticmethod(_HELPERS[edit.helper]),
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__reduce_ex__": __reduce_ex__,
-        "__doc__": f"{cls.__name__} with act(gate(x)) * up(x) as one GEMM and torch_ext's gated activation ({kind}), by torch_ext.fuse.",
+        "__doc__": f"{cls.__name__} with {', '.join(edit.attrs)} through torch_ext ({edit.helper}), by torch_ext.fuse.",
     })
 
 
-def _rebuild_gated_product(cls, gate, up, act, kind, index, state):
-    module = cls.__new__(gated_product_class(cls, gate, up, act, kind, index))
+def _rebuild_edited(cls, edit, state):
+    module = cls.__new__(edited_class(cls, edit))
     module.__setstate__(state)
     return module
