@@ -75,7 +75,7 @@ MLP_LINES = {
     "bert": ["bert.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "roberta": ["roberta.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "vit": ["vit.layers.{i}.mlp (ViTMLP: fc1, fc2 + GELUActivation) -> torch_ext.fused_mlp gelu (in its forward)"],
-    "gpt2": ["transformer.h.{i}.mlp.c_fc (Conv1D 32->128) + gelu_tanh (NewGELUActivation) -> FusedConv1D"],
+    "gpt2": ["transformer.h.{i}.mlp (GPT2MLP: c_fc, c_proj + NewGELUActivation) -> torch_ext.fused_mlp gelu_tanh (in its forward)"],
     "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
     "mistral": ["model.layers.{i}.mlp (MistralMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
     "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
@@ -87,7 +87,7 @@ MLP_LINES = {
                  "-> one GEMM + torch_ext's gated activation geglu_tanh"],
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
-MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_fc",
+MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ", "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
@@ -177,7 +177,9 @@ def test_report_lists_every_mlp_block(family, fused_models):
         assert type(mlp).forward is not type(mlp).__mro__[1].forward
         assert isinstance(mlp, type(mlp).__mro__[1]) and type(mlp.gate_proj) is nn.Linear
     elif family == "gpt2":
-        assert type(fused.transformer.h[0].mlp.c_fc).__name__ == "FusedConv1D"
+        mlp = fused.transformer.h[0].mlp
+        assert type(mlp.c_fc) is type(mlp.c_proj) is tf.pytorch_utils.Conv1D
+        assert type(mlp).forward is not tf.models.gpt2.modeling_gpt2.GPT2MLP.forward
     elif family == "vit":
         mlp = fused.vit.layers[0].mlp
         assert isinstance(mlp, tf.models.vit.modeling_vit.ViTMLP) and type(mlp.fc1) is type(mlp.fc2) is nn.Linear
@@ -389,14 +391,49 @@ def test_gated_mlp_keeps_parameter_objects():
 
 
 def test_conv1d_weight_is_not_copied():
+    """GPT-2's MLP runs fused_mlp on its Conv1D weights' transposed views: the same Parameters."""
     model = build("gpt2")
-    c_fc = model.transformer.h[0].mlp.c_fc
-    weight, ptr = c_fc.weight, c_fc.weight.data_ptr()
+    mlp = model.transformer.h[0].mlp
+    params = {n: (p, p.data_ptr()) for n, p in mlp.named_parameters()}
     fuse(model, inplace=True)
-    new = model.transformer.h[0].mlp.c_fc
-    assert isinstance(new, tf.pytorch_utils.Conv1D) and new is not c_fc
-    assert new.weight is weight and new.weight.data_ptr() == ptr and new.weight.shape == (32, 128)
-    assert type(model.transformer.h[0].mlp.act) is nn.Identity
+    assert {n: (p, p.data_ptr()) for n, p in mlp.named_parameters()} == params
+    assert mlp.c_fc.weight.shape == (32, 128)
+
+
+class ConvAct(nn.Module):
+    """openai-gpt's shape: act(c_fc(x)) nested, then c_proj: the pair becomes a FusedConv1D."""
+
+    def __init__(self):
+        super().__init__()
+        self.c_fc = tf.pytorch_utils.Conv1D(16, 8)
+        self.act = tf.activations.NewGELUActivation()
+        self.c_proj = tf.pytorch_utils.Conv1D(8, 16)
+
+    def forward(self, x, scale=None):
+        h = self.act(self.c_fc(x))
+        return self.c_proj(h)
+
+
+ConvAct.__module__ = "transformers.models.fake.modeling_fake"
+
+
+def test_conv1d_followed_by_activation_becomes_fused_conv1d():
+    model = ConvAct()
+    weight, ptr = model.c_fc.weight, model.c_fc.weight.data_ptr()
+    ref = copy.deepcopy(model)
+    fused, report = fuse(model, inplace=True)
+    new = fused.c_fc
+    assert type(new).__name__ == "FusedConv1D" and isinstance(new, tf.pytorch_utils.Conv1D), str(report)
+    assert new.weight is weight and new.weight.data_ptr() == ptr
+    assert type(fused.act) is nn.Identity
+    assert any("c_proj (Conv1D 16->8)" in s and "does not pass its output" in s for s in report.skipped), str(report)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y, y_ref = fused(x), ref(x)
+    assert_close(y, y_ref)
+    g = torch.randn_like(y)
+    for a, b in zip(torch.autograd.grad(y, [x, *fused.parameters()], g), torch.autograd.grad(y_ref, [x, *ref.parameters()], g)):
+        assert_close(a, b)
+    assert list(fused.state_dict()) == list(ref.state_dict())
 
 
 # ----------------------------------------------------------------------------------------------

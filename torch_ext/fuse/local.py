@@ -227,9 +227,9 @@ def _gated_product(r: _Reader, body: List[ast.stmt]):
 
 
 def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
-    """Three consecutive statements `h = self.fc1(x)`, `h = self.act(h)`, `y = self.fc2(h)` (ViTMLP),
-    fc1 and fc2 nn.Linear, `h` read nowhere after unless `y` rebinds it: (index, the three call
-    nodes, fc1, fc2, act, spec, x, y), or None."""
+    """Three consecutive statements `h = self.fc1(x)`, `h = self.act(h)`, `y = self.fc2(h)` (ViTMLP,
+    GPT2MLP), fc1 and fc2 both nn.Linear or both a library's Linear variant, `h` read nowhere after
+    unless `y` rebinds it: (index, the three call nodes, fc1, fc2, act, spec, x, y), or None."""
     for i in range(len(body) - 2):
         s1, s2, s3 = body[i:i + 3]
         if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (s1, s2, s3)):
@@ -237,7 +237,7 @@ def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
         h, h2, y = (s.targets[0].id for s in (s1, s2, s3))
         fc1, fc2 = r.linear(s1.value), r.linear(s3.value)
         act = r.activation(s2.value)
-        if not (fc1 and fc2 and act and act[1] and fc1 != fc2 and type(r.sub(fc1)) is type(r.sub(fc2)) is nn.Linear):
+        if not (fc1 and fc2 and act and act[1] and fc1 != fc2 and type(r.sub(fc1)) is type(r.sub(fc2))):
             continue
         x = s1.value.args[0]
         a2, a3 = s2.value.args[0], s3.value.args[0]
@@ -335,7 +335,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         if any(_has_hooks(r.sub(n)) for n in (fc1, fc2, act)):
             why = why or "a module of its MLP has hooks"
         if not why:
-            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, spec)
+            # Conv1D stores its weight (in, out): fused_mlp gets its transposed view (no copy).
+            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, type(r.sub(fc1)) is not nn.Linear))
             p.edit_label = (f"{type(module).__name__}: {fc1}, {fc2} + {type(r.sub(act)).__name__}) "
                             f"-> torch_ext.fused_mlp {_describe(spec)} (in its forward)")
             _rest_not_fused(p, module, linear_ok, done=(fc1, fc2))
@@ -441,9 +442,11 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
     return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
 
 
-def mlp(fc1: nn.Linear, fc2: nn.Linear, x, activation: str, negative_slope: float):
-    """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters."""
-    return fused_mlp(x, fc1.weight, fc1.bias, fc2.weight, fc2.bias, activation, negative_slope)
+def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False):
+    """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters (`transposed`:
+    weights stored (in, out), as transformers' Conv1D: their .t() views)."""
+    w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
+    return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)
 
 
 _HELPERS = {"gated_linear": gated_linear, "mlp": mlp}
