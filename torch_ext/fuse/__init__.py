@@ -13,15 +13,14 @@ What it replaces:
     and its state_dict.
   - where the fx path cannot rewrite a module (code above it it cannot read, or a library
     module whose own forward it cannot trace), in that module on its own, read from its
-    forward's source (local.py): ``self.act(self.fc(x))`` or ``h = self.fc(x); h = self.act(h)``
-    with an activation module (the Linear becomes FusedLinear, the activation nn.Identity); a
-    forward that is exactly ``self.down(self.act(self.gate(x)) * self.up(x))`` becomes
-    ``fused_mlp`` (swiglu / geglu / geglu_tanh); ``a = self.act(self.gate(x)); b = self.up(x);
-    h = a * b`` inside a longer forward becomes one GEMM and the gated activation. This is how
-    it reaches Hugging Face models (BertIntermediate, ViTMLP, LlamaMLP, T5DenseActDense,
-    T5DenseGatedActDense, GPT2MLP's Conv1D). A Linear is rewritten there only if no method of
-    the module or of any module above it names it (an attribute chain or a string), so no
-    other code can call it directly; where a source cannot be read, it is left alone.
+    forward's source (local.py): a Linear -> activation module pair (FusedLinear, the activation
+    nn.Identity); ``fc1 -> act -> fc2`` statements (``fused_mlp``); a gated MLP
+    ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh) or gated product
+    (one GEMM and the gated activation). This is how it reaches Hugging Face models
+    (BertIntermediate, ViTMLP, LlamaMLP, T5DenseActDense, T5DenseGatedActDense, GPT2MLP with its
+    Conv1D). Something is rewritten there only if no method of the module or of any module above
+    it names it (an attribute chain or a string), so no other code can call it directly; where a
+    source cannot be read, it is left alone.
 - activations of other libraries (transformers.activations' GELUActivation, NewGELUActivation,
   SiLUActivation..., timm's) are known by class name in torch_ext/integrations and accepted
   only if they also compute the activation numerically at fuse time (activations.computes).

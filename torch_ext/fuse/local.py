@@ -1,22 +1,31 @@
 """Local rewriting: a module whose own forward passes a Linear's output straight to an activation
 is rewritten on its own, read from its source, whatever the forwards above it are (Hugging Face's
-``BertIntermediate``, ``LlamaMLP``, ``T5DenseActDense``, ``GPT2MLP``: their parents' forwards
-take optional arguments and branch, so the fx path cannot rewrite them).
+``BertIntermediate``, ``ViTMLP``, ``LlamaMLP``, ``T5DenseActDense``, ``GPT2MLP``: their parents'
+forwards take optional arguments and branch, so the fx path cannot rewrite them).
 
-What is read, in the module's forward (no trace):
-- a pair: ``self.act(self.fc(x))``, or ``h = self.fc(x)`` directly followed by ``h = self.act(h)``
-  (``h`` read nowhere else), where ``act`` is an activation module (fuse/activations.py
-  ``activation_spec``); a function (torch.tanh) is recognised but stays, since swapping modules
-  cannot remove it from the forward. The Linear becomes a FusedLinear
-  with the same Parameters, the activation module nn.Identity; the forward is not touched.
-- a gated MLP: a forward that is exactly ``return self.down(self.act(self.gate(x)) * self.up(x))``
-  (Llama, Mistral, Qwen2, Gemma) with silu / gelu / gelu_tanh: its class becomes a subclass whose
-  forward is ``fused_mlp`` (swiglu / geglu / geglu_tanh) on the same Parameters.
+What is read, in the module's forward (no trace), first match wins:
+1. a gated MLP: a forward that is exactly ``return self.down(self.act(self.gate(x)) * self.up(x))``
+   (Llama, Mistral, Qwen2, Gemma) with silu / gelu / gelu_tanh: its class becomes a subclass
+   whose forward is ``fused_mlp`` (swiglu / geglu / geglu_tanh) on the same Parameters
+   (gated_class).
+2. a gated product inside a longer forward: ``a = self.act(self.gate(x)); b = self.up(x);
+   h = a * b`` (T5DenseGatedActDense) -> ``h = gated_linear(...)``: one GEMM and the gated
+   activation pass (an Edit of its source, edited_class).
+3. a whole MLP: ``h = self.fc1(x); h = self.act(h); y = self.fc2(h)`` (ViTMLP, GPT2MLP with its
+   Conv1D) -> ``y = fused_mlp(...)`` (an Edit).
+4. pairs: ``self.act(self.fc(x))``, or ``h = self.fc(x)`` directly followed by ``h = self.act(h)``
+   (``h`` read nowhere else), where ``act`` is an activation module (fuse/activations.py
+   ``activation_spec``): the Linear becomes a FusedLinear (a Conv1D a FusedConv1D) with the same
+   Parameters, the activation module nn.Identity; the forward is not touched. A function
+   (torch.tanh) is recognised but stays, since swapping modules cannot remove it from the forward.
+An Edit compiles the module's own forward source with three statements replaced (nothing else
+changes: dropout, casts and branches around them stay); it is not done for a forward with
+decorators or closures (super()), whose source alone is not the whole function.
 
-"Could other code call them directly?": the Linear's and the activation's attribute names must
-appear nowhere else in the module's methods, nor in any method of any module above it (an
-attribute chain or a getattr string naming them). Where a source cannot be read, nothing is done
-and the report says so.
+"Could other code call them directly?": the attribute names of what is swapped must appear
+nowhere else in the module's methods, nor in any method of any module above it (an attribute
+chain or a getattr string naming them; reading their .weight / .bias does not count). Where a
+source cannot be read, nothing is done and the report says so.
 """
 from __future__ import annotations
 
