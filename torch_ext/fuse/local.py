@@ -301,7 +301,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
                 return f"the source of {unreadable} is not available, so fuse() cannot tell whether it calls it"
         return ""
 
-    g = _gated(r, body)
+    # (A decorated forward, e.g. @torch.no_grad(), is more than its body: not replaced.)
+    g = _gated(r, body) if not r.tree.body[0].decorator_list else None
     if g is not None:
         expr, gate, up, down, act, spec = g
         subs = [r.sub(n) for n in (gate, up, down, act)]
