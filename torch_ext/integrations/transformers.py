@@ -222,7 +222,10 @@ def fuse_whole_model(model: nn.Module, where: str):
     label = f"{where} ({type(model).__name__}.lm_head, its loss)"
     if type(head) is not nn.Linear:
         return "", f"{label}: lm_head is a {type(head).__name__}, not an nn.Linear"
-    if "_loss_function" in vars(model) or model.loss_function is not LOSS_MAPPING.get("ForCausalLM"):
+    # What PreTrainedModel.loss_function would give (read without it: it warns when loss_type is None).
+    loss_type = getattr(model, "loss_type", None)
+    loss = LOSS_MAPPING.get(loss_type) if loss_type in LOSS_MAPPING else LOSS_MAPPING.get("ForCausalLM")
+    if "_loss_function" in vars(model) or loss is not LOSS_MAPPING.get("ForCausalLM"):
         return "", f"{label}: its loss_function is not transformers' ForCausalLMLoss"
     if model._forward_hooks or model._forward_pre_hooks or head._forward_hooks or head._forward_pre_hooks:
         return "", f"{label}: the model or its lm_head has hooks"
