@@ -4,8 +4,10 @@
   compute one of FusedLinear's activations. Taken by class name, and fused only if they also pass
   fuse's numerical check (fuse/activations.py ``computes``), so that a release that changes a
   formula (FastGELUActivation's rounded constant, say) is not fused silently.
-- ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out); FusedConv1D keeps that Parameter
-  and hands its transposed view to fused_linear (no copy).
+- ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out). GPT2MLP as a whole becomes
+  fused_mlp on the transposed views (fuse/local.py); a Conv1D + activation pair elsewhere
+  becomes FusedConv1D, which keeps the Parameter and hands its transposed view to fused_linear.
+  Neither copies the weight.
 - The causal-LM loss without logits (fuse_whole_model): see its section below.
 
 Imported only when a model holds a transformers module.
@@ -34,9 +36,8 @@ ACTIVATIONS = {
     "FastGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_fast": fused only if it matches gelu_tanh
     "AccurateGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_accurate": the tanh formula, spelled out
     "SiLUActivation": ("silu", _SLOPE),  # "silu" (Llama, Mistral, Qwen2)
-    "SiLU": ("silu", _SLOPE),
-    "ReLU": ("relu", _SLOPE),
 }
+# ("relu", "swish", "sigmoid", "tanh", "leaky_relu" give torch.nn's own classes: fuse's own table.)
 
 
 def linear_like(module) -> bool:
