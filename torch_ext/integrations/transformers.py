@@ -170,16 +170,25 @@ def _causal_lm_class(cls):
         head = self.lm_head
         if labels is None or return_logits or not isinstance(head, CausalLMHead):
             return super(fused_cls, self).forward(*args, **kwargs)
+        # The output's logits field is taken out below, so the forward must give a ModelOutput:
+        # ask for one where a tuple was asked for (return_dict is the forward's own argument,
+        # or can_return_tuple's), and make the tuple here.
         return_dict = kwargs.pop("return_dict", None)
-        if return_dict is None:
-            return_dict = getattr(self.config, "return_dict", True)
+        want_tuple = return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False)
+        if return_dict is not None or want_tuple:
+            kwargs["return_dict"] = True
         head.defer = True
         try:
-            out = super(fused_cls, self).forward(*args, return_dict=True, **kwargs)
+            out = super(fused_cls, self).forward(*args, **kwargs)
         finally:
             head.defer = False
+        if not (hasattr(out, "items") and "logits" in out):
+            raise RuntimeError(
+                f"torch_ext.fuse: {cls.__name__}.forward returned {type(out).__name__}, not a ModelOutput with logits; "
+                "call it with return_dict=True or return_logits=True"
+            )
         out = type(out)(**{k: v for k, v in out.items() if k != "logits"})  # logits=None
-        return out if return_dict else out.to_tuple()
+        return out.to_tuple() if want_tuple else out
 
     # generate() and others read the forward's parameters (logits_to_keep, cache...): the
     # original ones, plus return_logits before **kwargs.
