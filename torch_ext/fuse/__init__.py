@@ -38,9 +38,10 @@ left alone is listed, with the reason, in the report.
 
 Files: core.py (fuse() itself), activations.py (the activation table and the numerical check),
 source.py (reading a module's source), traced.py (the fx path over a whole model), local.py
-(rewriting one module from its source), rewrite.py (swapping modules, traced forwards),
-losses.py (loss modules), report.py (FuseReport). What is specific to one library is in
-torch_ext/integrations/<library>.py, imported only when a model holds that library's modules.
+(rewriting one module from its source), forwards.py (the forwards local.py gives a module),
+rewrite.py (swapping modules, traced forwards), losses.py (loss modules), report.py (FuseReport).
+What is specific to one library is in torch_ext/integrations/<library>.py, imported only when a
+model holds that library's modules.
 """
 from .core import fuse
 from .report import FuseReport

@@ -9,7 +9,7 @@ from torch import nn
 
 from ..linear_act import FusedLinear
 from ..integrations import fuse_whole_models, fused_linear_like, is_library_module, linear_like
-from . import local
+from . import forwards, local
 from .activations import _describe
 from .losses import _replacement_loss
 from .report import FuseReport
@@ -147,7 +147,7 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
         children = {name: sub for name, sub in parent._modules.items() if sub is not None and id(sub) in pending}
         if p.gated is not None:
             gate, up, down, act, kind = p.gated
-            parent.__class__ = local.gated_class(type(parent), gate, up, down, kind)
+            parent.__class__ = forwards.gated_class(type(parent), gate, up, down, kind)
             for name in (gate, up, down):
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""
@@ -156,7 +156,7 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
                 f"-> torch_ext.fused_mlp {kind}")
             continue
         if p.edit is not None:
-            parent.__class__ = local.edited_class(type(parent), p.edit)
+            parent.__class__ = forwards.edited_class(type(parent), p.edit)
             for name in p.edit.attrs:
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""
