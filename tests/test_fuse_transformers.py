@@ -225,6 +225,19 @@ def test_state_dict_loads_both_ways(family, fused_models):
 
 
 @pytest.mark.parametrize("family", ["vit", "gpt2", "llama", "t5-gated"])
+def test_save_pretrained_loads_into_the_unfused_class(family, fused_models, tmp_path):
+    ref, fused, _ = fused_models[family]
+    fused.save_pretrained(tmp_path)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        back = type(ref).from_pretrained(tmp_path)
+    assert type(back) is type(ref)
+    ref.eval()
+    back.eval()
+    assert_same_step(back, ref, batch(family), f"{family}: save_pretrained -> from_pretrained")
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2", "llama", "t5-gated"])
 def test_whole_model_pickles(family, fused_models):
     """torch.save of the whole fused model (its rewritten classes pickle as the library's class
     plus what fuse() changed) loads back into a model that gives the same numbers."""
