@@ -119,11 +119,13 @@ class _Reader:
         return ((kind, 0.01), None) if kind is not None else None
 
 
-def _pairs(r: _Reader, body: List[ast.stmt]) -> List[Tuple[ast.Call, ast.Call, str, Spec, Optional[str]]]:
-    """(linear call, activation call, linear name, spec, activation name) for each pair in forward."""
+def _pairs(r: _Reader, body: List[ast.stmt], activation=None) -> List[Tuple[ast.Call, ast.Call, str, Spec, Optional[str]]]:
+    """(linear call, activation call, linear name, spec, activation name) for each pair in forward
+    (`activation`: what counts as one, default r.activation)."""
+    activation = activation or r.activation
     found = []
     for node in ast.walk(r.tree):
-        act = r.activation(node)
+        act = activation(node)
         if act is None:
             continue
         arg = node.args[0]
@@ -387,11 +389,26 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
                         p.why_not[s[2]] = why
                         changed = True
     p.pairs = {name: (sites[0][3], sites[0][4]) for name, sites in ok.items()}
-    _rest_not_fused(p, module, linear_ok, done=tuple(p.pairs))
+    _rest_not_fused(p, module, linear_ok, done=tuple(p.pairs), r=r, body=body)
     return p
 
 
-def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done) -> None:
+def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done, r: Optional[_Reader] = None, body=()) -> None:
+    """Why the module's other Linears stay: what their output goes to, where that is a module
+    fuse() does not take as an activation (QuickGELU, say), else no activation at all."""
+    others = {}
+    if r is not None:
+        def any_module(node):
+            name = _self_attr(node.func) if _one_arg_call(node) else None
+            sub = r.sub(name)
+            return ((None, 0.0), name) if sub is not None and not linear_ok(sub) else None
+
+        others = {site[2]: site[4] for site in _pairs(r, body, any_module)}
     for name, sub in module._modules.items():
         if name not in done and name not in p.why_not and linear_ok(sub):
-            p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"
+            if name in others:
+                act = type(module._modules[others[name]]).__name__
+                p.why_not[name] = (f"{type(module).__name__}.forward passes its output to self.{others[name]} ({act}), "
+                                   "not one of FusedLinear's activations (or it failed fuse's numerical check)")
+            else:
+                p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"

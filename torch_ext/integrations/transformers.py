@@ -137,7 +137,13 @@ def _lm_forward_problem(cls) -> str:
     losses = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self(n.func, "loss_function")]
     if len(heads) != 1 or len(losses) != 1:
         return f"{cls.__name__}.forward does not call self.lm_head and self.loss_function once each"
-    assign = next((n for n in ast.walk(tree) if isinstance(n, ast.Assign) and n.value is heads[0]), None)
+    def is_head(value):  # self.lm_head(h), or self.lm_head(h).contiguous() (OPT): the same values
+        if (isinstance(value, ast.Call) and not value.args and not value.keywords and isinstance(value.func, ast.Attribute)
+                and value.func.attr == "contiguous"):
+            value = value.func.value
+        return value is heads[0]
+
+    assign = next((n for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_head(n.value)), None)
     if assign is None or len(assign.targets) != 1 or not isinstance(assign.targets[0], ast.Name):
         return f"{cls.__name__}.forward does not assign self.lm_head's output to a name"
     name = assign.targets[0].id
