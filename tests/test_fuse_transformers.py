@@ -61,6 +61,9 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.MistralForCausalLM(tf.MistralConfig(**decoder))
         if family == "qwen2":
             return tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+        if family == "opt":  # (not one of the families: its lm_head(h).contiguous())
+            return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
+                                                  num_attention_heads=2, word_embed_proj_dim=32, dropout=0.0))
         if family == "t5":
             return tf.T5ForConditionalGeneration(tf.T5Config(**t5))
         if family == "t5-gated":
@@ -290,11 +293,12 @@ def test_training_tracks_the_unfused_loss_curve(family):
 
 def causal_pair(family="llama"):
     ref = build(family).train()
-    fused, _ = fuse(ref)
+    fused, report = fuse(ref)
+    assert type(fused.lm_head).__name__ == "CausalLMHead" and any(LM_LOSS_LINE in r for r in report.replaced), str(report)
     return ref, fused
 
 
-@pytest.mark.parametrize("family", ["llama", "gpt2"])
+@pytest.mark.parametrize("family", ["llama", "gpt2", "opt"])
 def test_causal_lm_num_items_in_batch_and_shift_labels(family):
     ref, fused = causal_pair(family)
     inputs = batch(family)
