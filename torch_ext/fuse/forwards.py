@@ -1,0 +1,124 @@
+"""The forwards fuse() gives a module it rewrites on its own (local.py decides where): a subclass
+of the module's class (isinstance, its other methods and state_dict stay) whose forward is
+- ``fused_mlp`` on its gate / up / down Linears (gated_class), or
+- its own forward source with three statements replaced by one call (edited_class, Edit):
+  ``gated_linear`` (one GEMM on [gate; up] and the gated activation) or ``mlp`` (fused_mlp).
+Each pickles as the original class plus what was changed, rebuilt on load.
+"""
+from __future__ import annotations
+
+import ast
+import copy
+import inspect
+from dataclasses import dataclass
+from typing import Tuple
+
+import torch
+from torch import nn
+
+from ..linear_act import fused_linear
+from ..mlp import GATED_ACTIVATIONS, fused_mlp
+from .source import parsed
+
+
+@dataclass(frozen=True)
+class Edit:
+    """Replace `count` top-level statements of forward from `index` (docstring not counted) by
+    `target = self._torch_ext_<helper>(self.<attrs[0]>, self.<attrs[1]>, <x>, *consts)`."""
+
+    index: int
+    count: int
+    target: str
+    helper: str
+    attrs: Tuple[str, ...]
+    x: str
+    consts: Tuple = ()
+
+
+def gated_class(cls, gate: str, up: str, down: str, kind: str):
+    """A subclass of cls (isinstance, other methods and state_dict stay) whose forward is fused_mlp
+    on its own gate / up / down Linears; fc1's weight is [gate; up] concatenated on each call, so
+    the Parameters and state_dict keys stay those of the original (the copy is of the weights,
+    small next to the activations fused_mlp saves)."""
+
+    def forward(self, x):
+        g, u, d = self._modules[gate], self._modules[up], self._modules[down]
+        bias = None if g.bias is None else torch.cat([g.bias, u.bias])
+        return fused_mlp(x, torch.cat([g.weight, u.weight]), bias, d.weight, d.bias, kind)
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_gated, (cls, gate, up, down, kind, self.__getstate__()))
+
+    return type(cls.__name__, (cls,), {
+        "forward": forward,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__reduce_ex__": __reduce_ex__,
+        "__doc__": f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
+    })
+
+
+def _rebuild_gated(cls, gate, up, down, kind, state):
+    module = cls.__new__(gated_class(cls, gate, up, down, kind))
+    module.__setstate__(state)
+    return module
+
+
+def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
+    """``act(gate(x)) * up(x)`` as one GEMM on [gate; up] and torch_ext's gated activation pass
+    (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call)."""
+    bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
+    pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
+    return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
+
+
+def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False):
+    """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters (`transposed`:
+    weights stored (in, out), as transformers' Conv1D: their .t() views)."""
+    w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
+    return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)
+
+
+_HELPERS = {"gated_linear": gated_linear, "mlp": mlp}
+
+
+def edited_class(cls, edit: Edit):
+    """A subclass of cls whose forward is cls.forward's own source with `edit` applied, compiled
+    with the globals of cls.forward (a copy: nothing is added to the library's module; and since
+    torch.compile looks globals up in that module by name, the new call is a method, not a
+    global). isinstance, the other methods and the state_dict stay."""
+    fn = cls.forward
+    tree = copy.deepcopy(parsed(fn))
+    fdef = tree.body[0]
+    body = fdef.body
+    start = edit.index + (1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0)
+
+    def self_attr(name):
+        return ast.Attribute(ast.Name("self", ast.Load()), name, ast.Load())
+
+    call = ast.Call(func=self_attr(f"_torch_ext_{edit.helper}"),
+                    args=[self_attr(a) for a in edit.attrs] + [ast.Name(edit.x, ast.Load())] + [ast.Constant(c) for c in edit.consts],
+                    keywords=[])
+    body[start:start + edit.count] = [ast.Assign(targets=[ast.Name(edit.target, ast.Store())], value=call)]
+    fdef.decorator_list = []
+    ast.fix_missing_locations(tree)
+    scope = dict(fn.__globals__)
+    exec(compile(tree, inspect.getsourcefile(fn) or "<torch_ext.fuse>", "exec"), scope)  # noqa: S102 (cls.forward's own source)
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_edited, (cls, edit, self.__getstate__()))
+
+    return type(cls.__name__, (cls,), {
+        "forward": scope[fdef.name],
+        f"_torch_ext_{edit.helper}": staticmethod(_HELPERS[edit.helper]),
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__reduce_ex__": __reduce_ex__,
+        "__doc__": f"{cls.__name__} with {', '.join(edit.attrs)} through torch_ext ({edit.helper}), by torch_ext.fuse.",
+    })
+
+
+def _rebuild_edited(cls, edit, state):
+    module = cls.__new__(edited_class(cls, edit))
+    module.__setstate__(state)
+    return module

@@ -1,0 +1,414 @@
+"""Local rewriting: a module whose own forward passes a Linear's output straight to an activation
+is rewritten on its own, read from its source, whatever the forwards above it are (Hugging Face's
+``BertIntermediate``, ``ViTMLP``, ``LlamaMLP``, ``T5DenseActDense``, ``GPT2MLP``: their parents'
+forwards take optional arguments and branch, so the fx path cannot rewrite them).
+
+What is read, in the module's forward (no trace), first match wins:
+1. a gated MLP: a forward that is exactly ``return self.down(self.act(self.gate(x)) * self.up(x))``
+   (Llama, Mistral, Qwen2, Gemma) with silu / gelu / gelu_tanh: its class becomes a subclass
+   whose forward is ``fused_mlp`` (swiglu / geglu / geglu_tanh) on the same Parameters
+   (forwards.py gated_class).
+2. a gated product inside a longer forward: ``a = self.act(self.gate(x)); b = self.up(x);
+   h = a * b`` (T5DenseGatedActDense) -> ``h = gated_linear(...)``: one GEMM and the gated
+   activation pass (an Edit of its source, forwards.py edited_class).
+3. a whole MLP: ``h = self.fc1(x); h = self.act(h); y = self.fc2(h)`` (ViTMLP, GPT2MLP with its
+   Conv1D) -> ``y = fused_mlp(...)`` (an Edit).
+4. pairs: ``self.act(self.fc(x))``, or ``h = self.fc(x)`` directly followed by ``h = self.act(h)``
+   (``h`` read nowhere else), where ``act`` is an activation module (fuse/activations.py
+   ``activation_spec``): the Linear becomes a FusedLinear (a Conv1D a FusedConv1D) with the same
+   Parameters, the activation module nn.Identity; the forward is not touched. A function
+   (torch.tanh) is recognised but stays, since swapping modules cannot remove it from the forward.
+An Edit compiles the module's own forward source with three statements replaced (nothing else
+changes: dropout, casts and branches around them stay); it is not done for a forward with
+decorators or closures (super()), whose source alone is not the whole function.
+
+"Could other code call them directly?": the attribute names of what is swapped must appear
+nowhere else in the module's methods, nor in any method of any module above it (an attribute
+chain or a getattr string naming them; reading their .weight / .bias does not count). Where a
+source cannot be read, nothing is done and the report says so.
+"""
+from __future__ import annotations
+
+import ast
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from torch import nn
+
+from .activations import _FUNCTION_ACTIVATIONS, Spec, _describe, activation_spec
+from .forwards import Edit
+from .rewrite import _has_hooks
+from .source import _own_methods, mentioned_names, names_in_class, parsed
+
+_GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
+# Reading these attributes of a Linear stays valid after the swap (FusedLinear has them too).
+_LINEAR_ATTRIBUTES = {"weight", "bias", "in_features", "out_features", "nf", "nx"}
+
+
+@dataclass
+class Plan:
+    """What the local rewrite of one module would do, and why not for the rest."""
+
+    module: nn.Module
+    pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)  # linear -> (spec, activation module name)
+    gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
+    # Three statements of a longer forward replaced by one call (see Edit); with its report text.
+    edit: Optional[Edit] = None
+    edit_label: str = ""
+    why_not: Dict[str, str] = field(default_factory=dict)  # linear name -> reason
+    problem: str = ""  # why nothing in this module can be rewritten
+
+
+def _self_attr(node) -> Optional[str]:
+    """'a' for self.a."""
+    if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "self":
+        return node.attr
+    return None
+
+
+def _one_arg_call(node) -> bool:
+    return isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Starred)
+
+
+def _resolve(node, scope) -> object:
+    """The object a dotted name (F.gelu, torch.nn.functional.silu) names in `scope`, else None."""
+    names = []
+    while isinstance(node, ast.Attribute):
+        names.append(node.attr)
+        node = node.value
+    if not isinstance(node, ast.Name) or node.id == "self" or node.id not in scope:
+        return None
+    obj = scope[node.id]
+    for name in reversed(names):
+        obj = getattr(obj, name, None)
+    return obj
+
+
+class _Reader:
+    """One module's forward, as far as the local rewrite needs it."""
+
+    def __init__(self, module: nn.Module, linear_ok):
+        self.module = module
+        self.linear_ok = linear_ok  # nn.Linear (exact) or a library's Linear variant
+        self.fn = type(module).forward
+        self.tree = parsed(self.fn)
+        self.scope = getattr(self.fn, "__globals__", {})
+
+    def sub(self, name: Optional[str]):
+        return self.module._modules.get(name) if name else None
+
+    def linear(self, node) -> Optional[str]:
+        """'fc' for the call self.fc(x) of a Linear."""
+        if not _one_arg_call(node):
+            return None
+        name = _self_attr(node.func)
+        return name if name is not None and self.linear_ok(self.sub(name)) else None
+
+    def activation(self, node) -> Optional[Tuple[Spec, Optional[str]]]:
+        """(spec, module name or None) for the call self.act(h) or F.act(h) of an activation."""
+        if not _one_arg_call(node):
+            return None
+        name = _self_attr(node.func)
+        if name is not None:
+            act = self.sub(name)
+            spec = activation_spec(act) if act is not None and not _has_hooks(act) else None
+            return (spec, name) if spec is not None else None
+        fn = _resolve(node.func, self.scope)
+        kind = _FUNCTION_ACTIVATIONS.get(fn) if callable(fn) else None
+        # leaky_relu / gelu without their arguments: their defaults (0.01, exact gelu)
+        return ((kind, 0.01), None) if kind is not None else None
+
+
+def _pairs(r: _Reader, body: List[ast.stmt], activation=None) -> List[Tuple[ast.Call, ast.Call, str, Spec, Optional[str]]]:
+    """(linear call, activation call, linear name, spec, activation name) for each pair in forward
+    (`activation`: what counts as one, default r.activation)."""
+    activation = activation or r.activation
+    found = []
+    for node in ast.walk(r.tree):
+        act = activation(node)
+        if act is None:
+            continue
+        arg = node.args[0]
+        name = r.linear(arg)
+        if name is not None:
+            found.append((arg, node, name, *act))
+            continue
+        # h = self.fc(x); h = self.act(h): two consecutive top-level statements of forward
+        if not isinstance(arg, ast.Name):
+            continue
+        for i, stmt in enumerate(body[1:], 1):
+            prev = body[i - 1]
+            if not (isinstance(stmt, ast.Assign) and stmt.value is node and len(stmt.targets) == 1
+                    and isinstance(stmt.targets[0], ast.Name)):
+                continue
+            if not (isinstance(prev, ast.Assign) and len(prev.targets) == 1 and isinstance(prev.targets[0], ast.Name)
+                    and prev.targets[0].id == arg.id):
+                continue
+            name = r.linear(prev.value)
+            rebinds = stmt.targets[0].id == arg.id
+            read_later = any(isinstance(n, ast.Name) and n.id == arg.id for s in body[i + 1:] for n in ast.walk(s))
+            if name is not None and (rebinds or not read_later):
+                found.append((prev.value, node, name, *act))
+    return found
+
+
+def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, str, str, str, Spec]]:
+    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, or None."""
+    args = r.tree.body[0].args
+    if len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.defaults or args.posonlyargs:
+        return None
+    x = args.args[1].arg
+    if len(body) == 1 and isinstance(body[0], ast.Return):
+        expr = body[0].value
+    elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
+          and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
+          and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
+        expr = body[0].value
+    else:
+        return None
+    down = r.linear(expr)
+    if down is None or type(r.sub(down)) is not nn.Linear:
+        return None
+    product = expr.args[0]
+    if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
+        return None
+    for act_call, up_call in ((product.left, product.right), (product.right, product.left)):
+        act = r.activation(act_call)
+        if act is None or act[1] is None or act[0][0] not in _GATED:
+            continue
+        gate, up = r.linear(act_call.args[0]), r.linear(up_call)
+        on_x = all(isinstance(c.args[0], ast.Name) and c.args[0].id == x for c in (act_call.args[0], up_call))
+        if gate and up and on_x and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear:
+            return expr, gate, up, down, act[1], act[0]
+    return None
+
+
+def _gated_product(r: _Reader, body: List[ast.stmt]):
+    """Three consecutive statements `a = self.act(self.gate(x))`, `b = self.up(x)` (either order),
+    `h = a * b` (T5DenseGatedActDense), `a` and `b` read nowhere else: (index of the first, the
+    three call nodes, gate, up, act, spec, x, h), or None."""
+    def assigned(stmt):
+        ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+        return stmt.targets[0].id if ok else None
+
+    for i in range(len(body) - 2):
+        s1, s2, s3 = body[i:i + 3]
+        names = [assigned(s) for s in (s1, s2, s3)]
+        if None in names:
+            continue
+        for (sa, a), (sb, b) in (((s1, names[0]), (s2, names[1])), ((s2, names[1]), (s1, names[0]))):
+            act = r.activation(sa.value)
+            if act is None or act[1] is None or act[0][0] not in _GATED:
+                continue
+            gate_call = sa.value.args[0]
+            gate, up = r.linear(gate_call), r.linear(sb.value)
+            if not (gate and up and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear):
+                continue
+            x = gate_call.args[0]
+            if not (isinstance(x, ast.Name) and isinstance(sb.value.args[0], ast.Name) and sb.value.args[0].id == x.id):
+                continue
+            prod = s3.value
+            if not (isinstance(prod, ast.BinOp) and isinstance(prod.op, ast.Mult) and isinstance(prod.left, ast.Name)
+                    and isinstance(prod.right, ast.Name) and {prod.left.id, prod.right.id} == {a, b} and a != b
+                    and x.id not in (a, b)):
+                continue
+            reads = [n for n in ast.walk(r.tree) if isinstance(n, ast.Name) and n.id in (a, b) and isinstance(n.ctx, ast.Load)]
+            if len(reads) != 2:
+                continue
+            return i, (sa.value, gate_call, sb.value), gate, up, act[1], act[0], x.id, names[2]
+    return None
+
+
+def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
+    """Three consecutive statements `h = self.fc1(x)`, `h = self.act(h)`, `y = self.fc2(h)` (ViTMLP,
+    GPT2MLP), fc1 and fc2 both nn.Linear or both a library's Linear variant, `h` read nowhere after
+    unless `y` rebinds it: (index, the three call nodes, fc1, fc2, act, spec, x, y), or None."""
+    for i in range(len(body) - 2):
+        s1, s2, s3 = body[i:i + 3]
+        if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (s1, s2, s3)):
+            continue
+        h, h2, y = (s.targets[0].id for s in (s1, s2, s3))
+        fc1, fc2 = r.linear(s1.value), r.linear(s3.value)
+        act = r.activation(s2.value)
+        if not (fc1 and fc2 and act and act[1] and fc1 != fc2 and type(r.sub(fc1)) is type(r.sub(fc2))):
+            continue
+        x = s1.value.args[0]
+        a2, a3 = s2.value.args[0], s3.value.args[0]
+        if not (isinstance(x, ast.Name) and h == h2 and isinstance(a2, ast.Name) and a2.id == h
+                and isinstance(a3, ast.Name) and a3.id == h):
+            continue
+        read_later = any(isinstance(n, ast.Name) and n.id == h for st in body[i + 3:] for n in ast.walk(st))
+        if y != h and read_later:
+            continue
+        return i, (s1.value, s2.value, s3.value), fc1, fc2, act[1], act[0], x.id, y
+    return None
+
+
+def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
+    """What can be rewritten in `module` alone (see the module docstring); `ancestors`: every
+    module above it, whose methods must not name what is swapped."""
+    p = Plan(module)
+    methods = _own_methods(type(module))
+    if "forward" not in methods:
+        p.problem = "its forward is not its own source code"
+        return p
+    r = _Reader(module, linear_ok)
+    if r.tree is None or not isinstance(r.tree.body[0], ast.FunctionDef):
+        p.problem = f"the source of {type(module).__name__}.forward is not available"
+        return p
+    body = r.tree.body[0].body
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        body = body[1:]  # the docstring
+
+    # Mentions allowed: the calls being rewritten and reads of a Linear's weight/bias.
+    allowed = set()
+    for node in ast.walk(r.tree):
+        if isinstance(node, ast.Attribute) and node.attr in _LINEAR_ATTRIBUTES and r.linear_ok(r.sub(_self_attr(node.value))):
+            allowed.add(id(node.value))
+
+    def elsewhere(names, sites) -> str:
+        """Where code other than `sites` (call nodes) names one of `names` ("" if nowhere)."""
+        ok = allowed | {id(c.func) for c in sites}
+        for node in ast.walk(r.tree):
+            if isinstance(node, ast.Attribute) and node.attr in names and id(node) not in ok:
+                return f"{type(module).__name__}.forward also uses self.{node.attr}"
+            if isinstance(node, ast.Constant) and node.value in names and isinstance(node.value, str):
+                return f"{type(module).__name__}.forward names {node.value!r}"
+        for owner in [module] + ancestors:
+            if type(owner).__module__.startswith("torch."):
+                continue  # torch.nn's containers: no code that names attributes of their children
+            found, unreadable = names_in_class(type(owner), ("forward",) if owner is module else ())
+            for name in names:
+                if name in found:
+                    return f"{found[name]} names {name!r} (it may call it directly)"
+            if unreadable:
+                return f"the source of {unreadable} is not available, so fuse() cannot tell whether it calls it"
+        return ""
+
+    # (A decorated forward, e.g. @torch.no_grad(), is more than its body: not replaced.)
+    g = _gated(r, body) if not r.tree.body[0].decorator_list else None
+    if g is not None:
+        expr, gate, up, down, act, spec = g
+        subs = [r.sub(n) for n in (gate, up, down, act)]
+        why = elsewhere({gate, up, down, act}, [expr, expr.args[0].left, expr.args[0].right]
+                        + [c.args[0] for c in (expr.args[0].left, expr.args[0].right) if isinstance(c.args[0], ast.Call)])
+        if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
+            why = why or "only one of its gate and up projections has a bias"
+        if any(_has_hooks(s) for s in subs):
+            why = why or "a module of its gated MLP has hooks"
+        if not why:
+            p.gated = (gate, up, down, act, _GATED[spec[0]])
+            _rest_not_fused(p, module, linear_ok, done=(gate, up, down))
+            return p
+        for name in (gate, up, down):
+            p.why_not[name] = why
+
+    gp = _gated_product(r, body) if g is None else None
+    fn = type(module).forward
+    if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
+        index, calls, gate, up, act, spec, x, target = gp
+        why = elsewhere({gate, up, act}, [calls[0], calls[1], calls[2]])
+        if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
+            why = why or "only one of its gate and up projections has a bias"
+        if any(_has_hooks(r.sub(n)) for n in (gate, up, act)):
+            why = why or "a module of its gated product has hooks"
+        if not why:
+            kind = _GATED[spec[0]]
+            p.edit = Edit(index, 3, target, "gated_linear", (gate, up), x, (kind,))
+            p.edit_label = (f"{type(module).__name__}: {gate}, {up} + {type(r.sub(act)).__name__}) "
+                            f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
+            _rest_not_fused(p, module, linear_ok, done=(gate, up))
+            return p
+        for name in (gate, up):
+            p.why_not[name] = why
+
+    seq = _mlp_sequence(r, body) if g is None and gp is None else None
+    if seq is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
+        index, calls, fc1, fc2, act, spec, x, target = seq
+        why = elsewhere({fc1, fc2, act}, list(calls))
+        if any(_has_hooks(r.sub(n)) for n in (fc1, fc2, act)):
+            why = why or "a module of its MLP has hooks"
+        if not why:
+            # Conv1D stores its weight (in, out): fused_mlp gets its transposed view (no copy).
+            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, type(r.sub(fc1)) is not nn.Linear))
+            p.edit_label = (f"{type(module).__name__}: {fc1}, {fc2} + {type(r.sub(act)).__name__}) "
+                            f"-> torch_ext.fused_mlp {_describe(spec)} (in its forward)")
+            _rest_not_fused(p, module, linear_ok, done=(fc1, fc2))
+            return p
+
+    # Inside a with-block (autocast, no_grad) FusedLinear would round differently: left alone.
+    in_with = {id(n) for w in ast.walk(r.tree) if isinstance(w, (ast.With, ast.AsyncWith)) for n in ast.walk(w)}
+    pairs = []
+    for site in _pairs(r, body):
+        if site[4] is None:
+            # Swapping modules cannot take a function call out of the forward.
+            p.why_not[site[2]] = f"{type(module).__name__}.forward applies a function activation to it, which only a traced forward can drop"
+        elif id(site[1]) in in_with:
+            p.why_not[site[2]] = f"{type(module).__name__}.forward calls it inside a with-block"
+        else:
+            pairs.append(site)
+    by_linear: Dict[str, list] = {}
+    for site in pairs:
+        by_linear.setdefault(site[2], []).append(site)
+    acts: Dict[str, list] = {}
+    for site in pairs:
+        if site[4] is not None:
+            acts.setdefault(site[4], []).append(site)
+    # A Linear is rewritten when every use of it is a pair with one activation, and an activation
+    # module (to become Identity) only when every use of it is a pair whose Linear is rewritten.
+    ok = {}
+    for name, sites in by_linear.items():
+        calls = sum(1 for n in ast.walk(r.tree) if isinstance(n, ast.Call) and _self_attr(n.func) == name)
+        if name in p.why_not:
+            continue
+        if _has_hooks(r.sub(name)):
+            p.why_not[name] = "has hooks"
+        elif calls != len(sites):
+            p.why_not[name] = f"{type(module).__name__}.forward also calls it without an activation after it"
+        elif len({(s[3], s[4]) for s in sites}) > 1:
+            p.why_not[name] = f"used {len(sites)} times with different activations"
+        else:
+            why = elsewhere({name}, [s[0] for s in sites])
+            if why:
+                p.why_not[name] = why
+            else:
+                ok[name] = sites
+    changed = True
+    while changed:
+        changed = False
+        for act, sites in acts.items():
+            why = ""
+            if any(s[2] not in ok for s in sites):
+                why = f"its activation self.{act} also follows a Linear that is not fused"
+            else:
+                why = elsewhere({act}, [s[1] for s in sites])
+            if why:
+                for s in sites:
+                    if s[2] in ok:
+                        del ok[s[2]]
+                        p.why_not[s[2]] = why
+                        changed = True
+    p.pairs = {name: (sites[0][3], sites[0][4]) for name, sites in ok.items()}
+    _rest_not_fused(p, module, linear_ok, done=tuple(p.pairs), r=r, body=body)
+    return p
+
+
+def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done, r: Optional[_Reader] = None, body=()) -> None:
+    """Why the module's other Linears stay: what their output goes to, where that is a module
+    fuse() does not take as an activation (QuickGELU, say), else no activation at all."""
+    others = {}
+    if r is not None:
+        def any_module(node):
+            name = _self_attr(node.func) if _one_arg_call(node) else None
+            sub = r.sub(name)
+            return ((None, 0.0), name) if sub is not None and not linear_ok(sub) else None
+
+        others = {site[2]: site[4] for site in _pairs(r, body, any_module)}
+    for name, sub in module._modules.items():
+        if name not in done and name not in p.why_not and linear_ok(sub):
+            if name in others:
+                act = type(module._modules[others[name]]).__name__
+                p.why_not[name] = (f"{type(module).__name__}.forward passes its output to self.{others[name]} ({act}), "
+                                   "not one of FusedLinear's activations (or it failed fuse's numerical check)")
+            else:
+                p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"

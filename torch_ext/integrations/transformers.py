@@ -1,0 +1,258 @@
+"""Hugging Face transformers: what torch_ext.fuse needs to know about its modules.
+
+- ACTIVATIONS: the classes of ``transformers.activations`` (what ``ACT2FN[...]`` gives) that
+  compute one of FusedLinear's activations. Taken by class name, and fused only if they also pass
+  fuse's numerical check (fuse/activations.py ``computes``), so that a release that changes a
+  formula (FastGELUActivation's rounded constant, say) is not fused silently.
+- ``Conv1D`` (GPT-2): a Linear whose weight is stored (in, out). GPT2MLP as a whole becomes
+  fused_mlp on the transposed views (fuse/local.py); a Conv1D + activation pair elsewhere
+  becomes FusedConv1D, which keeps the Parameter and hands its transposed view to fused_linear.
+  Neither copies the weight.
+- The causal-LM loss without logits (fuse_whole_model): see its section below.
+
+Imported only when a model holds a transformers module.
+"""
+from __future__ import annotations
+
+import ast
+import inspect
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from transformers.pytorch_utils import Conv1D
+
+from ..linear_act import fused_linear
+from ..linear_cross_entropy import linear_cross_entropy
+
+MODULE_PREFIX = "transformers."
+
+_SLOPE = 0.01
+ACTIVATIONS = {
+    "GELUActivation": ("gelu", _SLOPE),  # "gelu", "gelu_python"
+    "NewGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_new" (GPT-2, T5 v1.1)
+    "GELUTanh": ("gelu_tanh", _SLOPE),  # "gelu_pytorch_tanh" (Gemma)
+    "PytorchGELUTanh": ("gelu_tanh", _SLOPE),  # its name in older releases
+    "FastGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_fast": fused only if it matches gelu_tanh
+    "AccurateGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_accurate": the tanh formula, spelled out
+    "SiLUActivation": ("silu", _SLOPE),  # "silu" (Llama, Mistral, Qwen2)
+}
+# ("relu", "swish", "sigmoid", "tanh", "leaky_relu" give torch.nn's own classes: fuse's own table.)
+
+
+def linear_like(module) -> bool:
+    return type(module) is Conv1D
+
+
+class FusedConv1D(Conv1D):
+    """transformers' Conv1D (weight (in, out), bias (out,)) followed by an activation, fused: the
+    same Parameters and state_dict keys; fused_linear gets ``weight.t()``, a view."""
+
+    def __init__(self, nf: int, nx: int, activation: str, negative_slope: float = _SLOPE):
+        super().__init__(nf, nx)
+        self.activation = activation
+        self.negative_slope = negative_slope
+
+    def forward(self, x):
+        return fused_linear(x, self.weight.t(), self.bias, activation=self.activation, negative_slope=self.negative_slope)
+
+    def __repr__(self) -> str:
+        return f"FusedConv1D(nf={self.nf}, nx={self.nx}, activation={self.activation!r})"
+
+
+def fused_linear_like(module: Conv1D, spec) -> FusedConv1D:
+    """A FusedConv1D holding `module`'s own weight and bias (built on meta: nothing allocated)."""
+    with torch.device("meta"):
+        fused = FusedConv1D(module.nf, module.nx, spec[0], spec[1])
+    fused.weight, fused.bias = module.weight, module.bias
+    return fused.train(module.training)
+
+
+# --- the causal-LM loss without logits -------------------------------------------------------
+#
+# Design: XForCausalLM.forward does `logits = self.lm_head(hidden)` and then, with labels,
+# `loss = self.loss_function(logits, labels, vocab_size, **kwargs)` (ForCausalLMLoss). Rather than
+# copy each family's forward (which differ: caches, softcapping, output classes), fuse() keeps it
+# and changes two things whose meaning it checks in the forward's source:
+# - lm_head becomes CausalLMHead (an nn.Linear with the same Parameters): while its model's
+#   forward runs with labels, it returns the hidden states it is given instead of the logits;
+# - the model's loss_function (HF's own setter) becomes DeferredCausalLMLoss, which then computes
+#   ForCausalLMLoss's value with linear_cross_entropy on those hidden states (shifted labels,
+#   ignore_index, the sum over num_items_in_batch); with real logits it calls ForCausalLMLoss.
+# The forward is accepted only if `logits` is used for nothing but the loss and the returned
+# output (no softcapping, scaling or slicing in between), so the two are exact. The model's class
+# becomes a subclass whose forward sets the head's flag when labels are given and returns
+# logits=None then (return_logits=True: the original computation, logits and all).
+
+
+class CausalLMHead(nn.Linear):
+    """The LM head of a model fused by torch_ext.fuse: an nn.Linear (same Parameters, same
+    state_dict keys) that, while `defer` is set by its model's forward, returns its input."""
+
+    defer = False
+
+    def forward(self, input):
+        return input if self.defer else super().forward(input)
+
+
+class DeferredCausalLMLoss:
+    """transformers' ForCausalLMLoss, computed from the hidden states when the head deferred."""
+
+    def __init__(self, head: CausalLMHead):
+        self.head = head
+
+    def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+        from transformers.loss.loss_utils import ForCausalLMLoss
+
+        if not self.head.defer:
+            return ForCausalLMLoss(logits, labels, vocab_size, num_items_in_batch=num_items_in_batch,
+                                   ignore_index=ignore_index, shift_labels=shift_labels, **kwargs)
+        hidden = logits  # what the deferring head returned
+        if shift_labels is None:
+            # Shift so that tokens < n predict n, as ForCausalLMLoss does.
+            shift_labels = F.pad(labels, (0, 1), value=ignore_index)[..., 1:]
+        target = shift_labels.reshape(-1).to(hidden.device)
+        reduction = "sum" if num_items_in_batch is not None else "mean"
+        loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, target,
+                                    linear_bias=self.head.bias, reduction=reduction, ignore_index=ignore_index)
+        # ForCausalLMLoss returns float32 (it upcasts the logits). For bf16 / fp16 models
+        # linear_cross_entropy returns its loss in their dtype, so the value is rounded to it
+        # (its gradients are not); float32 models get the same loss to float32 rounding.
+        loss = loss.float()
+        if reduction == "sum":
+            if torch.is_tensor(num_items_in_batch):
+                num_items_in_batch = num_items_in_batch.to(loss.device)
+            loss = loss / num_items_in_batch
+        return loss
+
+
+def _lm_forward_problem(cls) -> str:
+    """Why cls.forward's loss cannot come from the hidden states ("" if it can)."""
+    from ..fuse.source import parsed
+
+    tree = parsed(cls.forward)
+    if tree is None:
+        return f"the source of {cls.__name__}.forward is not available"
+    heads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self(n.func, "lm_head")]
+    losses = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self(n.func, "loss_function")]
+    if len(heads) != 1 or len(losses) != 1:
+        return f"{cls.__name__}.forward does not call self.lm_head and self.loss_function once each"
+    def is_head(value):  # self.lm_head(h), or self.lm_head(h).contiguous() (OPT): the same values
+        if (isinstance(value, ast.Call) and not value.args and not value.keywords and isinstance(value.func, ast.Attribute)
+                and value.func.attr == "contiguous"):
+            value = value.func.value
+        return value is heads[0]
+
+    assign = next((n for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_head(n.value)), None)
+    if assign is None or len(assign.targets) != 1 or not isinstance(assign.targets[0], ast.Name):
+        return f"{cls.__name__}.forward does not assign self.lm_head's output to a name"
+    name = assign.targets[0].id
+    call = losses[0]
+    given = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "logits"), None)
+    if not (isinstance(given, ast.Name) and given.id == name):
+        return f"{cls.__name__}.forward does not pass {name} to self.loss_function as the logits"
+    # `logits` may only go to the loss and into the returned output (logits=logits).
+    allowed = {id(given)}
+    for node in ast.walk(tree):
+        if isinstance(node, ast.keyword) and node.arg == "logits" and isinstance(node.value, ast.Name):
+            allowed.add(id(node.value))
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Name) and node.id == name and node is not assign.targets[0] and id(node) not in allowed:
+            return f"{cls.__name__}.forward does more with {name} than the loss (line {node.lineno} of its source)"
+    return ""
+
+
+def _is_self(node, attr: str) -> bool:
+    return isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name) and node.value.id == "self"
+
+
+def _causal_lm_class(cls):
+    """A subclass of cls whose forward defers the LM head when labels are given (see above)."""
+    signature = inspect.signature(cls.forward)
+
+    def forward(self, *args, return_logits: bool = False, **kwargs):
+        bound = signature.bind_partial(self, *args, **kwargs)
+        labels = bound.arguments.get("labels", bound.arguments.get("kwargs", {}).get("labels"))
+        head = self.lm_head
+        if labels is None or return_logits or not isinstance(head, CausalLMHead):
+            return super(fused_cls, self).forward(*args, **kwargs)
+        # The output's logits field is taken out below, so the forward must give a ModelOutput:
+        # ask for one where a tuple was asked for (return_dict is the forward's own argument,
+        # or can_return_tuple's), and make the tuple here.
+        return_dict = kwargs.pop("return_dict", None)
+        want_tuple = return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False)
+        if return_dict is not None or want_tuple:
+            kwargs["return_dict"] = True
+        head.defer = True
+        try:
+            out = super(fused_cls, self).forward(*args, **kwargs)
+        finally:
+            head.defer = False
+        if not (hasattr(out, "items") and "logits" in out):
+            raise RuntimeError(
+                f"torch_ext.fuse: {cls.__name__}.forward returned {type(out).__name__}, not a ModelOutput with logits; "
+                "call it with return_dict=True or return_logits=True"
+            )
+        out = type(out)(**{k: v for k, v in out.items() if k != "logits"})  # logits=None
+        return out.to_tuple() if want_tuple else out
+
+    # generate() and others read the forward's parameters (logits_to_keep, cache...): the
+    # original ones, plus return_logits before **kwargs.
+    params = list(signature.parameters.values())
+    extra = inspect.Parameter("return_logits", inspect.Parameter.KEYWORD_ONLY, default=False, annotation=bool)
+    at = len(params) - (params[-1].kind is inspect.Parameter.VAR_KEYWORD)
+    forward.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])
+    forward.__doc__ = cls.forward.__doc__
+
+    def __reduce_ex__(self, protocol):
+        return (_rebuild_causal_lm, (cls, self.__getstate__()))
+
+    fused_cls = type(cls.__name__, (cls,), {
+        "forward": forward,
+        "__module__": cls.__module__,
+        "__qualname__": cls.__qualname__,
+        "__reduce_ex__": __reduce_ex__,
+        "__doc__": f"{cls.__name__} whose loss, given labels, comes from torch_ext.linear_cross_entropy "
+                   "on the hidden states (logits are then None; return_logits=True computes them).",
+    })
+    return fused_cls
+
+
+def _rebuild_causal_lm(cls, state):
+    module = cls.__new__(_causal_lm_class(cls))
+    module.__setstate__(state)
+    return module
+
+
+def fuse_whole_model(model: nn.Module, where: str):
+    """Make `model`'s loss come from linear_cross_entropy on the hidden states (see above).
+    Returns (replaced line, "") or ("", why not) or ("", "") when this is no causal LM."""
+    from transformers import PreTrainedModel
+    from transformers.loss.loss_utils import LOSS_MAPPING
+
+    head = getattr(model, "lm_head", None)
+    if not isinstance(model, PreTrainedModel) or not isinstance(head, nn.Linear) or "labels" not in inspect.signature(type(model).forward).parameters:
+        return "", ""
+    if isinstance(head, CausalLMHead):
+        return "", ""  # fused already
+    label = f"{where} ({type(model).__name__}.lm_head, its loss)"
+    if type(head) is not nn.Linear:
+        return "", f"{label}: lm_head is a {type(head).__name__}, not an nn.Linear"
+    # What PreTrainedModel.loss_function would give (read without it: it warns when loss_type is None).
+    loss_type = getattr(model, "loss_type", None)
+    loss = LOSS_MAPPING.get(loss_type) if loss_type in LOSS_MAPPING else LOSS_MAPPING.get("ForCausalLM")
+    if "_loss_function" in vars(model) or loss is not LOSS_MAPPING.get("ForCausalLM"):
+        return "", f"{label}: its loss_function is not transformers' ForCausalLMLoss"
+    if model._forward_hooks or model._forward_pre_hooks or head._forward_hooks or head._forward_pre_hooks:
+        return "", f"{label}: the model or its lm_head has hooks"
+    why = _lm_forward_problem(type(model))
+    if why:
+        return "", f"{label}: {why}"
+    with torch.device("meta"):
+        new_head = CausalLMHead(head.in_features, head.out_features, bias=head.bias is not None)
+    new_head.weight, new_head.bias = head.weight, head.bias
+    new_head.train(head.training)
+    model.lm_head = new_head
+    model.loss_function = DeferredCausalLMLoss(new_head)
+    model.__class__ = _causal_lm_class(type(model))
+    return f"{label} -> torch_ext.linear_cross_entropy on the hidden states when labels are given (logits None)", ""
