@@ -587,10 +587,27 @@ def test_linear_cross_entropy_loss_module():
         pytest.skip("torch_ext.LinearCrossEntropyLoss does not mirror nn.LinearCrossEntropyLoss yet (another branch)")
     loss = nn.LinearCrossEntropyLoss(8, 10, bias=True, ignore_index=-1, label_smoothing=0.1,
                                      weight=torch.rand(10) + 0.5)
-    fused, report = fuse(loss)
-    assert isinstance(fused, torch_ext.LinearCrossEntropyLoss) and fused.linear is loss.linear
+    fused, report = fuse(loss)  # a copy: equal values, its own Parameters
+    assert isinstance(fused, torch_ext.LinearCrossEntropyLoss), str(report)
+    assert fused.state_dict().keys() == loss.state_dict().keys()
     x, t = torch.randn(6, 8, requires_grad=True), torch.tensor([1, 2, -1, 3, 9, 0])
     assert_close(fused(x, t), loss(x, t))
+
+    class Head(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.criterion = loss
+
+        def forward(self, x, t):
+            return self.criterion(x, t)
+
+    model = Head()
+    fuse(model, inplace=True)  # in place: the same Linear (Parameters) and class weights
+    assert isinstance(model.criterion, torch_ext.LinearCrossEntropyLoss)
+    assert model.criterion.linear is loss.linear and model.criterion.weight is loss.weight
+    (got,) = torch.autograd.grad(model(x, t), x)
+    (want,) = torch.autograd.grad(loss(x, t), x)
+    assert_close(got, want)
 
 
 def test_torch_ext_imports_without_transformers():
