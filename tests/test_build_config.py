@@ -292,13 +292,14 @@ def test_source_folder_without_its_module_imports_the_installed_package(tmp_path
     # there it must load the installed package's, not fail with a circular import.
     import shutil
 
-    installed = os.path.dirname(os.path.abspath(torch_ext.__file__))
+    installed = os.path.dirname(os.path.abspath(torch_ext._C.__file__))
     shutil.copytree(installed, tmp_path / "torch_ext", ignore=shutil.ignore_patterns("_C.*", "_build_config.py", "__pycache__"))
     (tmp_path / "setup.py").write_text("# a checkout's root\n")
     res = subprocess.run([sys.executable, "-m", "torch_ext"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.splitlines()[0].endswith(f"at {installed}")
-    code = "import torch_ext, torch; print(torch_ext.__path__[0]); print(torch_ext.fused_linear(torch.ones(2, 3), torch.ones(4, 3)).sum().item())"
+    code = ("import os, torch_ext, torch; print(os.path.dirname(torch_ext._C.__file__)); "
+            "print(torch_ext.fused_linear(torch.ones(2, 3), torch.ones(4, 3)).sum().item())")
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [installed, "24.0"]

@@ -54,7 +54,7 @@ def show_config() -> str:
     else:
         device = "none (torch.cuda.is_available() is False)"
     rows = [
-        ("torch_ext", f"{__version__} at {os.path.dirname(os.path.abspath(__file__))}"),
+        ("torch_ext", f"{__version__} at {os.path.dirname(os.path.abspath(_C.__file__))}"),
         ("torch (built against)", built("torch")),
         ("torch (running)", torch.__version__ + (f"  MISMATCH: {mismatch}" if mismatch else "")),
         ("torch CUDA", torch.version.cuda or "none (CPU build of torch)"),
