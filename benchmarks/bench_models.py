@@ -7,8 +7,8 @@ A step is what a training loop does: zero the gradients, forward (with the loss)
 AdamW step. The candidates run interleaved, in a new random order each round
 (common.time_interleaved), so drift on a shared machine hits both alike; the figures are medians
 over rounds, with their spread (interquartile range / median), and the speed-up is the median of
-the ratios taken within each round. Peak memory is measured in a fresh forked process per
-candidate: build the model, one warm-up step (optimizer state exists after it), return freed
+the ratios taken within each round. Peak memory is measured in a fresh process per
+candidate (spawned): build the model, one warm-up step (optimizer state exists after it), return freed
 memory (torch_ext.empty_cache, malloc_trim), reset the peak RSS, one step; the peak minus the
 resident size before the step. Before timing, the fused model's loss is checked against the
 unfused one's on the same batch.
@@ -117,8 +117,9 @@ def _peak_child(case_name: str, fused: bool, queue) -> None:
 
 
 def peak_step_bytes(case_name: str, fused: bool) -> Optional[int]:
-    """Peak RSS of one training step above the resident size before it, in a forked process."""
-    ctx = mp.get_context("fork")
+    """Peak RSS of one training step above the resident size before it, in a fresh process
+    (spawned: a fork of this process, whose OpenMP threads have run, can hang in the child)."""
+    ctx = mp.get_context("spawn")
     queue = ctx.Queue()
     proc = ctx.Process(target=_peak_child, args=(case_name, fused, queue))
     proc.start()

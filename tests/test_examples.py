@@ -15,14 +15,18 @@ LOSS_LINE = re.compile(r"^step\s+(\d+)\s+loss\s+(\S+)$", re.MULTILINE)
 
 
 def test_every_example_is_tested():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")) == sorted(SCRIPTS)
+    assert sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")) == sorted(SCRIPTS + ["hf_causal_lm.py"])
 
 
-@pytest.mark.parametrize("script", SCRIPTS)
+@pytest.mark.parametrize("script", SCRIPTS + ["hf_causal_lm.py"])
 def test_example_runs(script, tmp_path):
     png = tmp_path / "curve.png"
     cmd = [sys.executable, str(EXAMPLES / script), "--steps", str(STEPS), "--log-every", "1",
            "--batch-size", "16", "--threads", "1", "--plot", str(png)]
+    if script == "hf_causal_lm.py":
+        pytest.importorskip("transformers", reason="the example trains a transformers Llama")
+        cmd[cmd.index("16")] = "2"
+        cmd += ["--seq-len", "32", "--vocab", "500"]
     # Run from tmp_path: nothing a script might write lands in the checkout.
     proc = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, f"{script} failed:\n{proc.stdout}\n{proc.stderr}"
