@@ -51,13 +51,10 @@ _BUILD_COMMANDS = {"build", "build_ext", "build_clib", "bdist_wheel", "install",
 def _plan_cuda():
     """TORCH_EXT_CUDA=auto|1|0 (default auto): see toolchain.plan. No GPU is needed at build time,
     so TORCH_CUDA_ARCH_LIST defaults to 8.0;9.0 (A100, H100/H200) rather than asking a device."""
-    mode = os.environ.get("TORCH_EXT_CUDA", "auto")
-    if mode.strip().lower() == "0":
-        return toolchain.plan(mode, "", None, "")
     import torch
 
     arch_list = os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0")
-    return toolchain.plan(mode, torch.__version__, torch.version.cuda, arch_list)
+    return toolchain.plan(os.environ.get("TORCH_EXT_CUDA", "auto"), torch.__version__, torch.version.cuda, arch_list)
 
 
 # -g0: Python's own CFLAGS (sysconfig) carry -g, which nearly doubles the compile time of
@@ -171,7 +168,6 @@ def _build_config(cuda):
         "cpu_capabilities": [name.rsplit("_", 1)[-1].upper() for name, _ in libraries],
         "cxx_flags": [_cxx_std()] + CXX_FLAGS,
         "nvcc_flags": NVCC_FLAGS if cuda.build else None,
-        "compiler": os.environ.get("CXX", "c++"),
     }
 
 
@@ -202,6 +198,8 @@ class build_clib(_setuptools_build_clib):
     as torch's build already does for the extension's own files."""
 
     def build_libraries(self, libraries):
+        from concurrent.futures import ThreadPoolExecutor
+
         from torch.utils import cpp_extension
 
         wrap = getattr(cpp_extension, "_wrap_compiler", None)  # honours TORCH_NO_COMPILER_WRAPPER
@@ -209,8 +207,6 @@ class build_clib(_setuptools_build_clib):
             command = getattr(self.compiler, attr, None)
             if command and command[0] not in ("ccache", "sccache"):
                 setattr(self.compiler, attr, wrap(command))
-        from concurrent.futures import ThreadPoolExecutor
-
         workers = max(1, min(len(libraries), os.cpu_count() or 1))
         with ThreadPoolExecutor(workers) as pool:
             for done in [pool.submit(super(build_clib, self).build_libraries, [lib]) for lib in libraries]:
