@@ -52,10 +52,17 @@ def test_cached_tensor_behaves_like_any_tensor():
     g = _grad_of_mse(x)
     g.resize_(16, 16)  # a resizable storage, like at::empty's
     g.add_(1)
+    head = g.flatten().clone()
+    torch.testing.assert_close(head, 2 * x.flatten()[:256] + 1)
     g.resize_(1024, 4096)  # grows through the same allocator
     assert g.shape == (1024, 4096)
+    # Growing keeps the old elements; the new ones are uninitialized (any bits, NaN included),
+    # so they are written before they are compared.
+    torch.testing.assert_close(g.flatten()[:256], head)
+    g.view(-1)[256:] = 3.0
     h = g.clone()
     torch.testing.assert_close(h, g)
+    assert (h.view(-1)[256:] == 3.0).all()
     del g, h
 
 
