@@ -187,8 +187,10 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   Tensor loss_sum = at::zeros({}, options.dtype(at::kDouble));
 
   const char* chunk_reduction = reduction == Reduction::None ? "none" : "sum";
-  // empty_cpu_output: a reused block on CPU (no page faults per call), at::empty elsewhere.
-  Tensor logits_buffer = cpu::empty_cpu_output({std::min(chunk_size, s.rows), s.vocab}, options);
+  // One buffer for every chunk; on CPU in huge pages and given back to the system when the op
+  // returns (not cached): this op exists to save memory, and a cached block would stay resident
+  // through the rest of the training step. Page faults cost little next to the chunk's GEMMs.
+  Tensor logits_buffer = cpu::empty_cpu_scratch({std::min(chunk_size, s.rows), s.vocab}, options);
   for (int64_t r0 = 0; r0 < s.rows; r0 += chunk_size) {
     const int64_t n = std::min(chunk_size, s.rows - r0);
     const Tensor xc = x.narrow(0, r0, n);

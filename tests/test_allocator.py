@@ -91,3 +91,23 @@ def test_gradients_stay_correct_across_reused_steps():
         torch_ext.cross_entropy(x, t).backward()
         expected = torch.autograd.grad(F.cross_entropy(x, t), x)[0]
         torch.testing.assert_close(x.grad, expected)
+
+
+def test_linear_cross_entropy_scratch_is_not_cached():
+    # The chunk of logits (here 64 x 32000 float32 = 8 MiB) is scratch: given back to the system
+    # when the op returns, not kept in the cache through the rest of a training step.
+    torch_ext.empty_cache()
+    x, w = torch.randn(64, 16), torch.randn(32000, 16)
+    t = torch.randint(32000, (64,))
+    with torch.no_grad():
+        loss = torch_ext.linear_cross_entropy(x, w, t, chunk_size=64)
+    torch.testing.assert_close(loss, F.cross_entropy(x @ w.T, t), rtol=1e-5, atol=1e-5)
+    assert torch_ext.cached_bytes() == 0
+    # The weight gradient (32000 x 16 float32 = 2 MiB) is under the cache's threshold; a wider
+    # one is an output, cached when freed as before.
+    w = torch.randn(32000, 64, requires_grad=True)
+    torch_ext.linear_cross_entropy(torch.randn(64, 64), w, t, chunk_size=64).backward()
+    assert torch_ext.cached_bytes() == 0
+    w.grad = None
+    assert torch_ext.cached_bytes() >= 32000 * 64 * 4
+    torch_ext.empty_cache()

@@ -357,21 +357,21 @@ def test_chunk_size_does_not_change_results(dtype, kind):
 
 
 def test_default_chunk_size_rule():
-    """chunk_size=None: the rows whose logits fit in the device type's CHUNK_BYTES (CPU 64 MiB,
+    """chunk_size=None: the rows whose logits fit in the device type's CHUNK_BYTES (CPU 32 MiB,
     CUDA 512 MiB), a multiple of 8 when >= 8, at least 1, at most the rows."""
     import sys
 
     lce = sys.modules["torch_ext.linear_cross_entropy"]
-    assert lce.CHUNK_BYTES == {"cpu": 64 << 20, "cuda": 512 << 20}
+    assert lce.CHUNK_BYTES == {"cpu": 32 << 20, "cuda": 512 << 20}
     rule = lce.default_chunk_size
-    assert rule(4096, 32000, torch.float32) == 520  # (64 MiB // (32000 * 4)) = 524, down to a multiple of 8
-    assert rule(4096, 32000, torch.float32, "cpu") == 520
+    assert rule(4096, 32000, torch.float32) == 256  # (32 MiB // (32000 * 4)) = 262, down to a multiple of 8
+    assert rule(4096, 32000, torch.float32, "cpu") == 256
     assert rule(8192, 128256, torch.bfloat16, "cuda") == 2088  # 512 MiB // (128256 * 2) = 2093
     assert rule(100, 128256, torch.bfloat16, "cuda") == 100  # at most the rows
     assert rule(10, 1 << 30, torch.float32) == 1  # at least 1
-    assert rule(10, 5 << 20, torch.float32) == 3  # under 8: not rounded
+    assert rule(10, 2 << 20, torch.float32) == 4  # under 8: not rounded
     assert rule(0, 32000, torch.float32) == 1
-    assert rule(4096, 32000, torch.float32, "mps") == 520  # other devices: the CPU budget
+    assert rule(4096, 32000, torch.float32, "mps") == 256  # other devices: the CPU budget
 
 
 INPUT_SHAPES = [

@@ -24,14 +24,14 @@ _bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
 # float32 V x H sum (8 V H bytes for 2 V H x rows FLOPs), so a chunk needs some 600+ rows to keep an
 # H200's GEMM compute-bound; 512 MiB gives 2088 rows at V=128256 in bfloat16 (not yet measured on
 # a GPU).
-CHUNK_BYTES = {"cpu": 64 << 20, "cuda": 512 << 20}
+CHUNK_BYTES = {"cpu": 32 << 20, "cuda": 512 << 20}
 
 
 def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device_type: str = "cpu") -> int:
     """Rows per chunk when chunk_size is None: as many as keep one chunk's logits (rows x vocab) within
-    CHUNK_BYTES of the device type (CPU 64 MiB, CUDA 512 MiB), rounded down to a multiple of 8 when
-    at least 8, at least 1. At N=4096, V=32000, float32 on CPU that is 520 rows: 63 MiB of logits,
-    ~1/8 of the whole."""
+    CHUNK_BYTES of the device type (CPU 32 MiB, CUDA 512 MiB), rounded down to a multiple of 8 when
+    at least 8, at least 1. At N=4096, V=32000, float32 on CPU that is 256 rows: 31 MiB of logits,
+    ~1/16 of the whole."""
     element = torch.empty((), dtype=dtype).element_size()
     chunk = max(1, CHUNK_BYTES.get(device_type, CHUNK_BYTES["cpu"]) // max(1, vocab * element))
     if chunk >= 8:

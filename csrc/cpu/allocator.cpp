@@ -5,6 +5,7 @@
 #include <ATen/ops/empty.h>
 #include <c10/core/CPUAllocator.h>
 
+#include <cstdint>
 #include <cstdlib>
 #include <deque>
 #include <mutex>
@@ -132,7 +133,54 @@ struct CachingHugePageAllocator final : c10::Allocator {
   }
 };
 
+#if defined(__linux__)
+// Scratch: mapped on its own (2 MiB-aligned inside a slightly larger mapping) and unmapped when
+// freed, so the memory goes back to the system at once whatever malloc's thresholds are.
+void unmap_block(void* ctx) {
+  Block* block = static_cast<Block*>(ctx);
+  munmap(block->ptr, block->capacity);
+  delete block;
+}
+
+struct ScratchAllocator final : c10::Allocator {
+  c10::DataPtr allocate(size_t nbytes) override {
+    if (nbytes < kHugePageMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+    const size_t mapped = capacity + kHugePage;
+    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+    TORCH_CHECK(base != MAP_FAILED, "torch_ext: out of memory allocating ", capacity, " bytes");
+    const uintptr_t start = reinterpret_cast<uintptr_t>(base);
+    const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
+    if (aligned > start) munmap(base, aligned - start);
+    const uintptr_t end = start + mapped;
+    if (end > aligned + capacity) munmap(reinterpret_cast<void*>(aligned + capacity), end - aligned - capacity);
+    void* ptr = reinterpret_cast<void*>(aligned);
+#if defined(MADV_HUGEPAGE)
+    madvise(ptr, capacity, MADV_HUGEPAGE);
+#endif
+    Block* block = new Block{ptr, capacity};
+    return {ptr, block, &unmap_block, c10::Device(c10::DeviceType::CPU)};
+  }
+
+  void copy_data(void* dest, const void* src, std::size_t count) const override {
+    default_copy_data(dest, src, count);
+  }
+};
+#endif
+
 }  // namespace
+
+at::Tensor empty_cpu_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+#if defined(__linux__)
+  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (options.device().is_cpu() && nbytes >= kHugePageMinBytes) {
+    static ScratchAllocator allocator;
+    return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
+  }
+#endif
+  return at::empty(sizes, options);
+}
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();

@@ -25,6 +25,13 @@ constexpr size_t kHugePageMinBytes = size_t(4) << 20;
 // at::empty(sizes, options) (contiguous) for a CPU tensor, from the cache above when large.
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// A scratch buffer an op uses and frees before it returns: huge pages like the outputs, but
+// given back to the system when freed rather than cached, since a cached scratch block would sit
+// idle (counted in the process's memory) through the rest of a training step until the op's
+// next call. For ops whose point is to save memory (linear_cross_entropy's chunk of logits).
+// at::empty's for small sizes, other devices and systems without mmap.
+at::Tensor empty_cpu_scratch(at::IntArrayRef sizes, const at::TensorOptions& options);
+
 // Frees every cached block; returns the bytes released.
 size_t empty_cache();
 
