@@ -11,11 +11,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
 
-_fwd_op = torch.ops.torch_ext.cross_entropy_fwd.default
-_bwd_op = torch.ops.torch_ext.cross_entropy_bwd.default
-_fwd_grad_op = torch.ops.torch_ext.cross_entropy_fwd_grad.default
+_fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
+_bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
+_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd_grad.default)
 
 # Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
 # and sum; see _CrossEntropyGradInForward): all that have the kernels.
@@ -237,6 +237,8 @@ def cross_entropy(
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     if _grad_in_forward(input, target, reduction):
         return _CrossEntropyGradInForward.apply(*args)
+    if not needs_autograd(input, target):
+        return _fwd_op(*args)[0]
     return CrossEntropyFunction.apply(*args)[0]
 
 

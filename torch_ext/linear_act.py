@@ -11,7 +11,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, register_no_double_backward, forward_with_ctx
+from ._common import autocast_to_lower_precision, register_no_double_backward, forward_with_ctx, direct_when_no_grad, needs_autograd
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 # What the forward op saves for backward (besides input and weight); see csrc/activation.h.
@@ -19,8 +19,8 @@ _SAVES_MASK = frozenset({"relu", "leaky_relu"})
 _SAVES_OUTPUT = frozenset({"sigmoid", "tanh"})
 _SAVES_PRE_ACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
 
-_fwd_op = torch.ops.torch_ext.linear_act_fwd.default
-_bwd_op = torch.ops.torch_ext.linear_act_bwd.default
+_fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_act_fwd.default)
+_bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
 
 
 def _check_activation(activation) -> None:
@@ -136,6 +136,8 @@ def fused_linear(
     """
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
+    if not needs_autograd(input, weight, bias):
+        return _fwd_op(input, weight, bias, activation, float(negative_slope))[0]
     return FusedLinearFunction.apply(input, weight, bias, activation, float(negative_slope))[0]
 
 

@@ -14,10 +14,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
 
-_fwd_op = torch.ops.torch_ext.linear_cross_entropy_fwd.default
-_bwd_op = torch.ops.torch_ext.linear_cross_entropy_bwd.default
+_fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_fwd.default)
+_bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_bwd.default)
 
 # Bytes of one chunk's logits (their gradient is written over them), per device type. CPU: measured
 # (benchmarks/results/cpu.txt). CUDA: each chunk's weight-gradient GEMM also reads and writes the
@@ -250,6 +250,8 @@ def linear_cross_entropy(
     requires_grad = input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
     if reduction != "none" and forms_grad_in_forward(requires_grad):
         loss = _LinearCrossEntropyGradInForward.apply(*args)
+    elif not needs_autograd(input, linear_weight, linear_bias, target):
+        loss = _fwd_op(*args, [False, False, False])[0]
     else:
         loss = LinearCrossEntropyFunction.apply(*args, [False, False, False])[0]
     return loss.float() if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16) else loss

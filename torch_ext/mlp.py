@@ -22,17 +22,17 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, forward_with_ctx, register_no_double_backward
+from ._common import autocast_to_lower_precision, forward_with_ctx, register_no_double_backward, direct_when_no_grad, needs_autograd
 from .linear_act import _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
 
 # Gated activations: name -> the activation applied to the gate half.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 MLP_ACTIVATIONS = ACTIVATIONS + tuple(GATED_ACTIVATIONS)
 
-_linear_fwd = torch.ops.torch_ext.linear_act_fwd.default
-_linear_bwd = torch.ops.torch_ext.linear_act_bwd.default
-_act_fwd = torch.ops.torch_ext.mlp_act_fwd.default
-_act_bwd = torch.ops.torch_ext.mlp_act_bwd.default
+_linear_fwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_fwd.default)
+_linear_bwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
+_act_fwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_fwd.default)
+_act_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_bwd.default)
 
 
 def _check_mlp_act_input(op: str, input: Tensor, gated: bool) -> int:
@@ -255,9 +255,10 @@ def fused_mlp(
     input, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_to_lower_precision(
         input, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     )
-    return FusedMLPFunction.apply(
-        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute)
-    )[0]
+    args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute))
+    if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+        return _mlp_forward(*args)[0]
+    return FusedMLPFunction.apply(*args)[0]
 
 
 class FusedMLP(nn.Module):

@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
 
-_fwd_op = torch.ops.torch_ext.regression_loss_fwd.default
-_bwd_op = torch.ops.torch_ext.regression_loss_bwd.default
-_fwd_grad_op = torch.ops.torch_ext.regression_loss_fwd_grad.default
+_fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
+_bwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_bwd.default)
+_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd_grad.default)
 
 # Device types whose eager path forms the gradients in the forward kernel (reductions mean and
 # sum; see _RegressionLossGradInForward): all that have the kernels.
@@ -191,6 +191,8 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ):
         out = _RegressionLossGradInForward.apply(*args)
+    elif not needs_autograd(input, target, weight):
+        out = _fwd_op(*args)
     else:
         out = RegressionLossFunction.apply(*args)
     return out if weight_sum is None else out / weight_sum

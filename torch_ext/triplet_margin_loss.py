@@ -12,11 +12,11 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
 
-_fwd_op = torch.ops.torch_ext.triplet_margin_loss_fwd.default
-_bwd_op = torch.ops.torch_ext.triplet_margin_loss_bwd.default
-_fwd_grad_op = torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default
+_fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
+_bwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_bwd.default)
+_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default)
 
 
 def _check_p(op, p):
@@ -147,13 +147,12 @@ def triplet_margin_loss(
         raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
+    args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
     if forms_grad_in_forward(anchor.requires_grad or positive.requires_grad or negative.requires_grad):
-        return _TripletMarginLossGradInForward.apply(
-            anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
-        )[0]
-    return TripletMarginLossFunction.apply(
-        anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction
-    )[0]
+        return _TripletMarginLossGradInForward.apply(*args)[0]
+    if not needs_autograd(anchor, positive, negative):
+        return _fwd_op(*args)[0]
+    return TripletMarginLossFunction.apply(*args)[0]
 
 
 class TripletMarginLoss(nn.TripletMarginLoss):
