@@ -18,6 +18,7 @@
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
 #include <ATen/core/dispatch/Dispatcher.h>
@@ -117,7 +118,11 @@ double mean_denominator(const Shapes& s, const Tensor& target, const std::option
 
 // acc (V, H) = dlogits.T @ xc (first chunk) or += it (the others). For bfloat16/float16 acc is
 // float32: on CUDA one cuBLASLt GEMM takes the 16-bit operands at tensor-core rate and adds into
-// the float32 sum; elsewhere (and with TORCH_EXT_CUBLASLT=0) the operands are widened first.
+// the float32 sum. On CPU the chunk's product runs as one 16-bit GEMM (ATen's, accumulating in
+// float32 inside and rounding once, as eager PyTorch's whole weight-gradient GEMM does; twice the
+// float32 GEMM's rate where the CPU has bfloat16 dot products) and is added into the float32 sum;
+// widening the operands first cost 2.1x as much (1024 x 8000 x 256: 23.7 vs 11.0 ms). Elsewhere
+// (and on CUDA with TORCH_EXT_CUBLASLT=0) the operands are widened first.
 void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc, bool first) {
   const bool widen = acc.scalar_type() != dlogits.scalar_type();
 #ifdef TORCH_EXT_WITH_CUDA
@@ -130,6 +135,15 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
                     "(slower); a contiguous input avoids this");
   }
 #endif
+  if (widen && acc.is_cpu()) {
+    const Tensor chunk_product = at::mm(dlogits.t(), xc);
+    if (first) {
+      acc.copy_(chunk_product);
+    } else {
+      acc.add_(chunk_product);
+    }
+    return;
+  }
   const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
   const Tensor x_acc = widen ? xc.to(acc.scalar_type()) : xc;
   cpu::matmul_into(acc, d_t, x_acc, /*accumulate=*/!first);
