@@ -140,6 +140,68 @@ def test_cross_entropy_cpu_target_for_cuda_input():
         torch_ext.cross_entropy(x, torch.tensor([0, 1, 2, 3]))
 
 
+def non_finite_logits(rows_layout, device, dtype):
+    """(logits, class targets, probability targets) with every kind of non-finite row that
+    F.cross_entropy treats apart. "wide" rows (3000 classes) put the special values 2997 classes
+    apart: in different threads' and warps' partial maxima on CUDA (two +inf maxima merged:
+    exp(inf - inf)), in different 1024-class blocks on CPU. "spatial": the rows as positions of
+    an (8, C, 2) input."""
+    inf, nan = float("inf"), float("nan")
+    classes = 3000 if rows_layout == "wide" else 5
+    p, q = 1, classes - 2
+    x = torch.randn(16, classes) * 2
+    t = torch.zeros(16, dtype=torch.long)
+    x[1, p] = inf                                      # +inf max
+    x[2, p] = x[2, q] = inf                            # two +inf maxima
+    x[3, p], t[3] = -inf, p                            # target's logit -inf: loss inf
+    x[4, p] = -inf                                     # a -inf logit: probability 0
+    x[5] = -inf                                        # all -inf
+    x[6, q] = nan
+    x[7, p], x[7, q], t[7] = inf, -inf, q
+    x[8, p], x[8, q], t[8] = inf, nan, p
+    x[9], x[9, q], t[9] = -inf, 3.0, q                 # one finite logit
+    x[10, p], t[10] = inf, -100                        # ignored rows: loss 0, gradient NaN ...
+    x[11, q], t[11] = nan, -100
+    x[12], t[12] = -inf, -100
+    x[13, p], t[13] = -inf, -100                       # ... or 0
+    t[14] = -100
+    x[15, p], x[15, q], t[15] = 3e38, -3e38, p         # huge but finite (inf in float16)
+    prob = torch.softmax(torch.randn(16, classes), -1)
+    prob[4, p] = 0.0                                   # 0 * log(0): NaN in F.cross_entropy
+    x, t, prob = x.to(device=device, dtype=dtype), t.to(device), prob.to(device=device, dtype=dtype)
+    if rows_layout == "spatial":
+        x = x.view(8, 2, classes).transpose(1, 2).contiguous()
+        prob = prob.view(8, 2, classes).transpose(1, 2).contiguous()
+        t = t.view(8, 2)
+    return x, t, prob
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("rows_layout", ["rows", "wide", "spatial"])
+@pytest.mark.parametrize(
+    "options",
+    [{"reduction": "none"}, {}, {"reduction": "sum"}, {"label_smoothing": 0.1, "reduction": "none"},
+     {"weighted": True, "reduction": "none"}, {"weighted": True}, {"probabilities": True, "reduction": "none"},
+     {"probabilities": True, "label_smoothing": 0.1}],
+)
+def test_cross_entropy_non_finite_logits(device, rows_layout, options, grad_in_forward):
+    """+inf, -inf and NaN logits give F.cross_entropy's loss and gradient, NaN and inf where it
+    has them, on every device and path (ignored rows included)."""
+    options = dict(options)
+    weighted, probabilities = options.pop("weighted", False), options.pop("probabilities", False)
+    for dtype in dtypes_for(device):
+        x, t, prob = non_finite_logits(rows_layout, device, dtype)
+        w = torch.rand(x.shape[1], device=device).to(dtype) if weighted else None
+        if probabilities:
+            ours = lambda x, p: torch_ext.cross_entropy(x, p, **options)  # noqa: E731
+            ref = lambda x, p: F.cross_entropy(x, p, **options)  # noqa: E731
+            check_against_reference(ours, ref, [x, prob], dtype)
+        else:
+            ours = lambda x: torch_ext.cross_entropy(x, t, weight=w, **options)  # noqa: E731
+            ref = lambda x: F.cross_entropy(x, t, weight=None if w is None else w.to(x.dtype), **options)  # noqa: E731
+            check_against_reference(ours, ref, [x], dtype)
+
+
 @pytest.mark.parametrize("device", DEVICES)
 def test_cross_entropy_deterministic(device, grad_in_forward):
     x = torch.randn(300, 5000, device=device, requires_grad=True)

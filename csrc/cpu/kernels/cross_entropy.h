@@ -13,6 +13,11 @@
 // with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale).
 // lse is kept as max + log(sum exp(x - max)) in two numbers and never rounded as one: near
 // |x| = 1e4 a float32 lse is off by half a float step (5e-4), which lse - x_y would inherit.
+// Non-finite rows follow F.cross_entropy (log_softmax, then nll): a row whose max is +inf or NaN,
+// or whose logits are all -inf, has log-probabilities NaN everywhere, so its loss and its whole
+// gradient are NaN (row_is_nan); -inf logits in a row with a finite max are probability 0. An
+// ignored row's loss is 0 and its gradient 0, but NaN for such a row (log_softmax's backward
+// multiplies its NaN probabilities by the zero gradient), so the gradient pass reads it.
 //
 // Two layouts. spatial == 1 ((N, C) input, class stride 1): each row is read once, in blocks of
 // kBlock classes that stay in L1 while the block max, the rescaled sum of exponentials (online
@@ -127,9 +132,32 @@ inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w
   }
 }
 
+// Whether a (not ignored) row's loss and gradient are NaN, from its max: see the top of the file.
+// Checked explicitly, since exp_u20 does not propagate NaN (it gives inf).
+template <typename A>
+inline bool row_is_nan(A row_max) {
+  return !std::isfinite(row_max);
+}
+
 template <typename A>
 inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
   return target != nullptr && target[row] == ignore_index;
+}
+
+// The max of C logits (NaN if one is NaN), read in blocks through xbuf.
+template <typename S>
+inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const A inf = std::numeric_limits<A>::infinity();
+  V m(-inf);
+  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+    const int64_t n = std::min(kBlock, C - c0);
+    const A* xb = as_math<S, A>(x + c0, n, xbuf);
+    for (int64_t i = 0; i < n; i += L) m = at::vec::maximum(m, load_or(xb + i, std::min(L, n - i), -inf));
+  }
+  return reduce_max(m);
 }
 
 // Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
@@ -145,7 +173,10 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   const bool prob = a.target_prob != nullptr;
   S* gi = a.grad_input ? a.grad_input + r * C : nullptr;  // null: only the target's gradient
   if (ignored<A>(a.target, r, a.ignore_index)) {
-    if (gi != nullptr) std::fill(gi, gi + C, S(0));
+    if (gi != nullptr) {
+      const bool nan_row = row_is_nan(logits_max<S>(a.input + r * C, C, xbuf));
+      std::fill(gi, gi + C, nan_row ? S(std::numeric_limits<A>::quiet_NaN()) : S(0));
+    }
     return;
   }
   const S* x = a.input + r * C;
@@ -153,6 +184,11 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   S* gt = a.grad_target ? a.grad_target + r * C : nullptr;
   const A sc = a.row_scale ? a.row_scale[r] : a.scale;
   const A row_max = a.stats[3 * r], log_sum = a.stats[3 * r + 1];
+  if (row_is_nan(row_max)) {
+    if (gi != nullptr) std::fill(gi, gi + C, S(std::numeric_limits<A>::quiet_NaN()));
+    if (gt != nullptr) std::fill(gt, gt + C, S(std::numeric_limits<A>::quiet_NaN()));
+    return;
+  }
   const A lse = row_max + log_sum;
   const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
   int64_t y = -1;
@@ -240,6 +276,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
         loss *= rw;
         if (e > 0) loss += e * inv_c * (a.weight_sum * lse_shifted - st.sum_wx);
       }
+      if (row_is_nan(st.max)) loss = std::numeric_limits<A>::quiet_NaN();
       a.row_loss[r] = loss;
       a.stats[3 * r] = st.max;
       a.stats[3 * r + 1] = log_sum;
@@ -344,6 +381,7 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
           loss *= rw;
           if (e > 0) loss += e * inv_c * (a.weight_sum * log_sum - swx_l[l]);
         }
+        if (row_is_nan(max_l[l])) loss = std::numeric_limits<A>::quiet_NaN();
         a.row_loss[r] = loss;
         a.stats[3 * r] = max_l[l];
         a.stats[3 * r + 1] = log_sum;
@@ -375,16 +413,27 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       // Per-lane coefficients, as in backward_contiguous_rows; ignored lanes are masked to 0.
       __at_align__ A cp[L], cw[L], cy[L], max_l[L], log_l[L], keep_l[L], sc_l[L];
       int64_t y_l[L];
+      bool nan_l[L], ignored_l[L];
+      bool any_nan = false, any_ignored = false;
       for (int64_t l = 0; l < L; ++l) {
         cp[l] = cw[l] = cy[l] = max_l[l] = log_l[l] = sc_l[l] = 0;
         keep_l[l] = 0;
         y_l[l] = -1;
+        nan_l[l] = ignored_l[l] = false;
         if (l >= lanes) continue;
         const int64_t r = n * HW + s0 + l;
-        if (ignored<A>(a.target, r, a.ignore_index)) continue;
+        if (ignored<A>(a.target, r, a.ignore_index)) {  // NaN after the loop if its max is not finite
+          ignored_l[l] = any_ignored = true;
+          continue;
+        }
         const A sc = a.row_scale ? a.row_scale[r] : a.scale;
         max_l[l] = a.stats[3 * r];
         log_l[l] = a.stats[3 * r + 1];
+        if (row_is_nan(max_l[l])) {  // filled with NaN after the vector loop
+          nan_l[l] = any_nan = true;
+          max_l[l] = log_l[l] = 0;
+          continue;
+        }
         const A lse = max_l[l] + log_l[l];
         const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
         keep_l[l] = 1;
@@ -424,8 +473,10 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         }
         ldg = L;
       }
+      V lane_max(-std::numeric_limits<A>::infinity());  // of the ignored lanes
       for (int64_t c = 0; c < C; ++c) {
         const V xv = V::loadu(x + c * ld, lanes);
+        if (any_ignored) lane_max = at::vec::maximum(lane_max, xv);
         const V wv(a.weight ? a.weight[c] : A(1));
         V g = vp * ((xv - vmax) - vlog).exp_u20();
         if (prob) {
@@ -438,6 +489,20 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       }
       for (int64_t l = 0; l < lanes; ++l)
         if (y_l[l] >= 0) g_out[y_l[l] * ldg + l] -= cy[l];
+      if (any_ignored) {
+        __at_align__ A lane_max_l[L];
+        lane_max.store(lane_max_l);
+        for (int64_t l = 0; l < lanes; ++l) {
+          if (ignored_l[l] && row_is_nan(lane_max_l[l])) nan_l[l] = any_nan = true;
+        }
+      }
+      for (int64_t l = 0; any_nan && l < lanes; ++l) {
+        if (!nan_l[l]) continue;
+        for (int64_t c = 0; c < C; ++c) {
+          g_out[c * ldg + l] = std::numeric_limits<A>::quiet_NaN();
+          if (gt_out) gt_out[c * ldg + l] = std::numeric_limits<A>::quiet_NaN();
+        }
+      }
       if (!direct) {
         for (int64_t c = 0; c < C; ++c)
           for (int64_t l = 0; l < lanes; ++l) {
