@@ -21,7 +21,12 @@
 //
 // Two layouts. spatial == 1 ((N, C) input, class stride 1): each row is read once, in blocks of
 // kBlock classes that stay in L1 while the block max, the rescaled sum of exponentials (online
-// across blocks) and the linear sums are taken. spatial > 1 ((N, C, d...) input): a tile of one
+// across blocks) and the linear sums are taken. Each block's exponentials are taken against the
+// running max M_b after that block, exp(x - M_b), and a probability is exp(x - M_b) times the
+// block's factor exp(M_b - lse): the forward that also forms the gradient (float32/float64) keeps
+// them in the gradient's row and the gradient pass only multiplies (one exponential an element,
+// not two: the step is bound by them, not by memory); the backward op takes the block maxima
+// again (a max pass) and the same exponentials, so both give the same bits. spatial > 1 ((N, C, d...) input): a tile of one
 // vector of adjacent positions is processed at once, lanes = positions, looping over classes
 // (stride `spatial`); the tile is read from memory once (max), then again from cache (sums).
 #pragma once
@@ -79,33 +84,56 @@ struct RowState {
   A sum_wtx = 0;    // sum_c w_c t'_c (x_c - shift)
 };
 
-// Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), w: the full
-// weight vector or nullptr.
+// The max of n logits (NaN if one is NaN).
 template <typename A>
-inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0,
-                             int64_t n, A smoothing, A inv_classes, bool linear_sums) {
+inline A block_max_of(const A* x, int64_t n) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  const A inf = std::numeric_limits<A>::infinity();
-  V vmax(-inf);
-  for (int64_t i = 0; i < n; i += L) vmax = at::vec::maximum(vmax, load_or(x + i, std::min(L, n - i), -inf));
-  const A block_max = reduce_max(vmax);
+  V vmax(-std::numeric_limits<A>::infinity());
+  for (int64_t i = 0; i < n; i += L)
+    vmax = at::vec::maximum(vmax, load_or(x + i, std::min(L, n - i), -std::numeric_limits<A>::infinity()));
+  return reduce_max(vmax);
+}
+
+// The running max after a block of max block_max (NaN stays NaN: the row's result is NaN).
+template <typename A>
+inline A running_max_after(A running, A block_max) {
+  if (block_max > running || block_max != block_max) return block_max;
+  return running;
+}
+
+// exp(x - m) of a block's n logits (its k-th vector), 0 where m is -inf (a row all -inf so far:
+// x - m would be NaN).
+template <typename A>
+inline Vectorized<A> exp_against(const A* x, int64_t i, int64_t n, A m) {
+  using V = Vectorized<A>;
+  if (m == -std::numeric_limits<A>::infinity()) return V(0);
+  return (load_or(x + i, std::min<int64_t>(V::size(), n - i), -std::numeric_limits<A>::infinity()) - V(m)).exp_u20();
+}
+
+// Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), w: the full
+// weight vector or nullptr. exps (or nullptr) gets exp(x - st.max) of the block, st.max being
+// the running max after it.
+template <typename A>
+inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0,
+                             int64_t n, A smoothing, A inv_classes, bool linear_sums, A* exps) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const A block_max = block_max_of(x, n);
   if (!st.shifted) {
     st.shift = std::isfinite(block_max) ? block_max : A(0);
     st.shifted = true;
   }
-  if (block_max > st.max) {
-    st.sum_exp *= std::exp(st.max - block_max);
-    st.max = block_max;
-  } else if (block_max != block_max) {
-    st.max = block_max;  // NaN: the row's result is NaN
+  const A new_max = running_max_after(st.max, block_max);
+  if (new_max > st.max) st.sum_exp *= std::exp(st.max - new_max);
+  st.max = new_max;
+  V s(0);
+  for (int64_t i = 0; i < n; i += L) {
+    const V ev = exp_against(x, i, n, st.max);
+    s += ev;
+    if (exps != nullptr) ev.store(exps + i, std::min(L, n - i));
   }
-  if (st.max != -inf) {  // all-(-inf) so far: every exponential is 0 (and x - max would be NaN)
-    const V m(st.max);
-    V s(0);
-    for (int64_t i = 0; i < n; i += L) s += (load_or(x + i, std::min(L, n - i), -inf) - m).exp_u20();
-    st.sum_exp += reduce_sum(s);
-  }
+  st.sum_exp += reduce_sum(s);
   if (!linear_sums) return;
   const V shift(st.shift);
   if (t == nullptr) {
@@ -160,11 +188,25 @@ inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf) {
   return reduce_max(m);
 }
 
+// The running max after each block of a row (see the top of the file), into block_max.
+template <typename S>
+inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>* block_max) {
+  using A = acc_t<S>;
+  A running = -std::numeric_limits<A>::infinity();
+  for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
+    const int64_t n = std::min(kBlock, C - c0);
+    running = running_max_after(running, block_max_of(as_math<S, A>(x + c0, n, xbuf), n));
+    block_max[b] = running;
+  }
+}
+
 // Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
-// the incoming gradient row_scale[r] or scale. Buffers: kBlock values each.
+// the incoming gradient row_scale[r] or scale. Buffers: kBlock values each. block_max: the row's
+// running block maxima (maxima_known: the forward's; else taken here, into it); exps_in_grad: the
+// forward left exp(x - M_b) in the row of grad_input (float32/float64 only).
 template <typename S>
 inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf, acc_t<S>* tbuf, acc_t<S>* gbuf,
-                         acc_t<S>* gtbuf) {
+                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, bool exps_in_grad) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -191,6 +233,7 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   }
   const A lse = row_max + log_sum;
   const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
+  if (!maxima_known) running_block_maxima<S>(x, C, xbuf, block_max);
   int64_t y = -1;
   A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
   if (prob) {
@@ -205,21 +248,24 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   }
   const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
       vt(sc * (A(1) - e));
-  for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+  for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    const A* xb = as_math<S, A>(x + c0, n, xbuf);
+    const A* xb = exps_in_grad && t == nullptr ? nullptr : as_math<S, A>(x + c0, n, xbuf);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
     if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
+    const A mb = block_max[b];
+    // p = exp(x - M_b) exp(M_b - lse); 0 for blocks whose running max is still -inf.
+    const V factor(mb == -std::numeric_limits<A>::infinity() ? A(0) : std::exp((mb - row_max) - log_sum));
     for (int64_t i = 0; i < n; i += L) {
       const int64_t k = std::min(L, n - i);
-      const V xv = V::loadu(xb + i, k);
+      const V ev = exps_in_grad ? V::loadu(gb + i, k) : exp_against(xb, i, n, mb);
       const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
-      V g = vp * ((xv - vmax) - vlog).exp_u20();
+      V g = vp * (ev * factor);
       if (tb != nullptr) {
         const V tv = V::loadu(tb + i, k);
         g = g - vw * wv * (tv * keep + spread);
-        if (gt != nullptr) (vt * wv * ((vmax - xv) + vlog)).store(gtbuf + i, k);
+        if (gt != nullptr) (vt * wv * ((vmax - V::loadu(xb + i, k)) + vlog)).store(gtbuf + i, k);
       } else if (e > 0) {
         g = g - vw * wv;
       }
@@ -246,20 +292,24 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A tbuf[kBlock];
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
+    std::vector<A> block_max((C + kBlock - 1) / kBlock);
     for (int64_t r = begin; r < end; ++r) {
       if (ignored<A>(a.target, r, a.ignore_index)) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);  // zeros
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, false);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
       const S* t = prob ? a.target_prob + r * C : nullptr;
       RowState<A> st;
-      for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
+      A* exps = std::is_same_v<S, A> ? reinterpret_cast<A*>(a.grad_input) : nullptr;
+      if (exps != nullptr) exps += r * C;
+      for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
         const int64_t n = std::min(kBlock, C - c0);
         accumulate_block<A>(st, as_math<S, A>(x + c0, n, xbuf), t ? as_math<S, A>(t + c0, n, tbuf) : nullptr,
-                            a.weight, c0, n, e, inv_c, linear_sums);
+                            a.weight, c0, n, e, inv_c, linear_sums, exps ? exps + c0 : nullptr);
+        block_max[b] = st.max;
       }
       const A log_sum = std::log(st.sum_exp);
       const A lse = st.max + log_sum;                       // for z_loss only
@@ -282,7 +332,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       a.stats[3 * r + 1] = log_sum;
       a.stats[3 * r + 2] = prob ? st.sum_wt : A(0);
       // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
-      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);
+      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps != nullptr);
     }
   });
 }
@@ -296,7 +346,8 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A tbuf[kBlock];
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
-    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf);
+    std::vector<A> block_max((a.classes + kBlock - 1) / kBlock);
+    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, false);
   });
 }
 
