@@ -23,6 +23,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -124,10 +126,11 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
   if (widen && acc.is_cuda() && acc.numel() > 0 && cuda::cublaslt_enabled()) {
     cuda::LtEpilogueArgs args;
     args.accumulate = !first;
-    if (cuda::lt_gemm(dlogits.t(), xc, acc, args)) return;
-    TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt took neither the layout of the input nor an algorithm for "
-                    "the float32-accumulated weight-gradient GEMM; widening the chunk's operands to float32 instead "
-                    "(slower); a contiguous input avoids this");
+    std::string why_not;
+    if (cuda::lt_gemm(dlogits.t(), xc, acc, args, &why_not)) return;
+    TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt declined the float32-accumulated weight-gradient GEMM (",
+                    why_not, "); widening the chunk's operands to float32 instead (slower); a contiguous input "
+                    "avoids this");
   }
 #endif
   const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();

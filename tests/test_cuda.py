@@ -344,10 +344,11 @@ def test_fused_linear(device, activation):
             )
 
 
-# On CUDA, none / relu (out_features % 128 == 0) / gelu_tanh (float16, bfloat16; % 8 == 0) take
-# cuBLASLt GEMMs whose epilogues add the bias, apply the activation and write the saved mask or
-# pre-activation, and the weight gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu).
-# Each case runs with cuBLASLt on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
+# On CUDA, none / gelu_tanh (float16, bfloat16; % 8 == 0) take cuBLASLt GEMMs whose epilogues add
+# the bias, apply the activation and write the saved pre-activation; relu takes the bias epilogue
+# and our pass for relu and its mask (cuBLASLt's RELU_AUX masks x >= 0 and zeroes NaN); the weight
+# gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu). Each case runs with cuBLASLt
+# on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
 @pytest.fixture(params=["1", "0"], ids=["cublaslt", "no_cublaslt"])
 def cublaslt(request, monkeypatch):
     monkeypatch.setenv("TORCH_EXT_CUBLASLT", request.param)
@@ -368,7 +369,7 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
             ((3, 7, 40), (40, 128), "contiguous"),
             ((1, 24), (24, 384), "contiguous"),
             ((72, 40), (40, 128), "transposed"),   # x.t() of a (40, 72) tensor: column-major
-            ((33, 40), (40, 136), "contiguous"),   # relu: 136 % 128 != 0, own epilogue
+            ((33, 40), (40, 136), "contiguous"),
         ]:
             # Values on a grid that float16/bfloat16 hold exactly, and pre-activations too (k <= 48):
             # no relu mask bit can flip between our rounding and the float32 reference's.
@@ -388,9 +389,10 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_relu_mask_layout(device, cublaslt):
-    """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0, on every
-    path: cuBLASLt's bit mask (n % 128 == 0) is read by our backward kernel. Integer-valued
-    inputs make the GEMM exact, so the reference mask is exact too."""
+    """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0 (not >= 0:
+    ~2-3% of these pre-activations are exactly 0), on every path: after cuBLASLt's bias epilogue
+    or ATen's GEMM. Integer-valued inputs make the GEMM exact, so the reference mask is exact
+    too, and the backward passes the gradient where the mask says, as F.relu's does."""
     for dtype in dtypes_for(device):
         for m, k, n in [(37, 16, 256), (5, 8, 128), (9, 8, 24)]:
             x = torch.randint(-3, 4, (m, k), device=device).to(dtype)
@@ -402,6 +404,15 @@ def test_relu_mask_layout(device, cublaslt):
             expected = (bits << torch.arange(8, device=device, dtype=torch.uint8)).sum(-1).to(torch.uint8)
             assert torch.equal(mask, expected), f"{dtype} {(m, k, n)}: mask bits differ"
             assert torch.equal(out.double(), pre.clamp_min(0)), f"{dtype} {(m, k, n)}: output"
+            if n == 256:  # 9472 pre-activations: some hundreds of exact zeros
+                assert (pre == 0).any(), "the inputs must hold exact zeros, where >= 0 and > 0 differ"
+            g = torch.randint(1, 4, (m, n), device=device).to(dtype)
+            grad_input = torch.ops.torch_ext.linear_act_bwd(g, x, w, mask, "relu", 0.0, [True, False, False])[0]
+            want = (g.double() * (pre > 0)) @ w.double()
+            if dtype in (torch.float32, torch.float64):  # integers below 2**24: exact
+                assert torch.equal(grad_input.double(), want), f"{dtype} {(m, k, n)}: input gradient"
+            else:
+                assert_close(grad_input, want, dtype=dtype, check_dtype=False, msg=f"{dtype} {(m, k, n)}: input gradient")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -418,6 +429,72 @@ def test_fused_linear_nan_inf_propagate(device, activation, cublaslt):
         ref = EAGER[activation](F.linear(x.float(), w.float(), b.float()))
         assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{dtype}: NaN positions differ"
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), f"{dtype}: inf positions differ"
+
+
+def test_cublaslt_epilogue_alignment_decision():
+    """lt_gemm's decision to leave the epilogue's vectors to cuBLASLt (csrc/cuda/cublaslt_gemm.h):
+    only when bias, aux and bias_grad are each absent (0) or 16-byte aligned. The same function
+    in every build, so it is tested here on CPU; test_fused_linear_misaligned_bias runs it on CUDA."""
+    decide = torch_ext._C._cublaslt_epilogue_aligned
+    flat = torch.empty(64, dtype=torch.bfloat16)  # a flat buffer, sliced at every 2-byte offset
+    addresses = [flat[i:].data_ptr() for i in range(16)]
+    assert any(a % 16 == 0 for a in addresses) and any(a % 16 for a in addresses)
+    for a in addresses:
+        aligned = a % 16 == 0
+        assert decide(a, 0, 0) == aligned, hex(a)
+        assert decide(0, a, 0) == aligned, hex(a)
+        assert decide(0, 0, a) == aligned, hex(a)
+    assert decide(0, 0, 0)
+    good = next(a for a in addresses if a % 16 == 0)
+    bad = next(a for a in addresses if a % 16)
+    assert decide(good, good, good) and not decide(good, bad, good) and not decide(good, good, bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+def test_fused_linear_misaligned_bias(device, activation, cublaslt):
+    """A bias sliced at an odd offset of a flat parameter buffer is not 16-byte aligned: cuBLASLt's
+    epilogue must not read it (that can fault and poison the CUDA context); the unfused path
+    gives F.linear's results, and the device stays usable."""
+    for dtype in dtypes_for(device):
+        k, n = 48, 256
+        flat = grid_values((n + 1,), 8, device, dtype)
+        b = flat[1:]
+        assert b.data_ptr() % 16 != 0
+        x = grid_values((64, k), 2, device, dtype)
+        w = grid_values((n, k), 4, device, dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*cuBLASLt declined")  # once per process: not asserted
+            check_against_reference(
+                lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
+                lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                [x, w, b],
+                dtype,
+            )
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+def test_fused_linear_single_row_or_column(device, activation, cublaslt):
+    """in_features = 1, out_features = 1 and one row: operands of a single row or column, for which
+    cuBLASLt's heuristic may answer INVALID_VALUE rather than NOT_SUPPORTED; either way the op
+    takes its unfused path (a warning at most) and matches F.linear, gradients included."""
+    for dtype in dtypes_for(device):
+        for shape, (k, n) in [((64, 1), (1, 256)), ((64, 48), (48, 1)), ((64, 48), (48, 8)), ((1, 48), (48, 256)),
+                              ((64, 1), (1, 1)), ((1, 1), (1, 8))]:
+            x = grid_values(shape, 2, device, dtype)
+            w = grid_values((n, k), 4, device, dtype)
+            b = grid_values((n,), 8, device, dtype)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*cuBLASLt declined")
+                check_against_reference(
+                    lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
+                    lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                    [x, w, b],
+                    dtype,
+                )
 
 
 @pytest.mark.parametrize("device", DEVICES)
