@@ -555,6 +555,95 @@ def test_linear_cross_entropy(device, reduction, cublaslt):
         )
 
 
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_hidden_or_vocab_1(device, cublaslt):
+    """H = 1 or V = 1: the float32-accumulated weight-gradient GEMM (cuBLASLt on CUDA, for
+    float16/bfloat16) has an operand of a single column; it falls back rather than throwing."""
+    for dtype in dtypes_for(device):
+        for hidden, vocab in [(1, 301), (24, 1)]:
+            x = torch.randn(37, hidden, device=device).to(dtype)
+            w = (torch.randn(vocab, hidden, device=device) / 5).to(dtype)
+            t = torch.randint(0, vocab, (37,), device=device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*cuBLASLt declined")
+                check_against_reference(
+                    lambda x, w: torch_ext.linear_cross_entropy(x, w, t, chunk_size=8),
+                    lambda x, w: F.cross_entropy(F.linear(x, w), t),
+                    [x, w],
+                    dtype,
+                )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_bad_target_is_a_python_error(device):
+    x = torch.randn(20, 8, device=device)
+    w = torch.randn(11, 8, device=device)
+    t = torch.randint(0, 11, (20,), device=device)
+    t[13] = 11  # in the second chunk
+    with pytest.raises(IndexError, match="target 11 is out of bounds"):
+        torch_ext.linear_cross_entropy(x, w, t, chunk_size=8)
+    t[13] = -100
+    assert torch.isfinite(torch_ext.linear_cross_entropy(x, w, t, chunk_size=8))
+
+
+def _syncs(fn):
+    """How many host synchronizations fn() makes on CUDA (torch.cuda.set_sync_debug_mode)."""
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@cuda_only
+def test_host_synchronizations_cuda():
+    """One host synchronization where targets enter (the class-index check of the forward ops;
+    for linear_cross_entropy once, whatever the number of chunks), none in the backward ops:
+    they would stall the CPU's queueing of kernels and break CUDA-graph capture."""
+    ops = torch.ops.torch_ext
+    x = torch.randn(64, 50, device="cuda")
+    t = torch.randint(0, 50, (64,), device="cuda")
+    t[3] = -100
+    w = torch.rand(50, device="cuda")
+    torch.cuda.synchronize()
+    for weight in (None, w):
+        assert _syncs(lambda: ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
+        assert _syncs(lambda: ops.cross_entropy_fwd_grad(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
+        _, stats = ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)
+        g = torch.ones((), device="cuda")
+        assert _syncs(lambda: ops.cross_entropy_bwd(g, x, t, weight, stats, -100, "mean", 0.1, 0.0, [True, False])) == 0
+        assert _syncs(lambda: ops.cross_entropy_bwd_inplace(g, x.clone(), t, weight, stats, -100, "mean", 0.1, 0.0)) == 0
+    h = torch.randn(64, 16, device="cuda")
+    lw = torch.randn(50, 16, device="cuda")
+    for reduction in ("mean", "sum", "none"):
+        mask = [True, True, False] if reduction != "none" else [False, False, False]
+        assert _syncs(lambda: ops.linear_cross_entropy_fwd(h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, mask)) == 1
+        g = torch.ones((64,) if reduction == "none" else (), device="cuda")
+        assert _syncs(
+            lambda: ops.linear_cross_entropy_bwd(g, h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, [True, True, False])
+        ) == 0
+
+
+@cuda_only
+def test_cross_entropy_backward_unchecked_bad_target_is_nan_cuda():
+    """The backward ops do not check targets (their forward did): a bad index handed to one
+    directly gives its row NaN instead of a read out of bounds; the device stays usable."""
+    x = torch.randn(4, 5, device="cuda")
+    good = torch.tensor([0, 1, 2, 3], device="cuda")
+    w = torch.rand(5, device="cuda")
+    for weight in (None, w):
+        _, stats = torch.ops.torch_ext.cross_entropy_fwd(x, good, weight, -100, "sum", 0.0, 0.0)
+        bad = torch.tensor([0, 1, 7, 3], device="cuda")
+        g = torch.ops.torch_ext.cross_entropy_bwd(torch.ones((), device="cuda"), x, bad, weight, stats, -100, "sum",
+                                                  0.0, 0.0, [True, False])[0]
+        assert torch.isnan(g[2]).all() and torch.isfinite(g[[0, 1, 3]]).all()
+    torch.cuda.synchronize()
+
+
 # ---- registration -------------------------------------------------------------------------------
 
 
