@@ -587,7 +587,10 @@ def test_linear_cross_entropy_bad_target_is_a_python_error(device):
 
 
 def _syncs(fn):
-    """How many host synchronizations fn() makes on CUDA (torch.cuda.set_sync_debug_mode)."""
+    """How many host synchronizations fn() makes on CUDA (torch.cuda.set_sync_debug_mode), once
+    warmed up (a first call may create library handles and workspaces)."""
+    fn()
+    torch.cuda.synchronize()
     previous = torch.cuda.get_sync_debug_mode()
     torch.cuda.set_sync_debug_mode("warn")
     try:
