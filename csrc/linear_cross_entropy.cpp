@@ -24,6 +24,8 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <optional>
+#include <string>
 #include <string_view>
 #include <vector>
 
@@ -31,6 +33,7 @@
 #include "cpu/allocator.h"
 #include "cpu/gemm.h"
 #ifdef TORCH_EXT_WITH_CUDA
+#include "cuda/cross_entropy_targets.h"
 #include "cuda/cublaslt_gemm.h"
 #endif
 #include "loss.h"
@@ -106,14 +109,15 @@ Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weig
 }
 
 // The mean's denominator, as cross_entropy's: the summed weight of the rows not ignored (class
-// indices; their count without weight), or the number of rows (probabilities).
-double mean_denominator(const Shapes& s, const Tensor& target, const std::optional<Tensor>& weight,
-                        int64_t ignore_index) {
-  if (s.probabilities || s.rows == 0) return double(s.rows);
+// indices; their count without weight), or the number of rows (probabilities). A float64 scalar
+// on the input's device: reading it on the host would synchronize a GPU on every call.
+Tensor mean_denominator(const Shapes& s, const Tensor& target, const std::optional<Tensor>& weight,
+                        int64_t ignore_index, const at::TensorOptions& options) {
+  if (s.probabilities || s.rows == 0) return at::scalar_tensor(double(s.rows), options.dtype(at::kDouble));
   const Tensor kept = target.ne(ignore_index);
-  if (!weight.has_value()) return kept.sum().item<double>();
+  if (!weight.has_value()) return kept.sum().to(at::kDouble);
   const Tensor safe = target.to(at::kLong).masked_fill(target.eq(ignore_index), 0).clamp(0, s.vocab - 1);
-  return (weight->to(at::kDouble).index_select(0, safe.reshape(-1)) * kept.reshape(-1)).sum().item<double>();
+  return (weight->to(at::kDouble).index_select(0, safe.reshape(-1)) * kept.reshape(-1)).sum();
 }
 
 // acc (V, H) = dlogits.T @ xc (first chunk) or += it (the others). For bfloat16/float16 acc is
@@ -129,10 +133,11 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
   if (widen && acc.is_cuda() && acc.numel() > 0 && cuda::cublaslt_enabled()) {
     cuda::LtEpilogueArgs args;
     args.accumulate = !first;
-    if (cuda::lt_gemm(dlogits.t(), xc, acc, args)) return;
-    TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt took neither the layout of the input nor an algorithm for "
-                    "the float32-accumulated weight-gradient GEMM; widening the chunk's operands to float32 instead "
-                    "(slower); a contiguous input avoids this");
+    std::string why_not;
+    if (cuda::lt_gemm(dlogits.t(), xc, acc, args, &why_not)) return;
+    TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt declined the float32-accumulated weight-gradient GEMM (",
+                    why_not, "); widening the chunk's operands to float32 instead (slower); a contiguous input "
+                    "avoids this");
   }
 #endif
   if (widen && acc.is_cpu()) {
@@ -171,13 +176,22 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   const Tensor t = s.probabilities ? target.reshape({s.rows, s.vocab}) : target.reshape({s.rows});
   const Tensor w_t = linear_weight.t();
   const auto options = input.options();
+#ifdef TORCH_EXT_WITH_CUDA
+  // Every class index checked once here (one synchronization, in the forward only: the backward's
+  // targets are the forward's), not by each chunk's cross_entropy_fwd.
+  if (t.is_cuda() && !s.probabilities && forward) cuda::check_class_targets(op, t, s.vocab, ignore_index);
+  std::optional<cuda::TargetsChecked> targets_checked;
+  if (t.is_cuda()) targets_checked.emplace();
+#endif
   // bfloat16/float16: the weight and bias gradients accumulate across chunks in float32.
   const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
   const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
 
   // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
-  // one number (the chunk is reduced with "sum", so the mean divides by the global denominator).
-  const double denominator = reduction == Reduction::Mean ? mean_denominator(s, t, weight, ignore_index) : 1.0;
+  // one number (the chunk is reduced with "sum", so the mean divides by the global denominator),
+  // kept on the device.
+  const Tensor denominator =
+      reduction == Reduction::Mean ? mean_denominator(s, t, weight, ignore_index, options) : Tensor();
   Tensor grad_rows;
   Tensor grad_scalar;
   if (!forward && reduction == Reduction::None) {
@@ -185,8 +199,8 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
                 at::IntArrayRef(s.loss_shape), " for reduction='none', got ", grad_loss.sizes());
     grad_rows = grad_loss.reshape({s.rows});
   } else if (any_grad) {
-    const double incoming = forward ? 1.0 : grad_loss.item<double>();
-    grad_scalar = at::scalar_tensor(incoming / denominator, options.dtype(at::kDouble));
+    grad_scalar = forward ? at::scalar_tensor(1.0, options.dtype(at::kDouble)) : grad_loss.reshape({}).to(at::kDouble);
+    if (denominator.defined()) grad_scalar = grad_scalar.div(denominator);
   }
 
   Gradients g;

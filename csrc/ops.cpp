@@ -8,6 +8,7 @@
 #include "cpu/allocator.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
+#include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
 
 TORCH_LIBRARY(torch_ext, m) {
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
@@ -148,6 +149,18 @@ static PyObject* built_with_cuda(PyObject*, PyObject*) {
 #endif
 }
 
+// _cublaslt_epilogue_aligned(bias, aux, bias_grad): the addresses (0: absent) cuBLASLt's epilogue
+// would read, as lt_gemm decides whether they suit it (cuda/cublaslt_gemm.h); for its tests.
+static PyObject* cublaslt_epilogue_aligned(PyObject*, PyObject* args) {
+  unsigned long long bias = 0, aux = 0, bias_grad = 0;
+  if (!PyArg_ParseTuple(args, "KKK", &bias, &aux, &bias_grad)) return nullptr;
+  torch_ext::cuda::LtEpilogueArgs e;
+  e.bias = reinterpret_cast<const void*>(uintptr_t(bias));
+  e.aux = reinterpret_cast<void*>(uintptr_t(aux));
+  e.bias_grad = reinterpret_cast<void*>(uintptr_t(bias_grad));
+  return PyBool_FromLong(torch_ext::cuda::lt_epilogue_pointers_aligned(e));
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -164,6 +177,8 @@ static PyMethodDef methods[] = {
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, benchmarks)."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},
+    {"_cublaslt_epilogue_aligned", cublaslt_epilogue_aligned, METH_VARARGS,
+     "_cublaslt_epilogue_aligned(bias, aux, bias_grad): whether cuBLASLt may read these epilogue addresses (tests)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -6,8 +6,15 @@ cover the CPU kernels in depth; this file checks that each CUDA kernel computes 
 function, at the dtypes, layouts and sizes where a GPU kernel differs from a CPU one: float16,
 non-contiguous inputs, stride-0 gradients, rows > 65535, C > 65536, N x C > 2**31 elements,
 determinism, and bad input that must be a Python error rather than a device-side assert.
+
+TORCH_EXT_TEST_DEVICES (default "cpu,cuda") picks the devices of the device-parametrized tests:
+scripts/gpu_check.sh sets it to "cuda", so a GPU's time goes to the CUDA cases only (`-k cuda`
+would select every test of this file, whose name holds "cuda").
 """
 from __future__ import annotations
+
+import os
+import warnings
 
 import pytest
 import torch
@@ -19,16 +26,20 @@ from utils import assert_close
 HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
     "torch_ext::cross_entropy_fwd", "CUDA"
 )
-DEVICES = [
-    "cpu",
-    pytest.param(
+_ALL_DEVICES = {
+    "cpu": "cpu",
+    "cuda": pytest.param(
         "cuda",
         marks=pytest.mark.skipif(
             not HAS_CUDA,
             reason="no CUDA GPU, or torch_ext built without CUDA kernels (TORCH_EXT_CUDA=1 on a CUDA build of torch)",
         ),
     ),
-]
+}
+_chosen = [d.strip() for d in os.environ.get("TORCH_EXT_TEST_DEVICES", "cpu,cuda").split(",") if d.strip()]
+if not _chosen or set(_chosen) - set(_ALL_DEVICES):
+    raise ValueError(f"TORCH_EXT_TEST_DEVICES must list cpu and/or cuda, comma-separated; got {_chosen}")
+DEVICES = [_ALL_DEVICES[d] for d in _chosen]
 cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_ext's CUDA kernels")
 
 
@@ -252,9 +263,12 @@ def test_regression_losses(device, loss, reduction, grad_in_forward):
     ours = {"mse": torch_ext.mse_loss, "huber": torch_ext.huber_loss, "smooth_l1": torch_ext.smooth_l1_loss}[loss]
     ref = {"mse": F.mse_loss, "huber": F.huber_loss, "smooth_l1": F.smooth_l1_loss}[loss]
     for dtype in dtypes_for(device):
+        # float16 holds at most 65504: the (5000, 3) sum of squares of 2*randn - randn is ~76,600,
+        # so halved inputs there (~19,000). Every other case stays far below it.
+        scale = 0.5 if dtype == torch.float16 else 1.0
         for shape in [(0,), (7,), (33, 17), (2, 3, 5, 7), (5000, 3)]:
-            x = (torch.randn(shape, device=device) * 2).to(dtype)
-            y = torch.randn(shape, device=device).to(dtype)
+            x = (torch.randn(shape, device=device) * 2 * scale).to(dtype)
+            y = (torch.randn(shape, device=device) * scale).to(dtype)
             check_against_reference(
                 lambda x, y: ours(x, y, reduction=reduction),
                 lambda x, y: ref(x, y, reduction=reduction),
@@ -330,10 +344,11 @@ def test_fused_linear(device, activation):
             )
 
 
-# On CUDA, none / relu (out_features % 128 == 0) / gelu_tanh (float16, bfloat16; % 8 == 0) take
-# cuBLASLt GEMMs whose epilogues add the bias, apply the activation and write the saved mask or
-# pre-activation, and the weight gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu).
-# Each case runs with cuBLASLt on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
+# On CUDA, none / gelu_tanh (float16, bfloat16; % 8 == 0) take cuBLASLt GEMMs whose epilogues add
+# the bias, apply the activation and write the saved pre-activation; relu takes the bias epilogue
+# and our pass for relu and its mask (cuBLASLt's RELU_AUX masks x >= 0 and zeroes NaN); the weight
+# gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu). Each case runs with cuBLASLt
+# on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
 @pytest.fixture(params=["1", "0"], ids=["cublaslt", "no_cublaslt"])
 def cublaslt(request, monkeypatch):
     monkeypatch.setenv("TORCH_EXT_CUBLASLT", request.param)
@@ -354,7 +369,7 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
             ((3, 7, 40), (40, 128), "contiguous"),
             ((1, 24), (24, 384), "contiguous"),
             ((72, 40), (40, 128), "transposed"),   # x.t() of a (40, 72) tensor: column-major
-            ((33, 40), (40, 136), "contiguous"),   # relu: 136 % 128 != 0, own epilogue
+            ((33, 40), (40, 136), "contiguous"),
         ]:
             # Values on a grid that float16/bfloat16 hold exactly, and pre-activations too (k <= 48):
             # no relu mask bit can flip between our rounding and the float32 reference's.
@@ -374,9 +389,10 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
 
 @pytest.mark.parametrize("device", DEVICES)
 def test_relu_mask_layout(device, cublaslt):
-    """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0, on every
-    path: cuBLASLt's bit mask (n % 128 == 0) is read by our backward kernel. Integer-valued
-    inputs make the GEMM exact, so the reference mask is exact too."""
+    """The saved relu mask is bit j of byte c = (pre-activation of column 8c + j) > 0 (not >= 0:
+    ~2-3% of these pre-activations are exactly 0), on every path: after cuBLASLt's bias epilogue
+    or ATen's GEMM. Integer-valued inputs make the GEMM exact, so the reference mask is exact
+    too, and the backward passes the gradient where the mask says, as F.relu's does."""
     for dtype in dtypes_for(device):
         for m, k, n in [(37, 16, 256), (5, 8, 128), (9, 8, 24)]:
             x = torch.randint(-3, 4, (m, k), device=device).to(dtype)
@@ -388,6 +404,15 @@ def test_relu_mask_layout(device, cublaslt):
             expected = (bits << torch.arange(8, device=device, dtype=torch.uint8)).sum(-1).to(torch.uint8)
             assert torch.equal(mask, expected), f"{dtype} {(m, k, n)}: mask bits differ"
             assert torch.equal(out.double(), pre.clamp_min(0)), f"{dtype} {(m, k, n)}: output"
+            if n == 256:  # 9472 pre-activations: some hundreds of exact zeros
+                assert (pre == 0).any(), "the inputs must hold exact zeros, where >= 0 and > 0 differ"
+            g = torch.randint(1, 4, (m, n), device=device).to(dtype)
+            grad_input = torch.ops.torch_ext.linear_act_bwd(g, x, w, mask, "relu", 0.0, [True, False, False])[0]
+            want = (g.double() * (pre > 0)) @ w.double()
+            if dtype in (torch.float32, torch.float64):  # integers below 2**24: exact
+                assert torch.equal(grad_input.double(), want), f"{dtype} {(m, k, n)}: input gradient"
+            else:
+                assert_close(grad_input, want, dtype=dtype, check_dtype=False, msg=f"{dtype} {(m, k, n)}: input gradient")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -404,6 +429,72 @@ def test_fused_linear_nan_inf_propagate(device, activation, cublaslt):
         ref = EAGER[activation](F.linear(x.float(), w.float(), b.float()))
         assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{dtype}: NaN positions differ"
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), f"{dtype}: inf positions differ"
+
+
+def test_cublaslt_epilogue_alignment_decision():
+    """lt_gemm's decision to leave the epilogue's vectors to cuBLASLt (csrc/cuda/cublaslt_gemm.h):
+    only when bias, aux and bias_grad are each absent (0) or 16-byte aligned. The same function
+    in every build, so it is tested here on CPU; test_fused_linear_misaligned_bias runs it on CUDA."""
+    decide = torch_ext._C._cublaslt_epilogue_aligned
+    flat = torch.empty(64, dtype=torch.bfloat16)  # a flat buffer, sliced at every 2-byte offset
+    addresses = [flat[i:].data_ptr() for i in range(16)]
+    assert any(a % 16 == 0 for a in addresses) and any(a % 16 for a in addresses)
+    for a in addresses:
+        aligned = a % 16 == 0
+        assert decide(a, 0, 0) == aligned, hex(a)
+        assert decide(0, a, 0) == aligned, hex(a)
+        assert decide(0, 0, a) == aligned, hex(a)
+    assert decide(0, 0, 0)
+    good = next(a for a in addresses if a % 16 == 0)
+    bad = next(a for a in addresses if a % 16)
+    assert decide(good, good, good) and not decide(good, bad, good) and not decide(good, good, bad)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+def test_fused_linear_misaligned_bias(device, activation, cublaslt):
+    """A bias sliced at an odd offset of a flat parameter buffer is not 16-byte aligned: cuBLASLt's
+    epilogue must not read it (that can fault and poison the CUDA context); the unfused path
+    gives F.linear's results, and the device stays usable."""
+    for dtype in dtypes_for(device):
+        k, n = 48, 256
+        flat = grid_values((n + 1,), 8, device, dtype)
+        b = flat[1:]
+        assert b.data_ptr() % 16 != 0
+        x = grid_values((64, k), 2, device, dtype)
+        w = grid_values((n, k), 4, device, dtype)
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", message=".*cuBLASLt declined")  # once per process: not asserted
+            check_against_reference(
+                lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
+                lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                [x, w, b],
+                dtype,
+            )
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
+def test_fused_linear_single_row_or_column(device, activation, cublaslt):
+    """in_features = 1, out_features = 1 and one row: operands of a single row or column, for which
+    cuBLASLt's heuristic may answer INVALID_VALUE rather than NOT_SUPPORTED; either way the op
+    takes its unfused path (a warning at most) and matches F.linear, gradients included."""
+    for dtype in dtypes_for(device):
+        for shape, (k, n) in [((64, 1), (1, 256)), ((64, 48), (48, 1)), ((64, 48), (48, 8)), ((1, 48), (48, 256)),
+                              ((64, 1), (1, 1)), ((1, 1), (1, 8))]:
+            x = grid_values(shape, 2, device, dtype)
+            w = grid_values((n, k), 4, device, dtype)
+            b = grid_values((n,), 8, device, dtype)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*cuBLASLt declined")
+                check_against_reference(
+                    lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
+                    lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                    [x, w, b],
+                    dtype,
+                )
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -462,6 +553,98 @@ def test_linear_cross_entropy(device, reduction, cublaslt):
             [x, w],
             dtype,
         )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_hidden_or_vocab_1(device, cublaslt):
+    """H = 1 or V = 1: the float32-accumulated weight-gradient GEMM (cuBLASLt on CUDA, for
+    float16/bfloat16) has an operand of a single column; it falls back rather than throwing."""
+    for dtype in dtypes_for(device):
+        for hidden, vocab in [(1, 301), (24, 1)]:
+            x = torch.randn(37, hidden, device=device).to(dtype)
+            w = (torch.randn(vocab, hidden, device=device) / 5).to(dtype)
+            t = torch.randint(0, vocab, (37,), device=device)
+            with warnings.catch_warnings():
+                warnings.filterwarnings("ignore", message=".*cuBLASLt declined")
+                check_against_reference(
+                    lambda x, w: torch_ext.linear_cross_entropy(x, w, t, chunk_size=8),
+                    lambda x, w: F.cross_entropy(F.linear(x, w), t),
+                    [x, w],
+                    dtype,
+                )
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_linear_cross_entropy_bad_target_is_a_python_error(device):
+    x = torch.randn(20, 8, device=device)
+    w = torch.randn(11, 8, device=device)
+    t = torch.randint(0, 11, (20,), device=device)
+    t[13] = 11  # in the second chunk
+    with pytest.raises(IndexError, match="target 11 is out of bounds"):
+        torch_ext.linear_cross_entropy(x, w, t, chunk_size=8)
+    t[13] = -100
+    assert torch.isfinite(torch_ext.linear_cross_entropy(x, w, t, chunk_size=8))
+
+
+def _syncs(fn):
+    """How many host synchronizations fn() makes on CUDA (torch.cuda.set_sync_debug_mode), once
+    warmed up (a first call may create library handles and workspaces)."""
+    fn()
+    torch.cuda.synchronize()
+    previous = torch.cuda.get_sync_debug_mode()
+    torch.cuda.set_sync_debug_mode("warn")
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            fn()
+    finally:
+        torch.cuda.set_sync_debug_mode(previous)
+    return sum("synchronizing" in str(w.message) for w in caught)
+
+
+@cuda_only
+def test_host_synchronizations_cuda():
+    """One host synchronization where targets enter (the class-index check of the forward ops;
+    for linear_cross_entropy once, whatever the number of chunks), none in the backward ops:
+    they would stall the CPU's queueing of kernels and break CUDA-graph capture."""
+    ops = torch.ops.torch_ext
+    x = torch.randn(64, 50, device="cuda")
+    t = torch.randint(0, 50, (64,), device="cuda")
+    t[3] = -100
+    w = torch.rand(50, device="cuda")
+    torch.cuda.synchronize()
+    for weight in (None, w):
+        assert _syncs(lambda: ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
+        assert _syncs(lambda: ops.cross_entropy_fwd_grad(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
+        _, stats = ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)
+        g = torch.ones((), device="cuda")
+        assert _syncs(lambda: ops.cross_entropy_bwd(g, x, t, weight, stats, -100, "mean", 0.1, 0.0, [True, False])) == 0
+        assert _syncs(lambda: ops.cross_entropy_bwd_inplace(g, x.clone(), t, weight, stats, -100, "mean", 0.1, 0.0)) == 0
+    h = torch.randn(64, 16, device="cuda")
+    lw = torch.randn(50, 16, device="cuda")
+    for reduction in ("mean", "sum", "none"):
+        mask = [True, True, False] if reduction != "none" else [False, False, False]
+        assert _syncs(lambda: ops.linear_cross_entropy_fwd(h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, mask)) == 1
+        g = torch.ones((64,) if reduction == "none" else (), device="cuda")
+        assert _syncs(
+            lambda: ops.linear_cross_entropy_bwd(g, h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, [True, True, False])
+        ) == 0
+
+
+@cuda_only
+def test_cross_entropy_backward_unchecked_bad_target_is_nan_cuda():
+    """The backward ops do not check targets (their forward did): a bad index handed to one
+    directly gives its row NaN instead of a read out of bounds; the device stays usable."""
+    x = torch.randn(4, 5, device="cuda")
+    good = torch.tensor([0, 1, 2, 3], device="cuda")
+    w = torch.rand(5, device="cuda")
+    for weight in (None, w):
+        _, stats = torch.ops.torch_ext.cross_entropy_fwd(x, good, weight, -100, "sum", 0.0, 0.0)
+        bad = torch.tensor([0, 1, 7, 3], device="cuda")
+        g = torch.ops.torch_ext.cross_entropy_bwd(torch.ones((), device="cuda"), x, bad, weight, stats, -100, "sum",
+                                                  0.0, 0.0, [True, False])[0]
+        assert torch.isnan(g[2]).all() and torch.isfinite(g[[0, 1, 3]]).all()
+    torch.cuda.synchronize()
 
 
 # ---- registration -------------------------------------------------------------------------------

@@ -11,8 +11,12 @@
 //             the forward kernel writes each row's gradient for grad_loss = 1 right after the
 //             row's statistics (the row is still in L2), so a training step reads the logits from
 //             memory once; the backward then only scales it, unless grad_loss is 1.
-// Target validation runs on the device and is reported by the host (one synchronization), so a
-// bad class index is a Python error, never a device-side assert.
+// Target validation runs on the device and is reported by the host (one synchronization, in the
+// forward ops only: cuda/cross_entropy_targets.h), so a bad class index is a Python error, never a
+// device-side assert; a bad index that reaches the kernels unchecked gives NaN, not a fault.
+// Non-finite logits give what F.cross_entropy gives (csrc/cpu/kernels/cross_entropy.h): a row
+// whose max is +inf or NaN, or whose logits are all -inf, has a NaN loss and a NaN gradient; an
+// ignored one, loss 0 and a NaN gradient (other ignored rows: 0), so the gradient reads it.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -29,6 +33,7 @@
 
 #include "checks.h"
 #include "loss_checks.h"
+#include "cuda/cross_entropy_targets.h"
 #include "cuda/pack.cuh"
 #include "cuda/reduce.cuh"
 #include "loss.h"
@@ -73,19 +78,22 @@ struct RowPartial {
     } else if (x != x) {
       max = x;
       sum_exp = x;
+    } else if (x == max) {
+      if (x != -INFINITY) sum_exp += A(1);  // exp(0), also for +inf (exp(inf - inf) would be NaN)
     } else if (x != -INFINITY) {
       sum_exp += ::exp(x - max);
     }
   }
 
+  // sum_exp rescaled from max `from` to max `to` >= from: equal maxima need no exp (two +inf
+  // maxima would give exp(inf - inf) = NaN), an all -inf part adds nothing.
+  __device__ static A rescaled(A sum, A from, A to) {
+    return from == -INFINITY ? A(0) : (from == to ? sum : sum * ::exp(from - to));
+  }
+
   __device__ void merge(const RowPartial& o) {
     const A m = max != max ? max : ((o.max != o.max || o.max > max) ? o.max : max);  // NaN-propagating
-    A s;
-    if (m != m) {
-      s = m;
-    } else {
-      s = (max == -INFINITY ? A(0) : sum_exp * ::exp(max - m)) + (o.max == -INFINITY ? A(0) : o.sum_exp * ::exp(o.max - m));
-    }
+    const A s = m != m ? m : rescaled(sum_exp, max, m) + rescaled(o.sum_exp, o.max, m);
     max = m;
     sum_exp = s;
     sum_wx += o.sum_wx;
@@ -132,6 +140,13 @@ __device__ __forceinline__ bool row_ignored(const CrossEntropyArgs<S>& a, int64_
   return a.target != nullptr && a.target[r] == a.ignore_index;
 }
 
+// A class index the kernels may use; the others (only where the host check was skipped) make
+// the row NaN instead of reading out of bounds.
+template <typename S>
+__device__ __forceinline__ bool class_in_range(const CrossEntropyArgs<S>& a, int64_t y) {
+  return y >= 0 && y < a.classes;
+}
+
 // The row's loss and statistics from its reduced partial (x_row: the row's first logit, with
 // class stride `stride`).
 template <typename S>
@@ -146,14 +161,18 @@ __device__ void finish_forward_row(const CrossEntropyArgs<S>& a, int64_t r, cons
   if (a.target_prob != nullptr) {
     loss = p.sum_wt * lse_shifted - p.sum_wtx;
     if (a.z_loss != 0) loss += a.z_loss * lse * lse;
-  } else {
+  } else if (class_in_range(a, a.target[r])) {
     const int64_t y = a.target[r];
     const A rw = a.weight ? a.weight[y] : A(1);
     loss = (A(1) - e) * ((p.max - A(x_row[y * stride])) + log_sum);
     if (a.z_loss != 0) loss += a.z_loss * lse * lse;
     loss *= rw;
     if (e > 0) loss += e * inv_c * (*a.weight_sum * lse_shifted - p.sum_wx);
+  } else {
+    loss = NAN;
   }
+  // +inf or NaN max, or all -inf: F.cross_entropy's log-probabilities are all NaN.
+  if (!::isfinite(p.max)) loss = NAN;
   a.row_loss[r] = loss;
   a.stats[3 * r] = p.max;
   a.stats[3 * r + 1] = log_sum;
@@ -191,12 +210,17 @@ __device__ __forceinline__ RowGradient<at::acc_type<S, true>> row_gradient(const
     g.coef_y = 0;
     g.y = -1;
   } else {
-    g.y = a.target[r];
-    const A rw = a.weight ? a.weight[g.y] : A(1);
+    const bool valid = class_in_range(a, a.target[r]);
+    g.y = valid ? a.target[r] : -1;
+    const A rw = !valid ? A(NAN) : a.weight ? a.weight[g.y] : A(1);
     g.coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * *a.weight_sum : A(0)));
     g.coef_w = sc * e * inv_c;
     g.coef_y = sc * rw * (A(1) - e);
+    if (!valid) g.row_max = NAN;
   }
+  // A NaN row max makes every exp, so every gradient of the row (the target's too), NaN, as
+  // F.cross_entropy's for a row with a +inf or NaN max or all -inf.
+  if (!::isfinite(g.row_max)) g.row_max = NAN;
   return g;
 }
 
@@ -258,9 +282,34 @@ __device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a,
   for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { gradient_class(a, g, A(xc), t, gi, gt, c, 1); });
 }
 
+// Whether one logit makes its row's log-probabilities NaN (+inf, NaN), and whether it keeps an
+// all -inf row from doing so (> -inf); see the top of the file.
+template <typename A>
+__device__ __forceinline__ void note_non_finite(A x, bool& nan_or_inf, bool& above_minus_inf) {
+  nan_or_inf |= x != x || x == A(INFINITY);
+  above_minus_inf |= x > A(-INFINITY);
+}
+
+// An ignored row's gradient by the block: 0, or NaN where F.cross_entropy's is. Every read of
+// the row comes before the barrier and every write after it (gi may be the row itself).
+template <typename S, int kVec>
+__device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, int64_t C) {
+  using A = at::acc_type<S, true>;
+  bool nan_or_inf = false, above_minus_inf = false;
+  for_each_class<S, kVec>(x, C, [&](int64_t, S xc) { note_non_finite(A(xc), nan_or_inf, above_minus_inf); });
+  const bool nan_row = __syncthreads_or(nan_or_inf) || !__syncthreads_or(above_minus_inf);
+  const S value = nan_row ? S(NAN) : S(0);
+  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gi[c] = value;
+}
+
+// The same for a position of (N, C, d...) input, by its thread (class stride HW).
 template <typename S>
-__device__ __forceinline__ void zero_row(S* row, int64_t C) {
-  for (int64_t c = threadIdx.x; c < C; c += blockDim.x) row[c] = S(0);
+__device__ __forceinline__ void write_ignored_position_gradient(const S* x, S* gi, int64_t C, int64_t HW) {
+  using A = at::acc_type<S, true>;
+  bool nan_or_inf = false, above_minus_inf = false;
+  for (int64_t c = 0; c < C; ++c) note_non_finite(A(x[c * HW]), nan_or_inf, above_minus_inf);
+  const S value = nan_or_inf || !above_minus_inf ? S(NAN) : S(0);
+  for (int64_t c = 0; c < C; ++c) gi[c * HW] = value;
 }
 
 // (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
@@ -278,7 +327,7 @@ __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
       }
-      if constexpr (kWithGrad) zero_row(a.grad_input + r * C, C);
+      if constexpr (kWithGrad) write_ignored_row_gradient<S, kVec>(a.input + r * C, a.grad_input + r * C, C);
       continue;
     }
     const S* x = a.input + r * C;
@@ -306,8 +355,7 @@ __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
     if (row_ignored(a, r)) {
       a.row_loss[r] = 0;
       a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-      if constexpr (kWithGrad)
-        for (int64_t c = 0; c < C; ++c) a.grad_input[offset + c * HW] = S(0);
+      if constexpr (kWithGrad) write_ignored_position_gradient(a.input + offset, a.grad_input + offset, C, HW);
       continue;
     }
     const S* x = a.input + offset;
@@ -327,7 +375,8 @@ template <typename S, int kVec>
 __global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
     if (row_ignored(a, r)) {
-      if (a.grad_input != nullptr) zero_row(a.grad_input + r * a.classes, a.classes);
+      if (a.grad_input != nullptr)
+        write_ignored_row_gradient<S, kVec>(a.input + r * a.classes, a.grad_input + r * a.classes, a.classes);
       continue;
     }
     write_row_gradient<S, kVec>(a, r);
@@ -342,8 +391,7 @@ __global__ void backward_positions_kernel(CrossEntropyArgs<S> a) {
     const int64_t offset = (r / HW) * C * HW + r % HW;
     S* gi = a.grad_input ? a.grad_input + offset : nullptr;
     if (row_ignored(a, r)) {
-      if (gi != nullptr)
-        for (int64_t c = 0; c < C; ++c) gi[c * HW] = S(0);
+      if (gi != nullptr) write_ignored_position_gradient(a.input + offset, gi, C, HW);
       continue;
     }
     const S* x = a.input + offset;
@@ -366,12 +414,18 @@ struct CrossEntropyInputs {
   Tensor weight_sum, denominator;  // device scalars in the accumulation type
 };
 
-// Contiguous inputs, targets as int64 (checked on the device: one synchronization), weight in
-// the accumulation type, and the mean's denominator (sum of the kept rows' weights) as a device
-// scalar, summed by ATen's deterministic reduction.
+thread_local bool targets_checked_by_caller = false;
+
+// The forward ops check their targets (one synchronization) unless a TargetsChecked is alive;
+// the backward ops never do: autograd hands them the targets their forward checked.
+enum class TargetCheck { Forward, Backward };
+
+// Contiguous inputs, targets as int64, weight in the accumulation type, and the mean's
+// denominator (sum of the kept rows' weights) as a device scalar, summed by ATen's deterministic
+// reduction: no host synchronization besides the forward's target check.
 CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& target,
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                           double z_loss) {
+                           double z_loss, TargetCheck check) {
   CrossEntropyInputs in;
   in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, check_floating);
   const auto acc = input.options().dtype(acc_dtype(input));
@@ -385,15 +439,12 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
   }
   in.target = target.to(at::kLong).contiguous();
   const int64_t classes = in.layout.classes;
+  if (check == TargetCheck::Forward && !targets_checked_by_caller)
+    cuda::check_class_targets(op, in.target, classes, ignore_index);
   const Tensor kept = in.target.ne(ignore_index);
-  const Tensor bad = kept.logical_and(in.target.lt(0).logical_or(in.target.ge(classes)));
-  if (bad.any().item<bool>()) {
-    const int64_t first = in.target.masked_select(bad).reshape(-1)[0].item<int64_t>();
-    TORCH_CHECK_INDEX(false, op, ": target ", first, " is out of bounds: class indices must be in [0, ", classes - 1,
-                      "] or equal ignore_index (", ignore_index, ")");
-  }
   if (in.weight.defined()) {
-    const Tensor safe = in.target.masked_fill(kept.logical_not(), 0).reshape(-1);
+    // Clamped: an unchecked bad index must not reach index_select's device-side assert.
+    const Tensor safe = in.target.masked_fill(kept.logical_not(), 0).clamp(0, std::max<int64_t>(classes - 1, 0)).reshape(-1);
     in.denominator = in.weight.index_select(0, safe).mul(kept.reshape(-1).to(acc_dtype(input))).sum();
   } else {
     in.denominator = kept.sum().to(acc_dtype(input));
@@ -513,7 +564,7 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
   constexpr const char* op = "torch_ext.cross_entropy";
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Forward);
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
   Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
@@ -531,7 +582,7 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cuda(const Tensor& inp
   constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Forward);
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
   Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
@@ -547,7 +598,7 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
                    c10::string_view reduction, double label_smoothing, double z_loss, Tensor& grad_input,
                    Tensor& grad_target) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Backward);
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
@@ -602,6 +653,18 @@ void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input
 }
 
 }  // namespace
+
+void cuda::check_class_targets(const char* op, const Tensor& target, int64_t classes, int64_t ignore_index) {
+  const Tensor bad = target.ne(ignore_index).logical_and(target.lt(0).logical_or(target.ge(classes)));
+  if (bad.any().item<bool>()) {  // the one synchronization
+    const int64_t first = target.masked_select(bad).reshape(-1)[0].item<int64_t>();
+    TORCH_CHECK_INDEX(false, op, ": target ", first, " is out of bounds: class indices must be in [0, ", classes - 1,
+                      "] or equal ignore_index (", ignore_index, ")");
+  }
+}
+
+cuda::TargetsChecked::TargetsChecked() : previous_(targets_checked_by_caller) { targets_checked_by_caller = true; }
+cuda::TargetsChecked::~TargetsChecked() { targets_checked_by_caller = previous_; }
 
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);

@@ -16,6 +16,8 @@
 #include <cstring>
 #include <memory>
 #include <optional>
+#include <string>
+#include <utility>
 
 #include "cuda/cublaslt_gemm.h"
 
@@ -92,7 +94,6 @@ cudaDataType_t lt_data_type(at::ScalarType dtype) {
 cublasLtEpilogue_t lt_epilogue(const LtEpilogueArgs& e) {
   const bool bias = e.bias != nullptr;
   switch (e.kind) {
-    case LtEpilogue::ReluAux: return bias ? CUBLASLT_EPILOGUE_RELU_AUX_BIAS : CUBLASLT_EPILOGUE_RELU_AUX;
     case LtEpilogue::GeluTanhAux: return bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
     case LtEpilogue::BiasGradOfA: return CUBLASLT_EPILOGUE_BGRADB;
     default: return bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
@@ -117,7 +118,11 @@ bool cublaslt_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;
 }
 
-bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs& epilogue) {
+bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs& epilogue, std::string* why_not) {
+  const auto decline = [why_not](std::string why) {
+    if (why_not != nullptr) *why_not = std::move(why);
+    return false;
+  };
   const int64_t m = a.size(0), k = a.size(1), n = b.size(1);
   TORCH_INTERNAL_ASSERT(m > 0 && n > 0 && k > 0 && b.size(0) == k && out.size(0) == m && out.size(1) == n);
   const at::ScalarType in_dtype = a.scalar_type();
@@ -129,7 +134,9 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   // linear_cross_entropy's device-neutral loop set no guard of their own).
   const c10::cuda::CUDAGuard guard(out.device());
   const auto a_view = transposed_view(a), b_view = transposed_view(b);
-  if (!a_view || !b_view || out.stride(1) != 1 || (m > 1 && out.stride(0) < n)) return false;
+  if (!a_view || !b_view || out.stride(1) != 1 || (m > 1 && out.stride(0) < n))
+    return decline("an operand's strides (neither dimension of unit stride, or overlapping rows)");
+  if (!lt_epilogue_pointers_aligned(epilogue)) return decline("a bias, aux or bias-gradient vector not 16-byte aligned");
   const int64_t ld_out = m == 1 ? n : out.stride(0);
 
   const cudaDataType_t type = lt_data_type(in_dtype), out_type = lt_data_type(out.scalar_type());
@@ -146,7 +153,7 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE, uint32_t(lt_epilogue(epilogue)));
   const void* bias_or_grad = epilogue.kind == LtEpilogue::BiasGradOfA ? epilogue.bias_grad : epilogue.bias;
   if (bias_or_grad != nullptr) set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_BIAS_POINTER, bias_or_grad);
-  if (epilogue.kind == LtEpilogue::ReluAux || epilogue.kind == LtEpilogue::GeluTanhAux) {
+  if (epilogue.kind == LtEpilogue::GeluTanhAux) {
     set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_POINTER, epilogue.aux);
     set_attribute(raw_desc, CUBLASLT_MATMUL_DESC_EPILOGUE_AUX_LD, epilogue.aux_ld);
   }
@@ -173,8 +180,12 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, raw_desc, a_layout.get(), b_layout.get(),
                                                                d_layout.get(), d_layout.get(), raw_pref, 1,
                                                                &heuristic, &found);
-  if (status == CUBLAS_STATUS_NOT_SUPPORTED || (status == CUBLAS_STATUS_SUCCESS && found == 0)) return false;
-  check_lt(status, "algorithm heuristic");
+  // Any failure of the heuristic is a reason to take the unfused path, not an error: besides
+  // NOT_SUPPORTED it answers INVALID_VALUE for some shapes it does not take (PyTorch's own cuBLASLt
+  // code notes this for operands of a single row or column).
+  if (status != CUBLAS_STATUS_SUCCESS)
+    return decline(std::string("its algorithm heuristic answered ") + cublasLtGetStatusString(status));
+  if (found == 0) return decline("its algorithm heuristic found no algorithm");
 
   const Tensor workspace = at::empty({workspace_size}, out.options().dtype(at::kByte));
   const float alpha = 1.0f, beta = epilogue.accumulate ? 1.0f : 0.0f;

@@ -2,10 +2,12 @@
 // csrc/cpu/linear_act.cpp (relu/leaky_relu: a 1-bit mask; gelu/gelu_tanh/silu: the
 // pre-activation; sigmoid/tanh: the output).
 //   forward : one cuBLASLt GEMM whose epilogue adds the bias, applies the activation and writes
-//             the mask or pre-activation (cuda/cublaslt_gemm.h), where cuBLASLt has the
-//             function: none, relu (n % 128 == 0, so that our mask rows are its bit-mask rows),
-//             gelu_tanh in float16/bfloat16 (n % 8 == 0). Otherwise the GEMM through ATen, then
-//             ONE pass over its output for bias + activation (+ mask or pre-activation).
+//             the pre-activation (cuda/cublaslt_gemm.h), where cuBLASLt has the function with
+//             PyTorch's semantics: none, gelu_tanh in float16/bfloat16 (n % 8 == 0). relu: the
+//             GEMM with the bias epilogue, then ONE in-place pass for relu and its mask (cuBLASLt's
+//             RELU_AUX masks x >= 0 and maps NaN to 0; PyTorch masks x > 0 and keeps NaN).
+//             Otherwise the GEMM through ATen, then ONE pass over its output for bias +
+//             activation (+ mask or pre-activation).
 //   backward: ONE pass forming the pre-activation gradient, then grad_weight by one cuBLASLt
 //             GEMM whose BGRADB epilogue also forms the bias gradient (its column sums), and
 //             grad_input by ATen's GEMM. float64 (and bias-only gradients) take ATen's GEMM and
@@ -26,6 +28,7 @@
 #include <torch/library.h>
 
 #include <optional>
+#include <string>
 #include <string_view>
 
 #include "activation.h"
@@ -136,26 +139,32 @@ __global__ void backward_prologue_kernel(PrologueArgs<S> a) {
   }
 }
 
-// The cuBLASLt epilogue that computes this activation and writes linear_act's saved tensor in
-// its layout, if there is one (see the top of the file).
-std::optional<cuda::LtEpilogue> forward_epilogue(Activation act, at::ScalarType dtype, int64_t n) {
+// The forward's cuBLASLt GEMM, if it has one (see the top of the file): its epilogue, and whether
+// our pass then applies the activation (and writes the mask) in place, the bias already added.
+struct ForwardPlan {
+  cuda::LtEpilogue epilogue;
+  bool activation_pass;
+};
+
+std::optional<ForwardPlan> forward_plan(Activation act, at::ScalarType dtype, int64_t n) {
   if (!cuda::cublaslt_enabled() || !cuda::cublaslt_dtype(dtype)) return std::nullopt;
   switch (act) {
-    case Activation::None: return cuda::LtEpilogue::None;
-    // The mask's rows are ceil(n / 8) bytes; cuBLASLt's bit-mask rows are a multiple of 128 bits.
-    case Activation::Relu: return n % 128 == 0 ? std::optional(cuda::LtEpilogue::ReluAux) : std::nullopt;
+    case Activation::None: return ForwardPlan{cuda::LtEpilogue::None, false};
+    case Activation::Relu: return ForwardPlan{cuda::LtEpilogue::None, true};
     // cuBLASLt's GELU is the tanh form. float32 keeps our epilogue: the accuracy of cuBLASLt's
     // tanh in float32 is not documented, and float32 results are compared at float32 tolerance.
     case Activation::GeluTanh:
-      return dtype != at::kFloat && n % 8 == 0 ? std::optional(cuda::LtEpilogue::GeluTanhAux) : std::nullopt;
+      return dtype != at::kFloat && n % 8 == 0 ? std::optional(ForwardPlan{cuda::LtEpilogue::GeluTanhAux, false})
+                                               : std::nullopt;
     default: return std::nullopt;
   }
 }
 
-void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k, at::ScalarType dtype) {
-  TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt took neither the operands' layout nor an algorithm for the ", what,
-                  " (", m, " x ", k, " @ ", k, " x ", n, ", ", dtype, "); using ATen's GEMM and a separate pass "
-                  "(slower). Contiguous operands with sizes that are multiples of 8 usually avoid this.");
+void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k, at::ScalarType dtype,
+                       const std::string& why) {
+  TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt declined the ", what, " (", m, " x ", k, " @ ", k, " x ", n, ", ",
+                  dtype, "): ", why, "; using ATen's GEMM and a separate pass (slower). Contiguous, 16-byte aligned "
+                  "operands with sizes that are multiples of 8 usually avoid this.");
 }
 
 int64_t blocks_for(int64_t work, int threads) {
@@ -192,24 +201,28 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
     default:
       saved = at::empty({0}, input.options());
   }
-  bool fused = false;
+  bool fused = false, pass = true;
   if (m > 0 && n > 0 && k > 0) {
-    if (const auto epilogue = forward_epilogue(act, input.scalar_type(), n)) {
+    if (const auto plan = forward_plan(act, input.scalar_type(), n)) {
       cuda::LtEpilogueArgs args;
-      args.kind = *epilogue;
+      args.kind = plan->epilogue;
       args.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-      args.aux = mask.defined() ? mask.data_ptr() : (gemm.is_same(out) ? nullptr : gemm.data_ptr());
-      args.aux_ld = n;  // bits of a mask row (n / 8 bytes), or elements of a pre-activation row
+      // The pre-activation (gelu_tanh), written by the epilogue; relu's mask is our pass's.
+      args.aux = plan->epilogue == cuda::LtEpilogue::GeluTanhAux ? gemm.data_ptr() : nullptr;
+      args.aux_ld = n;
       const Tensor w = weight.stride(0) != 1 && weight.stride(1) != 1 ? weight.contiguous() : weight;
-      fused = cuda::lt_gemm(x2d, w.t(), out, args);
-      if (!fused) warn_no_algorithm("forward GEMM with its epilogue", m, n, k, input.scalar_type());
+      std::string why_not;
+      fused = cuda::lt_gemm(x2d, w.t(), out, args, &why_not);
+      if (!fused) warn_no_algorithm("forward GEMM with its epilogue", m, n, k, input.scalar_type(), why_not);
+      pass = !fused || plan->activation_pass;
     }
   }
   if (!fused) at::mm_out(gemm, x2d, weight.t());
-  if (!fused && m * n > 0) {
+  if (pass && m * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_act_fwd_cuda", [&] {
+      // After a fused GEMM, out holds gemm + bias: the pass adds no bias and works in place.
       EpilogueArgs<scalar_t> a{m, n, act, at::acc_type<scalar_t, true>(negative_slope),
-                               bias_c.defined() ? bias_c.const_data_ptr<scalar_t>() : nullptr,
+                               bias_c.defined() && !fused ? bias_c.const_data_ptr<scalar_t>() : nullptr,
                                gemm.data_ptr<scalar_t>(), !gemm.is_same(out), out.data_ptr<scalar_t>(),
                                mask.defined() ? mask.data_ptr<uint8_t>() : nullptr};
       const int threads = 256;
@@ -279,8 +292,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
     cuda::LtEpilogueArgs args;
     args.kind = cuda::LtEpilogue::BiasGradOfA;
     args.bias_grad = grad_bias.data_ptr();
-    if (!cuda::lt_gemm(grad_pre.t(), x2d, grad_weight, args)) {
-      warn_no_algorithm("weight-gradient GEMM with the bias gradient", n, k, m, input.scalar_type());
+    std::string why_not;
+    if (!cuda::lt_gemm(grad_pre.t(), x2d, grad_weight, args, &why_not)) {
+      warn_no_algorithm("weight-gradient GEMM with the bias gradient", n, k, m, input.scalar_type(), why_not);
       grad_weight = grad_bias = Tensor();
     }
   }
