@@ -23,8 +23,8 @@
 // kBlock classes that stay in L1 while the block max, the rescaled sum of exponentials (online
 // across blocks) and the linear sums are taken. Each block's exponentials are taken against the
 // running max M_b after that block, exp(x - M_b), and a probability is exp(x - M_b) times the
-// block's factor exp(M_b - lse): the forward that also forms the gradient (float32/float64) keeps
-// them in the gradient's row and the gradient pass only multiplies (one exponential an element,
+// block's factor exp(M_b - lse): the forward that also forms the gradient keeps them (in the
+// gradient's row; for bfloat16 in a float row) and the gradient pass only multiplies (one exponential an element,
 // not two: the step is bound by them, not by memory); the backward op takes the block maxima
 // again (a max pass) and the same exponentials, so both give the same bits. spatial > 1 ((N, C, d...) input): a tile of one
 // vector of adjacent positions is processed at once, lanes = positions, looping over classes
@@ -202,11 +202,12 @@ inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>
 
 // Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
 // the incoming gradient row_scale[r] or scale. Buffers: kBlock values each. block_max: the row's
-// running block maxima (maxima_known: the forward's; else taken here, into it); exps_in_grad: the
-// forward left exp(x - M_b) in the row of grad_input (float32/float64 only).
+// running block maxima (maxima_known: the forward's; else taken here, into it); exps: the row's
+// exp(x - M_b) as the forward left them (in grad_input's row, or a float row for bfloat16), or
+// nullptr to take them here.
 template <typename S>
 inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf, acc_t<S>* tbuf, acc_t<S>* gbuf,
-                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, bool exps_in_grad) {
+                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, const acc_t<S>* exps) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -250,7 +251,7 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
       vt(sc * (A(1) - e));
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    const A* xb = exps_in_grad && t == nullptr ? nullptr : as_math<S, A>(x + c0, n, xbuf);
+    const A* xb = exps != nullptr && t == nullptr ? nullptr : as_math<S, A>(x + c0, n, xbuf);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
     if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
@@ -259,7 +260,7 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
     const V factor(mb == -std::numeric_limits<A>::infinity() ? A(0) : std::exp((mb - row_max) - log_sum));
     for (int64_t i = 0; i < n; i += L) {
       const int64_t k = std::min(L, n - i);
-      const V ev = exps_in_grad ? V::loadu(gb + i, k) : exp_against(xb, i, n, mb);
+      const V ev = exps != nullptr ? V::loadu(exps + c0 + i, k) : exp_against(xb, i, n, mb);
       const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
       V g = vp * (ev * factor);
       if (tb != nullptr) {
@@ -293,18 +294,27 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((C + kBlock - 1) / kBlock);
+    std::vector<A> row_exps(std::is_same_v<S, A> || a.grad_input == nullptr ? 0 : C);
     for (int64_t r = begin; r < end; ++r) {
       if (ignored<A>(a.target, r, a.ignore_index)) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, false);  // zeros
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
       const S* t = prob ? a.target_prob + r * C : nullptr;
       RowState<A> st;
-      A* exps = std::is_same_v<S, A> ? reinterpret_cast<A*>(a.grad_input) : nullptr;
-      if (exps != nullptr) exps += r * C;
+      // Where the row's exponentials wait for its gradient pass: the gradient's row itself, or
+      // for bfloat16 a float row of this thread's (both stay in L2 with the row).
+      A* exps = nullptr;
+      if (a.grad_input != nullptr) {
+        if constexpr (std::is_same_v<S, A>) {
+          exps = a.grad_input + r * C;
+        } else {
+          exps = row_exps.data();
+        }
+      }
       for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
         const int64_t n = std::min(kBlock, C - c0);
         accumulate_block<A>(st, as_math<S, A>(x + c0, n, xbuf), t ? as_math<S, A>(t + c0, n, tbuf) : nullptr,
@@ -332,7 +342,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       a.stats[3 * r + 1] = log_sum;
       a.stats[3 * r + 2] = prob ? st.sum_wt : A(0);
       // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
-      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps != nullptr);
+      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps);
     }
   });
 }
@@ -347,7 +357,7 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((a.classes + kBlock - 1) / kBlock);
-    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, false);
+    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);
   });
 }
 
