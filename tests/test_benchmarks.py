@@ -144,6 +144,20 @@ def run_module():
     return run
 
 
+def test_model_selection(run_module):
+    # The default run has every model; --ops or --sizes narrow it to op cases unless --models names some.
+    from suite import select
+    from suite.models import MODELS
+
+    everything = [m for m in MODELS if MODELS[m].available() is None]
+    assert select.resolve_models(None)[0] == everything
+    assert select.resolve_models(None, ["none"])[0] == everything
+    assert select.resolve_models(None, ["mse"])[0] == []
+    assert select.resolve_models(None, None, ["tiny"])[0] == []
+    assert select.resolve_models(["rnn,cnn"], ["mse"])[0] == ["rnn", "cnn"]
+    assert select.resolve_models(["none"])[0] == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [

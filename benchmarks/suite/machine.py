@@ -39,6 +39,7 @@ def machine_info(device: str = "cpu") -> dict:
     info = {
         "torch": torch.__version__,
         "torch_ext": torch_ext.__version__,
+        "torch_ext_path": os.path.dirname(torch_ext.__file__),  # which build was measured
         "python": platform.python_version(),
         "machine": platform.machine(),
         "processor": _cpu_model(),

@@ -49,14 +49,14 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     device, ops, device_notes = select.resolve_device(args.device, ops)
     select.check_dtype(args.dtype, device)
     cases, size_notes = select.resolve_cases(ops, args.sizes, args.quick)
-    models, model_notes = select.resolve_models(args.models, narrowed=bool(ops or args.sizes))
+    models, model_notes = select.resolve_models(args.models, args.ops, args.sizes)
     if not cases and not models:
         raise select.UsageError("nothing to run: --ops none and no model (" + "; ".join(model_notes or ["--models none"]) + ")")
     cfg = Config(
         dtype=getattr(torch, args.dtype), dtype_name=args.dtype, device=device, compile=not args.no_compile,
         memory=not args.no_memory, rounds=args.rounds or (3 if args.quick else 10),
         case_seconds=args.case_seconds or (1.5 if args.quick else 10.0),
-        model_seconds=args.model_seconds or (1.5 if args.quick else 8.0),
+        model_seconds=args.model_seconds or (1.5 if args.quick else 5.0),
         min_round_s=0.02 if args.quick else 0.05, quick=args.quick,
     )
     model_size = "quick" if args.quick else "full"
@@ -67,7 +67,8 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     info = machine.machine_info(device)
     print(f"torch_ext benchmarks: {len(cases)} op cases and {len(models)} models on {device} "
           f"({info.get('gpu') or info.get('processor')}, {info['threads']} threads), {args.dtype}, "
-          f"THP_MEM_ALLOC_ENABLE={thp_record['THP_MEM_ALLOC_ENABLE']}; measuring copy bandwidth and GEMM rate...",
+          f"THP_MEM_ALLOC_ENABLE={thp_record['THP_MEM_ALLOC_ENABLE']}, torch_ext from {info['torch_ext_path']}; "
+          "measuring copy bandwidth and GEMM rate...",
           file=sys.stderr, flush=True)
     bandwidth = timing.copy_bandwidth(device, rounds=3 if args.quick else 7)
     gemm_n = 2048

@@ -21,8 +21,8 @@ from .models import MODELS
 
 CANDIDATES = ("eager", "compile", "fused", "fused_compile")  # table order
 DISPLAY = {"eager": "eager", "compile": "compile", "fused": "fused", "fused_compile": "fused+compile"}
-MEMORY_SETUP = ("build the model and the batch, one warm-up step (it compiles the compiled candidates and "
-                "creates AdamW's state), drop the gradients")
+MEMORY_SETUP = ("build the model and the batch, one warm-up step (on the batch's first sample; on the whole batch "
+                "for the compiled candidates, which compile per shape) that creates AdamW's state, drop the gradients")
 MEMORY_SCOPE = "the model and AdamW's state are resident before the step; the gradients it makes count"
 
 
@@ -39,7 +39,8 @@ def _to(batch, device: str, dtype: torch.dtype):
 
 
 def make_candidate(model_name: str, size: str, name: str, dtype: torch.dtype, device: str):
-    """(step, fuse report or None, optimizer) of candidate `name`; step() -> the detached loss."""
+    """(step, fuse report or None, optimizer, batch) of candidate `name`; step() -> the detached
+    loss of a step on the batch, step(other) of a step on another batch."""
     case = MODELS[model_name]
     torch.manual_seed(0)  # the same initial weights for every candidate
     model, batch = case.build(**case.sizes[size])
@@ -51,19 +52,19 @@ def make_candidate(model_name: str, size: str, name: str, dtype: torch.dtype, de
     run = torch.compile(model) if name.endswith("compile") else model
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4)
 
-    def step() -> torch.Tensor:
+    def step(data=batch) -> torch.Tensor:
         optimizer.zero_grad(set_to_none=True)
-        loss = case.loss(run, batch)
+        loss = case.loss(run, data)
         loss.backward()
         optimizer.step()
         return loss.detach()
 
-    return step, report, optimizer
+    return step, report, optimizer, batch
 
 
-def _compile_note(display: str) -> str:
-    """What torch.compile made of the candidate that just compiled: its graphs and graph breaks
-    (Dynamo's counters since they were last cleared)."""
+def _compile_note(display: str) -> Tuple[str, int]:
+    """(what torch.compile made of the candidate that just compiled, its number of graphs), from
+    Dynamo's counters since they were last cleared."""
     from torch._dynamo.utils import counters
 
     graphs = counters["stats"].get("unique_graphs", 0)
@@ -72,9 +73,7 @@ def _compile_note(display: str) -> str:
     if breaks:
         reasons = "; ".join(" ".join(r.split()[:40]) for r in breaks)  # a reason can run to many lines
         text += f", with graph breaks ({sum(breaks.values())}: {reasons})"
-        if graphs == 0:
-            text += "; the model runs eagerly"
-    return text
+    return text, graphs
 
 
 def run_model(model_name: str, size: str, cfg, progress) -> dict:
@@ -97,7 +96,7 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
             try:
                 from torch._dynamo.utils import counters
                 counters.clear()
-                step, report, _ = make_candidate(model_name, size, name, cfg.dtype, cfg.device)
+                step, report, _, _ = make_candidate(model_name, size, name, cfg.dtype, cfg.device)
                 start = time.perf_counter()
                 loss = step()
                 timing.sync(cfg.device)
@@ -108,12 +107,18 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
                     return record
                 record["notes"].append(f"{DISPLAY[name]} left out: {error_message(e)}")
                 continue
-            steps[name] = step
-            losses[name] = loss.item()
             if report is not None and "fuse" not in record:
                 record["fuse"] = {"replaced": list(report.replaced), "skipped": list(report.skipped)}
             if name.endswith("compile"):
-                record["notes"].append(_compile_note(DISPLAY[name]))
+                text, graphs = _compile_note(DISPLAY[name])
+                if graphs == 0:  # it runs the model as written: timing it again would only measure noise
+                    record["notes"].append(text + "; so it runs the model as written (its twin without compile) "
+                                                  "and is neither timed nor measured")
+                    record.setdefault("no_graph", []).append(name)
+                    continue
+                record["notes"].append(text)
+            steps[name] = step
+            losses[name] = loss.item()
             if name != "eager":
                 diff = compare([torch.tensor(losses["eager"])], [torch.tensor(losses[name])], cfg.dtype)
                 if diff and name.startswith("fused"):
@@ -152,8 +157,11 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
 def peak_job(model_name: str, size: str, name: str, dtype_name: str, device: str) -> Callable[[], object]:
     """In a measuring process: build candidate `name`, one warm-up step, drop the gradients, and
     return the step (memory.step_peak measures it)."""
-    step, _, optimizer = make_candidate(model_name, size, name, getattr(torch, dtype_name), device)
-    step()
+    step, _, optimizer, batch = make_candidate(model_name, size, name, getattr(torch, dtype_name), device)
+    if name.endswith("compile") or device.startswith("cuda"):
+        step()  # compiles for the batch's shapes
+    else:  # one sample: AdamW's state and the libraries' set-up, without a whole step at the measured size
+        step({k: v[:1] for k, v in batch.items()} if isinstance(batch, dict) else tuple(t[:1] for t in batch))
     optimizer.zero_grad(set_to_none=True)
     return step
 

@@ -117,7 +117,13 @@ def model_table(records: List[dict]) -> str:
             rows.append([r["model"], r["case"], "ERROR"] + ["-"] * (len(headers) - 3))
             continue
         peak = r.get("peak_bytes", {})
-        for name in r["candidates"]:
+        for name in measure_model.CANDIDATES:
+            if name in r.get("no_graph", ()):
+                twin = measure_model.DISPLAY[name.rpartition("_")[0] or "eager"]
+                rows.append([r["model"], r["case"], measure_model.DISPLAY[name], f"= {twin} (no graph)"]
+                            + ["-"] * (len(headers) - 4))
+            if name not in r["candidates"]:
+                continue
             rows.append([
                 r["model"], r["case"], measure_model.DISPLAY[name], fmt_ms(r["time_ms"][name]),
                 f"{r['throughput'][name]:.0f} {r['unit']}/s",

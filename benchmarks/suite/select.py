@@ -37,9 +37,11 @@ def resolve_ops(names: Optional[Sequence[str]]) -> List[str]:
     return ops
 
 
-def resolve_models(names: Optional[Sequence[str]], narrowed: bool) -> Tuple[List[str], List[str]]:
-    """(model cases to run, notes about those skipped). Default: every model, unless --ops or
-    --sizes narrowed the run to op cases."""
+def resolve_models(names: Optional[Sequence[str]], op_names: Optional[Sequence[str]] = None,
+                   sizes: Optional[Sequence[str]] = None) -> Tuple[List[str], List[str]]:
+    """(model cases to run, notes about those skipped) for --models `names`. Default: every
+    model, unless --ops naming ops (not none) or --sizes narrowed the run to op cases."""
+    narrowed = bool(sizes) or (bool(op_names) and _names(op_names) != [NONE])
     if not names:
         chosen = [] if narrowed else list(MODELS)
     else:
