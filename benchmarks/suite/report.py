@@ -160,8 +160,9 @@ def notes_text(meta: dict, records: List[dict], model_records: List[dict], extra
             "(interquartile range / median; full range with < 4 rounds). 'ours x eager' = median over rounds of "
             "eager time / ours time (> 1: ours is faster). fwd runs with autograd recording, as in training.",
             "Floors, for the fwd+bwd step: memory-bound losses: the bytes a step must move (read the inputs once, "
-            f"write the gradient once) / copy bandwidth; {floors or 'GEMM-bound ops: their bare GEMMs'}, at the same "
-            "shapes, on ATen's GEMM, timed in each round. '% of floor' = floor time / ours time (100% = at the floor; "
+            "write the gradient once) / copy bandwidth"
+            + (f"; {floors}, at the same shapes, on ATen's GEMM, timed in each round" if floors else "")
+            + ". '% of floor' = floor time / ours time (100% = at the floor; "
             "reads alone run faster than copies, so a loss can pass 100%; ours can pass it where its float32 CPU GEMMs "
             "run on torch_ext's own, 'float32 GEMM: ours' above). The JSON also has per-phase floors, each phase "
             "starting from the inputs.",
