@@ -84,6 +84,8 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
               "units_per_step": case.units(dims), "dtype": cfg.dtype_name, "device": cfg.device, "notes": []}
     lap = timing.Laps(record.setdefault("stage_s", {}))
 
+    from torch._dynamo.utils import counters  # (imports Dynamo, which torch.compile needs anyway)
+
     torch._dynamo.reset()
     steps: Dict[str, Callable[[], torch.Tensor]] = {}
     first_s: Dict[str, float] = {}
@@ -94,8 +96,7 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
         for name in candidates_for(cfg):
             progress.stage(f"{DISPLAY[name]}: first step" + (" (compiles)" if name.endswith("compile") else ""))
             try:
-                from torch._dynamo.utils import counters
-                counters.clear()
+                counters.clear()  # for _compile_note
                 step, report, _, _ = make_candidate(model_name, size, name, cfg.dtype, cfg.device)
                 start = time.perf_counter()
                 loss = step()

@@ -214,6 +214,10 @@ def model_notes(meta: dict, records: List[dict]) -> List[str]:
         lines.append("--quick: the models are small (the 'quick' sizes of suite/models.py) and run without their "
                      "torch.compile candidates (compiling a model takes tens of seconds on 2 cores).")
     for r in records:
+        against_compile = r.get("speedup", {}).get("vs_compile", {}).get("fused_compile")
+        if against_compile is not None:
+            lines.append(f"model {r['model']}: fused+compile against compile (both compiled): {fmt_x(against_compile)} "
+                         "(median of the per-round ratios)")
         fuse = r.get("fuse")
         if fuse is not None:
             lines.append(f"model {r['model']}: fuse() replaced {len(fuse['replaced'])} "
