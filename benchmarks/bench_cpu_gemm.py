@@ -7,7 +7,7 @@ Each size M x K -> N is a dense layer's three products: forward x @ W.T (M x N),
 grad @ W (M x K) and grad_weight grad.T @ x (N x K), with the operands in the layouts the layer
 passes them. Both GEMMs write into the same preallocated result through the private
 torch_ext._C._cpu_matmul_into (the CPU ops' matrix product), switched with TORCH_EXT_CPU_GEMM;
-they run interleaved, in a new random order each round (common.time_interleaved). Reports the
+they run interleaved, in a new random order each round (suite/timing.py). Reports the
 median ms of each, ATen's time / ours (the median of the per-round ratios; > 1: ours is
 faster) and ours' GFLOP/s.
 """
@@ -20,7 +20,7 @@ import sys
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-import common  # noqa: E402
+from suite import machine, timing  # noqa: E402
 
 import torch_ext  # noqa: E402
 
@@ -53,20 +53,20 @@ def main(argv=None):
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes] if args.sizes else DEFAULT_SIZES
     if torch_ext.cpu_capability() == "DEFAULT":
         sys.exit("this CPU runs the DEFAULT instruction set, which has no GEMM of ours")
-    print(common.machine_info())
+    print(machine.machine_info())
     print(f"{'layer':<20}{'product':<13}{'ATen ms':>9}{'ours ms':>9}{'ATen/ours':>11}{'ours GFLOP/s':>14}")
     saved_env = os.environ.get("TORCH_EXT_CPU_GEMM")
     try:
         for m, k, n in sizes:
             for name, (out, a, b) in products(m, k, n).items():
-                samples = common.time_interleaved(
+                samples = timing.time_interleaved(
                     {path: (lambda path=path: run_gemm(path, out, a, b)) for path in ("aten", "ours")},
                     rounds=args.rounds,
                 )
-                ours = common.median(samples["ours"])
+                ours = timing.median(samples["ours"])
                 flop = 2 * out.shape[0] * out.shape[1] * a.shape[1]
-                print(f"{f'{m}x{k}->{n}':<20}{name:<13}{common.median(samples['aten']) * 1e3:>9.2f}{ours * 1e3:>9.2f}"
-                      f"{common.ratio(samples, 'aten', 'ours'):>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
+                print(f"{f'{m}x{k}->{n}':<20}{name:<13}{timing.median(samples['aten']) * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                      f"{timing.ratio_of(samples['aten'], samples['ours']):>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
     finally:
         if saved_env is None:
             os.environ.pop("TORCH_EXT_CPU_GEMM", None)

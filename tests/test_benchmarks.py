@@ -1,6 +1,7 @@
-"""Smoke test of the benchmark suite, benchmarks/run.py: a --quick run at the tiny size writes its
-JSON, table and chart, and bad input ends in one clear message and a non-zero exit status. No
-timing assertions: the numbers are whatever this machine gives."""
+"""Smoke test of the benchmark suite, benchmarks/run.py: a --quick run of the op cases at the tiny
+size and one of the model cases write their JSON, table and chart, the baseline's huge-page
+setting is applied and recorded, and bad input ends in one clear message and a non-zero exit
+status. No timing assertions: the numbers are whatever this machine gives."""
 from __future__ import annotations
 
 import json
@@ -34,9 +35,13 @@ def test_json_has_every_figure(quick_run):
     with open(quick_run / "smoke.json") as f:
         data = json.load(f)
     meta = data["meta"]
-    for key in ("timestamp", "git_commit", "machine", "copy_bandwidth", "gemm_flops", "load_start", "memory_method"):
+    for key in ("timestamp", "git_commit", "machine", "copy_bandwidth", "gemm_flops", "load_start", "memory_method",
+                "thp"):
         assert key in meta, key
     assert meta["machine"]["torch"] == torch.__version__
+    assert meta["thp"]["setting"] == "on" and meta["thp"]["THP_MEM_ALLOC_ENABLE"] == "1"
+    assert meta["thp"]["set_before_torch_import"]
+    assert data["models"] == []  # --sizes narrows the run to the op cases
     assert meta["copy_bandwidth"] > 0 and meta["gemm_flops"] > 0
     ops = {r["op"] for r in data["results"]}
     assert {"linear_act", "cross_entropy", "mse", "huber", "triplet"} <= ops
@@ -73,6 +78,55 @@ def test_chart_written(quick_run):
     assert image.ndim == 3 and image.shape[0] > 100 and image.shape[1] > 100
 
 
+@pytest.fixture(scope="module")
+def models_run(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench_models")
+    proc = run_suite("--quick", "--ops", "none", "--out", str(out), "--name", "models")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(out / "models.json") as f:
+        return out, json.load(f)
+
+
+def test_models_have_every_figure(models_run):
+    _, data = models_run
+    assert data["results"] == []
+    names = [r["model"] for r in data["models"]]
+    assert names[:3] == ["cnn", "rnn", "transformer"]
+    for r in data["models"]:
+        assert "error" not in r, r.get("error")
+        assert r["check"] == "ok", (r["model"], r["check"])
+        assert r["candidates"] == ["eager", "fused"]  # --quick: no compiled models
+        assert r["fuse"]["replaced"], (r["model"], r["fuse"])
+        for name in r["candidates"]:
+            assert len(r["time_ms"][name]["samples"]) == r["rounds"]
+            assert r["throughput"][name] > 0
+            assert r["peak_bytes"][name] is not None and r["peak_bytes"][name] > 0, (r["model"], name, r["notes"])
+        assert r["speedup"]["vs_eager"]["fused"] > 0
+        assert abs(r["loss"]["fused"] - r["loss"]["eager"]) <= 1e-4 * max(1.0, abs(r["loss"]["eager"]))
+    assert data["meta"]["model_memory_method"]
+
+
+def test_models_table_and_chart(models_run):
+    out, _ = models_run
+    text = (out / "models.txt").read_text()
+    assert "Whole models" in text and "fused" in text and "Model peak = " in text and "fuse() replaced" in text
+    pytest.importorskip("matplotlib")
+    import matplotlib.image
+
+    assert matplotlib.image.imread(str(out / "models.png")).ndim == 3
+
+
+def test_baseline_thp_off(tmp_path):
+    # PyTorch's default allocator settings: recorded, and the results get their own name.
+    proc = run_suite("--quick", "--ops", "mse", "--sizes", "tiny", "--no-compile", "--baseline-thp", "off",
+                     "--out", str(tmp_path))
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(tmp_path / "cpu_quick_custom_nothp.json") as f:
+        meta = json.load(f)["meta"]
+    assert meta["thp"]["setting"] == "off" and meta["thp"]["THP_MEM_ALLOC_ENABLE"] == "0"
+    assert "THP_MEM_ALLOC_ENABLE=0" in (tmp_path / "cpu_quick_custom_nothp.txt").read_text()
+
+
 def test_unknown_op_is_a_clear_error():
     proc = run_suite("--ops", "no_such_op", timeout=120)
     assert proc.returncode == 2
@@ -90,6 +144,20 @@ def run_module():
     return run
 
 
+def test_model_selection(run_module):
+    # The default run has every model; --ops or --sizes narrow it to op cases unless --models names some.
+    from suite import select
+    from suite.models import MODELS
+
+    everything = [m for m in MODELS if MODELS[m].available() is None]
+    assert select.resolve_models(None)[0] == everything
+    assert select.resolve_models(None, ["none"])[0] == everything
+    assert select.resolve_models(None, ["mse"])[0] == []
+    assert select.resolve_models(None, None, ["tiny"])[0] == []
+    assert select.resolve_models(["rnn,cnn"], ["mse"])[0] == ["rnn", "cnn"]
+    assert select.resolve_models(["none"])[0] == []
+
+
 @pytest.mark.parametrize(
     "args, message",
     [
@@ -100,15 +168,21 @@ def run_module():
         (["--sizes", "1x2x3x4"], "fits none of the selected ops"),
         (["--ops", "mse", "--sizes", "cross_entropy=10x10"], "which --ops does not select"),
         (["--ops", "triplet", "--sizes", "llm"], "no case to run"),
+        (["--models", "resnet"], "unknown model 'resnet'"),
+        (["--ops", "none", "--models", "none"], "nothing to run"),
+        (["--ops", "none", "--sizes", "llm"], "--ops none selects no op"),
+        (["--baseline-thp", "maybe"], "--baseline-thp: expected on or off, got 'maybe'"),
     ],
 )
-def test_bad_input_is_a_clear_error(run_module, capsys, args, message):
+def test_bad_input_is_a_clear_error(run_module, capsys, monkeypatch, args, message):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")  # the suite sets it: restored after the test
     assert run_module.cli(args) == 2
     err = capsys.readouterr().err
     assert message in err and "Traceback" not in err
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="a GPU is available")
-def test_cuda_without_gpu_is_a_clear_error(run_module, capsys):
+def test_cuda_without_gpu_is_a_clear_error(run_module, capsys, monkeypatch):
+    monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert run_module.cli(["--device", "cuda"]) == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err
