@@ -228,12 +228,12 @@ if [ "$DRY_RUN" = 1 ]; then
   BENCH_ARGS_CHECK='
 import sys
 sys.path.insert(0, sys.argv[1])
-import run
+from suite import cli, select
 runs = [["--ops", *sys.argv[3].split(), "--sizes", *sys.argv[2].split(), "--no-compile"]]
 runs += [["--ops", s.split("=")[0], "--sizes", s] for s in sys.argv[2].split()]
 for argv in runs:
-    args = run.parse_args(["--device", "cuda", "--dtype", "bfloat16", *argv])
-    cases, notes = run.resolve_cases(run.resolve_ops(args.ops), args.sizes, args.quick)
+    args = cli.parse_args(["--device", "cuda", "--dtype", "bfloat16", *argv], "", "benchmarks/run.py")
+    cases, notes = select.resolve_cases(select.resolve_ops(args.ops), args.sizes, args.quick)
     assert not notes, notes
     print(" ".join(argv), "->", ", ".join(f"{c.op} {c.label()}" for c in cases))
 '
