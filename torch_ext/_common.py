@@ -9,7 +9,8 @@ from torch import Tensor
 
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
-_any_requires_grad = torch._C._any_requires_grad
+# any_requires_grad(*args): whether a tensor among args (others are skipped) requires grad; in C++.
+any_requires_grad = torch._C._any_requires_grad
 
 
 def direct_when_no_grad(op):
@@ -21,7 +22,7 @@ def direct_when_no_grad(op):
     it is (dynamo traces the op, not this guard)."""
 
     def call(*args):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any_requires_grad(*args)):
             return op(*args)
         with _below_autograd():
             return op(*args)
@@ -34,7 +35,7 @@ def needs_autograd(*tensors: Optional[Tensor]) -> bool:
     """Whether a call must record autograd history: grad mode on and a tensor requires grad.
     Otherwise the public functions call the forward op directly, without an autograd.Function
     (Function.apply costs ~13 us, as much as a small op's kernel and dispatch together)."""
-    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
+    return torch.is_grad_enabled() and any_requires_grad(*tensors)
 
 
 def _autocast_off() -> bool:

@@ -14,7 +14,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
+from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd, any_requires_grad
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_bwd.default)
@@ -247,8 +247,7 @@ def linear_cross_entropy(
     if target.is_floating_point():
         target = target.to(input.dtype)
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), int(chunk_size))
-    requires_grad = input.requires_grad or linear_weight.requires_grad or (linear_bias is not None and linear_bias.requires_grad)
-    if reduction != "none" and forms_grad_in_forward(requires_grad):
+    if reduction != "none" and forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)):
         loss = _LinearCrossEntropyGradInForward.apply(*args)
     elif not needs_autograd(input, linear_weight, linear_bias, target):
         loss = _fwd_op(*args, [False, False, False])[0]

@@ -12,7 +12,7 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd, any_requires_grad
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_bwd.default)
@@ -148,7 +148,7 @@ def triplet_margin_loss(
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
-    if forms_grad_in_forward(anchor.requires_grad or positive.requires_grad or negative.requires_grad):
+    if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)):
         return _TripletMarginLossGradInForward.apply(*args)[0]
     if not needs_autograd(anchor, positive, negative):
         return _fwd_op(*args)[0]

@@ -29,6 +29,8 @@ struct Block {
   size_t capacity;  // bytes, a multiple of kHugePage
 };
 
+size_t whole_huge_pages(size_t nbytes) { return (nbytes + kHugePage - 1) / kHugePage * kHugePage; }
+
 void* allocate_huge(size_t capacity) {
   void* ptr = nullptr;
   TORCH_CHECK(posix_memalign(&ptr, kHugePage, capacity) == 0 && ptr != nullptr,
@@ -43,8 +45,7 @@ void* allocate_huge(size_t capacity) {
 // outlive static destruction at exit can still return their blocks.
 class BlockCache {
  public:
-  Block take(size_t nbytes) {
-    const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
+  Block take(size_t capacity) {
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // The smallest cached block that fits without wasting more than a quarter of it.
@@ -119,77 +120,87 @@ void release_block(void* ctx) {
   delete block;
 }
 
-// Large requests come from the cache; smaller ones (e.g. a storage resized to small) from
-// PyTorch's CPU allocator. Each DataPtr carries its own deleter, so the two kinds mix freely.
-struct CachingHugePageAllocator final : c10::Allocator {
+// Both allocators below: requests under kHugePageMinBytes (e.g. a storage resized to small) go to
+// PyTorch's CPU allocator, larger ones get a block of whole huge pages from `acquire`, handed
+// back through `release`. Each DataPtr carries its own deleter, so the kinds mix freely.
+class HugePageAllocator final : public c10::Allocator {
+ public:
+  HugePageAllocator(Block (*acquire)(size_t capacity), c10::DeleterFnPtr release)
+      : acquire_(acquire), release_(release) {}
+
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes < kHugePageMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
-    Block* block = new Block(cache().take(nbytes));
-    return {block->ptr, block, &release_block, c10::Device(c10::DeviceType::CPU)};
+    Block* block = new Block(acquire_(whole_huge_pages(nbytes)));
+    return {block->ptr, block, release_, c10::Device(c10::DeviceType::CPU)};
   }
 
   void copy_data(void* dest, const void* src, std::size_t count) const override {
     default_copy_data(dest, src, count);
   }
+
+ private:
+  Block (*acquire_)(size_t);
+  c10::DeleterFnPtr release_;
 };
+
+// Outputs: from the cache, back to it when freed.
+Block take_cached(size_t capacity) { return cache().take(capacity); }
+
+void release_to_cache(void* ctx) {
+  Block* block = static_cast<Block*>(ctx);
+  cache().give_back(*block);
+  delete block;
+}
 
 #if defined(__linux__)
 // Scratch: mapped on its own (2 MiB-aligned inside a slightly larger mapping) and unmapped when
 // freed, so the memory goes back to the system at once whatever malloc's thresholds are.
+Block map_block(size_t capacity) {
+  const size_t mapped = capacity + kHugePage;
+  void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
+  TORCH_CHECK(base != MAP_FAILED, "torch_ext: out of memory allocating ", capacity, " bytes");
+  const uintptr_t start = reinterpret_cast<uintptr_t>(base);
+  const uintptr_t aligned = whole_huge_pages(start);
+  if (aligned > start) munmap(base, aligned - start);
+  const uintptr_t end = start + mapped;
+  if (end > aligned + capacity) munmap(reinterpret_cast<void*>(aligned + capacity), end - aligned - capacity);
+  void* ptr = reinterpret_cast<void*>(aligned);
+#if defined(MADV_HUGEPAGE)
+  madvise(ptr, capacity, MADV_HUGEPAGE);
+#endif
+  return {ptr, capacity};
+}
+
 void unmap_block(void* ctx) {
   Block* block = static_cast<Block*>(ctx);
   munmap(block->ptr, block->capacity);
   delete block;
 }
-
-struct ScratchAllocator final : c10::Allocator {
-  c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugePageMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
-    const size_t capacity = (nbytes + kHugePage - 1) / kHugePage * kHugePage;
-    const size_t mapped = capacity + kHugePage;
-    void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
-    TORCH_CHECK(base != MAP_FAILED, "torch_ext: out of memory allocating ", capacity, " bytes");
-    const uintptr_t start = reinterpret_cast<uintptr_t>(base);
-    const uintptr_t aligned = (start + kHugePage - 1) / kHugePage * kHugePage;
-    if (aligned > start) munmap(base, aligned - start);
-    const uintptr_t end = start + mapped;
-    if (end > aligned + capacity) munmap(reinterpret_cast<void*>(aligned + capacity), end - aligned - capacity);
-    void* ptr = reinterpret_cast<void*>(aligned);
-#if defined(MADV_HUGEPAGE)
-    madvise(ptr, capacity, MADV_HUGEPAGE);
 #endif
-    Block* block = new Block{ptr, capacity};
-    return {ptr, block, &unmap_block, c10::Device(c10::DeviceType::CPU)};
-  }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
-};
-#endif
+// at::empty(sizes, options), from `allocator` when it is given and the tensor is a large CPU one.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, c10::Allocator* allocator) {
+  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
+  if (allocator != nullptr && options.device().is_cpu() && nbytes >= kHugePageMinBytes)
+    return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
+                                     options.dtype().toScalarType(), std::nullopt);
+  return at::empty(sizes, options);
+}
 
 }  // namespace
 
 at::Tensor empty_cpu_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__)
-  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (options.device().is_cpu() && nbytes >= kHugePageMinBytes) {
-    static ScratchAllocator allocator;
-    return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), std::nullopt);
-  }
+  static HugePageAllocator allocator(&map_block, &unmap_block);
+  return empty_large(sizes, options, &allocator);
+#else
+  return empty_large(sizes, options, nullptr);
 #endif
-  return at::empty(sizes, options);
 }
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (options.device().is_cpu() && nbytes >= kHugePageMinBytes) {
-    static CachingHugePageAllocator allocator;
-    return at::detail::empty_generic(sizes, &allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
-                                     options.dtype().toScalarType(), std::nullopt);
-  }
-  return at::empty(sizes, options);
+  static HugePageAllocator allocator(&take_cached, &release_to_cache);
+  return empty_large(sizes, options, &allocator);
 }
 
 size_t empty_cache() { return cache().clear(); }
