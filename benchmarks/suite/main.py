@@ -88,7 +88,9 @@ def main(args, argv: List[str], thp_record: dict) -> int:
         "compile": cfg.compile, "rounds_max": cfg.rounds, "case_seconds": cfg.case_seconds,
         "model_seconds": cfg.model_seconds, "min_round_s": cfg.min_round_s,
         "timing_method": "timing.time_phases (op cases) and timing.time_interleaved (models): candidates "
-                         "interleaved in a new random order each round; ratios per round, then their median",
+                         "interleaved in a new random order each round; each round's sample of a candidate is the mean "
+                         "of back-to-back calls lasting at least min_round_s (a sub-millisecond step is timed over "
+                         "hundreds of calls, never one at a time); ratios per round, then their median",
         "memory_method": None, "model_memory_method": None,
         "models": {m: {"size": model_size, **MODELS[m].sizes[model_size]} for m in models},
         "has_linear_cross_entropy": "linear_cross_entropy" in OPS,

@@ -52,7 +52,7 @@ def notes(record: dict, other_name: Optional[str]) -> List[str]:
         "fresh memory is touched, a large part of what eager's memory-bound losses pay on every step (each "
         "step's large gradients and activations come fresh from the system). It applies to everything PyTorch allocates: "
         "the eager, compile and peer candidates, and ours' inputs, parameters and the tensors ours gets "
-        "from ATen. torch_ext's own large outputs (4 MiB or more) use huge pages and a cache of freed blocks "
+        "from ATen. torch_ext's own large outputs (16 MiB or more) use huge pages and a cache of freed blocks "
         "whatever the setting: in the op cases the knob moves the PyTorch candidates, hardly ours; in the whole "
         "models it moves both sides, since most of a fused model's tensors are still PyTorch's.",
         "For users of plain PyTorch on Linux CPUs: set THP_MEM_ALLOC_ENABLE=1 in the environment before "

@@ -120,16 +120,18 @@ void release_block(void* ctx) {
   delete block;
 }
 
-// Both allocators below: requests under kHugePageMinBytes (e.g. a storage resized to small) go to
+// Both allocators below: requests under `min_bytes` (e.g. a storage resized to small) go to
 // PyTorch's CPU allocator, larger ones get a block of whole huge pages from `acquire`, handed
 // back through `release`. Each DataPtr carries its own deleter, so the kinds mix freely.
 class HugePageAllocator final : public c10::Allocator {
  public:
-  HugePageAllocator(Block (*acquire)(size_t capacity), c10::DeleterFnPtr release)
-      : acquire_(acquire), release_(release) {}
+  HugePageAllocator(size_t min_bytes, Block (*acquire)(size_t capacity), c10::DeleterFnPtr release)
+      : min_bytes_(min_bytes), acquire_(acquire), release_(release) {}
+
+  size_t min_bytes() const { return min_bytes_; }
 
   c10::DataPtr allocate(size_t nbytes) override {
-    if (nbytes < kHugePageMinBytes) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
+    if (nbytes < min_bytes_) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
     Block* block = new Block(acquire_(whole_huge_pages(nbytes)));
     return {block->ptr, block, release_, c10::Device(c10::DeviceType::CPU)};
   }
@@ -139,6 +141,7 @@ class HugePageAllocator final : public c10::Allocator {
   }
 
  private:
+  size_t min_bytes_;
   Block (*acquire_)(size_t);
   c10::DeleterFnPtr release_;
 };
@@ -178,10 +181,11 @@ void unmap_block(void* ctx) {
 }
 #endif
 
-// at::empty(sizes, options), from `allocator` when it is given and the tensor is a large CPU one.
-at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, c10::Allocator* allocator) {
+// at::empty(sizes, options), from `allocator` when it is given and the tensor is a CPU one of its
+// min_bytes or more.
+at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, HugePageAllocator* allocator) {
   const size_t nbytes = size_t(c10::multiply_integers(sizes)) * options.dtype().itemsize();
-  if (allocator != nullptr && options.device().is_cpu() && nbytes >= kHugePageMinBytes)
+  if (allocator != nullptr && options.device().is_cpu() && nbytes >= allocator->min_bytes())
     return at::detail::empty_generic(sizes, allocator, c10::DispatchKeySet(c10::DispatchKey::CPU),
                                      options.dtype().toScalarType(), std::nullopt);
   return at::empty(sizes, options);
@@ -191,7 +195,7 @@ at::Tensor empty_large(at::IntArrayRef sizes, const at::TensorOptions& options, 
 
 at::Tensor empty_cpu_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
 #if defined(__linux__)
-  static HugePageAllocator allocator(&map_block, &unmap_block);
+  static HugePageAllocator allocator(kScratchMinBytes, &map_block, &unmap_block);
   return empty_large(sizes, options, &allocator);
 #else
   return empty_large(sizes, options, nullptr);
@@ -199,7 +203,7 @@ at::Tensor empty_cpu_scratch(at::IntArrayRef sizes, const at::TensorOptions& opt
 }
 
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
-  static HugePageAllocator allocator(&take_cached, &release_to_cache);
+  static HugePageAllocator allocator(kCachedOutputMinBytes, &take_cached, &release_to_cache);
   return empty_large(sizes, options, &allocator);
 }
 

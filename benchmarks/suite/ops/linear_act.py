@@ -26,7 +26,7 @@ SCENARIOS = {
     "rnn": (2048, 1024, 1024, "tanh"),  # RNN-style projection, 2048 tokens
     "ffn": (8192, 256, 256, "gelu_tanh"),  # Transformer FFN layer (the dense issue's goal), 8192 tokens
     "quick": (1024, 256, 256, "gelu_tanh"),
-    "tiny": (64, 32, 48, "relu"),
+    "tiny": (64, 128, 128, "relu"),  # a small MLP's hidden layer: per-call cost, not arithmetic, decides
 }
 
 
@@ -66,7 +66,7 @@ def make_workload(m, k, n, activation, dtype=torch.float32, device="cpu") -> Wor
 SPECS = [
     OpSpec(
         name="linear_act", kind="dense", kernel="linear_act_fwd", dims=3, dim_names="MxKxN[:activation]",
-        scenarios=SCENARIOS, defaults=("cnn", "ffn"), make=make_workload, aliases=("dense", "fused_linear"),
+        scenarios=SCENARIOS, defaults=("tiny", "cnn", "ffn"), make=make_workload, aliases=("dense", "fused_linear"),
         activations=tuple(torch_ext.ACTIVATIONS), label=dense_label,
         floor_text="its three bare GEMMs (forward; the two gradients)",
     ),

@@ -14,7 +14,7 @@ SCENARIOS = {  # name -> (N rows, H hidden, V vocabulary)
     "rnn": (2048, 512, 10000),  # RNN language model head (PTB/WikiText-2-size vocabulary)
     "llm": (4096, 512, 32000),  # LLM vocabulary head (the goal of issue 5)
     "quick": (1024, 256, 8000),
-    "tiny": (64, 32, 100),
+    "tiny": (64, 128, 1000),  # a small classifier head with its loss
 }
 
 
@@ -55,7 +55,7 @@ def make_workload(n: int, h: int, v: int, dtype=torch.float32, device="cpu") -> 
 SPECS = [
     OpSpec(
         name="linear_cross_entropy", kind="gemm-bound", kernel="linear_cross_entropy_fwd", dims=3,
-        dim_names="NxHxV", scenarios=SCENARIOS, defaults=("llm",), make=make_workload, aliases=("lce",),
+        dim_names="NxHxV", scenarios=SCENARIOS, defaults=("tiny", "llm"), make=make_workload, aliases=("lce",),
         label=head_label, floor_text="its three bare GEMMs (forward; the two gradients)",
     ),
 ] if hasattr(torch_ext, "linear_cross_entropy") else []

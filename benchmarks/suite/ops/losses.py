@@ -32,7 +32,7 @@ REGRESSION_SCENARIOS = {
     "cnn": (32, 3 * 224 * 224),  # image reconstruction: a batch of 32 RGB 224x224 images
     "ffn": (4096, 4096),  # regression of Transformer hidden states (the goal of issue 3)
     "quick": (1024, 1024),
-    "tiny": (64, 64),
+    "tiny": (32, 10),  # a small regression head
 }
 SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
     "cross_entropy": {
@@ -40,7 +40,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
         "rnn": (2048, 10000),  # RNN language model (PTB/WikiText-2-size vocabulary), 2048 tokens
         "llm": (4096, 32000),  # LLM vocabulary (the goal of issue 3), 4096 tokens
         "quick": (1024, 8000),
-        "tiny": (64, 100),
+        "tiny": (32, 10),  # a CIFAR-10-sized classifier head: per-call cost decides
     },
     "mse": REGRESSION_SCENARIOS,
     "huber": REGRESSION_SCENARIOS,
@@ -48,7 +48,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
     "triplet": {
         "cnn": (8192, 512),  # CNN embeddings for metric learning (the goal of issue 3)
         "quick": (2048, 256),
-        "tiny": (64, 32),
+        "tiny": (32, 128),
     },
 }
 
@@ -113,9 +113,9 @@ def _spec(op: str, kernel: str, defaults: Tuple[str, ...], aliases: Tuple[str, .
 
 
 SPECS = [
-    _spec("cross_entropy", "cross_entropy_fwd", ("cnn", "rnn", "llm"), ()),
-    _spec("mse", "regression_loss_fwd", ("ffn",), ("mse_loss",)),
-    _spec("huber", "regression_loss_fwd", ("ffn",), ("huber_loss",)),
+    _spec("cross_entropy", "cross_entropy_fwd", ("tiny", "cnn", "rnn", "llm"), ()),
+    _spec("mse", "regression_loss_fwd", ("tiny", "ffn"), ("mse_loss",)),
+    _spec("huber", "regression_loss_fwd", ("tiny", "ffn"), ("huber_loss",)),
     _spec("smooth_l1", "regression_loss_fwd", ("ffn",), ("smooth_l1_loss",)),
-    _spec("triplet", "triplet_margin_loss_fwd", ("cnn",), ("triplet_margin_loss",)),
+    _spec("triplet", "triplet_margin_loss_fwd", ("tiny", "cnn"), ("triplet_margin_loss",)),
 ]

@@ -20,7 +20,7 @@ SCENARIOS = {
     "ffn": (4096, 256, 1024, "gelu"),      # ViT/BERT-style FFN (hidden = 4 x width), 4096 tokens
     "llm": (2048, 512, 1376, "swiglu"),    # LLaMA-style gated FFN (hidden = 8/3 x width)
     "quick": (1024, 128, 512, "gelu"),
-    "tiny": (64, 32, 48, "swiglu"),
+    "tiny": (64, 128, 512, "gelu"),  # a small Transformer's feed-forward block: per-call cost decides
 }
 
 
@@ -79,7 +79,7 @@ def make_workload(m, k, h, activation, dtype=torch.float32, device="cpu") -> Wor
 SPECS = [
     OpSpec(
         name="mlp", kind="dense", kernel="mlp_act_fwd", dims=3, dim_names="MxKxH[:activation]",
-        scenarios=SCENARIOS, defaults=("ffn", "llm"), make=make_workload, aliases=("fused_mlp",),
+        scenarios=SCENARIOS, defaults=("tiny", "ffn", "llm"), make=make_workload, aliases=("fused_mlp",),
         activations=tuple(torch_ext.MLP_ACTIVATIONS), label=dense_label, floor_text="its six bare GEMMs",
     ),
 ]

@@ -31,8 +31,8 @@ class OpSpec:
       / copy bandwidth). kernel: the torch_ext forward op, to see whether a device has a kernel.
     dims, dim_names: the numbers of an explicit --sizes value, and how the help names them.
     scenarios: size name -> params (the names of suite.ops.SCENARIO_NAMES, plus "quick" for
-      --quick and "tiny" for the tests and the memory children's warm-up); defaults: the names
-      the default run takes.
+      --quick and "tiny", a small model's layer or head where the per-call cost decides, also the
+      memory children's warm-up); defaults: the names the default run takes.
     make(*params, dtype=, device=) -> Workload. activations: the activations an explicit size
       may name (":gelu"), for the families whose params end in one. held: what ours forms in the
       forward pass and holds until backward, for the notes. floor_text: the floor, for the notes.
