@@ -9,6 +9,9 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
+#include "grad_in_forward.h"
+
+#include <pybind11/pybind11.h>
 
 TORCH_LIBRARY(torch_ext, m) {
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
@@ -161,6 +164,89 @@ static PyObject* cublaslt_epilogue_aligned(PyObject*, PyObject* args) {
   return PyBool_FromLong(torch_ext::cuda::lt_epilogue_pointers_aligned(e));
 }
 
+// Tensor arguments of the eager training paths: a tensor, or None where `optional`.
+static bool unpack_tensor(PyObject* obj, const char* name, bool optional, std::optional<at::Tensor>& out) {
+  if (optional && obj == Py_None) return true;
+  if (!THPVariable_Check(obj)) {
+    PyErr_Format(PyExc_TypeError, "%s must be a tensor%s, got %s", name, optional ? " or None" : "", Py_TYPE(obj)->tp_name);
+    return false;
+  }
+  out = THPVariable_Unpack(obj);
+  return true;
+}
+
+// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing,
+// z_loss) -> loss: torch_ext.cross_entropy's eager training path (grad_in_forward.h).
+static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
+  long long ignore_index = 0;
+  const char* reduction = nullptr;
+  double label_smoothing = 0, z_loss = 0;
+  if (!PyArg_ParseTuple(args, "OOOLsdd", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
+                        &label_smoothing, &z_loss))
+    return nullptr;
+  std::optional<at::Tensor> input, target, weight;
+  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(target_obj, "target", false, target) ||
+      !unpack_tensor(weight_obj, "weight", true, weight))
+    return nullptr;
+  HANDLE_TH_ERRORS
+  at::Tensor loss;
+  {
+    pybind11::gil_scoped_release no_gil;  // as torch.ops calls do: other Python threads run meanwhile
+    loss = torch_ext::cross_entropy_grad_in_forward(*input, *target, weight, ignore_index, reduction,
+                                                    label_smoothing, z_loss);
+  }
+  return THPVariable_Wrap(loss);
+  END_HANDLE_TH_ERRORS
+}
+
+// _regression_loss_grad_in_forward(input, target, weight, loss, param, reduction) -> loss: the
+// eager training path of torch_ext's mse_loss, huber_loss and smooth_l1_loss (grad_in_forward.h).
+static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
+  const char *loss_name = nullptr, *reduction = nullptr;
+  double param = 0;
+  if (!PyArg_ParseTuple(args, "OOOsds", &input_obj, &target_obj, &weight_obj, &loss_name, &param, &reduction))
+    return nullptr;
+  std::optional<at::Tensor> input, target, weight;
+  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(target_obj, "target", false, target) ||
+      !unpack_tensor(weight_obj, "weight", true, weight))
+    return nullptr;
+  HANDLE_TH_ERRORS
+  at::Tensor loss;
+  {
+    pybind11::gil_scoped_release no_gil;
+    loss = torch_ext::regression_loss_grad_in_forward(*input, *target, weight, loss_name, param, reduction);
+  }
+  return THPVariable_Wrap(loss);
+  END_HANDLE_TH_ERRORS
+}
+
+// _triplet_margin_loss_grad_in_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
+// -> loss: torch_ext.triplet_margin_loss's eager training path (grad_in_forward.h).
+static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *anchor_obj = nullptr, *positive_obj = nullptr, *negative_obj = nullptr;
+  double margin = 0, p = 0, eps = 0;
+  int swap = 0;
+  const char* reduction = nullptr;
+  if (!PyArg_ParseTuple(args, "OOOdddps", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
+                        &reduction))
+    return nullptr;
+  std::optional<at::Tensor> anchor, positive, negative;
+  if (!unpack_tensor(anchor_obj, "anchor", false, anchor) || !unpack_tensor(positive_obj, "positive", false, positive) ||
+      !unpack_tensor(negative_obj, "negative", false, negative))
+    return nullptr;
+  HANDLE_TH_ERRORS
+  at::Tensor loss;
+  {
+    pybind11::gil_scoped_release no_gil;
+    loss = torch_ext::triplet_margin_loss_grad_in_forward(*anchor, *positive, *negative, margin, p, eps, swap != 0,
+                                                          reduction);
+  }
+  return THPVariable_Wrap(loss);
+  END_HANDLE_TH_ERRORS
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -179,6 +265,12 @@ static PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},
     {"_cublaslt_epilogue_aligned", cublaslt_epilogue_aligned, METH_VARARGS,
      "_cublaslt_epilogue_aligned(bias, aux, bias_grad): whether cuBLASLt may read these epilogue addresses (tests)."},
+    {"_cross_entropy_grad_in_forward", cross_entropy_grad_in_forward, METH_VARARGS,
+     "torch_ext.cross_entropy's eager training path: the loss, its gradient formed in the forward op, a C++ node."},
+    {"_regression_loss_grad_in_forward", regression_loss_grad_in_forward, METH_VARARGS,
+     "torch_ext's regression losses' eager training path: the loss, its gradients formed in the forward op, a C++ node."},
+    {"_triplet_margin_loss_grad_in_forward", triplet_margin_loss_grad_in_forward, METH_VARARGS,
+     "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -9,8 +9,12 @@ from torch import Tensor
 
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
-# any_requires_grad(*args): whether a tensor among args (others are skipped) requires grad; in C++.
-any_requires_grad = torch._C._any_requires_grad
+_any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it (any_requires_grad can)
+
+
+def any_requires_grad(*tensors: Optional[Tensor]) -> bool:
+    """Whether a tensor among `tensors` (None skipped) requires grad."""
+    return any(t is not None and t.requires_grad for t in tensors)
 
 
 def direct_when_no_grad(op):
@@ -22,7 +26,7 @@ def direct_when_no_grad(op):
     it is (dynamo traces the op, not this guard)."""
 
     def call(*args):
-        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and any_requires_grad(*args)):
+        if torch.compiler.is_compiling() or (torch.is_grad_enabled() and _any_requires_grad(*args)):
             return op(*args)
         with _below_autograd():
             return op(*args)

@@ -11,14 +11,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
+from . import _C
+
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
-_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd_grad.default)
 
 # Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
-# and sum; see _CrossEntropyGradInForward): all that have the kernels.
+# and sum; see _C._cross_entropy_grad_in_forward): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 
@@ -171,34 +172,6 @@ class CrossEntropyFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-class _CrossEntropyGradInForward(torch.autograd.Function):
-    """The eager path on GRAD_IN_FORWARD_DEVICES for reductions mean and sum when the input requires
-    grad (and the target does not): the forward kernel also writes the input's gradient for
-    grad_output = 1 while each row is in cache, so a training step reads the logits from memory
-    once instead of twice. The first backward hands the gradient over, scaled in place by
-    grad_output unless it is 1; a later backward of a retained graph recomputes it from the saved
-    stats (for grad_output = 1, scaled the same way, so both give the same bits). It is held from
-    forward to backward as a ctx attribute (input-sized, as eager's saved log-probabilities),
-    which saved-tensor hooks do not see."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
-        loss, stats, unit_grad = _fwd_grad_op(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
-        ctx.probabilities = False  # _backward's mask: no target gradient on this path
-        ctx.save_for_backward(input, target, weight, stats)
-        ctx.unit_grads = [unit_grad, None]
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        return unit_grads_backward(
-            ctx, grad_loss, [True, False], 7,
-            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, [True, False]),
-            graph_backward=lambda: _backward(ctx, grad_loss, None),
-        )
-
-
 def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:
     return (
         input.device.type in GRAD_IN_FORWARD_DEVICES
@@ -227,7 +200,10 @@ def cross_entropy(
     like the row's loss (by ``weight[target]``; 0 for ignored rows; 1 for probability targets)
     and reduced like it. Under ``torch.autocast`` it computes in float32, as PyTorch's losses do.
     In eager mode (reductions mean and sum) the input's gradient is formed in the forward pass
-    (see _CrossEntropyGradInForward).
+    in a C++ autograd node (csrc/grad_in_forward.h): the forward kernel also writes the input's
+    gradient for grad_output = 1 while each row is in cache, so a training step reads the logits
+    once instead of twice, and the first backward hands it over (scaled by grad_output unless it
+    is 1).
     """
     reduction = resolve_reduction(size_average, reduce, reduction)
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
@@ -236,7 +212,7 @@ def cross_entropy(
     input, target, weight = autocast_to_float32(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     if _grad_in_forward(input, target, reduction):
-        return _CrossEntropyGradInForward.apply(*args)
+        return _C._cross_entropy_grad_in_forward(*args)
     if not needs_autograd(input, target):
         return _fwd_op(*args)[0]
     return CrossEntropyFunction.apply(*args)[0]

@@ -12,14 +12,15 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd
+from . import _C
+
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_bwd.default)
-_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd_grad.default)
 
 # Device types whose eager path forms the gradients in the forward kernel (reductions mean and
-# sum; see _RegressionLossGradInForward): all that have the kernels.
+# sum; see _C._regression_loss_grad_in_forward): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 LOSSES = ("mse", "huber", "smooth_l1")
@@ -97,32 +98,6 @@ def _backward_fwd_grad(ctx, grad_loss, _grad_gi, _grad_gt):
 torch.library.register_autograd("torch_ext::regression_loss_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)
 
 
-class _RegressionLossGradInForward(torch.autograd.Function):
-    """The eager path on GRAD_IN_FORWARD_DEVICES for reductions mean and sum: the forward kernel
-    also writes the gradients for grad_output = 1, so a training step reads input and target once
-    instead of twice. The first backward hands them over (scaled in place unless grad_output is
-    1); a later backward of a retained graph recomputes them with the backward op. They are held
-    from forward to backward as ctx attributes (input-sized), which saved-tensor hooks do not see."""
-
-    @staticmethod
-    def forward(ctx, input, target, weight, loss, param, reduction):
-        mask = [bool(n) for n in ctx.needs_input_grad[:2]]
-        value, *grads = _fwd_grad_op(input, target, weight, loss, param, reduction, mask)
-        ctx.options = (loss, param, reduction)
-        ctx.save_for_backward(input, target, weight)
-        ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
-        return value
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        mask = [bool(n) for n in ctx.needs_input_grad[:2]]
-        return unit_grads_backward(
-            ctx, grad_loss, mask, 6,
-            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
-            graph_backward=lambda: _backward(ctx, grad_loss),
-        )
-
-
 def _setup_context(ctx, inputs, output):
     input, target, weight, loss, param, reduction = inputs
     ctx.options = (loss, param, reduction)
@@ -190,7 +165,8 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
         and reduction != "none"
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ):
-        out = _RegressionLossGradInForward.apply(*args)
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/grad_in_forward.h).
+        out = _C._regression_loss_grad_in_forward(*args)
     elif not needs_autograd(input, target, weight):
         out = _fwd_op(*args)
     else:

@@ -12,11 +12,12 @@ from typing import Optional
 import torch
 from torch import Tensor, nn
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd, any_requires_grad
+from . import _C
+
+from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd, any_requires_grad
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_bwd.default)
-_fwd_grad_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default)
 
 
 def _check_p(op, p):
@@ -93,40 +94,6 @@ class TripletMarginLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-class _TripletMarginLossGradInForward(torch.autograd.Function):
-    """The eager path of triplet_margin_loss when an input requires grad: the forward op also
-    writes the gradients for grad_output = 1 while each row is in cache (one read of the inputs
-    instead of two). The first backward hands them over, scaled in place by grad_output unless
-    it is 1; a later backward of the same graph (retain_graph=True) recomputes them with the
-    backward op for grad_output = 1 and scales them the same way, so both give the same bits. They are held from forward to backward as ctx attributes (the input's size each),
-    which saved-tensor hooks do not see."""
-
-    @staticmethod
-    def forward(ctx, anchor, positive, negative, margin, p, eps, swap, reduction):
-        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        loss, dist, *grads = _fwd_grad_op(anchor, positive, negative, margin, p, eps, swap, reduction, mask)
-        ctx.options = (margin, p, eps, swap, reduction)
-        ctx.save_for_backward(anchor, positive, negative, dist)
-        ctx.mark_non_differentiable(dist)
-        ctx.set_materialize_grads(False)
-        ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
-        return loss, dist
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_dist):
-        if grad_loss is None:  # only `dist` reached backward (materialize_grads is off)
-            return (None,) * 8
-        mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-        anchor = ctx.saved_tensors[0]
-        per_row = ctx.options[-1] == "none" and anchor.dim() == 2  # reduction "none": one scale a row
-        return unit_grads_backward(
-            ctx, grad_loss, mask, 8,
-            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
-            graph_backward=lambda: _backward(ctx, grad_loss, None),
-            row_scale=grad_loss.reshape(-1, 1) if per_row else None,
-        )
-
-
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -141,7 +108,7 @@ def triplet_margin_loss(
 ) -> Tensor:
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
     or ``(N, D)``. ``p`` must be positive and finite. In eager mode, when an input requires grad,
-    its gradient is formed in the forward pass (see _TripletMarginLossGradInForward)."""
+    its gradient is formed in the forward pass (see csrc/grad_in_forward.h)."""
     reduction = resolve_reduction(size_average, reduce, reduction)
     if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
         raise ValueError(f"margin must be greater than 0, got {margin}")
@@ -149,7 +116,8 @@ def triplet_margin_loss(
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
     if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)):
-        return _TripletMarginLossGradInForward.apply(*args)[0]
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/grad_in_forward.h).
+        return _C._triplet_margin_loss_grad_in_forward(*args)
     if not needs_autograd(anchor, positive, negative):
         return _fwd_op(*args)[0]
     return TripletMarginLossFunction.apply(*args)[0]

@@ -1,0 +1,203 @@
+// See grad_in_forward.h.
+#include "grad_in_forward.h"
+
+#include <ATen/core/grad_mode.h>
+#include <ATen/core/stack.h>
+#include <ATen/ops/ones_like.h>
+#include <c10/core/impl/LocalDispatchKeySet.h>
+#include <torch/csrc/autograd/function.h>
+#include <torch/csrc/autograd/functions/utils.h>
+#include <torch/csrc/autograd/saved_variable.h>
+
+#include <array>
+#include <string>
+#include <type_traits>
+#include <utility>
+
+namespace torch_ext {
+namespace {
+
+using torch::autograd::Node;
+using torch::autograd::SavedVariable;
+using torch::autograd::variable_list;
+
+class GradInForwardNode final : public Node {
+ public:
+  explicit GradInForwardNode(GradInForwardCall& call)
+      : name_(call.name), backward_(call.backward), options_(std::move(call.options)) {
+    for (const at::Tensor& g : call.unit_grads) {
+      mask_.push_back(g.defined());
+      unit_grads_.emplace_back(g, /*is_output=*/false);
+    }
+    for (const at::Tensor& t : call.saved) saved_.emplace_back(t, /*is_output=*/false);
+  }
+
+  std::string name() const override { return name_; }
+
+  void release_variables() override {
+    for (SavedVariable& s : unit_grads_) s.reset_data();
+    for (SavedVariable& s : saved_) s.reset_data();
+  }
+
+  variable_list apply(variable_list&& grads) override {
+    variable_list result(num_outputs());
+    const at::Tensor& grad_loss = grads[0];
+    if (!grad_loss.defined()) return result;
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable once, through the op's autograd
+      drop_unit_grads();
+      return call_backward(grad_loss);
+    }
+    variable_list unit;
+    if (!handed_over_) {
+      for (SavedVariable& s : unit_grads_) unit.push_back(s.unpack());
+      drop_unit_grads();
+    } else {  // a retained graph's later backward: the same bits as the first
+      c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+      unit = call_backward(at::ones_like(grad_loss));
+    }
+    // Reading the value on another device would wait for it: scaling costs less there.
+    const bool scalar = grad_loss.numel() == 1 && grad_loss.dim() == 0;
+    const bool unit_scale = scalar && grad_loss.is_cpu() && grad_loss.item<double>() == 1.0;
+    const at::Tensor scale = scalar ? grad_loss : grad_loss.reshape({-1, 1});  // a loss per row (triplet)
+    for (size_t i = 0; i < mask_.size(); ++i) {
+      if (!mask_[i] || !should_compute_output(i)) continue;
+      result[i] = unit_scale ? unit[i] : unit[i].mul_(scale);
+    }
+    return result;
+  }
+
+ private:
+  void drop_unit_grads() {
+    handed_over_ = true;
+    for (SavedVariable& s : unit_grads_) s.reset_data();
+  }
+
+  // backward(grad_loss, *saved, *options, output_mask), one gradient per input.
+  variable_list call_backward(const at::Tensor& grad_loss) {
+    torch::jit::Stack stack;
+    stack.reserve(2 + saved_.size() + options_.size());
+    stack.emplace_back(grad_loss);
+    for (SavedVariable& s : saved_) {
+      at::Tensor t = s.unpack();
+      if (t.defined()) stack.emplace_back(std::move(t));
+      else stack.emplace_back();
+    }
+    for (const c10::IValue& o : options_) stack.push_back(o);
+    c10::List<bool> mask;
+    for (bool m : mask_) mask.push_back(m);
+    stack.emplace_back(std::move(mask));
+    backward_.callBoxed(stack);
+    variable_list grads(num_outputs());
+    for (size_t i = 0; i < mask_.size() && i < stack.size(); ++i)
+      if (mask_[i]) grads[i] = stack[i].toTensor();
+    return grads;
+  }
+
+  std::string name_;
+  c10::OperatorHandle backward_;
+  std::vector<c10::IValue> options_;
+  std::vector<bool> mask_;
+  std::vector<SavedVariable> unit_grads_;
+  std::vector<SavedVariable> saved_;
+  bool handed_over_ = false;
+};
+
+}  // namespace
+
+namespace {
+
+// Autograd nodes are owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
+template <typename NodeT>
+void attach_node(const at::Tensor& loss, GradInForwardCall& call) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    auto node = c10::make_intrusive<NodeT>(call);
+    node->set_next_edges(torch::autograd::collect_next_edges(call.inputs));
+    torch::autograd::set_history(loss, node);
+  } else {
+    auto node = std::make_shared<NodeT>(call);
+    node->set_next_edges(torch::autograd::collect_next_edges(call.inputs));
+    torch::autograd::set_history(loss, node);
+  }
+}
+
+}  // namespace
+
+void set_grad_in_forward_history(const at::Tensor& loss, GradInForwardCall call) {
+  attach_node<GradInForwardNode>(loss, call);
+}
+
+at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                         c10::string_view reduction, double label_smoothing, double z_loss) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::cross_entropy_fwd_grad", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const std::optional<at::Tensor>&, int64_t,
+                                                                c10::string_view, double, double)>();
+  static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
+  at::Tensor loss, stats, grad_input;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+  }
+  set_grad_in_forward_history(
+      loss, {"CrossEntropyBackward", backward, {input, target}, {grad_input, at::Tensor()},
+             {input, target, weight.value_or(at::Tensor()), stats},
+             {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
+              c10::IValue(z_loss)}});
+  return loss;
+}
+
+at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, c10::string_view loss,
+                                           double param, c10::string_view reduction) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::regression_loss_fwd_grad", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                const std::optional<at::Tensor>&, c10::string_view,
+                                                                double, c10::string_view, std::array<bool, 2>)>();
+  static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
+  const std::array<bool, 2> mask = {input.requires_grad(), target.requires_grad()};
+  at::Tensor value, grad_input, grad_target;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
+  }
+  set_grad_in_forward_history(
+      value, {"RegressionLossBackward", backward, {input, target},
+              {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_target : at::Tensor()},
+              {input, target, weight.value_or(at::Tensor())},
+              {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
+  return value;
+}
+
+at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const at::Tensor& positive,
+                                               const at::Tensor& negative, double margin, double p, double eps,
+                                               bool swap, c10::string_view reduction) {
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd_grad", "")
+                                  .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
+                                                 double, double, bool, c10::string_view, std::array<bool, 3>)>();
+  static const auto backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
+  const std::array<bool, 3> mask = {anchor.requires_grad(), positive.requires_grad(), negative.requires_grad()};
+  at::Tensor loss, dist, grad_anchor, grad_positive, grad_negative;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
+        forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
+  }
+  set_grad_in_forward_history(
+      loss, {"TripletMarginLossBackward", backward, {anchor, positive, negative},
+             {mask[0] ? grad_anchor : at::Tensor(), mask[1] ? grad_positive : at::Tensor(),
+              mask[2] ? grad_negative : at::Tensor()},
+             {anchor, positive, negative, dist},
+             {c10::IValue(margin), c10::IValue(p), c10::IValue(eps), c10::IValue(swap),
+              c10::IValue(std::string(reduction))}});
+  return loss;
+}
+
+}  // namespace torch_ext
