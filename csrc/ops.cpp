@@ -9,7 +9,7 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
-#include "grad_in_forward.h"
+#include "autograd_node.h"
 
 #include <pybind11/pybind11.h>
 
@@ -176,7 +176,7 @@ static bool unpack_tensor(PyObject* obj, const char* name, bool optional, std::o
 }
 
 // _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing,
-// z_loss) -> loss: torch_ext.cross_entropy's eager training path (grad_in_forward.h).
+// z_loss) -> loss: torch_ext.cross_entropy's eager training path (autograd_node.h).
 static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
   PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
   long long ignore_index = 0;
@@ -201,7 +201,7 @@ static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
 }
 
 // _regression_loss_grad_in_forward(input, target, weight, loss, param, reduction) -> loss: the
-// eager training path of torch_ext's mse_loss, huber_loss and smooth_l1_loss (grad_in_forward.h).
+// eager training path of torch_ext's mse_loss, huber_loss and smooth_l1_loss (autograd_node.h).
 static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
   PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
   const char *loss_name = nullptr, *reduction = nullptr;
@@ -223,7 +223,7 @@ static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
 }
 
 // _triplet_margin_loss_grad_in_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
-// -> loss: torch_ext.triplet_margin_loss's eager training path (grad_in_forward.h).
+// -> loss: torch_ext.triplet_margin_loss's eager training path (autograd_node.h).
 static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) {
   PyObject *anchor_obj = nullptr, *positive_obj = nullptr, *negative_obj = nullptr;
   double margin = 0, p = 0, eps = 0;
@@ -244,6 +244,27 @@ static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) 
                                                           reduction);
   }
   return THPVariable_Wrap(loss);
+  END_HANDLE_TH_ERRORS
+}
+
+// _linear_act_autograd(input, weight, bias, activation, negative_slope) -> out: torch_ext.fused_linear's
+// eager path when autograd records (autograd_node.h).
+static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
+  PyObject *input_obj = nullptr, *weight_obj = nullptr, *bias_obj = nullptr;
+  const char* activation = nullptr;
+  double negative_slope = 0;
+  if (!PyArg_ParseTuple(args, "OOOsd", &input_obj, &weight_obj, &bias_obj, &activation, &negative_slope)) return nullptr;
+  std::optional<at::Tensor> input, weight, bias;
+  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(weight_obj, "weight", false, weight) ||
+      !unpack_tensor(bias_obj, "bias", true, bias))
+    return nullptr;
+  HANDLE_TH_ERRORS
+  at::Tensor out;
+  {
+    pybind11::gil_scoped_release no_gil;
+    out = torch_ext::linear_act_autograd(*input, *weight, bias, activation, negative_slope);
+  }
+  return THPVariable_Wrap(out);
   END_HANDLE_TH_ERRORS
 }
 
@@ -271,6 +292,8 @@ static PyMethodDef methods[] = {
      "torch_ext's regression losses' eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"_triplet_margin_loss_grad_in_forward", triplet_margin_loss_grad_in_forward, METH_VARARGS,
      "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
+    {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
+     "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -1000,7 +1000,7 @@ def test_fwd_grad_op_gives_a_probability_targets_gradient_through_the_backward_o
 
 
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
-    """The gradient-in-forward path (a C++ node, csrc/grad_in_forward.h): input requiring grad,
+    """The gradient-in-forward path (a C++ node, csrc/autograd_node.h): input requiring grad,
     reduction mean/sum, target not requiring grad, grad mode on; otherwise the forward/backward
     pair (the Python autograd.Function) or no graph at all."""
     monkeypatch.setattr(sys.modules["torch_ext.cross_entropy"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))

@@ -27,6 +27,7 @@ autograd (``nn.Linear`` + activation module for the module). Covered:
 """
 from __future__ import annotations
 
+import gc
 import itertools
 import math
 import os
@@ -41,6 +42,7 @@ import torch_ext
 from torch_ext import FusedLinear, FusedLinearFunction, fused_linear
 from utils import (
     CPU_CAPABILITY_LEVELS,
+    BackwardOpMasks,
     SavedTensorBytes,
     assert_close,
     reference_dtype,
@@ -584,17 +586,11 @@ def test_partial_requires_grad(monkeypatch, activation, path, subset):
     if not subset:
         assert not y.requires_grad
         return
-    # Spy on the backward op: it is asked for exactly the gradients that are needed.
-    masks = []
-    real_bwd = torch_ext.linear_act._bwd_op
-
-    def spy(*args):
-        masks.append(list(args[-1]))
-        return real_bwd(*args)
-
-    monkeypatch.setattr(torch_ext.linear_act, "_bwd_op", spy)
+    # Spy on the backward op (whichever autograd path calls it, Python or C++): it is asked for
+    # exactly the gradients that are needed.
     g = torch.randn_like(y)
-    y.backward(g)
+    with BackwardOpMasks(torch.ops.torch_ext.linear_act_bwd.default) as masks:
+        y.backward(g)
     assert masks == [[n in subset for n in ("input", "weight", "bias")]]
     ref = {k: leaf(v) if k in subset else v.detach() for k, v in named.items()}
     reference(ref["input"], ref["weight"], ref["bias"], activation).backward(g)
@@ -1212,3 +1208,37 @@ def test_bfloat16_bias_is_added_before_rounding(activation):
     act(F.linear(xd, wd, bd)).backward(g.double())
     for ours, ref in ((x.grad, xd.grad), (w.grad, wd.grad), (b.grad, bd.grad)):
         torch.testing.assert_close(ours.double(), ref, rtol=2e-2, atol=1e-2 * ref.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "sigmoid", "tanh"])
+def test_eager_autograd_node_saves_what_backward_needs(activation):
+    """Eager mode records a C++ node (csrc/autograd_node.h) whose saved tensors go through
+    saved-tensor hooks."""
+    x = leaf(torch.randn(6, 5))
+    w = leaf(torch.randn(4, 5))
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        y = torch_ext.fused_linear(x, w, None, activation)
+    assert y.grad_fn.name() == "FusedLinearBackward"
+    assert (6, 5) in packed and (4, 5) in packed  # input and weight
+    y.sum().backward()
+    xr, wr = leaf(x), leaf(w)
+    reference(xr, wr, None, activation).sum().backward()
+    assert_close(x.grad, xr.grad)
+    assert_close(w.grad, wr.grad)
+
+
+@pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
+def test_eager_autograd_node_does_not_keep_its_output_alive(activation):
+    """sigmoid and tanh save the output for backward; a graph that is dropped without a backward
+    must free it (no reference cycle output -> node -> output). The output is large enough
+    (16 MiB) to go back to torch_ext's cache when freed, which tells that it was."""
+    x = torch.randn(2048, 64)
+    w = leaf(torch.randn(2048, 64))
+    torch_ext.empty_cache()
+    y = torch_ext.fused_linear(x, w, None, activation)
+    assert y.grad_fn is not None and torch_ext.cached_bytes() == 0
+    del y
+    gc.collect()
+    assert torch_ext.cached_bytes() >= 2048 * 2048 * 4
+    torch_ext.empty_cache()

@@ -878,7 +878,7 @@ def test_fwd_grad_op_is_differentiable_directly():
 
 
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
-    """The gradient-in-forward path (a C++ node, csrc/grad_in_forward.h) for reductions mean and
+    """The gradient-in-forward path (a C++ node, csrc/autograd_node.h) for reductions mean and
     sum when input or target requires grad; otherwise the Python autograd.Function or no graph."""
     monkeypatch.setattr(sys.modules["torch_ext.regression_loss"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
     x, t = make_pair((4, 6))

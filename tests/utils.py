@@ -10,6 +10,7 @@ from typing import Dict, Iterable, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
+import torch.utils._python_dispatch
 from torch import Tensor, nn
 
 # (rtol, atol) per dtype of the tensor under test. The reference is always PyTorch's own ops:
@@ -174,3 +175,21 @@ def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
         "sigmoid": nn.Sigmoid(),
         "tanh": nn.Tanh(),
     }[activation]
+
+
+class BackwardOpMasks(torch.utils._python_dispatch.TorchDispatchMode):
+    """``with BackwardOpMasks(op) as masks:`` records the output_mask (last argument) of each call
+    of the op `op` (an OpOverload), whether Python or a C++ autograd node calls it."""
+
+    def __init__(self, op):
+        super().__init__()
+        self.op, self.masks = op, []
+
+    def __enter__(self):
+        super().__enter__()
+        return self.masks
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func is self.op:
+            self.masks.append(list(args[-1]))
+        return func(*args, **(kwargs or {}))

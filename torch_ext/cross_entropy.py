@@ -200,7 +200,7 @@ def cross_entropy(
     like the row's loss (by ``weight[target]``; 0 for ignored rows; 1 for probability targets)
     and reduced like it. Under ``torch.autocast`` it computes in float32, as PyTorch's losses do.
     In eager mode (reductions mean and sum) the input's gradient is formed in the forward pass
-    in a C++ autograd node (csrc/grad_in_forward.h): the forward kernel also writes the input's
+    in a C++ autograd node (csrc/autograd_node.h): the forward kernel also writes the input's
     gradient for grad_output = 1 while each row is in cache, so a training step reads the logits
     once instead of twice, and the first backward hands it over (scaled by grad_output unless it
     is 1).

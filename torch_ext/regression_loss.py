@@ -165,7 +165,7 @@ def _regression_loss(name, input, target, weight, loss, param, reduction):
         and reduction != "none"
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ):
-        # The loss and its gradients from one pass, handed over by a C++ node (csrc/grad_in_forward.h).
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
         out = _C._regression_loss_grad_in_forward(*args)
     elif not needs_autograd(input, target, weight):
         out = _fwd_op(*args)

@@ -108,7 +108,7 @@ def triplet_margin_loss(
 ) -> Tensor:
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
     or ``(N, D)``. ``p`` must be positive and finite. In eager mode, when an input requires grad,
-    its gradient is formed in the forward pass (see csrc/grad_in_forward.h)."""
+    its gradient is formed in the forward pass (see csrc/autograd_node.h)."""
     reduction = resolve_reduction(size_average, reduce, reduction)
     if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
         raise ValueError(f"margin must be greater than 0, got {margin}")
@@ -116,7 +116,7 @@ def triplet_margin_loss(
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
     if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)):
-        # The loss and its gradients from one pass, handed over by a C++ node (csrc/grad_in_forward.h).
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
         return _C._triplet_margin_loss_grad_in_forward(*args)
     if not needs_autograd(anchor, positive, negative):
         return _fwd_op(*args)[0]

@@ -1,5 +1,5 @@
-// See grad_in_forward.h.
-#include "grad_in_forward.h"
+// See autograd_node.h.
+#include "autograd_node.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
@@ -21,15 +21,28 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-class GradInForwardNode final : public Node {
+// A node's owning pointer to itself (SavedVariable::unpack of a saved output needs it): nodes are
+// owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
+template <typename NodeT>
+auto owning_ptr(NodeT* node) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    return c10::intrusive_ptr<NodeT>::reclaim_copy(node);
+  } else {
+    return node->shared_from_this();
+  }
+}
+
+class OpNode final : public Node {
  public:
-  explicit GradInForwardNode(GradInForwardCall& call)
-      : name_(call.name), backward_(call.backward), options_(std::move(call.options)) {
-    for (const at::Tensor& g : call.unit_grads) {
-      mask_.push_back(g.defined());
-      unit_grads_.emplace_back(g, /*is_output=*/false);
-    }
-    for (const at::Tensor& t : call.saved) saved_.emplace_back(t, /*is_output=*/false);
+  explicit OpNode(NodeSpec& spec)
+      : name_(spec.name), backward_(spec.backward), mask_(spec.mask), options_(std::move(spec.options)) {}
+
+  // After the output's history is set: a saved output is then known as this node's own and held
+  // without its grad_fn (no reference cycle output -> node -> output).
+  void save(const NodeSpec& spec) {
+    for (const at::Tensor& g : spec.unit_grads) unit_grads_.emplace_back(g, /*is_output=*/false);
+    for (size_t i = 0; i < spec.saved.size(); ++i)
+      saved_.emplace_back(spec.saved[i], /*is_output=*/int(i) == spec.saved_output);
   }
 
   std::string name() const override { return name_; }
@@ -40,27 +53,27 @@ class GradInForwardNode final : public Node {
   }
 
   variable_list apply(variable_list&& grads) override {
-    variable_list result(num_outputs());
-    const at::Tensor& grad_loss = grads[0];
-    if (!grad_loss.defined()) return result;
+    const at::Tensor& grad = grads[0];
+    if (!grad.defined()) return variable_list(num_outputs());
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable once, through the op's autograd
       drop_unit_grads();
-      return call_backward(grad_loss);
+      return call_backward(grad);
     }
+    if (unit_grads_.empty()) return below_autograd_backward(grad);
     variable_list unit;
     if (!handed_over_) {
       for (SavedVariable& s : unit_grads_) unit.push_back(s.unpack());
       drop_unit_grads();
     } else {  // a retained graph's later backward: the same bits as the first
-      c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
-      unit = call_backward(at::ones_like(grad_loss));
+      unit = below_autograd_backward(at::ones_like(grad));
     }
     // Reading the value on another device would wait for it: scaling costs less there.
-    const bool scalar = grad_loss.numel() == 1 && grad_loss.dim() == 0;
-    const bool unit_scale = scalar && grad_loss.is_cpu() && grad_loss.item<double>() == 1.0;
-    const at::Tensor scale = scalar ? grad_loss : grad_loss.reshape({-1, 1});  // a loss per row (triplet)
+    const bool scalar = grad.dim() == 0;
+    const bool unit_scale = scalar && grad.is_cpu() && grad.item<double>() == 1.0;
+    const at::Tensor scale = scalar ? grad : grad.reshape({-1, 1});  // a loss per row (triplet)
+    variable_list result(num_outputs());
     for (size_t i = 0; i < mask_.size(); ++i) {
-      if (!mask_[i] || !should_compute_output(i)) continue;
+      if (!mask_[i] || !should_compute_output(i) || !unit[i].defined()) continue;
       result[i] = unit_scale ? unit[i] : unit[i].mul_(scale);
     }
     return result;
@@ -72,31 +85,40 @@ class GradInForwardNode final : public Node {
     for (SavedVariable& s : unit_grads_) s.reset_data();
   }
 
-  // backward(grad_loss, *saved, *options, output_mask), one gradient per input.
-  variable_list call_backward(const at::Tensor& grad_loss) {
+  variable_list below_autograd_backward(const at::Tensor& grad) {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    return call_backward(grad);
+  }
+
+  // backward(grad, *saved, *options, output_mask), one gradient per input; a pair's mask drops the
+  // gradients this backward does not need (torch.autograd.grad of some inputs only).
+  variable_list call_backward(const at::Tensor& grad) {
     torch::jit::Stack stack;
     stack.reserve(2 + saved_.size() + options_.size());
-    stack.emplace_back(grad_loss);
+    stack.emplace_back(grad);
     for (SavedVariable& s : saved_) {
-      at::Tensor t = s.unpack();
+      at::Tensor t = s.unpack(owning_ptr<Node>(this));
       if (t.defined()) stack.emplace_back(std::move(t));
       else stack.emplace_back();
     }
     for (const c10::IValue& o : options_) stack.push_back(o);
+    std::vector<bool> wanted(mask_);
+    if (unit_grads_.empty())
+      for (size_t i = 0; i < wanted.size(); ++i) wanted[i] = wanted[i] && should_compute_output(i);
     c10::List<bool> mask;
-    for (bool m : mask_) mask.push_back(m);
+    for (bool m : wanted) mask.push_back(m);
     stack.emplace_back(std::move(mask));
     backward_.callBoxed(stack);
     variable_list grads(num_outputs());
-    for (size_t i = 0; i < mask_.size() && i < stack.size(); ++i)
-      if (mask_[i]) grads[i] = stack[i].toTensor();
+    for (size_t i = 0; i < wanted.size() && i < stack.size(); ++i)
+      if (wanted[i]) grads[i] = stack[i].toTensor();
     return grads;
   }
 
   std::string name_;
   c10::OperatorHandle backward_;
-  std::vector<c10::IValue> options_;
   std::vector<bool> mask_;
+  std::vector<c10::IValue> options_;
   std::vector<SavedVariable> unit_grads_;
   std::vector<SavedVariable> saved_;
   bool handed_over_ = false;
@@ -108,23 +130,23 @@ namespace {
 
 // Autograd nodes are owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
 template <typename NodeT>
-void attach_node(const at::Tensor& loss, GradInForwardCall& call) {
+void attach_node(const at::Tensor& output, NodeSpec& spec) {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
-    auto node = c10::make_intrusive<NodeT>(call);
-    node->set_next_edges(torch::autograd::collect_next_edges(call.inputs));
-    torch::autograd::set_history(loss, node);
+    auto node = c10::make_intrusive<NodeT>(spec);
+    node->set_next_edges(torch::autograd::collect_next_edges(spec.inputs));
+    torch::autograd::set_history(output, node);
+    node->save(spec);
   } else {
-    auto node = std::make_shared<NodeT>(call);
-    node->set_next_edges(torch::autograd::collect_next_edges(call.inputs));
-    torch::autograd::set_history(loss, node);
+    auto node = std::make_shared<NodeT>(spec);
+    node->set_next_edges(torch::autograd::collect_next_edges(spec.inputs));
+    torch::autograd::set_history(output, node);
+    node->save(spec);
   }
 }
 
 }  // namespace
 
-void set_grad_in_forward_history(const at::Tensor& loss, GradInForwardCall call) {
-  attach_node<GradInForwardNode>(loss, call);
-}
+void set_node_history(const at::Tensor& output, NodeSpec spec) { attach_node<OpNode>(output, spec); }
 
 at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -141,9 +163,9 @@ at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tens
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
     std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
   }
-  set_grad_in_forward_history(
-      loss, {"CrossEntropyBackward", backward, {input, target}, {grad_input, at::Tensor()},
-             {input, target, weight.value_or(at::Tensor()), stats},
+  set_node_history(
+      loss, {"CrossEntropyBackward", backward, {input, target}, {true, false}, {grad_input, at::Tensor()},
+             {input, target, weight.value_or(at::Tensor()), stats}, -1,
              {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
               c10::IValue(z_loss)}});
   return loss;
@@ -165,10 +187,10 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
     c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
     std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
   }
-  set_grad_in_forward_history(
-      value, {"RegressionLossBackward", backward, {input, target},
+  set_node_history(
+      value, {"RegressionLossBackward", backward, {input, target}, {mask[0], mask[1]},
               {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_target : at::Tensor()},
-              {input, target, weight.value_or(at::Tensor())},
+              {input, target, weight.value_or(at::Tensor())}, -1,
               {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
   return value;
 }
@@ -190,14 +212,38 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
     std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
         forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
   }
-  set_grad_in_forward_history(
-      loss, {"TripletMarginLossBackward", backward, {anchor, positive, negative},
+  set_node_history(
+      loss, {"TripletMarginLossBackward", backward, {anchor, positive, negative}, {mask[0], mask[1], mask[2]},
              {mask[0] ? grad_anchor : at::Tensor(), mask[1] ? grad_positive : at::Tensor(),
               mask[2] ? grad_negative : at::Tensor()},
-             {anchor, positive, negative, dist},
+             {anchor, positive, negative, dist}, -1,
              {c10::IValue(margin), c10::IValue(p), c10::IValue(eps), c10::IValue(swap),
               c10::IValue(std::string(reduction))}});
   return loss;
+}
+
+at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::string_view activation, double negative_slope) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
+  static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
+  at::Tensor out, saved;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    std::tie(out, saved) = forward.call(input, weight, bias, activation, negative_slope);
+  }
+  // sigmoid and tanh form their gradient from the output; the others from the op's `saved`
+  // (csrc/activation.h), as torch_ext/linear_act.py's autograd does.
+  const bool from_output = activation == "sigmoid" || activation == "tanh";
+  const at::Tensor b = bias.value_or(at::Tensor());
+  set_node_history(out, {"FusedLinearBackward", backward, {input, weight, b},
+                         {input.requires_grad(), weight.requires_grad(), b.defined() && b.requires_grad()}, {},
+                         {input, weight, from_output ? out : saved}, from_output ? 2 : -1,
+                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope)}});
+  return out;
 }
 
 }  // namespace torch_ext

@@ -1,0 +1,56 @@
+// C++ autograd nodes for the eager training paths of the ops: a Python autograd.Function costs
+// ~25 us a call (apply, and the engine calling back into Python), more than a small loss's whole
+// eager step (F.cross_entropy 32x10 fwd+bwd: ~40 us) or a small layer's. The Python functions call
+// these paths in eager mode only; while compiling, they take the same forward/backward ops through
+// their Python autograd (torch.library.register_autograd / autograd.Function), which dynamo traces.
+//
+// One node kind, two modes:
+//   - forward/backward pair: backward calls the backward op with the output's gradient;
+//   - gradients formed in forward (the losses, reductions mean and sum): the forward op also
+//     formed the inputs' gradients for grad_loss = 1, held as saved variables (saved-tensor hooks
+//     see them). The first backward hands them over, scaled in place by grad_loss (row by row for
+//     a loss per row) unless it is the CPU scalar 1; a later one (of a retained graph) recomputes
+//     them with the backward op for grad_loss = 1 first, so both give the same bits.
+// With create_graph, both call the backward op through autograd, which refuses a second derivative
+// with a clear error (torch_ext/_common.py's register_no_double_backward).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
+
+#include <vector>
+
+namespace torch_ext {
+
+struct NodeSpec {
+  const char* name;  // the node's name, as grad_fn shows it
+  // The backward op, called as backward(grad, *saved, *options, output_mask) -> one gradient per
+  // differentiable input, in `inputs` order (those not in output_mask: empty).
+  c10::OperatorHandle backward;
+  std::vector<at::Tensor> inputs;      // the differentiable inputs (undefined: None), the node's edges
+  std::vector<bool> mask;              // which of them get a gradient
+  std::vector<at::Tensor> unit_grads;  // gradients formed in forward (for grad = 1), or empty: a pair
+  std::vector<at::Tensor> saved;       // the backward op's tensor arguments (undefined: None)
+  int saved_output = -1;               // index in `saved` of the node's output, if saved
+  std::vector<c10::IValue> options;    // the backward op's other arguments
+};
+
+// Makes `output` the output of a node as `spec` says.
+void set_node_history(const at::Tensor& output, NodeSpec spec);
+
+// The eager training paths, one per op family (Python: torch_ext._C._<name>): the forward op
+// (with the gradients, for the losses) below autograd, and the node above. Arguments as the
+// forward op's.
+at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                         c10::string_view reduction, double label_smoothing, double z_loss);
+at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                           const std::optional<at::Tensor>& weight, c10::string_view loss,
+                                           double param, c10::string_view reduction);
+at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const at::Tensor& positive,
+                                               const at::Tensor& negative, double margin, double p, double eps,
+                                               bool swap, c10::string_view reduction);
+at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                               c10::string_view activation, double negative_slope);
+
+}  // namespace torch_ext
