@@ -222,6 +222,40 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
   return loss;
 }
 
+at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& linear_weight,
+                                                const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                c10::string_view reduction, double label_smoothing, double z_loss,
+                                                int64_t chunk_size) {
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::linear_cross_entropy_fwd", "")
+          .typed<Outputs(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
+                         const std::optional<at::Tensor>&, int64_t, c10::string_view, double, double, int64_t,
+                         std::array<bool, 3>)>();
+  static const auto backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_cross_entropy_bwd", "");
+  const at::Tensor bias = linear_bias.value_or(at::Tensor());
+  const std::array<bool, 3> mask = {input.requires_grad(), linear_weight.requires_grad(),
+                                    bias.defined() && bias.requires_grad()};
+  at::Tensor loss, grad_input, grad_weight, grad_bias;
+  {
+    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    std::tie(loss, grad_input, grad_weight, grad_bias) = forward.call(
+        input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+        chunk_size, mask);
+  }
+  set_node_history(
+      loss, {"LinearCrossEntropyBackward", backward, {input, linear_weight, bias}, {mask[0], mask[1], mask[2]},
+             {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
+              mask[2] ? grad_bias : at::Tensor()},
+             {input, linear_weight, bias, target, weight.value_or(at::Tensor())}, -1,
+             {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
+              c10::IValue(z_loss), c10::IValue(chunk_size)}});
+  return loss;
+}
+
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double negative_slope) {
   static const auto forward =

@@ -50,6 +50,11 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
 at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const at::Tensor& positive,
                                                const at::Tensor& negative, double margin, double p, double eps,
                                                bool swap, c10::string_view reduction);
+at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& linear_weight,
+                                                const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
+                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                c10::string_view reduction, double label_smoothing, double z_loss,
+                                                int64_t chunk_size);
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double negative_slope);
 

@@ -268,6 +268,35 @@ static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
   END_HANDLE_TH_ERRORS
 }
 
+// _linear_cross_entropy_grad_in_forward(input, linear_weight, linear_bias, target, weight, ignore_index,
+// reduction, label_smoothing, z_loss, chunk_size) -> loss: torch_ext.linear_cross_entropy's eager
+// training path for targets that take no gradient (autograd_node.h).
+static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *input_obj = nullptr, *lw_obj = nullptr, *lb_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
+  long long ignore_index = 0, chunk_size = 0;
+  const char* reduction = nullptr;
+  double label_smoothing = 0, z_loss = 0;
+  if (!PyArg_ParseTuple(args, "OOOOOLsddL", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
+                        &reduction, &label_smoothing, &z_loss, &chunk_size))
+    return nullptr;
+  std::optional<at::Tensor> input, linear_weight, linear_bias, target, weight;
+  if (!unpack_tensor(input_obj, "input", false, input) ||
+      !unpack_tensor(lw_obj, "linear_weight", false, linear_weight) ||
+      !unpack_tensor(lb_obj, "linear_bias", true, linear_bias) || !unpack_tensor(target_obj, "target", false, target) ||
+      !unpack_tensor(weight_obj, "weight", true, weight))
+    return nullptr;
+  HANDLE_TH_ERRORS
+  at::Tensor loss;
+  {
+    pybind11::gil_scoped_release no_gil;
+    loss = torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
+                                                           ignore_index, reduction, label_smoothing, z_loss,
+                                                           chunk_size);
+  }
+  return THPVariable_Wrap(loss);
+  END_HANDLE_TH_ERRORS
+}
+
 static PyObject* empty_cache(PyObject*, PyObject*) {
   return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
 }
@@ -294,6 +323,8 @@ static PyMethodDef methods[] = {
      "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
      "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
+    {"_linear_cross_entropy_grad_in_forward", linear_cross_entropy_grad_in_forward, METH_VARARGS,
+     "torch_ext.linear_cross_entropy's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

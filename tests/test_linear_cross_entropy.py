@@ -1638,3 +1638,23 @@ def test_bad_grad_loss_shape_for_bwd_op():
         BWD(torch.randn(3), x, w, b, t, cw, -100, "none", 0.0, 0.0, 2, [True, True, True])
     with pytest.raises(ERRORS, match="grad_loss"):
         BWD(torch.randn(4), x, w, b, t, cw, -100, "mean", 0.0, 0.0, 2, [True, True, True])
+
+
+def test_eager_training_path_is_a_cpp_node_whose_gradients_hooks_see():
+    """Eager, reductions mean/sum, a target that takes no gradient: the gradients formed in the
+    forward op are handed over by a C++ node (csrc/autograd_node.h), held as saved tensors that
+    saved-tensor hooks see; a probability target that requires grad takes the Python path."""
+    x, w = leaf(torch.randn(6, 5)), leaf(torch.randn(11, 5))
+    t = torch.randint(11, (6,))
+    shapes = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda s: shapes.append(tuple(s.shape)) or s, lambda s: s):
+        loss = torch_ext.linear_cross_entropy(x, w, t)
+    assert loss.grad_fn.name() == "LinearCrossEntropyBackward"
+    assert (6, 5) in shapes and (11, 5) in shapes
+    loss.backward()
+    xr, wr = leaf(x), leaf(w)
+    F.cross_entropy(xr @ wr.T, t).backward()
+    assert_close(x.grad, xr.grad)
+    assert_close(w.grad, wr.grad)
+    p = leaf(torch.softmax(torch.randn(6, 11), -1))
+    assert torch_ext.linear_cross_entropy(x, w, p).grad_fn.name() == "_LinearCrossEntropyGradInForwardBackward"

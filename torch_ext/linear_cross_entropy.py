@@ -14,6 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from . import _C
+
 from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd, any_requires_grad
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_fwd.default)
@@ -248,7 +250,10 @@ def linear_cross_entropy(
         target = target.to(input.dtype)
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), int(chunk_size))
     if reduction != "none" and forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)):
-        loss = _LinearCrossEntropyGradInForward.apply(*args)
+        if target.requires_grad:  # a probability target's gradient: formed in backward, in Python
+            loss = _LinearCrossEntropyGradInForward.apply(*args)
+        else:  # the gradients handed over by a C++ node (csrc/autograd_node.h)
+            loss = _C._linear_cross_entropy_grad_in_forward(*args)
     elif not needs_autograd(input, linear_weight, linear_bias, target):
         loss = _fwd_op(*args, [False, False, False])[0]
     else:
