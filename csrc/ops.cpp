@@ -13,6 +13,9 @@
 
 #include <pybind11/pybind11.h>
 
+#include <initializer_list>
+#include <optional>
+
 TORCH_LIBRARY(torch_ext, m) {
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
@@ -164,137 +167,124 @@ static PyObject* cublaslt_epilogue_aligned(PyObject*, PyObject* args) {
   return PyBool_FromLong(torch_ext::cuda::lt_epilogue_pointers_aligned(e));
 }
 
-// Tensor arguments of the eager training paths: a tensor, or None where `optional`.
-static bool unpack_tensor(PyObject* obj, const char* name, bool optional, std::optional<at::Tensor>& out) {
-  if (optional && obj == Py_None) return true;
-  if (!THPVariable_Check(obj)) {
-    PyErr_Format(PyExc_TypeError, "%s must be a tensor%s, got %s", name, optional ? " or None" : "", Py_TYPE(obj)->tp_name);
-    return false;
+// The eager training paths' Python entries (autograd_node.h): tensor arguments unpacked, each a
+// tensor or None where optional (a clear TypeError naming it otherwise), then the path run without
+// the GIL, as torch.ops calls run, so other Python threads go on meanwhile.
+struct TensorArg {
+  PyObject* obj;
+  const char* name;
+  bool optional;
+  std::optional<at::Tensor>* out;
+};
+
+static bool unpack_tensors(std::initializer_list<TensorArg> args) {
+  for (const TensorArg& a : args) {
+    if (a.optional && a.obj == Py_None) continue;
+    if (!THPVariable_Check(a.obj)) {
+      PyErr_Format(PyExc_TypeError, "%s must be a tensor%s, got %s", a.name, a.optional ? " or None" : "",
+                   Py_TYPE(a.obj)->tp_name);
+      return false;
+    }
+    *a.out = THPVariable_Unpack(a.obj);
   }
-  out = THPVariable_Unpack(obj);
   return true;
 }
 
-// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing,
-// z_loss) -> loss: torch_ext.cross_entropy's eager training path (autograd_node.h).
-static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
-  PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
-  long long ignore_index = 0;
-  const char* reduction = nullptr;
-  double label_smoothing = 0, z_loss = 0;
-  if (!PyArg_ParseTuple(args, "OOOLsdd", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
-                        &label_smoothing, &z_loss))
-    return nullptr;
-  std::optional<at::Tensor> input, target, weight;
-  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(target_obj, "target", false, target) ||
-      !unpack_tensor(weight_obj, "weight", true, weight))
-    return nullptr;
-  HANDLE_TH_ERRORS
-  at::Tensor loss;
-  {
-    pybind11::gil_scoped_release no_gil;  // as torch.ops calls do: other Python threads run meanwhile
-    loss = torch_ext::cross_entropy_grad_in_forward(*input, *target, weight, ignore_index, reduction,
-                                                    label_smoothing, z_loss);
-  }
-  return THPVariable_Wrap(loss);
-  END_HANDLE_TH_ERRORS
-}
-
-// _regression_loss_grad_in_forward(input, target, weight, loss, param, reduction) -> loss: the
-// eager training path of torch_ext's mse_loss, huber_loss and smooth_l1_loss (autograd_node.h).
-static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
-  PyObject *input_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
-  const char *loss_name = nullptr, *reduction = nullptr;
-  double param = 0;
-  if (!PyArg_ParseTuple(args, "OOOsds", &input_obj, &target_obj, &weight_obj, &loss_name, &param, &reduction))
-    return nullptr;
-  std::optional<at::Tensor> input, target, weight;
-  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(target_obj, "target", false, target) ||
-      !unpack_tensor(weight_obj, "weight", true, weight))
-    return nullptr;
-  HANDLE_TH_ERRORS
-  at::Tensor loss;
-  {
-    pybind11::gil_scoped_release no_gil;
-    loss = torch_ext::regression_loss_grad_in_forward(*input, *target, weight, loss_name, param, reduction);
-  }
-  return THPVariable_Wrap(loss);
-  END_HANDLE_TH_ERRORS
-}
-
-// _triplet_margin_loss_grad_in_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
-// -> loss: torch_ext.triplet_margin_loss's eager training path (autograd_node.h).
-static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) {
-  PyObject *anchor_obj = nullptr, *positive_obj = nullptr, *negative_obj = nullptr;
-  double margin = 0, p = 0, eps = 0;
-  int swap = 0;
-  const char* reduction = nullptr;
-  if (!PyArg_ParseTuple(args, "OOOdddps", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
-                        &reduction))
-    return nullptr;
-  std::optional<at::Tensor> anchor, positive, negative;
-  if (!unpack_tensor(anchor_obj, "anchor", false, anchor) || !unpack_tensor(positive_obj, "positive", false, positive) ||
-      !unpack_tensor(negative_obj, "negative", false, negative))
-    return nullptr;
-  HANDLE_TH_ERRORS
-  at::Tensor loss;
-  {
-    pybind11::gil_scoped_release no_gil;
-    loss = torch_ext::triplet_margin_loss_grad_in_forward(*anchor, *positive, *negative, margin, p, eps, swap != 0,
-                                                          reduction);
-  }
-  return THPVariable_Wrap(loss);
-  END_HANDLE_TH_ERRORS
-}
-
-// _linear_act_autograd(input, weight, bias, activation, negative_slope) -> out: torch_ext.fused_linear's
-// eager path when autograd records (autograd_node.h).
-static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
-  PyObject *input_obj = nullptr, *weight_obj = nullptr, *bias_obj = nullptr;
-  const char* activation = nullptr;
-  double negative_slope = 0;
-  if (!PyArg_ParseTuple(args, "OOOsd", &input_obj, &weight_obj, &bias_obj, &activation, &negative_slope)) return nullptr;
-  std::optional<at::Tensor> input, weight, bias;
-  if (!unpack_tensor(input_obj, "input", false, input) || !unpack_tensor(weight_obj, "weight", false, weight) ||
-      !unpack_tensor(bias_obj, "bias", true, bias))
-    return nullptr;
+template <typename Path>
+static PyObject* run_without_gil(Path&& path) {
   HANDLE_TH_ERRORS
   at::Tensor out;
   {
     pybind11::gil_scoped_release no_gil;
-    out = torch_ext::linear_act_autograd(*input, *weight, bias, activation, negative_slope);
+    out = path();
   }
   return THPVariable_Wrap(out);
   END_HANDLE_TH_ERRORS
 }
 
+// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *input_obj, *target_obj, *weight_obj;
+  long long ignore_index;
+  const char* reduction;
+  double label_smoothing, z_loss;
+  std::optional<at::Tensor> input, target, weight;
+  if (!PyArg_ParseTuple(args, "OOOLsdd", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
+                        &label_smoothing, &z_loss) ||
+      !unpack_tensors({{input_obj, "input", false, &input}, {target_obj, "target", false, &target},
+                       {weight_obj, "weight", true, &weight}}))
+    return nullptr;
+  return run_without_gil([&] {
+    return torch_ext::cross_entropy_grad_in_forward(*input, *target, weight, ignore_index, reduction, label_smoothing,
+                                                    z_loss);
+  });
+}
+
+// _regression_loss_grad_in_forward(input, target, weight, loss, param, reduction): mse, huber, smooth_l1
+static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *input_obj, *target_obj, *weight_obj;
+  const char *loss, *reduction;
+  double param;
+  std::optional<at::Tensor> input, target, weight;
+  if (!PyArg_ParseTuple(args, "OOOsds", &input_obj, &target_obj, &weight_obj, &loss, &param, &reduction) ||
+      !unpack_tensors({{input_obj, "input", false, &input}, {target_obj, "target", false, &target},
+                       {weight_obj, "weight", true, &weight}}))
+    return nullptr;
+  return run_without_gil(
+      [&] { return torch_ext::regression_loss_grad_in_forward(*input, *target, weight, loss, param, reduction); });
+}
+
+// _triplet_margin_loss_grad_in_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
+static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) {
+  PyObject *anchor_obj, *positive_obj, *negative_obj;
+  double margin, p, eps;
+  int swap;
+  const char* reduction;
+  std::optional<at::Tensor> anchor, positive, negative;
+  if (!PyArg_ParseTuple(args, "OOOdddps", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
+                        &reduction) ||
+      !unpack_tensors({{anchor_obj, "anchor", false, &anchor}, {positive_obj, "positive", false, &positive},
+                       {negative_obj, "negative", false, &negative}}))
+    return nullptr;
+  return run_without_gil([&] {
+    return torch_ext::triplet_margin_loss_grad_in_forward(*anchor, *positive, *negative, margin, p, eps, swap != 0,
+                                                          reduction);
+  });
+}
+
+// _linear_act_autograd(input, weight, bias, activation, negative_slope)
+static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
+  PyObject *input_obj, *weight_obj, *bias_obj;
+  const char* activation;
+  double negative_slope;
+  std::optional<at::Tensor> input, weight, bias;
+  if (!PyArg_ParseTuple(args, "OOOsd", &input_obj, &weight_obj, &bias_obj, &activation, &negative_slope) ||
+      !unpack_tensors({{input_obj, "input", false, &input}, {weight_obj, "weight", false, &weight},
+                       {bias_obj, "bias", true, &bias}}))
+    return nullptr;
+  return run_without_gil(
+      [&] { return torch_ext::linear_act_autograd(*input, *weight, bias, activation, negative_slope); });
+}
+
 // _linear_cross_entropy_grad_in_forward(input, linear_weight, linear_bias, target, weight, ignore_index,
-// reduction, label_smoothing, z_loss, chunk_size) -> loss: torch_ext.linear_cross_entropy's eager
-// training path for targets that take no gradient (autograd_node.h).
+// reduction, label_smoothing, z_loss, chunk_size), for targets that take no gradient
 static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
-  PyObject *input_obj = nullptr, *lw_obj = nullptr, *lb_obj = nullptr, *target_obj = nullptr, *weight_obj = nullptr;
-  long long ignore_index = 0, chunk_size = 0;
-  const char* reduction = nullptr;
-  double label_smoothing = 0, z_loss = 0;
-  if (!PyArg_ParseTuple(args, "OOOOOLsddL", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
-                        &reduction, &label_smoothing, &z_loss, &chunk_size))
-    return nullptr;
+  PyObject *input_obj, *lw_obj, *lb_obj, *target_obj, *weight_obj;
+  long long ignore_index, chunk_size;
+  const char* reduction;
+  double label_smoothing, z_loss;
   std::optional<at::Tensor> input, linear_weight, linear_bias, target, weight;
-  if (!unpack_tensor(input_obj, "input", false, input) ||
-      !unpack_tensor(lw_obj, "linear_weight", false, linear_weight) ||
-      !unpack_tensor(lb_obj, "linear_bias", true, linear_bias) || !unpack_tensor(target_obj, "target", false, target) ||
-      !unpack_tensor(weight_obj, "weight", true, weight))
+  if (!PyArg_ParseTuple(args, "OOOOOLsddL", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
+                        &reduction, &label_smoothing, &z_loss, &chunk_size) ||
+      !unpack_tensors({{input_obj, "input", false, &input}, {lw_obj, "linear_weight", false, &linear_weight},
+                       {lb_obj, "linear_bias", true, &linear_bias}, {target_obj, "target", false, &target},
+                       {weight_obj, "weight", true, &weight}}))
     return nullptr;
-  HANDLE_TH_ERRORS
-  at::Tensor loss;
-  {
-    pybind11::gil_scoped_release no_gil;
-    loss = torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
+  return run_without_gil([&] {
+    return torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
                                                            ignore_index, reduction, label_smoothing, z_loss,
                                                            chunk_size);
-  }
-  return THPVariable_Wrap(loss);
-  END_HANDLE_TH_ERRORS
+  });
 }
 
 static PyObject* empty_cache(PyObject*, PyObject*) {
