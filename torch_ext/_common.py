@@ -112,40 +112,22 @@ def register_no_double_backward(op_name: str, public_name: str) -> None:
 
 
 def forms_grad_in_forward(requires_grad: bool) -> bool:
-    """Whether a loss's eager path forms its gradients in the forward op (the *GradInForward
-    Functions): autograd will ask for them (grad mode on, `requires_grad` of the inputs that
-    count) and the call is not being compiled (compiled graphs take the forward/backward op pair).
-    The callers add their own conditions (devices, reductions)."""
+    """Whether a loss's eager path forms its gradients in the forward op (handed over in backward
+    by the C++ node of csrc/autograd_node.h): autograd will ask for them (grad mode on,
+    `requires_grad` of the inputs that count) and the call is not being compiled (compiled graphs
+    take the forward/backward op pair). The callers add their own conditions (devices, reductions)."""
     return requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs: int, row_scale=None):
-    """The backward of an op whose forward formed its gradients for grad_output = 1 (triplet,
-    linear_cross_entropy): the gradients in `mask` scaled in place by grad_output (by `row_scale`
-    when given, for reduction="none"), left as they are when grad_output is the scalar 1, padded
-    with None to n_inputs. Scaled in place: the caller hands them over once."""
-    if row_scale is not None:
-        scale = row_scale
-    elif grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0:
-        scale = None  # loss.backward(): nothing to scale
-    else:
-        # Elsewhere, reading the value would be a host synchronization: scaling by it in place
-        # (one pass over the gradient) costs less than waiting for the device.
-        scale = grad_loss.reshape(())
-    grads = [None] * n_inputs
-    for i, (g, m) in enumerate(zip(unit_grads, mask)):
-        if m and g is not None:
-            grads[i] = g if scale is None else g.mul_(scale)
-    return tuple(grads)
-
-
-def unit_grads_backward(ctx, grad_loss, mask, n_inputs: int, recompute, graph_backward, row_scale=None):
-    """The backward of a *GradInForward Function, whose forward kept ctx.unit_grads: the gradients
-    for grad_output = 1 that its forward op formed. With create_graph, graph_backward() (the
-    backward op, which refuses double backward). Otherwise the first backward hands the unit
-    gradients over (hand_over_unit_grads), and a later one of a retained graph first recomputes
-    them with recompute(ones_like(grad_loss)) -> the backward op's outputs, so that both give
-    the same bits."""
+def unit_grads_backward(ctx, grad_loss, mask, n_inputs: int, recompute, graph_backward):
+    """What the C++ node of csrc/autograd_node.h does in backward, for the one loss path that stays
+    a Python autograd.Function (linear_cross_entropy with a probability target that requires grad,
+    whose gradient is formed in backward): ctx.unit_grads holds the gradients for grad_output = 1
+    that the forward op formed. With create_graph, graph_backward() (the backward op, which refuses
+    double backward). Otherwise the first backward hands them over, scaled in place by grad_output
+    unless it is the CPU scalar 1 (elsewhere reading it would wait for the device, so it scales);
+    a later one of a retained graph first recomputes them with recompute(ones_like(grad_loss)) ->
+    the backward op's outputs, so that both give the same bits. Returns n_inputs gradients."""
     if torch.is_grad_enabled():
         ctx.unit_grads = None
         return graph_backward()
@@ -153,7 +135,12 @@ def unit_grads_backward(ctx, grad_loss, mask, n_inputs: int, recompute, graph_ba
     if unit_grads is None:
         computed = recompute(torch.ones_like(grad_loss))
         unit_grads = [c if m else None for c, m in zip(computed, mask)]
-    return hand_over_unit_grads(unit_grads, mask, grad_loss, n_inputs, row_scale)
+    unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0
+    grads = [None] * n_inputs
+    for i, (g, m) in enumerate(zip(unit_grads, mask)):
+        if m and g is not None:
+            grads[i] = g if unit else g.mul_(grad_loss.reshape(()))
+    return tuple(grads)
 
 
 def forward_with_ctx(op, setup_context):
