@@ -21,8 +21,17 @@ using torch::autograd::Node;
 using torch::autograd::SavedVariable;
 using torch::autograd::variable_list;
 
-// A node's owning pointer to itself (SavedVariable::unpack of a saved output needs it): nodes are
-// owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
+// Autograd nodes are owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
+template <typename NodeT, typename... Args>
+auto make_node(Args&&... args) {
+  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
+    return c10::make_intrusive<NodeT>(std::forward<Args>(args)...);
+  } else {
+    return std::make_shared<NodeT>(std::forward<Args>(args)...);
+  }
+}
+
+// A node's owning pointer to itself (SavedVariable::unpack of a saved output needs it).
 template <typename NodeT>
 auto owning_ptr(NodeT* node) {
   if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
@@ -31,6 +40,11 @@ auto owning_ptr(NodeT* node) {
     return node->shared_from_this();
   }
 }
+
+// Calls below it skip the autograd kernels (the ops' Python register_autograd ones included).
+struct BelowAutograd : c10::impl::ExcludeDispatchKeyGuard {
+  BelowAutograd() : ExcludeDispatchKeyGuard(c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
+};
 
 class OpNode final : public Node {
  public:
@@ -86,7 +100,7 @@ class OpNode final : public Node {
   }
 
   variable_list below_autograd_backward(const at::Tensor& grad) {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     return call_backward(grad);
   }
 
@@ -126,27 +140,12 @@ class OpNode final : public Node {
 
 }  // namespace
 
-namespace {
-
-// Autograd nodes are owned through c10::intrusive_ptr in recent PyTorch, std::shared_ptr before.
-template <typename NodeT>
-void attach_node(const at::Tensor& output, NodeSpec& spec) {
-  if constexpr (std::is_base_of_v<c10::intrusive_ptr_target, NodeT>) {
-    auto node = c10::make_intrusive<NodeT>(spec);
-    node->set_next_edges(torch::autograd::collect_next_edges(spec.inputs));
-    torch::autograd::set_history(output, node);
-    node->save(spec);
-  } else {
-    auto node = std::make_shared<NodeT>(spec);
-    node->set_next_edges(torch::autograd::collect_next_edges(spec.inputs));
-    torch::autograd::set_history(output, node);
-    node->save(spec);
-  }
+void set_node_history(const at::Tensor& output, NodeSpec spec) {
+  auto node = make_node<OpNode>(spec);
+  node->set_next_edges(torch::autograd::collect_next_edges(spec.inputs));
+  torch::autograd::set_history(output, node);
+  node->save(spec);
 }
-
-}  // namespace
-
-void set_node_history(const at::Tensor& output, NodeSpec spec) { attach_node<OpNode>(output, spec); }
 
 at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
                                          const std::optional<at::Tensor>& weight, int64_t ignore_index,
@@ -160,7 +159,7 @@ at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tens
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   at::Tensor loss, stats, grad_input;
   {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
   }
   set_node_history(
@@ -184,7 +183,7 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
   const std::array<bool, 2> mask = {input.requires_grad(), target.requires_grad()};
   at::Tensor value, grad_input, grad_target;
   {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
   }
   set_node_history(
@@ -208,7 +207,7 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
   const std::array<bool, 3> mask = {anchor.requires_grad(), positive.requires_grad(), negative.requires_grad()};
   at::Tensor loss, dist, grad_anchor, grad_positive, grad_negative;
   {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
         forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
   }
@@ -241,7 +240,7 @@ at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const a
                                     bias.defined() && bias.requires_grad()};
   at::Tensor loss, grad_input, grad_weight, grad_bias;
   {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     std::tie(loss, grad_input, grad_weight, grad_bias) = forward.call(
         input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
         chunk_size, mask);
@@ -266,7 +265,7 @@ at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
   at::Tensor out, saved;
   {
-    c10::impl::ExcludeDispatchKeyGuard below_autograd(c10::autograd_dispatch_keyset_with_ADInplaceOrView);
+    BelowAutograd below_autograd;
     std::tie(out, saved) = forward.call(input, weight, bias, activation, negative_slope);
   }
   // sigmoid and tanh form their gradient from the output; the others from the op's `saved`
