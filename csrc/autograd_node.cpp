@@ -3,6 +3,7 @@
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/ones_like.h>
 #include <c10/core/impl/LocalDispatchKeySet.h>
 #include <torch/csrc/autograd/function.h>
@@ -46,6 +47,25 @@ struct BelowAutograd : c10::impl::ExcludeDispatchKeyGuard {
   BelowAutograd() : ExcludeDispatchKeyGuard(c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
 };
 
+// With create_graph, each gradient leaves backward through this node, which raises if it is
+// differentiated. Its edges reach every input of the op's node besides the gradient's own
+// history: a gradient can depend on an input the backward op never reads (fc1's bias shapes fc2's
+// weight gradient through the saved pre-activation), and a second derivative through it must
+// fail clearly rather than come back None.
+class NoDoubleBackward final : public Node {
+ public:
+  NoDoubleBackward(const std::string& name, torch::autograd::edge_list&& edges)
+      : Node(std::move(edges)), name_(name) {}
+  std::string name() const override { return "NoDoubleBackward"; }
+  variable_list apply(variable_list&&) override {
+    TORCH_CHECK(false, name_, ": torch_ext does not support double backward (a gradient of its gradient, e.g. "
+                "after create_graph=True); use torch.nn.functional for higher-order gradients");
+  }
+
+ private:
+  std::string name_;
+};
+
 class OpNode final : public Node {
  public:
   explicit OpNode(NodeSpec& spec)
@@ -69,9 +89,19 @@ class OpNode final : public Node {
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return variable_list(num_outputs());
-    if (at::GradMode::is_enabled()) {  // create_graph: differentiable once, through the op's autograd
+    if (at::GradMode::is_enabled()) {  // create_graph: differentiable once (NoDoubleBackward)
       drop_unit_grads();
-      return call_backward(grad);
+      variable_list result = call_backward(grad);
+      for (at::Tensor& g : result) {
+        if (!g.defined()) continue;
+        torch::autograd::edge_list edges = torch::autograd::collect_next_edges(g);
+        const auto& inputs = next_edges();
+        edges.insert(edges.end(), inputs.begin(), inputs.end());
+        at::Tensor tied = g.detach().clone();
+        torch::autograd::set_history(tied, make_node<NoDoubleBackward>(name_, std::move(edges)));
+        g = std::move(tied);
+      }
+      return result;
     }
     if (unit_grads_.empty()) return below_autograd_backward(grad);
     variable_list unit;
@@ -276,6 +306,42 @@ at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight
                          {input.requires_grad(), weight.requires_grad(), b.defined() && b.requires_grad()}, {},
                          {input, weight, from_output ? out : saved}, from_output ? 2 : -1,
                          {c10::IValue(std::string(activation)), c10::IValue(negative_slope)}});
+  return out;
+}
+
+at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        c10::string_view activation, double negative_slope, bool gated, bool recompute) {
+  static const auto linear_fwd =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
+  static const auto act_fwd = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
+                                  .typed<at::Tensor(const at::Tensor&, c10::string_view, double, bool)>();
+  static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::mlp_bwd", "");
+  at::Tensor out, hidden, saved;
+  {
+    BelowAutograd below_autograd;
+    if (gated) {  // fc1 with its bias, then one pass for act(u) * v
+      saved = std::get<0>(linear_fwd.call(input, fc1_weight, fc1_bias, "none", 0.0));
+      hidden = act_fwd.call(saved, activation, negative_slope, true);
+    } else {
+      std::tie(hidden, saved) = linear_fwd.call(input, fc1_weight, fc1_bias, activation, negative_slope);
+    }
+    out = at::linear(hidden, fc2_weight, fc2_bias);
+  }
+  // sigmoid and tanh form their gradient from the output, as in linear_act_autograd.
+  if (!gated && (activation == "sigmoid" || activation == "tanh")) saved = hidden;
+  const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
+  set_node_history(out, {"FusedMLPBackward", backward, {input, fc1_weight, b1, fc2_weight, b2},
+                         {input.requires_grad(), fc1_weight.requires_grad(), b1.defined() && b1.requires_grad(),
+                          fc2_weight.requires_grad(), b2.defined() && b2.requires_grad()},
+                         {},
+                         {input, fc1_weight, fc2_weight, saved, recompute ? at::Tensor() : hidden},
+                         -1,
+                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope), c10::IValue(gated)}});
   return out;
 }
 

@@ -57,5 +57,10 @@ at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const a
                                                 int64_t chunk_size);
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double negative_slope);
+// activation: the (gate's) activation; recompute: form act(fc1(input)) again in backward rather
+// than save it (torch_ext/mlp.py decides where that applies).
+at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                        c10::string_view activation, double negative_slope, bool gated, bool recompute);
 
 }  // namespace torch_ext

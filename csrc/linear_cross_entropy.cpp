@@ -37,6 +37,7 @@
 #include "cuda/cublaslt_gemm.h"
 #endif
 #include "loss.h"
+#include "shapes.h"
 
 namespace torch_ext {
 namespace {
@@ -270,8 +271,6 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   }
   return {loss, g};
 }
-
-Tensor or_empty(const Tensor& t, const Tensor& like) { return t.defined() ? t : at::empty({0}, like.options()); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
     const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias, const Tensor& target,

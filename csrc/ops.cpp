@@ -39,6 +39,15 @@ TORCH_LIBRARY(torch_ext, m) {
         "bool[2] output_mask) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 
+  // The backward of the whole block fc2(act(fc1(input))) (csrc/mlp.cpp): gradients for (input,
+  // fc1_weight, fc1_bias, fc2_weight, fc2_bias), those not in output_mask empty. activation: the
+  // (gate's) activation; saved: fc1's, as linear_act_fwd returns it (gated: fc1's output);
+  // hidden: act(fc1(input)), or None to form it again from saved.
+  m.def("mlp_bwd(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor fc2_weight, Tensor saved, "
+        "Tensor? hidden, str activation, float negative_slope, bool gated, bool[5] output_mask) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+        {at::Tag::pt2_compliant_tag});
+
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
   // row, weighted and reduced like the loss). target: class indices (int64/uint8, input's shape
   // without the class dim) or class probabilities (input's shape and dtype). Returns (loss,
@@ -266,6 +275,25 @@ static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
       [&] { return torch_ext::linear_act_autograd(*input, *weight, bias, activation, negative_slope); });
 }
 
+// _mlp_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, gated, recompute)
+static PyObject* mlp_autograd(PyObject*, PyObject* args) {
+  PyObject *input_obj, *w1_obj, *b1_obj, *w2_obj, *b2_obj;
+  const char* activation;
+  double negative_slope;
+  int gated, recompute;
+  std::optional<at::Tensor> input, fc1_weight, fc1_bias, fc2_weight, fc2_bias;
+  if (!PyArg_ParseTuple(args, "OOOOOsdpp", &input_obj, &w1_obj, &b1_obj, &w2_obj, &b2_obj, &activation,
+                        &negative_slope, &gated, &recompute) ||
+      !unpack_tensors({{input_obj, "input", false, &input}, {w1_obj, "fc1_weight", false, &fc1_weight},
+                       {b1_obj, "fc1_bias", true, &fc1_bias}, {w2_obj, "fc2_weight", false, &fc2_weight},
+                       {b2_obj, "fc2_bias", true, &fc2_bias}}))
+    return nullptr;
+  return run_without_gil([&] {
+    return torch_ext::mlp_autograd(*input, *fc1_weight, fc1_bias, *fc2_weight, fc2_bias, activation, negative_slope,
+                                   gated, recompute);
+  });
+}
+
 // _linear_cross_entropy_grad_in_forward(input, linear_weight, linear_bias, target, weight, ignore_index,
 // reduction, label_smoothing, z_loss, chunk_size), for targets that take no gradient
 static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
@@ -313,6 +341,8 @@ static PyMethodDef methods[] = {
      "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
      "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
+    {"_mlp_autograd", mlp_autograd, METH_VARARGS,
+     "torch_ext.fused_mlp's eager path when autograd records: the forward ops and a C++ node."},
     {"_linear_cross_entropy_grad_in_forward", linear_cross_entropy_grad_in_forward, METH_VARARGS,
      "torch_ext.linear_cross_entropy's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
     {"empty_cache", empty_cache, METH_NOARGS,

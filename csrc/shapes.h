@@ -2,6 +2,7 @@
 #pragma once
 
 #include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
 
 #include <cstdint>
 #include <vector>
@@ -21,6 +22,12 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t last)
   std::vector<int64_t> sizes(input.sizes().begin(), input.sizes().end());
   sizes.back() = last;
   return sizes;
+}
+
+// An op's output that output_mask did not ask for comes back as an empty tensor (the schemas
+// return Tensor, not Tensor?): t itself when it was formed.
+inline at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
+  return t.defined() ? t : at::empty({0}, like.options());
 }
 
 }  // namespace torch_ext

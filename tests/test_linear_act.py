@@ -1242,3 +1242,18 @@ def test_eager_autograd_node_does_not_keep_its_output_alive(activation):
     gc.collect()
     assert torch_ext.cached_bytes() >= 2048 * 2048 * 4
     torch_ext.empty_cache()
+
+
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("activation", ["gelu", "silu"])
+def test_second_order_through_the_bias_raises(activation, path):
+    """The weight's gradient depends on the bias through the saved pre-activation, though backward
+    never reads the bias: with create_graph, its derivative through the bias must raise the clear
+    error, not come back None (allow_unused)."""
+    x, w, b = (leaf(t) for t in _gradcheck_args((3, 5), 4, True))
+    y = call(path, x, w, b, activation)
+    g = torch.randn_like(y).requires_grad_()
+    _, grad_w, _ = torch.autograd.grad(y, (x, w, b), g, create_graph=True)
+    with pytest.raises(RuntimeError, match="does not support double backward"):
+        torch.autograd.grad(grad_w.pow(2).sum(), b, allow_unused=True)
+

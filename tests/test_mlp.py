@@ -29,7 +29,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import FusedMLP, FusedMLPFunction, fused_mlp
-from utils import SavedTensorBytes, act_fn, assert_close, leaf, reference_dtype, tolerance
+from utils import BackwardOpMasks, SavedTensorBytes, act_fn, assert_close, leaf, reference_dtype, tolerance
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -40,6 +40,7 @@ RECOMPUTED = ("gelu", "gelu_tanh", "silu", "swiglu", "geglu", "geglu_tanh")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 ACT_FWD = torch.ops.torch_ext.mlp_act_fwd.default
 ACT_BWD = torch.ops.torch_ext.mlp_act_bwd.default
+MLP_BWD = torch.ops.torch_ext.mlp_bwd.default
 LINEAR_FWD = torch.ops.torch_ext.linear_act_fwd.default
 NAMES = ("input", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias")
 SLOPE = 0.2
@@ -369,23 +370,36 @@ def run_mlp(fn, tensors, requires, grad, dtype=None):
     return y, dict(zip(names, grads))
 
 
-def check_mlp(tensors, activation, recompute=True, grad=None, requires=NAMES, negative_slope=SLOPE, msg=""):
-    """Forward and every gradient of fused_mlp vs PyTorch (float32 from the same values for
-    bfloat16, see utils.reference_dtype)."""
+def call_mlp(path, x, w1, b1, w2, b2, activation, negative_slope=SLOPE, recompute=True):
+    """The block through one of its two autograd paths: fused_mlp (eager: the C++ node of
+    csrc/autograd_node.h) or FusedMLPFunction (what torch.compile traces)."""
+    if path == "functional":
+        return fused_mlp(x, w1, b1, w2, b2, activation=activation, negative_slope=negative_slope, recompute=recompute)
+    if path == "function":
+        return FusedMLPFunction.apply(x, w1, b1, w2, b2, activation, float(negative_slope), recompute)[0]
+    raise AssertionError(path)
+
+
+PATHS = ("functional", "function")
+
+
+def check_mlp(tensors, activation, recompute=True, grad=None, requires=NAMES, negative_slope=SLOPE, msg="",
+              path="functional"):
+    """Forward and every gradient of the block (through `path`) vs PyTorch (float32 from the
+    same values for bfloat16, see utils.reference_dtype)."""
     x, w1, b1, w2, b2 = tensors
     dtype = x.dtype
     if grad is None:
         grad = torch.randn(*x.shape[:-1], w2.shape[0]).to(dtype)
     y, grads = run_mlp(
-        lambda *a: fused_mlp(*a, activation=activation, negative_slope=negative_slope, recompute=recompute),
-        tensors, requires, grad,
+        lambda *a: call_mlp(path, *a, activation, negative_slope, recompute), tensors, requires, grad,
     )
     positive = kink_side(x, w1, b1, activation, negative_slope) if activation in MASK_ACTIVATIONS else None
     ref_y, ref_grads = run_mlp(
         lambda *a: reference_mlp(*a, activation, negative_slope, positive), tensors, requires, grad,
         reference_dtype(dtype),
     )
-    tag = f"{msg} {activation} recompute={recompute} {dtype_id(dtype)}"
+    tag = f"{msg} {path} {activation} recompute={recompute} {dtype_id(dtype)}"
     assert y.shape == (*x.shape[:-1], w2.shape[0]), tag
     assert_close(y, ref_y, dtype=dtype, msg=f"{tag}: output")
     assert grads.keys() == ref_grads.keys(), tag
@@ -398,9 +412,10 @@ def check_mlp(tensors, activation, recompute=True, grad=None, requires=NAMES, ne
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
 @pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
-def test_mlp_matches_pytorch(activation, recompute, bias, dtype):
+@pytest.mark.parametrize("path", PATHS)
+def test_mlp_matches_pytorch(path, activation, recompute, bias, dtype):
     tensors = make_mlp_args((2, 5, 12), 20, 7, activation, dtype, bias)
-    check_mlp(tensors, activation, recompute)
+    check_mlp(tensors, activation, recompute, path=path)
 
 
 def _mlp_case(name, activation, dtype):
@@ -494,28 +509,16 @@ REQUIRES_CASES = {
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
 @pytest.mark.parametrize("requires", list(REQUIRES_CASES))
 @pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
-def test_mlp_partial_requires_grad(monkeypatch, activation, requires, recompute):
+@pytest.mark.parametrize("path", PATHS)
+def test_mlp_partial_requires_grad(path, activation, requires, recompute):
     subset = REQUIRES_CASES[requires]
-    # Spy on the backward: the gradients it returns are exactly those of the tensors requiring
-    # grad (None for the others, and for the non-tensor arguments).
-    returned = []
-    real_backward = FusedMLPFunction.backward
-
-    def spy(ctx, *grads):
-        out = real_backward(ctx, *grads)
-        returned.append(out)
-        return out
-
-    monkeypatch.setattr(FusedMLPFunction, "backward", staticmethod(spy))
+    # Spy on the backward op (whichever autograd path calls it, the C++ node or the Python
+    # Function): it is asked once, for exactly the gradients of the tensors requiring grad.
     tensors = make_mlp_args((2, 3, 12), 10, 7, activation)
-    _, grads = check_mlp(tensors, activation, recompute, requires=subset, msg=requires)
+    with BackwardOpMasks(MLP_BWD) as masks:
+        _, grads = check_mlp(tensors, activation, recompute, requires=subset, msg=requires, path=path)
     assert set(grads) == set(subset)
-    assert len(returned) == 1
-    got = returned[0]
-    assert len(got) == 8
-    for name, g in zip(NAMES, got[:5]):
-        assert (g is not None) == (name in subset), f"{name}: returned {g is not None}, requires {name in subset}"
-    assert got[5:] == (None, None, None)
+    assert masks == [[name in subset for name in NAMES]]
 
 
 def test_mlp_nothing_requires_grad():
@@ -640,6 +643,84 @@ def test_opcheck_act_bwd_requires_grad(activation, gated):
     torch.library.opcheck(ACT_BWD, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
     with pytest.raises(Exception, match="does not support double backward"):
         torch.library.opcheck(ACT_BWD, args, test_utils="test_aot_dispatch_dynamic")
+
+
+def _mlp_bwd_args(activation, recompute, mask, requires_grad=False, dtype=torch.float32):
+    """(arguments of torch_ext::mlp_bwd as the block's forward leaves them (3-D input), the
+    block's tensors (x, w1, b1, w2, b2)). hidden is None (formed again) with recompute, for the
+    activations that recompute."""
+    gated = activation in GATED
+    act = GATED.get(activation, activation)
+    x, w1, b1, w2, b2 = make_mlp_args((2, 3, 6), 5, 4, activation, dtype)
+    if gated:
+        saved = LINEAR_FWD(x, w1, b1, "none", 0.0)[0]
+        hidden = ACT_FWD(saved, act, SLOPE, True)
+    else:
+        hidden, saved = LINEAR_FWD(x, w1, b1, act, SLOPE)
+        if act in ("sigmoid", "tanh"):
+            saved = hidden
+    g = torch.randn(2, 3, 4).to(dtype)
+    block = (x, w1, b1, w2, b2)
+    recompute = recompute and activation in RECOMPUTED  # the others' saved is not the pre-activation
+    if requires_grad:
+        x, w1, w2, g = (leaf(t) for t in (x, w1, w2, g))
+    return (g, x, w1, w2, saved, None if recompute else hidden, act, SLOPE, gated, mask), block
+
+
+MLP_BWD_MASKS = {"all": [True] * 5, "fc2_only": [False, False, False, True, True],
+                 "input_only": [True, False, False, False, False], "weights": [False, True, False, True, False]}
+
+
+@pytest.mark.parametrize("mask", list(MLP_BWD_MASKS))
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+@pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
+def test_opcheck_mlp_bwd(activation, recompute, mask):
+    torch.library.opcheck(MLP_BWD, _mlp_bwd_args(activation, recompute, MLP_BWD_MASKS[mask])[0])
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_opcheck_mlp_bwd_requires_grad(activation):
+    # Differentiable once, as mlp_act_bwd above: the utility differentiating through it must fail.
+    args = _mlp_bwd_args(activation, True, [True] * 5, requires_grad=True)[0]
+    torch.library.opcheck(MLP_BWD, args, test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
+    with pytest.raises(Exception, match="does not support double backward"):
+        torch.library.opcheck(MLP_BWD, args, test_utils="test_aot_dispatch_dynamic")
+
+
+@pytest.mark.parametrize("mask", list(MLP_BWD_MASKS))
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+@pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
+def test_mlp_bwd_matches_the_block(activation, recompute, mask):
+    """The op on its own: the block's gradients (eager autograd of reference_mlp, float64) for
+    those in the mask, empty tensors for the others; recomputing the hidden activation or given it."""
+    args, block = _mlp_bwd_args(activation, recompute, MLP_BWD_MASKS[mask], dtype=torch.float64)
+    got = MLP_BWD(*args)
+    leaves = [leaf(t) for t in block]
+    positive = kink_side(*block[:3], activation, SLOPE) if activation in MASK_ACTIVATIONS else None
+    ref = torch.autograd.grad(reference_mlp(*leaves, activation, SLOPE, positive), leaves, args[0])
+    for name, g, r, asked in zip(NAMES, got, ref, MLP_BWD_MASKS[mask]):
+        if asked:
+            assert_close(g, r, msg=f"{activation} {mask}: grad of {name}")
+        else:
+            assert g.shape == (0,), f"{name} was not asked for, got shape {tuple(g.shape)}"
+
+
+@pytest.mark.parametrize("case", ["fc2_weight", "fc1_weight_width", "grad_output", "saved_not_pre_activation",
+                                  "dtype"])
+def test_mlp_bwd_bad_arguments(case):
+    g, x, w1, w2, saved, hidden, act, slope, gated, mask = _mlp_bwd_args("gelu", True, [True] * 5)[0]
+    if case == "fc2_weight":
+        w2, match = torch.randn(4, 6), "fc1_weight .* does not match fc2_weight"
+    elif case == "fc1_weight_width":
+        w1, match = torch.randn(5, 7), r"fc1_weight .* does not match input.size\(-1\)"
+    elif case == "grad_output":
+        g, match = torch.randn(2, 3, 5), "grad_output .* does not match"
+    elif case == "saved_not_pre_activation":
+        saved, match = torch.empty(0), "hidden is None, so saved must be the pre-activation"
+    else:
+        w2, match = w2.double(), "fc2_weight has dtype Double but input has dtype Float"
+    with pytest.raises(RuntimeError, match=match):
+        MLP_BWD(g, x, w1, w2, saved, hidden, act, slope, gated, mask)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -911,16 +992,17 @@ SECOND_ORDER_CASES = [
 @pytest.mark.parametrize(
     "activation,first,second", SECOND_ORDER_CASES, ids=["-".join(c) for c in SECOND_ORDER_CASES]
 )
-def test_second_order_through_one_gradient_raises(activation, first, second, recompute):
+@pytest.mark.parametrize("path", PATHS)
+def test_second_order_through_one_gradient_raises(path, activation, first, second, recompute):
     tensors = [leaf(t) for t in make_mlp_args((3, 5), 4, 3, activation, torch.float64)]
-    y = fused_mlp(*tensors, activation=activation, recompute=recompute)
+    y = call_mlp(path, *tensors, activation, SLOPE, recompute)
     g = torch.randn_like(y).requires_grad_()
     grads = dict(zip(NAMES, torch.autograd.grad(y, tensors, g, create_graph=True)))
     with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
         result = torch.autograd.grad(grads[first].pow(2).sum(), tensors[NAMES.index(second)], allow_unused=True)
         # (What eager PyTorch gives, for the report when this is silently wrong.)
         e_t = [leaf(t) for t in tensors]
-        e_grads = dict(zip(NAMES, torch.autograd.grad(reference_mlp(*e_t, activation), e_t, g, create_graph=True)))
+        e_grads = dict(zip(NAMES, torch.autograd.grad(reference_mlp(*e_t, activation, SLOPE), e_t, g, create_graph=True)))
         (want,) = torch.autograd.grad(e_grads[first].pow(2).sum(), e_t[NAMES.index(second)])
         got = result[0]
         raise AssertionError(
@@ -1036,3 +1118,22 @@ def test_op_bad_arguments(case):
     fn, exc, match = _op_error_cases()[case]
     with pytest.raises(exc, match=match):
         fn()
+
+
+@pytest.mark.parametrize("activation", ["relu", "gelu", "swiglu"])
+def test_eager_autograd_node_saves_what_backward_needs(activation):
+    """Eager mode records a C++ node (csrc/autograd_node.h) whose saved tensors go through
+    saved-tensor hooks, and whose gradients are PyTorch's."""
+    tensors = [leaf(t) for t in make_mlp_args((6, 5), 4, 3, activation)]
+    packed = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: packed.append(tuple(t.shape)) or t, lambda t: t):
+        y = fused_mlp(*tensors, activation=activation)
+    assert y.grad_fn.name() == "FusedMLPBackward"
+    assert (6, 5) in packed and tuple(tensors[1].shape) in packed and (3, 4) in packed  # input, fc1 and fc2 weights
+    g = torch.randn_like(y)
+    y.backward(g)
+    ref = [leaf(t) for t in tensors]
+    reference_mlp(*ref, activation, SLOPE).backward(g)
+    for name, t, r in zip(NAMES, tensors, ref):
+        assert_close(t.grad, r.grad, msg=name)
+

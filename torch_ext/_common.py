@@ -98,15 +98,45 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
     return reduction
 
 
+def _double_backward_error(public_name: str) -> RuntimeError:
+    return RuntimeError(
+        f"{public_name} does not support double backward (a gradient of its gradient, e.g. "
+        "after create_graph=True); use torch.nn.functional for higher-order gradients"
+    )
+
+
+class _NoDoubleBackward(torch.autograd.Function):
+    """Identity on a gradient whose own backward raises (differentiable_once)."""
+
+    @staticmethod
+    def forward(ctx, public_name, grad, *sources):
+        ctx.public_name = public_name
+        return grad.clone()
+
+    @staticmethod
+    def backward(ctx, *grads):
+        raise _double_backward_error(ctx.public_name)
+
+
+def differentiable_once(public_name: str, grads, sources):
+    """An autograd.Function's gradients, as its backward returns them: with create_graph (grad
+    mode on in backward) each is tied to every tensor of `sources` that requires grad (its inputs,
+    grad_output) through a node that raises if differentiated, as csrc/autograd_node.cpp's
+    NoDoubleBackward does for the C++ nodes. A gradient can depend on an input the backward never
+    reads (fc1's bias shapes fc2's weight gradient through the saved pre-activation): a second
+    derivative through it then fails clearly instead of coming back None."""
+    if not torch.is_grad_enabled():
+        return tuple(grads)
+    sources = [t for t in sources if isinstance(t, torch.Tensor) and t.requires_grad]
+    return tuple(None if g is None else _NoDoubleBackward.apply(public_name, g, *sources) for g in grads)
+
+
 def register_no_double_backward(op_name: str, public_name: str) -> None:
     """Make the backward op `op_name` differentiable once: with create_graph=True its outputs get
     a grad_fn, and differentiating them raises a clear error instead of giving wrong values."""
 
     def no_double_backward(ctx, *grads):
-        raise RuntimeError(
-            f"{public_name} does not support double backward (a gradient of its gradient, e.g. "
-            "after create_graph=True); use torch.nn.functional for higher-order gradients"
-        )
+        raise _double_backward_error(public_name)
 
     torch.library.register_autograd(op_name, no_double_backward, setup_context=lambda ctx, inputs, output: None)
 

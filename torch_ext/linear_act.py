@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 from . import _C
 
-from ._common import autocast_to_lower_precision, register_no_double_backward, forward_with_ctx, direct_when_no_grad, needs_autograd
+from ._common import (
+    autocast_to_lower_precision, differentiable_once, direct_when_no_grad, forward_with_ctx, needs_autograd,
+    register_no_double_backward,
+)
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 # What the forward op saves for backward (besides input and weight); see csrc/activation.h.
@@ -82,7 +85,8 @@ def _setup_context(ctx, inputs, output):
     ctx.negative_slope = negative_slope
     ctx.has_bias = bias is not None
     # sigmoid/tanh derive their gradient from the output; the others from the op's `saved`.
-    ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved)
+    # The bias (a parameter: no extra memory) for differentiable_once's edges only.
+    ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved, bias)
     ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` in backward
 
@@ -90,21 +94,17 @@ def _setup_context(ctx, inputs, output):
 def _backward(ctx, grad_out, _grad_saved):
     if grad_out is None:  # only `saved` reached backward (materialize_grads is off)
         return None, None, None, None, None
-    input, weight, saved = ctx.saved_tensors
+    input, weight, saved, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
     if not any(mask):
         return None, None, None, None, None
-    grad_input, grad_weight, grad_bias = _bwd_op(
-        grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask
-    )
-    return (
-        grad_input if mask[0] else None,
-        grad_weight if mask[1] else None,
-        grad_bias if mask[2] else None,
-        None,
-        None,
-    )
+    grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
+    # With create_graph the gradients refuse a second derivative, through the bias too (gelu's
+    # weight gradient depends on it through the saved pre-activation).
+    grads = differentiable_once("torch_ext.fused_linear", (g if asked else None for g, asked in zip(grads, mask)),
+                                (grad_out, input, weight, bias))
+    return (*grads, None, None)
 
 
 # Calling torch.ops.torch_ext.linear_act_fwd directly is differentiable too.

@@ -2,7 +2,8 @@
 
 Ops (csrc/ops.cpp): ``torch_ext::mlp_act_fwd`` / ``mlp_act_bwd``, the activation on its own
 (or gated: ``act(u) * v`` over rows ``[u | v]``), whose backward also forms the activation's
-output again in the same pass. ``FusedMLP`` builds on them and on the dense layer's ops:
+output again in the same pass; ``torch_ext::mlp_bwd`` (csrc/mlp.cpp), the whole block's backward.
+``FusedMLP`` builds on them and on the dense layer's ops:
 
 - forward: fc1 with its bias and activation fused (``linear_act_fwd``; gated: fc1 with its bias,
   then one pass for ``act(u) * v``), then fc2;
@@ -22,7 +23,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from ._common import autocast_to_lower_precision, forward_with_ctx, register_no_double_backward, direct_when_no_grad, needs_autograd
+from . import _C
+from ._common import (
+    autocast_to_lower_precision, differentiable_once, direct_when_no_grad, forward_with_ctx, needs_autograd,
+    register_no_double_backward,
+)
 from .linear_act import _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
 
 # Gated activations: name -> the activation applied to the gate half.
@@ -33,6 +38,7 @@ _linear_fwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_fwd.default)
 _linear_bwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
 _act_fwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_fwd.default)
 _act_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_bwd.default)
+_mlp_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_bwd.default)
 
 
 def _check_mlp_act_input(op: str, input: Tensor, gated: bool) -> int:
@@ -63,6 +69,14 @@ def _mlp_act_bwd_fake(grad_output, input, activation, negative_slope, gated, out
     )
 
 
+@torch.library.register_fake("torch_ext::mlp_bwd")
+def _mlp_bwd_fake(grad_output, input, fc1_weight, fc2_weight, saved, hidden, activation, negative_slope, gated, output_mask):
+    _check_activation(activation)
+    torch._check(fc1_weight.dim() == 2 and fc2_weight.dim() == 2, lambda: "torch_ext.mlp_bwd: fc1_weight and fc2_weight must be 2-D")
+    shapes = (input.shape, fc1_weight.shape, fc1_weight.shape[:1], fc2_weight.shape, fc2_weight.shape[:1])
+    return tuple(input.new_empty(shape if asked else (0,)) for shape, asked in zip(shapes, output_mask))
+
+
 def _act_setup_context(ctx, inputs, output):
     input, activation, negative_slope, gated = inputs
     ctx.args = (activation, negative_slope, gated)
@@ -79,6 +93,7 @@ def _act_backward(ctx, grad_out):
 # Calling torch.ops.torch_ext.mlp_act_fwd directly is differentiable too.
 torch.library.register_autograd("torch_ext::mlp_act_fwd", _act_backward, setup_context=_act_setup_context)
 register_no_double_backward("torch_ext::mlp_act_bwd", "torch_ext.FusedMLP")
+register_no_double_backward("torch_ext::mlp_bwd", "torch_ext.FusedMLP")
 
 
 def _check_mlp_activation(activation) -> None:
@@ -121,21 +136,6 @@ def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
 
 
-class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on a gradient, whose own backward raises (see FusedMLPFunction.backward)."""
-
-    @staticmethod
-    def forward(ctx, grad, *sources):
-        return grad.clone()
-
-    @staticmethod
-    def backward(ctx, *grads):
-        raise RuntimeError(
-            "torch_ext.FusedMLP does not support double backward (a gradient of its gradient, e.g. after "
-            "create_graph=True); use torch.nn layers for higher-order gradients"
-        )
-
-
 def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
     if activation in GATED_ACTIVATIONS:
         pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
@@ -146,21 +146,24 @@ def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, 
     return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
 
 
+def _recomputes(activation: str, recompute: bool) -> bool:
+    """Whether backward forms the hidden activation again rather than saving it: asked for, and
+    its derivative needs the pre-activation (else the output is saved for the derivative anyway)."""
+    return bool(recompute) and (activation in GATED_ACTIVATIONS or activation in _SAVES_PRE_ACTIVATION)
+
+
 def _mlp_setup_context(ctx, inputs, output):
     input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute = inputs
     _, hidden, saved = output
-    gated = activation in GATED_ACTIVATIONS
     ctx.activation = GATED_ACTIVATIONS.get(activation, activation)
-    ctx.gated = gated
+    ctx.gated = activation in GATED_ACTIVATIONS
     ctx.negative_slope = negative_slope
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
-    # Recompute where the activation's derivative needs the pre-activation: then the output
-    # is a second tensor of the same size, formed again in backward instead of saved.
-    ctx.recompute = bool(recompute) and (gated or activation in _SAVES_PRE_ACTIVATION)
+    recompute = _recomputes(activation, recompute)
     if activation in ("sigmoid", "tanh"):
         saved = hidden  # their derivative is a function of the output (see linear_act.py)
-    # The biases too (parameters: no extra memory), for the double-backward guard's edges.
-    ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if ctx.recompute else hidden, fc1_bias, fc2_bias)
+    # fc1's bias (a parameter: no extra memory) for differentiable_once's edges only.
+    ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if recompute else hidden, fc1_bias)
     ctx.mark_non_differentiable(hidden, saved)
     ctx.set_materialize_grads(False)  # no zero-filled (M, hidden) gradients for them in backward
 
@@ -176,62 +179,17 @@ class FusedMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_hidden, _grad_saved):
         if grad_out is None:  # only hidden / saved reached backward (materialize_grads is off)
             return (None,) * 8
-        if not torch.is_grad_enabled():
-            return FusedMLPFunction._backward(ctx, grad_out)
-        # create_graph=True: the gradients are formed without history (part of them by matmuls
-        # that would give an incomplete second derivative) and tied to everything they depend
-        # on through a node that raises if they are differentiated.
-        with torch.no_grad():
-            grads = FusedMLPFunction._backward(ctx, grad_out)
-        sources = [t for t in (grad_out, *ctx.saved_tensors) if t is not None and t.requires_grad]
-        return tuple(None if g is None else _NoDoubleBackward.apply(g, *sources) for g in grads)
-
-    @staticmethod
-    def _backward(ctx, grad_out):
-        # Ordered for peak memory: the recomputed hidden activation is dropped as soon as fc2's
-        # weight gradient has used it, before fc1's gradients are formed.
-        input, fc1_weight, fc2_weight, saved, hidden, _, _ = ctx.saved_tensors
+        # One op (csrc/mlp.cpp), as the eager C++ node calls it; with create_graph the gradients
+        # refuse a second derivative (differentiable_once).
+        input, fc1_weight, fc2_weight, saved, hidden, fc1_bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        need_fc1 = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2])]
-        need_w2, need_b2 = bool(needs[3]), bool(ctx.has_bias[1] and needs[4])
-        act, slope, gated = ctx.activation, ctx.negative_slope, ctx.gated
-        rows, hidden_width = input.shape[:-1].numel(), fc2_weight.shape[1]
-        g2d = grad_out.reshape(rows, fc2_weight.shape[0])
-
-        def fc2_weight_grad(h):
-            return g2d.t() @ h.reshape(rows, hidden_width) if need_w2 else None
-
-        def hidden_grad():
-            return (g2d @ fc2_weight).view(*input.shape[:-1], hidden_width) if any(need_fc1) else None
-
-        grad_w2, grad_fc1 = None, (None, None, None)
-        if gated:
-            grad_hidden = hidden_grad()
-            grad_pre = None
-            if grad_hidden is not None:
-                # One pass: the gate's gradient and (recompute) the hidden activation again.
-                grad_pre, formed = _act_bwd(grad_hidden, saved, act, slope, True, [True, need_w2 and ctx.recompute])
-                del grad_hidden
-                grad_w2 = fc2_weight_grad(formed if ctx.recompute else hidden)
-                del formed
-            elif need_w2:
-                grad_w2 = fc2_weight_grad(_act_fwd(saved, act, slope, True) if ctx.recompute else hidden)
-            if grad_pre is not None:
-                pre2d = grad_pre.reshape(rows, fc1_weight.shape[0])
-                grad_fc1 = (
-                    (pre2d @ fc1_weight).view(input.shape) if need_fc1[0] else None,
-                    pre2d.t() @ input.reshape(rows, fc1_weight.shape[1]) if need_fc1[1] else None,
-                    pre2d.sum(0) if need_fc1[2] else None,
-                )
-        else:
-            if need_w2:
-                grad_w2 = fc2_weight_grad(_act_fwd(saved, act, slope, False) if ctx.recompute else hidden)
-            grad_hidden = hidden_grad()
-            if grad_hidden is not None:
-                gi, gw, gb = _linear_bwd(grad_hidden, input, fc1_weight, saved, act, slope, need_fc1)
-                grad_fc1 = (gi if need_fc1[0] else None, gw if need_fc1[1] else None, gb if need_fc1[2] else None)
-        grad_b2 = g2d.sum(0) if need_b2 else None
-        return (*grad_fc1, grad_w2, grad_b2, None, None, None)
+        mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2]), bool(needs[3]),
+                bool(ctx.has_bias[1] and needs[4])]
+        grads = _mlp_bwd(grad_out, input, fc1_weight, fc2_weight, saved, hidden, ctx.activation,
+                         ctx.negative_slope, ctx.gated, mask)
+        grads = differentiable_once("torch_ext.FusedMLP", (g if asked else None for g, asked in zip(grads, mask)),
+                                    (grad_out, input, fc1_weight, fc1_bias, fc2_weight))
+        return (*grads, None, None, None)
 
 
 def fused_mlp(
@@ -258,7 +216,13 @@ def fused_mlp(
     args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute))
     if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
         return _mlp_forward(*args)[0]
-    return FusedMLPFunction.apply(*args)[0]
+    if torch.compiler.is_compiling():
+        return FusedMLPFunction.apply(*args)[0]
+    # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h), ~20 us a call less.
+    return _C._mlp_autograd(
+        input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, GATED_ACTIVATIONS.get(activation, activation),
+        float(negative_slope), activation in GATED_ACTIVATIONS, _recomputes(activation, recompute),
+    )
 
 
 class FusedMLP(nn.Module):
