@@ -10,7 +10,8 @@
     measure_op.py     one op case: check ours against eager, time forward and backward, interleaved
     measure_model.py  one model case: check the fused loss, time the training steps, interleaved
     timing.py         interleaved timing, medians, spreads, per-round ratios, copy bandwidth, GEMM rate
-    memory.py         saved-for-backward bytes; peak memory of a step in fresh processes (forkserver)
+    memory.py         saved-for-backward bytes; peak memory of a step in fresh processes (forkserver);
+                      forkserver_ready.py the set-up that forkserver does once for all of them
     workload.py       Workload: one op case's inputs and candidates
     report.py         the text tables and notes; chart.py the PNG; progress.py the progress bar
     machine.py        what the results record about the machine (versions, git commit, load)

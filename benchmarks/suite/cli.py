@@ -36,7 +36,7 @@ def parse_args(argv: Sequence[str], doc: str, prog: str) -> argparse.Namespace:
     p.add_argument("--case-seconds", type=float, help="timing budget per op case, which sets its rounds between 3 "
                    "and --rounds (default 10; 1.5 with --quick)")
     p.add_argument("--model-seconds", type=float, help="timing budget per model case, as --case-seconds "
-                   "(default 5; 1.5 with --quick)")
+                   "(default 3; 1.5 with --quick)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
     p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the results (default benchmarks/results)")

@@ -226,6 +226,7 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
         return
     main = sys.modules.get("__main__")
     modules = (["__main__"] if getattr(main, "__file__", None) else []) + PRELOAD + list(preload)
+    modules.append("suite.forkserver_ready")  # last: it acts on what the others imported
     ctx = _context(modules)
     pending = list(range(len(jobs)))
     running = {}  # connection -> (index, process, start time)

@@ -1,0 +1,21 @@
+"""Imported last by the memory forkserver (memory.py), after the modules its measuring processes
+need: the one-off set-up that every forked process then inherits instead of repeating.
+
+- Inductor probes which vector instruction sets the machine can run the first time it compiles in
+  a process (building and loading test programs in subprocesses: about 1 s) and caches the answer
+  for the process; when torch.compile candidates will be measured, probe here, once.
+- gc.freeze(): the garbage collector then skips the imported modules' objects (millions, with
+  torch and transformers), so each gc.collect() in a measuring process takes milliseconds rather
+  than about 0.15 s.
+Neither starts threads, so forking afterwards stays safe.
+"""
+import gc
+import sys
+
+if "torch._inductor.codecache" in sys.modules:
+    import torch._inductor.cpu_vec_isa
+
+    torch._inductor.cpu_vec_isa.pick_vec_isa()
+
+gc.collect()
+gc.freeze()
