@@ -60,7 +60,7 @@ inline Vectorized<A> norm_grad(const Vectorized<A>& v, const Vectorized<A>& coef
 
 template <Norm N, typename S>
 inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap, acc_t<S> d_an, acc_t<S> d_pn,
-                         acc_t<S> g);
+                         acc_t<S> g, const acc_t<S>* const* converted);
 
 template <Norm N, typename S>
 void forward(const TripletMarginArgs<S>& a) {
@@ -98,17 +98,24 @@ void forward(const TripletMarginArgs<S>& a) {
       a.dist[3 * r] = d_ap;
       a.dist[3 * r + 1] = d_an;
       a.dist[3 * r + 2] = d_pn;
-      // Gradients asked of the forward (grad_output = 1): the row is still in cache.
-      if (with_grads) backward_row<N, S>(a, r, d_ap, d_an, d_pn, a.scale);
+      // Gradients asked of the forward (grad_output = 1): the row is still in cache, and a
+      // bfloat16 row of one chunk is still converted in the buffers.
+      if (with_grads) {
+        const A* const converted[3] = {ab, pb, nb};
+        const bool reuse = !std::is_same_v<S, A> && D <= kChunk;
+        backward_row<N, S>(a, r, d_ap, d_an, d_pn, a.scale, reuse ? converted : nullptr);
+      }
     }
   });
 }
 
 // The gradients of row r, given its distances and its incoming gradient g, into the requested
-// outputs. Inputs are read once more (from cache when called right after the forward sums).
+// outputs. Inputs are read once more (from cache when called right after the forward sums);
+// `converted`: the whole row's three inputs already in float (a bfloat16 row of at most kChunk
+// elements the forward just converted), else nullptr.
 template <Norm N, typename S>
 inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap, acc_t<S> d_an, acc_t<S> d_pn,
-                         acc_t<S> g) {
+                         acc_t<S> g, const acc_t<S>* const* converted) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -141,9 +148,9 @@ inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap
   const bool use_pn = w_pn != 0;
   for (int64_t c = 0; c < D; c += kChunk) {
     const int64_t n = std::min(kChunk, D - c);
-    const A* x = as_math<S, A>(a.anchor + r * D + c, n, ab);
-    const A* y = as_math<S, A>(a.positive + r * D + c, n, pb);
-    const A* z = as_math<S, A>(a.negative + r * D + c, n, nb);
+    const A* x = converted ? converted[0] : as_math<S, A>(a.anchor + r * D + c, n, ab);
+    const A* y = converted ? converted[1] : as_math<S, A>(a.positive + r * D + c, n, pb);
+    const A* z = converted ? converted[2] : as_math<S, A>(a.negative + r * D + c, n, nb);
     A *oa = ga, *op = gp, *on = gn;
     if constexpr (std::is_same_v<S, A>) {
       oa = out_a ? out_a + c : nullptr;
@@ -174,7 +181,7 @@ void backward(const TripletMarginArgs<S>& a) {
   at::parallel_for(0, a.rows, grain, [&](int64_t begin, int64_t end) {
     for (int64_t r = begin; r < end; ++r) {
       backward_row<N, S>(a, r, a.dist[3 * r], a.dist[3 * r + 1], a.dist[3 * r + 2],
-                         a.row_scale ? a.row_scale[r] : a.scale);
+                         a.row_scale ? a.row_scale[r] : a.scale, nullptr);
     }
   });
 }
