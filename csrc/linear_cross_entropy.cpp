@@ -184,8 +184,11 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
   std::optional<cuda::TargetsChecked> targets_checked;
   if (t.is_cuda()) targets_checked.emplace();
 #endif
-  // bfloat16/float16: the weight and bias gradients accumulate across chunks in float32.
-  const bool reduced = input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf;
+  // bfloat16/float16: the weight and bias gradients accumulate across chunks in float32. With one
+  // chunk there is nothing to accumulate: the chunk's 16-bit GEMM (float32 inside, one rounding)
+  // is the weight gradient, as eager's, without a float32 copy and its conversion back.
+  const bool reduced = (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) &&
+                       s.rows > chunk_size;
   const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
 
   // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
