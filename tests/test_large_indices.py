@@ -1,0 +1,135 @@
+"""64-bit indexing: the losses over more than 2**31 elements, where an offset computed in 32 bits
+wraps around (a peer's kernels once returned silently wrong results there).
+
+CPU, bfloat16 (half float32's memory): cross_entropy over N x C > 2**31 logits, through both
+autograd paths (reduction="none": forward op, then backward op; "mean": the gradient formed in
+the forward op), and linear_cross_entropy with N x V > 2**31 (its logits exist one chunk at a
+time, so it is the chunk offsets and the gradients' rows that pass 2**31). The reference is
+PyTorch's own cross_entropy in float32, row block by row block (each block far below 2**31), on
+every row's loss and on the gradient rows at both ends of the tensor (the last ones lie beyond
+2**31 elements). Each test needs several GB and is skipped, saying how much, where the machine
+has less available.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+import torch_ext
+from utils import assert_close
+
+# N x C = 65537 x 32771 = 2,147,713,027 > 2**31 = 2,147,483,648
+ROWS, CLASSES = 2**16 + 1, 2**15 + 3
+BLOCK = 4096  # rows per reference block
+EDGE = 3  # gradient rows compared at each end
+
+
+def available_bytes() -> int:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def needs_gib(gib: float):
+    have = available_bytes() / 2**30
+    return pytest.mark.skipif(have < gib, reason=f"needs {gib} GiB of available memory, {have:.1f} GiB here")
+
+
+def big_logits() -> torch.Tensor:
+    assert ROWS * CLASSES > 2**31
+    torch.manual_seed(0)
+    return torch.empty(ROWS, CLASSES, dtype=torch.bfloat16).uniform_(-4, 4)
+
+
+def big_targets(classes: int) -> torch.Tensor:
+    target = torch.randint(classes, (ROWS,))
+    target[[1, ROWS // 2, ROWS - 2]] = -100  # ignored rows, at the start and the end too
+    return target
+
+
+def reference_row_losses(logits_of, target, n_rows: int) -> torch.Tensor:
+    """Per-row float32 cross-entropy of rows [0, n_rows), block by block; logits_of(r0, r1) gives
+    a block's logits in float32."""
+    out = torch.empty(n_rows)
+    for r0 in range(0, n_rows, BLOCK):
+        r1 = min(r0 + BLOCK, n_rows)
+        out[r0:r1] = F.cross_entropy(logits_of(r0, r1), target[r0:r1], reduction="none")
+    return out
+
+
+def reference_grad_rows(x32: torch.Tensor, target: torch.Tensor, scale: float) -> torch.Tensor:
+    """Gradient of scale * sum of the rows' losses, for a few rows (float32)."""
+    x32 = x32.clone().requires_grad_()
+    (scale * F.cross_entropy(x32, target, reduction="sum")).backward()
+    return x32.grad
+
+
+def edge_rows():
+    return list(range(EDGE)) + list(range(ROWS - EDGE, ROWS))
+
+
+@needs_gib(14)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_cross_entropy_beyond_2_31_elements(reduction):
+    x = big_logits().requires_grad_()
+    target = big_targets(CLASSES)
+    loss = torch_ext.cross_entropy(x, target, reduction=reduction)
+    ref_rows = reference_row_losses(lambda r0, r1: x.detach()[r0:r1].float(), target, ROWS)
+    kept = int((target != -100).sum())
+    if reduction == "none":
+        assert loss.shape == (ROWS,)
+        assert_close(loss, ref_rows.to(torch.bfloat16), dtype=torch.bfloat16, msg="row losses")
+        # The last row's loss sits past element 2**31: checked on its own too, in float32.
+        torch.testing.assert_close(loss[-1].float(), ref_rows[-1], rtol=1.6e-2, atol=1e-2)
+        loss.backward(torch.ones(ROWS, dtype=torch.bfloat16))
+        scale = 1.0
+    else:
+        torch.testing.assert_close(loss.float(), ref_rows.sum() / kept, rtol=1.6e-2, atol=1e-3)
+        loss.backward()
+        scale = 1.0 / kept
+    rows = edge_rows()
+    ref = reference_grad_rows(x.detach()[rows].float(), target[rows], scale)
+    assert_close(x.grad[rows], ref.to(torch.bfloat16), dtype=torch.bfloat16, msg="gradient rows at both ends")
+    assert x.grad[-1].float().abs().sum() > 0 and int(torch.isnan(x.grad[-1]).sum()) == 0
+
+
+@needs_gib(4)
+@pytest.mark.parametrize("reduction", ["none", "mean"])
+def test_linear_cross_entropy_beyond_2_31_logits(reduction):
+    hidden = 4
+    torch.manual_seed(0)
+    x = torch.randn(ROWS, hidden, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.randn(CLASSES, hidden, dtype=torch.bfloat16, requires_grad=True)
+    target = big_targets(CLASSES)
+    loss = torch_ext.linear_cross_entropy(x, w, target, reduction=reduction)
+    w32 = w.detach().float()
+    ref_rows = reference_row_losses(lambda r0, r1: F.linear(x.detach()[r0:r1].float(), w32), target, ROWS)
+    kept = int((target != -100).sum())
+    if reduction == "none":
+        assert_close(loss, ref_rows.to(torch.bfloat16), dtype=torch.bfloat16, msg="row losses")
+        loss.backward(torch.ones(ROWS, dtype=torch.bfloat16))
+        scale = 1.0
+    else:
+        torch.testing.assert_close(loss.float(), ref_rows.sum() / kept, rtol=1.6e-2, atol=1e-3)
+        loss.backward()
+        scale = 1.0 / kept
+    # The input's gradient rows at both ends (the last ones come from the last chunk).
+    rows = edge_rows()
+    x32 = x.detach()[rows].float().requires_grad_()
+    (scale * F.cross_entropy(F.linear(x32, w32), target[rows], reduction="sum")).backward()
+    assert_close(x.grad[rows], x32.grad.to(torch.bfloat16), dtype=torch.bfloat16, msg="input gradient rows")
+    # The weight's gradient sums every row: against float32 PyTorch, block by block.
+    ref_w = torch.zeros(CLASSES, hidden)
+    for r0 in range(0, ROWS, BLOCK):
+        r1 = min(r0 + BLOCK, ROWS)
+        xb = x.detach()[r0:r1].float()
+        w_leaf = w32.clone().requires_grad_()
+        (scale * F.cross_entropy(F.linear(xb, w_leaf), target[r0:r1], reduction="sum")).backward()
+        ref_w += w_leaf.grad
+    assert_close(w.grad, ref_w.to(torch.bfloat16), dtype=torch.bfloat16, msg="weight gradient")
