@@ -2,12 +2,34 @@
 // them, inside namespace torch_ext::cpu::CPU_CAPABILITY (compiled once per instruction set).
 #pragma once
 
+#include <ATen/cpu/vec/functional.h>
 #include <ATen/cpu/vec/vec.h>
 
 #include <cstdint>
 #include <type_traits>
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
+
+// dst[i] = src[i] for n elements, converting the type. bfloat16 -> float is vectorized here:
+// ATen's at::vec::convert has no vector path for it (one scalar conversion per element, which
+// made bfloat16 epilogues 3x slower than ATen's own bfloat16 kernels), while it has one for
+// float -> bfloat16.
+template <typename S, typename D>
+inline void convert_values(const S* src, D* dst, int64_t n) {
+  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<D, float>) {
+    using VB = at::vec::Vectorized<c10::BFloat16>;
+    constexpr int64_t kFloats = at::vec::Vectorized<float>::size();
+    int64_t i = 0;
+    for (; i + VB::size() <= n; i += VB::size()) {
+      const auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(VB::loadu(src + i));
+      lo.store(dst + i);
+      hi.store(dst + i + kFloats);
+    }
+    for (; i < n; ++i) dst[i] = float(src[i]);
+  } else {
+    at::vec::convert(src, dst, n);
+  }
+}
 
 // n elements from x as math-type A values: x itself when S is A, else converted into `buffer`
 // (bfloat16 rows are processed in float a block at a time).
@@ -16,7 +38,7 @@ inline const A* as_math(const S* x, int64_t n, A* buffer) {
   if constexpr (std::is_same_v<S, A>) {
     return x;
   } else {
-    at::vec::convert(x, buffer, n);
+    convert_values(x, buffer, n);
     return buffer;
   }
 }

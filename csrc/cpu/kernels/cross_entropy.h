@@ -274,9 +274,9 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
     }
     if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
     if constexpr (!std::is_same_v<S, A>) {
-      if (gi != nullptr) at::vec::convert(gbuf, gi + c0, n);
+      if (gi != nullptr) convert_values(gbuf, gi + c0, n);
     }
-    if (gt != nullptr) at::vec::convert(gtbuf, gt + c0, n);
+    if (gt != nullptr) convert_values(gtbuf, gt + c0, n);
   }
 }
 

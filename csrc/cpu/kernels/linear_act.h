@@ -12,6 +12,7 @@
 
 #include "activation.h"
 #include "cpu/kernels.h"
+#include "cpu/kernels/common.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 
@@ -197,8 +198,8 @@ void forward_rows(const LinearActForwardRows<S>& a, T slope) {
       T x[kSegment], b[kSegment], y[kSegment];
       for (int64_t c = 0; c < a.n; c += kSegment) {
         const int64_t len = std::min(kSegment, a.n - c);
-        at::vec::convert(gemm + c, x, len);
-        if (a.bias) at::vec::convert(a.bias + c, b, len);
+        convert_values(gemm + c, x, len);
+        if (a.bias) convert_values(a.bias + c, b, len);
         if (a.bias && a.pre_out) {
           // The activation of the pre-activation as saved (rounded to S), so that backward's
           // derivative and FusedMLP's recomputed output see the value the forward used.
@@ -208,8 +209,8 @@ void forward_rows(const LinearActForwardRows<S>& a, T slope) {
           forward_segment<A, T>(len, x, a.bias ? b : nullptr, a.pre_out ? x : nullptr, y,
                                 mask ? mask + c / 8 : nullptr, slope);
         }
-        if (a.pre_out) at::vec::convert(x, gemm + c, len);
-        at::vec::convert(y, out + c, len);
+        if (a.pre_out && a.bias) convert_values(x, gemm + c, len);  // (without a bias here, gemm holds it already)
+        convert_values(y, out + c, len);
       }
     }
   }
@@ -228,11 +229,11 @@ void backward_rows(const LinearActBackwardRows<S>& a, T slope) {
       T gx[kSegment], sx[kSegment], rx[kSegment];
       for (int64_t c = 0; c < a.n; c += kSegment) {
         const int64_t len = std::min(kSegment, a.n - c);
-        at::vec::convert(g + c, gx, len);
-        if (saved) at::vec::convert(saved + c, sx, len);
+        convert_values(g + c, gx, len);
+        if (saved) convert_values(saved + c, sx, len);
         backward_segment<A, T>(len, gx, saved ? sx : nullptr, mask ? mask + c / 8 : nullptr, rx,
                                a.bias_grad ? a.bias_grad + c : nullptr, slope);
-        at::vec::convert(rx, grad_pre + c, len);
+        convert_values(rx, grad_pre + c, len);
       }
     }
   }

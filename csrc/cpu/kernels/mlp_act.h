@@ -11,6 +11,7 @@
 
 #include "activation.h"
 #include "cpu/kernels.h"
+#include "cpu/kernels/common.h"
 #include "cpu/kernels/linear_act.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
@@ -86,10 +87,10 @@ void mlp_act_forward_rows(const MlpActRows<S>& a, T slope) {
       T ut[kSegment], vt[kSegment], yt[kSegment];
       for (int64_t c = 0; c < a.n; c += kSegment) {
         const int64_t len = std::min(kSegment, a.n - c);
-        at::vec::convert(u + c, ut, len);
-        if (v) at::vec::convert(v + c, vt, len);
+        convert_values(u + c, ut, len);
+        if (v) convert_values(v + c, vt, len);
         mlp_act_forward_segment<A, T>(len, ut, v ? vt : nullptr, yt, slope);
-        at::vec::convert(yt, out + c, len);
+        convert_values(yt, out + c, len);
       }
     }
   }
@@ -111,14 +112,14 @@ void mlp_act_backward_rows(const MlpActRows<S>& a, T slope) {
       T gt[kSegment], ut[kSegment], vt[kSegment], gut[kSegment], gvt[kSegment], yt[kSegment];
       for (int64_t c = 0; c < a.n; c += kSegment) {
         const int64_t len = std::min(kSegment, a.n - c);
-        at::vec::convert(g + c, gt, len);
-        at::vec::convert(u + c, ut, len);
-        if (v) at::vec::convert(v + c, vt, len);
+        convert_values(g + c, gt, len);
+        convert_values(u + c, ut, len);
+        if (v) convert_values(v + c, vt, len);
         mlp_act_backward_segment<A, T>(len, gt, ut, v ? vt : nullptr, grad_u ? gut : nullptr,
                                        grad_v ? gvt : nullptr, out ? yt : nullptr, slope);
-        if (grad_u) at::vec::convert(gut, grad_u + c, len);
-        if (grad_v) at::vec::convert(gvt, grad_v + c, len);
-        if (out) at::vec::convert(yt, out + c, len);
+        if (grad_u) convert_values(gut, grad_u + c, len);
+        if (grad_v) convert_values(gvt, grad_v + c, len);
+        if (out) convert_values(yt, out + c, len);
       }
     }
   }

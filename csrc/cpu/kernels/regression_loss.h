@@ -115,9 +115,9 @@ void forward(const RegressionLossArgs<S>& a) {
           }
         }
         if constexpr (!std::is_same_v<S, A>) {
-          if (a.out != nullptr) at::vec::convert(ob, a.out + c, n);
-          if (a.grad_input != nullptr) at::vec::convert(ib, a.grad_input + c, n);
-          if (a.grad_target != nullptr) at::vec::convert(jb, a.grad_target + c, n);
+          if (a.out != nullptr) convert_values(ob, a.out + c, n);
+          if (a.grad_input != nullptr) convert_values(ib, a.grad_input + c, n);
+          if (a.grad_target != nullptr) convert_values(jb, a.grad_target + c, n);
         }
       }
       if (a.loss_partials != nullptr) a.loss_partials[b] = reduce_sum(loss_sum);
@@ -156,8 +156,8 @@ void backward(const RegressionLossArgs<S>& a) {
         if (a.grad_target != nullptr) r.neg().store(gt + i, k);
       }
       if constexpr (!std::is_same_v<S, A>) {
-        if (a.grad_input != nullptr) at::vec::convert(ib, a.grad_input + c, n);
-        if (a.grad_target != nullptr) at::vec::convert(jb, a.grad_target + c, n);
+        if (a.grad_input != nullptr) convert_values(ib, a.grad_input + c, n);
+        if (a.grad_target != nullptr) convert_values(jb, a.grad_target + c, n);
       }
     }
   });

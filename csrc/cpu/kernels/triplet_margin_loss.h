@@ -168,9 +168,9 @@ inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap
       if (out_n) (u_an + u_pn).store(on + i, k);
     }
     if constexpr (!std::is_same_v<S, A>) {
-      if (out_a) at::vec::convert(ga, out_a + c, n);
-      if (out_p) at::vec::convert(gp, out_p + c, n);
-      if (out_n) at::vec::convert(gn, out_n + c, n);
+      if (out_a) convert_values(ga, out_a + c, n);
+      if (out_p) convert_values(gp, out_p + c, n);
+      if (out_n) convert_values(gn, out_n + c, n);
     }
   }
 }
