@@ -203,8 +203,10 @@ def test_signature_mirrors_functional():
     for name, p in theirs.items():
         assert ours[name].default == p.default, name
         assert ours[name].kind == p.kind, name
-    assert list(ours)[len(theirs):] == ["z_loss"]
+    assert list(ours)[len(theirs):] == ["z_loss", "num_items_in_batch"]
     assert ours["z_loss"].kind == inspect.Parameter.KEYWORD_ONLY and ours["z_loss"].default == 0.0
+    assert ours["num_items_in_batch"].kind == inspect.Parameter.KEYWORD_ONLY
+    assert ours["num_items_in_batch"].default is None
     mod = inspect.signature(CrossEntropyLoss.__init__).parameters
     ref_mod = inspect.signature(nn.CrossEntropyLoss.__init__).parameters
     for name, p in ref_mod.items():

@@ -87,6 +87,38 @@ def autocast_to_float32(*tensors: Optional[Tensor]):
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def reduction_for_items(num_items_in_batch, reduction: str, name: str) -> str:
+    """The reduction to compute: "sum" when num_items_in_batch will divide it (divide_by_items),
+    which stands in for the mean's own denominator, so the reduction asked for must be "mean"
+    (the default). As the Hugging Face Trainer uses it for gradient accumulation: micro-batches'
+    losses, each summed and divided by the whole batch's count, add up to the full batch's mean."""
+    if num_items_in_batch is None:
+        return reduction
+    if reduction != "mean":
+        raise ValueError(
+            f"{name}: num_items_in_batch divides the summed loss in place of the mean's denominator, so reduction "
+            f"must be 'mean' (the default); got reduction={reduction!r}"
+        )
+    if torch.is_tensor(num_items_in_batch):
+        if num_items_in_batch.numel() != 1:
+            raise ValueError(f"{name}: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+    elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
+        raise TypeError(f"{name}: num_items_in_batch must be a number or a one-element tensor, got {type(num_items_in_batch).__name__}")
+    elif not num_items_in_batch > 0:
+        raise ValueError(f"{name}: num_items_in_batch must be positive, got {num_items_in_batch}")
+    return "sum"
+
+
+def divide_by_items(loss: torch.Tensor, num_items_in_batch) -> torch.Tensor:
+    """loss / num_items_in_batch (see reduction_for_items); a tensor count is moved to the loss's
+    device (the Trainer passes it on the CPU or another device), never read on the host."""
+    if num_items_in_batch is None:
+        return loss
+    if torch.is_tensor(num_items_in_batch):
+        num_items_in_batch = num_items_in_batch.to(loss.device).reshape(())
+    return loss / num_items_in_batch
+
+
 def resolve_reduction(size_average, reduce, reduction: str) -> str:
     """The reduction string, honouring the deprecated size_average/reduce as torch.nn does."""
     if size_average is not None or reduce is not None:

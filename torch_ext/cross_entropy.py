@@ -13,7 +13,10 @@ from torch import Tensor, nn
 
 from . import _C
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd
+from ._common import (
+    autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward, forward_with_ctx, needs_autograd,
+    reduction_for_items, register_no_double_backward, resolve_reduction,
+)
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
@@ -191,6 +194,7 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    num_items_in_batch=None,
 ) -> Tensor:
     """``F.cross_entropy`` in fused kernels: same arguments, defaults and results.
 
@@ -203,9 +207,19 @@ def cross_entropy(
     in a C++ autograd node (csrc/autograd_node.h): the forward kernel also writes the input's
     gradient for grad_output = 1 while each row is in cache, so a training step reads the logits
     once instead of twice, and the first backward hands it over (scaled by grad_output unless it
-    is 1).
+    is 1). ``num_items_in_batch`` (keyword-only; a number or a one-element tensor): the summed
+    loss (weighted, as reduction="sum" gives it) divided by it instead of by the mean's own
+    denominator, for gradient accumulation as the Hugging Face Trainer does it; reduction must
+    then be "mean".
     """
-    reduction = resolve_reduction(size_average, reduce, reduction)
+    reduction = reduction_for_items(
+        num_items_in_batch, resolve_reduction(size_average, reduce, reduction), "torch_ext.cross_entropy"
+    )
+    return divide_by_items(_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss),
+                           num_items_in_batch)
+
+
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")

@@ -16,7 +16,11 @@ from torch import Tensor, nn
 
 from . import _C
 
-from ._common import autocast_to_lower_precision, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, unit_grads_backward, direct_when_no_grad, needs_autograd, any_requires_grad
+from ._common import (
+    any_requires_grad, autocast_to_lower_precision, direct_when_no_grad, divide_by_items, forms_grad_in_forward,
+    forward_with_ctx, needs_autograd, reduction_for_items, register_no_double_backward, resolve_reduction,
+    unit_grads_backward,
+)
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_bwd.default)
@@ -214,6 +218,7 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    num_items_in_batch=None,
 ) -> Tensor:
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
     holding the whole logits: rows go through in chunks of ``chunk_size`` (None: see
@@ -228,8 +233,19 @@ def linear_cross_entropy(
     recomputed once more); a target that does not require grad costs nothing extra. A
     K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
     ``(N, H)``, target ``(N, d_1, ..., d_K)`` or ``(N, V, d_1, ..., d_K)``) is taken as
-    F.linear_cross_entropy takes it: one chunked problem per output position."""
-    reduction = resolve_reduction(None, None, reduction)
+    F.linear_cross_entropy takes it: one chunked problem per output position.
+    ``num_items_in_batch``: as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
+    reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction),
+                                    "torch_ext.linear_cross_entropy")
+    return divide_by_items(
+        _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                              label_smoothing, z_loss, chunk_size),
+        num_items_in_batch,
+    )
+
+
+def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                          z_loss, chunk_size):
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():

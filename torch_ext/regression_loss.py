@@ -14,7 +14,10 @@ from torch import Tensor, nn
 
 from . import _C
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd
+from ._common import (
+    autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward, forward_with_ctx, needs_autograd,
+    reduction_for_items, register_no_double_backward, resolve_reduction,
+)
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_bwd.default)
@@ -129,7 +132,12 @@ class RegressionLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-def _regression_loss(name, input, target, weight, loss, param, reduction):
+def _regression_loss(name, input, target, weight, loss, param, reduction, num_items_in_batch=None):
+    reduction = reduction_for_items(num_items_in_batch, reduction, name)
+    return divide_by_items(_regression_loss_value(name, input, target, weight, loss, param, reduction), num_items_in_batch)
+
+
+def _regression_loss_value(name, input, target, weight, loss, param, reduction):
     if target.shape != input.shape and not torch.compiler.is_compiling():  # warn() breaks graphs
         warnings.warn(
             f"Using a target size ({target.size()}) that is different to the input size ({input.size()}). "
@@ -181,20 +189,24 @@ def mse_loss(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     weight: Optional[Tensor] = None,
+    *,
+    num_items_in_batch=None,
 ) -> Tensor:
     """``F.mse_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size; the
-    mean then divides by ``weight.sum()``), broadcasting and results."""
+    mean then divides by ``weight.sum()``), broadcasting and results. ``num_items_in_batch``:
+    as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
     reduction = resolve_reduction(size_average, reduce, reduction)
-    return _regression_loss("torch_ext.mse_loss", input, target, weight, "mse", 0.0, reduction)
+    return _regression_loss("torch_ext.mse_loss", input, target, weight, "mse", 0.0, reduction, num_items_in_batch)
 
 
 def huber_loss(
-    input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0, weight: Optional[Tensor] = None
+    input: Tensor, target: Tensor, reduction: str = "mean", delta: float = 1.0, weight: Optional[Tensor] = None,
+    *, num_items_in_batch=None,
 ) -> Tensor:
     """``F.huber_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size),
-    broadcasting and results."""
+    broadcasting and results; ``num_items_in_batch`` as ``mse_loss``'s."""
     reduction = resolve_reduction(None, None, reduction)
-    return _regression_loss("torch_ext.huber_loss", input, target, weight, "huber", delta, reduction)
+    return _regression_loss("torch_ext.huber_loss", input, target, weight, "huber", delta, reduction, num_items_in_batch)
 
 
 def smooth_l1_loss(
@@ -204,11 +216,14 @@ def smooth_l1_loss(
     reduce: Optional[bool] = None,
     reduction: str = "mean",
     beta: float = 1.0,
+    *,
+    num_items_in_batch=None,
 ) -> Tensor:
     """``F.smooth_l1_loss`` in fused kernels: same arguments, broadcasting and results
-    (``beta=0`` is the L1 loss)."""
+    (``beta=0`` is the L1 loss); ``num_items_in_batch`` as ``mse_loss``'s."""
     reduction = resolve_reduction(size_average, reduce, reduction)
-    return _regression_loss("torch_ext.smooth_l1_loss", input, target, None, "smooth_l1", beta, reduction)
+    return _regression_loss("torch_ext.smooth_l1_loss", input, target, None, "smooth_l1", beta, reduction,
+                            num_items_in_batch)
 
 
 class MSELoss(nn.MSELoss):

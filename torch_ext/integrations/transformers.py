@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from .._common import divide_by_items
 from ..linear_act import fused_linear
 from ..linear_cross_entropy import linear_cross_entropy
 
@@ -115,15 +116,11 @@ class DeferredCausalLMLoss:
         reduction = "sum" if num_items_in_batch is not None else "mean"
         loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, target,
                                     linear_bias=self.head.bias, reduction=reduction, ignore_index=ignore_index)
-        # ForCausalLMLoss returns float32 (it upcasts the logits). For bf16 / fp16 models
-        # linear_cross_entropy returns its loss in their dtype, so the value is rounded to it
-        # (its gradients are not); float32 models get the same loss to float32 rounding.
-        loss = loss.float()
-        if reduction == "sum":
-            if torch.is_tensor(num_items_in_batch):
-                num_items_in_batch = num_items_in_batch.to(loss.device)
-            loss = loss / num_items_in_batch
-        return loss
+        # ForCausalLMLoss returns float32 (it upcasts the logits), and divides by
+        # num_items_in_batch in float32. For bf16 / fp16 models linear_cross_entropy returns its
+        # loss in their dtype, so the value is rounded to it (its gradients are not); float32
+        # models get the same loss to float32 rounding.
+        return divide_by_items(loss.float(), num_items_in_batch)
 
 
 def _lm_forward_problem(cls) -> str:
