@@ -1322,7 +1322,7 @@ def test_module_interface_is_torchs():
     assert list(ours)[:3] == ["self", "in_features", "num_classes"]
     assert ours["z_loss"].kind == ours["chunk_size"].kind == inspect.Parameter.KEYWORD_ONLY
     assert (ours["z_loss"].default, ours["chunk_size"].default) == (0.0, None)
-    assert list(inspect.signature(LinearCrossEntropyLoss.forward).parameters) == ["self", "input", "target"]
+    assert list(inspect.signature(LinearCrossEntropyLoss.forward).parameters) == ["self", "input", "target", "num_items_in_batch"]
     if TorchLCELoss is not None:
         assert issubclass(LinearCrossEntropyLoss, TorchLCELoss)
         theirs = inspect.signature(TorchLCELoss.__init__).parameters

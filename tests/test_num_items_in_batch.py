@@ -1,5 +1,5 @@
 """``num_items_in_batch`` on the losses (cross_entropy, linear_cross_entropy, mse / huber /
-smooth_l1): the summed loss divided by a given count instead of the mean's own denominator, as
+smooth_l1, triplet_margin_loss, and their modules' forward): the summed loss divided by a given count instead of the mean's own denominator, as
 the Hugging Face Trainer does for gradient accumulation.
 
 The reference is PyTorch's own loss with reduction="sum", divided by the count; and the property
@@ -56,6 +56,15 @@ LOSSES = {
     "smooth_l1": (regression_case, lambda ts, t, **kw: torch_ext.smooth_l1_loss(ts[0], t, beta=0.5, **kw),
                   lambda ts, t: F.smooth_l1_loss(ts[0], t, beta=0.5, reduction="sum"), lambda t: t.numel()),
 }
+def triplet_case():
+    torch.manual_seed(0)
+    return tuple(torch.randn(12, 6) for _ in range(2)), torch.randn(12, 6)
+
+
+LOSSES["triplet"] = (
+    triplet_case, lambda ts, t, **kw: torch_ext.triplet_margin_loss(ts[0], ts[1], t, margin=2.0, **kw),
+    lambda ts, t: F.triplet_margin_loss(ts[0], ts[1], t, margin=2.0, reduction="sum"), lambda t: t.shape[0],
+)
 # The plain mean of each, for the accumulation check.
 MEANS = {
     "cross_entropy": lambda ts, t: F.cross_entropy(ts[0], t),
@@ -63,6 +72,7 @@ MEANS = {
     "mse": lambda ts, t: F.mse_loss(ts[0], t),
     "huber": lambda ts, t: F.huber_loss(ts[0], t, delta=0.5),
     "smooth_l1": lambda ts, t: F.smooth_l1_loss(ts[0], t, beta=0.5),
+    "triplet": lambda ts, t: F.triplet_margin_loss(ts[0], ts[1], t, margin=2.0),
 }
 
 
@@ -93,7 +103,7 @@ def test_micro_batches_add_up_to_the_full_batch(name):
     total_loss = 0.0
     for rows in (slice(0, 5), slice(5, 12)):  # uneven micro-batches (3 of 4 ignored rows in the first)
         # The inputs' rows per micro-batch; a linear head's weight is shared.
-        parts = [acc[0][rows]] + acc[1:]
+        parts = [acc[0][rows], acc[1][rows]] if name == "triplet" else [acc[0][rows]] + acc[1:]
         loss = ours(parts, target[rows], num_items_in_batch=torch.tensor(total))
         loss.backward()
         total_loss += loss.item()
@@ -147,3 +157,33 @@ def test_count_needs_reduction_mean(name, reduction):
     tensors, target = make()
     with pytest.raises(ValueError, match=f"reduction must be 'mean' .*got reduction='{reduction}'"):
         ours(list(tensors), target, reduction=reduction, num_items_in_batch=4)
+
+
+MODULES = {
+    "CrossEntropyLoss": (ce_case, lambda: torch_ext.CrossEntropyLoss(), lambda ts, t: F.cross_entropy(ts[0], t, reduction="sum")),
+    "LinearCrossEntropyLoss": (None, None, None),
+    "MSELoss": (regression_case, lambda: torch_ext.MSELoss(), lambda ts, t: F.mse_loss(ts[0], t, reduction="sum")),
+    "HuberLoss": (regression_case, lambda: torch_ext.HuberLoss(delta=0.5),
+                  lambda ts, t: F.huber_loss(ts[0], t, delta=0.5, reduction="sum")),
+    "SmoothL1Loss": (regression_case, lambda: torch_ext.SmoothL1Loss(beta=0.5),
+                     lambda ts, t: F.smooth_l1_loss(ts[0], t, beta=0.5, reduction="sum")),
+    "TripletMarginLoss": (triplet_case, lambda: torch_ext.TripletMarginLoss(margin=2.0),
+                          lambda ts, t: F.triplet_margin_loss(ts[0], ts[1], t, margin=2.0, reduction="sum")),
+}
+
+
+@pytest.mark.parametrize("name", list(MODULES))
+def test_modules_forward(name):
+    """Each loss module's forward passes num_items_in_batch through (keyword-only)."""
+    if name == "LinearCrossEntropyLoss":
+        (x, _), t = lce_case()
+        module = torch_ext.LinearCrossEntropyLoss(5, 7)
+        got = module(x, t, num_items_in_batch=torch.tensor(4))
+        ref = F.cross_entropy(F.linear(x, module.linear.weight.detach()), t, reduction="sum") / 4
+    else:
+        make, build, reference = MODULES[name]
+        tensors, t = make()
+        got = build()(*tensors, t, num_items_in_batch=4)
+        ref = reference(tensors, t) / 4
+    assert_close(got, ref)
+

@@ -234,7 +234,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` on the fused kernels (same arguments and state_dict), plus the
-    keyword-only ``z_loss`` of :func:`cross_entropy`."""
+    keyword-only ``z_loss`` of :func:`cross_entropy`; forward takes its ``num_items_in_batch``."""
 
     def __init__(
         self,
@@ -250,7 +250,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
         self.z_loss = z_loss
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
         return cross_entropy(
             input,
             target,
@@ -259,6 +259,7 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:

@@ -411,7 +411,7 @@ class LinearCrossEntropyLoss(_LossBase):
             return getattr(self.options, "batch_chunk_size", None)
         return None
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
         linear_weight, linear_bias = self.linear.weight, self.linear.bias
         if self.out_features:
             linear_weight = linear_weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
@@ -428,6 +428,7 @@ class LinearCrossEntropyLoss(_LossBase):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             chunk_size=self._rows_per_chunk(),
+            num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:

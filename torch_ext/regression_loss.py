@@ -229,19 +229,19 @@ def smooth_l1_loss(
 class MSELoss(nn.MSELoss):
     """``nn.MSELoss`` on the fused kernels."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return mse_loss(input, target, reduction=self.reduction)
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
+        return mse_loss(input, target, reduction=self.reduction, num_items_in_batch=num_items_in_batch)
 
 
 class HuberLoss(nn.HuberLoss):
     """``nn.HuberLoss`` on the fused kernels."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return huber_loss(input, target, reduction=self.reduction, delta=self.delta)
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
+        return huber_loss(input, target, reduction=self.reduction, delta=self.delta, num_items_in_batch=num_items_in_batch)
 
 
 class SmoothL1Loss(nn.SmoothL1Loss):
     """``nn.SmoothL1Loss`` on the fused kernels."""
 
-    def forward(self, input: Tensor, target: Tensor) -> Tensor:
-        return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta)
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
+        return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta, num_items_in_batch=num_items_in_batch)

@@ -14,7 +14,10 @@ from torch import Tensor, nn
 
 from . import _C
 
-from ._common import autocast_to_float32, forms_grad_in_forward, register_no_double_backward, resolve_reduction, forward_with_ctx, direct_when_no_grad, needs_autograd, any_requires_grad
+from ._common import (
+    any_requires_grad, autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward,
+    forward_with_ctx, needs_autograd, reduction_for_items, register_no_double_backward, resolve_reduction,
+)
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_bwd.default)
@@ -105,11 +108,20 @@ def triplet_margin_loss(
     size_average: Optional[bool] = None,
     reduce: Optional[bool] = None,
     reduction: str = "mean",
+    *,
+    num_items_in_batch=None,
 ) -> Tensor:
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
     or ``(N, D)``. ``p`` must be positive and finite. In eager mode, when an input requires grad,
-    its gradient is formed in the forward pass (see csrc/autograd_node.h)."""
-    reduction = resolve_reduction(size_average, reduce, reduction)
+    its gradient is formed in the forward pass (see csrc/autograd_node.h). ``num_items_in_batch``:
+    as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
+    reduction = reduction_for_items(num_items_in_batch, resolve_reduction(size_average, reduce, reduction),
+                                    "torch_ext.triplet_margin_loss")
+    return divide_by_items(_triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction),
+                           num_items_in_batch)
+
+
+def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction):
     if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
         raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
@@ -126,7 +138,8 @@ def triplet_margin_loss(
 class TripletMarginLoss(nn.TripletMarginLoss):
     """``nn.TripletMarginLoss`` on the fused kernels."""
 
-    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor) -> Tensor:
+    def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor, *, num_items_in_batch=None) -> Tensor:
         return triplet_margin_loss(
-            anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps, swap=self.swap, reduction=self.reduction
+            anchor, positive, negative, margin=self.margin, p=self.p, eps=self.eps, swap=self.swap,
+            reduction=self.reduction, num_items_in_batch=num_items_in_batch,
         )
