@@ -96,6 +96,9 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
     } else {
       cpu::matmul_into(panel, x2d.narrow(0, r0, rows), weight_t, /*accumulate=*/false);
     }
+    // Nothing left to do after the GEMM (no activation, no bias to add, nothing to save): no pass
+    // (bfloat16 "none", e.g. a gated MLP's fc1).
+    if (act == Activation::None && bias_ptr == nullptr && !pre_out && !mask.defined()) continue;
     at::parallel_for(r0, r0 + rows, grain, [&](int64_t begin, int64_t end) {
       cpu::LinearActForwardRows<S> a{
           end - begin, n,
