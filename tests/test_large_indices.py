@@ -70,6 +70,22 @@ def reference_grad_rows(x32: torch.Tensor, target: torch.Tensor, scale: float) -
     return x32.grad
 
 
+def check_loss_then_backward(loss, ref_rows, target, reduction: str) -> float:
+    """The loss against the reference rows' (each row's, or their mean over the rows not ignored),
+    then its backward (ones for reduction="none"); returns the scale of each row's gradient."""
+    if reduction == "none":
+        assert loss.shape == (ROWS,)
+        assert_close(loss, ref_rows.to(torch.bfloat16), dtype=torch.bfloat16, msg="row losses")
+        # The last row's loss sits past element 2**31: checked on its own too, in float32.
+        torch.testing.assert_close(loss[-1].float(), ref_rows[-1], rtol=1.6e-2, atol=1e-2)
+        loss.backward(torch.ones(ROWS, dtype=torch.bfloat16))
+        return 1.0
+    kept = int((target != -100).sum())
+    torch.testing.assert_close(loss.float(), ref_rows.sum() / kept, rtol=1.6e-2, atol=1e-3)
+    loss.backward()
+    return 1.0 / kept
+
+
 def edge_rows():
     return list(range(EDGE)) + list(range(ROWS - EDGE, ROWS))
 
@@ -81,18 +97,7 @@ def test_cross_entropy_beyond_2_31_elements(reduction):
     target = big_targets(CLASSES)
     loss = torch_ext.cross_entropy(x, target, reduction=reduction)
     ref_rows = reference_row_losses(lambda r0, r1: x.detach()[r0:r1].float(), target, ROWS)
-    kept = int((target != -100).sum())
-    if reduction == "none":
-        assert loss.shape == (ROWS,)
-        assert_close(loss, ref_rows.to(torch.bfloat16), dtype=torch.bfloat16, msg="row losses")
-        # The last row's loss sits past element 2**31: checked on its own too, in float32.
-        torch.testing.assert_close(loss[-1].float(), ref_rows[-1], rtol=1.6e-2, atol=1e-2)
-        loss.backward(torch.ones(ROWS, dtype=torch.bfloat16))
-        scale = 1.0
-    else:
-        torch.testing.assert_close(loss.float(), ref_rows.sum() / kept, rtol=1.6e-2, atol=1e-3)
-        loss.backward()
-        scale = 1.0 / kept
+    scale = check_loss_then_backward(loss, ref_rows, target, reduction)
     rows = edge_rows()
     ref = reference_grad_rows(x.detach()[rows].float(), target[rows], scale)
     assert_close(x.grad[rows], ref.to(torch.bfloat16), dtype=torch.bfloat16, msg="gradient rows at both ends")
@@ -110,15 +115,7 @@ def test_linear_cross_entropy_beyond_2_31_logits(reduction):
     loss = torch_ext.linear_cross_entropy(x, w, target, reduction=reduction)
     w32 = w.detach().float()
     ref_rows = reference_row_losses(lambda r0, r1: F.linear(x.detach()[r0:r1].float(), w32), target, ROWS)
-    kept = int((target != -100).sum())
-    if reduction == "none":
-        assert_close(loss, ref_rows.to(torch.bfloat16), dtype=torch.bfloat16, msg="row losses")
-        loss.backward(torch.ones(ROWS, dtype=torch.bfloat16))
-        scale = 1.0
-    else:
-        torch.testing.assert_close(loss.float(), ref_rows.sum() / kept, rtol=1.6e-2, atol=1e-3)
-        loss.backward()
-        scale = 1.0 / kept
+    scale = check_loss_then_backward(loss, ref_rows, target, reduction)
     # The input's gradient rows at both ends (the last ones come from the last chunk).
     rows = edge_rows()
     x32 = x.detach()[rows].float().requires_grad_()
