@@ -1,5 +1,6 @@
 // See autograd_node.h.
 #include "autograd_node.h"
+#include "activation.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
@@ -65,6 +66,23 @@ class NoDoubleBackward final : public Node {
  private:
   std::string name_;
 };
+
+// torch_ext::linear_act_fwd, for the dense layer's and the MLP's eager paths.
+const auto& linear_act_fwd_op() {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
+  return op;
+}
+
+// Whether the activation's gradient is formed from its output (sigmoid, tanh) rather than from
+// what linear_act_fwd saves (csrc/activation.h), as torch_ext/linear_act.py's autograd does.
+bool grad_from_output(c10::string_view activation) {
+  return saved_for_backward(parse_activation(std::string_view(activation.data(), activation.size()))) ==
+         SavedForBackward::Output;
+}
 
 class OpNode final : public Node {
  public:
@@ -287,20 +305,13 @@ at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const a
 
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double negative_slope) {
-  static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
   at::Tensor out, saved;
   {
     BelowAutograd below_autograd;
-    std::tie(out, saved) = forward.call(input, weight, bias, activation, negative_slope);
+    std::tie(out, saved) = linear_act_fwd_op().call(input, weight, bias, activation, negative_slope);
   }
-  // sigmoid and tanh form their gradient from the output; the others from the op's `saved`
-  // (csrc/activation.h), as torch_ext/linear_act.py's autograd does.
-  const bool from_output = activation == "sigmoid" || activation == "tanh";
+  const bool from_output = grad_from_output(activation);
   const at::Tensor b = bias.value_or(at::Tensor());
   set_node_history(out, {"FusedLinearBackward", backward, {input, weight, b},
                          {input.requires_grad(), weight.requires_grad(), b.defined() && b.requires_grad()}, {},
@@ -312,11 +323,7 @@ at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight
 at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
                         const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
                         c10::string_view activation, double negative_slope, bool gated, bool recompute) {
-  static const auto linear_fwd =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
+  const auto& linear_fwd = linear_act_fwd_op();
   static const auto act_fwd = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
                                   .typed<at::Tensor(const at::Tensor&, c10::string_view, double, bool)>();
@@ -332,8 +339,7 @@ at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, c
     }
     out = at::linear(hidden, fc2_weight, fc2_bias);
   }
-  // sigmoid and tanh form their gradient from the output, as in linear_act_autograd.
-  if (!gated && (activation == "sigmoid" || activation == "tanh")) saved = hidden;
+  if (!gated && grad_from_output(activation)) saved = hidden;
   const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
   set_node_history(out, {"FusedMLPBackward", backward, {input, fc1_weight, b1, fc2_weight, b2},
                          {input.requires_grad(), fc1_weight.requires_grad(), b1.defined() && b1.requires_grad(),
