@@ -106,8 +106,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
           {output_mask[0], output_mask[1], output_mask[2]});
   }
   if (output_mask[4]) grad_b2 = g2d.sum(0);
-  return {or_empty(output_mask[0] ? grad_input : Tensor(), input), or_empty(output_mask[1] ? grad_w1 : Tensor(), input),
-          or_empty(output_mask[2] ? grad_b1 : Tensor(), input), or_empty(grad_w2, input), or_empty(grad_b2, input)};
+  return {or_empty(grad_input, input), or_empty(grad_w1, input), or_empty(grad_b1, input), or_empty(grad_w2, input),
+          or_empty(grad_b2, input)};
 }
 
 }  // namespace
