@@ -204,12 +204,11 @@ void forward_rows(const LinearActForwardRows<S>& a, T slope) {
           // The activation of the pre-activation as saved (rounded to S), so that backward's
           // derivative and FusedMLP's recomputed output see the value the forward used.
           for (int64_t i = 0; i < len; ++i) x[i] = T(S(x[i] + b[i]));
-          forward_segment<A, T>(len, x, nullptr, x, y, mask ? mask + c / 8 : nullptr, slope);
-        } else {
-          forward_segment<A, T>(len, x, a.bias ? b : nullptr, a.pre_out ? x : nullptr, y,
-                                mask ? mask + c / 8 : nullptr, slope);
+          forward_segment<A, T>(len, x, nullptr, nullptr, y, mask ? mask + c / 8 : nullptr, slope);
+          convert_values(x, gemm + c, len);
+        } else {  // the pre-activation, if saved, is the GEMM's output as it stands
+          forward_segment<A, T>(len, x, a.bias ? b : nullptr, nullptr, y, mask ? mask + c / 8 : nullptr, slope);
         }
-        if (a.pre_out && a.bias) convert_values(x, gemm + c, len);  // (without a bias here, gemm holds it already)
         convert_values(y, out + c, len);
       }
     }
