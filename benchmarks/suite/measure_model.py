@@ -6,7 +6,6 @@ The steps run interleaved (timing.time_interleaved); speed-ups are medians of pe
 Peak memory is measured afterwards, in a fresh process per candidate (peak_job)."""
 from __future__ import annotations
 
-import gc
 import time
 import warnings
 from typing import Callable, Dict, List, Tuple
@@ -148,10 +147,7 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
     )
     if "compile" in names and "fused_compile" in names:
         record["speedup"]["vs_compile"] = {"fused_compile": timing.ratio_of(samples["compile"], samples["fused_compile"])}
-    del steps, samples
-    gc.collect()
-    torch._dynamo.reset()
-    torch_ext.empty_cache()
+    del steps, samples  # (main._guarded then resets dynamo, collects and empties torch_ext's cache)
     return record
 
 

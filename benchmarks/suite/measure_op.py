@@ -2,7 +2,6 @@
 backward, interleaved; its peak memory is measured afterwards, in fresh processes (peak_job)."""
 from __future__ import annotations
 
-import gc
 import time
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
@@ -179,8 +178,7 @@ def run_case(case: Case, cfg, machine: dict, progress) -> dict:
             f"ours forms {spec.held} in the forward pass and holds it until backward "
             f"({n * d * dtype.itemsize / 2**20:.1f} MB), as a saved tensor: 'saved' counts it"
         )
-    del wl, fns, candidates, samples
-    gc.collect()
+    del wl, fns, candidates, samples  # (main._guarded then collects them)
     return record
 
 
