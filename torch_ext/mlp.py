@@ -28,14 +28,13 @@ from ._common import (
     autocast_to_lower_precision, differentiable_once, direct_when_no_grad, forward_with_ctx, needs_autograd,
     register_no_double_backward,
 )
-from .linear_act import _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
+from .linear_act import _SAVES_OUTPUT, _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
 
 # Gated activations: name -> the activation applied to the gate half.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
 MLP_ACTIVATIONS = ACTIVATIONS + tuple(GATED_ACTIVATIONS)
 
 _linear_fwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_fwd.default)
-_linear_bwd = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
 _act_fwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_fwd.default)
 _act_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_bwd.default)
 _mlp_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_bwd.default)
@@ -160,7 +159,7 @@ def _mlp_setup_context(ctx, inputs, output):
     ctx.negative_slope = negative_slope
     ctx.has_bias = (fc1_bias is not None, fc2_bias is not None)
     recompute = _recomputes(activation, recompute)
-    if activation in ("sigmoid", "tanh"):
+    if activation in _SAVES_OUTPUT:
         saved = hidden  # their derivative is a function of the output (see linear_act.py)
     # fc1's bias (a parameter: no extra memory) for differentiable_once's edges only.
     ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if recompute else hidden, fc1_bias)
