@@ -87,7 +87,11 @@ bool grad_from_output(c10::string_view activation) {
 class OpNode final : public Node {
  public:
   explicit OpNode(NodeSpec& spec)
-      : name_(spec.name), backward_(spec.backward), mask_(spec.mask), options_(std::move(spec.options)) {}
+      : name_(spec.name),
+        backward_(spec.backward),
+        mask_(spec.mask),
+        options_(std::move(spec.options)),
+        after_mask_(std::move(spec.after_mask)) {}
 
   // After the output's history is set: a saved output is then known as this node's own and held
   // without its grad_fn (no reference cycle output -> node -> output).
@@ -152,11 +156,11 @@ class OpNode final : public Node {
     return call_backward(grad);
   }
 
-  // backward(grad, *saved, *options, output_mask), one gradient per input; a pair's mask drops the
+  // backward(grad, *saved, *options, output_mask, *after_mask), one gradient per input; a pair's mask drops the
   // gradients this backward does not need (torch.autograd.grad of some inputs only).
   variable_list call_backward(const at::Tensor& grad) {
     torch::jit::Stack stack;
-    stack.reserve(2 + saved_.size() + options_.size());
+    stack.reserve(2 + saved_.size() + options_.size() + after_mask_.size());
     stack.emplace_back(grad);
     for (SavedVariable& s : saved_) {
       at::Tensor t = s.unpack(owning_ptr<Node>(this));
@@ -170,6 +174,7 @@ class OpNode final : public Node {
     c10::List<bool> mask;
     for (bool m : wanted) mask.push_back(m);
     stack.emplace_back(std::move(mask));
+    for (const c10::IValue& o : after_mask_) stack.push_back(o);
     backward_.callBoxed(stack);
     variable_list grads(num_outputs());
     for (size_t i = 0; i < wanted.size() && i < stack.size(); ++i)
@@ -181,6 +186,7 @@ class OpNode final : public Node {
   c10::OperatorHandle backward_;
   std::vector<bool> mask_;
   std::vector<c10::IValue> options_;
+  std::vector<c10::IValue> after_mask_;
   std::vector<SavedVariable> unit_grads_;
   std::vector<SavedVariable> saved_;
   bool handed_over_ = false;
@@ -195,27 +201,29 @@ void set_node_history(const at::Tensor& output, NodeSpec spec) {
   node->save(spec);
 }
 
-at::Tensor cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
-                                         const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                         c10::string_view reduction, double label_smoothing, double z_loss) {
+std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(
+    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing, double z_loss, double softcap, bool ignored_row_stats) {
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torch_ext::cross_entropy_fwd_grad", "")
           .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
                                                                 const std::optional<at::Tensor>&, int64_t,
-                                                                c10::string_view, double, double)>();
+                                                                c10::string_view, double, double, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   at::Tensor loss, stats, grad_input;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+    std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing,
+                                                     z_loss, softcap, ignored_row_stats);
   }
   set_node_history(
       loss, {"CrossEntropyBackward", backward, {input, target}, {true, false}, {grad_input, at::Tensor()},
              {input, target, weight.value_or(at::Tensor()), stats}, -1,
              {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
-              c10::IValue(z_loss)}});
-  return loss;
+              c10::IValue(z_loss)},
+             {c10::IValue(softcap), c10::IValue()}});
+  return {loss, stats};
 }
 
 at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
@@ -269,29 +277,29 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
   return loss;
 }
 
-at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& linear_weight,
-                                                const std::optional<at::Tensor>& linear_bias, const at::Tensor& target,
-                                                const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                c10::string_view reduction, double label_smoothing, double z_loss,
-                                                int64_t chunk_size) {
-  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
+    const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing, double z_loss, int64_t chunk_size, double softcap,
+    bool ignored_row_stats) {
+  using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torch_ext::linear_cross_entropy_fwd", "")
           .typed<Outputs(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                          const std::optional<at::Tensor>&, int64_t, c10::string_view, double, double, int64_t,
-                         std::array<bool, 3>)>();
+                         std::array<bool, 3>, double, bool)>();
   static const auto backward =
       c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_cross_entropy_bwd", "");
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
   const std::array<bool, 3> mask = {input.requires_grad(), linear_weight.requires_grad(),
                                     bias.defined() && bias.requires_grad()};
-  at::Tensor loss, grad_input, grad_weight, grad_bias;
+  at::Tensor loss, grad_input, grad_weight, grad_bias, stats;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, grad_input, grad_weight, grad_bias) = forward.call(
+    std::tie(loss, grad_input, grad_weight, grad_bias, stats) = forward.call(
         input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-        chunk_size, mask);
+        chunk_size, mask, softcap, ignored_row_stats);
   }
   set_node_history(
       loss, {"LinearCrossEntropyBackward", backward, {input, linear_weight, bias}, {mask[0], mask[1], mask[2]},
@@ -299,8 +307,9 @@ at::Tensor linear_cross_entropy_grad_in_forward(const at::Tensor& input, const a
               mask[2] ? grad_bias : at::Tensor()},
              {input, linear_weight, bias, target, weight.value_or(at::Tensor())}, -1,
              {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
-              c10::IValue(z_loss), c10::IValue(chunk_size)}});
-  return loss;
+              c10::IValue(z_loss), c10::IValue(chunk_size)},
+             {c10::IValue(softcap)}});
+  return {loss, stats};
 }
 
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,

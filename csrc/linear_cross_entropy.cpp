@@ -24,6 +24,7 @@
 #include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
+#include <cmath>
 #include <optional>
 #include <string>
 #include <string_view>
@@ -44,26 +45,35 @@ namespace {
 
 using at::Tensor;
 
+// The loss options every chunk's cross-entropy call takes.
+struct LossOptions {
+  int64_t ignore_index;
+  double label_smoothing, z_loss, softcap;
+  bool ignored_row_stats;
+};
+
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target,
-                                             const std::optional<Tensor>& weight, int64_t ignore_index,
-                                             c10::string_view reduction, double label_smoothing, double z_loss) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
-                             .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&,
-                                                               int64_t, c10::string_view, double, double)>();
-  return op.call(logits, target, weight, ignore_index, reduction, label_smoothing, z_loss);
+                                             const std::optional<Tensor>& weight, c10::string_view reduction,
+                                             const LossOptions& o) {
+  static const auto op =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
+          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t,
+                                            c10::string_view, double, double, double, bool)>();
+  return op.call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss, o.softcap,
+                 o.ignored_row_stats);
 }
 
 // The logits' gradient, written over the logits.
 void cross_entropy_grad_in_place(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                                 const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                                 c10::string_view reduction, double label_smoothing, double z_loss) {
+                                 const std::optional<Tensor>& weight, const Tensor& stats,
+                                 c10::string_view reduction, const LossOptions& o) {
   static const auto op =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torch_ext::cross_entropy_bwd_inplace", "")
           .typed<void(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                      int64_t, c10::string_view, double, double)>();
-  op.call(grad_loss, logits, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss);
+                      int64_t, c10::string_view, double, double, double)>();
+  op.call(grad_loss, logits, target, weight, stats, o.ignore_index, reduction, o.label_smoothing, o.z_loss, o.softcap);
 }
 
 struct Shapes {
@@ -159,14 +169,17 @@ struct Gradients {
   Tensor input, weight, bias;
 };
 
-// The chunk loop. grad_loss undefined: the forward (loss, and the gradients in grad_mask for
-// grad_output = 1). grad_loss defined: the backward (gradients only).
-std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, const Tensor& linear_weight,
-                                         const std::optional<Tensor>& linear_bias, const Tensor& target,
-                                         const std::optional<Tensor>& weight, int64_t ignore_index,
-                                         c10::string_view reduction_name, double label_smoothing, double z_loss,
-                                         int64_t chunk_size, std::array<bool, 3> grad_mask, const Tensor& grad_loss) {
+// The chunk loop. grad_loss undefined: the forward (loss, the rows' stats, and the gradients in
+// grad_mask for grad_output = 1). grad_loss defined: the backward (gradients only).
+std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, const Tensor& linear_weight,
+                                                 const std::optional<Tensor>& linear_bias, const Tensor& target,
+                                                 const std::optional<Tensor>& weight, c10::string_view reduction_name,
+                                                 const LossOptions& o, int64_t chunk_size,
+                                                 std::array<bool, 3> grad_mask, const Tensor& grad_loss) {
+  const int64_t ignore_index = o.ignore_index;
   const Shapes s = check_args(op, input, linear_weight, linear_bias, target, chunk_size);
+  TORCH_CHECK_VALUE(o.softcap >= 0 && std::isfinite(o.softcap), op,
+                    ": softcap must be a positive finite number (0: no softcap), got ", o.softcap);
   const Reduction reduction = parse_reduction(std::string_view(reduction_name.data(), reduction_name.size()));
   const bool forward = !grad_loss.defined();
   const bool want_bias = grad_mask[2] && linear_bias.has_value();
@@ -215,6 +228,10 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
                                            : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
+  // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
+  Tensor row_stats = forward ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble
+                                                                                                       : at::kFloat))
+                             : Tensor();
   // Summed in float64 where the chunks' losses are (no host synchronization per chunk on CUDA).
   Tensor loss_sum = at::zeros({}, options.dtype(at::kDouble));
 
@@ -233,9 +250,9 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     } else {
       cpu::matmul_into(logits, xc, w_t, /*accumulate=*/false);
     }
-    auto [chunk_loss, stats] =
-        cross_entropy_fwd(logits, tc, weight, ignore_index, forward ? chunk_reduction : "sum", label_smoothing, z_loss);
+    auto [chunk_loss, stats] = cross_entropy_fwd(logits, tc, weight, forward ? chunk_reduction : "sum", o);
     if (forward) {
+      row_stats.narrow(0, r0, n).copy_(stats);
       if (reduction == Reduction::None) {
         loss_rows.narrow(0, r0, n).copy_(chunk_loss);
       } else {
@@ -244,11 +261,9 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     }
     if (!any_grad) continue;
     if (grad_rows.defined()) {
-      cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), logits, tc, weight, stats, ignore_index, "none",
-                                  label_smoothing, z_loss);
+      cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), logits, tc, weight, stats, "none", o);
     } else {
-      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, ignore_index, "sum", label_smoothing,
-                                  z_loss);
+      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, "sum", o);
     }
     const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
@@ -272,29 +287,31 @@ std::tuple<Tensor, Gradients> chunk_loop(const char* op, const Tensor& input, co
     if (g.weight.defined()) g.weight = g.weight.to(input.scalar_type());
     if (g.bias.defined()) g.bias = g.bias.to(input.scalar_type());
   }
-  return {loss, g};
+  return {loss, row_stats, g};
 }
 
-std::tuple<Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
     const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias, const Tensor& target,
     const std::optional<Tensor>& weight, int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-    double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask) {
-  auto [loss, g] = chunk_loop("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight,
-                              ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, Tensor());
-  return {loss, or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
+    double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask, double softcap, bool ignored_row_stats) {
+  auto [loss, stats, g] =
+      chunk_loop("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight, reduction,
+                 {ignore_index, label_smoothing, z_loss, softcap, ignored_row_stats}, chunk_size, grad_mask, Tensor());
+  return {loss, or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input), stats};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
     const Tensor& grad_loss, const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias,
     const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
-    double label_smoothing, double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask) {
+    double label_smoothing, double z_loss, int64_t chunk_size, std::array<bool, 3> output_mask, double softcap) {
   constexpr const char* op = "torch_ext.linear_cross_entropy_bwd";
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   if (parse_reduction(std::string_view(reduction.data(), reduction.size())) != Reduction::None)
     TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
                 "', got shape ", grad_loss.sizes());
-  auto [loss, g] = chunk_loop(op, input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
-                              label_smoothing, z_loss, chunk_size, output_mask, grad_loss);
+  auto [loss, stats, g] = chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
+                                     {ignore_index, label_smoothing, z_loss, softcap, false}, chunk_size, output_mask,
+                                     grad_loss);
   return {or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
 }
 

@@ -60,7 +60,7 @@ struct CrossEntropyLayout {
 
 inline CrossEntropyLayout check_cross_entropy_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                   double label_smoothing, double z_loss,
+                                                   double label_smoothing, double z_loss, double softcap,
                                                    void (*check_dtype)(const char*, const at::Tensor&, const char*)) {
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor");
   check_dtype(op, input, "input");
@@ -97,7 +97,17 @@ inline CrossEntropyLayout check_cross_entropy_args(const char* op, const at::Ten
   TORCH_CHECK_VALUE(label_smoothing >= 0.0 && label_smoothing <= 1.0, op,
                     ": label_smoothing must be between 0.0 and 1.0, got ", label_smoothing);
   TORCH_CHECK_VALUE(std::isfinite(z_loss), op, ": z_loss must be finite, got ", z_loss);
+  TORCH_CHECK_VALUE(softcap >= 0 && std::isfinite(softcap), op,
+                    ": softcap must be a positive finite number (0: no softcap), got ", softcap);
   return layout;
+}
+
+// The incoming gradient of the rows' logsumexp (cross_entropy_bwd's grad_lse): one value per row.
+inline void check_grad_lse(const char* op, const at::Tensor& input, const at::Tensor& grad_lse, int64_t rows) {
+  check_same_device(op, input, "input", grad_lse, "grad_lse");
+  TORCH_CHECK(at::isFloatingType(grad_lse.scalar_type()) && grad_lse.numel() == rows, op,
+              ": grad_lse must be a floating tensor with one value per row (", rows, "), got ",
+              grad_lse.scalar_type(), " of shape ", grad_lse.sizes());
 }
 
 // ---- regression_loss

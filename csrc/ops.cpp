@@ -49,28 +49,35 @@ TORCH_LIBRARY(torch_ext, m) {
         {at::Tag::pt2_compliant_tag});
 
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
-  // row, weighted and reduced like the loss). target: class indices (int64/uint8, input's shape
+  // row, weighted and reduced like the loss) and softcap (> 0: every logit x taken as
+  // softcap * tanh(x / softcap) first; 0: off). target: class indices (int64/uint8, input's shape
   // without the class dim) or class probabilities (input's shape and dtype). Returns (loss,
   // stats); stats (rows, 3), float32 (float64 for float64 input), is what backward needs: per row
-  // the max logit, log(sum exp(x - max)) and, for probability targets, sum_c weight_c target_c.
+  // the max logit and log(sum exp(x - max)) (their sum is the row's logsumexp), and for
+  // probability targets sum_c weight_c target_c, for class targets 1 where the row's argmax (first
+  // index of the max, as torch.argmax) is its target, else 0. Ignored rows' stats are 0 unless
+  // ignored_row_stats (then their logsumexp is taken too, for an lse output).
   m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-        "float label_smoothing, float z_loss) -> (Tensor, Tensor)",
+        "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   // Gradients for (input, target); target's only for probability targets; not asked for: empty.
+  // grad_lse (one value per row, or None): the incoming gradient of the rows' logsumexp, added as
+  // grad_lse * softmax (ignored rows too, whose stats must then be ignored_row_stats').
   m.def("cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
-        "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask) "
-        "-> (Tensor, Tensor)",
+        "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask, "
+        "float softcap=0., Tensor? grad_lse=None) -> (Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   // The input's gradient written over the input (contiguous), for callers that no longer need the
   // logits (linear_cross_entropy's chunks).
   m.def("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
-        "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss) -> ()",
+        "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss, float softcap=0.) -> ()",
         {at::Tag::pt2_compliant_tag});
   // (loss, stats, the input's gradient for grad_loss = 1), reductions mean and sum: the eager path
   // forms the gradient in the forward kernel, while each row is in cache, and its backward hands
   // it over (scaled unless grad_loss is 1).
   m.def("cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-        "float label_smoothing, float z_loss) -> (Tensor, Tensor, Tensor)",
+        "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) "
+        "-> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 
   // Elementwise regression losses: loss = "mse" | "huber" (param = delta) | "smooth_l1" (param =
@@ -106,15 +113,17 @@ TORCH_LIBRARY(torch_ext, m) {
 
   // cross_entropy(input @ linear_weight.T + linear_bias, target, ...) over chunks of chunk_size rows,
   // never holding the whole logits. input (*, H), linear_weight (V, H); target class indices (*)
-  // or probabilities (*, V). Returns (loss, grad_input, grad_weight, grad_bias): the gradients for
-  // grad_output = 1 of those set in grad_mask (reduction mean or sum only), else empty.
+  // or probabilities (*, V). Returns (loss, grad_input, grad_weight, grad_bias, stats): the gradients
+  // for grad_output = 1 of those set in grad_mask (reduction mean or sum only), else empty, and the
+  // rows' stats as cross_entropy_fwd's.
   m.def("linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
         "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
-        "bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor)",
+        "bool[3] grad_mask, float softcap=0., bool ignored_row_stats=False) "
+        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
   m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
         "Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
-        "int chunk_size, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+        "int chunk_size, bool[3] output_mask, float softcap=0.) -> (Tensor, Tensor, Tensor)",
         {at::Tag::pt2_compliant_tag});
 }
 
@@ -211,21 +220,48 @@ static PyObject* run_without_gil(Path&& path) {
   END_HANDLE_TH_ERRORS
 }
 
-// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+// The same for a path giving (loss, stats): the loss, or (loss, stats) when the caller asked for
+// the stats (the losses' lse and accuracy outputs).
+template <typename Path>
+static PyObject* run_without_gil_with_stats(bool return_stats, Path&& path) {
+  HANDLE_TH_ERRORS
+  at::Tensor loss, stats;
+  {
+    pybind11::gil_scoped_release no_gil;
+    std::tie(loss, stats) = path();
+  }
+  if (!return_stats) return THPVariable_Wrap(loss);
+  PyObject* loss_obj = THPVariable_Wrap(loss);
+  if (loss_obj == nullptr) return nullptr;
+  PyObject* stats_obj = THPVariable_Wrap(stats);
+  if (stats_obj == nullptr) {
+    Py_DECREF(loss_obj);
+    return nullptr;
+  }
+  PyObject* pair = PyTuple_Pack(2, loss_obj, stats_obj);
+  Py_DECREF(loss_obj);
+  Py_DECREF(stats_obj);
+  return pair;
+  END_HANDLE_TH_ERRORS
+}
+
+// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+// softcap, ignored_row_stats, return_stats)
 static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
   PyObject *input_obj, *target_obj, *weight_obj;
   long long ignore_index;
   const char* reduction;
-  double label_smoothing, z_loss;
+  double label_smoothing, z_loss, softcap;
+  int ignored_row_stats, return_stats;
   std::optional<at::Tensor> input, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOLsdd", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
-                        &label_smoothing, &z_loss) ||
+  if (!PyArg_ParseTuple(args, "OOOLsdddpp", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
+                        &label_smoothing, &z_loss, &softcap, &ignored_row_stats, &return_stats) ||
       !unpack_tensors({{input_obj, "input", false, &input}, {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
-  return run_without_gil([&] {
+  return run_without_gil_with_stats(return_stats != 0, [&] {
     return torch_ext::cross_entropy_grad_in_forward(*input, *target, weight, ignore_index, reduction, label_smoothing,
-                                                    z_loss);
+                                                    z_loss, softcap, ignored_row_stats != 0);
   });
 }
 
@@ -295,23 +331,26 @@ static PyObject* mlp_autograd(PyObject*, PyObject* args) {
 }
 
 // _linear_cross_entropy_grad_in_forward(input, linear_weight, linear_bias, target, weight, ignore_index,
-// reduction, label_smoothing, z_loss, chunk_size), for targets that take no gradient
+// reduction, label_smoothing, z_loss, chunk_size, softcap, ignored_row_stats, return_stats), for
+// targets that take no gradient
 static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
   PyObject *input_obj, *lw_obj, *lb_obj, *target_obj, *weight_obj;
   long long ignore_index, chunk_size;
   const char* reduction;
-  double label_smoothing, z_loss;
+  double label_smoothing, z_loss, softcap;
+  int ignored_row_stats, return_stats;
   std::optional<at::Tensor> input, linear_weight, linear_bias, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOOOLsddL", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
-                        &reduction, &label_smoothing, &z_loss, &chunk_size) ||
+  if (!PyArg_ParseTuple(args, "OOOOOLsddLdpp", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj,
+                        &ignore_index, &reduction, &label_smoothing, &z_loss, &chunk_size, &softcap,
+                        &ignored_row_stats, &return_stats) ||
       !unpack_tensors({{input_obj, "input", false, &input}, {lw_obj, "linear_weight", false, &linear_weight},
                        {lb_obj, "linear_bias", true, &linear_bias}, {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
-  return run_without_gil([&] {
+  return run_without_gil_with_stats(return_stats != 0, [&] {
     return torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
                                                            ignore_index, reduction, label_smoothing, z_loss,
-                                                           chunk_size);
+                                                           chunk_size, softcap, ignored_row_stats != 0);
   });
 }
 

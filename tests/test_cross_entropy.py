@@ -203,8 +203,11 @@ def test_signature_mirrors_functional():
     for name, p in theirs.items():
         assert ours[name].default == p.default, name
         assert ours[name].kind == p.kind, name
-    assert list(ours)[len(theirs):] == ["z_loss", "num_items_in_batch"]
-    assert ours["z_loss"].kind == inspect.Parameter.KEYWORD_ONLY and ours["z_loss"].default == 0.0
+    extras = {"z_loss": 0.0, "softcap": None, "return_lse": False, "return_accuracy": False,
+              "num_items_in_batch": None}
+    assert list(ours)[len(theirs):] == list(extras)
+    for name, default in extras.items():
+        assert ours[name].kind == inspect.Parameter.KEYWORD_ONLY and ours[name].default == default, name
     assert ours["num_items_in_batch"].kind == inspect.Parameter.KEYWORD_ONLY
     assert ours["num_items_in_batch"].default is None
     mod = inspect.signature(CrossEntropyLoss.__init__).parameters
@@ -212,7 +215,8 @@ def test_signature_mirrors_functional():
     for name, p in ref_mod.items():
         if name != "self":
             assert name in mod and mod[name].default == p.default, name
-    assert mod["z_loss"].kind == inspect.Parameter.KEYWORD_ONLY and mod["z_loss"].default == 0.0
+    for name in ("z_loss", "softcap", "return_lse", "return_accuracy"):
+        assert mod[name].kind == inspect.Parameter.KEYWORD_ONLY and mod[name].default == extras[name], name
 
 
 # ----------------------------------------------------------------------------------------------

@@ -119,6 +119,68 @@ def test_cross_entropy_probabilities_and_z_loss(device, grad_in_forward):
 
 
 @pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("shape", [(7, 5), (4, 4096), (3, 1030), (2, 5, 3, 3), (5,)])
+@pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
+def test_cross_entropy_softcap_lse_accuracy(device, shape, prob, grad_in_forward):
+    """softcap, the lse output (and its gradient, ignored rows included) and accuracy, on every
+    layout the CUDA kernels have (rows with and without 16-byte packs, positions)."""
+    cd = 0 if len(shape) == 1 else 1
+    classes = shape[cd]
+    target_shape = () if len(shape) == 1 else (shape[0], *shape[2:])
+    cap = 2.0
+    for dtype in dtypes_for(device):
+        x = (torch.randn(shape, device=device) * 3).to(dtype)
+        if prob:
+            t = torch.softmax(torch.randn(shape, device=device), cd).to(dtype)
+        else:
+            t = torch.randint(0, classes, target_shape, device=device)
+            if t.dim() > 0:
+                t.view(-1)[0] = -100
+        extras = dict(return_lse=True, return_accuracy=not prob)
+
+        def ours(x, t=t):
+            loss, lse, *acc = torch_ext.cross_entropy(x, t, softcap=cap, z_loss=1e-3, label_smoothing=0.1, **extras)
+            return loss + 0.3 * lse.float().pow(2).sum()
+
+        def reference(x, t=t):
+            xc = cap * torch.tanh(x / cap)
+            t = t.to(xc.dtype) if prob else t
+            rows = F.cross_entropy(xc, t, label_smoothing=0.1, reduction="none")
+            lse = torch.logsumexp(xc, cd)
+            kept = torch.ones_like(rows) if prob else (t != -100).to(rows.dtype)
+            return (rows + 1e-3 * lse.pow(2) * kept).sum() / kept.sum() + 0.3 * lse.float().pow(2).sum()
+
+        check_against_reference(ours, reference, [x], dtype)
+        if not prob:
+            acc = torch_ext.cross_entropy(x, t, softcap=cap, return_accuracy=True)[1]
+            capped = cap * torch.tanh(x.float() / cap)
+            kept = t != -100
+            want = ((capped.argmax(cd) == t) & kept).sum() / kept.sum()
+            assert_close(acc, want.to(acc.dtype), msg=f"accuracy {dtype}")
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("reduction", ["mean", "none"])
+def test_linear_cross_entropy_softcap_lse_accuracy(device, reduction, cublaslt):
+    for dtype in dtypes_for(device):
+        x = torch.randn(37, 24, device=device).to(dtype)
+        w = (torch.randn(301, 24, device=device)).to(dtype)
+        t = torch.randint(0, 301, (37,), device=device)
+        t[3] = -100
+        check_against_reference(
+            lambda x, w: torch_ext.linear_cross_entropy(x, w, t, reduction=reduction, chunk_size=8, softcap=3.0),
+            lambda x, w: F.cross_entropy(3.0 * torch.tanh(F.linear(x, w) / 3.0), t, reduction=reduction),
+            [x, w],
+            dtype,
+        )
+        _, lse, acc = torch_ext.linear_cross_entropy(x, w, t, chunk_size=8, softcap=3.0, return_lse=True,
+                                                      return_accuracy=True)
+        capped = 3.0 * torch.tanh(F.linear(x.float(), w.float()) / 3.0)
+        assert_close(lse, torch.logsumexp(capped, -1), dtype=dtype, check_dtype=False, msg=f"lse {dtype}")
+        assert not lse.requires_grad and 0.0 <= acc.item() <= 1.0
+
+
+@pytest.mark.parametrize("device", DEVICES)
 def test_cross_entropy_noncontiguous_and_stride0_grad(device, grad_in_forward):
     x = torch.randn(40, 9, device=device).t()  # (9, 40): a transposed view
     t = torch.randint(0, 40, (9,), device=device)
@@ -662,6 +724,8 @@ def test_opcheck_every_op(device):
         (ops.mlp_act_fwd.default, (torch.randn(6, 8, device=device, requires_grad=True), "silu", 0.01, True)),
         (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0)),
         (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "mean", 0.1, 1e-3)),
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 1e-3, 5.0, True)),
+        (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "sum", 0.0, 0.0, 5.0, True)),
         (ops.regression_loss_fwd.default, (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean")),
         (ops.regression_loss_fwd_grad.default,
          (x, torch.randn(6, 10, device=device), torch.rand(6, 10, device=device), "mse", 0.0, "mean", [True, True])),

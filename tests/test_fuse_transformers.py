@@ -395,6 +395,35 @@ def test_causal_lm_with_a_changed_forward_is_left_alone():
     assert_same_step(fused, model, batch("llama"), "softcapped LM")
 
 
+def test_gemma2_final_logit_softcapping_becomes_the_loss_softcap():
+    """Gemma 2 caps its logits (softcap * tanh(logits / softcap)) before the loss: the fused model's
+    loss must cap them too (linear_cross_entropy's softcap from config.final_logit_softcapping),
+    not silently drop it; the config keeps its value, and without labels the logits are capped."""
+    torch.manual_seed(0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        config = tf.Gemma2Config(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                 num_attention_heads=2, num_key_value_heads=1, head_dim=16,
+                                 final_logit_softcapping=0.5, attn_logit_softcapping=None)
+        model = tf.Gemma2ForCausalLM(config)
+    # Large enough logits that the cap matters: without it the loss differs.
+    with torch.no_grad():
+        model.lm_head.weight.mul_(50.0)
+    fused, report = fuse(copy.deepcopy(model))
+    line = next(r for r in report.replaced if LM_LOSS_LINE in r)
+    assert "softcap=config.final_logit_softcapping" in line, line
+    inputs = batch("llama")
+    assert_same_step(fused, model, inputs, "Gemma 2 with final-logit softcapping")
+    assert fused.config.final_logit_softcapping == 0.5
+    uncapped = copy.deepcopy(model)
+    uncapped.config.final_logit_softcapping = None
+    with torch.no_grad():
+        assert not torch.allclose(uncapped(**inputs).loss, model(**inputs).loss, rtol=1e-3)
+        logits = fused(input_ids=inputs["input_ids"]).logits
+        assert_close(logits, model(input_ids=inputs["input_ids"]).logits, msg="Gemma 2 logits without labels")
+        assert logits.abs().max() <= 0.5
+
+
 # ----------------------------------------------------------------------------------------------
 # The same Parameters, nothing copied.
 

@@ -1163,16 +1163,21 @@ def test_raw_ops_match_autograd(dtype, reduction, kind):
     assert gi.numel() == 0 and gb.numel() == 0
     assert_close(gw, ref[1], dtype=dtype, msg="bwd op: grad of linear_weight alone", **tol)
     # the forward op: the loss, and (mean / sum) the gradients for grad_output 1
-    loss, *grads = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, NO_GRADS)
+    loss, *grads, stats = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, NO_GRADS)
     assert_close(loss, yr, dtype=dtype, msg="fwd op: loss", **tol)
     assert all(v.numel() == 0 for v in grads)
+    # stats: per row the max logit and log-sum (their sum the logsumexp; 0 for ignored rows)
+    logits_ref = F.linear(xr, wr, br).detach()
+    kept = (t != -100) if not t.is_floating_point() else torch.ones(t.shape[:-1], dtype=torch.bool)
+    lse_ref = torch.logsumexp(logits_ref, -1).reshape(-1) * kept.reshape(-1)
+    assert_close(stats[:, 0] + stats[:, 1], lse_ref, dtype=dtype, check_dtype=False, msg="fwd op: stats", **tol)
     if reduction != "none":
         ref1 = torch.autograd.grad(yr, (xr, wr, br))
-        loss, *grads = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, True, True])
+        loss, *grads, _ = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, True, True])
         assert_close(loss, yr, dtype=dtype, msg="fwd op with grads: loss", **tol)
         for name, got, want in zip(NAMES, grads, ref1):
             assert_close(got, want, dtype=dtype, msg=f"fwd op: grad of {name} for grad_output 1", **tol)
-        loss, gi, gw, gb = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, False, False])
+        loss, gi, gw, gb, _ = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, False, False])
         assert gw.numel() == 0 and gb.numel() == 0
         assert_close(gi, ref1[0], dtype=dtype, **tol)
 
@@ -1317,16 +1322,17 @@ def _module_pair(in_features, num_classes, dtype=torch.float64, **kwargs):
 
 def test_module_interface_is_torchs():
     # Same constructor as torch.nn.LinearCrossEntropyLoss (names, kinds, defaults) plus keyword-only
-    # z_loss and chunk_size; forward(input, target).
+    # z_loss, chunk_size, softcap, return_lse and return_accuracy; forward(input, target).
     ours = inspect.signature(LinearCrossEntropyLoss.__init__).parameters
     assert list(ours)[:3] == ["self", "in_features", "num_classes"]
-    assert ours["z_loss"].kind == ours["chunk_size"].kind == inspect.Parameter.KEYWORD_ONLY
-    assert (ours["z_loss"].default, ours["chunk_size"].default) == (0.0, None)
+    extras = {"z_loss": 0.0, "chunk_size": None, "softcap": None, "return_lse": False, "return_accuracy": False}
+    for name, default in extras.items():
+        assert (ours[name].kind, ours[name].default) == (inspect.Parameter.KEYWORD_ONLY, default), name
     assert list(inspect.signature(LinearCrossEntropyLoss.forward).parameters) == ["self", "input", "target", "num_items_in_batch"]
     if TorchLCELoss is not None:
         assert issubclass(LinearCrossEntropyLoss, TorchLCELoss)
         theirs = inspect.signature(TorchLCELoss.__init__).parameters
-        assert [n for n in ours if n not in ("z_loss", "chunk_size")] == list(theirs)
+        assert [n for n in ours if n not in extras] == list(theirs)
         for name, p in theirs.items():
             assert (ours[name].kind, ours[name].default) == (p.kind, p.default), name
     m = LinearCrossEntropyLoss(6, 10)

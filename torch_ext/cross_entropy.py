@@ -1,4 +1,5 @@
-"""Fused cross-entropy: ``F.cross_entropy`` with every option, plus ``z_loss``.
+"""Fused cross-entropy: ``F.cross_entropy`` with every option, plus ``z_loss``, ``softcap`` and the
+``return_lse`` / ``return_accuracy`` outputs.
 
 Ops (csrc/ops.cpp): ``torch_ext::cross_entropy_fwd`` and ``torch_ext::cross_entropy_bwd``. This
 file gives them their fake kernels and autograd (``CrossEntropyFunction``, also registered on the
@@ -6,6 +7,7 @@ forward op), the functional ``cross_entropy`` and the module ``CrossEntropyLoss`
 """
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import torch
@@ -30,7 +32,18 @@ def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
 
-def _check_args(op, input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+def softcap_value(op: str, softcap) -> float:
+    """The ops' softcap argument from the public one: None -> 0.0 (off), else a positive finite
+    float (anything else is a ValueError naming it)."""
+    if softcap is None:
+        return 0.0
+    value = float(softcap)
+    if not (value > 0 and math.isfinite(value)):
+        raise ValueError(f"{op}: softcap must be a positive finite number or None, got {softcap!r}")
+    return value
+
+
+def _check_args(op, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0):
     """The checks of csrc/cpu/cross_entropy.cpp, for fake tensors (torch.compile tracing).
     Returns (loss shape of reduction='none', rows, class-probability targets?)."""
     torch._check(input.dim() >= 1, lambda: f"{op}: input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor")
@@ -64,6 +77,8 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"{op}: softcap must be a positive finite number (0: no softcap), got {softcap}")
     rows = 1
     for s in loss_shape:
         rows = rows * s
@@ -71,9 +86,10 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_fwd")
-def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0,
+                            ignored_row_stats=False):
     loss_shape, rows, _ = _check_args(
-        "torch_ext.cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing, z_loss
+        "torch_ext.cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
     )
     loss = input.new_empty(loss_shape if reduction == "none" else ())
     stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
@@ -81,10 +97,16 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd")
-def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss, output_mask):
-    _, _, probabilities = _check_args(
-        "torch_ext.cross_entropy_bwd", input, target, weight, ignore_index, reduction, label_smoothing, z_loss
+def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
+                            output_mask, softcap=0.0, grad_lse=None):
+    _, rows, probabilities = _check_args(
+        "torch_ext.cross_entropy_bwd", input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
     )
+    if grad_lse is not None:
+        torch._check(
+            grad_lse.is_floating_point() and grad_lse.numel() == rows,
+            lambda: f"torch_ext.cross_entropy_bwd: grad_lse must be a floating tensor with one value per row ({rows}), got {grad_lse.dtype} of shape {tuple(grad_lse.shape)}",
+        )
     torch._check(
         not output_mask[1] or probabilities,
         lambda: "torch_ext.cross_entropy_bwd: output_mask[1] asks for the target's gradient, which exists only for class-probability targets",
@@ -96,25 +118,35 @@ def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_inde
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd_inplace")
-def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss):
+def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing,
+                                    z_loss, softcap=0.0):
     _check_args(
-        "torch_ext.cross_entropy_bwd_inplace", input, target, weight, ignore_index, reduction, label_smoothing, z_loss
+        "torch_ext.cross_entropy_bwd_inplace", input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+        softcap,
     )
     return None
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_fwd_grad")
-def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0,
+                                 ignored_row_stats=False):
     if reduction == "none":
         raise ValueError("torch_ext.cross_entropy_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'")
-    loss, stats = _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss)
+    loss, stats = _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                          softcap, ignored_row_stats)
     return loss, stats, input.new_empty(input.shape)
 
 
+# The forward ops' arguments: (input, target, weight, ignore_index, reduction, label_smoothing,
+# z_loss, softcap, ignored_row_stats); their autograd returns one gradient (or None) for each.
+_N_INPUTS = 9
+
+
 def _setup_context_fwd_grad(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap = inputs[:8]
     _, stats, unit_grad = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+    ctx.softcap = softcap
     ctx.save_for_backward(input, target, weight, stats, unit_grad)
     ctx.mark_non_differentiable(stats, unit_grad)
     ctx.set_materialize_grads(False)
@@ -123,14 +155,14 @@ def _setup_context_fwd_grad(ctx, inputs, output):
 def _backward_fwd_grad(ctx, grad_loss, _grad_stats, _grad_unit):
     """Calling the op directly is differentiable too: the input gradient it formed times grad_loss,
     and the backward op for a probability target's gradient (which the op does not form)."""
-    grads = [None] * 7
+    grads = [None] * _N_INPUTS
     if grad_loss is None:
         return tuple(grads)
     input, target, weight, stats, unit_grad = ctx.saved_tensors
     if ctx.needs_input_grad[0]:
         grads[0] = unit_grad * grad_loss.reshape(())
     if ctx.needs_input_grad[1]:
-        grads[1] = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, [False, True])[1]
+        grads[1] = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, [False, True], ctx.softcap)[1]
     return tuple(grads)
 
 
@@ -138,9 +170,10 @@ torch.library.register_autograd("torch_ext::cross_entropy_fwd_grad", _backward_f
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs[:7]
     _, stats = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
+    ctx.softcap = inputs[7] if len(inputs) > 7 else 0.0
     ctx.probabilities = target.is_floating_point()
     ctx.save_for_backward(input, target, weight, stats)
     ctx.mark_non_differentiable(stats)
@@ -149,13 +182,13 @@ def _setup_context(ctx, inputs, output):
 
 def _backward(ctx, grad_loss, _grad_stats):
     if grad_loss is None:  # only `stats` reached backward (materialize_grads is off)
-        return (None,) * 7
+        return (None,) * _N_INPUTS
     input, target, weight, stats = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(ctx.probabilities and needs[1])]
-    grads = [None] * 7
+    grads = [None] * _N_INPUTS
     if any(mask):
-        grad_input, grad_target = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, mask)
+        grad_input, grad_target = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, mask, ctx.softcap)
         grads[0] = grad_input if mask[0] else None
         grads[1] = grad_target if mask[1] else None
     return tuple(grads)
@@ -168,11 +201,58 @@ register_no_double_backward("torch_ext::cross_entropy_bwd", "torch_ext.cross_ent
 
 class CrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, target, weight, ignore_index,
-    reduction, label_smoothing, z_loss) -> (loss, stats)``; ``stats`` (per row: the max logit and log(sum exp(x - max))) is
-    what backward uses and is not differentiable."""
+    reduction, label_smoothing, z_loss, softcap, ignored_row_stats) -> (loss, stats)``; ``stats``
+    (per row: the max logit and log(sum exp(x - max)), ...) is what backward uses and is not
+    differentiable."""
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
+
+
+class _LogSumExpFunction(torch.autograd.Function):
+    """The rows' logsumexp from the forward's stats (max + log-sum, which it formed in its pass),
+    differentiable: backward is the backward op with a zero loss gradient and ``grad_lse``, one pass
+    over the logits (grad_lse * softmax, through the softcap). ``apply(input, target, weight, stats,
+    ignore_index, label_smoothing, z_loss, softcap, shape) -> lse``."""
+
+    @staticmethod
+    def forward(ctx, input, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, shape):
+        ctx.options = (ignore_index, "sum", label_smoothing, z_loss)
+        ctx.softcap = softcap
+        ctx.save_for_backward(input, target, weight, stats)
+        return (stats[:, 0] + stats[:, 1]).reshape(shape)
+
+    @staticmethod
+    def backward(ctx, grad_lse):
+        input, target, weight, stats = ctx.saved_tensors
+        grad_input = None
+        if ctx.needs_input_grad[0]:
+            no_loss_grad = torch.zeros((), dtype=stats.dtype, device=stats.device)
+            grad_input = _bwd_op(no_loss_grad, input, target, weight, stats, *ctx.options, [True, False], ctx.softcap,
+                                 grad_lse.reshape(-1))[0]
+        return (grad_input,) + (None,) * 8
+
+
+def extra_outputs(loss: Tensor, stats: Tensor, target: Tensor, ignore_index: int, return_lse: bool,
+                  return_accuracy: bool, lse_shape, lse=None):
+    """``loss``, or ``(loss, [lse], [accuracy])`` as asked, from the forward's per-row ``stats``
+    (max, log-sum, and for class targets whether the row's argmax is its target). ``lse``: the
+    rows' logsumexp (given, when it is differentiable), else formed from the stats (detached)."""
+    if not (return_lse or return_accuracy):
+        return loss
+    out = [loss]
+    if return_lse:
+        out.append(lse if lse is not None else (stats[:, 0] + stats[:, 1]).reshape(lse_shape))
+    if return_accuracy:
+        kept = (target != ignore_index).sum()
+        out.append(stats[:, 2].sum() / kept.to(stats.dtype))
+    return tuple(out)
+
+
+def check_accuracy_target(op: str, target: Tensor, return_accuracy: bool) -> None:
+    if return_accuracy and target.is_floating_point():
+        raise ValueError(f"{op}: return_accuracy needs class-index targets (an argmax to compare); got a "
+                         f"floating-point target of class probabilities")
 
 
 def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:
@@ -194,15 +274,31 @@ def cross_entropy(
     label_smoothing: float = 0.0,
     *,
     z_loss: float = 0.0,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    return_accuracy: bool = False,
     num_items_in_batch=None,
-) -> Tensor:
+):
     """``F.cross_entropy`` in fused kernels: same arguments, defaults and results.
 
     input ``(C)``, ``(N, C)`` or ``(N, C, d1, ..., dk)``; target class indices (int64 or uint8) of
     input's shape without the class dimension, or class probabilities of input's shape.
     ``z_loss`` (keyword-only, default 0) adds ``z_loss * logsumexp(row)**2`` per row, weighted
     like the row's loss (by ``weight[target]``; 0 for ignored rows; 1 for probability targets)
-    and reduced like it. Under ``torch.autocast`` it computes in float32, as PyTorch's losses do.
+    and reduced like it. ``softcap`` (keyword-only; None: off): every logit x is taken as
+    ``softcap * tanh(x / softcap)`` first (Gemma 2's final_logit_softcapping), for the loss,
+    z_loss and the extra outputs, with gradients through the tanh. Under ``torch.autocast`` it
+    computes in float32, as PyTorch's losses do.
+
+    ``return_lse`` / ``return_accuracy`` (keyword-only): the result is then a tuple ``(loss,
+    lse)``, ``(loss, accuracy)`` or ``(loss, lse, accuracy)``, both formed in the loss's own pass
+    over the logits. ``lse``: ``logsumexp`` of each position's (capped) logits, ignored positions
+    included, of input's shape without the class dimension, in float32 (float64 for float64
+    input); differentiable (its backward is one more pass over the logits, when it gets a
+    gradient). ``accuracy``: a 0-dim tensor, the fraction of the positions not ignored whose argmax
+    (first index of the max, as ``torch.argmax``) is the target (NaN if all are ignored); not
+    differentiable; class-index targets only.
+
     In eager mode (reductions mean and sum) the input's gradient is formed in the forward pass
     in a C++ autograd node (csrc/autograd_node.h): the forward kernel also writes the input's
     gradient for grad_output = 1 while each row is in cache, so a training step reads the logits
@@ -212,29 +308,50 @@ def cross_entropy(
     denominator, for gradient accumulation as the Hugging Face Trainer does it; reduction must
     then be "mean".
     """
-    reduction = reduction_for_items(
-        num_items_in_batch, resolve_reduction(size_average, reduce, reduction), "torch_ext.cross_entropy"
-    )
-    return divide_by_items(_cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss),
-                           num_items_in_batch)
+    op = "torch_ext.cross_entropy"
+    reduction = reduction_for_items(num_items_in_batch, resolve_reduction(size_average, reduce, reduction), op)
+    cap = softcap_value(op, softcap)
+    check_accuracy_target(op, target, return_accuracy)
+    if not (return_lse or return_accuracy):
+        return divide_by_items(
+            _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap), num_items_in_batch
+        )
+    input, target, weight = autocast_to_float32(input, target, weight)
+    loss, stats = _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap,
+                                 return_stats=True, ignored_row_stats=return_lse)
+    lse = None
+    class_dim = 0 if input.dim() == 1 else 1
+    lse_shape = [s for d, s in enumerate(input.shape) if d != class_dim]
+    if return_lse and torch.is_grad_enabled() and input.requires_grad:
+        lse = _LogSumExpFunction.apply(input, target, weight, stats, int(ignore_index), float(label_smoothing),
+                                       float(z_loss), cap, lse_shape)
+    return extra_outputs(divide_by_items(loss, num_items_in_batch), stats, target, ignore_index, return_lse,
+                         return_accuracy, lse_shape, lse)
 
 
-def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss):
+def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                   return_stats=False, ignored_row_stats=False):
+    """The loss (and with return_stats, (loss, stats)) by the path that applies: the C++ node that
+    forms the gradient in forward, the op alone without autograd, or CrossEntropyFunction."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
-    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), softcap,
+            ignored_row_stats)
     if _grad_in_forward(input, target, reduction):
-        return _C._cross_entropy_grad_in_forward(*args)
+        return _C._cross_entropy_grad_in_forward(*args, return_stats)
     if not needs_autograd(input, target):
-        return _fwd_op(*args)[0]
-    return CrossEntropyFunction.apply(*args)[0]
+        out = _fwd_op(*args)
+    else:
+        out = CrossEntropyFunction.apply(*args)
+    return out if return_stats else out[0]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` on the fused kernels (same arguments and state_dict), plus the
-    keyword-only ``z_loss`` of :func:`cross_entropy`; forward takes its ``num_items_in_batch``."""
+    keyword-only ``z_loss``, ``softcap``, ``return_lse`` and ``return_accuracy`` of
+    :func:`cross_entropy`; forward takes its ``num_items_in_batch``."""
 
     def __init__(
         self,
@@ -246,11 +363,18 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
         label_smoothing: float = 0.0,
         *,
         z_loss: float = 0.0,
+        softcap: Optional[float] = None,
+        return_lse: bool = False,
+        return_accuracy: bool = False,
     ) -> None:
         super().__init__(weight, size_average, ignore_index, reduce, reduction, label_smoothing)
+        softcap_value("CrossEntropyLoss", softcap)
         self.z_loss = z_loss
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.return_accuracy = return_accuracy
 
-    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None):
         return cross_entropy(
             input,
             target,
@@ -259,8 +383,13 @@ class CrossEntropyLoss(nn.CrossEntropyLoss):
             reduction=self.reduction,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
+            softcap=self.softcap,
+            return_lse=self.return_lse,
+            return_accuracy=self.return_accuracy,
             num_items_in_batch=num_items_in_batch,
         )
 
     def extra_repr(self) -> str:
-        return f"z_loss={self.z_loss}" if self.z_loss else ""
+        extras = [("z_loss", self.z_loss, 0.0), ("softcap", self.softcap, None), ("return_lse", self.return_lse, False),
+                  ("return_accuracy", self.return_accuracy, False)]
+        return ", ".join(f"{name}={value}" for name, value, default in extras if value != default)

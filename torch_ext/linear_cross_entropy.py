@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
+from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
 
 from ._common import (
     any_requires_grad, autocast_to_lower_precision, direct_when_no_grad, divide_by_items, forms_grad_in_forward,
@@ -90,16 +91,29 @@ def _grads_like(mask, input, linear_weight, linear_bias):
     )
 
 
+def _check_softcap(op, softcap):
+    if not (softcap >= 0 and math.isfinite(softcap)):
+        raise ValueError(f"{op}: softcap must be a positive finite number (0: no softcap), got {softcap}")
+
+
 @torch.library.register_fake("torch_ext::linear_cross_entropy_fwd")
-def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask):
-    lead = _check_args("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size)
+def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                  chunk_size, grad_mask, softcap=0.0, ignored_row_stats=False):
+    op = "torch_ext.linear_cross_entropy"
+    lead = _check_args(op, input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size)
+    _check_softcap(op, softcap)
     loss = input.new_empty(lead if reduction == "none" else ())
-    return (loss,) + _grads_like(grad_mask, input, linear_weight, linear_bias)
+    rows = math.prod(lead)
+    stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+    return (loss,) + _grads_like(grad_mask, input, linear_weight, linear_bias) + (stats,)
 
 
 @torch.library.register_fake("torch_ext::linear_cross_entropy_bwd")
-def _lce_bwd_fake(grad_loss, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, output_mask):
-    _check_args("torch_ext.linear_cross_entropy_bwd", input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size)
+def _lce_bwd_fake(grad_loss, input, linear_weight, linear_bias, target, weight, ignore_index, reduction,
+                  label_smoothing, z_loss, chunk_size, output_mask, softcap=0.0):
+    op = "torch_ext.linear_cross_entropy_bwd"
+    _check_args(op, input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size)
+    _check_softcap(op, softcap)
     return _grads_like(output_mask, input, linear_weight, linear_bias)
 
 
@@ -112,7 +126,7 @@ def _probability_target_grad(grad_loss, saved, options):
     of the chunk) and never the whole N x V at once; only the result is target-sized. Torch ops,
     so with create_graph it is differentiable like any other."""
     input, linear_weight, linear_bias, target, weight = saved
-    ignore_index, reduction, label_smoothing, z_loss, chunk_size = options
+    ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap = options
     vocab = linear_weight.shape[0]
     x = input.reshape(-1, input.shape[-1])
     rows = x.shape[0]
@@ -126,7 +140,10 @@ def _probability_target_grad(grad_loss, saved, options):
     class_weight = None if weight is None else weight.to(out.dtype)
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
-        log_prob = torch.log_softmax(F.linear(x[start:stop], linear_weight, linear_bias), -1).to(out.dtype)
+        logits = F.linear(x[start:stop], linear_weight, linear_bias)
+        if softcap:
+            logits = softcap * torch.tanh(logits / softcap)
+        log_prob = torch.log_softmax(logits, -1).to(out.dtype)
         if class_weight is not None:
             log_prob = log_prob * class_weight
         out[start:stop] = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
@@ -138,23 +155,35 @@ def _output_mask(ctx):
     return [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
 
 
+# The forward op's arguments: (input, linear_weight, linear_bias, target, weight, ignore_index,
+# reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap, ignored_row_stats).
+_N_INPUTS = 13
+
+
 def _setup_context(ctx, inputs, output):
     input, linear_weight, linear_bias, target, weight = inputs[:5]
-    ctx.options = tuple(inputs[5:10])  # ignore_index, reduction, label_smoothing, z_loss, chunk_size
+    # ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap
+    ctx.options = tuple(inputs[5:10]) + (inputs[11] if len(inputs) > 11 else 0.0,)
     ctx.has_bias = linear_bias is not None
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
+def _bwd_args(ctx, mask):
+    """linear_cross_entropy_bwd's arguments after grad_loss and the saved tensors."""
+    *options, softcap = ctx.options
+    return (*options, mask, softcap)
+
+
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs reached backward
-        return (None,) * 11
+        return (None,) * _N_INPUTS
     input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
     mask = _output_mask(ctx)
-    grads = [None] * 11
+    grads = [None] * _N_INPUTS
     if any(mask):
-        computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *ctx.options, mask)
+        computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *_bwd_args(ctx, mask))
         for i in range(3):
             grads[i] = computed[i] if mask[i] else None
     if ctx.needs_input_grad[3]:
@@ -168,8 +197,9 @@ register_no_double_backward("torch_ext::linear_cross_entropy_bwd", "torch_ext.li
 
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
-    weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask)`` -> (loss,
-    *unused); the backward recomputes each chunk's logits. torch.compile'd graphs use this path."""
+    weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
+    ignored_row_stats)`` -> (loss, *unused, stats); the backward recomputes each chunk's logits.
+    torch.compile'd graphs use this path."""
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -184,22 +214,25 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
     to backward as ctx attributes (input- and weight-sized), which saved-tensor hooks do not see."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size):
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                chunk_size, softcap, ignored_row_stats):
         ctx.has_bias = linear_bias is not None
         mask = _output_mask(ctx)
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, chunk_size)
-        loss, *grads = _fwd_op(input, linear_weight, linear_bias, target, weight, *ctx.options, mask)
+        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap)
+        loss, *grads, stats = _fwd_op(input, linear_weight, linear_bias, target, weight, *ctx.options[:5], mask, softcap,
+                                      ignored_row_stats)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
-        return loss
+        ctx.mark_non_differentiable(stats)
+        return loss, stats
 
     @staticmethod
-    def backward(ctx, grad_loss):
+    def backward(ctx, grad_loss, _grad_stats):
         mask = _output_mask(ctx)
         grads = unit_grads_backward(
-            ctx, grad_loss, mask, 10,
-            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *ctx.options, mask),
-            graph_backward=lambda: _backward(ctx, grad_loss)[:10],
+            ctx, grad_loss, mask, 12,
+            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *_bwd_args(ctx, mask)),
+            graph_backward=lambda: _backward(ctx, grad_loss)[:12],
         )
         if ctx.needs_input_grad[3] and grads[3] is None:  # a class-probability target
             grads = grads[:3] + (_probability_target_grad(grad_loss, ctx.saved_tensors, ctx.options),) + grads[4:]
@@ -218,8 +251,11 @@ def linear_cross_entropy(
     label_smoothing: float = 0.0,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
+    softcap: Optional[float] = None,
+    return_lse: bool = False,
+    return_accuracy: bool = False,
     num_items_in_batch=None,
-) -> Tensor:
+):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
     holding the whole logits: rows go through in chunks of ``chunk_size`` (None: see
     ``default_chunk_size``). Arguments as ``torch.nn.functional.linear_cross_entropy`` (and
@@ -234,25 +270,38 @@ def linear_cross_entropy(
     K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
     ``(N, H)``, target ``(N, d_1, ..., d_K)`` or ``(N, V, d_1, ..., d_K)``) is taken as
     F.linear_cross_entropy takes it: one chunked problem per output position.
-    ``num_items_in_batch``: as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
-    reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction),
-                                    "torch_ext.linear_cross_entropy")
-    return divide_by_items(
-        _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                              label_smoothing, z_loss, chunk_size),
-        num_items_in_batch,
-    )
+    ``num_items_in_batch``: as ``torch_ext.cross_entropy``'s (the summed loss divided by it).
+    ``softcap``, ``return_lse``, ``return_accuracy``: as ``torch_ext.cross_entropy``'s, formed chunk
+    by chunk in the same pass, except that this ``lse`` is not differentiable (a detached output:
+    its gradient would need every chunk's logits once more; use ``z_loss`` for a penalty on it);
+    not with a K-dimensional linear_weight."""
+    op = "torch_ext.linear_cross_entropy"
+    reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction), op)
+    cap = softcap_value(op, softcap)
+    check_accuracy_target(op, target, return_accuracy)
+    if ignore_index is None:  # as F.linear_cross_entropy
+        ignore_index = -100
+    extras = return_lse or return_accuracy
+    if extras and linear_weight.dim() > 2:
+        raise ValueError(f"{op}: return_lse and return_accuracy are not supported with a K-dimensional "
+                         f"linear_weight (got shape {tuple(linear_weight.shape)})")
+    out = _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                                label_smoothing, z_loss, chunk_size, cap, extras, return_lse)
+    if not extras:
+        return divide_by_items(out, num_items_in_batch)
+    loss, stats = out
+    return extra_outputs(divide_by_items(loss, num_items_in_batch), stats, target, ignore_index, return_lse,
+                         return_accuracy, list(input.shape[:-1]))
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                          z_loss, chunk_size):
-    if ignore_index is None:  # as F.linear_cross_entropy
-        ignore_index = -100
+                          z_loss, chunk_size, softcap=0.0, return_stats=False, ignored_row_stats=False):
+    """The loss (with return_stats: (loss, the rows' stats)) by the path that applies."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError("torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     if linear_weight.dim() > 2:
         return _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
-                              label_smoothing, z_loss, chunk_size)
+                              label_smoothing, z_loss, chunk_size, softcap)
     rows = input.shape[:-1].numel() if input.dim() >= 1 else 0
     if chunk_size is None:
         chunk_size = default_chunk_size(
@@ -264,21 +313,25 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
     if target.is_floating_point():
         target = target.to(input.dtype)
-    args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), int(chunk_size))
+    args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing),
+            float(z_loss), int(chunk_size))
+    no_grads = [False, False, False]
     if reduction != "none" and forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)):
         if target.requires_grad:  # a probability target's gradient: formed in backward, in Python
-            loss = _LinearCrossEntropyGradInForward.apply(*args)
+            loss, stats = _LinearCrossEntropyGradInForward.apply(*args, softcap, ignored_row_stats)
         else:  # the gradients handed over by a C++ node (csrc/autograd_node.h)
-            loss = _C._linear_cross_entropy_grad_in_forward(*args)
+            loss, stats = _C._linear_cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, True)
     elif not needs_autograd(input, linear_weight, linear_bias, target):
-        loss = _fwd_op(*args, [False, False, False])[0]
+        loss, *_, stats = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
     else:
-        loss = LinearCrossEntropyFunction.apply(*args, [False, False, False])[0]
-    return loss.float() if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16) else loss
+        loss, *_, stats = LinearCrossEntropyFunction.apply(*args, no_grads, softcap, ignored_row_stats)
+    if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16):
+        loss = loss.float()
+    return (loss, stats) if return_stats else loss
 
 
 def _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing, z_loss,
-                   chunk_size):
+                   chunk_size, softcap):
     """The K-dimensional loss of F.linear_cross_entropy: linear_weight ``(C, d_1, ..., d_K, H)``,
     linear_bias ``(C, d_1, ..., d_K)``, input ``(N, H)``, target ``(N, d_1, ..., d_K)`` (class
     indices) or ``(N, C, d_1, ..., d_K)`` (probabilities). Each output position p has its own
@@ -313,7 +366,8 @@ def _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction,
     losses = [
         linear_cross_entropy(input, w[:, p], t[:, :, p] if prob else t[:, p], linear_bias=None if b is None else b[:, p],
                              weight=weight, reduction=per_position, ignore_index=ignore_index,
-                             label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size)
+                             label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size,
+                             softcap=softcap or None)
         for p in range(positions)
     ]
     if reduction == "none":
@@ -340,8 +394,9 @@ class LinearCrossEntropyLoss(_LossBase):
     (``linear.weight`` of shape ``(C * prod(out_features), in_features)``, ``linear.bias`` when
     ``bias=True``; the class weight is the buffer ``weight``) and is called ``loss(input, target)``.
     Same constructor, parameters, state_dict keys and forward as PyTorch's (a subclass of it on
-    PyTorch >= 2.13; an nn.Module with the same interface before), plus the keyword-only ``z_loss``
-    and ``chunk_size`` of :func:`linear_cross_entropy`, which is the weight-as-argument form.
+    PyTorch >= 2.13; an nn.Module with the same interface before), plus the keyword-only ``z_loss``,
+    ``chunk_size``, ``softcap``, ``return_lse`` and ``return_accuracy`` of
+    :func:`linear_cross_entropy`, which is the weight-as-argument form.
 
     ``options`` (a ``torch.nn.LinearCrossEntropyOptions``) is accepted and kept (repr, attribute)
     for code written for PyTorch's module, but this module always chunks, by ``chunk_size``: the
@@ -370,6 +425,9 @@ class LinearCrossEntropyLoss(_LossBase):
         options=None,
         z_loss: float = 0.0,
         chunk_size: Optional[int] = None,
+        softcap: Optional[float] = None,
+        return_lse: bool = False,
+        return_accuracy: bool = False,
     ) -> None:
         for name, value in (("in_features", in_features), ("num_classes", num_classes)):
             if isinstance(value, bool) or not isinstance(value, int):
@@ -401,8 +459,12 @@ class LinearCrossEntropyLoss(_LossBase):
                                     dtype=dtype)
             self.options = options
         self.reduction = resolve_reduction(None, None, self.reduction)
+        softcap_value("LinearCrossEntropyLoss", softcap)
         self.z_loss = z_loss
         self.chunk_size = chunk_size
+        self.softcap = softcap
+        self.return_lse = return_lse
+        self.return_accuracy = return_accuracy
 
     def _rows_per_chunk(self) -> Optional[int]:
         if self.chunk_size is not None or self.options is None:
@@ -411,7 +473,7 @@ class LinearCrossEntropyLoss(_LossBase):
             return getattr(self.options, "batch_chunk_size", None)
         return None
 
-    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
+    def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None):
         linear_weight, linear_bias = self.linear.weight, self.linear.bias
         if self.out_features:
             linear_weight = linear_weight.reshape((self.num_classes, *self.out_features, self.linear.in_features))
@@ -428,6 +490,9 @@ class LinearCrossEntropyLoss(_LossBase):
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
             chunk_size=self._rows_per_chunk(),
+            softcap=self.softcap,
+            return_lse=self.return_lse,
+            return_accuracy=self.return_accuracy,
             num_items_in_batch=num_items_in_batch,
         )
 
@@ -436,5 +501,6 @@ class LinearCrossEntropyLoss(_LossBase):
             f"in_features={self.linear.in_features}, num_classes={self.num_classes}, "
             f"out_features={self.out_features}, bias={self.linear.bias is not None}, reduction={self.reduction}, "
             f"ignore_index={self.ignore_index}, label_smoothing={self.label_smoothing}, options={self.options}, "
-            f"z_loss={self.z_loss}, chunk_size={self.chunk_size}"
+            f"z_loss={self.z_loss}, chunk_size={self.chunk_size}, softcap={self.softcap}, "
+            f"return_lse={self.return_lse}, return_accuracy={self.return_accuracy}"
         )

@@ -1,4 +1,6 @@
-// Fused cross-entropy on CPU, with every option of F.cross_entropy plus z_loss.
+// Fused cross-entropy on CPU, with every option of F.cross_entropy plus z_loss and softcap, and
+// what the lse and accuracy outputs need (stats: each row's logsumexp, whether its argmax is its
+// target; grad_lse in backward).
 //
 //   forward : one read of the logits: per row the logsumexp (online over blocks, or over a tile
 //             of positions for (N, C, d...) input) and the loss; no log-probabilities are
@@ -65,13 +67,16 @@ struct CrossEntropyInputs {
   CrossEntropyLayout layout;
   Tensor input, target, weight;
   double weight_sum, denominator;
+  double softcap;
 };
 
 CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& target,
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                           double z_loss) {
+                           double z_loss, double softcap) {
   CrossEntropyInputs in;
-  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, check_cpu_dtype);
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                       check_cpu_dtype);
+  in.softcap = softcap;
   in.input = input.contiguous();
   in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
   if (in.layout.probabilities) {
@@ -103,6 +108,7 @@ cpu::CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignor
   a.ignore_index = ignore_index;
   a.label_smoothing = A(label_smoothing);
   a.z_loss = A(z_loss);
+  a.softcap = A(in.softcap);
   a.weight_sum = A(in.weight_sum);
   a.stats = stats.data_ptr<A>();
   return a;
@@ -113,9 +119,11 @@ cpu::CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignor
 // the backward kernel right after.
 template <typename S>
 void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
-                 Tensor& stats, Tensor& row_loss, Tensor* grad_input = nullptr, double scale = 0) {
+                 bool ignored_row_stats, Tensor& stats, Tensor& row_loss, Tensor* grad_input = nullptr,
+                 double scale = 0) {
   auto a = kernel_args<S>(in, ignore_index, label_smoothing, z_loss, stats);
   a.row_loss = row_loss.data_ptr<cpu::acc_t<S>>();
+  a.ignored_row_stats = ignored_row_stats;
   if (grad_input != nullptr) {
     a.scale = cpu::acc_t<S>(scale);
     a.grad_input = grad_input->data_ptr<S>();
@@ -126,10 +134,12 @@ void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double labe
 
 template <typename S>
 void run_backward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
-                  Tensor& stats, const Tensor& row_scale, double scale, Tensor& grad_input, Tensor& grad_target) {
+                  Tensor& stats, const Tensor& row_scale, double scale, const Tensor& grad_lse, Tensor& grad_input,
+                  Tensor& grad_target) {
   using A = cpu::acc_t<S>;
   auto a = kernel_args<S>(in, ignore_index, label_smoothing, z_loss, stats);
   a.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+  a.grad_lse = grad_lse.defined() ? grad_lse.const_data_ptr<A>() : nullptr;
   a.scale = A(scale);
   a.grad_input = grad_input.defined() ? grad_input.data_ptr<S>() : nullptr;
   a.grad_target = grad_target.defined() ? grad_target.data_ptr<S>() : nullptr;
@@ -151,10 +161,11 @@ Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInp
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                 c10::string_view reduction, double label_smoothing, double z_loss) {
+                                                 c10::string_view reduction, double label_smoothing, double z_loss,
+                                                 double softcap, bool ignored_row_stats) {
   constexpr const char* op = "torch_ext.cross_entropy";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({rows, 3}, acc_options);
@@ -163,9 +174,9 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   // probability sum, so the loss of each row is 0, as in PyTorch.
   if (rows > 0 && in.layout.classes > 0) {
     switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, stats, row_loss); break;
-      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, stats, row_loss); break;
-      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats, row_loss);
+      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss); break;
+      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss); break;
+      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
     }
   }
   return {reduced_loss(red, row_loss, in, input), stats};
@@ -175,10 +186,10 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
 // input itself (the kernels read each block before writing it).
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                   c10::string_view reduction, double label_smoothing, double z_loss, Tensor& grad_input,
-                   Tensor& grad_target) {
+                   c10::string_view reduction, double label_smoothing, double z_loss, double softcap,
+                   const std::optional<Tensor>& grad_lse, Tensor& grad_input, Tensor& grad_target) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
@@ -192,12 +203,17 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   } else {
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
   }
+  Tensor lse_grad;
+  if (grad_lse.has_value()) {
+    check_grad_lse(op, input, *grad_lse, rows);
+    lse_grad = grad_lse->to(acc_dtype(input)).contiguous();
+  }
   Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
     switch (input.scalar_type()) {
-      case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;
-      case at::kDouble: run_backward<double>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target); break;
-      default: run_backward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, grad_input, grad_target);
+      case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target); break;
+      case at::kDouble: run_backward<double>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target); break;
+      default: run_backward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target);
     }
   }
 }
@@ -206,11 +222,12 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
                                                  const std::optional<Tensor>& weight, const Tensor& stats,
                                                  int64_t ignore_index, c10::string_view reduction,
                                                  double label_smoothing, double z_loss,
-                                                 std::array<bool, 2> output_mask) {
+                                                 std::array<bool, 2> output_mask, double softcap,
+                                                 const std::optional<Tensor>& grad_lse) {
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
-                label_smoothing, z_loss, grad_input, grad_target);
+                label_smoothing, z_loss, softcap, grad_lse, grad_input, grad_target);
   return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
@@ -219,13 +236,14 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
 // not needed afterwards): no second chunk-sized buffer.
 void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                                   c10::string_view reduction, double label_smoothing, double z_loss) {
+                                   c10::string_view reduction, double label_smoothing, double z_loss,
+                                   double softcap) {
   constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
   TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
   Tensor grad_input = input;
   Tensor no_target_grad;
   backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
-                grad_input, no_target_grad);
+                softcap, std::nullopt, grad_input, no_target_grad);
 }
 
 // The loss, the stats and the input's gradient for grad_loss = 1 in one pass over the logits:
@@ -234,10 +252,10 @@ void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input,
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& input, const Tensor& target,
                                                               const std::optional<Tensor>& weight, int64_t ignore_index,
                                                               c10::string_view reduction, double label_smoothing,
-                                                              double z_loss) {
+                                                              double z_loss, double softcap, bool ignored_row_stats) {
   constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
   const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss);
+  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({rows, 3}, acc_options);
@@ -247,9 +265,9 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& inpu
   const double scale = red == Reduction::Mean ? 1.0 / in.denominator : 1.0;
   if (rows > 0 && in.layout.classes > 0) {
     switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale); break;
-      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale); break;
-      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats, row_loss, &grad_input, scale);
+      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale); break;
+      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale); break;
+      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale);
     }
   }
   return {reduced_loss(red, row_loss, in, input), stats, grad_input};

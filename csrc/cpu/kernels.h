@@ -78,15 +78,19 @@ struct CrossEntropyArgs {
   const A* weight;         // per class, or nullptr
   int64_t ignore_index;
   A label_smoothing, z_loss;
+  A softcap;               // > 0: every logit x is taken as softcap * tanh(x / softcap); 0: off
   A weight_sum;            // sum of weight, or classes without weight
   A* stats;                // (rows, 3): max, log(sum exp(x - max)) (their sum is the logsumexp),
-                           // and for probability targets sum_c w_c t'_c
+                           // and for probability targets sum_c w_c t'_c, for class targets 1 where
+                           // the row's argmax (first index of the max) is its target, else 0
   // forward
   A* row_loss;             // unreduced loss per row
+  bool ignored_row_stats;  // also the max and log-sum of ignored rows (else their stats are 0)
   // backward: d(loss)/d(row loss) per row, or `scale` for every row when row_scale is null.
   // The (N, C) forward kernel also writes grad_input when it is given (for row_scale / scale).
   const A* row_scale;
   A scale;
+  const A* grad_lse;       // per row: the incoming gradient of its logsumexp, or nullptr
   S* grad_input;
   S* grad_target;          // probability targets only, or nullptr
 };

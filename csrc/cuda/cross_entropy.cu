@@ -1,4 +1,5 @@
-// Fused cross-entropy on CUDA, with every option of F.cross_entropy plus z_loss; the same ops,
+// Fused cross-entropy on CUDA, with every option of F.cross_entropy plus z_loss and softcap (and
+// the stats of the lse and accuracy outputs, grad_lse in backward); the same ops,
 // formulas and saved statistics as csrc/cpu/cross_entropy.cpp (see csrc/cpu/kernels/cross_entropy.h
 // for the formulas).
 //
@@ -53,25 +54,39 @@ struct CrossEntropyArgs {
   const A* weight;         // or nullptr
   int64_t ignore_index;
   A label_smoothing, z_loss;
+  A softcap;               // > 0: every logit x is taken as softcap * tanh(x / softcap); 0: off
   const A* weight_sum;     // device scalar: sum of weight (classes without weight)
-  A* stats;                // (rows, 3): max, log(sum exp(x - max)), target mass
+  A* stats;                // (rows, 3): max, log(sum exp(x - max)), target mass (probabilities) or
+                           // whether the row's argmax is its target (class indices)
   A* row_loss;             // forward
+  bool ignored_row_stats;  // forward: also the max and log-sum of ignored rows
   const A* row_scale;      // backward: per row (reduction none), or
   const A* scale;          // a device scalar for every row
+  const A* grad_lse;       // backward: per row, the incoming gradient of its logsumexp, or nullptr
   S* grad_input;           // or nullptr
   S* grad_target;          // or nullptr
 };
 
-// A row's running statistics: max and sum of exp(x - max) (online), and the linear sums of the
+// The logit as the loss sees it: softcap * tanh(x / softcap), or x when softcap is 0.
+template <typename A>
+__device__ __forceinline__ A capped(A x, A softcap) {
+  return softcap == A(0) ? x : softcap * ::tanh(x / softcap);
+}
+
+// A row's running statistics: max and sum of exp(x - max) (online), the first index of the max
+// (torch.argmax's: a NaN counts as the max; -1 before any class), and the linear sums of the
 // smoothing and probability terms, taken relative to `shift` (the row's first finite logit) so
 // that large logits do not cancel against lse.
 template <typename A>
 struct RowPartial {
   A max, sum_exp, sum_wx, sum_wt, sum_wtx;
+  int64_t arg;
 
-  __device__ static RowPartial empty() { return {-INFINITY, A(0), A(0), A(0), A(0)}; }
+  __device__ static RowPartial empty() { return {-INFINITY, A(0), A(0), A(0), A(0), -1}; }
 
-  __device__ void add_logit(A x) {
+  // Classes come in increasing order per thread, so an equal max keeps the earlier index.
+  __device__ void add_logit(A x, int64_t c) {
+    if (arg < 0 || x > max || (x != x && max == max)) arg = c;
     if (x > max) {
       sum_exp = (max == -INFINITY ? A(0) : sum_exp * ::exp(max - x)) + A(1);
       max = x;
@@ -92,6 +107,14 @@ struct RowPartial {
   }
 
   __device__ void merge(const RowPartial& o) {
+    if (o.arg >= 0) {
+      const bool o_nan = o.max != o.max, nan = max != max;
+      if (arg < 0 || (o_nan && !nan) || (!nan && o.max > max)) {
+        arg = o.arg;
+      } else if ((o_nan && nan) || o.max == max) {
+        arg = o.arg < arg ? o.arg : arg;
+      }
+    }
     const A m = max != max ? max : ((o.max != o.max || o.max > max) ? o.max : max);  // NaN-propagating
     const A s = m != m ? m : rescaled(sum_exp, max, m) + rescaled(o.sum_exp, o.max, m);
     max = m;
@@ -114,7 +137,8 @@ template <typename A>
 __device__ __forceinline__ RowPartial<A> shfl_down(const RowPartial<A>& p, int offset) {
   return {__shfl_down_sync(0xffffffffu, p.max, offset), __shfl_down_sync(0xffffffffu, p.sum_exp, offset),
           __shfl_down_sync(0xffffffffu, p.sum_wx, offset), __shfl_down_sync(0xffffffffu, p.sum_wt, offset),
-          __shfl_down_sync(0xffffffffu, p.sum_wtx, offset)};
+          __shfl_down_sync(0xffffffffu, p.sum_wtx, offset),
+          static_cast<int64_t>(__shfl_down_sync(0xffffffffu, static_cast<long long>(p.arg), offset))};
 }
 
 // One class of one row: x, and t (probability targets) at class c.
@@ -123,7 +147,7 @@ __device__ __forceinline__ void accumulate_class(RowPartial<at::acc_type<S, true
                                                  at::acc_type<S, true> x, const S* t_row, int64_t c, int64_t stride,
                                                  at::acc_type<S, true> shift, bool linear_sums) {
   using A = at::acc_type<S, true>;
-  p.add_logit(x);
+  p.add_logit(x, c);
   if (!linear_sums) return;
   const A w = a.weight ? a.weight[c] : A(1);
   if (t_row == nullptr) {
@@ -148,13 +172,21 @@ __device__ __forceinline__ bool class_in_range(const CrossEntropyArgs<S>& a, int
 }
 
 // The row's loss and statistics from its reduced partial (x_row: the row's first logit, with
-// class stride `stride`).
+// class stride `stride`). An ignored row gets here only for ignored_row_stats: loss 0, its
+// logsumexp's two numbers.
 template <typename S>
 __device__ void finish_forward_row(const CrossEntropyArgs<S>& a, int64_t r, const RowPartial<at::acc_type<S, true>>& p,
                                    const S* x_row, int64_t stride, at::acc_type<S, true> shift) {
   using A = at::acc_type<S, true>;
   const A e = a.label_smoothing, inv_c = A(1) / A(a.classes);
   const A log_sum = ::log(p.sum_exp);
+  if (row_ignored(a, r)) {
+    a.row_loss[r] = 0;
+    a.stats[3 * r] = p.max;
+    a.stats[3 * r + 1] = log_sum;
+    a.stats[3 * r + 2] = 0;
+    return;
+  }
   const A lse = p.max + log_sum;
   const A lse_shifted = (p.max - shift) + log_sum;
   A loss;
@@ -164,7 +196,7 @@ __device__ void finish_forward_row(const CrossEntropyArgs<S>& a, int64_t r, cons
   } else if (class_in_range(a, a.target[r])) {
     const int64_t y = a.target[r];
     const A rw = a.weight ? a.weight[y] : A(1);
-    loss = (A(1) - e) * ((p.max - A(x_row[y * stride])) + log_sum);
+    loss = (A(1) - e) * ((p.max - capped(A(x_row[y * stride]), a.softcap)) + log_sum);
     if (a.z_loss != 0) loss += a.z_loss * lse * lse;
     loss *= rw;
     if (e > 0) loss += e * inv_c * (*a.weight_sum * lse_shifted - p.sum_wx);
@@ -176,13 +208,13 @@ __device__ void finish_forward_row(const CrossEntropyArgs<S>& a, int64_t r, cons
   a.row_loss[r] = loss;
   a.stats[3 * r] = p.max;
   a.stats[3 * r + 1] = log_sum;
-  a.stats[3 * r + 2] = a.target_prob != nullptr ? p.sum_wt : A(0);
+  a.stats[3 * r + 2] = a.target_prob != nullptr ? p.sum_wt : A(p.arg == a.target[r] ? 1 : 0);
 }
 
 template <typename S>
-__device__ __forceinline__ at::acc_type<S, true> row_shift(const S* x_row) {
+__device__ __forceinline__ at::acc_type<S, true> row_shift(const S* x_row, at::acc_type<S, true> softcap) {
   using A = at::acc_type<S, true>;
-  const A first = A(x_row[0]);
+  const A first = capped(A(x_row[0]), softcap);
   return ::isfinite(first) ? first : A(0);
 }
 
@@ -198,14 +230,19 @@ __device__ __forceinline__ RowGradient<at::acc_type<S, true>> row_gradient(const
   using A = at::acc_type<S, true>;
   const A e = a.label_smoothing, inv_c = A(1) / A(a.classes);
   const A sc = a.row_scale ? a.row_scale[r] : *a.scale;
+  const A grad_lse = a.grad_lse ? a.grad_lse[r] : A(0);
   RowGradient<A> g;
   g.row_max = a.stats[3 * r];
   g.log_sum = a.stats[3 * r + 1];
   g.scale = sc;
   const A lse = g.row_max + g.log_sum;
   const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
-  if (a.target_prob != nullptr) {
-    g.coef_p = sc * (a.stats[3 * r + 2] + z_term);
+  if (row_ignored(a, r)) {  // only its logsumexp's gradient (ignored_row_stats' stats)
+    g.coef_p = grad_lse;
+    g.coef_w = g.coef_y = 0;
+    g.y = -1;
+  } else if (a.target_prob != nullptr) {
+    g.coef_p = sc * (a.stats[3 * r + 2] + z_term) + grad_lse;
     g.coef_w = sc;
     g.coef_y = 0;
     g.y = -1;
@@ -213,7 +250,7 @@ __device__ __forceinline__ RowGradient<at::acc_type<S, true>> row_gradient(const
     const bool valid = class_in_range(a, a.target[r]);
     g.y = valid ? a.target[r] : -1;
     const A rw = !valid ? A(NAN) : a.weight ? a.weight[g.y] : A(1);
-    g.coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * *a.weight_sum : A(0)));
+    g.coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * *a.weight_sum : A(0))) + grad_lse;
     g.coef_w = sc * e * inv_c;
     g.coef_y = sc * rw * (A(1) - e);
     if (!valid) g.row_max = NAN;
@@ -240,6 +277,10 @@ __device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a, con
     grad -= g.coef_w * w;
   }
   if (c == g.y) grad -= g.coef_y;
+  if (a.softcap != A(0)) {  // x is the capped logit: through the cap, d/dx = d/dx' (1 - (x' / softcap)^2)
+    const A u = x / a.softcap;
+    grad *= A(1) - u * u;
+  }
   if (gi_row != nullptr) gi_row[c * stride] = S(grad);
 }
 
@@ -279,7 +320,7 @@ __device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a,
   const RowGradient<A> g = row_gradient(a, r);
   // Packs are read before they are written: grad_input may be the input itself (in place), and
   // each thread writes only the classes it read.
-  for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { gradient_class(a, g, A(xc), t, gi, gt, c, 1); });
+  for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { gradient_class(a, g, capped(A(xc), a.softcap), t, gi, gt, c, 1); });
 }
 
 // Whether one logit makes its row's log-probabilities NaN (+inf, NaN), and whether it keeps an
@@ -293,10 +334,10 @@ __device__ __forceinline__ void note_non_finite(A x, bool& nan_or_inf, bool& abo
 // An ignored row's gradient by the block: 0, or NaN where F.cross_entropy's is. Every read of
 // the row comes before the barrier and every write after it (gi may be the row itself).
 template <typename S, int kVec>
-__device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, int64_t C) {
+__device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, int64_t C, at::acc_type<S, true> softcap) {
   using A = at::acc_type<S, true>;
   bool nan_or_inf = false, above_minus_inf = false;
-  for_each_class<S, kVec>(x, C, [&](int64_t, S xc) { note_non_finite(A(xc), nan_or_inf, above_minus_inf); });
+  for_each_class<S, kVec>(x, C, [&](int64_t, S xc) { note_non_finite(capped(A(xc), softcap), nan_or_inf, above_minus_inf); });
   const bool nan_row = __syncthreads_or(nan_or_inf) || !__syncthreads_or(above_minus_inf);
   const S value = nan_row ? S(NAN) : S(0);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gi[c] = value;
@@ -304,10 +345,11 @@ __device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, in
 
 // The same for a position of (N, C, d...) input, by its thread (class stride HW).
 template <typename S>
-__device__ __forceinline__ void write_ignored_position_gradient(const S* x, S* gi, int64_t C, int64_t HW) {
+__device__ __forceinline__ void write_ignored_position_gradient(const S* x, S* gi, int64_t C, int64_t HW,
+                                                                at::acc_type<S, true> softcap) {
   using A = at::acc_type<S, true>;
   bool nan_or_inf = false, above_minus_inf = false;
-  for (int64_t c = 0; c < C; ++c) note_non_finite(A(x[c * HW]), nan_or_inf, above_minus_inf);
+  for (int64_t c = 0; c < C; ++c) note_non_finite(capped(A(x[c * HW]), softcap), nan_or_inf, above_minus_inf);
   const S value = nan_or_inf || !above_minus_inf ? S(NAN) : S(0);
   for (int64_t c = 0; c < C; ++c) gi[c * HW] = value;
 }
@@ -322,24 +364,34 @@ __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
   const int64_t C = a.classes;
   const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    if (row_ignored(a, r)) {
+    const bool ignored = row_ignored(a, r);
+    if (ignored && !a.ignored_row_stats) {
       if (threadIdx.x == 0) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
       }
-      if constexpr (kWithGrad) write_ignored_row_gradient<S, kVec>(a.input + r * C, a.grad_input + r * C, C);
+      if constexpr (kWithGrad) write_ignored_row_gradient<S, kVec>(a.input + r * C, a.grad_input + r * C, C, a.softcap);
       continue;
     }
     const S* x = a.input + r * C;
     const S* t = a.target_prob ? a.target_prob + r * C : nullptr;
-    const A shift = row_shift(x);
+    const A shift = row_shift(x, a.softcap);
+    const bool sums = linear_sums && !ignored;
     RowPartial<A> p = RowPartial<A>::empty();
-    for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { accumulate_class(p, a, A(xc), t, c, 1, shift, linear_sums); });
+    for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) {
+      accumulate_class(p, a, capped(A(xc), a.softcap), t, c, 1, shift, sums);
+    });
     p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
                      [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
     if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
     __syncthreads();  // warp_partials is reused by the next row; the row's stats are visible
-    if constexpr (kWithGrad) write_row_gradient<S, kVec>(a, r);
+    if constexpr (kWithGrad) {
+      if (ignored) {
+        write_ignored_row_gradient<S, kVec>(x, a.grad_input + r * C, C, a.softcap);
+      } else {
+        write_row_gradient<S, kVec>(a, r);
+      }
+    }
   }
 }
 
@@ -352,21 +404,28 @@ __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
   const bool linear_sums = a.target_prob != nullptr || a.label_smoothing > 0;
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t offset = (r / HW) * C * HW + r % HW;
-    if (row_ignored(a, r)) {
+    const bool ignored = row_ignored(a, r);
+    if (ignored && !a.ignored_row_stats) {
       a.row_loss[r] = 0;
       a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-      if constexpr (kWithGrad) write_ignored_position_gradient(a.input + offset, a.grad_input + offset, C, HW);
+      if constexpr (kWithGrad) write_ignored_position_gradient(a.input + offset, a.grad_input + offset, C, HW, a.softcap);
       continue;
     }
     const S* x = a.input + offset;
     const S* t = a.target_prob ? a.target_prob + offset : nullptr;
-    const A shift = row_shift(x);
+    const A shift = row_shift(x, a.softcap);
     RowPartial<A> p = RowPartial<A>::empty();
-    for (int64_t c = 0; c < C; ++c) accumulate_class(p, a, A(x[c * HW]), t, c, HW, shift, linear_sums);
+    for (int64_t c = 0; c < C; ++c)
+      accumulate_class(p, a, capped(A(x[c * HW]), a.softcap), t, c, HW, shift, linear_sums && !ignored);
     finish_forward_row(a, r, p, x, HW, shift);
     if constexpr (kWithGrad) {
-      const RowGradient<A> g = row_gradient(a, r);
-      for (int64_t c = 0; c < C; ++c) gradient_class(a, g, A(x[c * HW]), t, a.grad_input + offset, static_cast<S*>(nullptr), c, HW);
+      if (ignored) {
+        write_ignored_position_gradient(x, a.grad_input + offset, C, HW, a.softcap);
+      } else {
+        const RowGradient<A> g = row_gradient(a, r);
+        for (int64_t c = 0; c < C; ++c)
+          gradient_class(a, g, capped(A(x[c * HW]), a.softcap), t, a.grad_input + offset, static_cast<S*>(nullptr), c, HW);
+      }
     }
   }
 }
@@ -374,9 +433,10 @@ __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
 template <typename S, int kVec>
 __global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
   for (int64_t r = blockIdx.x; r < a.rows; r += gridDim.x) {
-    if (row_ignored(a, r)) {
+    // An ignored row without a logsumexp gradient: 0 (or NaN); with one, from its stats.
+    if (row_ignored(a, r) && (a.grad_lse == nullptr || a.grad_lse[r] == 0)) {
       if (a.grad_input != nullptr)
-        write_ignored_row_gradient<S, kVec>(a.input + r * a.classes, a.grad_input + r * a.classes, a.classes);
+        write_ignored_row_gradient<S, kVec>(a.input + r * a.classes, a.grad_input + r * a.classes, a.classes, a.softcap);
       continue;
     }
     write_row_gradient<S, kVec>(a, r);
@@ -390,15 +450,15 @@ __global__ void backward_positions_kernel(CrossEntropyArgs<S> a) {
   for (int64_t r = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; r < a.rows; r += int64_t(gridDim.x) * blockDim.x) {
     const int64_t offset = (r / HW) * C * HW + r % HW;
     S* gi = a.grad_input ? a.grad_input + offset : nullptr;
-    if (row_ignored(a, r)) {
-      if (gi != nullptr) write_ignored_position_gradient(a.input + offset, gi, C, HW);
+    if (row_ignored(a, r) && (a.grad_lse == nullptr || a.grad_lse[r] == 0)) {
+      if (gi != nullptr) write_ignored_position_gradient(a.input + offset, gi, C, HW, a.softcap);
       continue;
     }
     const S* x = a.input + offset;
     const S* t = a.target_prob ? a.target_prob + offset : nullptr;
     S* gt = a.grad_target ? a.grad_target + offset : nullptr;
     const RowGradient<A> g = row_gradient(a, r);
-    for (int64_t c = 0; c < C; ++c) gradient_class(a, g, A(x[c * HW]), t, gi, gt, c, HW);
+    for (int64_t c = 0; c < C; ++c) gradient_class(a, g, capped(A(x[c * HW]), a.softcap), t, gi, gt, c, HW);
   }
 }
 
@@ -412,6 +472,7 @@ struct CrossEntropyInputs {
   CrossEntropyLayout layout;
   Tensor input, target, weight;
   Tensor weight_sum, denominator;  // device scalars in the accumulation type
+  double softcap;
 };
 
 thread_local bool targets_checked_by_caller = false;
@@ -425,9 +486,11 @@ enum class TargetCheck { Forward, Backward };
 // reduction: no host synchronization besides the forward's target check.
 CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& target,
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
-                           double z_loss, TargetCheck check) {
+                           double z_loss, double softcap, TargetCheck check) {
   CrossEntropyInputs in;
-  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, check_floating);
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
+                                       check_floating);
+  in.softcap = softcap;
   const auto acc = input.options().dtype(acc_dtype(input));
   in.input = input.contiguous();
   in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
@@ -467,6 +530,7 @@ CrossEntropyArgs<S> kernel_args(const CrossEntropyInputs& in, int64_t ignore_ind
   a.ignore_index = ignore_index;
   a.label_smoothing = A(label_smoothing);
   a.z_loss = A(z_loss);
+  a.softcap = A(in.softcap);
   a.weight_sum = in.weight_sum.const_data_ptr<A>();
   a.stats = const_cast<A*>(stats.const_data_ptr<A>());
   return a;
@@ -535,13 +599,14 @@ void launch(Pass pass, const CrossEntropyArgs<S>& a) {
 // The forward kernel; given grad_input and `scale` (a device scalar), it also writes the input's
 // gradient for d(loss)/d(row loss) = scale, each row's right after its statistics.
 void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double label_smoothing, double z_loss,
-                 const Tensor& stats, const Tensor& row_loss, const Tensor& grad_input = Tensor(),
-                 const Tensor& scale = Tensor()) {
+                 bool ignored_row_stats, const Tensor& stats, const Tensor& row_loss,
+                 const Tensor& grad_input = Tensor(), const Tensor& scale = Tensor()) {
   if (in.layout.rows() == 0 || in.layout.classes == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, in.input.scalar_type(), "cross_entropy_fwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats);
     a.row_loss = row_loss.data_ptr<A>();
+    a.ignored_row_stats = ignored_row_stats;
     if (grad_input.defined()) {
       a.scale = scale.const_data_ptr<A>();
       a.grad_input = grad_input.data_ptr<scalar_t>();
@@ -560,15 +625,17 @@ Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInp
 
 std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
                                                   const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                  c10::string_view reduction, double label_smoothing, double z_loss) {
+                                                  c10::string_view reduction, double label_smoothing, double z_loss,
+                                                  double softcap, bool ignored_row_stats) {
   constexpr const char* op = "torch_ext.cross_entropy";
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Forward);
+  const CrossEntropyInputs in =
+      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
   Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
-  run_forward(in, ignore_index, label_smoothing, z_loss, stats, row_loss);
+  run_forward(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
   return {reduced_loss(red, row_loss, in, input), stats};
 }
 
@@ -578,27 +645,30 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Ten
 std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cuda(const Tensor& input, const Tensor& target,
                                                                const std::optional<Tensor>& weight,
                                                                int64_t ignore_index, c10::string_view reduction,
-                                                               double label_smoothing, double z_loss) {
+                                                               double label_smoothing, double z_loss, double softcap,
+                                                               bool ignored_row_stats) {
   constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Forward);
+  const CrossEntropyInputs in =
+      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
   Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
   Tensor grad_input = at::empty(input.sizes(), input.options());
   // d(loss)/d(row loss): 1 for sum, 1 / denominator for mean (a device scalar: no sync).
   const Tensor scale = red == Reduction::Mean ? in.denominator.reciprocal() : at::scalar_tensor(1.0, acc_options);
-  run_forward(in, ignore_index, label_smoothing, z_loss, stats, row_loss, grad_input, scale);
+  run_forward(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, grad_input, scale);
   return {reduced_loss(red, row_loss, in, input), stats, grad_input};
 }
 
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                   c10::string_view reduction, double label_smoothing, double z_loss, Tensor& grad_input,
-                   Tensor& grad_target) {
+                   c10::string_view reduction, double label_smoothing, double z_loss, double softcap,
+                   const std::optional<Tensor>& grad_lse, Tensor& grad_input, Tensor& grad_target) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, TargetCheck::Backward);
+  const CrossEntropyInputs in =
+      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Backward);
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
@@ -612,12 +682,18 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
     scale = grad_loss.reshape({}).to(acc_dtype(input));
     if (red == Reduction::Mean) scale = scale.div(in.denominator);
   }
+  Tensor lse_grad;
+  if (grad_lse.has_value()) {
+    check_grad_lse(op, input, *grad_lse, rows);
+    lse_grad = grad_lse->to(acc_dtype(input)).contiguous();
+  }
   const Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "cross_entropy_bwd_cuda", [&] {
       using A = at::acc_type<scalar_t, true>;
       auto a = kernel_args<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats_c);
       a.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+      a.grad_lse = lse_grad.defined() ? lse_grad.const_data_ptr<A>() : nullptr;
       a.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
       a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
       a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;
@@ -630,26 +706,28 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cuda(const Tensor& grad_loss, const
                                                   const std::optional<Tensor>& weight, const Tensor& stats,
                                                   int64_t ignore_index, c10::string_view reduction,
                                                   double label_smoothing, double z_loss,
-                                                  std::array<bool, 2> output_mask) {
+                                                  std::array<bool, 2> output_mask, double softcap,
+                                                  const std::optional<Tensor>& grad_lse) {
   const c10::cuda::CUDAGuard guard(input.device());
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
-                label_smoothing, z_loss, grad_input, grad_target);
+                label_smoothing, z_loss, softcap, grad_lse, grad_input, grad_target);
   return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
 void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                     const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                                    c10::string_view reduction, double label_smoothing, double z_loss) {
+                                    c10::string_view reduction, double label_smoothing, double z_loss,
+                                    double softcap) {
   constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
   const c10::cuda::CUDAGuard guard(input.device());
   TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
   Tensor grad_input = input;
   Tensor no_target_grad;
   backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
-                grad_input, no_target_grad);
+                softcap, std::nullopt, grad_input, no_target_grad);
 }
 
 }  // namespace

@@ -81,9 +81,14 @@ def fused_linear_like(module: Conv1D, spec) -> FusedConv1D:
 #   ForCausalLMLoss's value with linear_cross_entropy on those hidden states (shifted labels,
 #   ignore_index, the sum over num_items_in_batch); with real logits it calls ForCausalLMLoss.
 # The forward is accepted only if `logits` is used for nothing but the loss and the returned
-# output (no softcapping, scaling or slicing in between), so the two are exact. The model's class
-# becomes a subclass whose forward sets the head's flag when labels are given and returns
-# logits=None then (return_logits=True: the original computation, logits and all).
+# output (no scaling or slicing in between), so the two are exact; the one transformation allowed
+# is Gemma 2's final-logit softcapping, exactly as its forward writes it (`if self.config.X is not
+# None: logits = logits / self.config.X; logits = torch.tanh(logits); logits = logits *
+# self.config.X`), which becomes linear_cross_entropy's softcap (a patch that dropped it would
+# train a different model, silently). The model's class becomes a subclass whose forward sets the
+# head's flag when labels are given (with the softcap read from the config, and the config's value
+# set to None while the forward runs, so that the forward does not cap the hidden states) and
+# returns logits=None then (return_logits=True: the original computation, logits and all).
 
 
 class CausalLMHead(nn.Linear):
@@ -91,6 +96,7 @@ class CausalLMHead(nn.Linear):
     state_dict keys) that, while `defer` is set by its model's forward, returns its input."""
 
     defer = False
+    softcap = None  # the final-logit softcap of the forward that set `defer`
 
     def forward(self, input):
         return input if self.defer else super().forward(input)
@@ -115,7 +121,8 @@ class DeferredCausalLMLoss:
         target = shift_labels.reshape(-1).to(hidden.device)
         reduction = "sum" if num_items_in_batch is not None else "mean"
         loss = linear_cross_entropy(hidden.reshape(-1, hidden.shape[-1]), self.head.weight, target,
-                                    linear_bias=self.head.bias, reduction=reduction, ignore_index=ignore_index)
+                                    linear_bias=self.head.bias, reduction=reduction, ignore_index=ignore_index,
+                                    softcap=self.head.softcap)
         # ForCausalLMLoss returns float32 (it upcasts the logits), and divides by
         # num_items_in_batch in float32. For bf16 / fp16 models linear_cross_entropy returns its
         # loss in their dtype, so the value is rounded to it (its gradients are not); float32
@@ -123,17 +130,53 @@ class DeferredCausalLMLoss:
         return divide_by_items(loss.float(), num_items_in_batch)
 
 
-def _lm_forward_problem(cls) -> str:
-    """Why cls.forward's loss cannot come from the hidden states ("" if it can)."""
+def _softcap_block(node, name: str):
+    """The config attribute X if `node` is exactly Gemma 2's final-logit softcapping of `name`:
+    if self.config.X is not None: name = name / self.config.X; name = torch.tanh(name);
+    name = name * self.config.X. Else None."""
+    def config_attr(n):
+        if (isinstance(n, ast.Attribute) and isinstance(n.value, ast.Attribute) and n.value.attr == "config"
+                and isinstance(n.value.value, ast.Name) and n.value.value.id == "self"):
+            return n.attr
+        return None
+
+    def is_name(n):
+        return isinstance(n, ast.Name) and n.id == name
+
+    if not (isinstance(node, ast.If) and not node.orelse and len(node.body) == 3 and isinstance(node.test, ast.Compare)
+            and len(node.test.ops) == 1 and isinstance(node.test.ops[0], ast.IsNot)
+            and isinstance(node.test.comparators[0], ast.Constant) and node.test.comparators[0].value is None):
+        return None
+    attr = config_attr(node.test.left)
+    if attr is None:
+        return None
+    first, second, third = node.body
+    for stmt in node.body:
+        if not (isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and is_name(stmt.targets[0])):
+            return None
+    ok = (isinstance(first.value, ast.BinOp) and isinstance(first.value.op, ast.Div) and is_name(first.value.left)
+          and config_attr(first.value.right) == attr
+          and isinstance(second.value, ast.Call) and len(second.value.args) == 1 and not second.value.keywords
+          and is_name(second.value.args[0]) and isinstance(second.value.func, ast.Attribute)
+          and second.value.func.attr == "tanh" and isinstance(second.value.func.value, ast.Name)
+          and second.value.func.value.id == "torch"
+          and isinstance(third.value, ast.BinOp) and isinstance(third.value.op, ast.Mult) and is_name(third.value.left)
+          and config_attr(third.value.right) == attr)
+    return attr if ok else None
+
+
+def _lm_forward_problem(cls):
+    """(why cls.forward's loss cannot come from the hidden states, or ""; the config attribute of
+    its final-logit softcap, or None)."""
     from ..fuse.source import parsed
 
     tree = parsed(cls.forward)
     if tree is None:
-        return f"the source of {cls.__name__}.forward is not available"
+        return f"the source of {cls.__name__}.forward is not available", None
     heads = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self(n.func, "lm_head")]
     losses = [n for n in ast.walk(tree) if isinstance(n, ast.Call) and _is_self(n.func, "loss_function")]
     if len(heads) != 1 or len(losses) != 1:
-        return f"{cls.__name__}.forward does not call self.lm_head and self.loss_function once each"
+        return f"{cls.__name__}.forward does not call self.lm_head and self.loss_function once each", None
     def is_head(value):  # self.lm_head(h), or self.lm_head(h).contiguous() (OPT): the same values
         if (isinstance(value, ast.Call) and not value.args and not value.keywords and isinstance(value.func, ast.Attribute)
                 and value.func.attr == "contiguous"):
@@ -142,21 +185,28 @@ def _lm_forward_problem(cls) -> str:
 
     assign = next((n for n in ast.walk(tree) if isinstance(n, ast.Assign) and is_head(n.value)), None)
     if assign is None or len(assign.targets) != 1 or not isinstance(assign.targets[0], ast.Name):
-        return f"{cls.__name__}.forward does not assign self.lm_head's output to a name"
+        return f"{cls.__name__}.forward does not assign self.lm_head's output to a name", None
     name = assign.targets[0].id
     call = losses[0]
     given = call.args[0] if call.args else next((k.value for k in call.keywords if k.arg == "logits"), None)
     if not (isinstance(given, ast.Name) and given.id == name):
-        return f"{cls.__name__}.forward does not pass {name} to self.loss_function as the logits"
-    # `logits` may only go to the loss and into the returned output (logits=logits).
+        return f"{cls.__name__}.forward does not pass {name} to self.loss_function as the logits", None
+    # `logits` may only go to the loss and into the returned output (logits=logits), and through
+    # one final-logit softcapping block.
     allowed = {id(given)}
     for node in ast.walk(tree):
         if isinstance(node, ast.keyword) and node.arg == "logits" and isinstance(node.value, ast.Name):
             allowed.add(id(node.value))
+    caps = [(n, attr) for n in ast.walk(tree) for attr in [_softcap_block(n, name)] if attr is not None]
+    if len(caps) > 1:
+        return f"{cls.__name__}.forward softcaps {name} more than once", None
+    softcap_attr = caps[0][1] if caps else None
+    for block, _ in caps:
+        allowed.update(id(n) for n in ast.walk(block) if isinstance(n, ast.Name) and n.id == name)
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id == name and node is not assign.targets[0] and id(node) not in allowed:
-            return f"{cls.__name__}.forward does more with {name} than the loss (line {node.lineno} of its source)"
-    return ""
+            return f"{cls.__name__}.forward does more with {name} than the loss (line {node.lineno} of its source)", None
+    return "", softcap_attr
 
 
 def _is_self(node, attr: str) -> bool:
@@ -166,6 +216,7 @@ def _is_self(node, attr: str) -> bool:
 def _causal_lm_class(cls):
     """A subclass of cls whose forward defers the LM head when labels are given (see above)."""
     signature = inspect.signature(cls.forward)
+    softcap_attr = _lm_forward_problem(cls)[1]
 
     def forward(self, *args, return_logits: bool = False, **kwargs):
         bound = signature.bind_partial(self, *args, **kwargs)
@@ -181,10 +232,15 @@ def _causal_lm_class(cls):
         if return_dict is not None or want_tuple:
             kwargs["return_dict"] = True
         head.defer = True
+        head.softcap = getattr(self.config, softcap_attr) if softcap_attr else None
+        if head.softcap is not None:  # the loss caps the logits; the forward must not cap the hidden states
+            setattr(self.config, softcap_attr, None)
         try:
             out = super(fused_cls, self).forward(*args, **kwargs)
         finally:
-            head.defer = False
+            if head.softcap is not None:
+                setattr(self.config, softcap_attr, head.softcap)
+            head.defer, head.softcap = False, None
         if not (hasattr(out, "items") and "logits" in out):
             raise RuntimeError(
                 f"torch_ext.fuse: {cls.__name__}.forward returned {type(out).__name__}, not a ModelOutput with logits; "
@@ -242,7 +298,7 @@ def fuse_whole_model(model: nn.Module, where: str):
         return "", f"{label}: its loss_function is not transformers' ForCausalLMLoss"
     if model._forward_hooks or model._forward_pre_hooks or head._forward_hooks or head._forward_pre_hooks:
         return "", f"{label}: the model or its lm_head has hooks"
-    why = _lm_forward_problem(type(model))
+    why, softcap_attr = _lm_forward_problem(type(model))
     if why:
         return "", f"{label}: {why}"
     with torch.device("meta"):
@@ -252,4 +308,6 @@ def fuse_whole_model(model: nn.Module, where: str):
     model.lm_head = new_head
     model.loss_function = DeferredCausalLMLoss(new_head)
     model.__class__ = _causal_lm_class(type(model))
-    return f"{label} -> torch_ext.linear_cross_entropy on the hidden states when labels are given (logits None)", ""
+    capped = f", softcap=config.{softcap_attr}" if softcap_attr else ""
+    return (f"{label} -> torch_ext.linear_cross_entropy{capped} on the hidden states when labels are given "
+            "(logits None)", "")

@@ -18,9 +18,32 @@ import torch_ext
 from ..workload import Workload
 from .spec import OpSpec
 
+SOFTCAP = 30.0  # Gemma 2's final_logit_softcapping
+
+
+def _capped_eager(x, t):
+    """Gemma 2's loss as eager PyTorch computes it, with the two numbers a trainer logs: the rows'
+    logsumexp (z-loss monitoring) and the token accuracy."""
+    capped = SOFTCAP * torch.tanh(x / SOFTCAP)
+    loss = F.cross_entropy(capped, t)
+    with torch.no_grad():
+        lse = torch.logsumexp(capped, -1)
+        accuracy = (capped.argmax(-1) == t).float().mean()
+    del lse, accuracy
+    return loss
+
+
+def _capped_ours(x, t):
+    loss, lse, accuracy = torch_ext.cross_entropy(x, t, softcap=SOFTCAP, return_lse=True, return_accuracy=True)
+    return loss
+
+
 # op: (eager, ours)
 FUNCTIONS: Dict[str, Tuple[Callable, Callable]] = {
     "cross_entropy": (lambda x, t: F.cross_entropy(x, t), lambda x, t: torch_ext.cross_entropy(x, t)),
+    # softcap 30 plus the lse and accuracy outputs: what they add to the step (run it beside
+    # cross_entropy: `--ops cross_entropy,cross_entropy_capped --sizes llm`)
+    "cross_entropy_capped": (_capped_eager, _capped_ours),
     "mse": (lambda x, y: F.mse_loss(x, y), lambda x, y: torch_ext.mse_loss(x, y)),
     "huber": (lambda x, y: F.huber_loss(x, y), lambda x, y: torch_ext.huber_loss(x, y)),
     "smooth_l1": (lambda x, y: F.smooth_l1_loss(x, y), lambda x, y: torch_ext.smooth_l1_loss(x, y)),
@@ -34,14 +57,16 @@ REGRESSION_SCENARIOS = {
     "quick": (1024, 1024),
     "tiny": (32, 10),  # a small regression head
 }
+_CROSS_ENTROPY_SCENARIOS = {
+    "cnn": (256, 1000),  # ImageNet classifier, batch 256
+    "rnn": (2048, 10000),  # RNN language model (PTB/WikiText-2-size vocabulary), 2048 tokens
+    "llm": (4096, 32000),  # LLM vocabulary (the goal of issue 3), 4096 tokens
+    "quick": (1024, 8000),
+    "tiny": (32, 10),  # a CIFAR-10-sized classifier head: per-call cost decides
+}
 SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
-    "cross_entropy": {
-        "cnn": (256, 1000),  # ImageNet classifier, batch 256
-        "rnn": (2048, 10000),  # RNN language model (PTB/WikiText-2-size vocabulary), 2048 tokens
-        "llm": (4096, 32000),  # LLM vocabulary (the goal of issue 3), 4096 tokens
-        "quick": (1024, 8000),
-        "tiny": (32, 10),  # a CIFAR-10-sized classifier head: per-call cost decides
-    },
+    "cross_entropy": _CROSS_ENTROPY_SCENARIOS,
+    "cross_entropy_capped": _CROSS_ENTROPY_SCENARIOS,
     "mse": REGRESSION_SCENARIOS,
     "huber": REGRESSION_SCENARIOS,
     "smooth_l1": REGRESSION_SCENARIOS,
@@ -56,7 +81,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
 def make_inputs(op: str, n: int, d: int, dtype: torch.dtype, device: str):
     """(all inputs, those that require grad), seeded."""
     torch.manual_seed(0)
-    if op == "cross_entropy":
+    if op.startswith("cross_entropy"):
         logits = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
         target = torch.randint(0, d, (n,), dtype=torch.int64, device=device)
         return (logits, target), (logits,)
@@ -80,7 +105,7 @@ def bytes_per_phase(op: str, n: int, d: int, dtype: torch.dtype) -> Dict[str, in
     Forward alone reads the inputs; backward alone reads what the gradient needs and writes it.
     (e: the element size of `dtype`.)"""
     e = torch.finfo(dtype).bits // 8
-    if op == "cross_entropy":
+    if op.startswith("cross_entropy"):
         fwd = n * d * e + n * 8
         return {"fwd": fwd, "bwd": fwd + n * d * e, "fwd+bwd": 2 * n * d * e + n * 8}
     if op == "triplet":
@@ -106,7 +131,7 @@ def make_workload(op: str, n: int, d: int, dtype: torch.dtype = torch.float32, d
 
 def _spec(op: str, kernel: str, defaults: Tuple[str, ...], aliases: Tuple[str, ...]) -> OpSpec:
     return OpSpec(
-        name=op, kind="memory-bound", kernel=kernel, dims=2, dim_names="NxC" if op == "cross_entropy" else "NxD",
+        name=op, kind="memory-bound", kernel=kernel, dims=2, dim_names="NxC" if op.startswith("cross_entropy") else "NxD",
         scenarios=SCENARIOS[op], defaults=defaults, make=functools.partial(make_workload, op), aliases=aliases,
         held="the anchor's gradient" if op == "triplet" else "the input's gradient",
     )
@@ -114,6 +139,7 @@ def _spec(op: str, kernel: str, defaults: Tuple[str, ...], aliases: Tuple[str, .
 
 SPECS = [
     _spec("cross_entropy", "cross_entropy_fwd", ("tiny", "cnn", "rnn", "llm"), ()),
+    _spec("cross_entropy_capped", "cross_entropy_fwd", (), ("ce_capped",)),
     _spec("mse", "regression_loss_fwd", ("tiny", "ffn"), ("mse_loss",)),
     _spec("huber", "regression_loss_fwd", ("tiny", "ffn"), ("huber_loss",)),
     _spec("smooth_l1", "regression_loss_fwd", ("ffn",), ("smooth_l1_loss",)),

@@ -10,7 +10,13 @@
 //   probabilities t: t'_c = (1 - e) t_c + e/C, T = sum_c w_c t'_c
 //                    loss = sum_c w_c t'_c (lse - x_c) + z lse^2
 //                    grad = (T + 2 z lse) p_c - w_c t'_c,  d/dt_c = (1 - e) w_c (lse - x_c)
-// with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale).
+// with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale), plus
+// grad_lse_r p_c when the row's logsumexp gets a gradient too (an ignored row: that term only).
+// softcap s > 0: x is the capped logit s tanh(x_in / s) throughout (capped as PyTorch computes it,
+// by the same vector division and tanh), and the gradient is then taken through the cap,
+// d/dx_in = d/dx (1 - (x / s)^2). The forward that forms the gradient keeps the row's capped logits
+// (in L2, with the row) for its gradient pass, so each logit is capped once per step. For class
+// targets the forward also records whether the row's argmax (first index of its max) is y.
 // lse is kept as max + log(sum exp(x - max)) in two numbers and never rounded as one: near
 // |x| = 1e4 a float32 lse is off by half a float step (5e-4), which lse - x_y would inherit.
 // Non-finite rows follow F.cross_entropy (log_softmax, then nll): a row whose max is +inf or NaN,
@@ -70,6 +76,60 @@ inline Vectorized<A> load_or(const A* x, int64_t count, A fill) {
   using V = Vectorized<A>;
   if (count == V::size()) return V::loadu(x);
   return V::set(V(fill), V::loadu(x, count), count);
+}
+
+// softcap * tanh(x / softcap) of n values from src into dst (which may be src), as PyTorch
+// computes it (the same vectorized division and tanh).
+template <typename A>
+inline void cap_values(const A* src, A* dst, int64_t n, A softcap) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V s(softcap);
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t k = std::min(L, n - i);
+    ((V::loadu(src + i, k) / s).tanh() * s).store(dst + i, k);
+  }
+}
+
+// One logit capped by the same vector code as a block's (so a target logit compares equal to the
+// block's copy of it); x itself when softcap is 0.
+template <typename A>
+inline A capped(A x, A softcap) {
+  if (softcap == 0) return x;
+  __at_align__ A lanes[Vectorized<A>::size()];
+  ((Vectorized<A>(x) / Vectorized<A>(softcap)).tanh() * Vectorized<A>(softcap)).store(lanes);
+  return lanes[0];
+}
+
+// A block of n logits as A values, capped when softcap > 0: the input itself (float/double, no
+// cap) or in buf.
+template <typename S>
+inline const acc_t<S>* logits_block(const S* x, int64_t n, acc_t<S>* buf, acc_t<S> softcap) {
+  using A = acc_t<S>;
+  const A* v = as_math<S, A>(x, n, buf);
+  if (softcap == 0) return v;
+  cap_values(v, buf, n, softcap);
+  return buf;
+}
+
+// g *= d(capped)/dx = 1 - (capped / softcap)^2 over n values (the chain rule through the cap).
+template <typename A>
+inline void times_cap_derivative(A* g, const A* capped_x, int64_t n, A softcap) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V inv(A(1) / softcap), one(1);
+  for (int64_t i = 0; i < n; i += L) {
+    const int64_t k = std::min(L, n - i);
+    const V u = V::loadu(capped_x + i, k) * inv;
+    (V::loadu(g + i, k) * (one - u * u)).store(g + i, k);
+  }
+}
+
+// Whether two row maxima are the same (NaN counts as equal to NaN: torch.argmax takes a NaN as the
+// max).
+template <typename A>
+inline bool same_max(A a, A b) {
+  return a == b || (a != a && b != b);
 }
 
 // Running statistics of one row over its blocks (spatial == 1).
@@ -174,7 +234,7 @@ inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
 
 // The max of C logits (NaN if one is NaN), read in blocks through xbuf.
 template <typename S>
-inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf) {
+inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S> softcap) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -182,7 +242,7 @@ inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf) {
   V m(-inf);
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
     const int64_t n = std::min(kBlock, C - c0);
-    const A* xb = as_math<S, A>(x + c0, n, xbuf);
+    const A* xb = logits_block<S>(x + c0, n, xbuf, softcap);
     for (int64_t i = 0; i < n; i += L) m = at::vec::maximum(m, load_or(xb + i, std::min(L, n - i), -inf));
   }
   return reduce_max(m);
@@ -190,34 +250,38 @@ inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf) {
 
 // The running max after each block of a row (see the top of the file), into block_max.
 template <typename S>
-inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>* block_max) {
+inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>* block_max, acc_t<S> softcap) {
   using A = acc_t<S>;
   A running = -std::numeric_limits<A>::infinity();
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    running = running_max_after(running, block_max_of(as_math<S, A>(x + c0, n, xbuf), n));
+    running = running_max_after(running, block_max_of(logits_block<S>(x + c0, n, xbuf, softcap), n));
     block_max[b] = running;
   }
 }
 
 // Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
-// the incoming gradient row_scale[r] or scale. Buffers: kBlock values each. block_max: the row's
-// running block maxima (maxima_known: the forward's; else taken here, into it); exps: the row's
-// exp(x - M_b) as the forward left them (in grad_input's row, or a float row for bfloat16), or
-// nullptr to take them here.
+// the incoming gradient row_scale[r] or scale (and grad_lse[r] of its logsumexp). Buffers: kBlock
+// values each. block_max: the row's running block maxima (maxima_known: the forward's; else taken
+// here, into it); exps: the row's exp(x - M_b) as the forward left them (in grad_input's row, or a
+// float row for bfloat16), or nullptr to take them here; capped_row: the row's capped logits as
+// the forward left them (softcap > 0), or nullptr to cap them again.
 template <typename S>
 inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf, acc_t<S>* tbuf, acc_t<S>* gbuf,
-                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, const acc_t<S>* exps) {
+                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, const acc_t<S>* exps,
+                         const acc_t<S>* capped_row) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const int64_t C = a.classes;
-  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const A e = a.label_smoothing, inv_c = A(1) / A(C), cap = a.softcap;
   const bool prob = a.target_prob != nullptr;
+  const A grad_lse = a.grad_lse ? a.grad_lse[r] : A(0);
   S* gi = a.grad_input ? a.grad_input + r * C : nullptr;  // null: only the target's gradient
-  if (ignored<A>(a.target, r, a.ignore_index)) {
+  const bool is_ignored = ignored<A>(a.target, r, a.ignore_index);
+  if (is_ignored && grad_lse == 0) {
     if (gi != nullptr) {
-      const bool nan_row = row_is_nan(logits_max<S>(a.input + r * C, C, xbuf));
+      const bool nan_row = row_is_nan(logits_max<S>(a.input + r * C, C, xbuf, cap));
       std::fill(gi, gi + C, nan_row ? S(std::numeric_limits<A>::quiet_NaN()) : S(0));
     }
     return;
@@ -234,24 +298,32 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   }
   const A lse = row_max + log_sum;
   const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
-  if (!maxima_known) running_block_maxima<S>(x, C, xbuf, block_max);
+  if (!maxima_known) running_block_maxima<S>(x, C, xbuf, block_max, cap);
   int64_t y = -1;
   A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
-  if (prob) {
-    coef_p = sc * (a.stats[3 * r + 2] + z_term);
+  if (is_ignored) {  // only its logsumexp's gradient
+    coef_p = grad_lse;
+    coef_w = 0;
+  } else if (prob) {
+    coef_p = sc * (a.stats[3 * r + 2] + z_term) + grad_lse;
     coef_w = sc;
   } else {
     y = a.target[r];
     const A rw = a.weight ? a.weight[y] : A(1);
-    coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
+    coef_p = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0))) + grad_lse;
     coef_w = sc * e * inv_c;
     coef_y = sc * rw * (A(1) - e);
   }
+  const bool smoothing_term = !is_ignored && e > 0;
   const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
       vt(sc * (A(1) - e));
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    const A* xb = exps != nullptr && t == nullptr ? nullptr : as_math<S, A>(x + c0, n, xbuf);
+    // The block's (capped) logits: not needed when the exponentials are known, there is no
+    // target row and no cap.
+    const A* xb = capped_row != nullptr                            ? capped_row + c0
+                  : exps != nullptr && t == nullptr && cap == 0 ? nullptr
+                                                                   : logits_block<S>(x + c0, n, xbuf, cap);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
     if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
@@ -267,12 +339,13 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
         const V tv = V::loadu(tb + i, k);
         g = g - vw * wv * (tv * keep + spread);
         if (gt != nullptr) (vt * wv * ((vmax - V::loadu(xb + i, k)) + vlog)).store(gtbuf + i, k);
-      } else if (e > 0) {
+      } else if (smoothing_term) {
         g = g - vw * wv;
       }
       g.store(gb + i, k);
     }
     if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
+    if (cap != 0) times_cap_derivative(gb, xb, n, cap);  // d/d(capped logit) -> d/dx
     if constexpr (!std::is_same_v<S, A>) {
       if (gi != nullptr) convert_values(gbuf, gi + c0, n);
     }
@@ -280,11 +353,29 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   }
 }
 
+// Whether the row's argmax (the first index of its max, as torch.argmax) is y, from its running
+// block maxima: the first occurrence of the max is in the first block whose running max reached
+// it, so y must be in that block with no earlier class of the block equal to the max. Reads at
+// most one block, and only for rows whose target logit is the max.
+template <typename S>
+inline bool argmax_is(const S* x, int64_t C, int64_t y, acc_t<S> y_logit, acc_t<S> row_max,
+                      const acc_t<S>* block_max, const acc_t<S>* capped_row, acc_t<S>* xbuf, acc_t<S> softcap) {
+  using A = acc_t<S>;
+  if (!same_max(y_logit, row_max)) return false;
+  const int64_t yb = y / kBlock;
+  if (yb > 0 && same_max(block_max[yb - 1], row_max)) return false;  // reached in an earlier block
+  const int64_t c0 = yb * kBlock, n = y - c0;
+  const A* xb = capped_row != nullptr ? capped_row + c0 : logits_block<S>(x + c0, n, xbuf, softcap);
+  for (int64_t i = 0; i < n; ++i)
+    if (same_max(xb[i], row_max)) return false;
+  return true;
+}
+
 template <typename S>
 void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   using A = acc_t<S>;
   const int64_t C = a.classes;
-  const A e = a.label_smoothing, inv_c = A(1) / A(C);
+  const A e = a.label_smoothing, inv_c = A(1) / A(C), cap = a.softcap;
   const bool prob = a.target_prob != nullptr;
   const bool linear_sums = prob || e > 0;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
@@ -295,11 +386,15 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((C + kBlock - 1) / kBlock);
     std::vector<A> row_exps(std::is_same_v<S, A> || a.grad_input == nullptr ? 0 : C);
+    // With softcap and the gradient formed here: the row's capped logits, kept for its gradient
+    // pass (no second tanh) in L2 with the row.
+    std::vector<A> capped_row(cap != 0 && a.grad_input != nullptr ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
-      if (ignored<A>(a.target, r, a.ignore_index)) {
+      const bool is_ignored = ignored<A>(a.target, r, a.ignore_index);
+      if (is_ignored && !a.ignored_row_stats) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);  // zeros
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
@@ -308,41 +403,51 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       // Where the row's exponentials wait for its gradient pass: the gradient's row itself, or
       // for bfloat16 a float row of this thread's (both stay in L2 with the row).
       A* exps = nullptr;
-      if (a.grad_input != nullptr) {
+      if (a.grad_input != nullptr && !is_ignored) {
         if constexpr (std::is_same_v<S, A>) {
           exps = a.grad_input + r * C;
         } else {
           exps = row_exps.data();
         }
       }
+      A* capped_x = capped_row.empty() ? nullptr : capped_row.data();
       for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
         const int64_t n = std::min(kBlock, C - c0);
-        accumulate_block<A>(st, as_math<S, A>(x + c0, n, xbuf), t ? as_math<S, A>(t + c0, n, tbuf) : nullptr,
-                            a.weight, c0, n, e, inv_c, linear_sums, exps ? exps + c0 : nullptr);
+        const A* xb = logits_block<S>(x + c0, n, capped_x ? capped_x + c0 : xbuf, cap);
+        accumulate_block<A>(st, xb, t ? as_math<S, A>(t + c0, n, tbuf) : nullptr, a.weight, c0, n, e, inv_c,
+                            linear_sums && !is_ignored, exps ? exps + c0 : nullptr);
         block_max[b] = st.max;
       }
       const A log_sum = std::log(st.sum_exp);
+      a.stats[3 * r] = st.max;
+      a.stats[3 * r + 1] = log_sum;
+      if (is_ignored) {  // ignored_row_stats: its logsumexp only
+        a.row_loss[r] = 0;
+        a.stats[3 * r + 2] = 0;
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
+        continue;
+      }
       const A lse = st.max + log_sum;                       // for z_loss only
       const A lse_shifted = (st.max - st.shift) + log_sum;  // lse - shift
       A loss;
       if (prob) {
         loss = st.sum_wt * lse_shifted - st.sum_wtx;
         if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+        a.stats[3 * r + 2] = st.sum_wt;
       } else {
         const int64_t y = a.target[r];
         const A rw = a.weight ? a.weight[y] : A(1);
-        loss = (A(1) - e) * ((st.max - A(x[y])) + log_sum);
+        const A x_y = capped<A>(A(x[y]), cap);
+        loss = (A(1) - e) * ((st.max - x_y) + log_sum);
         if (a.z_loss != 0) loss += a.z_loss * lse * lse;
         loss *= rw;
         if (e > 0) loss += e * inv_c * (a.weight_sum * lse_shifted - st.sum_wx);
+        a.stats[3 * r + 2] = argmax_is<S>(x, C, y, x_y, st.max, block_max.data(), capped_x, xbuf, cap) ? A(1) : A(0);
       }
       if (row_is_nan(st.max)) loss = std::numeric_limits<A>::quiet_NaN();
       a.row_loss[r] = loss;
-      a.stats[3 * r] = st.max;
-      a.stats[3 * r + 1] = log_sum;
-      a.stats[3 * r + 2] = prob ? st.sum_wt : A(0);
       // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
-      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps);
+      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps, capped_x);
     }
   });
 }
@@ -357,27 +462,30 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gbuf[kBlock];
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((a.classes + kBlock - 1) / kBlock);
-    for (int64_t r = begin; r < end; ++r) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);
+    for (int64_t r = begin; r < end; ++r)
+      gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
   });
 }
 
 // ---- spatial > 1: tiles of up to one vector of adjacent positions ----------------------------
 
-// A tile's logits as A values with class stride `ld`: the input itself when S is A (ld =
-// spatial), else converted into `buffer` (ld = lanes).
+// A tile's logits as A values with class stride `ld`: the input itself when S is A and there is
+// no cap (ld = spatial), else converted (and capped, softcap > 0) into `buffer` (ld = lanes).
+// Probability targets come through here with softcap 0.
 template <typename S, typename A>
 inline const A* tile_as_math(const S* base, int64_t classes, int64_t spatial, int64_t lanes,
-                             std::vector<A>& buffer, int64_t& ld) {
-  if constexpr (std::is_same_v<S, A>) {
+                             std::vector<A>& buffer, int64_t& ld, A softcap) {
+  if (std::is_same_v<S, A> && softcap == 0) {
     ld = spatial;
-    return base;
-  } else {
-    ld = Vectorized<A>::size();
-    buffer.resize(classes * ld);
-    for (int64_t c = 0; c < classes; ++c)
-      for (int64_t l = 0; l < lanes; ++l) buffer[c * ld + l] = A(base[c * spatial + l]);
-    return buffer.data();
+    return reinterpret_cast<const A*>(base);
   }
+  ld = Vectorized<A>::size();
+  buffer.resize(classes * ld);
+  for (int64_t c = 0; c < classes; ++c) {
+    for (int64_t l = 0; l < lanes; ++l) buffer[c * ld + l] = A(base[c * spatial + l]);
+    if (softcap != 0) cap_values(buffer.data() + c * ld, buffer.data() + c * ld, lanes, softcap);
+  }
+  return buffer.data();
 }
 
 template <typename S>
@@ -397,8 +505,8 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       const int64_t lanes = std::min(L, HW - s0);
       const int64_t offset = n * C * HW + s0;
       int64_t ld = 0, ldt = 0;
-      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld);
-      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt) : nullptr;
+      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld, a.softcap);
+      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt, A(0)) : nullptr;
       V m(-inf);
       for (int64_t c = 0; c < C; ++c) m = at::vec::maximum(m, V::loadu(x + c * ld, lanes));
       V s(0), swx(0), swt(0), swtx(0);
@@ -423,17 +531,21 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       swtx.store(swtx_l);
       for (int64_t l = 0; l < lanes; ++l) {
         const int64_t r = n * HW + s0 + l;
-        if (ignored<A>(a.target, r, a.ignore_index)) {
+        const bool is_ignored = ignored<A>(a.target, r, a.ignore_index);
+        const A log_sum = std::log(sum_l[l]);
+        a.stats[3 * r] = is_ignored && !a.ignored_row_stats ? A(0) : max_l[l];
+        a.stats[3 * r + 1] = is_ignored && !a.ignored_row_stats ? A(0) : log_sum;
+        a.stats[3 * r + 2] = 0;
+        if (is_ignored) {
           a.row_loss[r] = 0;
-          a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
           continue;
         }
-        const A log_sum = std::log(sum_l[l]);
         const A lse = max_l[l] + log_sum;  // for z_loss only
         A loss;
         if (prob) {
           loss = swt_l[l] * log_sum - swtx_l[l];
           if (a.z_loss != 0) loss += a.z_loss * lse * lse;
+          a.stats[3 * r + 2] = swt_l[l];
         } else {
           const int64_t y = a.target[r];
           const A rw = a.weight ? a.weight[y] : A(1);
@@ -441,12 +553,14 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
           if (a.z_loss != 0) loss += a.z_loss * lse * lse;
           loss *= rw;
           if (e > 0) loss += e * inv_c * (a.weight_sum * log_sum - swx_l[l]);
+          // argmax (first index of the max) == y: only rows whose target logit is the max scan
+          // the classes before it.
+          bool hit = same_max(x[y * ld + l], max_l[l]);
+          for (int64_t c = 0; hit && c < y; ++c) hit = !same_max(x[c * ld + l], max_l[l]);
+          a.stats[3 * r + 2] = hit ? A(1) : A(0);
         }
         if (row_is_nan(max_l[l])) loss = std::numeric_limits<A>::quiet_NaN();
         a.row_loss[r] = loss;
-        a.stats[3 * r] = max_l[l];
-        a.stats[3 * r + 1] = log_sum;
-        a.stats[3 * r + 2] = prob ? swt_l[l] : A(0);
       }
     }
   });
@@ -469,8 +583,8 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       const int64_t lanes = std::min(L, HW - s0);
       const int64_t offset = n * C * HW + s0;
       int64_t ld = 0, ldt = 0;
-      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld);
-      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt) : nullptr;
+      const A* x = tile_as_math<S, A>(a.input + offset, C, HW, lanes, xbuf, ld, a.softcap);
+      const A* t = prob ? tile_as_math<S, A>(a.target_prob + offset, C, HW, lanes, tbuf, ldt, A(0)) : nullptr;
       // Per-lane coefficients, as in backward_contiguous_rows; ignored lanes are masked to 0.
       __at_align__ A cp[L], cw[L], cy[L], max_l[L], log_l[L], keep_l[L], sc_l[L];
       int64_t y_l[L];
@@ -483,7 +597,9 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         nan_l[l] = ignored_l[l] = false;
         if (l >= lanes) continue;
         const int64_t r = n * HW + s0 + l;
-        if (ignored<A>(a.target, r, a.ignore_index)) {  // NaN after the loop if its max is not finite
+        const A grad_lse = a.grad_lse ? a.grad_lse[r] : A(0);
+        const bool is_ignored = ignored<A>(a.target, r, a.ignore_index);
+        if (is_ignored && grad_lse == 0) {  // NaN after the loop if its max is not finite
           ignored_l[l] = any_ignored = true;
           continue;
         }
@@ -498,14 +614,16 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         const A lse = max_l[l] + log_l[l];
         const A z_term = a.z_loss != 0 ? A(2) * a.z_loss * lse : A(0);
         keep_l[l] = 1;
-        sc_l[l] = sc;
-        if (prob) {
-          cp[l] = sc * (a.stats[3 * r + 2] + z_term);
+        if (is_ignored) {  // only its logsumexp's gradient
+          cp[l] = grad_lse;
+        } else if (prob) {
+          sc_l[l] = sc;
+          cp[l] = sc * (a.stats[3 * r + 2] + z_term) + grad_lse;
           cw[l] = sc;
         } else {
           y_l[l] = a.target[r];
           const A rw = a.weight ? a.weight[y_l[l]] : A(1);
-          cp[l] = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0)));
+          cp[l] = sc * (rw * (A(1) - e + z_term) + (e > 0 ? e * inv_c * a.weight_sum : A(0))) + grad_lse;
           cw[l] = sc * e * inv_c;
           cy[l] = sc * rw * (A(1) - e);
         }
@@ -550,6 +668,13 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       }
       for (int64_t l = 0; l < lanes; ++l)
         if (y_l[l] >= 0) g_out[y_l[l] * ldg + l] -= cy[l];
+      if (a.softcap != 0) {  // d/d(capped logit) -> d/dx (x here is capped, ld == lanes' stride)
+        const V inv(A(1) / a.softcap), one(1);
+        for (int64_t c = 0; c < C; ++c) {
+          const V u = V::loadu(x + c * ld, lanes) * inv;
+          (V::loadu(g_out + c * ldg, lanes) * (one - u * u)).store(g_out + c * ldg, lanes);
+        }
+      }
       if (any_ignored) {
         __at_align__ A lane_max_l[L];
         lane_max.store(lane_max_l);
