@@ -110,11 +110,13 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
         raise
 
 
-def run_workers(directory: str, mode: str) -> None:
-    """Spawns the ranks and waits for them; fails (after terminating them) on error or timeout."""
+def run_workers(directory: str, mode: str, worker=None, world_size: int = WORLD_SIZE) -> None:
+    """Spawns the ranks (worker(rank, port, directory, mode); default: this file's) and waits for
+    them; fails (after terminating them) on error or timeout."""
+    worker = _worker if worker is None else worker
     ctx = mp.get_context("spawn")
     port = free_port()
-    procs = [ctx.Process(target=_worker, args=(rank, port, directory, mode), daemon=True) for rank in range(WORLD_SIZE)]
+    procs = [ctx.Process(target=worker, args=(rank, port, directory, mode), daemon=True) for rank in range(world_size)]
     for p in procs:
         p.start()
     deadline = time.monotonic() + TIMEOUT_S
@@ -136,13 +138,13 @@ def run_workers(directory: str, mode: str) -> None:
                 p.join()
 
     errors = ""
-    for rank in range(WORLD_SIZE):
+    for rank in range(world_size):
         path = os.path.join(directory, f"rank{rank}.err")
         if os.path.exists(path):
             with open(path) as f:
                 errors += f"\n--- rank {rank} ---\n{f.read()}"
     codes = [p.exitcode for p in procs]
-    assert codes == [0] * WORLD_SIZE, (
+    assert codes == [0] * world_size, (
         f"{mode} workers exited with codes {codes} (ranks {hung} were still running "
         f"{'after the ' + str(TIMEOUT_S) + ' s timeout' if time.monotonic() >= deadline else 'when another failed'} "
         f"and were terminated){errors}")

@@ -255,6 +255,7 @@ def linear_cross_entropy(
     return_lse: bool = False,
     return_accuracy: bool = False,
     num_items_in_batch=None,
+    process_group=None,
 ):
     """``cross_entropy(F.linear(input, linear_weight, linear_bias), target, ...)`` without ever
     holding the whole logits: rows go through in chunks of ``chunk_size`` (None: see
@@ -274,7 +275,15 @@ def linear_cross_entropy(
     ``softcap``, ``return_lse``, ``return_accuracy``: as ``torch_ext.cross_entropy``'s, formed chunk
     by chunk in the same pass, except that this ``lse`` is not differentiable (a detached output:
     its gradient would need every chunk's logits once more; use ``z_loss`` for a penalty on it);
-    not with a K-dimensional linear_weight."""
+    not with a K-dimensional linear_weight.
+
+    ``process_group`` (a ``torch.distributed`` group; None: this device alone): vocab-parallel
+    (tensor-parallel) training. linear_weight ``(V_rank, H)`` and linear_bias ``(V_rank,)`` are then
+    this rank's contiguous slice of the vocabulary, in rank order; input, target (global class
+    indices) and ``weight`` (class weights of the whole vocabulary) are the same on every rank. The
+    result is the unsharded loss on every rank; the input's gradient is all-reduced (once), the
+    weight and bias gradients are this rank's slice's. Class-index targets only; eager (see
+    torch_ext/vocab_parallel.py)."""
     op = "torch_ext.linear_cross_entropy"
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction), op)
     cap = softcap_value(op, softcap)
@@ -282,6 +291,12 @@ def linear_cross_entropy(
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
     extras = return_lse or return_accuracy
+    if process_group is not None:
+        out = _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
+                              label_smoothing, z_loss, chunk_size, cap, process_group, return_lse, return_accuracy)
+        if extras:
+            return (divide_by_items(out[0], num_items_in_batch),) + out[1:]
+        return divide_by_items(out, num_items_in_batch)
     if extras and linear_weight.dim() > 2:
         raise ValueError(f"{op}: return_lse and return_accuracy are not supported with a K-dimensional "
                          f"linear_weight (got shape {tuple(linear_weight.shape)})")
@@ -292,6 +307,26 @@ def linear_cross_entropy(
     loss, stats = out
     return extra_outputs(divide_by_items(loss, num_items_in_batch), stats, target, ignore_index, return_lse,
                          return_accuracy, list(input.shape[:-1]))
+
+
+def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                    z_loss, chunk_size, softcap, process_group, return_lse, return_accuracy):
+    from .vocab_parallel import vocab_parallel_linear_cross_entropy
+
+    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
+        raise RuntimeError("torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()")
+    if chunk_size is not None and chunk_size < 1:
+        raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+    autocast = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
+    input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
+    out = vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                              ignore_index, label_smoothing, z_loss, chunk_size, softcap,
+                                              process_group, return_lse, return_accuracy)
+    if not autocast:
+        return out
+    if isinstance(out, tuple):
+        return (out[0].float(),) + out[1:]
+    return out.float()
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
