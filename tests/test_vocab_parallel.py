@@ -116,6 +116,20 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
                 (loss * g.to(loss.dtype)).sum().backward()
                 results[name] = dict(loss=loss.detach(), lse=lse, accuracy=accuracy, grad_x=x.grad, grad_w=w.grad,
                                      grad_b=None if b is None else b.grad, lse_requires_grad=lse.requires_grad)
+            # A DTensor weight (and bias) sharded on dim 0: the same as the slices, gradients as DTensors.
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Shard, distribute_tensor
+
+            mesh = init_device_mesh("cpu", (world,))
+            name, options, case, g = setup["cases"][3]  # everything_chunk3 (bias, weight, softcap, ...)
+            w_dt = distribute_tensor(case["w"].clone(), mesh, [Shard(0)]).requires_grad_()
+            b_dt = distribute_tensor(case["b"].clone(), mesh, [Shard(0)]).requires_grad_()
+            x = case["x"].clone().requires_grad_()
+            loss = torch_ext.linear_cross_entropy(x, w_dt, case["t"], linear_bias=b_dt, weight=case["weight"],
+                                                  **call_options(options))
+            (loss * g).sum().backward()
+            results["dtensor"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w_dt.grad.full_tensor(),
+                                      grad_b=b_dt.grad.full_tensor(), grad_w_placements=str(w_dt.grad.placements))
             # A class-probability target is refused with a clear error, on every rank alike.
             try:
                 torch_ext.linear_cross_entropy(torch.randn(3, HIDDEN), torch.randn(hi - lo, HIDDEN),
@@ -147,6 +161,10 @@ def test_sharded_equals_unsharded(tmp_path, world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
         assert "process_group" in got["prob_error"] and "class indices" in got["prob_error"], got["prob_error"]
+        d, ref = got["dtensor"], refs["everything_chunk3"]
+        assert "Shard(dim=0)" in d["grad_w_placements"], d["grad_w_placements"]
+        for key in ("loss", "grad_x", "grad_w", "grad_b"):
+            assert_close(d[key], ref[key], check_dtype=False, rtol=2e-5, atol=2e-5, msg=f"DTensor weight, rank {rank}: {key}")
         for name, options, shape, dtype, bias, ignored in CASES:
             r, ref = got[name], refs[name]
             tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)

@@ -283,7 +283,9 @@ def linear_cross_entropy(
     indices) and ``weight`` (class weights of the whole vocabulary) are the same on every rank. The
     result is the unsharded loss on every rank; the input's gradient is all-reduced (once), the
     weight and bias gradients are this rank's slice's. Class-index targets only; eager (see
-    torch_ext/vocab_parallel.py)."""
+    torch_ext/vocab_parallel.py). A DTensor linear_weight sharded on dim 0 (``Shard(0)`` on a 1-D
+    mesh; bias likewise, input replicated or a plain tensor) is taken the same way, with its mesh's
+    group as process_group; its gradient is then a DTensor sharded as the weight."""
     op = "torch_ext.linear_cross_entropy"
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction), op)
     cap = softcap_value(op, softcap)
@@ -291,6 +293,9 @@ def linear_cross_entropy(
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
     extras = return_lse or return_accuracy
+    if _is_dtensor(linear_weight):
+        input, linear_weight, linear_bias, process_group = _dtensor_shards(input, linear_weight, linear_bias,
+                                                                          process_group)
     if process_group is not None:
         out = _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                               label_smoothing, z_loss, chunk_size, cap, process_group, return_lse, return_accuracy)
@@ -307,6 +312,35 @@ def linear_cross_entropy(
     loss, stats = out
     return extra_outputs(divide_by_items(loss, num_items_in_batch), stats, target, ignore_index, return_lse,
                          return_accuracy, list(input.shape[:-1]))
+
+
+def _is_dtensor(t) -> bool:
+    return type(t).__name__ == "DTensor" and hasattr(t, "to_local")
+
+
+def _dtensor_shards(input, linear_weight, linear_bias, process_group):
+    """(input, this rank's weight and bias slices, the mesh's group) from a DTensor weight sharded
+    on dim 0; to_local is differentiable, so the weight's gradient comes back as a DTensor."""
+    from torch.distributed.tensor import Replicate, Shard
+
+    op = "torch_ext.linear_cross_entropy"
+    mesh = linear_weight.device_mesh
+    if mesh.ndim != 1 or tuple(linear_weight.placements) != (Shard(0),):
+        raise ValueError(f"{op}: a DTensor linear_weight must be sharded on dim 0 (the vocabulary) over a 1-D mesh, "
+                         f"got placements {tuple(linear_weight.placements)} on a {mesh.ndim}-D mesh")
+    group = mesh.get_group()
+    if process_group is not None and process_group is not group:
+        raise ValueError(f"{op}: process_group differs from the DTensor linear_weight's mesh group; pass one or the other")
+    if linear_bias is not None and _is_dtensor(linear_bias):
+        if tuple(linear_bias.placements) != (Shard(0),) or linear_bias.device_mesh != mesh:
+            raise ValueError(f"{op}: a DTensor linear_bias must be sharded on dim 0 over linear_weight's mesh, got "
+                             f"{tuple(linear_bias.placements)}")
+        linear_bias = linear_bias.to_local()
+    if _is_dtensor(input):
+        if any(p != Replicate() for p in input.placements):
+            raise ValueError(f"{op}: a DTensor input must be replicated, got placements {tuple(input.placements)}")
+        input = input.to_local()
+    return input, linear_weight.to_local(), linear_bias, group
 
 
 def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
