@@ -186,3 +186,21 @@ def test_cuda_without_gpu_is_a_clear_error(run_module, capsys, monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert run_module.cli(["--device", "cuda"]) == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+def test_vocab_parallel_benchmark(tmp_path):
+    # benchmarks/bench_vocab_parallel.py at a tiny size: every candidate (one process, 2 ranks of
+    # ours, 2 ranks of PyTorch's loss_parallel) gives the same loss, and the table and JSON are written.
+    script = os.path.join(ROOT, "benchmarks", "bench_vocab_parallel.py")
+    proc = subprocess.run([sys.executable, script, "--tokens", "64", "--hidden", "16", "--vocab", "301", "--steps", "1",
+                           "--out", str(tmp_path / "vp")], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(tmp_path / "vp.json") as f:
+        results = json.load(f)["results"]
+    assert set(results) == {"unsharded", "ours", "loss_parallel"}
+    losses = [r["loss"] for r in results.values()]
+    assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), losses
+    assert results["ours"]["world"] == 2 and len(results["ours"]["peak_bytes_per_rank"]) == 2
+    assert "| ours | 2 x" in (tmp_path / "vp.txt").read_text()
+    bad = subprocess.run([sys.executable, script, "--world", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert bad.returncode == 2 and "--world must be at least 2" in bad.stderr

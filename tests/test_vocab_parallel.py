@@ -116,6 +116,22 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
                 (loss * g.to(loss.dtype)).sum().backward()
                 results[name] = dict(loss=loss.detach(), lse=lse, accuracy=accuracy, grad_x=x.grad, grad_w=w.grad,
                                      grad_b=None if b is None else b.grad, lse_requires_grad=lse.requires_grad)
+            # retain_graph: a second backward (recomputing the gradients the first one was handed)
+            # adds the same again; all rows ignored under mean: loss NaN, gradients 0 (as PyTorch).
+            name, options, case, g = setup["cases"][3]
+            x = case["x"].clone().requires_grad_()
+            w = case["w"][lo:hi].clone().requires_grad_()
+            loss = torch_ext.linear_cross_entropy(x, w, case["t"], weight=case["weight"], process_group=dist.group.WORLD,
+                                                  **call_options(options))
+            loss.backward(retain_graph=True)
+            first = (x.grad.clone(), w.grad.clone())
+            loss.backward()
+            results["retain_graph"] = dict(first=first, second=(x.grad - first[0], w.grad - first[1]))
+            x = case["x"].clone().requires_grad_()
+            w = case["w"][lo:hi].clone().requires_grad_()
+            loss = torch_ext.linear_cross_entropy(x, w, torch.full((x.shape[0],), -100), process_group=dist.group.WORLD)
+            loss.backward()
+            results["all_ignored_mean"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w.grad)
             # A DTensor weight (and bias) sharded on dim 0: the same as the slices, gradients as DTensors.
             from torch.distributed.device_mesh import init_device_mesh
             from torch.distributed.tensor import Shard, distribute_tensor
@@ -161,6 +177,12 @@ def test_sharded_equals_unsharded(tmp_path, world):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
         assert "process_group" in got["prob_error"] and "class indices" in got["prob_error"], got["prob_error"]
+        first, second = got["retain_graph"]["first"], got["retain_graph"]["second"]
+        for a, b_, what in zip(first, second, ("input", "weight")):
+            assert a.abs().max() > 0, what
+            assert_close(b_, a, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: retain_graph, second backward's {what} gradient")
+        ign = got["all_ignored_mean"]
+        assert torch.isnan(ign["loss"]) and not ign["grad_x"].any() and not ign["grad_w"].any(), ign
         d, ref = got["dtensor"], refs["everything_chunk3"]
         assert "Shard(dim=0)" in d["grad_w_placements"], d["grad_w_placements"]
         for key in ("loss", "grad_x", "grad_w", "grad_b"):

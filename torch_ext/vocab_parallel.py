@@ -58,55 +58,103 @@ def _chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor], o: _Options) -> Tup
     logits = F.linear(x, w, b).to(_acc(x.dtype))
     if not o.softcap:
         return logits, None
-    capped = torch.tanh(logits.div_(o.softcap)).mul_(o.softcap)
-    return capped, 1.0 - (capped / o.softcap).square()
+    capped = logits.div_(o.softcap).tanh_().mul_(o.softcap)
+    return capped, capped.div(o.softcap).square_().neg_().add_(1.0)
 
 
-def _owned(t: Tensor, o: _Options, local_vocab: int) -> Tuple[Tensor, Tensor]:
-    """(whether this shard holds row r's target, its local index there or 0)."""
-    local = t - o.offset
-    owned = (t != o.ignore_index) & (local >= 0) & (local < local_vocab)
-    return owned, torch.where(owned, local, torch.zeros_like(local))
+class _Shard:
+    """What every chunk of one call shares: this shard's options, class weights and per-row
+    weights (rw: weight[target], 0 for ignored rows), in the accumulation dtype."""
+
+    def __init__(self, x: Tensor, w: Tensor, t: Tensor, class_weight: Optional[Tensor], o: _Options):
+        self.o, self.acc, self.local_vocab = o, _acc(x.dtype), w.shape[0]
+        self.kept = t != o.ignore_index
+        cw = None if class_weight is None else class_weight.to(self.acc)
+        self.local_w = None if cw is None else cw[o.offset:o.offset + self.local_vocab]
+        self.weight_sum = float(o.vocab) if cw is None else cw.sum()
+        self.rw = self.kept.to(self.acc) if cw is None else cw[t.masked_fill(~self.kept, 0)] * self.kept
+        local = t - o.offset
+        self.owned = self.kept & (local >= 0) & (local < self.local_vocab)  # this shard holds the target
+        self.local_t = torch.where(self.owned, local, torch.zeros_like(local))
+
+    def gradient_(self, buffer: Tensor, p_scale: Tensor, g: Tensor, lse: Tensor, cap_derivative, r0: int, r1: int):
+        """The chunk's logits' gradient, in place of `buffer`, which holds p / p_scale (p: the
+        softmax over the whole vocabulary); g: the rows' incoming gradient (0 for ignored rows)."""
+        o, e = self.o, self.o.label_smoothing
+        rw = self.rw[r0:r1]
+        coef_p = g * (rw * (1 - e + 2 * o.z_loss * lse) + (e / o.vocab) * self.weight_sum)
+        d = buffer.mul_((coef_p * p_scale)[:, None])
+        if e > 0:  # in place, no chunk-sized temporary
+            smooth = g * (e / o.vocab)
+            if self.local_w is not None:
+                d.addr_(smooth, self.local_w, alpha=-1)
+            else:
+                d.sub_(smooth[:, None])
+        target_coef = torch.where(self.owned[r0:r1], g * rw * (1 - e), torch.zeros_like(g))
+        d.scatter_add_(1, self.local_t[r0:r1, None], -target_coef[:, None])
+        if cap_derivative is not None:
+            d.mul_(cap_derivative)
+        return d
+
+    def accumulate(self, d: Tensor, x: Tensor, w: Tensor, grads, r0: int, r1: int) -> None:
+        """This chunk's share of the gradients (x's rows; w's and b's sums, in place)."""
+        grad_x, grad_w, grad_b = grads
+        if grad_x is not None:
+            grad_x[r0:r1] = (d.to(x.dtype) @ w).to(self.acc)
+        if grad_w is not None:  # accumulated in place: no weight-sized temporary
+            grad_w.addmm_(d.t(), x[r0:r1].to(self.acc))
+        if grad_b is not None:
+            grad_b.add_(d.sum(0))
+
+    def new_grads(self, x: Tensor, w: Tensor, b: Optional[Tensor], needs):
+        z = lambda shape: torch.zeros(shape, dtype=self.acc, device=x.device)  # noqa: E731
+        return (z(x.shape) if needs[0] else None, z(w.shape) if needs[1] else None,
+                z((self.local_vocab,)) if needs[2] and b is not None else None)
+
+    def finish_grads(self, grads, dtype: torch.dtype):
+        """x's gradient all-reduced across the ranks (once; the same grads on every rank), all in
+        the input's dtype."""
+        if grads[0] is not None:
+            dist.all_reduce(grads[0], op=dist.ReduceOp.SUM, group=self.o.group)
+        return tuple(None if g is None else g.to(dtype) for g in grads)
 
 
-def _forward(x, w, b, t, class_weight, o: _Options, want_accuracy: bool):
+def _forward(x, w, b, t, class_weight, o: _Options, want_accuracy: bool, unit_scale=None, needs=(False,) * 3):
     """Per row: loss (unreduced), logsumexp, and (want_accuracy) whether the global argmax is the
-    target. x (N, H), t (N,)."""
-    rows, local_vocab = x.shape[0], w.shape[0]
-    acc = _acc(x.dtype)
-    e = o.label_smoothing
-    kept = t != o.ignore_index
-    class_weight = None if class_weight is None else class_weight.to(acc)
-    local_w = None if class_weight is None else class_weight[o.offset:o.offset + local_vocab]
-    weight_sum = float(o.vocab) if class_weight is None else class_weight.sum()
+    target; with unit_scale (the incoming gradient of every row's loss, 0 for ignored rows),
+    also the gradients (those in needs) formed chunk by chunk while each chunk's logits exist.
+    x (N, H), t (N,)."""
+    rows = x.shape[0]
+    sh = _Shard(x, w, t, class_weight, o)
+    acc, e, kept = sh.acc, o.label_smoothing, sh.kept
     row_loss = torch.zeros(rows, dtype=acc, device=x.device)
     lse = torch.zeros(rows, dtype=acc, device=x.device)
     hit = torch.zeros(rows, dtype=torch.bool, device=x.device) if want_accuracy else None
+    grads = sh.new_grads(x, w, b, needs) if unit_scale is not None else None
     for r0 in range(0, rows, o.chunk_size):
         r1 = min(rows, r0 + o.chunk_size)
-        logits, _ = _chunk_logits(x[r0:r1], w, b, o)
-        tc = t[r0:r1]
-        owned, local_t = _owned(tc, o, local_vocab)
-        local_max, local_arg = logits.max(1) if local_vocab > 0 else (
+        logits, cap_derivative = _chunk_logits(x[r0:r1], w, b, o)
+        tc, owned = t[r0:r1], sh.owned[r0:r1]
+        local_max, local_arg = logits.max(1) if sh.local_vocab > 0 else (
             torch.full((r1 - r0,), float("-inf"), dtype=acc, device=x.device),
             torch.zeros(r1 - r0, dtype=torch.int64, device=x.device))
         row_max = local_max.clone()
         dist.all_reduce(row_max, op=dist.ReduceOp.MAX, group=o.group)
         safe_max = torch.where(torch.isfinite(row_max), row_max, torch.zeros_like(row_max))
+        # In place on the chunk's logits (its one chunk-sized buffer), the exponentials last.
         sums = torch.zeros(3, r1 - r0, dtype=acc, device=x.device)
-        sums[0] = (logits - safe_max[:, None]).exp_().sum(1)
-        sums[1] = torch.where(owned, logits.gather(1, local_t[:, None]).squeeze(1), torch.zeros_like(local_max))
+        sums[1] = torch.where(owned, logits.gather(1, sh.local_t[r0:r1, None]).squeeze(1), torch.zeros_like(local_max))
         if e > 0:
-            sums[2] = (logits * local_w).sum(1) if local_w is not None else logits.sum(1)
+            sums[2] = torch.mv(logits, sh.local_w) if sh.local_w is not None else logits.sum(1)
+        exps = logits.sub_(safe_max[:, None]).exp_()
+        sums[0] = exps.sum(1)
         dist.all_reduce(sums, op=dist.ReduceOp.SUM, group=o.group)
         chunk_lse = safe_max + sums[0].log()
         chunk_lse = torch.where(torch.isfinite(row_max), chunk_lse, row_max)  # +inf / NaN rows stay so
-        kc = kept[r0:r1]
-        rw = kc.to(acc) if class_weight is None else class_weight[tc.masked_fill(~kc, 0)] * kc
-        loss = (1 - e) * (chunk_lse - sums[1]) + o.z_loss * chunk_lse.square()
-        loss = loss * rw
+        kc, rw = kept[r0:r1], sh.rw[r0:r1]
+        loss = ((1 - e) * (chunk_lse - sums[1]) + o.z_loss * chunk_lse.square()) * rw
         if e > 0:
-            loss = loss + kc.to(acc) * (e / o.vocab) * (weight_sum * chunk_lse - sums[2])
+            loss = loss + kc.to(acc) * (e / o.vocab) * (sh.weight_sum * chunk_lse - sums[2])
         row_loss[r0:r1] = torch.where(kc, loss, torch.zeros_like(loss))
         lse[r0:r1] = chunk_lse
         if want_accuracy:
@@ -115,69 +163,79 @@ def _forward(x, w, b, t, class_weight, o: _Options, want_accuracy: bool):
             first = torch.where(local_max == row_max, local_arg + o.offset, torch.full_like(local_arg, o.vocab))
             dist.all_reduce(first, op=dist.ReduceOp.MIN, group=o.group)
             hit[r0:r1] = kc & (first == tc)
-    return row_loss, lse, hit
+        if grads is not None:  # exps / sum of exps is the softmax
+            d = sh.gradient_(exps, sums[0].reciprocal(), unit_scale[r0:r1], chunk_lse, cap_derivative, r0, r1)
+            sh.accumulate(d, x, w, grads, r0, r1)
+            del d
+        del logits, exps, cap_derivative  # before the next chunk's are made: one chunk-sized buffer at a time
+    if grads is not None:
+        grads = sh.finish_grads(grads, x.dtype)
+    return row_loss, lse, hit, grads
 
 
 def _backward(grad_rows, x, w, b, t, class_weight, lse, o: _Options, needs):
-    """Gradients of (x, w, b) for the incoming gradient per row; x's all-reduced across ranks."""
-    rows, local_vocab = x.shape[0], w.shape[0]
-    acc = _acc(x.dtype)
-    e = o.label_smoothing
-    kept = t != o.ignore_index
-    class_weight = None if class_weight is None else class_weight.to(acc)
-    local_w = None if class_weight is None else class_weight[o.offset:o.offset + local_vocab]
-    weight_sum = float(o.vocab) if class_weight is None else class_weight.sum()
-    grad_x = torch.zeros(x.shape, dtype=acc, device=x.device) if needs[0] else None
-    grad_w = torch.zeros(w.shape, dtype=acc, device=x.device) if needs[1] else None
-    grad_b = torch.zeros(local_vocab, dtype=acc, device=x.device) if needs[2] and b is not None else None
-    for r0 in range(0, rows, o.chunk_size):
-        r1 = min(rows, r0 + o.chunk_size)
+    """Gradients of (x, w, b) for the incoming gradient per row (0 taken for ignored rows), each
+    chunk's logits recomputed from the saved logsumexp (no collective but x's gradient's)."""
+    sh = _Shard(x, w, t, class_weight, o)
+    grads = sh.new_grads(x, w, b, needs)
+    g_all = torch.where(sh.kept, grad_rows, torch.zeros_like(grad_rows))
+    for r0 in range(0, x.shape[0], o.chunk_size):
+        r1 = min(x.shape[0], r0 + o.chunk_size)
         logits, cap_derivative = _chunk_logits(x[r0:r1], w, b, o)
-        tc, kc, g = t[r0:r1], kept[r0:r1], grad_rows[r0:r1] * kept[r0:r1]
         chunk_lse = lse[r0:r1]
-        owned, local_t = _owned(tc, o, local_vocab)
-        rw = kc.to(acc) if class_weight is None else class_weight[tc.masked_fill(~kc, 0)] * kc
-        coef_p = g * (rw * (1 - e + 2 * o.z_loss * chunk_lse) + (e / o.vocab) * weight_sum)
-        dlogits = logits.sub_(chunk_lse[:, None]).exp_().mul_(coef_p[:, None])
-        if e > 0:
-            smooth = (g * (e / o.vocab))[:, None]
-            dlogits.sub_(smooth * local_w if local_w is not None else smooth)
-        target_coef = torch.where(owned, g * rw * (1 - e), torch.zeros_like(g))
-        dlogits.scatter_add_(1, local_t[:, None], -target_coef[:, None])
-        if cap_derivative is not None:
-            dlogits.mul_(cap_derivative)
-        d = dlogits.to(x.dtype)
-        if grad_x is not None:
-            grad_x[r0:r1] = (d @ w).to(acc)
-        if grad_w is not None:
-            grad_w.add_((d.t() @ x[r0:r1]).to(acc))
-        if grad_b is not None:
-            grad_b.add_(dlogits.sum(0))
-    if grad_x is not None:  # once: the sum of every rank's share (the same `needs` on every rank)
-        dist.all_reduce(grad_x, op=dist.ReduceOp.SUM, group=o.group)
-    cast = lambda g: None if g is None else g.to(x.dtype)  # noqa: E731
-    return cast(grad_x), cast(grad_w), cast(grad_b)
+        probs = logits.sub_(chunk_lse[:, None]).exp_()
+        d = sh.gradient_(probs, torch.ones_like(chunk_lse), g_all[r0:r1], chunk_lse, cap_derivative, r0, r1)
+        sh.accumulate(d, x, w, grads, r0, r1)
+        del logits, probs, d, cap_derivative  # one chunk-sized buffer at a time
+    return sh.finish_grads(grads, x.dtype)
 
 
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, w, b, t, class_weight, o, want_accuracy):
-        row_loss, lse, hit = _forward(x, w, b, t, class_weight, o, want_accuracy)
-        ctx.o = o
-        ctx.save_for_backward(x, w, b, t, class_weight, lse)
-        ctx.mark_non_differentiable(*(o for o in (lse, hit) if o is not None))  # one call: each replaces the last
-        return row_loss, lse, hit
+    """apply(x, w, b, t, class_weight, o, want_accuracy) -> (loss, lse, hit). Reductions mean and
+    sum with a gradient to form: the forward forms it chunk by chunk (the logits computed once per
+    step) and the first backward hands it over, scaled by grad_output; reduction none, or a later
+    backward of a retained graph: recomputed from the saved logsumexp."""
 
     @staticmethod
-    def backward(ctx, grad_rows, _grad_lse, _grad_hit):
+    def forward(ctx, x, w, b, t, class_weight, o, want_accuracy):
+        needs = tuple(bool(n) for n in ctx.needs_input_grad[:3])
+        kept = t != o.ignore_index
+        denominator = None
+        if o.reduction == "mean":
+            rw = kept.to(_acc(x.dtype)) if class_weight is None else (
+                class_weight.to(_acc(x.dtype))[t.masked_fill(~kept, 0)] * kept)
+            denominator = rw.sum()
+        per_row = torch.ones(x.shape[0], dtype=_acc(x.dtype), device=x.device)
+        if denominator is not None:
+            per_row = per_row / denominator  # d(loss)/d(row loss)
+        form = o.reduction != "none" and any(needs)
+        unit = torch.where(kept, per_row, torch.zeros_like(per_row)) if form else None
+        row_loss, lse, hit, grads = _forward(x, w, b, t, class_weight, o, want_accuracy, unit, needs)
+        if o.reduction == "none":
+            loss = row_loss
+        else:
+            loss = row_loss.sum() if denominator is None else row_loss.sum() / denominator
+        ctx.o, ctx.unit_grads, ctx.per_row = o, grads, per_row
+        ctx.save_for_backward(x, w, b, t, class_weight, lse)
+        ctx.mark_non_differentiable(*(v for v in (lse, hit) if v is not None))  # one call: each replaces the last
+        return loss.to(x.dtype), lse, hit
+
+    @staticmethod
+    def backward(ctx, grad_loss, _grad_lse, _grad_hit):
         if torch.is_grad_enabled():
             raise RuntimeError(f"{_OP}: torch_ext does not support double backward (a gradient of its gradient); "
                                "use torch.nn.functional for higher-order gradients")
         x, w, b, t, class_weight, lse = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        if grad_rows is None or not any(needs[:3]):
+        unit, ctx.unit_grads = ctx.unit_grads, None
+        if grad_loss is None or not any(needs[:3]):
             return (None,) * 7
-        gx, gw, gb = _backward(grad_rows.to(lse.dtype), x, w, b, t, class_weight, lse, ctx.o, needs)
+        if unit is not None:  # formed in forward for grad_output = 1
+            scale = grad_loss.reshape(()).to(unit[0].dtype if unit[0] is not None else x.dtype)
+            return tuple(None if g is None or not n else g.mul_(scale) for g, n in zip(unit, needs[:3])) + (None,) * 4
+        grad_rows = grad_loss.to(lse.dtype)
+        grad_rows = grad_rows if ctx.o.reduction == "none" else grad_rows.reshape(()) * ctx.per_row
+        gx, gw, gb = _backward(grad_rows, x, w, b, t, class_weight, lse, ctx.o, needs)
         return gx, gw, gb, None, None, None, None
 
 
@@ -228,17 +286,11 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
         chunk_size = default_chunk_size(x.shape[0], vocab, input.dtype, input.device.type)
     o = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(softcap),
                  max(1, int(chunk_size)), process_group, offset, vocab)
-    row_loss, lse, hit = _VocabParallelLinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, o,
-                                                                 return_accuracy)
+    # (the loss in input's dtype, as the single-device loss; the caller makes it float32 under autocast)
+    loss, lse, hit = _VocabParallelLinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, o, return_accuracy)
     kept = t != ignore_index
     if reduction == "none":
-        loss = row_loss.reshape(lead)
-    elif reduction == "sum":
-        loss = row_loss.sum()
-    else:
-        rw = kept.to(row_loss.dtype) if weight is None else weight.to(row_loss.dtype)[t.masked_fill(~kept, 0)] * kept
-        loss = row_loss.sum() / rw.sum()
-    loss = loss.to(input.dtype)  # as the single-device loss (the caller makes it float32 under autocast)
+        loss = loss.reshape(lead)
     if not (return_lse or return_accuracy):
         return loss
     out = [loss]
