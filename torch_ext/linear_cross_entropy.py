@@ -249,6 +249,7 @@ def linear_cross_entropy(
     reduction: str = "mean",
     ignore_index: int = -100,
     label_smoothing: float = 0.0,
+    options=None,
     z_loss: float = 0.0,
     chunk_size: Optional[int] = None,
     softcap: Optional[float] = None,
@@ -271,6 +272,9 @@ def linear_cross_entropy(
     K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
     ``(N, H)``, target ``(N, d_1, ..., d_K)`` or ``(N, V, d_1, ..., d_K)``) is taken as
     F.linear_cross_entropy takes it: one chunked problem per output position.
+    ``options`` (a ``torch.nn.LinearCrossEntropyOptions``, as PyTorch's function takes it): this
+    function always chunks; only its ``batch_chunk_size`` is used, as the rows per chunk when
+    ``chunk_size`` is None and its ``chunking_method`` is None (see LinearCrossEntropyLoss).
     ``num_items_in_batch``: as ``torch_ext.cross_entropy``'s (the summed loss divided by it).
     ``softcap``, ``return_lse``, ``return_accuracy``: as ``torch_ext.cross_entropy``'s, formed chunk
     by chunk in the same pass, except that this ``lse`` is not differentiable (a detached output:
@@ -289,6 +293,7 @@ def linear_cross_entropy(
     op = "torch_ext.linear_cross_entropy"
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction), op)
     cap = softcap_value(op, softcap)
+    chunk_size = rows_per_chunk(chunk_size, options)
     check_accuracy_target(op, target, return_accuracy)
     if ignore_index is None:  # as F.linear_cross_entropy
         ignore_index = -100
@@ -341,6 +346,16 @@ def _dtensor_shards(input, linear_weight, linear_bias, process_group):
             raise ValueError(f"{op}: a DTensor input must be replicated, got placements {tuple(input.placements)}")
         input = input.to_local()
     return input, linear_weight.to_local(), linear_bias, group
+
+
+def rows_per_chunk(chunk_size: Optional[int], options) -> Optional[int]:
+    """chunk_size, else the rows per chunk that PyTorch's LinearCrossEntropyOptions ask for (its
+    batch_chunk_size, used when its chunking_method is None), else None (default_chunk_size)."""
+    if chunk_size is not None or options is None:
+        return chunk_size
+    if getattr(options, "chunking_method", "auto") is None:
+        return getattr(options, "batch_chunk_size", None)
+    return None
 
 
 def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
@@ -535,13 +550,6 @@ class LinearCrossEntropyLoss(_LossBase):
         self.return_lse = return_lse
         self.return_accuracy = return_accuracy
 
-    def _rows_per_chunk(self) -> Optional[int]:
-        if self.chunk_size is not None or self.options is None:
-            return self.chunk_size
-        if getattr(self.options, "chunking_method", "auto") is None:
-            return getattr(self.options, "batch_chunk_size", None)
-        return None
-
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None):
         linear_weight, linear_bias = self.linear.weight, self.linear.bias
         if self.out_features:
@@ -558,7 +566,8 @@ class LinearCrossEntropyLoss(_LossBase):
             ignore_index=self.ignore_index,
             label_smoothing=self.label_smoothing,
             z_loss=self.z_loss,
-            chunk_size=self._rows_per_chunk(),
+            options=self.options,
+            chunk_size=self.chunk_size,
             softcap=self.softcap,
             return_lse=self.return_lse,
             return_accuracy=self.return_accuracy,
