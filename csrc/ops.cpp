@@ -366,7 +366,7 @@ static PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
-     "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in the README)."},
+     "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in docs/cpu.md)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, benchmarks)."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},

@@ -146,6 +146,18 @@ def make_weight(n_classes, dtype=torch.float32):
     return (torch.rand(n_classes) * 2 + 0.1).to(dtype)
 
 
+def reference_leaves(input, target, weight, rd, input_grad, target_grad):
+    """(input, target, weight) for the reference in dtype rd: fresh leaves where they take a
+    gradient, class indices as they are."""
+    xr = leaf(input, rd) if input_grad else input.detach().to(rd)
+    if target.is_floating_point():
+        tr = leaf(target, rd) if target_grad else target.detach().to(rd)
+    else:
+        tr = target
+    wr = None if weight is None else weight.detach().to(rd)
+    return xr, tr, wr
+
+
 def run_case(input, target, weight=None, *, grad="random", input_grad=True, target_grad=False, msg="", ref_dtype=None,
              **opts):
     """The loss of torch_ext.cross_entropy and its gradients (input, and target when
@@ -156,17 +168,11 @@ def run_case(input, target, weight=None, *, grad="random", input_grad=True, targ
     (loss, grads)."""
     dtype = input.dtype
     rd = ref_dtype or reference_dtype(dtype)
-    prob = target.is_floating_point()
     x = leaf(input) if input_grad else input.detach()
     t = leaf(target) if target_grad else target.detach()
     y = cross_entropy(x, t, weight, **opts)
 
-    xr = leaf(input, rd) if input_grad else input.detach().to(rd)
-    if prob:
-        tr = leaf(target, rd) if target_grad else target.detach().to(rd)
-    else:
-        tr = target
-    wr = None if weight is None else weight.detach().to(rd)
+    xr, tr, wr = reference_leaves(input, target, weight, rd, input_grad, target_grad)
     yr = reference(xr, tr, wr, **opts)
 
     tag = f"{msg} {dtype_id(dtype)} {opts}"

@@ -14,6 +14,7 @@ traceback of a failure), and the test gives up on them after a timeout instead o
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import os
 import socket
@@ -78,36 +79,44 @@ def _wrap(model: nn.Module, mode: str) -> nn.Module:
     return model
 
 
-def _worker(rank: int, port: int, directory: str, mode: str) -> None:
-    """One rank (mode "ddp" or "fsdp2"): trains on its half of each global batch, saves losses,
-    gradients, parameters."""
+@contextlib.contextmanager
+def gloo_worker(rank: int, port: int, directory: str, world_size: int):
+    """A spawned rank's frame: one thread, the gloo group on the loopback interface (destroyed at
+    the end), and any failure's traceback written to rank<N>.err for run_workers to report."""
     try:
         torch.set_num_threads(1)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
         os.environ["MASTER_PORT"] = str(port)
         if sys.platform.startswith("linux"):
             os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", rank=rank, world_size=WORLD_SIZE,
+        dist.init_process_group("gloo", rank=rank, world_size=world_size,
                                 timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
         try:
-            setup = torch.load(os.path.join(directory, "setup.pt"))
-            model = CNNClassifier(fused=True)
-            model.load_state_dict(setup["state_dict"])
-            wrapped = _wrap(model, mode)
-            half = GLOBAL_BATCH // WORLD_SIZE
-            shards = [(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
-                      for images, labels in setup["batches"]]
-            losses, grads = train_steps(wrapped, shards, parameters_of=model)
-            grads = [{name: _full(g) for name, g in step.items()} for step in grads]
-            params = {name: _full(p.detach()).clone() for name, p in model.named_parameters()}
-            torch.save({"losses": losses, "grads": grads, "params": params},
-                       os.path.join(directory, f"rank{rank}.pt"))
+            yield
         finally:
             dist.destroy_process_group()
     except BaseException:
         with open(os.path.join(directory, f"rank{rank}.err"), "w") as f:
             f.write(traceback.format_exc())
         raise
+
+
+def _worker(rank: int, port: int, directory: str, mode: str) -> None:
+    """One rank (mode "ddp" or "fsdp2"): trains on its half of each global batch, saves losses,
+    gradients, parameters."""
+    with gloo_worker(rank, port, directory, WORLD_SIZE):
+        setup = torch.load(os.path.join(directory, "setup.pt"))
+        model = CNNClassifier(fused=True)
+        model.load_state_dict(setup["state_dict"])
+        wrapped = _wrap(model, mode)
+        half = GLOBAL_BATCH // WORLD_SIZE
+        shards = [(images[rank * half:(rank + 1) * half], labels[rank * half:(rank + 1) * half])
+                  for images, labels in setup["batches"]]
+        losses, grads = train_steps(wrapped, shards, parameters_of=model)
+        grads = [{name: _full(g) for name, g in step.items()} for step in grads]
+        params = {name: _full(p.detach()).clone() for name, p in model.named_parameters()}
+        torch.save({"losses": losses, "grads": grads, "params": params},
+                   os.path.join(directory, f"rank{rank}.pt"))
 
 
 def run_workers(directory: str, mode: str, worker=None, world_size: int = WORLD_SIZE) -> None:

@@ -1421,8 +1421,8 @@ def test_module_options_and_chunk_size(monkeypatch):
     seen = []
     real = lce.linear_cross_entropy
 
-    def spy(*args, **kwargs):
-        seen.append(kwargs["chunk_size"])
+    def spy(*args, **kwargs):  # the rows per chunk the function resolves from what the module passes
+        seen.append(lce.rows_per_chunk(kwargs["chunk_size"], kwargs.get("options")))
         return real(*args, **kwargs)
 
     monkeypatch.setattr(lce, "linear_cross_entropy", spy)

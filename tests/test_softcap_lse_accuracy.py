@@ -40,7 +40,8 @@ import torch.nn.functional as F
 import torch_ext
 from torch_ext import CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy
 from test_cross_entropy import class_dim, class_target, dtype_id, make_input, make_weight, prob_target, target_shape
-from test_cross_entropy import reference as ce_reference
+from test_cross_entropy import reference as ce_reference, reference_leaves
+from test_linear_cross_entropy import class_target as lce_class_target
 from utils import assert_close, leaf, reference_dtype, tolerance
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -164,7 +165,6 @@ def run_ce(input, target, weight=None, *, softcap, return_lse=True, return_accur
     (loss, lse, accuracy, grads)."""
     dtype = input.dtype
     rd, ad = reference_dtype(dtype), acc_dtype(dtype)
-    prob = target.is_floating_point()
     cd = class_dim(input)
     ii = opts.get("ignore_index", -100)
     kw = dict(softcap=softcap, return_lse=return_lse, return_accuracy=return_accuracy, num_items_in_batch=num_items,
@@ -175,12 +175,7 @@ def run_ce(input, target, weight=None, *, softcap, return_lse=True, return_accur
     t = leaf(target) if target_grad else target.detach()
     loss, lse, acc = unpack(cross_entropy(x, t, weight, **kw), return_lse, return_accuracy, tag)
 
-    xr = leaf(input, rd) if input_grad else input.detach().to(rd)
-    if prob:
-        tr = leaf(target, rd) if target_grad else target.detach().to(rd)
-    else:
-        tr = target
-    wr = None if weight is None else weight.detach().to(rd)
+    xr, tr, wr = reference_leaves(input, target, weight, rd, input_grad, target_grad)
     yr = ce_ref(xr, tr, wr, softcap, num_items, **opts)
     lse_r = torch.logsumexp(cap(xr, softcap), cd)
     rtol, atol = tolerance(dtype)
@@ -243,20 +238,6 @@ def lce_args(lead, hidden, vocab, dtype=torch.float32, bias=True, logit_scale=2.
     w = (torch.randn(vocab, hidden) * logit_scale / math.sqrt(max(hidden, 1))).to(dtype)
     b = (0.5 * torch.randn(vocab)).to(dtype) if bias else None
     return x, w, b
-
-
-def lce_class_target(lead, vocab, ignored="none", ignore_index=-100):
-    t = torch.randint(0, vocab, tuple(lead))
-    if ignored == "some" and t.numel():
-        mask = torch.rand(tuple(lead)) < 0.3
-        flat = mask.view(-1)
-        flat[0] = True
-        if flat.numel() > 1:
-            flat[-1] = False
-        t[mask] = ignore_index
-    elif ignored == "all":
-        t.fill_(ignore_index)
-    return t
 
 
 def lce_prob_target(lead, vocab, dtype=torch.float32):

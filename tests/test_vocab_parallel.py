@@ -12,10 +12,7 @@ float32 and float64. Workers are spawned as in tests/test_ddp.py (its run_worker
 """
 from __future__ import annotations
 
-import datetime
 import os
-import sys
-import traceback
 
 import pytest
 import torch
@@ -24,7 +21,7 @@ import torch.nn.functional as F
 
 import torch_ext
 from test_cross_entropy import reference
-from test_ddp import PG_TIMEOUT_S, run_workers
+from test_ddp import gloo_worker, run_workers
 from utils import assert_close
 
 VOCAB, HIDDEN = 37, 6
@@ -93,73 +90,60 @@ def reference_results(case, options):
 
 def _worker(rank: int, port: int, directory: str, mode: str) -> None:
     """One rank: every case on its slice of the vocabulary; saves the results."""
-    try:
-        torch.set_num_threads(1)
-        world = int(mode)
-        os.environ["MASTER_ADDR"] = "127.0.0.1"
-        os.environ["MASTER_PORT"] = str(port)
-        if sys.platform.startswith("linux"):
-            os.environ.setdefault("GLOO_SOCKET_IFNAME", "lo")
-        dist.init_process_group("gloo", rank=rank, world_size=world, timeout=datetime.timedelta(seconds=PG_TIMEOUT_S))
-        try:
-            setup = torch.load(os.path.join(directory, "setup.pt"))
-            sizes = SHARDS[world]
-            lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
-            results = {}
-            for name, options, case, g in setup["cases"]:
-                x = case["x"].clone().requires_grad_()
-                w = case["w"][lo:hi].clone().requires_grad_()
-                b = case["b"][lo:hi].clone().requires_grad_() if case["b"] is not None else None
-                loss, lse, accuracy = torch_ext.linear_cross_entropy(
-                    x, w, case["t"], linear_bias=b, weight=case["weight"], process_group=dist.group.WORLD,
-                    return_lse=True, return_accuracy=True, **call_options(options))
-                (loss * g.to(loss.dtype)).sum().backward()
-                results[name] = dict(loss=loss.detach(), lse=lse, accuracy=accuracy, grad_x=x.grad, grad_w=w.grad,
-                                     grad_b=None if b is None else b.grad, lse_requires_grad=lse.requires_grad)
-            # retain_graph: a second backward (recomputing the gradients the first one was handed)
-            # adds the same again; all rows ignored under mean: loss NaN, gradients 0 (as PyTorch).
-            name, options, case, g = setup["cases"][3]
+    world = int(mode)
+    with gloo_worker(rank, port, directory, world):
+        setup = torch.load(os.path.join(directory, "setup.pt"))
+        sizes = SHARDS[world]
+        lo, hi = sum(sizes[:rank]), sum(sizes[:rank + 1])
+        results = {}
+        for name, options, case, g in setup["cases"]:
             x = case["x"].clone().requires_grad_()
             w = case["w"][lo:hi].clone().requires_grad_()
-            loss = torch_ext.linear_cross_entropy(x, w, case["t"], weight=case["weight"], process_group=dist.group.WORLD,
-                                                  **call_options(options))
-            loss.backward(retain_graph=True)
-            first = (x.grad.clone(), w.grad.clone())
-            loss.backward()
-            results["retain_graph"] = dict(first=first, second=(x.grad - first[0], w.grad - first[1]))
-            x = case["x"].clone().requires_grad_()
-            w = case["w"][lo:hi].clone().requires_grad_()
-            loss = torch_ext.linear_cross_entropy(x, w, torch.full((x.shape[0],), -100), process_group=dist.group.WORLD)
-            loss.backward()
-            results["all_ignored_mean"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w.grad)
-            # A DTensor weight (and bias) sharded on dim 0: the same as the slices, gradients as DTensors.
-            from torch.distributed.device_mesh import init_device_mesh
-            from torch.distributed.tensor import Shard, distribute_tensor
+            b = case["b"][lo:hi].clone().requires_grad_() if case["b"] is not None else None
+            loss, lse, accuracy = torch_ext.linear_cross_entropy(
+                x, w, case["t"], linear_bias=b, weight=case["weight"], process_group=dist.group.WORLD,
+                return_lse=True, return_accuracy=True, **call_options(options))
+            (loss * g.to(loss.dtype)).sum().backward()
+            results[name] = dict(loss=loss.detach(), lse=lse, accuracy=accuracy, grad_x=x.grad, grad_w=w.grad,
+                                 grad_b=None if b is None else b.grad, lse_requires_grad=lse.requires_grad)
+        # retain_graph: a second backward (recomputing the gradients the first one was handed)
+        # adds the same again; all rows ignored under mean: loss NaN, gradients 0 (as PyTorch).
+        name, options, case, g = setup["cases"][3]
+        x = case["x"].clone().requires_grad_()
+        w = case["w"][lo:hi].clone().requires_grad_()
+        loss = torch_ext.linear_cross_entropy(x, w, case["t"], weight=case["weight"], process_group=dist.group.WORLD,
+                                              **call_options(options))
+        loss.backward(retain_graph=True)
+        first = (x.grad.clone(), w.grad.clone())
+        loss.backward()
+        results["retain_graph"] = dict(first=first, second=(x.grad - first[0], w.grad - first[1]))
+        x = case["x"].clone().requires_grad_()
+        w = case["w"][lo:hi].clone().requires_grad_()
+        loss = torch_ext.linear_cross_entropy(x, w, torch.full((x.shape[0],), -100), process_group=dist.group.WORLD)
+        loss.backward()
+        results["all_ignored_mean"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w.grad)
+        # A DTensor weight (and bias) sharded on dim 0: the same as the slices, gradients as DTensors.
+        from torch.distributed.device_mesh import init_device_mesh
+        from torch.distributed.tensor import Shard, distribute_tensor
 
-            mesh = init_device_mesh("cpu", (world,))
-            name, options, case, g = setup["cases"][3]  # everything_chunk3 (bias, weight, softcap, ...)
-            w_dt = distribute_tensor(case["w"].clone(), mesh, [Shard(0)]).requires_grad_()
-            b_dt = distribute_tensor(case["b"].clone(), mesh, [Shard(0)]).requires_grad_()
-            x = case["x"].clone().requires_grad_()
-            loss = torch_ext.linear_cross_entropy(x, w_dt, case["t"], linear_bias=b_dt, weight=case["weight"],
-                                                  **call_options(options))
-            (loss * g).sum().backward()
-            results["dtensor"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w_dt.grad.full_tensor(),
-                                      grad_b=b_dt.grad.full_tensor(), grad_w_placements=str(w_dt.grad.placements))
-            # A class-probability target is refused with a clear error, on every rank alike.
-            try:
-                torch_ext.linear_cross_entropy(torch.randn(3, HIDDEN), torch.randn(hi - lo, HIDDEN),
-                                               torch.rand(3, VOCAB), process_group=dist.group.WORLD)
-                results["prob_error"] = ""
-            except ValueError as e:
-                results["prob_error"] = str(e)
-            torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
-        finally:
-            dist.destroy_process_group()
-    except BaseException:
-        with open(os.path.join(directory, f"rank{rank}.err"), "w") as f:
-            f.write(traceback.format_exc())
-        raise
+        mesh = init_device_mesh("cpu", (world,))
+        name, options, case, g = setup["cases"][3]  # everything_chunk3 (bias, weight, softcap, ...)
+        w_dt = distribute_tensor(case["w"].clone(), mesh, [Shard(0)]).requires_grad_()
+        b_dt = distribute_tensor(case["b"].clone(), mesh, [Shard(0)]).requires_grad_()
+        x = case["x"].clone().requires_grad_()
+        loss = torch_ext.linear_cross_entropy(x, w_dt, case["t"], linear_bias=b_dt, weight=case["weight"],
+                                              **call_options(options))
+        (loss * g).sum().backward()
+        results["dtensor"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w_dt.grad.full_tensor(),
+                                  grad_b=b_dt.grad.full_tensor(), grad_w_placements=str(w_dt.grad.placements))
+        # A class-probability target is refused with a clear error, on every rank alike.
+        try:
+            torch_ext.linear_cross_entropy(torch.randn(3, HIDDEN), torch.randn(hi - lo, HIDDEN),
+                                           torch.rand(3, VOCAB), process_group=dist.group.WORLD)
+            results["prob_error"] = ""
+        except ValueError as e:
+            results["prob_error"] = str(e)
+        torch.save(results, os.path.join(directory, f"rank{rank}.pt"))
 
 
 @pytest.mark.parametrize("world", [2, 4])
