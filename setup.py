@@ -224,6 +224,7 @@ setup(
     long_description=open(os.path.join(ROOT, "README.md")).read(),
     long_description_content_type="text/markdown",
     packages=find_packages(include=["torch_ext", "torch_ext.*"]),
+    package_data={"torch_ext": ["py.typed"]},  # PEP 561: the package's annotations are for type checkers
     python_requires=">=3.10",
     install_requires=["torch>=2.4"],
     # The tests include a smoke run of the benchmark suite, which checks its table and chart:
