@@ -54,7 +54,7 @@ def main() -> None:
     try:
         from transformers import LlamaConfig, LlamaForCausalLM
     except ImportError:
-        raise SystemExit("this example needs transformers: pip install transformers")
+        raise SystemExit("this example needs transformers: pip install transformers") from None
 
     config = LlamaConfig(vocab_size=args.vocab, hidden_size=256, intermediate_size=688, num_hidden_layers=2,
                          num_attention_heads=4, num_key_value_heads=4, max_position_embeddings=args.seq_len,
@@ -85,8 +85,8 @@ def main() -> None:
         seconds[name] += time.perf_counter() - start
         return loss.detach()
 
-    print(f"Llama causal LM (2 layers, hidden 256, vocab {args.vocab}), {args.batch_size} x {args.seq_len} tokens a step; "
-          f"fuse() replaced {len(report.replaced)}:")
+    print(f"Llama causal LM (2 layers, hidden 256, vocab {args.vocab}), {args.batch_size} x {args.seq_len} tokens "
+          f"a step; fuse() replaced {len(report.replaced)}:")
     for line in report.replaced:
         print(f"  {line}")
     log = LossLog(args.steps, args.log_every)
@@ -96,7 +96,7 @@ def main() -> None:
         losses = {}
         for name in models:
             if s == 2:  # after the first step has created the optimizer state
-                peaks[name], losses[name] = peak_memory_of(lambda name=name: step(name, ids))
+                peaks[name], losses[name] = peak_memory_of(lambda name=name, ids=ids: step(name, ids))
             else:
                 losses[name] = step(name, ids)
         if s <= 2:  # tokens/s from step 3 on (the first steps allocate)
@@ -107,7 +107,8 @@ def main() -> None:
     rate = {k: timed / max(v, 1e-9) for k, v in seconds.items()}
     log.summary(
         f"tokens/s unfused {rate['unfused']:.0f}, fused {rate['fused']:.0f} ({rate['fused'] / rate['unfused']:.2f}x); "
-        f"peak step memory unfused {peaks.get('unfused', float('nan')):.0f} MB, fused {peaks.get('fused', float('nan')):.0f} MB; "
+        f"peak step memory unfused {peaks.get('unfused', float('nan')):.0f} MB, "
+        f"fused {peaks.get('fused', float('nan')):.0f} MB; "
         f"largest loss difference {worst:.2e}")
     log.plot(args.plot, "Llama causal LM through torch_ext.fuse()")
 

@@ -120,7 +120,8 @@ def main():
         if len(failed_tests) > 8:
             out.append(f"  ... and {len(failed_tests) - 8} more (logs.tar.gz: tests.log)")
     eager = records(os.path.join(args.out, "cuda_goals_eager.json"))
-    compiled = [r for path in sorted(glob.glob(os.path.join(args.work, "bench_compile", "*.json"))) for r in records(path)]
+    compiled = [r for path in sorted(glob.glob(os.path.join(args.work, "bench_compile", "*.json")))
+                for r in records(path)]
     if eager or compiled:
         out += ["", "bfloat16 goals, fwd+bwd: ours (ms), speed-up vs eager and vs torch.compile, floor time / ours,",
                 "peak memory ours / eager, check against eager (/ in the compile run)"]

@@ -89,7 +89,7 @@ def test_gradients_stay_correct_across_reused_steps():
     # A training-loop pattern: the same gradient buffer is handed out each step, so a stale value
     # would show up as a wrong gradient in a later step.
     torch_ext.empty_cache()
-    for step in range(3):
+    for _step in range(3):
         x = torch.randn(2048, 4096, requires_grad=True)  # a 32 MiB gradient: cached
         t = torch.randint(0, 4096, (2048,))
         torch_ext.cross_entropy(x, t).backward()

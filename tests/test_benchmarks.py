@@ -202,5 +202,6 @@ def test_vocab_parallel_benchmark(tmp_path):
     assert max(losses) - min(losses) <= 1e-5 * abs(losses[0]), losses
     assert results["ours"]["world"] == 2 and len(results["ours"]["peak_bytes_per_rank"]) == 2
     assert "| ours | 2 x" in (tmp_path / "vp.txt").read_text()
-    bad = subprocess.run([sys.executable, script, "--world", "1"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    bad = subprocess.run([sys.executable, script, "--world", "1"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
     assert bad.returncode == 2 and "--world must be at least 2" in bad.stderr

@@ -97,7 +97,8 @@ def test_wrapper_script_nvcc_is_asked_where_it_lives(tmp_path):
     # /usr/local/bin/nvcc as on the project's machines: `exec <toolkit>/bin/nvcc "$@"`. Its own
     # parent (tmp/usr/local) must not be taken for the toolkit, though it has bin/nvcc.
     home = _fake_toolkit(tmp_path / "cuda-13.0")
-    wrapper = _write(tmp_path / "usr" / "local" / "bin" / "nvcc", f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n', stat.S_IRWXU)
+    wrapper = _write(tmp_path / "usr" / "local" / "bin" / "nvcc", f'#!/bin/sh\nexec {home}/bin/nvcc "$@"\n',
+                     stat.S_IRWXU)
     os.makedirs(tmp_path / "usr" / "local" / "include")
     tc = tc_mod.resolve("13.0", env={}, which=lambda name: wrapper, nvidia_paths=[], usual_homes=())
     assert tc.ok, tc.problems
@@ -184,7 +185,8 @@ def test_link_dir_points_libcudart_at_the_chosen_runtime(tmp_path):
     tc_mod.link_dir(tc, folder)  # again: replaces the link, no error
 
 
-@pytest.mark.parametrize("arch_list, arch", [("8.0;9.0", "80"), ("9.0+PTX", "90"), (" 7.5 8.6", "75"), ("10.0,12.0", "100")])
+@pytest.mark.parametrize("arch_list, arch",
+                         [("8.0;9.0", "80"), ("9.0+PTX", "90"), (" 7.5 8.6", "75"), ("10.0,12.0", "100")])
 def test_first_arch(arch_list, arch):
     assert tc_mod.first_arch(arch_list) == arch
 
@@ -215,7 +217,8 @@ def test_forced_with_a_broken_toolkit_fails_with_the_same_message(tmp_path):
     with pytest.raises(SystemExit) as e:
         _plan("1", tmp_path)
     assert str(e.value) == (f"torch_ext: TORCH_EXT_CUDA=1 but the CUDA build cannot work here: "
-                            f"CUDA_HOME={tmp_path / 'no-toolkit'} is not a CUDA toolkit (no bin/nvcc and include/cuda_runtime.h there)")
+                            f"CUDA_HOME={tmp_path / 'no-toolkit'} is not a CUDA toolkit "
+                            "(no bin/nvcc and include/cuda_runtime.h there)")
 
 
 def test_forced_without_cuda_torch_fails(tmp_path):
@@ -293,7 +296,8 @@ def test_source_folder_without_its_module_imports_the_installed_package(tmp_path
     import shutil
 
     installed = os.path.dirname(os.path.abspath(torch_ext._C.__file__))
-    shutil.copytree(installed, tmp_path / "torch_ext", ignore=shutil.ignore_patterns("_C.*", "_build_config.py", "__pycache__"))
+    shutil.copytree(installed, tmp_path / "torch_ext",
+                    ignore=shutil.ignore_patterns("_C.*", "_build_config.py", "__pycache__"))
     (tmp_path / "setup.py").write_text("# a checkout's root\n")
     res = subprocess.run([sys.executable, "-m", "torch_ext"], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr

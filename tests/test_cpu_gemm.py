@@ -46,7 +46,8 @@ def check(out, a, b, before=None, msg=""):
     if before is not None:
         want = want + before.double()
     k = a.shape[1]
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * math.sqrt(max(k, 1)), msg=lambda m: f"{msg}: {m}")
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-5 * math.sqrt(max(k, 1)),
+                               msg=lambda m: f"{msg}: {m}")
 
 
 # (m, k, n): row tiles of 12 (AVX-512) / 6 (AVX2) and their tails; 32 rows at least (fewer go

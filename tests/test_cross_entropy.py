@@ -39,7 +39,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, tolerance, leaf
+from utils import SavedTensorBytes, assert_close, leaf, reference_dtype, run_python, tolerance
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -960,7 +960,8 @@ def test_fwd_grad_op_equals_fwd_then_bwd(shape, dtype, reduction, kind):
     c = shape[class_dim(torch.empty(shape))]
     x = make_input(shape, dtype)
     w = make_weight(c, dtype)
-    t = prob_target(shape, dtype=dtype) if kind == "prob" else class_target(shape, c, "some" if shape[0] > 1 else "none", -100)
+    t = (prob_target(shape, dtype=dtype) if kind == "prob"
+         else class_target(shape, c, "some" if shape[0] > 1 else "none", -100))
     loss, stats, grad = FWD_GRAD(x, t, w, -100, reduction, 0.1, 0.5)
     loss_ref, stats_ref = FWD(x, t, w, -100, reduction, 0.1, 0.5)
     (grad_ref, _) = BWD(torch.ones(()).to(dtype), x, t, w, stats_ref, -100, reduction, 0.1, 0.5, [True, False])

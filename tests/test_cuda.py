@@ -78,7 +78,10 @@ def check_against_reference(ours, reference, inputs, dtype, grad_output=None, **
 @pytest.mark.parametrize("shape", [(7, 5), (3, 1000), (4, 4096), (2, 5, 3, 3), (5,)])
 @pytest.mark.parametrize(
     "options",
-    [{}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1}, {"weighted": True}],
+    [
+        {}, {"label_smoothing": 0.1}, {"reduction": "sum"}, {"reduction": "none"}, {"ignore_index": 1},
+        {"weighted": True},
+    ],
 )
 def test_cross_entropy(device, shape, options, grad_in_forward):
     options = dict(options)
@@ -184,7 +187,8 @@ def test_linear_cross_entropy_softcap_lse_accuracy(device, reduction, cublaslt):
 def test_cross_entropy_noncontiguous_and_stride0_grad(device, grad_in_forward):
     x = torch.randn(40, 9, device=device).t()  # (9, 40): a transposed view
     t = torch.randint(0, 40, (9,), device=device)
-    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
+    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x],
+                            torch.float32)
     g = torch.ones((), device=device).expand(9)  # stride 0
     check_against_reference(
         lambda x: torch_ext.cross_entropy(x, t, reduction="none"),
@@ -293,7 +297,8 @@ def test_cross_entropy_large_dims_cuda(shape):
     """rows > 65535 (a grid's y/z limit), C > 65536 (more classes than one block's threads)."""
     x = torch.randn(shape, device="cuda")
     t = torch.randint(0, shape[1], (shape[0], *shape[2:]), device="cuda")
-    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x], torch.float32)
+    check_against_reference(lambda x: torch_ext.cross_entropy(x, t), lambda x: F.cross_entropy(x, t), [x],
+                            torch.float32)
 
 
 @cuda_only
@@ -474,7 +479,8 @@ def test_relu_mask_layout(device, cublaslt):
             if dtype in (torch.float32, torch.float64):  # integers below 2**24: exact
                 assert torch.equal(grad_input.double(), want), f"{dtype} {(m, k, n)}: input gradient"
             else:
-                assert_close(grad_input, want, dtype=dtype, check_dtype=False, msg=f"{dtype} {(m, k, n)}: input gradient")
+                assert_close(grad_input, want, dtype=dtype, check_dtype=False,
+                             msg=f"{dtype} {(m, k, n)}: input gradient")
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -681,7 +687,9 @@ def test_host_synchronizations_cuda():
         _, stats = ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)
         g = torch.ones((), device="cuda")
         assert _syncs(lambda: ops.cross_entropy_bwd(g, x, t, weight, stats, -100, "mean", 0.1, 0.0, [True, False])) == 0
-        assert _syncs(lambda: ops.cross_entropy_bwd_inplace(g, x.clone(), t, weight, stats, -100, "mean", 0.1, 0.0)) == 0
+        assert _syncs(
+            lambda: ops.cross_entropy_bwd_inplace(g, x.clone(), t, weight, stats, -100, "mean", 0.1, 0.0)
+        ) == 0
     h = torch.randn(64, 16, device="cuda")
     lw = torch.randn(50, 16, device="cuda")
     for reduction in ("mean", "sum", "none"):
@@ -689,7 +697,8 @@ def test_host_synchronizations_cuda():
         assert _syncs(lambda: ops.linear_cross_entropy_fwd(h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, mask)) == 1
         g = torch.ones((64,) if reduction == "none" else (), device="cuda")
         assert _syncs(
-            lambda: ops.linear_cross_entropy_bwd(g, h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8, [True, True, False])
+            lambda: ops.linear_cross_entropy_bwd(g, h, lw, None, t, w, -100, reduction, 0.0, 0.0, 8,
+                                                 [True, True, False])
         ) == 0
 
 

@@ -15,7 +15,8 @@ LOSS_LINE = re.compile(r"^step\s+(\d+)\s+loss\s+(\S+)$", re.MULTILINE)
 
 
 def test_every_example_is_tested():
-    assert sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_")) == sorted(SCRIPTS + ["hf_causal_lm.py"])
+    scripts = sorted(p.name for p in EXAMPLES.glob("*.py") if not p.name.startswith("_"))
+    assert scripts == sorted(SCRIPTS + ["hf_causal_lm.py"])
 
 
 @pytest.mark.parametrize("script", SCRIPTS + ["hf_causal_lm.py"])

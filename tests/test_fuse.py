@@ -187,7 +187,8 @@ ACTIVATION_MODULES = [
 ]
 
 
-@pytest.mark.parametrize("make_act, expected", [c[1:] for c in ACTIVATION_MODULES], ids=[c[0] for c in ACTIVATION_MODULES])
+@pytest.mark.parametrize("make_act, expected", [c[1:] for c in ACTIVATION_MODULES],
+                         ids=[c[0] for c in ACTIVATION_MODULES])
 def test_sequential_activation_module(make_act, expected):
     model = nn.Sequential(nn.Linear(8, 16), make_act(), nn.Linear(16, 4))
     fused, report = fuse(model)
@@ -737,7 +738,8 @@ class SharedElsewhere(nn.Module):
 
 
 def test_shared_linear_also_called_without_activation():
-    check_left_alone(SharedElsewhere(False), [x8(3)], "fc, seq.0 (Linear 8->8)", "not followed by a supported activation")
+    check_left_alone(SharedElsewhere(False), [x8(3)], "fc, seq.0 (Linear 8->8)",
+                     "not followed by a supported activation")
 
 
 def test_shared_linear_also_called_with_the_same_activation():
@@ -761,7 +763,8 @@ def test_linear_subclass_left_alone():
 HOOKS = {
     "forward": lambda m, log: m.register_forward_hook(lambda mod, args, out: log.append("forward")),
     "forward-pre": lambda m, log: m.register_forward_pre_hook(lambda mod, args: log.append("forward-pre")),
-    "forward-with-kwargs": lambda m, log: m.register_forward_hook(lambda mod, args, kw, out: log.append("kw"), with_kwargs=True),
+    "forward-with-kwargs": lambda m, log: m.register_forward_hook(lambda mod, args, kw, out: log.append("kw"),
+                                                                  with_kwargs=True),
     "full-backward": lambda m, log: m.register_full_backward_hook(lambda mod, gi, go: log.append("backward")),
     "full-backward-pre": lambda m, log: m.register_full_backward_pre_hook(lambda mod, go: log.append("backward-pre")),
 }
@@ -773,7 +776,9 @@ def test_linear_with_hook_left_alone(hook):
     model = nn.Sequential(nn.Linear(8, 8), nn.ReLU(), nn.Linear(8, 8), nn.ReLU())
     HOOKS[hook](model[0], log)
     fused, report = fuse(model)
-    assert type(fused[0]) is nn.Linear and type(fused[1]) is nn.ReLU, f"a Linear with a {hook} hook was replaced:\n{report}"
+    assert type(fused[0]) is nn.Linear and type(fused[1]) is nn.ReLU, (
+        f"a Linear with a {hook} hook was replaced:\n{report}"
+    )
     assert_reported(report.skipped, "0 (Linear 8->8)", "hooks")
     assert fused_linears(fused) == {"2": ("relu", 0.01)}
     log.clear()
@@ -827,9 +832,12 @@ TRANSFORMER_ACTIVATIONS = [
 ]
 
 
-@pytest.mark.parametrize("layer_cls", [nn.TransformerEncoderLayer, nn.TransformerDecoderLayer], ids=["encoder", "decoder"])
-@pytest.mark.parametrize("make_act, expected", [c[1:] for c in TRANSFORMER_ACTIVATIONS], ids=[c[0] for c in TRANSFORMER_ACTIVATIONS])
-@pytest.mark.parametrize("batch_first, norm_first", [(True, False), (False, True)], ids=["batch_first-post_norm", "seq_first-pre_norm"])
+@pytest.mark.parametrize("layer_cls", [nn.TransformerEncoderLayer, nn.TransformerDecoderLayer],
+                         ids=["encoder", "decoder"])
+@pytest.mark.parametrize("make_act, expected", [c[1:] for c in TRANSFORMER_ACTIVATIONS],
+                         ids=[c[0] for c in TRANSFORMER_ACTIVATIONS])
+@pytest.mark.parametrize("batch_first, norm_first", [(True, False), (False, True)],
+                         ids=["batch_first-post_norm", "seq_first-pre_norm"])
 def test_transformer_layer(layer_cls, make_act, expected, batch_first, norm_first):
     model = layer_cls(16, 2, dim_feedforward=24, dropout=0.0, activation=make_act(),
                       batch_first=batch_first, norm_first=norm_first)
@@ -872,7 +880,8 @@ def test_transformer_layer_inside_custom_module():
     model = Net()
     fused, report = fuse(model)
     assert fused_linears(fused) == {"embed": ("tanh", 0.01), "layer.linear1": ("relu", 0.01)}
-    assert_same_outputs_and_grads(fused, model, [torch.randn(2, 6, 8)], "Transformer layer in a custom module", eval_no_grad=True)
+    assert_same_outputs_and_grads(fused, model, [torch.randn(2, 6, 8)], "Transformer layer in a custom module",
+                                  eval_no_grad=True)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -908,13 +917,15 @@ LOSSES = [
      ce_inputs, torch_ext.CrossEntropyLoss, ("ignore_index", "reduction", "label_smoothing")),
     ("MSELoss-sum", lambda: nn.MSELoss(reduction="sum"), pair_inputs, torch_ext.MSELoss, ("reduction",)),
     ("MSELoss-none", lambda: nn.MSELoss(reduction="none"), pair_inputs, torch_ext.MSELoss, ("reduction",)),
-    ("HuberLoss", lambda: nn.HuberLoss(delta=0.7, reduction="sum"), pair_inputs, torch_ext.HuberLoss, ("reduction", "delta")),
+    ("HuberLoss", lambda: nn.HuberLoss(delta=0.7, reduction="sum"), pair_inputs, torch_ext.HuberLoss,
+     ("reduction", "delta")),
     ("SmoothL1Loss", lambda: nn.SmoothL1Loss(beta=1.7), pair_inputs, torch_ext.SmoothL1Loss, ("reduction", "beta")),
-    ("SmoothL1Loss-beta0", lambda: nn.SmoothL1Loss(beta=0.0, reduction="none"), pair_inputs, torch_ext.SmoothL1Loss, ("reduction", "beta")),
+    ("SmoothL1Loss-beta0", lambda: nn.SmoothL1Loss(beta=0.0, reduction="none"), pair_inputs, torch_ext.SmoothL1Loss,
+     ("reduction", "beta")),
     ("TripletMarginLoss", lambda: nn.TripletMarginLoss(margin=2.5, p=1.5, swap=True), triplet_inputs,
      torch_ext.TripletMarginLoss, ("margin", "p", "eps", "swap", "reduction")),
-    ("TripletMarginLoss-p3-sum", lambda: nn.TripletMarginLoss(margin=0.5, p=3, eps=1e-4, reduction="sum"), triplet_inputs,
-     torch_ext.TripletMarginLoss, ("margin", "p", "eps", "swap", "reduction")),
+    ("TripletMarginLoss-p3-sum", lambda: nn.TripletMarginLoss(margin=0.5, p=3, eps=1e-4, reduction="sum"),
+     triplet_inputs, torch_ext.TripletMarginLoss, ("margin", "p", "eps", "swap", "reduction")),
 ]
 
 
@@ -1002,7 +1013,8 @@ def mixed_inputs():
     return [torch.randn(6, 8), torch.tensor([0, 1, 2, 3, 4, 0])]
 
 
-MIXED_FUSED = {"stem.0": ("gelu", 0.01), "stem.2": ("leaky_relu", 0.2), "block.fc": ("gelu", 0.01), "proj": ("sigmoid", 0.01)}
+MIXED_FUSED = {"stem.0": ("gelu", 0.01), "stem.2": ("leaky_relu", 0.2), "block.fc": ("gelu", 0.01),
+               "proj": ("sigmoid", 0.01)}
 
 
 def test_state_dict_keys_values_and_loading():

@@ -78,10 +78,14 @@ MLP_LINES = {
     "bert": ["bert.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "roberta": ["roberta.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "vit": ["vit.layers.{i}.mlp (ViTMLP: fc1, fc2 + GELUActivation) -> torch_ext.fused_mlp gelu (in its forward)"],
-    "gpt2": ["transformer.h.{i}.mlp (GPT2MLP: c_fc, c_proj + NewGELUActivation) -> torch_ext.fused_mlp gelu_tanh (in its forward)"],
-    "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
-    "mistral": ["model.layers.{i}.mlp (MistralMLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
-    "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"],
+    "gpt2": ["transformer.h.{i}.mlp (GPT2MLP: c_fc, c_proj + NewGELUActivation) "
+             "-> torch_ext.fused_mlp gelu_tanh (in its forward)"],
+    "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) "
+              "-> torch_ext.fused_mlp swiglu"],
+    "mistral": ["model.layers.{i}.mlp (MistralMLP: gate_proj, up_proj, down_proj + SiLUActivation) "
+                "-> torch_ext.fused_mlp swiglu"],
+    "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) "
+              "-> torch_ext.fused_mlp swiglu"],
     "t5": ["encoder.block.{i}.layer.1.DenseReluDense.wi (Linear 32->64) + relu",
            "decoder.block.{i}.layer.2.DenseReluDense.wi (Linear 32->64) + relu"],
     "t5-gated": ["encoder.block.{i}.layer.1.DenseReluDense (T5DenseGatedActDense: wi_0, wi_1 + NewGELUActivation) "
@@ -91,7 +95,8 @@ MLP_LINES = {
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
-                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ", "t5-gated": "DenseReluDense.wi_"}
+                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ",
+                     "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
 
@@ -294,7 +299,8 @@ def test_training_tracks_the_unfused_loss_curve(family):
 def causal_pair(family="llama"):
     ref = build(family).train()
     fused, report = fuse(ref)
-    assert type(fused.lm_head).__name__ == "CausalLMHead" and any(LM_LOSS_LINE in r for r in report.replaced), str(report)
+    assert type(fused.lm_head).__name__ == "CausalLMHead", str(report)
+    assert any(LM_LOSS_LINE in r for r in report.replaced), str(report)
     return ref, fused
 
 
@@ -344,7 +350,8 @@ def test_causal_lm_saves_no_logits(family):
     for model, keeps_logits in ((ref, True), (fused, False)):
         with SavedTensorBytes() as rec:
             loss = model(**inputs).loss
-        shaped_like_logits = [tuple(t.shape) for t in rec.saved if t.dim() >= 2 and t.shape[-1] == 100 and t.numel() >= tokens * 100]
+        shaped_like_logits = [tuple(t.shape) for t in rec.saved
+                              if t.dim() >= 2 and t.shape[-1] == 100 and t.numel() >= tokens * 100]
         assert bool(shaped_like_logits) == keeps_logits, f"{type(model).__name__}: saved {shaped_like_logits}"
         loss.backward()
 
@@ -390,7 +397,8 @@ def test_causal_lm_with_a_changed_forward_is_left_alone():
     model = Capped(build("llama").config)
     fused, report = fuse(model)
     assert not any(LM_LOSS_LINE in r for r in report.replaced), str(report)
-    assert any("lm_head, its loss)" in s and "does more with logits than the loss" in s for s in report.skipped), str(report)
+    assert any("lm_head, its loss)" in s and "does more with logits than the loss" in s
+               for s in report.skipped), str(report)
     assert type(fused.lm_head) is nn.Linear
     assert_same_step(fused, model, batch("llama"), "softcapped LM")
 
@@ -478,7 +486,8 @@ def test_conv1d_followed_by_activation_becomes_fused_conv1d():
     y, y_ref = fused(x), ref(x)
     assert_close(y, y_ref)
     g = torch.randn_like(y)
-    for a, b in zip(torch.autograd.grad(y, [x, *fused.parameters()], g), torch.autograd.grad(y_ref, [x, *ref.parameters()], g)):
+    for a, b in zip(torch.autograd.grad(y, [x, *fused.parameters()], g),
+                    torch.autograd.grad(y_ref, [x, *ref.parameters()], g)):
         assert_close(a, b)
     assert list(fused.state_dict()) == list(ref.state_dict())
 
@@ -532,14 +541,17 @@ Block.__module__ = "transformers.models.fake.modeling_fake"
 
 
 @pytest.mark.parametrize("name, formula, fused_as, module", [
-    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))), "gelu_tanh", "transformers.activations"),
-    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.05 * x ** 3))), None, "transformers.activations"),
+    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.044715 * x ** 3))),
+     "gelu_tanh", "transformers.activations"),
+    ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.05 * x ** 3))),
+     None, "transformers.activations"),
     ("GELUActivation", lambda x: x * torch.sigmoid(1.702 * x), None, "transformers.activations"),  # quick_gelu as gelu
     ("SiLUActivation", lambda x: x * torch.sigmoid(x), "silu", "transformers.activations"),
     ("SiLUActivation", lambda x: x * torch.sigmoid(x) * 1.001, None, "transformers.activations"),
     ("GELUTanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), "gelu_tanh", "timm.layers.activations"),
     ("Swish", lambda x: x * torch.sigmoid(x), "silu", "timm.layers.activations"),
-    ("GELU", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), None, "timm.layers.activations"),  # not exact gelu
+    # not exact gelu
+    ("GELU", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), None, "timm.layers.activations"),
     ("NoSuchActivation", lambda x: torch.relu(x), None, "transformers.activations"),  # unknown name
 ])
 def test_library_activation_needs_its_formula(name, formula, fused_as, module):
@@ -592,7 +604,8 @@ def test_unreadable_source_above_is_left_alone():
     model = Outer()
     fused, report = fuse(model)
     assert type(fused.mlp.fc) is nn.Linear, str(report)
-    assert any("mlp.fc (Linear 8->16)" in s and "Outer.helper is not available" in s for s in report.skipped), str(report)
+    assert any("mlp.fc (Linear 8->16)" in s and "Outer.helper is not available" in s
+               for s in report.skipped), str(report)
 
 
 def test_activation_used_elsewhere_is_kept():

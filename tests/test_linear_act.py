@@ -44,13 +44,13 @@ from utils import (
     CPU_CAPABILITY_LEVELS,
     BackwardOpMasks,
     SavedTensorBytes,
+    act_fn,
+    act_module,
     assert_close,
+    leaf,
     reference_dtype,
     run_python,
     tolerance,
-    act_fn,
-    act_module,
-    leaf,
 )
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
@@ -901,12 +901,14 @@ def _error_cases():
         "bias_wrong_length": ((x, w, torch.randn(4), "relu"), RuntimeError,
                               r"bias must have shape \(out_features,\) = \(5,\)"),
         "bias_2d": ((x, w, torch.randn(1, 5), "relu"), RuntimeError, r"bias must have shape \(out_features,\)"),
-        "weight_dtype": ((x, w.double(), b, "relu"), RuntimeError, r"weight has dtype Double but input has dtype Float"),
+        "weight_dtype": ((x, w.double(), b, "relu"), RuntimeError,
+                         r"weight has dtype Double but input has dtype Float"),
         "bias_dtype": ((x, w, b.double(), "relu"), RuntimeError, r"bias has dtype Double but input has dtype Float"),
         "unknown_activation": ((x, w, b, "swish"), ValueError, r"activation must be one of .*got 'swish'"),
         "float16": ((x.half(), w.half(), b.half(), "relu"), RuntimeError, r"input is float16"),
         "integer": ((x.long(), w.long(), b.long(), "relu"), RuntimeError, r"input must be float32, float64, bfloat16"),
-        "input_0d": ((torch.tensor(1.0), w, b, "relu"), RuntimeError, r"input must have shape \(\*, in_features\), got a 0-D"),
+        "input_0d": ((torch.tensor(1.0), w, b, "relu"), RuntimeError,
+                     r"input must have shape \(\*, in_features\), got a 0-D"),
     }
 
 

@@ -41,7 +41,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import LinearCrossEntropyLoss, linear_cross_entropy
-from utils import SavedTensorBytes, assert_close, reference_dtype, run_python, storage_key, leaf
+from utils import SavedTensorBytes, assert_close, leaf, reference_dtype, run_python, storage_key
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -616,7 +616,9 @@ def reference_kdim(input, linear_weight, target, linear_bias=None, weight=None, 
     z = z_loss * rw * lse.square()
     if reduction == "none":
         return loss + z
-    return loss + (z.sum() if reduction == "sum" else z.sum() / (lse.numel() if target.is_floating_point() else rw.sum()))
+    if reduction == "sum":
+        return loss + z.sum()
+    return loss + z.sum() / (lse.numel() if target.is_floating_point() else rw.sum())
 
 
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -662,7 +664,8 @@ def test_k_dimensional_gradcheck_and_errors():
     t = class_target((3, 2), 4, "some")
     cw = make_weight(4, torch.float64)
     assert torch.autograd.gradcheck(
-        lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, z_loss=0.1), (x, w, b))
+        lambda x, w, b: linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, label_smoothing=0.1, z_loss=0.1),
+        (x, w, b))
     assert torch.autograd.gradcheck(
         lambda x, w, b, p: linear_cross_entropy(x, w, p, linear_bias=b, reduction="none", chunk_size=2), (x, w, b, p))
     with pytest.raises(ValueError, match="input"):
@@ -1328,7 +1331,9 @@ def test_module_interface_is_torchs():
     extras = {"z_loss": 0.0, "chunk_size": None, "softcap": None, "return_lse": False, "return_accuracy": False}
     for name, default in extras.items():
         assert (ours[name].kind, ours[name].default) == (inspect.Parameter.KEYWORD_ONLY, default), name
-    assert list(inspect.signature(LinearCrossEntropyLoss.forward).parameters) == ["self", "input", "target", "num_items_in_batch"]
+    assert list(inspect.signature(LinearCrossEntropyLoss.forward).parameters) == [
+        "self", "input", "target", "num_items_in_batch"
+    ]
     if TorchLCELoss is not None:
         assert issubclass(LinearCrossEntropyLoss, TorchLCELoss)
         theirs = inspect.signature(TorchLCELoss.__init__).parameters

@@ -1002,7 +1002,8 @@ def test_second_order_through_one_gradient_raises(path, activation, first, secon
         result = torch.autograd.grad(grads[first].pow(2).sum(), tensors[NAMES.index(second)], allow_unused=True)
         # (What eager PyTorch gives, for the report when this is silently wrong.)
         e_t = [leaf(t) for t in tensors]
-        e_grads = dict(zip(NAMES, torch.autograd.grad(reference_mlp(*e_t, activation, SLOPE), e_t, g, create_graph=True)))
+        e_grads = dict(zip(NAMES, torch.autograd.grad(reference_mlp(*e_t, activation, SLOPE), e_t, g,
+                                                      create_graph=True)))
         (want,) = torch.autograd.grad(e_grads[first].pow(2).sum(), e_t[NAMES.index(second)])
         got = result[0]
         raise AssertionError(

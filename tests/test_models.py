@@ -138,8 +138,9 @@ class LSTMLanguageModel(nn.Module):
         else:
             self.proj = nn.Sequential(torch_ext.FusedLinear(self.HIDDEN, self.HIDDEN, activation="tanh"), nn.Identity())
         if head == "torch-module":
-            self.head: nn.Module = TorchLinearCrossEntropyLoss(self.HIDDEN, self.VOCAB, bias=True,
-                                                               ignore_index=ignore_index, label_smoothing=label_smoothing)
+            self.head: nn.Module = TorchLinearCrossEntropyLoss(
+                self.HIDDEN, self.VOCAB, bias=True, ignore_index=ignore_index, label_smoothing=label_smoothing
+            )
         elif head == "module":
             self.head = torch_ext.LinearCrossEntropyLoss(self.HIDDEN, self.VOCAB, bias=True, ignore_index=ignore_index,
                                                          label_smoothing=label_smoothing, chunk_size=chunk_size)

@@ -1,6 +1,7 @@
 """``num_items_in_batch`` on the losses (cross_entropy, linear_cross_entropy, mse / huber /
-smooth_l1, triplet_margin_loss, and their modules' forward): the summed loss divided by a given count instead of the mean's own denominator, as
-the Hugging Face Trainer does for gradient accumulation.
+smooth_l1, triplet_margin_loss, and their modules' forward): the summed loss divided by a given
+count instead of the mean's own denominator, as the Hugging Face Trainer does for gradient
+accumulation.
 
 The reference is PyTorch's own loss with reduction="sum", divided by the count; and the property
 it exists for: micro-batches whose losses are each divided by the whole batch's count give,
@@ -160,7 +161,8 @@ def test_count_needs_reduction_mean(name, reduction):
 
 
 MODULES = {
-    "CrossEntropyLoss": (ce_case, lambda: torch_ext.CrossEntropyLoss(), lambda ts, t: F.cross_entropy(ts[0], t, reduction="sum")),
+    "CrossEntropyLoss": (ce_case, lambda: torch_ext.CrossEntropyLoss(),
+                         lambda ts, t: F.cross_entropy(ts[0], t, reduction="sum")),
     "LinearCrossEntropyLoss": (None, None, None),
     "MSELoss": (regression_case, lambda: torch_ext.MSELoss(), lambda ts, t: F.mse_loss(ts[0], t, reduction="sum")),
     "HuberLoss": (regression_case, lambda: torch_ext.HuberLoss(delta=0.5),

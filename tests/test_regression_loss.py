@@ -30,7 +30,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import assert_close, reference_dtype, leaf
+from utils import assert_close, leaf, reference_dtype
 
 LOSSES = ("mse", "huber", "smooth_l1")
 WEIGHTED_LOSSES = ("mse", "huber")
@@ -55,7 +55,8 @@ def ours(loss, input, target, reduction="mean", param=None, weight=None):
     if loss == "mse":
         return torch_ext.mse_loss(input, target, reduction=reduction, weight=weight)
     if loss == "huber":
-        return torch_ext.huber_loss(input, target, reduction=reduction, delta=1.0 if param is None else param, weight=weight)
+        return torch_ext.huber_loss(input, target, reduction=reduction, delta=1.0 if param is None else param,
+                                    weight=weight)
     assert weight is None
     return torch_ext.smooth_l1_loss(input, target, reduction=reduction, beta=1.0 if param is None else param)
 
@@ -111,7 +112,8 @@ def check_against_pytorch(loss, x, t, reduction="mean", param=None, weight=None,
     y, grads = forward_backward(lambda a, b: ours(loss, a, b, reduction, param, weight), x, t, wrt, grad)
     w_ref = None if weight is None else weight.to(rdt)
     g_ref = grad.to(rdt) if isinstance(grad, torch.Tensor) else grad
-    ref_y, ref_grads = forward_backward(lambda a, b: reference(loss, a, b, reduction, param, w_ref), x, t, wrt, g_ref, rdt)
+    ref_y, ref_grads = forward_backward(lambda a, b: reference(loss, a, b, reduction, param, w_ref), x, t, wrt, g_ref,
+                                        rdt)
     tag = f"{msg} {loss} {reduction} param={param} {dtype_id(dtype)} x{tuple(x.shape)} t{tuple(t.shape)}"
     assert_close(y, ref_y, dtype=dtype, equal_nan=equal_nan, msg=f"{tag}: output")
     for name, got, want in zip(("grad_input", "grad_target"), grads, ref_grads):
@@ -591,7 +593,8 @@ def _nonfinite_pair(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("loss,param", [("mse", None), ("huber", 0.5), ("huber", 2.5), ("smooth_l1", 1.0), ("smooth_l1", 2.5)])
+@pytest.mark.parametrize("loss,param",
+                         [("mse", None), ("huber", 0.5), ("huber", 2.5), ("smooth_l1", 1.0), ("smooth_l1", 2.5)])
 def test_nonfinite(loss, param, reduction, dtype):
     x, t = _nonfinite_pair(dtype)
     y, (gx, gt) = check_against_pytorch(loss, x, t, reduction, param, equal_nan=True)
@@ -1046,7 +1049,8 @@ def test_module_matches_torch_nn(case, dtype):
     assert_close(tl.grad, tr.grad, dtype=dtype)
 
 
-LEGACY = [(None, False), (False, None), (True, None), (False, False), (True, True), (False, True), (True, False), (None, True)]
+LEGACY = [(None, False), (False, None), (True, None), (False, False), (True, True), (False, True), (True, False),
+          (None, True)]
 
 
 @pytest.mark.parametrize("size_average,reduce", LEGACY)

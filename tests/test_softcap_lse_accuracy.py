@@ -39,8 +39,17 @@ import torch.nn.functional as F
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, LinearCrossEntropyLoss, cross_entropy, linear_cross_entropy
-from test_cross_entropy import class_dim, class_target, dtype_id, make_input, make_weight, prob_target, target_shape
-from test_cross_entropy import reference as ce_reference, reference_leaves
+from test_cross_entropy import (
+    class_dim,
+    class_target,
+    dtype_id,
+    make_input,
+    make_weight,
+    prob_target,
+    reference_leaves,
+    target_shape,
+)
+from test_cross_entropy import reference as ce_reference
 from test_linear_cross_entropy import class_target as lce_class_target
 from utils import assert_close, leaf, reference_dtype, tolerance
 
@@ -825,7 +834,8 @@ def test_fwd_stats(dtype, shape, kind):
     x = make_input(shape, dtype, scale=3.0)
     w = make_weight(c, dtype)
     prob = kind == "prob"
-    t = prob_target(shape, "softmax", dtype) if prob else class_target(shape, c, "some" if len(shape) > 1 else "none", -100)
+    t = (prob_target(shape, "softmax", dtype) if prob
+         else class_target(shape, c, "some" if len(shape) > 1 else "none", -100))
     ls = 0.1
     rows = t.numel() // (c if prob else 1)
     ad = acc_dtype(dtype)
@@ -1060,7 +1070,9 @@ def test_compile_matches_eager(dynamo_reset, backend):
     grad_names = ("x", "xp", "tp", "h", "linear_weight", "linear_bias")
     (eager_out, eager_g), (comp_out, comp_g), (ref_out, ref_g) = results
     for name, a, e, r in zip(names, comp_out, eager_out, ref_out):
-        assert a.shape == r.shape and a.dtype == r.dtype, f"{backend} {name}: {a.shape} {a.dtype} vs {r.shape} {r.dtype}"
+        assert a.shape == r.shape and a.dtype == r.dtype, (
+            f"{backend} {name}: {a.shape} {a.dtype} vs {r.shape} {r.dtype}"
+        )
         assert_close(a, e, msg=f"{backend} {name}: compiled vs eager")
         assert_close(a, r, msg=f"{backend} {name}: compiled vs PyTorch")
         assert_close(e, r, msg=f"{backend} {name}: eager vs PyTorch")
@@ -1313,7 +1325,7 @@ def test_lce_chunk_sizes(dtype):
         loss, lse, acc, grads = run_lce(x, w, t, b, softcap=3.0, reduction="sum", z_loss=1e-3, label_smoothing=0.1,
                                         chunk_size=chunk, check_nograd=chunk == 3, msg=f"chunk={chunk}")
         outs.append((loss, lse, acc))
-    for loss, lse, acc in outs[1:]:
+    for _loss, lse, acc in outs[1:]:
         assert_close(lse, outs[0][1], dtype=acc_dtype(dtype), rtol=tolerance(dtype)[0], atol=tolerance(dtype)[1])
         if dtype != torch.bfloat16:  # (bfloat16: bounded by run_lce's near-tie allowance)
             torch.testing.assert_close(acc, outs[0][2])

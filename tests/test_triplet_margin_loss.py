@@ -29,9 +29,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-import torch_ext
 from torch_ext import TripletMarginLoss, triplet_margin_loss
-from utils import assert_close, reference_dtype, leaf
+from utils import assert_close, leaf, reference_dtype
 
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
@@ -65,7 +64,8 @@ def ours(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")
 
 def raw(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean"):
     """The raw forward op (its autograd included); the loss only."""
-    return torch.ops.torch_ext.triplet_margin_loss_fwd(a, pos, neg, float(margin), float(p), float(eps), swap, reduction)[0]
+    return torch.ops.torch_ext.triplet_margin_loss_fwd(a, pos, neg, float(margin), float(p), float(eps), swap,
+                                                       reduction)[0]
 
 
 
@@ -781,7 +781,8 @@ def test_deprecated_size_average_reduce(size_average, reduce):
 # ----------------------------------------------------------------------------------------------
 
 
-@pytest.mark.parametrize("p", [0.0, float("inf"), -1.0, float("nan"), -float("inf")], ids=["0", "inf", "-1", "nan", "-inf"])
+@pytest.mark.parametrize("p", [0.0, float("inf"), -1.0, float("nan"), -float("inf")],
+                         ids=["0", "inf", "-1", "nan", "-inf"])
 def test_p_not_positive_finite_raises(p):
     # PyTorch accepts p = 0 and p = inf (and more); torch_ext refuses any p that is not a positive
     # finite number with a ValueError naming p: a documented limitation.

@@ -164,14 +164,16 @@ def test_sharded_equals_unsharded(tmp_path, world):
         first, second = got["retain_graph"]["first"], got["retain_graph"]["second"]
         for a, b_, what in zip(first, second, ("input", "weight")):
             assert a.abs().max() > 0, what
-            assert_close(b_, a, rtol=1e-5, atol=1e-6, msg=f"rank {rank}: retain_graph, second backward's {what} gradient")
+            assert_close(b_, a, rtol=1e-5, atol=1e-6,
+                         msg=f"rank {rank}: retain_graph, second backward's {what} gradient")
         ign = got["all_ignored_mean"]
         assert torch.isnan(ign["loss"]) and not ign["grad_x"].any() and not ign["grad_w"].any(), ign
         d, ref = got["dtensor"], refs["everything_chunk3"]
         assert "Shard(dim=0)" in d["grad_w_placements"], d["grad_w_placements"]
         for key in ("loss", "grad_x", "grad_w", "grad_b"):
-            assert_close(d[key], ref[key], check_dtype=False, rtol=2e-5, atol=2e-5, msg=f"DTensor weight, rank {rank}: {key}")
-        for name, options, shape, dtype, bias, ignored in CASES:
+            assert_close(d[key], ref[key], check_dtype=False, rtol=2e-5, atol=2e-5,
+                         msg=f"DTensor weight, rank {rank}: {key}")
+        for name, options, _shape, dtype, bias, ignored in CASES:
             r, ref = got[name], refs[name]
             tol = dict(rtol=1e-9, atol=1e-9) if dtype == torch.float64 else dict(rtol=2e-5, atol=2e-5)
             what = f"world {world}, rank {rank}, {name}"

@@ -106,7 +106,7 @@ class SavedTensorBytes:
         self.saved.append(t)
         return t
 
-    def __enter__(self) -> "SavedTensorBytes":
+    def __enter__(self) -> SavedTensorBytes:
         self._hooks.__enter__()
         return self
 

@@ -46,8 +46,8 @@ from ._config import show_config
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .fuse import FuseReport, fuse
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
-from .mlp import GATED_ACTIVATIONS, MLP_ACTIVATIONS, FusedMLP, FusedMLPFunction, fused_mlp
 from .linear_cross_entropy import LinearCrossEntropyFunction, LinearCrossEntropyLoss, linear_cross_entropy
+from .mlp import GATED_ACTIVATIONS, MLP_ACTIVATIONS, FusedMLP, FusedMLPFunction, fused_mlp
 from .regression_loss import (
     HuberLoss,
     MSELoss,

@@ -6,7 +6,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it (any_requires_grad can)
@@ -101,9 +100,14 @@ def reduction_for_items(num_items_in_batch, reduction: str, name: str) -> str:
         )
     if torch.is_tensor(num_items_in_batch):
         if num_items_in_batch.numel() != 1:
-            raise ValueError(f"{name}: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}")
+            raise ValueError(
+                f"{name}: num_items_in_batch must hold one number, got shape {tuple(num_items_in_batch.shape)}"
+            )
     elif isinstance(num_items_in_batch, bool) or not isinstance(num_items_in_batch, (int, float)):
-        raise TypeError(f"{name}: num_items_in_batch must be a number or a one-element tensor, got {type(num_items_in_batch).__name__}")
+        raise TypeError(
+            f"{name}: num_items_in_batch must be a number or a one-element tensor, "
+            f"got {type(num_items_in_batch).__name__}"
+        )
     elif not num_items_in_batch > 0:
         raise ValueError(f"{name}: num_items_in_batch must be positive, got {num_items_in_batch}")
     return "sum"

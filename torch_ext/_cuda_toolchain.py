@@ -21,10 +21,10 @@ from __future__ import annotations
 
 import glob
 import os
-import sys
 import re
 import shutil
 import subprocess
+import sys
 import tempfile
 from dataclasses import dataclass, field
 from typing import Callable, List, Mapping, Optional, Sequence
@@ -128,7 +128,8 @@ def find_toolkit(env: Mapping[str, str], which: Callable[[str], Optional[str]] =
             if _is_toolkit(home):
                 return os.path.normpath(home), "usual install folder", None
     where = f"the nvcc on PATH ({nvcc}) does not say where its toolkit is; " if nvcc else "no nvcc on PATH, "
-    return None, "", f"no CUDA toolkit: {where}CUDA_HOME is not set, and none of {', '.join(usual_homes)} holds a toolkit (bin/nvcc, include/cuda_runtime.h); set CUDA_HOME"
+    return None, "", (f"no CUDA toolkit: {where}CUDA_HOME is not set, and none of {', '.join(usual_homes)} "
+                      "holds a toolkit (bin/nvcc, include/cuda_runtime.h); set CUDA_HOME")
 
 
 def _version_key(path: str):
@@ -202,13 +203,16 @@ def resolve(torch_cuda: Optional[str], env: Optional[Mapping[str, str]] = None,
     if tc.version is None:
         tc.problems.append(f"{tc.nvcc} --version does not say its CUDA release")
     elif tc.version.split(".")[0] != major:
-        tc.problems.append(f"the CUDA toolkit at {tc.home} is CUDA {tc.version}, torch was built with CUDA {torch_cuda}: "
-                           f"their major versions must match (install CUDA {major}.x and set CUDA_HOME to it)")
+        tc.problems.append(f"the CUDA toolkit at {tc.home} is CUDA {tc.version}, torch was built with CUDA "
+                           f"{torch_cuda}: their major versions must match (install CUDA {major}.x and set CUDA_HOME "
+                           "to it)")
     tc.cudart = find_library("cudart", major, tc.home, nvidia_paths)
     tc.cublaslt = find_library("cublasLt", major, tc.home, nvidia_paths)
     for lib, what in ((tc.cudart, "cudart"), (tc.cublaslt, "cublasLt")):
         if lib is None:
-            tc.problems.append(f"no lib{what}.so (CUDA {major}) in the pip nvidia-* packages nor in {tc.home}'s lib folders")
+            tc.problems.append(
+                f"no lib{what}.so (CUDA {major}) in the pip nvidia-* packages nor in {tc.home}'s lib folders"
+            )
     tc.include_dirs = pip_cuda_dirs("include", nvidia_paths)
     return tc
 
@@ -245,7 +249,8 @@ def probe(tc: CudaToolchain, arch_list: str, timeout: float = 120.0) -> Optional
                "-I", os.path.join(tc.home, "include")]
         for d in tc.include_dirs:
             cmd += ["-I", d]
-        cmd += [src, "-o", os.path.join(tmp, "probe.so"), "-L", link_dir(tc, os.path.join(tmp, "lib")), "-lcudart", "-Xlinker", tc.cublaslt]
+        cmd += [src, "-o", os.path.join(tmp, "probe.so"), "-L", link_dir(tc, os.path.join(tmp, "lib")), "-lcudart",
+                "-Xlinker", tc.cublaslt]
         try:
             res = _run(cmd, timeout=timeout)
         except (OSError, subprocess.SubprocessError) as e:
@@ -296,5 +301,6 @@ def plan(mode: str, torch_version: str, torch_cuda: Optional[str], arch_list: st
     # warning on a machine with a GPU repeat this reason from the recorded build config.
     print(f"\n{bar}\nWARNING torch_ext: building WITHOUT the CUDA kernels (CPU only): {problem}\n"
           f"Fix that (e.g. set CUDA_HOME to a CUDA {torch_cuda.split('.')[0]}.x toolkit) and reinstall, or set "
-          f"TORCH_EXT_CUDA=1 to make this an error, TORCH_EXT_CUDA=0 to silence it.\n{bar}\n", file=sys.stderr, flush=True)
+          f"TORCH_EXT_CUDA=1 to make this an error, TORCH_EXT_CUDA=0 to silence it.\n{bar}\n",
+          file=sys.stderr, flush=True)
     return CudaPlan(mode, tc, why_not=problem)

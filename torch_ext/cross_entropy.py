@@ -14,10 +14,16 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
-
 from ._common import (
-    autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward, forward_with_ctx, needs_autograd,
-    reduction_for_items, register_no_double_backward, resolve_reduction,
+    autocast_to_float32,
+    direct_when_no_grad,
+    divide_by_items,
+    forms_grad_in_forward,
+    forward_with_ctx,
+    needs_autograd,
+    reduction_for_items,
+    register_no_double_backward,
+    resolve_reduction,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
@@ -46,7 +52,9 @@ def softcap_value(op: str, softcap) -> float:
 def _check_args(op, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0):
     """The checks of csrc/cpu/cross_entropy.cpp, for fake tensors (torch.compile tracing).
     Returns (loss shape of reduction='none', rows, class-probability targets?)."""
-    torch._check(input.dim() >= 1, lambda: f"{op}: input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor")
+    torch._check(
+        input.dim() >= 1, lambda: f"{op}: input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor"
+    )
     class_dim = 0 if input.dim() == 1 else 1
     classes = input.shape[class_dim]
     loss_shape = [s for d, s in enumerate(input.shape) if d != class_dim]
@@ -54,19 +62,28 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
     if probabilities:
         torch._check(
             target.shape == input.shape,
-            lambda: f"{op}: a floating-point target holds class probabilities and must have input's shape {tuple(input.shape)}, got {tuple(target.shape)}",
+            lambda: f"{op}: a floating-point target holds class probabilities and must have input's shape "
+            f"{tuple(input.shape)}, got {tuple(target.shape)}",
         )
-        torch._check(target.dtype == input.dtype, lambda: f"{op}: target has dtype {target.dtype} but input has dtype {input.dtype}; they must match")
+        torch._check(
+            target.dtype == input.dtype,
+            lambda: f"{op}: target has dtype {target.dtype} but input has dtype {input.dtype}; they must match",
+        )
         if ignore_index >= 0:
-            raise ValueError(f"{op}: ignore_index is not supported for class-probability (floating point) targets; got ignore_index={ignore_index}")
+            raise ValueError(
+                f"{op}: ignore_index is not supported for class-probability (floating point) targets; "
+                f"got ignore_index={ignore_index}"
+            )
     else:
         torch._check(
             target.dtype in (torch.int64, torch.uint8),
-            lambda: f"{op}: target must hold class indices as int64 (or uint8), or class probabilities of input's floating dtype; got {target.dtype}",
+            lambda: f"{op}: target must hold class indices as int64 (or uint8), or class probabilities of input's "
+            f"floating dtype; got {target.dtype}",
         )
         torch._check(
             list(target.shape) == loss_shape,
-            lambda: f"{op}: target of class indices must have shape {tuple(loss_shape)} (input's shape without the class dimension), got {tuple(target.shape)}",
+            lambda: f"{op}: target of class indices must have shape {tuple(loss_shape)} (input's shape without the "
+            f"class dimension), got {tuple(target.shape)}",
         )
     if weight is not None:
         torch._check(
@@ -105,11 +122,13 @@ def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_inde
     if grad_lse is not None:
         torch._check(
             grad_lse.is_floating_point() and grad_lse.numel() == rows,
-            lambda: f"torch_ext.cross_entropy_bwd: grad_lse must be a floating tensor with one value per row ({rows}), got {grad_lse.dtype} of shape {tuple(grad_lse.shape)}",
+            lambda: f"torch_ext.cross_entropy_bwd: grad_lse must be a floating tensor with one value per row ({rows}), "
+            f"got {grad_lse.dtype} of shape {tuple(grad_lse.shape)}",
         )
     torch._check(
         not output_mask[1] or probabilities,
-        lambda: "torch_ext.cross_entropy_bwd: output_mask[1] asks for the target's gradient, which exists only for class-probability targets",
+        lambda: "torch_ext.cross_entropy_bwd: output_mask[1] asks for the target's gradient, which exists only for "
+        "class-probability targets",
     )
     return (
         input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
@@ -131,7 +150,10 @@ def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ign
 def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0,
                                  ignored_row_stats=False):
     if reduction == "none":
-        raise ValueError("torch_ext.cross_entropy_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'")
+        raise ValueError(
+            "torch_ext.cross_entropy_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a "
+            "grad_loss of one value), got 'none'"
+        )
     loss, stats = _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
                                           softcap, ignored_row_stats)
     return loss, stats, input.new_empty(input.shape)
@@ -166,7 +188,9 @@ def _backward_fwd_grad(ctx, grad_loss, _grad_stats, _grad_unit):
     return tuple(grads)
 
 
-torch.library.register_autograd("torch_ext::cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)
+torch.library.register_autograd(
+    "torch_ext::cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -314,7 +338,8 @@ def cross_entropy(
     check_accuracy_target(op, target, return_accuracy)
     if not (return_lse or return_accuracy):
         return divide_by_items(
-            _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap), num_items_in_batch
+            _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap),
+            num_items_in_batch,
         )
     input, target, weight = autocast_to_float32(input, target, weight)
     loss, stats = _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap,

@@ -12,9 +12,12 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
-
 from ._common import (
-    autocast_to_lower_precision, differentiable_once, direct_when_no_grad, forward_with_ctx, needs_autograd,
+    autocast_to_lower_precision,
+    differentiable_once,
+    direct_when_no_grad,
+    forward_with_ctx,
+    needs_autograd,
     register_no_double_backward,
 )
 
@@ -35,16 +38,28 @@ def _check_activation(activation) -> None:
 
 def _check_linear_args(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
     """The checks of csrc/cpu/linear_act.cpp, for fake tensors (torch.compile tracing)."""
-    torch._check(weight.dim() == 2, lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}")
+    torch._check(
+        weight.dim() == 2,
+        lambda: f"{op}: weight must be 2-D (out_features, in_features), got shape {tuple(weight.shape)}",
+    )
     torch._check(input.dim() >= 1, lambda: f"{op}: input must have shape (*, in_features), got a 0-D tensor")
     torch._check(
         input.shape[-1] == weight.shape[1],
-        lambda: f"{op}: input.size(-1) is {input.shape[-1]} but weight.size(1) (in_features) is {weight.shape[1]}; they must be equal",
+        lambda: f"{op}: input.size(-1) is {input.shape[-1]} but weight.size(1) (in_features) is {weight.shape[1]}; "
+        "they must be equal",
     )
     tensors = [("weight", weight)] + ([("bias", bias)] if bias is not None else [])
     for name, t in tensors:
-        torch._check(t.device == input.device, lambda: f"{op}: {name} is on {t.device} but input is on {input.device}; they must be on the same device")
-        torch._check(t.dtype == input.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
+        torch._check(
+            t.device == input.device,
+            lambda name=name, t=t: f"{op}: {name} is on {t.device} but input is on {input.device}; "
+            "they must be on the same device",
+        )
+        torch._check(
+            t.dtype == input.dtype,
+            lambda name=name, t=t: f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; "
+            "they must match",
+        )
     if bias is not None:
         torch._check(
             bias.dim() == 1 and bias.shape[0] == weight.shape[0],

@@ -15,13 +15,20 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
-from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
-
 from ._common import (
-    any_requires_grad, autocast_to_lower_precision, direct_when_no_grad, divide_by_items, forms_grad_in_forward,
-    forward_with_ctx, needs_autograd, reduction_for_items, register_no_double_backward, resolve_reduction,
+    any_requires_grad,
+    autocast_to_lower_precision,
+    direct_when_no_grad,
+    divide_by_items,
+    forms_grad_in_forward,
+    forward_with_ctx,
+    needs_autograd,
+    reduction_for_items,
+    register_no_double_backward,
+    resolve_reduction,
     unit_grads_backward,
 )
+from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_cross_entropy_bwd.default)
@@ -48,14 +55,22 @@ def default_chunk_size(rows: int, vocab: int, dtype: torch.dtype, device_type: s
 
 def _check_args(op, input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size):
     """The checks of csrc/linear_cross_entropy.cpp, for fake tensors (torch.compile tracing)."""
-    torch._check(linear_weight.dim() == 2, lambda: f"{op}: linear_weight must be 2-D (V, H), got shape {tuple(linear_weight.shape)}")
+    torch._check(
+        linear_weight.dim() == 2,
+        lambda: f"{op}: linear_weight must be 2-D (V, H), got shape {tuple(linear_weight.shape)}",
+    )
     torch._check(input.dim() >= 1, lambda: f"{op}: input must have shape (*, H), got a 0-D tensor")
     vocab, hidden = linear_weight.shape
     torch._check(
         input.shape[-1] == hidden,
-        lambda: f"{op}: input.size(-1) is {input.shape[-1]} but linear_weight.size(1) (H) is {hidden}; they must be equal",
+        lambda: f"{op}: input.size(-1) is {input.shape[-1]} but linear_weight.size(1) (H) is {hidden}; "
+        "they must be equal",
     )
-    torch._check(linear_weight.dtype == input.dtype, lambda: f"{op}: linear_weight has dtype {linear_weight.dtype} but input has dtype {input.dtype}; they must match")
+    torch._check(
+        linear_weight.dtype == input.dtype,
+        lambda: f"{op}: linear_weight has dtype {linear_weight.dtype} but input has dtype {input.dtype}; "
+        "they must match",
+    )
     if linear_bias is not None:
         torch._check(
             linear_bias.dim() == 1 and linear_bias.shape[0] == vocab,
@@ -65,14 +80,19 @@ def _check_args(op, input, linear_weight, linear_bias, target, reduction, label_
     if target.is_floating_point():
         torch._check(
             list(target.shape) == lead + [vocab],
-            lambda: f"{op}: a floating-point target holds class probabilities and must have shape {tuple(lead + [vocab])}, got {tuple(target.shape)}",
+            lambda: f"{op}: a floating-point target holds class probabilities and must have shape "
+            f"{tuple(lead + [vocab])}, got {tuple(target.shape)}",
         )
     else:
         torch._check(
             target.dtype in (torch.int64, torch.uint8),
-            lambda: f"{op}: target must hold class indices as int64 (or uint8), or class probabilities; got {target.dtype}",
+            lambda: f"{op}: target must hold class indices as int64 (or uint8), or class probabilities; "
+            f"got {target.dtype}",
         )
-        torch._check(list(target.shape) == lead, lambda: f"{op}: target of class indices must have shape {tuple(lead)}, got {tuple(target.shape)}")
+        torch._check(
+            list(target.shape) == lead,
+            lambda: f"{op}: target of class indices must have shape {tuple(lead)}, got {tuple(target.shape)}",
+        )
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     if not 0.0 <= label_smoothing <= 1.0:
@@ -214,13 +234,13 @@ class _LinearCrossEntropyGradInForward(torch.autograd.Function):
     to backward as ctx attributes (input- and weight-sized), which saved-tensor hooks do not see."""
 
     @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                chunk_size, softcap, ignored_row_stats):
+    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+                z_loss, chunk_size, softcap, ignored_row_stats):
         ctx.has_bias = linear_bias is not None
         mask = _output_mask(ctx)
         ctx.options = (ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap)
-        loss, *grads, stats = _fwd_op(input, linear_weight, linear_bias, target, weight, *ctx.options[:5], mask, softcap,
-                                      ignored_row_stats)
+        loss, *grads, stats = _fwd_op(input, linear_weight, linear_bias, target, weight, *ctx.options[:5], mask,
+                                      softcap, ignored_row_stats)
         ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
         ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
         ctx.mark_non_differentiable(stats)
@@ -335,7 +355,9 @@ def _dtensor_shards(input, linear_weight, linear_bias, process_group):
                          f"got placements {tuple(linear_weight.placements)} on a {mesh.ndim}-D mesh")
     group = mesh.get_group()
     if process_group is not None and process_group is not group:
-        raise ValueError(f"{op}: process_group differs from the DTensor linear_weight's mesh group; pass one or the other")
+        raise ValueError(
+            f"{op}: process_group differs from the DTensor linear_weight's mesh group; pass one or the other"
+        )
     if linear_bias is not None and _is_dtensor(linear_bias):
         if tuple(linear_bias.placements) != (Shard(0),) or linear_bias.device_mesh != mesh:
             raise ValueError(f"{op}: a DTensor linear_bias must be sharded on dim 0 over linear_weight's mesh, got "
@@ -363,7 +385,9 @@ def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction
     from .vocab_parallel import vocab_parallel_linear_cross_entropy
 
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()")
+        raise RuntimeError(
+            "torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()"
+        )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     autocast = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
@@ -382,7 +406,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                           z_loss, chunk_size, softcap=0.0, return_stats=False, ignored_row_stats=False):
     """The loss (with return_stats: (loss, the rows' stats)) by the path that applies."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError("torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()")
+        raise RuntimeError(
+            "torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()"
+        )
     if linear_weight.dim() > 2:
         return _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                               label_smoothing, z_loss, chunk_size, softcap)
@@ -393,7 +419,11 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         )
     elif chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    autocast = input.device.type if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type) else None
+    autocast = (
+        input.device.type
+        if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
+        else None
+    )
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
     if target.is_floating_point():
         target = target.to(input.dtype)
@@ -448,7 +478,8 @@ def _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction,
     t = target.reshape(rows, classes, positions) if prob else target.reshape(rows, positions)
     per_position = "none" if reduction == "none" else "sum"
     losses = [
-        linear_cross_entropy(input, w[:, p], t[:, :, p] if prob else t[:, p], linear_bias=None if b is None else b[:, p],
+        linear_cross_entropy(input, w[:, p], t[:, :, p] if prob else t[:, p],
+                             linear_bias=None if b is None else b[:, p],
                              weight=weight, reduction=per_position, ignore_index=ignore_index,
                              label_smoothing=label_smoothing, z_loss=z_loss, chunk_size=chunk_size,
                              softcap=softcap or None)

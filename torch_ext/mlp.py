@@ -25,7 +25,11 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
-    autocast_to_lower_precision, differentiable_once, direct_when_no_grad, forward_with_ctx, needs_autograd,
+    autocast_to_lower_precision,
+    differentiable_once,
+    direct_when_no_grad,
+    forward_with_ctx,
+    needs_autograd,
     register_no_double_backward,
 )
 from .linear_act import _SAVES_OUTPUT, _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
@@ -46,7 +50,8 @@ def _check_mlp_act_input(op: str, input: Tensor, gated: bool) -> int:
     width = input.shape[-1]
     torch._check(
         not gated or width % 2 == 0,
-        lambda: f"{op}: a gated activation needs an even input.size(-1) (the gate half, then the value half), got {width}",
+        lambda: f"{op}: a gated activation needs an even input.size(-1) (the gate half, then the value half), "
+        f"got {width}",
     )
     return width // 2 if gated else width
 
@@ -69,9 +74,13 @@ def _mlp_act_bwd_fake(grad_output, input, activation, negative_slope, gated, out
 
 
 @torch.library.register_fake("torch_ext::mlp_bwd")
-def _mlp_bwd_fake(grad_output, input, fc1_weight, fc2_weight, saved, hidden, activation, negative_slope, gated, output_mask):
+def _mlp_bwd_fake(grad_output, input, fc1_weight, fc2_weight, saved, hidden, activation, negative_slope, gated,
+                  output_mask):
     _check_activation(activation)
-    torch._check(fc1_weight.dim() == 2 and fc2_weight.dim() == 2, lambda: "torch_ext.mlp_bwd: fc1_weight and fc2_weight must be 2-D")
+    torch._check(
+        fc1_weight.dim() == 2 and fc2_weight.dim() == 2,
+        lambda: "torch_ext.mlp_bwd: fc1_weight and fc2_weight must be 2-D",
+    )
     shapes = (input.shape, fc1_weight.shape, fc1_weight.shape[:1], fc2_weight.shape, fc2_weight.shape[:1])
     return tuple(input.new_empty(shape if asked else (0,)) for shape, asked in zip(shapes, output_mask))
 
@@ -107,9 +116,13 @@ def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
     gated = activation in GATED_ACTIVATIONS
     op = "torch_ext.fused_mlp"
     if fc1_weight.dim() != 2:
-        raise RuntimeError(f"{op}: fc1_weight must be 2-D (out_features, in_features), got shape {tuple(fc1_weight.shape)}")
+        raise RuntimeError(
+            f"{op}: fc1_weight must be 2-D (out_features, in_features), got shape {tuple(fc1_weight.shape)}"
+        )
     if fc2_weight.dim() != 2:
-        raise RuntimeError(f"{op}: fc2_weight must be 2-D (out_features, in_features), got shape {tuple(fc2_weight.shape)}")
+        raise RuntimeError(
+            f"{op}: fc2_weight must be 2-D (out_features, in_features), got shape {tuple(fc2_weight.shape)}"
+        )
     if input.dim() < 1:
         raise RuntimeError(f"{op}: input must have shape (*, in_features), got a 0-D tensor")
     if input.shape[-1] != fc1_weight.shape[1]:
@@ -119,18 +132,24 @@ def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
     fc1_out = fc1_weight.shape[0]
     if gated and fc1_out % 2 != 0:
         raise RuntimeError(
-            f"{op}: a gated activation ({activation}) needs fc1_weight of shape (2 * hidden, in), got {tuple(fc1_weight.shape)}"
+            f"{op}: a gated activation ({activation}) needs fc1_weight of shape (2 * hidden, in), "
+            f"got {tuple(fc1_weight.shape)}"
         )
     hidden = fc1_out // 2 if gated else fc1_out
     if fc2_weight.shape[1] != hidden:
         what = "half of fc1_weight.size(0), for a gated activation" if gated else "fc1_weight.size(0)"
-        raise RuntimeError(f"{op}: fc2_weight.size(1) is {fc2_weight.shape[1]} but the hidden width ({what}) is {hidden}")
+        raise RuntimeError(
+            f"{op}: fc2_weight.size(1) is {fc2_weight.shape[1]} but the hidden width ({what}) is {hidden}"
+        )
     for name, b, n in (("fc1_bias", fc1_bias, fc1_out), ("fc2_bias", fc2_bias, fc2_weight.shape[0])):
         if b is not None and (b.dim() != 1 or b.shape[0] != n):
             raise RuntimeError(f"{op}: {name} must have shape ({n},), got {tuple(b.shape)}")
-    for name, t in (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias)):
+    named = (("fc1_weight", fc1_weight), ("fc1_bias", fc1_bias), ("fc2_weight", fc2_weight), ("fc2_bias", fc2_bias))
+    for name, t in named:
         if t is not None and t.device != input.device:
-            raise RuntimeError(f"{op}: {name} is on {t.device} but input is on {input.device}; they must be on the same device")
+            raise RuntimeError(
+                f"{op}: {name} is on {t.device} but input is on {input.device}; they must be on the same device"
+            )
         if t is not None and t.dtype != input.dtype:
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
 

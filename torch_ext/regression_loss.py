@@ -13,10 +13,16 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
-
 from ._common import (
-    autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward, forward_with_ctx, needs_autograd,
-    reduction_for_items, register_no_double_backward, resolve_reduction,
+    autocast_to_float32,
+    direct_when_no_grad,
+    divide_by_items,
+    forms_grad_in_forward,
+    forward_with_ctx,
+    needs_autograd,
+    reduction_for_items,
+    register_no_double_backward,
+    resolve_reduction,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
@@ -37,12 +43,22 @@ def _check_args(op, input, target, weight, loss, param, reduction):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
     torch._check(
         input.shape == target.shape,
-        lambda: f"{op}: input and target must have the same shape (the functional API broadcasts them first), got {tuple(input.shape)} and {tuple(target.shape)}",
+        lambda: f"{op}: input and target must have the same shape (the functional API broadcasts them first), "
+        f"got {tuple(input.shape)} and {tuple(target.shape)}",
     )
-    torch._check(target.dtype == input.dtype, lambda: f"{op}: target has dtype {target.dtype} but input has dtype {input.dtype}; they must match")
+    torch._check(
+        target.dtype == input.dtype,
+        lambda: f"{op}: target has dtype {target.dtype} but input has dtype {input.dtype}; they must match",
+    )
     if weight is not None:
-        torch._check(weight.shape == input.shape, lambda: f"{op}: weight must have input's shape {tuple(input.shape)}, got {tuple(weight.shape)}")
-        torch._check(weight.dtype == input.dtype, lambda: f"{op}: weight has dtype {weight.dtype} but input has dtype {input.dtype}; they must match")
+        torch._check(
+            weight.shape == input.shape,
+            lambda: f"{op}: weight must have input's shape {tuple(input.shape)}, got {tuple(weight.shape)}",
+        )
+        torch._check(
+            weight.dtype == input.dtype,
+            lambda: f"{op}: weight has dtype {weight.dtype} but input has dtype {input.dtype}; they must match",
+        )
     _check_param(op, loss, param)
 
 
@@ -68,7 +84,10 @@ def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, red
 @torch.library.register_fake("torch_ext::regression_loss_fwd_grad")
 def _regression_loss_fwd_grad_fake(input, target, weight, loss, param, reduction, output_mask):
     if reduction == "none":
-        raise ValueError("torch_ext.regression_loss_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'")
+        raise ValueError(
+            "torch_ext.regression_loss_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a "
+            "grad_loss of one value), got 'none'"
+        )
     value = _regression_loss_fwd_fake(input, target, weight, loss, param, reduction)
     return (value,) + tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
 
@@ -98,7 +117,9 @@ def _backward_fwd_grad(ctx, grad_loss, _grad_gi, _grad_gt):
     return tuple(grads)
 
 
-torch.library.register_autograd("torch_ext::regression_loss_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad)
+torch.library.register_autograd(
+    "torch_ext::regression_loss_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad
+)
 
 
 def _setup_context(ctx, inputs, output):
@@ -134,7 +155,9 @@ class RegressionLossFunction(torch.autograd.Function):
 
 def _regression_loss(name, input, target, weight, loss, param, reduction, num_items_in_batch=None):
     reduction = reduction_for_items(num_items_in_batch, reduction, name)
-    return divide_by_items(_regression_loss_value(name, input, target, weight, loss, param, reduction), num_items_in_batch)
+    return divide_by_items(
+        _regression_loss_value(name, input, target, weight, loss, param, reduction), num_items_in_batch
+    )
 
 
 def _regression_loss_value(name, input, target, weight, loss, param, reduction):
@@ -206,7 +229,9 @@ def huber_loss(
     """``F.huber_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size),
     broadcasting and results; ``num_items_in_batch`` as ``mse_loss``'s."""
     reduction = resolve_reduction(None, None, reduction)
-    return _regression_loss("torch_ext.huber_loss", input, target, weight, "huber", delta, reduction, num_items_in_batch)
+    return _regression_loss(
+        "torch_ext.huber_loss", input, target, weight, "huber", delta, reduction, num_items_in_batch
+    )
 
 
 def smooth_l1_loss(
@@ -237,11 +262,15 @@ class HuberLoss(nn.HuberLoss):
     """``nn.HuberLoss`` on the fused kernels."""
 
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
-        return huber_loss(input, target, reduction=self.reduction, delta=self.delta, num_items_in_batch=num_items_in_batch)
+        return huber_loss(
+            input, target, reduction=self.reduction, delta=self.delta, num_items_in_batch=num_items_in_batch
+        )
 
 
 class SmoothL1Loss(nn.SmoothL1Loss):
     """``nn.SmoothL1Loss`` on the fused kernels."""
 
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
-        return smooth_l1_loss(input, target, reduction=self.reduction, beta=self.beta, num_items_in_batch=num_items_in_batch)
+        return smooth_l1_loss(
+            input, target, reduction=self.reduction, beta=self.beta, num_items_in_batch=num_items_in_batch
+        )

@@ -13,10 +13,17 @@ import torch
 from torch import Tensor, nn
 
 from . import _C
-
 from ._common import (
-    any_requires_grad, autocast_to_float32, direct_when_no_grad, divide_by_items, forms_grad_in_forward,
-    forward_with_ctx, needs_autograd, reduction_for_items, register_no_double_backward, resolve_reduction,
+    any_requires_grad,
+    autocast_to_float32,
+    direct_when_no_grad,
+    divide_by_items,
+    forms_grad_in_forward,
+    forward_with_ctx,
+    needs_autograd,
+    reduction_for_items,
+    register_no_double_backward,
+    resolve_reduction,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
@@ -26,16 +33,26 @@ _bwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_bwd.defaul
 def _check_p(op, p):
     if not (p > 0 and math.isfinite(p)):
         raise ValueError(
-            f"{op}: p must be a positive finite number (torch_ext does not implement the p=0 and p=inf distances), got p={p}"
+            f"{op}: p must be a positive finite number (torch_ext does not implement the p=0 and p=inf distances), "
+            f"got p={p}"
         )
 
 
 def _check_args(op, anchor, positive, negative, p, reduction):
     """The checks of csrc/cpu/triplet_margin_loss.cpp, for fake tensors (torch.compile tracing)."""
-    torch._check(anchor.dim() in (1, 2), lambda: f"{op}: anchor must have shape (D) or (N, D), got {tuple(anchor.shape)}")
+    torch._check(
+        anchor.dim() in (1, 2), lambda: f"{op}: anchor must have shape (D) or (N, D), got {tuple(anchor.shape)}"
+    )
     for name, t in (("positive", positive), ("negative", negative)):
-        torch._check(t.shape == anchor.shape, lambda: f"{op}: {name} must have anchor's shape {tuple(anchor.shape)}, got {tuple(t.shape)}")
-        torch._check(t.dtype == anchor.dtype, lambda: f"{op}: {name} has dtype {t.dtype} but anchor has dtype {anchor.dtype}; they must match")
+        torch._check(
+            t.shape == anchor.shape,
+            lambda name=name, t=t: f"{op}: {name} must have anchor's shape {tuple(anchor.shape)}, got {tuple(t.shape)}",
+        )
+        torch._check(
+            t.dtype == anchor.dtype,
+            lambda name=name, t=t: f"{op}: {name} has dtype {t.dtype} but anchor has dtype {anchor.dtype}; "
+            "they must match",
+        )
     _check_p(op, p)
     if reduction not in ("mean", "sum", "none"):
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")

@@ -287,7 +287,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     o = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(softcap),
                  max(1, int(chunk_size)), process_group, offset, vocab)
     # (the loss in input's dtype, as the single-device loss; the caller makes it float32 under autocast)
-    loss, lse, hit = _VocabParallelLinearCrossEntropy.apply(x, linear_weight, linear_bias, t, weight, o, return_accuracy)
+    loss, lse, hit = _VocabParallelLinearCrossEntropy.apply(
+        x, linear_weight, linear_bias, t, weight, o, return_accuracy
+    )
     kept = t != ignore_index
     if reduction == "none":
         loss = loss.reshape(lead)

@@ -7,8 +7,8 @@ from typing import Dict, List
 
 from torch import nn
 
-from ..linear_act import FusedLinear
 from ..integrations import fuse_whole_models, fused_linear_like, is_library_module, linear_like
+from ..linear_act import FusedLinear
 from . import forwards, local
 from .activations import _describe
 from .losses import _replacement_loss
@@ -100,14 +100,18 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
         logger.info("%s", report)
     else:
         reasons = "; ".join(report.skipped[:3]) or "no nn.Linear followed by an activation, no torch.nn loss module"
-        warnings.warn(f"torch_ext.fuse: nothing to fuse in {type(model).__name__}, returned it unchanged ({reasons})", stacklevel=2)
+        warnings.warn(
+            f"torch_ext.fuse: nothing to fuse in {type(model).__name__}, returned it unchanged ({reasons})",
+            stacklevel=2,
+        )
     return (model, report) if return_report else model
 
 
 def _label(linear: nn.Module, paths: List[str]) -> str:
     if isinstance(linear, nn.Linear):
         return f"{', '.join(paths)} ({type(linear).__name__} {linear.in_features}->{linear.out_features})"
-    return f"{', '.join(paths)} ({type(linear).__name__} {linear.weight.shape[0]}->{linear.weight.shape[1]})"  # Conv1D: (in, out)
+    # Conv1D: weight (in, out)
+    return f"{', '.join(paths)} ({type(linear).__name__} {linear.weight.shape[0]}->{linear.weight.shape[1]})"
 
 
 def _linear_ok(module) -> bool:

@@ -91,13 +91,15 @@ def edited_class(cls, edit: Edit):
     tree = copy.deepcopy(parsed(fn))
     fdef = tree.body[0]
     body = fdef.body
-    start = edit.index + (1 if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant) else 0)
+    has_docstring = body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant)
+    start = edit.index + (1 if has_docstring else 0)
 
     def self_attr(name):
         return ast.Attribute(ast.Name("self", ast.Load()), name, ast.Load())
 
     call = ast.Call(func=self_attr(f"_torch_ext_{edit.helper}"),
-                    args=[self_attr(a) for a in edit.attrs] + [ast.Name(edit.x, ast.Load())] + [ast.Constant(c) for c in edit.consts],
+                    args=[self_attr(a) for a in edit.attrs] + [ast.Name(edit.x, ast.Load())]
+                    + [ast.Constant(c) for c in edit.consts],
                     keywords=[])
     body[start:start + edit.count] = [ast.Assign(targets=[ast.Name(edit.target, ast.Store())], value=call)]
     fdef.decorator_list = []

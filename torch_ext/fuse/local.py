@@ -38,7 +38,7 @@ from torch import nn
 from .activations import _FUNCTION_ACTIVATIONS, Spec, _describe, activation_spec
 from .forwards import Edit
 from .rewrite import _has_hooks
-from .source import _own_methods, mentioned_names, names_in_class, parsed
+from .source import _own_methods, names_in_class, parsed
 
 _GATED = {"silu": "swiglu", "gelu": "geglu", "gelu_tanh": "geglu_tanh"}
 # Reading these attributes of a Linear stays valid after the swap (FusedLinear has them too).
@@ -50,7 +50,8 @@ class Plan:
     """What the local rewrite of one module would do, and why not for the rest."""
 
     module: nn.Module
-    pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)  # linear -> (spec, activation module name)
+    # linear -> (spec, activation module name)
+    pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)
     gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
     # Three statements of a longer forward replaced by one call (see Edit); with its report text.
     edit: Optional[Edit] = None
@@ -67,7 +68,8 @@ def _self_attr(node) -> Optional[str]:
 
 
 def _one_arg_call(node) -> bool:
-    return isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords and not isinstance(node.args[0], ast.Starred)
+    return (isinstance(node, ast.Call) and len(node.args) == 1 and not node.keywords
+            and not isinstance(node.args[0], ast.Starred))
 
 
 def _resolve(node, scope) -> object:
@@ -119,7 +121,8 @@ class _Reader:
         return ((kind, 0.01), None) if kind is not None else None
 
 
-def _pairs(r: _Reader, body: List[ast.stmt], activation=None) -> List[Tuple[ast.Call, ast.Call, str, Spec, Optional[str]]]:
+def _pairs(r: _Reader, body: List[ast.stmt],
+           activation=None) -> List[Tuple[ast.Call, ast.Call, str, Spec, Optional[str]]]:
     """(linear call, activation call, linear name, spec, activation name) for each pair in forward
     (`activation`: what counts as one, default r.activation)."""
     activation = activation or r.activation
@@ -212,7 +215,8 @@ def _gated_product(r: _Reader, body: List[ast.stmt]):
                     and isinstance(prod.right, ast.Name) and {prod.left.id, prod.right.id} == {a, b} and a != b
                     and x.id not in (a, b)):
                 continue
-            reads = [n for n in ast.walk(r.tree) if isinstance(n, ast.Name) and n.id in (a, b) and isinstance(n.ctx, ast.Load)]
+            reads = [n for n in ast.walk(r.tree)
+                     if isinstance(n, ast.Name) and n.id in (a, b) and isinstance(n.ctx, ast.Load)]
             if len(reads) != 2:
                 continue
             return i, (sa.value, gate_call, sb.value), gate, up, act[1], act[0], x.id, names[2]
@@ -225,7 +229,8 @@ def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
     unless `y` rebinds it: (index, the three call nodes, fc1, fc2, act, spec, x, y), or None."""
     for i in range(len(body) - 2):
         s1, s2, s3 = body[i:i + 3]
-        if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name) for s in (s1, s2, s3)):
+        if not all(isinstance(s, ast.Assign) and len(s.targets) == 1 and isinstance(s.targets[0], ast.Name)
+                   for s in (s1, s2, s3)):
             continue
         h, h2, y = (s.targets[0].id for s in (s1, s2, s3))
         fc1, fc2 = r.linear(s1.value), r.linear(s3.value)
@@ -263,7 +268,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     # Mentions allowed: the calls being rewritten and reads of a Linear's weight/bias.
     allowed = set()
     for node in ast.walk(r.tree):
-        if isinstance(node, ast.Attribute) and node.attr in _LINEAR_ATTRIBUTES and r.linear_ok(r.sub(_self_attr(node.value))):
+        if (isinstance(node, ast.Attribute) and node.attr in _LINEAR_ATTRIBUTES
+                and r.linear_ok(r.sub(_self_attr(node.value)))):
             allowed.add(id(node.value))
 
     def elsewhere(names, sites) -> str:
@@ -291,7 +297,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         expr, gate, up, down, act, spec = g
         subs = [r.sub(n) for n in (gate, up, down, act)]
         why = elsewhere({gate, up, down, act}, [expr, expr.args[0].left, expr.args[0].right]
-                        + [c.args[0] for c in (expr.args[0].left, expr.args[0].right) if isinstance(c.args[0], ast.Call)])
+                        + [c.args[0] for c in (expr.args[0].left, expr.args[0].right)
+                           if isinstance(c.args[0], ast.Call)])
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
             why = why or "only one of its gate and up projections has a bias"
         if any(_has_hooks(s) for s in subs):
@@ -342,7 +349,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     for site in _pairs(r, body):
         if site[4] is None:
             # Swapping modules cannot take a function call out of the forward.
-            p.why_not[site[2]] = f"{type(module).__name__}.forward applies a function activation to it, which only a traced forward can drop"
+            p.why_not[site[2]] = (f"{type(module).__name__}.forward applies a function activation to it, "
+                                  "which only a traced forward can drop")
         elif id(site[1]) in in_with:
             p.why_not[site[2]] = f"{type(module).__name__}.forward calls it inside a with-block"
         else:

@@ -12,6 +12,7 @@ from torch import nn
 from ..linear_act import FusedLinear
 from .activations import Spec
 
+
 def _has_hooks(module: nn.Module) -> bool:
     return bool(module._forward_hooks or module._forward_pre_hooks or module._backward_hooks
                 or getattr(module, "_backward_pre_hooks", None))

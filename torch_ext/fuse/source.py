@@ -73,7 +73,8 @@ def _analyze_source(module: nn.Module) -> _SourceFacts:
     sig = inspect.signature(forward)
     for param in list(sig.parameters.values())[1:]:
         if param.default is not param.empty or param.kind in (param.VAR_POSITIONAL, param.VAR_KEYWORD):
-            facts.problem = facts.problem or f"its forward has an optional argument ({param.name}), which a trace would fix"
+            facts.problem = (facts.problem
+                             or f"its forward has an optional argument ({param.name}), which a trace would fix")
     # forward and the methods it calls on self are "forward"; the other methods are checked for
     # direct calls of submodules (a Linear they call must stay a Linear).
     in_forward, queue = set(), ["forward"]
@@ -127,7 +128,8 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
 
     for node in ast.walk(tree):
         if in_forward and isinstance(node, (ast.With, ast.AsyncWith)):
-            facts.problem = facts.problem or "its forward has a with-block (torch.no_grad, autocast, ...), which torch.fx does not record"
+            facts.problem = facts.problem or ("its forward has a with-block (torch.no_grad, autocast, ...), "
+                                              "which torch.fx does not record")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
             opaque_all()  # the base class's methods are not analysed
             if in_forward:
@@ -175,7 +177,7 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
 
 # --- names: which attributes a class's code mentions --------------------------------------------
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def parsed(fn) -> Optional[ast.AST]:
     """_method_ast, once per function (fuse() reads the same library classes for every layer)."""
     return _method_ast(fn)
@@ -206,7 +208,7 @@ def mentioned_names(tree: ast.AST) -> Dict[str, ast.AST]:
     return names
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def names_in_class(cls, skip: Tuple[str, ...] = ()) -> Tuple[Dict[str, str], str]:
     """The names the methods of cls (all but `skip`) mention, each with the first 'Class.method'
     mentioning it, and the first method whose source cannot be read ("" if none)."""

@@ -11,7 +11,7 @@ from torch import nn
 
 from .activations import Spec, _callable_spec, _module_spec, _node_spec
 from .rewrite import _has_hooks, _identity_like, _traced_class
-from .source import ALL, _SourceFacts, _analyze_source
+from .source import ALL, _analyze_source, _SourceFacts
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
 _TRANSFORMER_LAYERS = (nn.TransformerEncoderLayer, nn.TransformerDecoderLayer)
@@ -72,7 +72,8 @@ def _trace(module: nn.Module) -> _Traced:
     try:
         graph, constants = _trace_once(module)
     except Exception as e:  # noqa: BLE001 (any tracing failure means: leave it alone)
-        return _Traced(module, None, f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})", facts)
+        why = f"torch.fx cannot trace its forward ({type(e).__name__}: {str(e).splitlines()[0][:120]})"
+        return _Traced(module, None, why, facts)
     # A forward that branches on self.training would be baked into one mode: compare both
     # (flipping this module's own flag only; its submodules keep theirs).
     module.training = not module.training
@@ -138,7 +139,8 @@ class _Model:
                 for opaque, applies in ((t.facts.opaque_elsewhere, True), (t.facts.opaque, not t.rewritable)):
                     if applies and (opaque is ALL or any(k in opaque for k in below)):
                         how = "code fuse() cannot read" if opaque is ALL else "indexing or iterating a module above it"
-                        return f"{type(ancestor).__name__} at '{'.'.join(parts[:i]) or 'the model'}' may call it directly ({how})"
+                        at = ".".join(parts[:i]) or "the model"
+                        return f"{type(ancestor).__name__} at '{at}' may call it directly ({how})"
         return ""
 
 
@@ -166,10 +168,13 @@ def _uses_of_linear(m: _Model, linear: nn.Linear) -> List[_Use]:
                 caller_path = caller_path.rpartition(".")[0]
             caller = m.model.get_submodule(caller_path)
             if isinstance(caller, _CONTAINERS):
-                uses.append(_Use(path, None, f"held in a {type(caller).__name__} at the top of the model, which nothing calls"))
+                uses.append(_Use(path, None,
+                                 f"held in a {type(caller).__name__} at the top of the model, which nothing calls"))
             elif not (_is_custom(caller) and m.traced[id(caller)].rewritable):
-                what = m.traced[id(caller)].error if _is_custom(caller) else f"{type(caller).__name__} is not rewritten by fuse()"
-                uses.append(_Use(path, None, f"used through {type(parent).__name__} by {caller_path or 'the model'}: {what}"))
+                what = (m.traced[id(caller)].error if _is_custom(caller)
+                        else f"{type(caller).__name__} is not rewritten by fuse()")
+                uses.append(_Use(path, None,
+                                 f"used through {type(parent).__name__} by {caller_path or 'the model'}: {what}"))
         elif _is_custom(parent) and m.traced[id(parent)].rewritable:
             continue  # its calls are in the trace (or it is never called)
         elif _is_custom(parent):

@@ -55,7 +55,8 @@ class FusedConv1D(Conv1D):
         self.negative_slope = negative_slope
 
     def forward(self, x):
-        return fused_linear(x, self.weight.t(), self.bias, activation=self.activation, negative_slope=self.negative_slope)
+        return fused_linear(x, self.weight.t(), self.bias, activation=self.activation,
+                            negative_slope=self.negative_slope)
 
     def __repr__(self) -> str:
         return f"FusedConv1D(nf={self.nf}, nx={self.nx}, activation={self.activation!r})"
@@ -108,7 +109,8 @@ class DeferredCausalLMLoss:
     def __init__(self, head: CausalLMHead):
         self.head = head
 
-    def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None, **kwargs):
+    def __call__(self, logits, labels, vocab_size, num_items_in_batch=None, ignore_index=-100, shift_labels=None,
+                 **kwargs):
         from transformers.loss.loss_utils import ForCausalLMLoss
 
         if not self.head.defer:
@@ -178,8 +180,8 @@ def _lm_forward_problem(cls):
     if len(heads) != 1 or len(losses) != 1:
         return f"{cls.__name__}.forward does not call self.lm_head and self.loss_function once each", None
     def is_head(value):  # self.lm_head(h), or self.lm_head(h).contiguous() (OPT): the same values
-        if (isinstance(value, ast.Call) and not value.args and not value.keywords and isinstance(value.func, ast.Attribute)
-                and value.func.attr == "contiguous"):
+        if (isinstance(value, ast.Call) and not value.args and not value.keywords
+                and isinstance(value.func, ast.Attribute) and value.func.attr == "contiguous"):
             value = value.func.value
         return value is heads[0]
 
@@ -205,12 +207,14 @@ def _lm_forward_problem(cls):
         allowed.update(id(n) for n in ast.walk(block) if isinstance(n, ast.Name) and n.id == name)
     for node in ast.walk(tree):
         if isinstance(node, ast.Name) and node.id == name and node is not assign.targets[0] and id(node) not in allowed:
-            return f"{cls.__name__}.forward does more with {name} than the loss (line {node.lineno} of its source)", None
+            return (f"{cls.__name__}.forward does more with {name} than the loss (line {node.lineno} of its source)",
+                    None)
     return "", softcap_attr
 
 
 def _is_self(node, attr: str) -> bool:
-    return isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name) and node.value.id == "self"
+    return (isinstance(node, ast.Attribute) and node.attr == attr and isinstance(node.value, ast.Name)
+            and node.value.id == "self")
 
 
 def _causal_lm_class(cls):
@@ -228,7 +232,9 @@ def _causal_lm_class(cls):
         # ask for one where a tuple was asked for (return_dict is the forward's own argument,
         # or can_return_tuple's), and make the tuple here.
         return_dict = kwargs.pop("return_dict", None)
-        want_tuple = return_dict is False or (return_dict is None and getattr(self.config, "return_dict", True) is False)
+        want_tuple = return_dict is False or (
+            return_dict is None and getattr(self.config, "return_dict", True) is False
+        )
         if return_dict is not None or want_tuple:
             kwargs["return_dict"] = True
         head.defer = True
@@ -284,7 +290,8 @@ def fuse_whole_model(model: nn.Module, where: str):
     from transformers.loss.loss_utils import LOSS_MAPPING
 
     head = getattr(model, "lm_head", None)
-    if not isinstance(model, PreTrainedModel) or not isinstance(head, nn.Linear) or "labels" not in inspect.signature(type(model).forward).parameters:
+    if (not isinstance(model, PreTrainedModel) or not isinstance(head, nn.Linear)
+            or "labels" not in inspect.signature(type(model).forward).parameters):
         return "", ""
     if isinstance(head, CausalLMHead):
         return "", ""  # fused already
