@@ -1,6 +1,10 @@
 """The README and docs/ as a reader opens them: every relative link resolves to a file of the
-repository (and every #anchor to a heading of its page), the README stays short, and its first
-lines are the two commands CI runs (.ci/run reads lines 2 and 3)."""
+repository (and every #anchor to a heading of its page), the README stays short, its first
+lines are the two commands CI runs (.ci/run reads lines 2 and 3), and its ```python blocks run.
+
+A ```python block that cannot run here (it needs a GPU, several processes, a download) has the
+line `<!-- not run: why -->` just before it; it must still parse. The others of a page run in
+order in one namespace, as a reader pasting them one after the other would."""
 from __future__ import annotations
 
 import re
@@ -27,6 +31,55 @@ def _prose(text: str) -> str:
     """The page without its code blocks and inline code (`self.seq[0](x)` is no link)."""
     text = re.sub(r"```.*?```", "", text, flags=re.S)
     return re.sub(r"`[^`\n]*`", "", text)
+
+
+NOT_RUN = re.compile(r"<!-- not run: (\S.*?) -->")
+
+
+def _python_blocks(page: Path) -> list:
+    """(line of its first code line, code, why it is not run or None) for each ```python block."""
+    lines = page.read_text().splitlines()
+    blocks, i = [], 0
+    while i < len(lines):
+        fence = lines[i].strip()
+        if not fence.startswith("```"):
+            i += 1
+            continue
+        end = next((j for j in range(i + 1, len(lines)) if lines[j].strip() == "```"), None)
+        assert end is not None, f"{page.name}: the code block at line {i + 1} is not closed"
+        if fence == "```python":
+            marker = NOT_RUN.fullmatch(lines[i - 1].strip()) if i else None
+            blocks.append((i + 2, "\n".join(lines[i + 1:end]), marker.group(1) if marker else None))
+        i = end + 1
+    return blocks
+
+
+PAGES_WITH_PYTHON = [page for page in PAGES if _python_blocks(page)]
+
+
+@pytest.mark.parametrize("page", PAGES_WITH_PYTHON, ids=lambda p: str(p.relative_to(ROOT)))
+def test_python_blocks_run(page):
+    import torch
+
+    torch.manual_seed(0)
+    namespace = {"__name__": "__docs__"}
+    for line, code, not_run in _python_blocks(page):
+        # Line numbers as in the page, for the traceback.
+        compiled = compile("\n" * (line - 1) + code, str(page), "exec")
+        if not_run:
+            continue
+        try:
+            exec(compiled, namespace)
+        except Exception as e:
+            raise AssertionError(f"{page.name}: the ```python block at line {line} raised {e!r}") from e
+
+
+def test_not_run_markers_precede_python_blocks():
+    pages = {page.name: page.read_text() for page in PAGES}
+    markers = sum(len(NOT_RUN.findall(text)) for text in pages.values())
+    skipped = [(page.name, line, why) for page in PAGES for line, _, why in _python_blocks(page) if why]
+    assert markers == len(skipped), f"a <!-- not run: ... --> line not just before a ```python block: {skipped}"
+    assert len(skipped) < sum(len(_python_blocks(page)) for page in PAGES), "every block is marked not run"
 
 
 @pytest.mark.parametrize("page", PAGES, ids=lambda p: str(p.relative_to(ROOT)))
