@@ -6,6 +6,23 @@ Swap ``torch.nn.functional`` calls for the same-named ones here, or modules for 
     y = torch_ext.fused_linear(x, weight, bias, activation="gelu")   # gelu(F.linear(x, w, b))
     layer = torch_ext.FusedLinear(512, 2048, activation="relu")       # Linear + ReLU
     loss = torch_ext.cross_entropy(logits, target, label_smoothing=0.1)
+
+Each function and class of ``__all__`` has its own docstring, with an example. The other names:
+``ACTIVATIONS``, the activations of ``fused_linear`` and ``FusedLinear``; ``MLP_ACTIVATIONS``,
+those of ``fused_mlp`` and ``FusedMLP`` (``ACTIVATIONS`` and the gated ones);
+``GATED_ACTIVATIONS``, each gated activation -> the activation applied to its gate half (the
+first half of fc1's output; the second half multiplies it); ``__version__``, this version.
+
+Example::
+
+    >>> torch_ext.ACTIVATIONS
+    ('none', 'relu', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'sigmoid', 'tanh')
+    >>> torch_ext.GATED_ACTIVATIONS
+    {'swiglu': 'silu', 'geglu': 'gelu', 'geglu_tanh': 'gelu_tanh'}
+    >>> torch_ext.MLP_ACTIVATIONS == torch_ext.ACTIVATIONS + tuple(torch_ext.GATED_ACTIVATIONS)
+    True
+    >>> torch_ext.__version__
+    '...'
 """
 import os as _os
 import sys as _sys
@@ -75,26 +92,51 @@ if torch.version.cuda and not _C.built_with_cuda() and torch.cuda.is_available()
 
 def cpu_capability() -> str:
     """Instruction set of the CPU kernels in use (DEFAULT, AVX2 or AVX512); follows
-    ATEN_CPU_CAPABILITY like PyTorch's own kernels."""
+    ATEN_CPU_CAPABILITY like PyTorch's own kernels.
+
+    Example::
+
+        >>> torch_ext.cpu_capability() in ("DEFAULT", "AVX2", "AVX512")
+        True
+    """
     return _C.cpu_capability()
 
 
 def cpu_gemm() -> str:
     """Which GEMM float32 CPU products of 32 rows or more run on now: "ours" (torch_ext's AVX2 /
     AVX-512 kernel, the default on AMD CPUs, where it was measured faster than ATen's) or "aten".
-    TORCH_EXT_CPU_GEMM=ours|aten|auto (read per call) overrides the default."""
+    TORCH_EXT_CPU_GEMM=ours|aten|auto (read per call) overrides the default.
+
+    Example::
+
+        >>> torch_ext.cpu_gemm() in ("ours", "aten")
+        True
+    """
     return _C.cpu_gemm()
 
 
 def empty_cache() -> int:
     """Return the CPU output buffers torch_ext keeps for reuse (large gradients and outputs
     freed by PyTorch, up to TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB) to the system, like
-    torch.cuda.empty_cache(). Returns the bytes released."""
+    torch.cuda.empty_cache(). Returns the bytes released.
+
+    Example::
+
+        >>> released = torch_ext.empty_cache()
+        >>> torch_ext.cached_bytes()
+        0
+    """
     return _C.empty_cache()
 
 
 def cached_bytes() -> int:
-    """Bytes held in CPU output buffers kept for reuse (see empty_cache)."""
+    """Bytes held in CPU output buffers kept for reuse (see empty_cache).
+
+    Example::
+
+        >>> torch_ext.cached_bytes() >= 0
+        True
+    """
     return _C.cached_bytes()
 
 

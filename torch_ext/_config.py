@@ -41,7 +41,13 @@ def show_config() -> str:
     """One line per fact: torch_ext's version, the torch it was built against and the one
     running, whether the CUDA kernels were built (and why not), their archs, the CPU kernels'
     instruction set in use, which float32 CPU GEMM runs, and the build flags. Warns when the
-    running torch is not the one it was built against."""
+    running torch is not the one it was built against.
+
+    Example::
+
+        >>> print(torch_ext.show_config().splitlines()[0])
+        torch_ext ... at ...
+    """
     from . import _C, __version__
 
     cfg = build_config()

@@ -227,7 +227,16 @@ class CrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, target, weight, ignore_index,
     reduction, label_smoothing, z_loss, softcap, ignored_row_stats) -> (loss, stats)``; ``stats``
     (per row: the max logit and log(sum exp(x - max)), ...) is what backward uses and is not
-    differentiable."""
+    differentiable.
+
+    Example::
+
+        >>> x, t = torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 3, 9])
+        >>> loss, stats = torch_ext.CrossEntropyFunction.apply(x, t, None, -100, "mean", 0.0, 0.0, 0.0, False)
+        >>> loss.backward()
+        >>> x.grad.shape
+        torch.Size([4, 10])
+    """
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -331,6 +340,15 @@ def cross_entropy(
     loss (weighted, as reduction="sum" gives it) divided by it instead of by the mean's own
     denominator, for gradient accumulation as the Hugging Face Trainer does it; reduction must
     then be "mean".
+
+    Example::
+
+        >>> loss = torch_ext.cross_entropy(torch.randn(4, 10), torch.tensor([1, 0, 3, 9]))
+        >>> loss.shape
+        torch.Size([])
+        >>> loss, lse = torch_ext.cross_entropy(torch.randn(4, 10), torch.tensor([1, 0, 3, 9]), return_lse=True)
+        >>> lse.shape
+        torch.Size([4])
     """
     op = "torch_ext.cross_entropy"
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(size_average, reduce, reduction), op)
@@ -376,7 +394,17 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
 class CrossEntropyLoss(nn.CrossEntropyLoss):
     """``nn.CrossEntropyLoss`` on the fused kernels (same arguments and state_dict), plus the
     keyword-only ``z_loss``, ``softcap``, ``return_lse`` and ``return_accuracy`` of
-    :func:`cross_entropy`; forward takes its ``num_items_in_batch``."""
+    :func:`cross_entropy`; forward takes its ``num_items_in_batch``.
+
+    Example::
+
+        >>> criterion = torch_ext.CrossEntropyLoss(label_smoothing=0.1)
+        >>> logits, target = torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 3, 9])
+        >>> criterion(logits, target).backward()
+        >>> loss, lse = torch_ext.CrossEntropyLoss(return_lse=True)(logits, target)
+        >>> lse.shape
+        torch.Size([4])
+    """
 
     def __init__(
         self,

@@ -131,7 +131,16 @@ register_no_double_backward("torch_ext::linear_act_bwd", "torch_ext.fused_linear
 
 class FusedLinearFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, weight, bias, activation,
-    negative_slope) -> (out, saved)``; ``saved`` is what backward uses and is not differentiable."""
+    negative_slope) -> (out, saved)``; ``saved`` is what backward uses and is not differentiable.
+
+    Example::
+
+        >>> x, w, b = torch.randn(8, 16, requires_grad=True), torch.randn(32, 16), torch.randn(32)
+        >>> out, saved = torch_ext.FusedLinearFunction.apply(x, w, b, "gelu", 0.01)
+        >>> out.sum().backward()
+        >>> out.shape, x.grad.shape
+        (torch.Size([8, 32]), torch.Size([8, 16]))
+    """
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -150,6 +159,13 @@ def fused_linear(
     (``F.gelu(approximate="tanh")``), silu, sigmoid, tanh. Input ``(*, in_features)``, weight
     ``(out_features, in_features)``, bias ``(out_features,)`` or None. Under ``torch.autocast``
     the tensors are cast as for ``F.linear``.
+
+    Example::
+
+        >>> x, weight, bias = torch.randn(8, 512), torch.randn(2048, 512), torch.randn(2048)
+        >>> y = torch_ext.fused_linear(x, weight, bias, activation="gelu")
+        >>> y.shape
+        torch.Size([8, 2048])
     """
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
@@ -165,6 +181,14 @@ class FusedLinear(nn.Linear):
     """``nn.Sequential(nn.Linear(in_features, out_features, bias), act)`` as one fused module.
 
     Same parameters, initialization and state_dict keys as ``nn.Linear``.
+
+    Example::
+
+        >>> layer = torch_ext.FusedLinear(512, 2048, activation="relu")
+        >>> layer.load_state_dict(torch.nn.Linear(512, 2048).state_dict())
+        <All keys matched successfully>
+        >>> layer(torch.randn(8, 512)).shape
+        torch.Size([8, 2048])
     """
 
     def __init__(

@@ -219,7 +219,17 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
     ignored_row_stats)`` -> (loss, *unused, stats); the backward recomputes each chunk's logits.
-    torch.compile'd graphs use this path."""
+    torch.compile'd graphs use this path.
+
+    Example::
+
+        >>> x, w, t = torch.randn(8, 16, requires_grad=True), torch.randn(100, 16), torch.randint(0, 100, (8,))
+        >>> loss, *_, stats = torch_ext.LinearCrossEntropyFunction.apply(
+        ...     x, w, None, t, None, -100, "mean", 0.0, 0.0, 4, [False, False, False], 0.0, False)
+        >>> loss.backward()
+        >>> x.grad.shape
+        torch.Size([8, 16])
+    """
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -309,7 +319,16 @@ def linear_cross_entropy(
     weight and bias gradients are this rank's slice's. Class-index targets only; eager (see
     torch_ext/vocab_parallel.py). A DTensor linear_weight sharded on dim 0 (``Shard(0)`` on a 1-D
     mesh; bias likewise, input replicated or a plain tensor) is taken the same way, with its mesh's
-    group as process_group; its gradient is then a DTensor sharded as the weight."""
+    group as process_group; its gradient is then a DTensor sharded as the weight.
+
+    Example::
+
+        >>> hidden, lm_head = torch.randn(32, 64, requires_grad=True), torch.nn.Linear(64, 1000, bias=False)
+        >>> target = torch.randint(0, 1000, (32,))
+        >>> torch_ext.linear_cross_entropy(hidden, lm_head.weight, target, ignore_index=-100).backward()
+        >>> lm_head.weight.grad.shape
+        torch.Size([1000, 64])
+    """
     op = "torch_ext.linear_cross_entropy"
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(None, None, reduction), op)
     cap = softcap_value(op, softcap)
@@ -522,7 +541,15 @@ class LinearCrossEntropyLoss(_LossBase):
 
     ``out_features=(d_1, ..., d_K)``: the K-dimensional loss, input ``(N, in_features)``, target
     ``(N, d_1, ..., d_K)`` or ``(N, C, d_1, ..., d_K)``; computed as one chunked (C) problem per
-    output position (see :func:`linear_cross_entropy`)."""
+    output position (see :func:`linear_cross_entropy`).
+
+    Example::
+
+        >>> criterion = torch_ext.LinearCrossEntropyLoss(64, 1000, label_smoothing=0.1)
+        >>> criterion(torch.randn(32, 64), torch.randint(0, 1000, (32,))).backward()
+        >>> criterion.linear.weight.grad.shape
+        torch.Size([1000, 64])
+    """
 
     def __init__(
         self,

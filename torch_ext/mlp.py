@@ -189,7 +189,16 @@ def _mlp_setup_context(ctx, inputs, output):
 class FusedMLPFunction(torch.autograd.Function):
     """autograd.Function of FusedMLP: ``apply(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias,
     activation, negative_slope, recompute) -> (out, hidden, saved)``; only ``out`` is
-    differentiable (``hidden`` is fc2's input, ``saved`` what fc1's backward needs)."""
+    differentiable (``hidden`` is fc2's input, ``saved`` what fc1's backward needs).
+
+    Example::
+
+        >>> x, w1, w2 = torch.randn(8, 16, requires_grad=True), torch.randn(64, 16), torch.randn(16, 64)
+        >>> out, hidden, saved = torch_ext.FusedMLPFunction.apply(x, w1, None, w2, None, "gelu", 0.01, True)
+        >>> out.sum().backward()
+        >>> out.shape, hidden.shape, x.grad.shape
+        (torch.Size([8, 16]), torch.Size([8, 64]), torch.Size([8, 16]))
+    """
 
     forward = forward_with_ctx(_mlp_forward, _mlp_setup_context)
 
@@ -226,6 +235,12 @@ def fused_mlp(
     ``(*, 2 * hidden)`` into the gate ``u`` (first half) and the value ``v`` and use ``act(u) * v``.
     With ``recompute`` the activation's output is formed again in backward rather than saved.
     Under ``torch.autocast`` the tensors are cast as for ``F.linear``.
+
+    Example::
+
+        >>> x, w1, w2 = torch.randn(8, 512), torch.randn(2 * 1376, 512), torch.randn(512, 1376)
+        >>> torch_ext.fused_mlp(x, w1, None, w2, None, activation="swiglu").shape
+        torch.Size([8, 512])
     """
     _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation)
     input, fc1_weight, fc1_bias, fc2_weight, fc2_bias = autocast_to_lower_precision(
@@ -250,6 +265,14 @@ class FusedMLP(nn.Module):
     activation: any of ``torch_ext.ACTIVATIONS``, or gated ``swiglu`` / ``geglu`` / ``geglu_tanh``,
     for which fc1 has ``2 * hidden_features`` outputs, the gate first. out_features defaults to
     in_features. recompute: save only the pre-activation for backward (see torch_ext/mlp.py).
+
+    Example::
+
+        >>> ffn = torch_ext.FusedMLP(512, 1376, activation="swiglu")
+        >>> ffn.fc1.weight.shape, ffn.fc2.weight.shape
+        (torch.Size([2752, 512]), torch.Size([512, 1376]))
+        >>> ffn(torch.randn(8, 512)).shape
+        torch.Size([8, 512])
     """
 
     def __init__(

@@ -147,7 +147,16 @@ register_no_double_backward("torch_ext::regression_loss_bwd", "torch_ext's regre
 class RegressionLossFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(input, target, weight, loss, param,
     reduction)`` with loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta);
-    input, target and weight (or None) of one shape."""
+    input, target and weight (or None) of one shape.
+
+    Example::
+
+        >>> x, y = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
+        >>> loss = torch_ext.RegressionLossFunction.apply(x, y, None, "huber", 0.5, "mean")
+        >>> loss.backward()
+        >>> x.grad.shape
+        torch.Size([8, 3])
+    """
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -217,7 +226,14 @@ def mse_loss(
 ) -> Tensor:
     """``F.mse_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size; the
     mean then divides by ``weight.sum()``), broadcasting and results. ``num_items_in_batch``:
-    as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
+    as ``torch_ext.cross_entropy``'s (the summed loss divided by it).
+
+    Example::
+
+        >>> loss = torch_ext.mse_loss(torch.randn(8, 3), torch.randn(8, 3), reduction="none")
+        >>> loss.shape
+        torch.Size([8, 3])
+    """
     reduction = resolve_reduction(size_average, reduce, reduction)
     return _regression_loss("torch_ext.mse_loss", input, target, weight, "mse", 0.0, reduction, num_items_in_batch)
 
@@ -227,7 +243,14 @@ def huber_loss(
     *, num_items_in_batch=None,
 ) -> Tensor:
     """``F.huber_loss`` in fused kernels: same arguments (``weight``: elementwise, input's size),
-    broadcasting and results; ``num_items_in_batch`` as ``mse_loss``'s."""
+    broadcasting and results; ``num_items_in_batch`` as ``mse_loss``'s.
+
+    Example::
+
+        >>> loss = torch_ext.huber_loss(torch.randn(8, 3), torch.randn(8, 3), delta=0.5)
+        >>> loss.shape
+        torch.Size([])
+    """
     reduction = resolve_reduction(None, None, reduction)
     return _regression_loss(
         "torch_ext.huber_loss", input, target, weight, "huber", delta, reduction, num_items_in_batch
@@ -245,21 +268,40 @@ def smooth_l1_loss(
     num_items_in_batch=None,
 ) -> Tensor:
     """``F.smooth_l1_loss`` in fused kernels: same arguments, broadcasting and results
-    (``beta=0`` is the L1 loss); ``num_items_in_batch`` as ``mse_loss``'s."""
+    (``beta=0`` is the L1 loss); ``num_items_in_batch`` as ``mse_loss``'s.
+
+    Example::
+
+        >>> loss = torch_ext.smooth_l1_loss(torch.randn(8, 3), torch.randn(8, 3), beta=0.5)
+        >>> loss.shape
+        torch.Size([])
+    """
     reduction = resolve_reduction(size_average, reduce, reduction)
     return _regression_loss("torch_ext.smooth_l1_loss", input, target, None, "smooth_l1", beta, reduction,
                             num_items_in_batch)
 
 
 class MSELoss(nn.MSELoss):
-    """``nn.MSELoss`` on the fused kernels."""
+    """``nn.MSELoss`` on the fused kernels.
+
+    Example::
+
+        >>> criterion = torch_ext.MSELoss(reduction="sum")
+        >>> criterion(torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)).backward()
+    """
 
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
         return mse_loss(input, target, reduction=self.reduction, num_items_in_batch=num_items_in_batch)
 
 
 class HuberLoss(nn.HuberLoss):
-    """``nn.HuberLoss`` on the fused kernels."""
+    """``nn.HuberLoss`` on the fused kernels.
+
+    Example::
+
+        >>> criterion = torch_ext.HuberLoss(delta=0.5)
+        >>> criterion(torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)).backward()
+    """
 
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
         return huber_loss(
@@ -268,7 +310,13 @@ class HuberLoss(nn.HuberLoss):
 
 
 class SmoothL1Loss(nn.SmoothL1Loss):
-    """``nn.SmoothL1Loss`` on the fused kernels."""
+    """``nn.SmoothL1Loss`` on the fused kernels.
+
+    Example::
+
+        >>> criterion = torch_ext.SmoothL1Loss(beta=0.5)
+        >>> criterion(torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)).backward()
+    """
 
     def forward(self, input: Tensor, target: Tensor, *, num_items_in_batch=None) -> Tensor:
         return smooth_l1_loss(

@@ -108,7 +108,16 @@ register_no_double_backward("torch_ext::triplet_margin_loss_bwd", "torch_ext.tri
 
 class TripletMarginLossFunction(torch.autograd.Function):
     """autograd.Function over the fused ops: ``apply(anchor, positive, negative, margin, p, eps,
-    swap, reduction) -> (loss, dist)``; ``dist`` (the row distances) is what backward uses."""
+    swap, reduction) -> (loss, dist)``; ``dist`` (the row distances) is what backward uses.
+
+    Example::
+
+        >>> a, p, n = torch.randn(16, 128, requires_grad=True), torch.randn(16, 128), torch.randn(16, 128)
+        >>> loss, dist = torch_ext.TripletMarginLossFunction.apply(a, p, n, 1.0, 2.0, 1e-6, False, "mean")
+        >>> loss.backward()
+        >>> a.grad.shape
+        torch.Size([16, 128])
+    """
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
@@ -131,7 +140,15 @@ def triplet_margin_loss(
     """``F.triplet_margin_loss`` in fused kernels: same arguments and results for inputs ``(D)``
     or ``(N, D)``. ``p`` must be positive and finite. In eager mode, when an input requires grad,
     its gradient is formed in the forward pass (see csrc/autograd_node.h). ``num_items_in_batch``:
-    as ``torch_ext.cross_entropy``'s (the summed loss divided by it)."""
+    as ``torch_ext.cross_entropy``'s (the summed loss divided by it).
+
+    Example::
+
+        >>> anchor, positive, negative = torch.randn(16, 128), torch.randn(16, 128), torch.randn(16, 128)
+        >>> loss = torch_ext.triplet_margin_loss(anchor, positive, negative, margin=1.0, p=2, swap=True)
+        >>> loss.shape
+        torch.Size([])
+    """
     reduction = reduction_for_items(num_items_in_batch, resolve_reduction(size_average, reduce, reduction),
                                     "torch_ext.triplet_margin_loss")
     return divide_by_items(_triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduction),
@@ -153,7 +170,14 @@ def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduc
 
 
 class TripletMarginLoss(nn.TripletMarginLoss):
-    """``nn.TripletMarginLoss`` on the fused kernels."""
+    """``nn.TripletMarginLoss`` on the fused kernels.
+
+    Example::
+
+        >>> criterion = torch_ext.TripletMarginLoss(margin=1.0, p=2.0, swap=True)
+        >>> anchor, positive, negative = torch.randn(3, 16, 128, requires_grad=True).unbind(0)
+        >>> criterion(anchor, positive, negative).backward()
+    """
 
     def forward(self, anchor: Tensor, positive: Tensor, negative: Tensor, *, num_items_in_batch=None) -> Tensor:
         return triplet_margin_loss(

@@ -29,6 +29,16 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
     module). The report (what was replaced, what was left alone and why) is logged to the
     ``torch_ext.fuse`` logger, and returned as ``(model, report)`` when return_report=True. A
     model with nothing to fuse comes back unchanged, with a warning.
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.GELU(), torch.nn.Linear(16, 2))
+        >>> torch_ext.fuse(model)
+        Sequential(
+          (0): FusedLinear(in_features=8, out_features=16, bias=True, activation='gelu')
+          (1): Identity()
+          (2): Linear(in_features=16, out_features=2, bias=True)
+        )
     """
     if not isinstance(model, nn.Module):
         raise TypeError(f"torch_ext.fuse: model must be a torch.nn.Module, got {type(model).__name__}")

@@ -7,7 +7,17 @@ from typing import List
 
 @dataclass
 class FuseReport:
-    """What ``fuse`` replaced and what it left alone (one line each, by module path)."""
+    """What ``fuse`` replaced and what it left alone (one line each, by module path).
+
+    Example::
+
+        >>> model = torch.nn.Sequential(torch.nn.Linear(8, 16), torch.nn.ReLU(), torch.nn.Linear(16, 2))
+        >>> fused, report = torch_ext.fuse(model, return_report=True)
+        >>> report.replaced
+        ['0 (Linear 8->16) + relu -> FusedLinear']
+        >>> report.skipped
+        ['2 (Linear 16->2): last in its nn.Sequential']
+    """
 
     replaced: List[str] = field(default_factory=list)
     skipped: List[str] = field(default_factory=list)
