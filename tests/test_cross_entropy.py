@@ -39,7 +39,7 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import SavedTensorBytes, assert_close, leaf, reference_dtype, run_python, tolerance
+from utils import SavedTensorBytes, assert_close, cpu_supports, leaf, reference_dtype, run_python, tolerance
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -1502,6 +1502,8 @@ ISA_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_capability(capability):
+    if not cpu_supports(capability):
+        pytest.skip(f"this CPU does not execute {capability.upper()} instructions")
     proc = run_python(ISA_SCRIPT, env={"ATEN_CPU_CAPABILITY": capability, "TORCH_EXT_TESTS_DIR": TESTS_DIR})
     if proc.returncode == 3 and "UNSUPPORTED" in proc.stdout:
         pytest.skip(proc.stdout.strip())

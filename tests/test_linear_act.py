@@ -47,6 +47,7 @@ from utils import (
     act_fn,
     act_module,
     assert_close,
+    cpu_supports,
     leaf,
     reference_dtype,
     run_python,
@@ -1062,6 +1063,8 @@ ISA_SCRIPT = textwrap.dedent(
 
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_capability(capability):
+    if not cpu_supports(capability):
+        pytest.skip(f"this CPU does not execute {capability.upper()} instructions")
     proc = run_python(ISA_SCRIPT, env={"ATEN_CPU_CAPABILITY": capability, "TORCH_EXT_TESTS_DIR": TESTS_DIR})
     if proc.returncode == 3 and "UNSUPPORTED" in proc.stdout:
         pytest.skip(proc.stdout.strip())

@@ -126,6 +126,14 @@ class SavedTensorBytes:
 CPU_CAPABILITY_LEVELS = {"DEFAULT": 0, "AVX2": 1, "AVX512": 2}
 
 
+def cpu_supports(capability: str) -> bool:
+    """Whether this CPU executes `capability`'s instructions. ATEN_CPU_CAPABILITY alone does not
+    tell: torch honours ATEN_CPU_CAPABILITY=avx512 on a CPU without AVX-512 (it reports AVX512 and
+    its own kernels, like ours, then die of SIGILL), so the hardware is asked directly."""
+    hardware = {"DEFAULT": True, "AVX2": torch.cpu._is_avx2_supported(), "AVX512": torch.cpu._is_avx512_supported()}
+    return hardware[capability.upper()]
+
+
 def run_python(code: str, env: Optional[Dict[str, str]] = None, timeout: float = 120) -> subprocess.CompletedProcess:
     """Run `code` with this interpreter in a fresh process (env added to os.environ)."""
     full_env = dict(os.environ)
