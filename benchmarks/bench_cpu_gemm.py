@@ -14,15 +14,15 @@ faster) and ours' GFLOP/s.
 from __future__ import annotations
 
 import argparse
+import functools
 import os
 import sys
 
 import torch
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from suite import machine, timing  # noqa: E402
-
 import torch_ext  # noqa: E402
+from suite import machine, timing  # noqa: E402
 
 DEFAULT_SIZES = [  # M x K -> N: the dense, MLP and linear_cross_entropy shapes of benchmarks/run.py
     (8192, 256, 256), (256, 2048, 1024), (2048, 1024, 1024), (4096, 256, 1024), (4096, 1024, 256),
@@ -60,13 +60,15 @@ def main(argv=None):
         for m, k, n in sizes:
             for name, (out, a, b) in products(m, k, n).items():
                 samples = timing.time_interleaved(
-                    {path: (lambda path=path: run_gemm(path, out, a, b)) for path in ("aten", "ours")},
+                    {path: functools.partial(run_gemm, path, out, a, b) for path in ("aten", "ours")},
                     rounds=args.rounds,
                 )
                 ours = timing.median(samples["ours"])
                 flop = 2 * out.shape[0] * out.shape[1] * a.shape[1]
-                print(f"{f'{m}x{k}->{n}':<20}{name:<13}{timing.median(samples['aten']) * 1e3:>9.2f}{ours * 1e3:>9.2f}"
-                      f"{timing.ratio_of(samples['aten'], samples['ours']):>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
+                aten = timing.median(samples["aten"])
+                print(f"{f'{m}x{k}->{n}':<20}{name:<13}{aten * 1e3:>9.2f}{ours * 1e3:>9.2f}"
+                      f"{timing.ratio_of(samples['aten'], samples['ours']):>11.2f}{flop / ours / 1e9:>14.0f}",
+                      flush=True)
     finally:
         if saved_env is None:
             os.environ.pop("TORCH_EXT_CPU_GEMM", None)

@@ -184,7 +184,8 @@ def main(argv=None) -> int:
              f"--hidden {args.hidden} --vocab {args.vocab} --dtype {args.dtype} --steps {args.steps}", "",
              f"LM-head loss, {args.tokens} tokens x hidden {args.hidden} -> vocabulary {args.vocab}, {args.dtype}, "
              f"fwd+bwd; {os.cpu_count()} CPU cores shared by the processes; THP_MEM_ALLOC_ENABLE=1", "",
-             "| candidate | processes x threads | ms per step | x unsharded time | peak per rank | x unsharded peak | loss |",
+             "| candidate | processes x threads | ms per step | x unsharded time | peak per rank | x unsharded peak "
+             "| loss |",
              "|---|---|---|---|---|---|---|"]
     for c, r in results.items():
         peak = r["peak_bytes"]

@@ -45,8 +45,8 @@ Sizes (--sizes NAME picks it for every op that has it; default: the starred ones
   linear_cross_entropy  rnn 2048x512->10000, llm* 4096x512->32000   (N x H -> vocabulary V)
   mlp                   ffn* 4096x256->1024 gelu, llm* 2048x512->1376 swiglu   (M x K -> hidden H)
   every op: quick (the --quick size), tiny (for tests)
-Explicit sizes: MxKxN[:activation] for linear_act, MxKxH[:activation] for mlp, NxHxV for linear_cross_entropy, NxD for the
-others; prefix with OP= to apply to one op only.
+Explicit sizes: MxKxN[:activation] for linear_act, MxKxH[:activation] for mlp, NxHxV for
+linear_cross_entropy, NxD for the others; prefix with OP= to apply to one op only.
 Selection: with neither --ops nor --sizes, every model case runs too; with either, only the op
 cases, unless --models names some. --ops none runs the models only, --models none the ops only.
 

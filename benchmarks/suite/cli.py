@@ -39,7 +39,8 @@ def parse_args(argv: Sequence[str], doc: str, prog: str) -> argparse.Namespace:
                    "(default 3; 1.5 with --quick)")
     p.add_argument("--no-compile", action="store_true", help="skip the torch.compile candidates")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory measurement")
-    p.add_argument("--out", default=os.path.join(HERE, "results"), help="folder for the results (default benchmarks/results)")
+    p.add_argument("--out", default=os.path.join(HERE, "results"),
+                   help="folder for the results (default benchmarks/results)")
     p.add_argument("--name", help="file name of the results, without extension (default: the device, with _quick, "
                    "_<dtype>, _custom or _nothp appended for such runs)")
     args = p.parse_args(list(argv))

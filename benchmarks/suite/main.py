@@ -51,7 +51,8 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     cases, size_notes = select.resolve_cases(ops, args.sizes, args.quick)
     models, model_notes = select.resolve_models(args.models, args.ops, args.sizes)
     if not cases and not models:
-        raise select.UsageError("nothing to run: --ops none and no model (" + "; ".join(model_notes or ["--models none"]) + ")")
+        why = "; ".join(model_notes or ["--models none"])
+        raise select.UsageError(f"nothing to run: --ops none and no model ({why})")
     cfg = Config(
         dtype=getattr(torch, args.dtype), dtype_name=args.dtype, device=device, compile=not args.no_compile,
         memory=not args.no_memory, rounds=args.rounds or (3 if args.quick else 10),
@@ -102,14 +103,14 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     try:
         for case in cases:
             progress.start(f"{case.op} {case.label()}")
-            r = _guarded(lambda: measure_op.run_case(case, cfg, machine_figures, progress),
+            r = _guarded(lambda case=case: measure_op.run_case(case, cfg, machine_figures, progress),
                          {"op": case.op, "scenario": case.scenario, "params": list(case.params), "case": case.label(),
                           "kind": OPS[case.op].kind, "dtype": args.dtype, "device": device, "notes": []})
             records.append(r)
             progress.finish_case(f"{case.op} {case.label()}: " + _op_summary(r))
         for m in models:
             progress.start(f"model {m}")
-            r = _guarded(lambda: measure_model.run_model(m, model_size, cfg, progress),
+            r = _guarded(lambda m=m: measure_model.run_model(m, model_size, cfg, progress),
                          {"model": m, "size": model_size, "case": MODELS[m].describe(MODELS[m].sizes[model_size]),
                           "dtype": args.dtype, "device": device, "notes": []})
             model_records.append(r)
@@ -123,7 +124,8 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     meta["elapsed_s"] = round(time.perf_counter() - started, 1)
     extra = device_notes + size_notes + model_notes
     if cfg.quick and cfg.memory and cfg.compile and records:
-        extra.append("--quick: the peak memory of torch.compile is not measured (each would compile in its own process).")
+        extra.append("--quick: the peak memory of torch.compile is not measured "
+                     "(each would compile in its own process).")
     notes = notes_text(meta, records, model_records, extra)
     parts = [f"$ {meta['command']}", ""]
     if records:

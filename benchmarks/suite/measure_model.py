@@ -143,10 +143,12 @@ def run_model(model_name: str, size: str, cfg, progress) -> dict:
         first_step_s={name: round(s, 2) for name, s in first_s.items()},
         time_ms={name: timing.summary_ms(samples[name]) for name in names},
         throughput={name: record["units_per_step"] / timing.median(samples[name]) for name in names},
-        speedup={"vs_eager": {name: timing.ratio_of(samples["eager"], samples[name]) for name in names if name != "eager"}},
+        speedup={"vs_eager": {name: timing.ratio_of(samples["eager"], samples[name])
+                              for name in names if name != "eager"}},
     )
     if "compile" in names and "fused_compile" in names:
-        record["speedup"]["vs_compile"] = {"fused_compile": timing.ratio_of(samples["compile"], samples["fused_compile"])}
+        record["speedup"]["vs_compile"] = {
+            "fused_compile": timing.ratio_of(samples["compile"], samples["fused_compile"])}
     del steps, samples  # (main._guarded then resets dynamo, collects and empties torch_ext's cache)
     return record
 

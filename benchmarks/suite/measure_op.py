@@ -157,7 +157,8 @@ def run_case(case: Case, cfg, machine: dict, progress) -> dict:
             "kind": "bare GEMMs, timed", "flops": wl.floor_flops,
             "ms": {phase: record["time_ms"]["floor"][phase]["median"] for phase in PHASES},
         }
-        record["floor_fraction"] = {phase: timing.ratio_of(samples["floor"][phase], samples["ours"][phase]) for phase in PHASES}
+        record["floor_fraction"] = {phase: timing.ratio_of(samples["floor"][phase], samples["ours"][phase])
+                                    for phase in PHASES}
     elif wl.floor_flops is not None:
         ms = {phase: 1e3 * wl.floor_flops[phase] / machine["gemm_flops"] for phase in PHASES}
         record["floor"] = {"kind": "FLOP / GEMM rate", "flops": wl.floor_flops, "ms": ms}
@@ -166,7 +167,8 @@ def run_case(case: Case, cfg, machine: dict, progress) -> dict:
         ms = {phase: 1e3 * wl.floor_bytes[phase] / machine["copy_bandwidth"] for phase in PHASES}
         record["floor"] = {"kind": "bytes / copy bandwidth", "bytes": wl.floor_bytes, "ms": ms}
         record["floor_fraction"] = {phase: ms[phase] / ours_ms[phase] for phase in PHASES}
-    early = [DISPLAY[n] for n in names if record["time_ms"][n]["bwd"]["median"] < 0.05 * record["time_ms"][n]["fwd+bwd"]["median"]]
+    times = record["time_ms"]
+    early = [DISPLAY[n] for n in names if times[n]["bwd"]["median"] < 0.05 * times[n]["fwd+bwd"]["median"]]
     if early:
         record["notes"].append(
             f"{', '.join(early)}: backward under 5% of the step (the gradients are formed in the forward pass): "

@@ -119,7 +119,7 @@ class SavedTensors:
     def bytes(self) -> int:
         return sum(self.seen.values())
 
-    def __enter__(self) -> "SavedTensors":
+    def __enter__(self) -> SavedTensors:
         self.hooks.__enter__()
         return self
 
@@ -217,7 +217,7 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
-                    result = step_peak(lambda: fn(*args), device)
+                    result = step_peak(lambda fn=fn, args=args: fn(*args), device)
             except Exception as e:  # noqa: BLE001
                 result = {"error": f"{type(e).__name__}: {e}"}
             gc.collect()

@@ -96,7 +96,8 @@ def memory_table(records: List[dict]) -> str:
         if "error" in r:
             rows.append([r["op"], r["case"]] + ["-"] * (len(headers) - 3) + ["ERROR"])
             continue
-        row = [r["op"], r["case"]] + [fmt_bytes(r["saved_bytes"].get(n)) if n in r["candidates"] else "-" for n in names]
+        row = [r["op"], r["case"]] + [fmt_bytes(r["saved_bytes"].get(n)) if n in r["candidates"] else "-"
+                                      for n in names]
         if has_peak:
             peak = r.get("peak_bytes", {})
             row += [fmt_bytes(peak.get(n)) if n in r["candidates"] else "-" for n in names]

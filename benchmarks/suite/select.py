@@ -67,7 +67,8 @@ def _parse_dims(spec: str, op: Optional[str]) -> Tuple[List[int], Optional[str]]
     try:
         values = [int(v) for v in dims.lower().split("x")]
     except ValueError:
-        raise UsageError(f"--sizes: {spec!r} is neither a size name ({', '.join(SCENARIO_NAMES)}) nor sizes like 4096x32000")
+        names = ", ".join(SCENARIO_NAMES)
+        raise UsageError(f"--sizes: {spec!r} is neither a size name ({names}) nor sizes like 4096x32000") from None
     if any(v <= 0 for v in values):
         raise UsageError(f"--sizes: sizes must be positive, got {spec!r}")
     activation_ops = [o for o in OPS if OPS[o].activations]
@@ -75,7 +76,8 @@ def _parse_dims(spec: str, op: Optional[str]) -> Tuple[List[int], Optional[str]]
     if activation and activation not in every:
         raise UsageError(f"--sizes: unknown activation {activation!r} in {spec!r}; activations are {', '.join(every)}")
     if activation and op is not None and not OPS[op].activations:
-        raise UsageError(f"--sizes: an activation (':{activation}') applies to {' and '.join(activation_ops)} only, not {op}")
+        raise UsageError(
+            f"--sizes: an activation (':{activation}') applies to {' and '.join(activation_ops)} only, not {op}")
     if activation and op is not None and activation not in OPS[op].activations:
         raise UsageError(f"--sizes: {activation!r} is not an activation of {op} (a gated activation, for mlp only)")
     return values, activation or None
@@ -107,7 +109,8 @@ def resolve_cases(ops: List[str], sizes: Optional[Sequence[str]], quick: bool) -
         if spec.lower() in SCENARIO_NAMES:
             hits = [op for op in targets if spec.lower() in OPS[op].scenarios]
             if sep and not hits:
-                raise UsageError(f"--sizes: {targets[0]} has no size named {spec!r}; it has {', '.join(OPS[targets[0]].scenarios)}")
+                has = ", ".join(OPS[targets[0]].scenarios)
+                raise UsageError(f"--sizes: {targets[0]} has no size named {spec!r}; it has {has}")
             for op in hits:
                 per_op[op].append(Case(op, spec.lower(), OPS[op].scenarios[spec.lower()]))
             continue
@@ -123,7 +126,8 @@ def resolve_cases(ops: List[str], sizes: Optional[Sequence[str]], quick: bool) -
                 params = params + (activation or OPS[op].scenarios["quick"][3],)
             per_op[op].append(Case(op, "custom", params))
     cases = [c for op in ops for c in per_op[op]]
-    notes = [f"{op}: none of --sizes applies (its sizes: {', '.join(OPS[op].scenarios)})" for op in ops if not per_op[op]]
+    notes = [f"{op}: none of --sizes applies (its sizes: {', '.join(OPS[op].scenarios)})"
+             for op in ops if not per_op[op]]
     if not cases:
         raise UsageError("--sizes: no case to run; " + "; ".join(notes))
     return cases, notes
@@ -134,14 +138,15 @@ def resolve_device(name: str, ops: List[str]) -> Tuple[str, List[str], List[str]
     try:
         dev = torch.device(name)
     except (RuntimeError, ValueError):
-        raise UsageError(f"unknown device {name!r}; use cpu or cuda (cuda:N)")
+        raise UsageError(f"unknown device {name!r}; use cpu or cuda (cuda:N)") from None
     if dev.type == "cpu":
         return "cpu", ops, []
     if dev.type != "cuda":
         raise UsageError(f"unsupported device {name!r}; use cpu or cuda (cuda:N)")
     if not torch.cuda.is_available():
         built = f"built with CUDA {torch.version.cuda}" if torch.version.cuda else "a CPU-only build"
-        raise UsageError(f"--device {name}: no CUDA GPU is available (torch {torch.__version__}, {built}); use --device cpu")
+        raise UsageError(
+            f"--device {name}: no CUDA GPU is available (torch {torch.__version__}, {built}); use --device cpu")
     if dev.index is not None and dev.index >= torch.cuda.device_count():
         raise UsageError(f"--device {name}: there are {torch.cuda.device_count()} CUDA devices")
     has = {op: torch._C._dispatch_has_kernel_for_dispatch_key(f"torch_ext::{OPS[op].kernel}", "CUDA") for op in OPS}

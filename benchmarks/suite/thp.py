@@ -46,11 +46,13 @@ def notes(record: dict, other_name: Optional[str]) -> List[str]:
     lines = [
         f"Baseline THP: {ENV}={record[ENV]} for every candidate (--baseline-thp {record['setting']}: "
         + (f"the default, PyTorch's best CPU configuration; --baseline-thp off gives PyTorch's default{other})."
-           if on else f"PyTorch's default; the default, --baseline-thp on, gives PyTorch's best CPU configuration{other}).")
+           if on else
+           f"PyTorch's default; the default, --baseline-thp on, gives PyTorch's best CPU configuration{other}).")
         + f" {ENV}=1 makes PyTorch's CPU allocator give each tensor of 2 MiB or more a 2 MiB-aligned block "
         "advised with madvise(MADV_HUGEPAGE): Linux then maps it in 2 MiB pages, 512x fewer page faults when "
         "fresh memory is touched, a large part of what eager's memory-bound losses pay on every step (each "
-        "step's large gradients and activations come fresh from the system). It applies to everything PyTorch allocates: "
+        "step's large gradients and activations come fresh from the system). It applies to everything PyTorch "
+        "allocates: "
         "the eager, compile and peer candidates, and ours' inputs, parameters and the tensors ours gets "
         "from ATen. torch_ext's own large outputs (16 MiB or more) use huge pages and a cache of freed blocks "
         "whatever the setting: in the op cases the knob moves the PyTorch candidates, hardly ours; in the whole "

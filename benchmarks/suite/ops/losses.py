@@ -131,7 +131,8 @@ def make_workload(op: str, n: int, d: int, dtype: torch.dtype = torch.float32, d
 
 def _spec(op: str, kernel: str, defaults: Tuple[str, ...], aliases: Tuple[str, ...]) -> OpSpec:
     return OpSpec(
-        name=op, kind="memory-bound", kernel=kernel, dims=2, dim_names="NxC" if op.startswith("cross_entropy") else "NxD",
+        name=op, kind="memory-bound", kernel=kernel, dims=2,
+        dim_names="NxC" if op.startswith("cross_entropy") else "NxD",
         scenarios=SCENARIOS[op], defaults=defaults, make=functools.partial(make_workload, op), aliases=aliases,
         held="the anchor's gradient" if op == "triplet" else "the input's gradient",
     )
