@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Vocab-parallel linear + cross-entropy (issue 19, item 6): one training step's loss of an LM head
+"""Vocab-parallel linear + cross-entropy: one training step's loss of an LM head
 (4096 tokens, hidden 512, vocabulary 32000, float32 by default) with the vocabulary sharded over
 --world CPU processes (gloo), against the same loss unsharded in one process and against
 PyTorch's own tensor-parallel loss (torch.distributed.tensor.parallel.loss_parallel on DTensor

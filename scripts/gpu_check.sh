@@ -7,7 +7,7 @@
 #   2. import it and run one op on the GPU;
 #   3. the CUDA tests: tests/test_cuda.py with TORCH_EXT_TEST_DEVICES=cuda (its CPU cases ran in
 #      CI), each test under a timeout when pytest-timeout is installed (the GPU image has it);
-#   4. the goal benchmarks of issue 7 (bfloat16) without torch.compile: ours against eager and
+#   4. the bfloat16 goal benchmarks without torch.compile: ours against eager and
 #      the floors, the headline figures;
 #   5. the same goals with torch.compile, one op at a time (most wanted first) while time is left.
 # Steps 2-5 each run under `timeout`, against one deadline (GPU_CHECK_SECONDS, default 470 s after
@@ -57,7 +57,7 @@ MODE=$([ "$DRY_RUN" = 1 ] && echo dry-run || echo run)
 # The files this script may leave in $OUT (the limit is 8).
 PLANNED=(summary.txt logs.tar.gz cuda_goals_eager.json cuda_goals_eager.txt cuda_goals_eager.png)
 
-# The goals of issue 7 (bfloat16), most wanted first (the compile step runs them in this order).
+# The bfloat16 goal ops, most wanted first (the compile step runs them in this order).
 GOAL_OPS=(cross_entropy linear_cross_entropy linear_act mlp mse triplet)
 declare -A GOAL_SIZE=(
   [cross_entropy]=8192x128256 [linear_cross_entropy]=8192x4096x128256 [linear_act]=8192x4096x16384:gelu_tanh

@@ -1,4 +1,4 @@
-"""Every op on every device, against PyTorch's own ops on the same device (issue 7).
+"""Every op on every device, against PyTorch's own ops on the same device.
 
 Parametrized over device: "cpu" always runs (so this file's checks are exercised on every
 machine), "cuda" is skipped with a reason where no GPU is present. The op-family test files

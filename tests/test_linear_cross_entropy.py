@@ -1477,7 +1477,7 @@ def test_module_repr_dtype_device_and_state_dict():
 
 
 def test_module_argument_errors():
-    # The interface before issue 15 (class weight first, head weight passed to forward) gets a
+    # The older interface (class weight first, head weight passed to forward) gets a
     # TypeError that names the new one and the functional form.
     with pytest.raises(TypeError, match=r"in_features.*LinearCrossEntropyLoss\(in_features, num_classes.*"
                                         r"torch_ext\.linear_cross_entropy\(input, linear_weight, target"):

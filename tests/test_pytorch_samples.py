@@ -1,4 +1,4 @@
-"""PyTorch's own test samples through torch_ext (issue 19's goal: every PyTorch OpInfo / ModuleInfo
+"""PyTorch's own test samples through torch_ext (the goal: every PyTorch OpInfo / ModuleInfo
 sample still passes).
 
 For each torch.nn.functional loss torch_ext replaces, every sample input of its OpInfo

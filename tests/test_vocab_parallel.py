@@ -1,4 +1,4 @@
-"""Vocab-parallel linear_cross_entropy (issue 19, item 3): ``linear_cross_entropy(...,
+"""Vocab-parallel linear_cross_entropy: ``linear_cross_entropy(...,
 process_group=group)`` over 2 and 4 CPU processes (gloo on the loopback interface), each rank
 holding a contiguous slice of the classifier's vocabulary (uneven slices, in rank order).
 

@@ -53,14 +53,14 @@ FUNCTIONS: Dict[str, Tuple[Callable, Callable]] = {
 # op -> {name: (N, D)} (D: classes for cross_entropy).
 REGRESSION_SCENARIOS = {
     "cnn": (32, 3 * 224 * 224),  # image reconstruction: a batch of 32 RGB 224x224 images
-    "ffn": (4096, 4096),  # regression of Transformer hidden states (the goal of issue 3)
+    "ffn": (4096, 4096),  # regression of Transformer hidden states
     "quick": (1024, 1024),
     "tiny": (32, 10),  # a small regression head
 }
 _CROSS_ENTROPY_SCENARIOS = {
     "cnn": (256, 1000),  # ImageNet classifier, batch 256
     "rnn": (2048, 10000),  # RNN language model (PTB/WikiText-2-size vocabulary), 2048 tokens
-    "llm": (4096, 32000),  # LLM vocabulary (the goal of issue 3), 4096 tokens
+    "llm": (4096, 32000),  # LLM vocabulary, 4096 tokens
     "quick": (1024, 8000),
     "tiny": (32, 10),  # a CIFAR-10-sized classifier head: per-call cost decides
 }
@@ -71,7 +71,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
     "huber": REGRESSION_SCENARIOS,
     "smooth_l1": REGRESSION_SCENARIOS,
     "triplet": {
-        "cnn": (8192, 512),  # CNN embeddings for metric learning (the goal of issue 3)
+        "cnn": (8192, 512),  # CNN embeddings for metric learning
         "quick": (2048, 256),
         "tiny": (32, 128),
     },
