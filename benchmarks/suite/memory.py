@@ -208,12 +208,14 @@ def _context(preload: Sequence[str]):
 
 def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], *, parallel: int = 2,
             timeout_s: float = 600.0, preload: Sequence[str] = ()) -> None:
-    """Peak memory of each job's step; on_done(job index, result) as each finishes.
+    """Peak memory of each job's step; on_done(job index, result) as each finishes (result:
+    "peak", "retained" in bytes, "seconds" the job took, "error" if it failed).
     CPU: one fresh process per job, up to `parallel` at a time (nothing else runs then, and
     peak RSS is per process); a job whose process fails is run once more. `preload`: modules
     the jobs need beyond PRELOAD. CUDA: one job after the other in this process."""
     if device.startswith("cuda"):
         for i, (fn, args) in enumerate(jobs):
+            start = time.perf_counter()
             try:
                 with warnings.catch_warnings():
                     warnings.simplefilter("ignore")
@@ -222,6 +224,7 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
                 result = {"error": f"{type(e).__name__}: {e}"}
             gc.collect()
             torch.cuda.empty_cache()
+            result["seconds"] = round(time.perf_counter() - start, 2)
             on_done(i, result)
         return
     main = sys.modules.get("__main__")
@@ -262,4 +265,5 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
                 failed_once.add(i)
                 pending.append(i)
                 continue
+            result["seconds"] = round(time.perf_counter() - start, 2)  # the process's whole life
             on_done(i, result)
