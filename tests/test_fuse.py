@@ -20,6 +20,9 @@ and of every parameter (by name) within float32 tolerance, in train and in eval 
   alone; batch_first and norm_first; train, eval with grad and eval under no_grad (fast path);
 * loss modules with non-default options (type, options, values, gradients), TripletMarginLoss
   with p=inf left alone, a loss module as the whole model;
+* pickle, copy.deepcopy and torch.save of fused models (in this process and in a new one): the
+  same classes, state_dict and torch_ext op calls, the unfused numbers, and no exec / compile of
+  Python source while loading;
 * state_dict keys and values, load_state_dict both ways, inplace=False (original untouched,
   equal values, other Parameter objects) and inplace=True (same Parameter objects, an optimizer
   built before fuse() still trains the model);
@@ -31,12 +34,16 @@ Whole CNN/LSTM/Transformer models and torch.compile of fused models are in test_
 """
 from __future__ import annotations
 
+import ast
+import builtins
 import collections
+import contextlib
 import copy
 import importlib
 import io
 import logging
 import os
+import pickle
 import sys
 import tempfile
 import warnings
@@ -46,10 +53,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import FusedLinear, FuseReport
-from utils import assert_close
+from utils import assert_close, run_python
 
 NOTHING_TO_FUSE = "nothing to fuse"
 
@@ -696,6 +704,175 @@ def test_fused_custom_model_can_be_copied_and_saved():
     buffer.seek(0)
     loaded = torch.load(buffer, weights_only=False)
     assert_same_outputs_and_grads(loaded, model, [x8(3)], "torch.save/torch.load of a fused model")
+
+
+# ----------------------------------------------------------------------------------------------
+# Pickling: a fused model pickles as its original classes plus what fuse() changed; loading it
+# executes no Python source (a rewritten forward is generated again on the module's first call).
+
+class TorchExtOps(TorchDispatchMode):
+    """``with TorchExtOps() as calls:`` counts the calls of each torch_ext op (forward and backward)."""
+
+    def __enter__(self):
+        super().__enter__()
+        self.calls = collections.Counter()
+        return self.calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if func.namespace == "torch_ext":
+            self.calls[func.name()] += 1
+        return func(*args, **(kwargs or {}))
+
+
+def torch_ext_ops(model: nn.Module, inputs: Sequence) -> collections.Counter:
+    """The torch_ext ops one forward and backward of `model` calls, with their counts."""
+    with TorchExtOps() as calls:
+        _forward_backward(model, inputs)
+    return calls
+
+
+@contextlib.contextmanager
+def no_source_execution(class_introspection: bool = False):
+    """builtins.exec and builtins.compile raise inside the block: nothing there runs Python source
+    text. class_introspection=True lets through what reading a class (not running code) takes:
+    ast.parse (compile to a syntax tree only), and typing's compile of a type annotation written
+    as a string, which get_type_hints evaluates; rebuilding a fused transformers causal LM's class
+    does both (torch_ext reads its forward's source, transformers' PreTrainedModel.__init_subclass__
+    reads the new class's type hints). What torch.load imports on its first use is imported before."""
+    buffer = io.BytesIO()
+    torch.save(torch.zeros(1), buffer)
+    buffer.seek(0)
+    torch.load(buffer)
+    saved_exec, saved_compile = builtins.exec, builtins.compile
+
+    def refuse_exec(*args, **kwargs):
+        raise AssertionError("exec() called while loading a fused model")
+
+    def refuse_compile(source, filename, mode, flags=0, *args, **kwargs):
+        if class_introspection and (flags & ast.PyCF_ONLY_AST
+                                    or sys._getframe(1).f_globals.get("__name__") == "typing"):
+            return saved_compile(source, filename, mode, flags, *args, **kwargs)
+        raise AssertionError("compile() called while loading a fused model")
+
+    builtins.exec, builtins.compile = refuse_exec, refuse_compile
+    try:
+        yield
+    finally:
+        builtins.exec, builtins.compile = saved_exec, saved_compile
+
+
+def round_trip(model: nn.Module, how: str, class_introspection: bool = False) -> nn.Module:
+    """`model` through pickle, copy.deepcopy or torch.save / torch.load, loaded under
+    no_source_execution(class_introspection)."""
+    if how == "deepcopy":
+        with no_source_execution(class_introspection):
+            return copy.deepcopy(model)
+    if how == "pickle":
+        data = pickle.dumps(model)
+        with no_source_execution(class_introspection):
+            return pickle.loads(data)
+    buffer = io.BytesIO()
+    torch.save(model, buffer)
+    buffer.seek(0)
+    with no_source_execution(class_introspection):
+        return torch.load(buffer, weights_only=False)
+
+
+def class_names(model: nn.Module) -> List[Tuple[str, str]]:
+    return [(name, type(m).__qualname__) for name, m in model.named_modules(remove_duplicate=False)]
+
+
+@pytest.mark.parametrize("class_introspection", [False, True])
+def test_no_source_execution_refuses_exec_and_compile(class_introspection):
+    with no_source_execution(class_introspection), pytest.raises(AssertionError, match="exec"):
+        exec("x = 1")  # noqa: S102
+    with no_source_execution(class_introspection), pytest.raises(AssertionError, match="compile"):
+        compile("x = 1", "<test>", "exec")
+    if class_introspection:
+        with no_source_execution(class_introspection):
+            ast.parse("x = 1")
+    exec("x = 1")  # noqa: S102 (given back after the block)
+
+
+# Models whose forwards fuse() rewrites from their traces, with their inputs: sigmoid and gelu (a
+# loaded forward that applied them again would give other numbers), several rewritten modules, a
+# tensor the forward creates (which torch.fx keeps on the module).
+PICKLED_MODELS = [
+    ("FnBlock-sigmoid", lambda: _fn_block("torch.sigmoid(h)")(), lambda: [x8(3)]),
+    ("FnBlock-gelu-tanh", lambda: _fn_block('F.gelu(h, approximate="tanh")')(), lambda: [x8(2, 3)]),
+    ("Mixed", lambda: Mixed(), lambda: mixed_inputs()),
+    ("TensorConstant", lambda: TensorConstant(), lambda: [x8(3)]),
+]
+
+
+@pytest.mark.parametrize("how", ["pickle", "deepcopy", "torch.save"])
+@pytest.mark.parametrize("make, make_inputs", [c[1:] for c in PICKLED_MODELS], ids=[c[0] for c in PICKLED_MODELS])
+def test_fused_model_round_trips(how, make, make_inputs):
+    """pickle / deepcopy / torch.save of a fused model loads, running no exec or compile, into
+    the same classes (subclasses of the originals, still rewritten) with the same state_dict,
+    calling the same torch_ext ops and giving the unfused model's outputs and gradients; a
+    loaded model pickles again before its first call."""
+    model = make()
+    inputs = make_inputs()
+    fused, _ = fuse(model)
+    loaded = round_trip(fused, how)
+    again = round_trip(loaded, how)  # before loaded's first call
+    for copied, what in ((loaded, how), (again, f"{how} twice")):
+        assert class_names(copied) == class_names(fused), what
+        assert isinstance(copied, type(model)) and type(copied) is not type(model), what
+        assert fused_linears(copied) == fused_linears(fused), what
+        assert list(copied.state_dict()) == list(fused.state_dict()), what
+        for key, value in fused.state_dict().items():
+            assert torch.equal(copied.state_dict()[key], value), f"{what}: {key}"
+        ops = torch_ext_ops(copied, inputs)
+        assert ops and ops == torch_ext_ops(fused, inputs), f"{what}: torch_ext ops {ops}"
+        assert_same_outputs_and_grads(copied, model, inputs, f"{what} of a fused {type(model).__name__}")
+
+
+def test_deepcopy_keeps_the_rewritten_class():
+    fused, _ = fuse(_fn_block("torch.sigmoid(h)")())
+    clone = copy.deepcopy(fused)
+    assert type(clone) is type(fused) and clone.fc1 is not fused.fc1
+
+
+def test_fused_model_loads_in_a_new_process(tmp_path):
+    """torch.load of whole fused models in a new process (nothing built or cached there yet):
+    it runs no exec or compile, and each model gives the unfused outputs and gradients and calls
+    the same torch_ext ops."""
+    cases = {name: (make(), make_inputs()) for name, make, make_inputs in PICKLED_MODELS}
+    fused = {name: fuse(model)[0] for name, (model, _) in cases.items()}
+    torch.save({name: (fused[name], inputs) for name, (_, inputs) in cases.items()}, tmp_path / "fused.pt")
+    # The modules defining the classes are imported first (their own code, which unpickling would
+    # run as it imports them), so that only torch.load is under no_source_execution.
+    modules = sorted({type(m).__module__ for model in fused.values() for m in model.modules()})
+    code = (
+        f"import sys; sys.path.insert(0, {_FORMS_DIR!r})\n"
+        "import importlib, torch, test_fuse\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "with test_fuse.no_source_execution():\n"
+        f"    saved = torch.load({str(tmp_path / 'fused.pt')!r}, weights_only=False)\n"
+        "results = {}\n"
+        "for name, (model, inputs) in saved.items():\n"
+        "    ops = test_fuse.torch_ext_ops(model, inputs)\n"
+        "    results[name] = (test_fuse.class_names(model), ops, test_fuse._forward_backward(model, inputs))\n"
+        f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n"
+    )
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    for name, (model, inputs) in cases.items():
+        names, ops, (outs, in_grads, p_grads) = results[name]
+        assert names == class_names(fused[name]), name
+        assert ops and ops == torch_ext_ops(fused[name], inputs), f"{name}: torch_ext ops {ops}"
+        ref_outs, ref_in_grads, ref_p_grads = _forward_backward(model, inputs)
+        for i, (o, r) in enumerate(zip(outs, ref_outs)):
+            assert_close(o, r, msg=f"{name} loaded in a new process: output {i}")
+        for i, (g, r) in enumerate(zip(in_grads, ref_in_grads)):
+            assert_close(g, r, msg=f"{name} loaded in a new process: gradient of input {i}")
+        assert sorted(p_grads) == sorted(ref_p_grads), name
+        for key, r in ref_p_grads.items():
+            assert_close(p_grads[key], r, msg=f"{name} loaded in a new process: gradient of {key}")
 
 
 # ----------------------------------------------------------------------------------------------

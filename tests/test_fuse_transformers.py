@@ -3,7 +3,8 @@ init, no download): BERT, RoBERTa, ViT, GPT-2, Llama, Mistral, Qwen2, T5 (relu a
 
 For each: the MLP blocks are reported replaced (and are: FusedLinear / FusedConv1D / fused_mlp),
 the loss, the logits (when returned) and every parameter's gradient equal the unfused model's in
-train mode (dropout 0) and eval mode, state_dicts load both ways, torch.compile runs, and 20
+train mode (dropout 0) and eval mode, state_dicts load both ways, whole models pickle (no exec or
+compile while loading, in this process and in a new one), torch.compile runs, and 20
 training steps track the unfused loss curve. Causal LMs: the loss from linear_cross_entropy on the
 hidden states with HF's semantics (shifted labels, -100, num_items_in_batch, shift_labels).
 Plus what fuse() must refuse: a renamed formula, a Linear named by code above it.
@@ -27,7 +28,8 @@ import torch_ext  # noqa: E402
 from torch_ext import FusedLinear  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from utils import SavedTensorBytes, assert_close  # noqa: E402
+from test_fuse import TorchExtOps, round_trip  # noqa: E402
+from utils import SavedTensorBytes, assert_close, run_python  # noqa: E402
 
 tf = transformers
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
@@ -245,21 +247,87 @@ def test_save_pretrained_loads_into_the_unfused_class(family, fused_models, tmp_
     assert_same_step(back, ref, batch(family), f"{family}: save_pretrained -> from_pretrained")
 
 
-@pytest.mark.parametrize("family", ["vit", "gpt2", "llama", "t5-gated"])
-def test_whole_model_pickles(family, fused_models):
-    """torch.save of the whole fused model (its rewritten classes pickle as the library's class
-    plus what fuse() changed) loads back into a model that gives the same numbers."""
-    import io
+# The families whose MLPs fuse() gives a rewritten class: its forward edited from its source (ViT,
+# GPT-2: fused_mlp; T5 gated: one GEMM and the gated activation) or fused_mlp on gate / up / down
+# (Llama, whose causal LM's class is rewritten too, for its loss).
+REWRITTEN_CLASSES = ["vit", "gpt2", "llama", "t5-gated"]
 
+
+def step_and_ops(model, inputs):
+    """step(model, inputs), and the torch_ext ops it calls with their counts."""
+    with TorchExtOps() as ops:
+        out = step(model, inputs)
+    return out, ops
+
+
+def assert_loaded_like_fused(loaded, fused, ref, family: str, what: str):
+    """`loaded` has fused's classes (the same library classes under the rewritten ones) and
+    state_dict, calls the same torch_ext ops and gives ref's loss, logits and gradients."""
+    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in fused.modules()], what
+    assert [type(m).__mro__[1] for m in loaded.modules()] == [type(m).__mro__[1] for m in fused.modules()], what
+    assert list(loaded.state_dict()) == list(fused.state_dict()), what
+    for key, value in fused.state_dict().items():
+        assert torch.equal(loaded.state_dict()[key], value), f"{what}: {key}"
+    for model in (ref, fused, loaded):
+        model.train()
+    inputs = batch(family)
+    _, ops = step_and_ops(loaded, inputs)
+    _, fused_ops = step_and_ops(fused, inputs)
+    assert ops and ops == fused_ops, f"{what}: torch_ext ops {ops}, fused model's {fused_ops}"
+    assert_same_step(loaded, ref, inputs, what)
+
+
+@pytest.mark.parametrize("how", ["torch.save", "pickle", "deepcopy"])
+@pytest.mark.parametrize("family", REWRITTEN_CLASSES)
+def test_whole_model_pickles(family, how, fused_models):
+    """torch.save / pickle / deepcopy of the whole fused model (its rewritten classes pickle as
+    the library's class plus what fuse() changed) loads, running no exec and no compile but what
+    reading a causal LM's class takes (no_source_execution), into a model like the fused one that
+    gives the same numbers; it pickles again before its first call."""
     ref, fused, _ = fused_models[family]
-    buffer = io.BytesIO()
-    torch.save(fused, buffer)
-    buffer.seek(0)
-    loaded = torch.load(buffer, weights_only=False)
-    assert [type(m).__name__ for m in loaded.modules()] == [type(m).__name__ for m in fused.modules()]
-    ref.train()
-    loaded.train()
-    assert_same_step(loaded, ref, batch(family), f"{family} saved and loaded whole")
+    loaded = round_trip(fused, how, class_introspection=family in CAUSAL)
+    again = round_trip(loaded, how, class_introspection=family in CAUSAL)
+    assert_loaded_like_fused(loaded, fused, ref, family, f"{family} through {how}")
+    assert_loaded_like_fused(again, fused, ref, family, f"{family} through {how} twice")
+
+
+def test_whole_models_load_in_a_new_process(fused_models, tmp_path):
+    """torch.load of the whole fused models in a new process, where no rewritten forward is built
+    or cached yet: it runs no exec or compile, and each model gives the same numbers and calls
+    the same torch_ext ops as the fused one."""
+    for family in REWRITTEN_CLASSES:
+        fused_models[family][1].train()
+    saved = {family: (fused_models[family][1], batch(family)) for family in REWRITTEN_CLASSES}
+    torch.save(saved, tmp_path / "fused.pt")
+    # The modules defining the classes are imported first (their own code, which unpickling would
+    # run as it imports them), so that only torch.load is under no_source_execution.
+    modules = sorted({type(m).__module__ for model, _ in saved.values() for m in model.modules()})
+    code = (
+        "import importlib, torch, test_fuse, test_fuse_transformers as t\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        "with test_fuse.no_source_execution(class_introspection=True):  # (gpt2, llama: causal LMs)\n"
+        f"    saved = torch.load({str(tmp_path / 'fused.pt')!r}, weights_only=False)\n"
+        "results = {family: t.step_and_ops(model, inputs) for family, (model, inputs) in saved.items()}\n"
+        f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n"
+    )
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    results = torch.load(tmp_path / "results.pt", weights_only=False)
+    for family, (fused, inputs) in saved.items():
+        ref = fused_models[family][0].train()
+        (loss, logits, grads), ops = results[family]
+        (ref_loss, ref_logits, ref_grads) = step(ref, inputs)
+        what = f"{family} loaded in a new process"
+        assert ops and ops == step_and_ops(fused, inputs)[1], f"{what}: torch_ext ops {ops}"
+        assert_close(loss, ref_loss, rtol=1e-5, atol=1e-6, msg=f"{what}: loss")
+        if logits is not None and ref_logits is not None:
+            assert_close(logits, ref_logits, msg=f"{what}: logits")
+        assert sorted(grads) == sorted(ref_grads), what
+        for name, g in ref_grads.items():
+            assert (g is None) == (grads[name] is None), f"{what}: gradient of {name}"
+            if g is not None:
+                assert_close(grads[name], g, msg=f"{what}: gradient of {name}")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -37,9 +37,11 @@ with hooks are left alone too (their forward or hooks could depend on the class)
 left alone is listed, with the reason, in the report.
 
 Files: core.py (fuse() itself), activations.py (the activation table and the numerical check),
-source.py (reading a module's source), traced.py (the fx path over a whole model), local.py
-(rewriting one module from its source), forwards.py (the forwards local.py gives a module),
-rewrite.py (swapping modules, traced forwards), losses.py (loss modules), report.py (FuseReport).
+source.py (reading a module's source), traced.py (the fx path over a whole model, the traced
+forwards), local.py (rewriting one module from its source), forwards.py (the forwards local.py
+gives a module), rewrite.py (swapping modules; the rewritten classes and how they pickle: as the
+original class plus what was changed, with no source to execute on load), losses.py (loss
+modules), report.py (FuseReport).
 What is specific to one library is in torch_ext/integrations/<library>.py, imported only when a
 model holds that library's modules.
 """

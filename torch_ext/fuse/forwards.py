@@ -3,12 +3,13 @@ of the module's class (isinstance, its other methods and state_dict stay) whose 
 - ``fused_mlp`` on its gate / up / down Linears (gated_class), or
 - its own forward source with three statements replaced by one call (edited_class, Edit):
   ``gated_linear`` (one GEMM on [gate; up] and the gated activation) or ``mlp`` (fused_mlp).
-Each pickles as the original class plus what was changed, rebuilt on load.
+Each pickles as the original class plus what was changed (rewrite.fused_subclass).
 """
 from __future__ import annotations
 
 import ast
 import copy
+import functools
 import inspect
 from dataclasses import dataclass
 from typing import Tuple
@@ -18,6 +19,7 @@ from torch import nn
 
 from ..linear_act import fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp
+from .rewrite import fused_subclass
 from .source import parsed
 
 
@@ -46,16 +48,9 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str):
         bias = None if g.bias is None else torch.cat([g.bias, u.bias])
         return fused_mlp(x, torch.cat([g.weight, u.weight]), bias, d.weight, d.bias, kind)
 
-    def __reduce_ex__(self, protocol):
-        return (_rebuild_gated, (cls, gate, up, down, kind, self.__getstate__()))
-
-    return type(cls.__name__, (cls,), {
-        "forward": forward,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__reduce_ex__": __reduce_ex__,
-        "__doc__": f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
-    })
+    return fused_subclass(
+        cls, f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
+        _rebuild_gated, (gate, up, down, kind), forward)
 
 
 def _rebuild_gated(cls, gate, up, down, kind, state):
@@ -82,11 +77,24 @@ def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: floa
 _HELPERS = {"gated_linear": gated_linear, "mlp": mlp}
 
 
-def edited_class(cls, edit: Edit):
-    """A subclass of cls whose forward is cls.forward's own source with `edit` applied, compiled
-    with the globals of cls.forward (a copy: nothing is added to the library's module; and since
-    torch.compile looks globals up in that module by name, the new call is a method, not a
-    global). isinstance, the other methods and the state_dict stay."""
+def edited_class(cls, edit: Edit, build: bool = True):
+    """A subclass of cls whose forward is cls.forward's own source with `edit` applied; for a
+    module being unpickled (build=False), compiled on its first call. isinstance, the other
+    methods and the state_dict stay."""
+    return fused_subclass(
+        cls, f"{cls.__name__} with {', '.join(edit.attrs)} through torch_ext ({edit.helper}), by torch_ext.fuse.",
+        _rebuild_edited, (edit,), _edited_forward(cls, edit) if build else None,
+        build=lambda module: _edited_forward(cls, edit),
+        **{f"_torch_ext_{edit.helper}": staticmethod(_HELPERS[edit.helper])},
+    )
+
+
+@functools.cache
+def _edited_forward(cls, edit: Edit):
+    """cls.forward's source with `edit` applied, compiled with the globals of cls.forward (a copy:
+    nothing is added to the library's module; and since torch.compile looks globals up in that
+    module by name, the new call is a method, not a global). One per class and edit: the layers
+    of a model share it."""
     fn = cls.forward
     tree = copy.deepcopy(parsed(fn))
     fdef = tree.body[0]
@@ -106,21 +114,10 @@ def edited_class(cls, edit: Edit):
     ast.fix_missing_locations(tree)
     scope = dict(fn.__globals__)
     exec(compile(tree, inspect.getsourcefile(fn) or "<torch_ext.fuse>", "exec"), scope)  # noqa: S102 (cls.forward's own source)
-
-    def __reduce_ex__(self, protocol):
-        return (_rebuild_edited, (cls, edit, self.__getstate__()))
-
-    return type(cls.__name__, (cls,), {
-        "forward": scope[fdef.name],
-        f"_torch_ext_{edit.helper}": staticmethod(_HELPERS[edit.helper]),
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__reduce_ex__": __reduce_ex__,
-        "__doc__": f"{cls.__name__} with {', '.join(edit.attrs)} through torch_ext ({edit.helper}), by torch_ext.fuse.",
-    })
+    return scope[fdef.name]
 
 
 def _rebuild_edited(cls, edit, state):
-    module = cls.__new__(edited_class(cls, edit))
+    module = cls.__new__(edited_class(cls, edit, build=False))
     module.__setstate__(state)
     return module

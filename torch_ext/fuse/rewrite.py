@@ -1,12 +1,14 @@
-"""Rewriting modules: FusedLinear from a Linear's own Parameters, setting a submodule, a traced
-forward as a subclass of the module's class."""
+"""Rewriting modules: FusedLinear from a Linear's own Parameters, setting a submodule, and the
+subclass of a module's class that carries a rewritten forward (fused_subclass), with how it
+pickles."""
 from __future__ import annotations
 
 import copy
-from typing import Dict
+import inspect
+import threading
+from typing import Callable, Optional, Tuple
 
 import torch
-import torch.fx
 from torch import nn
 
 from ..linear_act import FusedLinear
@@ -40,38 +42,68 @@ def _set(model: nn.Module, path: str, module: nn.Module) -> None:
     setattr(model.get_submodule(parent_path), key, module)
 
 
-def _traced_class(cls, src: str, scope: Dict[str, object]):
-    """A subclass of cls whose forward is the traced source (run with the globals torch.fx
-    generated it with); pickled as cls, that source and an import block for those globals."""
-    forward = torch.fx.graph_module._forward_from_src(src, dict(scope))
+# --- the rewritten classes ----------------------------------------------------------------------
+#
+# A rewritten forward is new Python code (a trace, or a class's own source with statements
+# replaced), a function that no module holds, so pickle cannot refer to it by name. Its class
+# pickles instead as the recipe: the original class (by reference, as pickle stores any class),
+# what fuse() changed (plain data: names, indices) and the module's state. Loading builds the
+# subclass again with a forward that, on the module's first call, generates the code from the
+# original class's forward and that recipe, as fuse() did: no source text travels in the pickle,
+# and unpickling executes none. (torch.fx.GraphModule's own pickling would carry the generated
+# source and exec it while loading.) A deep copy keeps the class, as it keeps any module's.
+
+_BUILDING = threading.RLock()
+
+
+def fused_subclass(cls, doc: str, rebuild: Callable, recipe: Tuple, forward: Optional[Callable] = None,
+                   build: Optional[Callable[[nn.Module], Callable]] = None, **attrs):
+    """A subclass of cls named as cls (isinstance, its other methods and state_dict stay) whose
+    forward is `forward`, or, where that is None (a module being unpickled), `build(module)`
+    made on the first call. It pickles as ``rebuild(cls, *recipe, state)``."""
 
     def __reduce_ex__(self, protocol):
-        from torch.package import sys_importer
+        return (rebuild, (cls, *recipe, self.__getstate__()))
+
+    def __deepcopy__(self, memo):
+        # What copy.deepcopy does for any module (a new instance of its class, the state
+        # deep-copied), without going through __reduce_ex__: the copy keeps the built forward.
+        new = self.__class__.__new__(self.__class__)
+        memo[id(self)] = new
+        new.__setstate__(copy.deepcopy(self.__getstate__(), memo))
+        return new
+
+    __reduce_ex__._torch_ext_plumbing = __deepcopy__._torch_ext_plumbing = True  # not the class's code (source.py)
+    if forward is None:
+        def forward(self, *args, **kwargs):
+            return _built_forward(fused, build, self)(self, *args, **kwargs)
 
         try:
-            imports = torch.fx.graph_module._format_import_block(scope, sys_importer)
-        except Exception as e:  # noqa: BLE001
-            raise TypeError(
-                f"{cls.__name__} rewritten by torch_ext.fuse cannot be pickled whole ({e}); save its state_dict() "
-                "instead, which loads into the original class"
-            ) from e
-        return (_rebuild_traced, (cls, src, imports, self.__getstate__()))
-
-    return type(cls.__name__, (cls,), {
+            forward.__signature__ = inspect.signature(cls.forward)
+        except (TypeError, ValueError):
+            pass
+        attrs["_torch_ext_pending"] = True
+    fused = type(cls.__name__, (cls,), {
         "forward": forward,
         "__module__": cls.__module__,
         "__qualname__": cls.__qualname__,
         "__reduce_ex__": __reduce_ex__,
-        "__doc__": f"{cls.__name__} with its forward traced by torch_ext.fuse (activations fused into FusedLinear).",
+        "__deepcopy__": __deepcopy__,
+        "__doc__": doc,
+        **attrs,
     })
+    return fused
 
 
-def _rebuild_traced(cls, src, imports, state):
-    scope: Dict[str, object] = {}
-    exec(imports, scope)  # noqa: S102 (the import block torch.fx wrote for this forward)
-    module = cls.__new__(_traced_class(cls, src, scope))
-    module.__setstate__(state)
-    return module
+def _built_forward(fused, build: Callable[[nn.Module], Callable], module: nn.Module) -> Callable:
+    """fused's forward, built from `module` and set on the class on its first call."""
+    if torch.compiler.is_compiling():  # generating code is no part of a graph: run it as it is
+        return torch.compiler.disable(_built_forward)(fused, build, module)
+    with _BUILDING:
+        if fused.__dict__.get("_torch_ext_pending"):
+            fused.forward = build(module)
+            fused._torch_ext_pending = False
+    return fused.__dict__["forward"]
 
 
 def _deepcopy(model: nn.Module) -> nn.Module:
@@ -83,3 +115,12 @@ def _deepcopy(model: nn.Module) -> nn.Module:
             del module.__dict__["activation"]
     return copied
 
+
+def _rebuild_traced(cls, *args):
+    """What pickles of traced forwards made by earlier torch_ext versions call (they carry the
+    generated source and an import block to exec): refused, with what to do instead."""
+    raise RuntimeError(
+        f"torch_ext.fuse: this pickle of a {cls.__name__} rewritten by fuse() comes from an earlier torch_ext, "
+        "whose pickles carry Python source to execute while loading, which this version does not do; load it "
+        "with that version and save its state_dict(), which loads into the original class (then fuse it again)"
+    )

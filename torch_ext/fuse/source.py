@@ -52,14 +52,15 @@ def _method_ast(fn) -> Optional[ast.AST]:
 
 
 def _own_methods(cls) -> Dict[str, Callable]:
-    """Functions defined by cls and its bases below nn.Module, by name (the most derived)."""
+    """Functions defined by cls and its bases below nn.Module, by name (the most derived); not
+    the pickling methods fuse() gives the classes it rewrites (rewrite.fused_subclass)."""
     methods: Dict[str, Callable] = {}
     for klass in reversed(cls.__mro__):
         if klass in (object, nn.Module) or klass.__module__.startswith("torch."):
             continue
         for name, value in vars(klass).items():
             fn = value.fget if isinstance(value, property) else value
-            if inspect.isfunction(fn) and name != "__init__":
+            if inspect.isfunction(fn) and name != "__init__" and not getattr(fn, "_torch_ext_plumbing", False):
                 methods[name] = fn
     return methods
 

@@ -1,16 +1,20 @@
 """The fx path: trace each custom module's own forward, find every use of a Linear (in
-nn.Sequential, Transformer layers and the traces) and the activation that follows it there."""
+nn.Sequential, Transformer layers and the traces) and the activation that follows it there; the
+rewritten forward (the trace without those activations) as a subclass of the module's class."""
 from __future__ import annotations
 
+import functools
+import itertools
+import linecache
 from dataclasses import dataclass, field
-from typing import Callable, Dict, List, Optional, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 import torch.fx
 from torch import nn
 
 from .activations import Spec, _callable_spec, _module_spec, _node_spec
-from .rewrite import _has_hooks, _identity_like, _traced_class
+from .rewrite import _has_hooks, _identity_like, fused_subclass
 from .source import ALL, _analyze_source, _SourceFacts
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -52,13 +56,14 @@ class _Traced:
         return self.graph is not None
 
 
-def _trace_once(module: nn.Module) -> Tuple[torch.fx.Graph, Dict[str, object]]:
+def _trace_once(module: nn.Module,
+                tracer: Optional[torch.fx.Tracer] = None) -> Tuple[torch.fx.Graph, Dict[str, object]]:
     """A trace of module's own forward, and the tensor constants torch.fx attaches to the module
     for it (taken off again: they come back only if the forward is rewritten)."""
     before = set(vars(module))
     constants = {}
     try:
-        return _ChildrenAreLeaves().trace(module), constants
+        return (tracer or _ChildrenAreLeaves()).trace(module), constants
     finally:
         for name in set(vars(module)) - before:
             constants[name] = getattr(module, name)
@@ -258,11 +263,74 @@ def _traced_use(m: _Model, t: _Traced, node: torch.fx.Node) -> _Use:
 def _rewrite_forward(t: _Traced) -> None:
     """Drop the fused activation calls from the traced graph and make it the module's forward,
     through a subclass of its class (so isinstance, its other methods and state_dict stay)."""
-    for act in t.edits:
-        act.replace_all_uses_with(_activation_input(act))
-        t.graph.erase_node(act)
-    t.graph.lint()
+    cls = type(t.module)
+    dropped = tuple(act.name for act in t.edits)
+    _drop_activations(t.graph, t.edits)
     for name, value in t.constants.items():  # tensors the forward creates, as torch.fx keeps them
         setattr(t.module, name, value)
-    code = t.graph.python_code(root_module="self")
-    t.module.__class__ = _traced_class(type(t.module), code.src, code.globals)
+    t.module.__class__ = _traced_class(cls, dropped, tuple(t.constants), _forward_from_graph(t.graph, cls))
+
+
+def _drop_activations(graph: torch.fx.Graph, acts: Sequence[torch.fx.Node]) -> None:
+    for act in acts:
+        act.replace_all_uses_with(_activation_input(act))
+        graph.erase_node(act)
+    graph.lint()
+
+
+_SOURCES = itertools.count()
+
+
+def _forward_from_graph(graph: torch.fx.Graph, cls) -> Callable:
+    """The function torch.fx writes for `graph` (Graph.python_code), compiled, its source kept in
+    linecache under its own file name for tracebacks and inspect.getsource."""
+    code = graph.python_code(root_module="self")
+    filename = f"<torch_ext.fuse {cls.__module__}.{cls.__qualname__}.forward #{next(_SOURCES)}>"
+    linecache.cache[filename] = (len(code.src), None, code.src.splitlines(keepends=True), filename)
+    scope = dict(code.globals)
+    exec(compile(code.src, filename, "exec", dont_inherit=True), scope)  # noqa: S102 (torch.fx's code for the trace)
+    return scope["forward"]
+
+
+def _traced_class(cls, dropped: Tuple[str, ...], constants: Tuple[str, ...], forward: Optional[Callable] = None):
+    """A subclass of cls whose forward is its traced forward without the activation nodes named
+    `dropped` (`forward`, or, for a module being unpickled, the same built from a new trace on
+    its first call); `constants`: the attributes torch.fx attached to the module for the trace."""
+    return fused_subclass(
+        cls, f"{cls.__name__} with its forward traced by torch_ext.fuse (activations fused into FusedLinear).",
+        _rebuild_traced, (dropped, constants), forward,
+        build=functools.partial(_retraced_forward, cls, dropped, constants),
+        # what the new trace traces (a staticmethod: not one more method of the class for fuse() to read)
+        _torch_ext_unfused_forward=staticmethod(cls.forward),
+    )
+
+
+def _rebuild_traced(cls, dropped, constants, state):
+    module = cls.__new__(_traced_class(cls, dropped, constants))
+    module.__setstate__(state)
+    return module
+
+
+def _retraced_forward(cls, dropped: Tuple[str, ...], constants: Tuple[str, ...], module: nn.Module) -> Callable:
+    """cls.forward traced on `module` as fuse() traced it (same tracer, same node names), the
+    activations `dropped` taken out. The tensor constants keep the values the module was saved
+    with: they are set aside during the trace, so that torch.fx gives its own the same names."""
+    saved = {name: module.__dict__.pop(name) for name in constants if name in module.__dict__}
+    tracer = _ChildrenAreLeaves()
+    tracer.traced_func_name = "_torch_ext_unfused_forward"
+    try:
+        graph, traced_constants = _trace_once(module, tracer)
+    finally:
+        module.__dict__.update(saved)
+    for name, value in traced_constants.items():
+        if name not in saved:
+            setattr(module, name, value)
+    nodes = {node.name: node for node in graph.nodes}
+    acts = [nodes.get(name) for name in dropped]
+    if any(act is None or _activation_input(act) is None or _node_spec(act, module) is None for act in acts):
+        raise RuntimeError(
+            f"torch_ext.fuse: {cls.__qualname__}.forward no longer traces as it did when this model was fused "
+            f"(activations {', '.join(dropped)}): load its state_dict() into {cls.__name__} and fuse it again"
+        )
+    _drop_activations(graph, acts)
+    return _forward_from_graph(graph, cls)
