@@ -835,32 +835,42 @@ def test_deepcopy_keeps_the_rewritten_class():
     assert type(clone) is type(fused) and clone.fc1 is not fused.fc1
 
 
+def load_in_new_process(saved: Dict[str, Tuple[nn.Module, object]], results_of: str, folder, imports: str = "",
+                        class_introspection: bool = False) -> dict:
+    """torch.save of `saved` ({name: (fused model, inputs)}), then torch.load of it in a new
+    process (nothing built or cached there yet) under no_source_execution; returns what the
+    expression `results_of` gave there ({name: ...}, from `saved`, after `imports` ran)."""
+    torch.save(saved, os.path.join(folder, "fused.pt"))
+    # The modules defining the classes are imported first (their own code, which unpickling would
+    # run as it imports them), so that only torch.load is under no_source_execution.
+    modules = sorted({type(m).__module__ for model, _ in saved.values() for m in model.modules()})
+    code = (
+        f"{imports}\n"
+        "import importlib, torch, test_fuse\n"
+        f"for name in {modules!r}:\n"
+        "    importlib.import_module(name)\n"
+        f"with test_fuse.no_source_execution(class_introspection={class_introspection!r}):\n"
+        f"    saved = torch.load({os.path.join(folder, 'fused.pt')!r}, weights_only=False)\n"
+        f"results = {results_of}\n"
+        f"torch.save(results, {os.path.join(folder, 'results.pt')!r})\n"
+    )
+    result = run_python(code, timeout=300)
+    assert result.returncode == 0, result.stderr
+    return torch.load(os.path.join(folder, "results.pt"), weights_only=False)
+
+
 def test_fused_model_loads_in_a_new_process(tmp_path):
     """torch.load of whole fused models in a new process (nothing built or cached there yet):
     it runs no exec or compile, and each model gives the unfused outputs and gradients and calls
     the same torch_ext ops."""
     cases = {name: (make(), make_inputs()) for name, make, make_inputs in PICKLED_MODELS}
     fused = {name: fuse(model)[0] for name, (model, _) in cases.items()}
-    torch.save({name: (fused[name], inputs) for name, (_, inputs) in cases.items()}, tmp_path / "fused.pt")
-    # The modules defining the classes are imported first (their own code, which unpickling would
-    # run as it imports them), so that only torch.load is under no_source_execution.
-    modules = sorted({type(m).__module__ for model in fused.values() for m in model.modules()})
-    code = (
-        f"import sys; sys.path.insert(0, {_FORMS_DIR!r})\n"
-        "import importlib, torch, test_fuse\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        "with test_fuse.no_source_execution():\n"
-        f"    saved = torch.load({str(tmp_path / 'fused.pt')!r}, weights_only=False)\n"
-        "results = {}\n"
-        "for name, (model, inputs) in saved.items():\n"
-        "    ops = test_fuse.torch_ext_ops(model, inputs)\n"
-        "    results[name] = (test_fuse.class_names(model), ops, test_fuse._forward_backward(model, inputs))\n"
-        f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n"
+    results = load_in_new_process(
+        {name: (fused[name], inputs) for name, (_, inputs) in cases.items()},
+        "{name: (test_fuse.class_names(model), test_fuse.torch_ext_ops(model, inputs), "
+        "test_fuse._forward_backward(model, inputs)) for name, (model, inputs) in saved.items()}",
+        str(tmp_path), imports=f"import sys; sys.path.insert(0, {_FORMS_DIR!r})",
     )
-    result = run_python(code, timeout=300)
-    assert result.returncode == 0, result.stderr
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
     for name, (model, inputs) in cases.items():
         names, ops, (outs, in_grads, p_grads) = results[name]
         assert names == class_names(fused[name]), name

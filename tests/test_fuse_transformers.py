@@ -28,8 +28,8 @@ import torch_ext  # noqa: E402
 from torch_ext import FusedLinear  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_fuse import TorchExtOps, round_trip  # noqa: E402
-from utils import SavedTensorBytes, assert_close, run_python  # noqa: E402
+from test_fuse import TorchExtOps, load_in_new_process, round_trip  # noqa: E402
+from utils import SavedTensorBytes, assert_close  # noqa: E402
 
 tf = transformers
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
@@ -298,22 +298,11 @@ def test_whole_models_load_in_a_new_process(fused_models, tmp_path):
     for family in REWRITTEN_CLASSES:
         fused_models[family][1].train()
     saved = {family: (fused_models[family][1], batch(family)) for family in REWRITTEN_CLASSES}
-    torch.save(saved, tmp_path / "fused.pt")
-    # The modules defining the classes are imported first (their own code, which unpickling would
-    # run as it imports them), so that only torch.load is under no_source_execution.
-    modules = sorted({type(m).__module__ for model, _ in saved.values() for m in model.modules()})
-    code = (
-        "import importlib, torch, test_fuse, test_fuse_transformers as t\n"
-        f"for name in {modules!r}:\n"
-        "    importlib.import_module(name)\n"
-        "with test_fuse.no_source_execution(class_introspection=True):  # (gpt2, llama: causal LMs)\n"
-        f"    saved = torch.load({str(tmp_path / 'fused.pt')!r}, weights_only=False)\n"
-        "results = {family: t.step_and_ops(model, inputs) for family, (model, inputs) in saved.items()}\n"
-        f"torch.save(results, {str(tmp_path / 'results.pt')!r})\n"
+    results = load_in_new_process(
+        saved, "{family: t.step_and_ops(model, inputs) for family, (model, inputs) in saved.items()}",
+        str(tmp_path), imports="import test_fuse_transformers as t",
+        class_introspection=True,  # (gpt2, llama: causal LMs)
     )
-    result = run_python(code, timeout=300)
-    assert result.returncode == 0, result.stderr
-    results = torch.load(tmp_path / "results.pt", weights_only=False)
     for family, (fused, inputs) in saved.items():
         ref = fused_models[family][0].train()
         (loss, logits, grads), ops = results[family]
