@@ -19,7 +19,7 @@ from torch import nn
 
 from ..linear_act import fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp
-from .rewrite import fused_subclass
+from .rewrite import fused_subclass, rebuilt
 from .source import parsed
 
 
@@ -54,9 +54,7 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str):
 
 
 def _rebuild_gated(cls, gate, up, down, kind, state):
-    module = cls.__new__(gated_class(cls, gate, up, down, kind))
-    module.__setstate__(state)
-    return module
+    return rebuilt(gated_class(cls, gate, up, down, kind), state)
 
 
 def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
@@ -118,6 +116,4 @@ def _edited_forward(cls, edit: Edit):
 
 
 def _rebuild_edited(cls, edit, state):
-    module = cls.__new__(edited_class(cls, edit, build=False))
-    module.__setstate__(state)
-    return module
+    return rebuilt(edited_class(cls, edit, build=False), state)

@@ -95,6 +95,13 @@ def fused_subclass(cls, doc: str, rebuild: Callable, recipe: Tuple, forward: Opt
     return fused
 
 
+def rebuilt(fused_cls, state) -> nn.Module:
+    """A module of the class fused_subclass made, with the pickled state (what a `rebuild` gives)."""
+    module = fused_cls.__new__(fused_cls)
+    module.__setstate__(state)
+    return module
+
+
 def _built_forward(fused, build: Callable[[nn.Module], Callable], module: nn.Module) -> Callable:
     """fused's forward, built from `module` and set on the class on its first call."""
     if torch.compiler.is_compiling():  # generating code is no part of a graph: run it as it is

@@ -14,7 +14,7 @@ import torch.fx
 from torch import nn
 
 from .activations import Spec, _callable_spec, _module_spec, _node_spec
-from .rewrite import _has_hooks, _identity_like, fused_subclass
+from .rewrite import _has_hooks, _identity_like, fused_subclass, rebuilt
 from .source import ALL, _analyze_source, _SourceFacts
 
 _CONTAINERS = (nn.ModuleList, nn.ModuleDict)
@@ -306,9 +306,7 @@ def _traced_class(cls, dropped: Tuple[str, ...], constants: Tuple[str, ...], for
 
 
 def _rebuild_traced(cls, dropped, constants, state):
-    module = cls.__new__(_traced_class(cls, dropped, constants))
-    module.__setstate__(state)
-    return module
+    return rebuilt(_traced_class(cls, dropped, constants), state)
 
 
 def _retraced_forward(cls, dropped: Tuple[str, ...], constants: Tuple[str, ...], module: nn.Module) -> Callable:

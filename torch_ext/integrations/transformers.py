@@ -23,6 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._common import divide_by_items
+from ..fuse.rewrite import fused_subclass, rebuilt
 from ..linear_act import fused_linear
 from ..linear_cross_entropy import linear_cross_entropy
 
@@ -263,24 +264,14 @@ def _causal_lm_class(cls):
     forward.__signature__ = signature.replace(parameters=params[:at] + [extra] + params[at:])
     forward.__doc__ = cls.forward.__doc__
 
-    def __reduce_ex__(self, protocol):
-        return (_rebuild_causal_lm, (cls, self.__getstate__()))
-
-    fused_cls = type(cls.__name__, (cls,), {
-        "forward": forward,
-        "__module__": cls.__module__,
-        "__qualname__": cls.__qualname__,
-        "__reduce_ex__": __reduce_ex__,
-        "__doc__": f"{cls.__name__} whose loss, given labels, comes from torch_ext.linear_cross_entropy "
-                   "on the hidden states (logits are then None; return_logits=True computes them).",
-    })
+    fused_cls = fused_subclass(
+        cls, f"{cls.__name__} whose loss, given labels, comes from torch_ext.linear_cross_entropy on the hidden "
+        "states (logits are then None; return_logits=True computes them).", _rebuild_causal_lm, (), forward)
     return fused_cls
 
 
 def _rebuild_causal_lm(cls, state):
-    module = cls.__new__(_causal_lm_class(cls))
-    module.__setstate__(state)
-    return module
+    return rebuilt(_causal_lm_class(cls), state)
 
 
 def fuse_whole_model(model: nn.Module, where: str):
