@@ -1651,21 +1651,37 @@ def test_bad_grad_loss_shape_for_bwd_op():
         BWD(torch.randn(4), x, w, b, t, cw, -100, "mean", 0.0, 0.0, 2, [True, True, True])
 
 
-def test_eager_training_path_is_a_cpp_node_whose_gradients_hooks_see():
-    """Eager, reductions mean/sum, a target that takes no gradient: the gradients formed in the
-    forward op are handed over by a C++ node (csrc/autograd_node.h), held as saved tensors that
-    saved-tensor hooks see; a probability target that requires grad takes the Python path."""
+@pytest.mark.parametrize("target_kind", ["index", "probability_requiring_grad"])
+def test_gradients_formed_in_forward_are_saved_tensors_that_hooks_see(target_kind):
+    """Eager, reductions mean/sum: the gradients formed in the forward op are saved tensors, so
+    saved-tensor hooks (save_on_cpu, activation offloading) pack them with the inputs: a target
+    that takes no gradient through the C++ node (csrc/autograd_node.h), a probability target that
+    requires grad through LinearCrossEntropyFunction. Each input-shaped tensor is packed twice (the
+    input and its gradient); then the gradients match PyTorch's for grad_output 1 and 2.5, and a
+    retained graph's second backward gives the same."""
     x, w = leaf(torch.randn(6, 5)), leaf(torch.randn(11, 5))
-    t = torch.randint(11, (6,))
-    shapes = []
-    with torch.autograd.graph.saved_tensors_hooks(lambda s: shapes.append(tuple(s.shape)) or s, lambda s: s):
+    if target_kind == "index":
+        t, node = torch.randint(11, (6,)), "LinearCrossEntropyBackward"
+    else:
+        t, node = leaf(torch.softmax(torch.randn(6, 11), -1)), "LinearCrossEntropyFunctionBackward"
+    packed = []
+
+    def pack(s):
+        packed.append(tuple(s.shape))
+        return s.clone()  # as an offloading hook does: backward sees a copy
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda s: s):
         loss = torch_ext.linear_cross_entropy(x, w, t)
-    assert loss.grad_fn.name() == "LinearCrossEntropyBackward"
-    assert (6, 5) in shapes and (11, 5) in shapes
-    loss.backward()
-    xr, wr = leaf(x), leaf(w)
-    F.cross_entropy(xr @ wr.T, t).backward()
-    assert_close(x.grad, xr.grad)
-    assert_close(w.grad, wr.grad)
-    p = leaf(torch.softmax(torch.randn(6, 11), -1))
-    assert torch_ext.linear_cross_entropy(x, w, p).grad_fn.name() == "_LinearCrossEntropyGradInForwardBackward"
+    assert loss.grad_fn.name() == node
+    assert packed.count((6, 5)) == 2 and packed.count((11, 5)) == 2, packed
+    leaves = (x, w) if target_kind == "index" else (x, w, t)
+    refs = tuple(leaf(v) for v in leaves)
+    want = F.cross_entropy(refs[0] @ refs[1].T, t if target_kind == "index" else refs[2])
+    for scale in (1.0, 2.5):
+        g = torch.tensor(scale)
+        got_first = torch.autograd.grad(loss, leaves, g, retain_graph=True)
+        got_second = torch.autograd.grad(loss, leaves, g, retain_graph=True)
+        ref = torch.autograd.grad(want, refs, g, retain_graph=True)
+        for a, b, r in zip(got_first, got_second, ref):
+            assert_close(a, r)
+            assert torch.equal(a, b)

@@ -106,8 +106,8 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
             (loss * g.to(loss.dtype)).sum().backward()
             results[name] = dict(loss=loss.detach(), lse=lse, accuracy=accuracy, grad_x=x.grad, grad_w=w.grad,
                                  grad_b=None if b is None else b.grad, lse_requires_grad=lse.requires_grad)
-        # retain_graph: a second backward (recomputing the gradients the first one was handed)
-        # adds the same again; all rows ignored under mean: loss NaN, gradients 0 (as PyTorch).
+        # retain_graph: a second backward (handed the same saved gradients, scaled again) adds the
+        # same again; all rows ignored under mean: loss NaN, gradients 0 (as PyTorch).
         name, options, case, g = setup["cases"][3]
         x = case["x"].clone().requires_grad_()
         w = case["w"][lo:hi].clone().requires_grad_()
@@ -117,6 +117,19 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
         first = (x.grad.clone(), w.grad.clone())
         loss.backward()
         results["retain_graph"] = dict(first=first, second=(x.grad - first[0], w.grad - first[1]))
+        # Saved-tensor hooks (save_on_cpu, offloading) pack the gradients formed in forward too:
+        # input and weight shapes packed twice each (the tensor and its gradient); the gradients
+        # then come from the hooks' copies.
+        x = case["x"].clone().requires_grad_()
+        w = case["w"][lo:hi].clone().requires_grad_()
+        packed = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda s: packed.append(tuple(s.shape)) or s.clone(),
+                                                      lambda s: s):
+            loss = torch_ext.linear_cross_entropy(x, w, case["t"], weight=case["weight"],
+                                                  process_group=dist.group.WORLD, **call_options(options))
+        loss.backward()
+        results["hooks"] = dict(x_packed=packed.count(tuple(x.shape)), w_packed=packed.count(tuple(w.shape)),
+                                grad_x=x.grad, grad_w=w.grad, no_hooks=first)
         x = case["x"].clone().requires_grad_()
         w = case["w"][lo:hi].clone().requires_grad_()
         loss = torch_ext.linear_cross_entropy(x, w, torch.full((x.shape[0],), -100), process_group=dist.group.WORLD)
@@ -166,6 +179,9 @@ def test_sharded_equals_unsharded(tmp_path, world):
             assert a.abs().max() > 0, what
             assert_close(b_, a, rtol=1e-5, atol=1e-6,
                          msg=f"rank {rank}: retain_graph, second backward's {what} gradient")
+        hooks = got["hooks"]
+        assert hooks["x_packed"] == 2 and hooks["w_packed"] == 2, hooks
+        assert torch.equal(hooks["grad_x"], hooks["no_hooks"][0]) and torch.equal(hooks["grad_w"], hooks["no_hooks"][1])
         ign = got["all_ignored_mean"]
         assert torch.isnan(ign["loss"]) and not ign["grad_x"].any() and not ign["grad_w"].any(), ign
         d, ref = got["dtensor"], refs["everything_chunk3"]

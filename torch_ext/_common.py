@@ -185,28 +185,22 @@ def forms_grad_in_forward(requires_grad: bool) -> bool:
     return requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def unit_grads_backward(ctx, grad_loss, mask, n_inputs: int, recompute, graph_backward):
-    """What the C++ node of csrc/autograd_node.h does in backward, for the one loss path that stays
-    a Python autograd.Function (linear_cross_entropy with a probability target that requires grad,
-    whose gradient is formed in backward): ctx.unit_grads holds the gradients for grad_output = 1
-    that the forward op formed. With create_graph, graph_backward() (the backward op, which refuses
-    double backward). Otherwise the first backward hands them over, scaled in place by grad_output
-    unless it is the CPU scalar 1 (elsewhere reading it would wait for the device, so it scales);
-    a later one of a retained graph first recomputes them with recompute(ones_like(grad_loss)) ->
-    the backward op's outputs, so that both give the same bits. Returns n_inputs gradients."""
-    if torch.is_grad_enabled():
-        ctx.unit_grads = None
-        return graph_backward()
-    unit_grads, ctx.unit_grads = ctx.unit_grads, None
-    if unit_grads is None:
-        computed = recompute(torch.ones_like(grad_loss))
-        unit_grads = [c if m else None for c, m in zip(computed, mask)]
-    unit = grad_loss.device.type == "cpu" and grad_loss.numel() == 1 and grad_loss.item() == 1.0
-    grads = [None] * n_inputs
-    for i, (g, m) in enumerate(zip(unit_grads, mask)):
-        if m and g is not None:
-            grads[i] = g if unit else g.mul_(grad_loss.reshape(()))
-    return tuple(grads)
+def hand_over_unit_grads(unit_grads, grad_loss):
+    """The gradients a Python autograd.Function's forward op formed for grad_output = 1 (saved with
+    ctx.save_for_backward, so saved-tensor hooks such as save_on_cpu see them), for the incoming
+    scalar grad_loss: as they are when it is the CPU scalar 1 (elsewhere reading it would wait for
+    the device), else scaled out of place. Out of place, unlike the C++ node of
+    csrc/autograd_node.h, which drops its saved gradients after scaling them in place: a Python
+    Function cannot release one saved tensor, so a retained graph's later backward unpacks the same
+    ones again and they must still hold grad_output = 1's values (the cost: one gradient-sized
+    buffer while grad_output != 1). Without retain_graph the engine frees the saved tensors before
+    the gradients are accumulated, so a leaf's first .grad takes them without a copy. While traced
+    (torch.compile, opcheck's aot_dispatch: a tensor subclass) grad_loss has no value to read: scaled."""
+    if (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
+            and grad_loss.numel() == 1 and grad_loss.item() == 1.0):
+        return list(unit_grads)
+    scale = grad_loss.reshape(())
+    return [None if g is None else g.mul(scale) for g in unit_grads]
 
 
 def forward_with_ctx(op, setup_context):

@@ -22,11 +22,11 @@ from ._common import (
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
+    hand_over_unit_grads,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
-    unit_grads_backward,
 )
 from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
 
@@ -185,7 +185,11 @@ def _setup_context(ctx, inputs, output):
     # ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap
     ctx.options = tuple(inputs[5:10]) + (inputs[11] if len(inputs) > 11 else 0.0,)
     ctx.has_bias = linear_bias is not None
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
+    # A grad_mask asked the forward op for the gradients (for grad_output = 1; a scalar loss's only,
+    # reduction none's backward recomputes): saved with the inputs, so that saved-tensor hooks
+    # (save_on_cpu, offloading) see them too.
+    formed = tuple(output[1:4]) if any(inputs[10]) and inputs[6] != "none" else ()
+    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *formed)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
@@ -199,15 +203,18 @@ def _bwd_args(ctx, mask):
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
-    input, linear_weight, linear_bias, target, weight = ctx.saved_tensors
+    input, linear_weight, linear_bias, target, weight, *formed = ctx.saved_tensors
     mask = _output_mask(ctx)
     grads = [None] * _N_INPUTS
-    if any(mask):
+    if formed and not torch.is_grad_enabled():  # formed in forward; create_graph takes the backward op
+        grads[:3] = hand_over_unit_grads([g if m else None for g, m in zip(formed, mask)], grad_loss)
+    elif any(mask):
         computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *_bwd_args(ctx, mask))
         for i in range(3):
             grads[i] = computed[i] if mask[i] else None
     if ctx.needs_input_grad[3]:
-        grads[3] = _probability_target_grad(grad_loss, ctx.saved_tensors, ctx.options)
+        grads[3] = _probability_target_grad(grad_loss, (input, linear_weight, linear_bias, target, weight),
+                                            ctx.options)
     return tuple(grads)
 
 
@@ -218,8 +225,12 @@ register_no_double_backward("torch_ext::linear_cross_entropy_bwd", "torch_ext.li
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
-    ignored_row_stats)`` -> (loss, *unused, stats); the backward recomputes each chunk's logits.
-    torch.compile'd graphs use this path.
+    ignored_row_stats)`` -> (loss, *gradients asked for by grad_mask, stats). With grad_mask all
+    False the backward recomputes each chunk's logits (torch.compile'd graphs use this path); with
+    grad_mask (reductions mean and sum) the forward forms the gradients for grad_output = 1 while
+    each chunk's logits exist, and the backward scales them (the eager path of a probability target
+    that requires grad, whose own gradient is formed in backward; other eager paths use the C++
+    node of csrc/autograd_node.h).
 
     Example::
 
@@ -233,40 +244,6 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
 
     forward = forward_with_ctx(_fwd_op, _setup_context)
     backward = staticmethod(_backward)
-
-
-class _LinearCrossEntropyGradInForward(torch.autograd.Function):
-    """The eager path for reductions mean and sum when something requires grad: the forward op
-    also forms the gradients for grad_output = 1 while each chunk's logits exist, so the logits
-    are computed once instead of twice. The first backward hands them over, scaled in place by
-    grad_output unless it is 1; a later backward of a retained graph recomputes them (for
-    grad_output = 1, scaled the same way, so both give the same bits). They are held from forward
-    to backward as ctx attributes (input- and weight-sized), which saved-tensor hooks do not see."""
-
-    @staticmethod
-    def forward(ctx, input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                z_loss, chunk_size, softcap, ignored_row_stats):
-        ctx.has_bias = linear_bias is not None
-        mask = _output_mask(ctx)
-        ctx.options = (ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap)
-        loss, *grads, stats = _fwd_op(input, linear_weight, linear_bias, target, weight, *ctx.options[:5], mask,
-                                      softcap, ignored_row_stats)
-        ctx.save_for_backward(input, linear_weight, linear_bias, target, weight)
-        ctx.unit_grads = [g if m else None for g, m in zip(grads, mask)]
-        ctx.mark_non_differentiable(stats)
-        return loss, stats
-
-    @staticmethod
-    def backward(ctx, grad_loss, _grad_stats):
-        mask = _output_mask(ctx)
-        grads = unit_grads_backward(
-            ctx, grad_loss, mask, 12,
-            recompute=lambda ones: _bwd_op(ones, *ctx.saved_tensors, *_bwd_args(ctx, mask)),
-            graph_backward=lambda: _backward(ctx, grad_loss)[:12],
-        )
-        if ctx.needs_input_grad[3] and grads[3] is None:  # a class-probability target
-            grads = grads[:3] + (_probability_target_grad(grad_loss, ctx.saved_tensors, ctx.options),) + grads[4:]
-        return grads
 
 
 def linear_cross_entropy(
@@ -295,8 +272,8 @@ def linear_cross_entropy(
     linear_bias ``(V,)``; target class indices ``(*)`` or class probabilities ``(*, V)``.
     Under ``torch.autocast`` the linear runs in the autocast dtype and the loss is returned in
     float32, as ``F.linear`` followed by ``F.cross_entropy`` would. In eager mode with reduction
-    mean or sum, the gradients are formed in the forward pass (see
-    _LinearCrossEntropyGradInForward). A class-probability target that requires grad gets its
+    mean or sum, the gradients are formed in the forward pass, while each chunk's logits exist (the
+    logits computed once instead of twice). A class-probability target that requires grad gets its
     gradient too, as through F.cross_entropy: in backward, chunk by chunk (each chunk's logits
     recomputed once more); a target that does not require grad costs nothing extra. A
     K-dimensional linear_weight ``(V, d_1, ..., d_K, H)`` (bias ``(V, d_1, ..., d_K)``, input
@@ -451,7 +428,9 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     no_grads = [False, False, False]
     if reduction != "none" and forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)):
         if target.requires_grad:  # a probability target's gradient: formed in backward, in Python
-            loss, stats = _LinearCrossEntropyGradInForward.apply(*args, softcap, ignored_row_stats)
+            mask = [input.requires_grad, linear_weight.requires_grad,
+                    linear_bias is not None and linear_bias.requires_grad]
+            loss, *_, stats = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
         else:  # the gradients handed over by a C++ node (csrc/autograd_node.h)
             loss, stats = _C._linear_cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, True)
     elif not needs_autograd(input, linear_weight, linear_bias, target):

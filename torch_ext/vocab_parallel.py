@@ -26,6 +26,8 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
+from ._common import hand_over_unit_grads
+
 _OP = "torch_ext.linear_cross_entropy"
 
 
@@ -193,8 +195,8 @@ def _backward(grad_rows, x, w, b, t, class_weight, lse, o: _Options, needs):
 class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
     """apply(x, w, b, t, class_weight, o, want_accuracy) -> (loss, lse, hit). Reductions mean and
     sum with a gradient to form: the forward forms it chunk by chunk (the logits computed once per
-    step) and the first backward hands it over, scaled by grad_output; reduction none, or a later
-    backward of a retained graph: recomputed from the saved logsumexp."""
+    step) and backward hands it over, scaled by grad_output (torch_ext._common.hand_over_unit_grads);
+    reduction none: recomputed from the saved logsumexp."""
 
     @staticmethod
     def forward(ctx, x, w, b, t, class_weight, o, want_accuracy):
@@ -215,8 +217,9 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
             loss = row_loss
         else:
             loss = row_loss.sum() if denominator is None else row_loss.sum() / denominator
-        ctx.o, ctx.unit_grads, ctx.per_row = o, grads, per_row
-        ctx.save_for_backward(x, w, b, t, class_weight, lse)
+        ctx.o, ctx.per_row = o, per_row
+        # The gradients formed here are saved tensors too, so saved-tensor hooks (save_on_cpu) see them.
+        ctx.save_for_backward(x, w, b, t, class_weight, lse, *(grads or ()))
         ctx.mark_non_differentiable(*(v for v in (lse, hit) if v is not None))  # one call: each replaces the last
         return loss.to(x.dtype), lse, hit
 
@@ -225,14 +228,13 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if torch.is_grad_enabled():
             raise RuntimeError(f"{_OP}: torch_ext does not support double backward (a gradient of its gradient); "
                                "use torch.nn.functional for higher-order gradients")
-        x, w, b, t, class_weight, lse = ctx.saved_tensors
+        x, w, b, t, class_weight, lse, *formed = ctx.saved_tensors
         needs = ctx.needs_input_grad
-        unit, ctx.unit_grads = ctx.unit_grads, None
         if grad_loss is None or not any(needs[:3]):
             return (None,) * 7
-        if unit is not None:  # formed in forward for grad_output = 1
-            scale = grad_loss.reshape(()).to(unit[0].dtype if unit[0] is not None else x.dtype)
-            return tuple(None if g is None or not n else g.mul_(scale) for g, n in zip(unit, needs[:3])) + (None,) * 4
+        if formed:  # formed in forward for grad_output = 1
+            unit = [g if n else None for g, n in zip(formed, needs[:3])]
+            return tuple(hand_over_unit_grads(unit, grad_loss)) + (None,) * 4
         grad_rows = grad_loss.to(lse.dtype)
         grad_rows = grad_rows if ctx.o.reduction == "none" else grad_rows.reshape(()) * ctx.per_row
         gx, gw, gb = _backward(grad_rows, x, w, b, t, class_weight, lse, ctx.o, needs)
