@@ -42,8 +42,10 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "silu") return Activation::Silu;
   if (name == "sigmoid") return Activation::Sigmoid;
   if (name == "tanh") return Activation::Tanh;
-  TORCH_CHECK_VALUE(false, "activation must be one of none, relu, leaky_relu, gelu, gelu_tanh, silu, "
-                    "sigmoid, tanh; got '", std::string(name), "'");
+  TORCH_CHECK_VALUE(false,
+                    "activation must be one of none, relu, leaky_relu, gelu, gelu_tanh, silu, "
+                    "sigmoid, tanh; got '",
+                    std::string(name), "'");
 }
 
 C10_HOST_DEVICE inline SavedForBackward saved_for_backward(Activation act) {

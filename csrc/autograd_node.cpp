@@ -55,11 +55,11 @@ struct BelowAutograd : c10::impl::ExcludeDispatchKeyGuard {
 // fail clearly rather than come back None.
 class NoDoubleBackward final : public Node {
  public:
-  NoDoubleBackward(const std::string& name, torch::autograd::edge_list&& edges)
-      : Node(std::move(edges)), name_(name) {}
+  NoDoubleBackward(const std::string& name, torch::autograd::edge_list&& edges) : Node(std::move(edges)), name_(name) {}
   std::string name() const override { return "NoDoubleBackward"; }
   variable_list apply(variable_list&&) override {
-    TORCH_CHECK(false, name_, ": torch_ext does not support double backward (a gradient of its gradient, e.g. "
+    TORCH_CHECK(false, name_,
+                ": torch_ext does not support double backward (a gradient of its gradient, e.g. "
                 "after create_graph=True); use torch.nn.functional for higher-order gradients");
   }
 
@@ -164,8 +164,10 @@ class OpNode final : public Node {
     stack.emplace_back(grad);
     for (SavedVariable& s : saved_) {
       at::Tensor t = s.unpack(owning_ptr<Node>(this));
-      if (t.defined()) stack.emplace_back(std::move(t));
-      else stack.emplace_back();
+      if (t.defined())
+        stack.emplace_back(std::move(t));
+      else
+        stack.emplace_back();
     }
     for (const c10::IValue& o : options_) stack.push_back(o);
     std::vector<bool> wanted(mask_);
@@ -201,15 +203,16 @@ void set_node_history(const at::Tensor& output, NodeSpec spec) {
   node->save(spec);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing, double z_loss, double softcap, bool ignored_row_stats) {
-  static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::cross_entropy_fwd_grad", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const std::optional<at::Tensor>&, int64_t,
-                                                                c10::string_view, double, double, double, bool)>();
+std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 int64_t ignore_index, c10::string_view reduction,
+                                                                 double label_smoothing, double z_loss, double softcap,
+                                                                 bool ignored_row_stats) {
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("torch_ext::cross_entropy_fwd_grad", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
+                                      c10::string_view, double, double, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   at::Tensor loss, stats, grad_input;
   {
@@ -217,24 +220,27 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(
     std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing,
                                                      z_loss, softcap, ignored_row_stats);
   }
-  set_node_history(
-      loss, {"CrossEntropyBackward", backward, {input, target}, {true, false}, {grad_input, at::Tensor()},
-             {input, target, weight.value_or(at::Tensor()), stats}, -1,
-             {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
-              c10::IValue(z_loss)},
-             {c10::IValue(softcap), c10::IValue()}});
+  set_node_history(loss, {"CrossEntropyBackward",
+                          backward,
+                          {input, target},
+                          {true, false},
+                          {grad_input, at::Tensor()},
+                          {input, target, weight.value_or(at::Tensor()), stats},
+                          -1,
+                          {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
+                           c10::IValue(z_loss)},
+                          {c10::IValue(softcap), c10::IValue()}});
   return {loss, stats};
 }
 
 at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, c10::string_view loss,
-                                           double param, c10::string_view reduction) {
-  static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::regression_loss_fwd_grad", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                                const std::optional<at::Tensor>&, c10::string_view,
-                                                                double, c10::string_view, std::array<bool, 2>)>();
+                                           const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
+                                           c10::string_view reduction) {
+  static const auto forward = c10::Dispatcher::singleton()
+                                  .findSchemaOrThrow("torch_ext::regression_loss_fwd_grad", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
+                                      c10::string_view, double, c10::string_view, std::array<bool, 2>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
   const std::array<bool, 2> mask = {input.requires_grad(), target.requires_grad()};
   at::Tensor value, grad_input, grad_target;
@@ -242,11 +248,14 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
     BelowAutograd below_autograd;
     std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
   }
-  set_node_history(
-      value, {"RegressionLossBackward", backward, {input, target}, {mask[0], mask[1]},
-              {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_target : at::Tensor()},
-              {input, target, weight.value_or(at::Tensor())}, -1,
-              {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
+  set_node_history(value, {"RegressionLossBackward",
+                           backward,
+                           {input, target},
+                           {mask[0], mask[1]},
+                           {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_target : at::Tensor()},
+                           {input, target, weight.value_or(at::Tensor())},
+                           -1,
+                           {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
   return value;
 }
 
@@ -258,8 +267,7 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
                                   .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd_grad", "")
                                   .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  double, double, bool, c10::string_view, std::array<bool, 3>)>();
-  static const auto backward =
-      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
+  static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
   const std::array<bool, 3> mask = {anchor.requires_grad(), positive.requires_grad(), negative.requires_grad()};
   at::Tensor loss, dist, grad_anchor, grad_positive, grad_negative;
   {
@@ -267,21 +275,23 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
     std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
         forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
   }
-  set_node_history(
-      loss, {"TripletMarginLossBackward", backward, {anchor, positive, negative}, {mask[0], mask[1], mask[2]},
-             {mask[0] ? grad_anchor : at::Tensor(), mask[1] ? grad_positive : at::Tensor(),
-              mask[2] ? grad_negative : at::Tensor()},
-             {anchor, positive, negative, dist}, -1,
-             {c10::IValue(margin), c10::IValue(p), c10::IValue(eps), c10::IValue(swap),
-              c10::IValue(std::string(reduction))}});
+  set_node_history(loss, {"TripletMarginLossBackward",
+                          backward,
+                          {anchor, positive, negative},
+                          {mask[0], mask[1], mask[2]},
+                          {mask[0] ? grad_anchor : at::Tensor(), mask[1] ? grad_positive : at::Tensor(),
+                           mask[2] ? grad_negative : at::Tensor()},
+                          {anchor, positive, negative, dist},
+                          -1,
+                          {c10::IValue(margin), c10::IValue(p), c10::IValue(eps), c10::IValue(swap),
+                           c10::IValue(std::string(reduction))}});
   return loss;
 }
 
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing, double z_loss, int64_t chunk_size, double softcap,
-    bool ignored_row_stats) {
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
+    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto forward =
       c10::Dispatcher::singleton()
@@ -297,18 +307,21 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
   at::Tensor loss, grad_input, grad_weight, grad_bias, stats;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, grad_input, grad_weight, grad_bias, stats) = forward.call(
-        input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-        chunk_size, mask, softcap, ignored_row_stats);
+    std::tie(loss, grad_input, grad_weight, grad_bias, stats) =
+        forward.call(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
+                     z_loss, chunk_size, mask, softcap, ignored_row_stats);
   }
-  set_node_history(
-      loss, {"LinearCrossEntropyBackward", backward, {input, linear_weight, bias}, {mask[0], mask[1], mask[2]},
-             {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
-              mask[2] ? grad_bias : at::Tensor()},
-             {input, linear_weight, bias, target, weight.value_or(at::Tensor())}, -1,
-             {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
-              c10::IValue(z_loss), c10::IValue(chunk_size)},
-             {c10::IValue(softcap)}});
+  set_node_history(loss, {"LinearCrossEntropyBackward",
+                          backward,
+                          {input, linear_weight, bias},
+                          {mask[0], mask[1], mask[2]},
+                          {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
+                           mask[2] ? grad_bias : at::Tensor()},
+                          {input, linear_weight, bias, target, weight.value_or(at::Tensor())},
+                          -1,
+                          {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
+                           c10::IValue(z_loss), c10::IValue(chunk_size)},
+                          {c10::IValue(softcap)}});
   return {loss, stats};
 }
 
@@ -322,16 +335,21 @@ at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight
   }
   const bool from_output = grad_from_output(activation);
   const at::Tensor b = bias.value_or(at::Tensor());
-  set_node_history(out, {"FusedLinearBackward", backward, {input, weight, b},
-                         {input.requires_grad(), weight.requires_grad(), b.defined() && b.requires_grad()}, {},
-                         {input, weight, from_output ? out : saved}, from_output ? 2 : -1,
+  set_node_history(out, {"FusedLinearBackward",
+                         backward,
+                         {input, weight, b},
+                         {input.requires_grad(), weight.requires_grad(), b.defined() && b.requires_grad()},
+                         {},
+                         {input, weight, from_output ? out : saved},
+                         from_output ? 2 : -1,
                          {c10::IValue(std::string(activation)), c10::IValue(negative_slope)}});
   return out;
 }
 
-at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                        c10::string_view activation, double negative_slope, bool gated, bool recompute) {
+at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight,
+                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                        const std::optional<at::Tensor>& fc2_bias, c10::string_view activation, double negative_slope,
+                        bool gated, bool recompute) {
   const auto& linear_fwd = linear_act_fwd_op();
   static const auto act_fwd = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
@@ -350,7 +368,9 @@ at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, c
   }
   if (!gated && grad_from_output(activation)) saved = hidden;
   const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
-  set_node_history(out, {"FusedMLPBackward", backward, {input, fc1_weight, b1, fc2_weight, b2},
+  set_node_history(out, {"FusedMLPBackward",
+                         backward,
+                         {input, fc1_weight, b1, fc2_weight, b2},
                          {input.requires_grad(), fc1_weight.requires_grad(), b1.defined() && b1.requires_grad(),
                           fc2_weight.requires_grad(), b2.defined() && b2.requires_grad()},
                          {},

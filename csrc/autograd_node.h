@@ -27,13 +27,13 @@ struct NodeSpec {
   // The backward op, called as backward(grad, *saved, *options, output_mask) -> one gradient per
   // differentiable input, in `inputs` order (those not in output_mask: empty).
   c10::OperatorHandle backward;
-  std::vector<at::Tensor> inputs;      // the differentiable inputs (undefined: None), the node's edges
-  std::vector<bool> mask;              // which of them get a gradient
-  std::vector<at::Tensor> unit_grads;  // gradients formed in forward (for grad = 1), or empty: a pair
-  std::vector<at::Tensor> saved;       // the backward op's tensor arguments (undefined: None)
-  int saved_output = -1;               // index in `saved` of the node's output, if saved
-  std::vector<c10::IValue> options;    // the backward op's other arguments
-  std::vector<c10::IValue> after_mask; // its arguments after output_mask, if any
+  std::vector<at::Tensor> inputs;       // the differentiable inputs (undefined: None), the node's edges
+  std::vector<bool> mask;               // which of them get a gradient
+  std::vector<at::Tensor> unit_grads;   // gradients formed in forward (for grad = 1), or empty: a pair
+  std::vector<at::Tensor> saved;        // the backward op's tensor arguments (undefined: None)
+  int saved_output = -1;                // index in `saved` of the node's output, if saved
+  std::vector<c10::IValue> options;     // the backward op's other arguments
+  std::vector<c10::IValue> after_mask;  // its arguments after output_mask, if any
 };
 
 // Makes `output` the output of a node as `spec` says.
@@ -42,26 +42,28 @@ void set_node_history(const at::Tensor& output, NodeSpec spec);
 // The eager training paths, one per op family (Python: torch_ext._C._<name>): the forward op
 // (with the gradients, for the losses) below autograd, and the node above. Arguments as the
 // forward op's. The losses over classes return (loss, the rows' stats as their forward op gives them).
-std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(
-    const at::Tensor& input, const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing, double z_loss, double softcap, bool ignored_row_stats);
+std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+                                                                 const std::optional<at::Tensor>& weight,
+                                                                 int64_t ignore_index, c10::string_view reduction,
+                                                                 double label_smoothing, double z_loss, double softcap,
+                                                                 bool ignored_row_stats);
 at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, c10::string_view loss,
-                                           double param, c10::string_view reduction);
+                                           const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
+                                           c10::string_view reduction);
 at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const at::Tensor& positive,
                                                const at::Tensor& negative, double margin, double p, double eps,
                                                bool swap, c10::string_view reduction);
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
-    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index,
-    c10::string_view reduction, double label_smoothing, double z_loss, int64_t chunk_size, double softcap,
-    bool ignored_row_stats);
+    const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
+    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats);
 at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                                c10::string_view activation, double negative_slope);
 // activation: the (gate's) activation; recompute: form act(fc1(input)) again in backward rather
 // than save it (torch_ext/mlp.py decides where that applies).
-at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
-                        const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
-                        c10::string_view activation, double negative_slope, bool gated, bool recompute);
+at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight,
+                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
+                        const std::optional<at::Tensor>& fc2_bias, c10::string_view activation, double negative_slope,
+                        bool gated, bool recompute);
 
 }  // namespace torch_ext

@@ -18,8 +18,7 @@ using CheckDtype = void (*)(const char*, const at::Tensor&, const char*);
 
 inline void check_linear_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
                               const std::optional<at::Tensor>& bias, CheckDtype check_dtype) {
-  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ",
-              weight.sizes());
+  TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features), got a 0-D tensor");
   TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.size(-1) is ", input.size(-1),
               " but weight.size(1) (in_features) is ", weight.size(1), "; they must be equal");
@@ -27,8 +26,8 @@ inline void check_linear_args(const char* op, const at::Tensor& input, const at:
   check_same_dtype(op, input, "input", weight, "weight");
   check_dtype(op, input, "input");
   if (bias.has_value()) {
-    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op,
-                ": bias must have shape (out_features,) = (", weight.size(0), ",), got ", bias->sizes());
+    TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (out_features,) = (",
+                weight.size(0), ",), got ", bias->sizes());
     check_same_device(op, input, "input", *bias, "bias");
     check_same_dtype(op, input, "input", *bias, "bias");
   }
@@ -36,9 +35,9 @@ inline void check_linear_args(const char* op, const at::Tensor& input, const at:
 
 // linear_act_bwd's `saved` as the kernels read it: (mask (m, ceil(n/8)), undefined) for
 // relu/leaky_relu, (undefined, pre-activation or output (m, n)) for the others that save one.
-inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op, Activation act, const at::Tensor& saved,
-                                                                  const at::Tensor& input, const at::Tensor& grad_output,
-                                                                  int64_t m, int64_t n) {
+inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op, Activation act,
+                                                                  const at::Tensor& saved, const at::Tensor& input,
+                                                                  const at::Tensor& grad_output, int64_t m, int64_t n) {
   check_same_device(op, input, "input", saved, "saved");
   at::Tensor mask2d, saved2d;
   switch (saved_for_backward(act)) {
@@ -50,14 +49,13 @@ inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op
       break;
     case SavedForBackward::Output:
     case SavedForBackward::PreActivation:
-      TORCH_CHECK(saved.sizes() == grad_output.sizes(), op, ": saved must have shape ", grad_output.sizes(),
-                  " (the ", saved_for_backward(act) == SavedForBackward::Output ? "output" : "pre-activation",
+      TORCH_CHECK(saved.sizes() == grad_output.sizes(), op, ": saved must have shape ", grad_output.sizes(), " (the ",
+                  saved_for_backward(act) == SavedForBackward::Output ? "output" : "pre-activation",
                   " from linear_act_fwd), got ", saved.sizes());
       check_same_dtype(op, input, "input", saved, "saved");
       saved2d = saved.reshape({m, n}).contiguous();
       break;
-    default:
-      break;
+    default: break;
   }
   return {mask2d, saved2d};
 }
@@ -66,8 +64,10 @@ inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op
 inline int64_t mlp_act_output_width(const char* op, const at::Tensor& input, bool gated) {
   TORCH_CHECK(input.dim() >= 1, op, ": input must have at least one dimension, got a 0-D tensor");
   const int64_t width = input.size(-1);
-  TORCH_CHECK(!gated || width % 2 == 0, op, ": a gated activation needs an even input.size(-1) "
-              "(the gate half, then the value half), got ", width);
+  TORCH_CHECK(!gated || width % 2 == 0, op,
+              ": a gated activation needs an even input.size(-1) "
+              "(the gate half, then the value half), got ",
+              width);
   return gated ? width / 2 : width;
 }
 

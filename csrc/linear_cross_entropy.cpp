@@ -17,11 +17,11 @@
 #include <ATen/Dispatch.h>
 #include <ATen/TensorOperators.h>
 #include <ATen/core/Tensor.h>
+#include <ATen/core/dispatch/Dispatcher.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/mm.h>
 #include <ATen/ops/scalar_tensor.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/core/dispatch/Dispatcher.h>
 #include <torch/library.h>
 
 #include <cmath>
@@ -66,13 +66,12 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
 
 // The logits' gradient, written over the logits.
 void cross_entropy_grad_in_place(const Tensor& grad_loss, const Tensor& logits, const Tensor& target,
-                                 const std::optional<Tensor>& weight, const Tensor& stats,
-                                 c10::string_view reduction, const LossOptions& o) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::cross_entropy_bwd_inplace", "")
-          .typed<void(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&, const Tensor&,
-                      int64_t, c10::string_view, double, double, double)>();
+                                 const std::optional<Tensor>& weight, const Tensor& stats, c10::string_view reduction,
+                                 const LossOptions& o) {
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torch_ext::cross_entropy_bwd_inplace", "")
+                             .typed<void(const Tensor&, const Tensor&, const Tensor&, const std::optional<Tensor>&,
+                                         const Tensor&, int64_t, c10::string_view, double, double, double)>();
   op.call(grad_loss, logits, target, weight, stats, o.ignore_index, reduction, o.label_smoothing, o.z_loss, o.softcap);
 }
 
@@ -96,8 +95,8 @@ Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weig
   TORCH_CHECK(input.size(-1) == s.hidden, op, ": input.size(-1) is ", input.size(-1),
               " but linear_weight.size(1) (H) is ", s.hidden, "; they must be equal");
   if (linear_bias.has_value()) {
-    TORCH_CHECK(linear_bias->dim() == 1 && linear_bias->size(0) == s.vocab, op, ": linear_bias must have shape (V,) = (",
-                s.vocab, ",), got ", linear_bias->sizes());
+    TORCH_CHECK(linear_bias->dim() == 1 && linear_bias->size(0) == s.vocab, op,
+                ": linear_bias must have shape (V,) = (", s.vocab, ",), got ", linear_bias->sizes());
     check_same_device(op, input, "input", *linear_bias, "linear_bias");
     check_same_dtype(op, input, "input", *linear_bias, "linear_bias");
   }
@@ -108,11 +107,14 @@ Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weig
   if (s.probabilities) {
     std::vector<int64_t> want = s.loss_shape;
     want.push_back(s.vocab);
-    TORCH_CHECK(target.sizes() == at::IntArrayRef(want), op, ": a floating-point target holds class probabilities and must "
-                "have shape ", at::IntArrayRef(want), " (input's leading dims, V), got ", target.sizes());
+    TORCH_CHECK(target.sizes() == at::IntArrayRef(want), op,
+                ": a floating-point target holds class probabilities and must "
+                "have shape ",
+                at::IntArrayRef(want), " (input's leading dims, V), got ", target.sizes());
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
-                ": target must hold class indices as int64 (or uint8), or class probabilities; got ", target.scalar_type());
+                ": target must hold class indices as int64 (or uint8), or class probabilities; got ",
+                target.scalar_type());
     TORCH_CHECK(target.sizes() == at::IntArrayRef(s.loss_shape), op, ": target of class indices must have shape ",
                 at::IntArrayRef(s.loss_shape), " (input's leading dims), got ", target.sizes());
   }
@@ -147,7 +149,8 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
     std::string why_not;
     if (cuda::lt_gemm(dlogits.t(), xc, acc, args, &why_not)) return;
     TORCH_WARN_ONCE("torch_ext.linear_cross_entropy: cuBLASLt declined the float32-accumulated weight-gradient GEMM (",
-                    why_not, "); widening the chunk's operands to float32 instead (slower); a contiguous input "
+                    why_not,
+                    "); widening the chunk's operands to float32 instead (slower); a contiguous input "
                     "avoids this");
   }
 #endif
@@ -200,8 +203,8 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   // bfloat16/float16: the weight and bias gradients accumulate across chunks in float32. With one
   // chunk there is nothing to accumulate: the chunk's 16-bit GEMM (float32 inside, one rounding)
   // is the weight gradient, as eager's, without a float32 copy and its conversion back.
-  const bool reduced = (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) &&
-                       s.rows > chunk_size;
+  const bool reduced =
+      (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) && s.rows > chunk_size;
   const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
 
   // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
@@ -224,14 +227,15 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   if (grad_mask[0]) g.input = cpu::empty_cpu_output({s.rows, s.hidden}, options);
   // The first chunk writes the weight gradient (mm_out), the others accumulate (addmm_);
   // zeros only when there is no chunk.
-  if (grad_mask[1]) g.weight = s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options)
-                                           : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
+  if (grad_mask[1])
+    g.weight = s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options)
+                           : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
   // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
-  Tensor row_stats = forward ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble
-                                                                                                       : at::kFloat))
-                             : Tensor();
+  Tensor row_stats =
+      forward ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat))
+              : Tensor();
   // Summed in float64 where the chunks' losses are (no host synchronization per chunk on CUDA).
   Tensor loss_sum = at::zeros({}, options.dtype(at::kDouble));
 
@@ -309,9 +313,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
   if (parse_reduction(std::string_view(reduction.data(), reduction.size())) != Reduction::None)
     TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
                 "', got shape ", grad_loss.sizes());
-  auto [loss, stats, g] = chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
-                                     {ignore_index, label_smoothing, z_loss, softcap, false}, chunk_size, output_mask,
-                                     grad_loss);
+  auto [loss, stats, g] =
+      chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
+                 {ignore_index, label_smoothing, z_loss, softcap, false}, chunk_size, output_mask, grad_loss);
   return {or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
 }
 

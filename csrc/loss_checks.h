@@ -23,7 +23,8 @@ namespace torch_ext {
 // loss must be one number, so that the backward can scale the gradient by it.
 inline Reduction check_reduction_with_grad_in_forward(const char* op, c10::string_view reduction) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  TORCH_CHECK_VALUE(red != Reduction::None, op, ": reduction must be 'mean' or 'sum' (the gradient is formed for a "
+  TORCH_CHECK_VALUE(red != Reduction::None, op,
+                    ": reduction must be 'mean' or 'sum' (the gradient is formed for a "
                     "grad_loss of one value), got 'none'");
   return red;
 }
@@ -53,7 +54,7 @@ inline void check_row_stats(const char* op, const at::Tensor& input, const char*
 
 struct CrossEntropyLayout {
   int64_t batch, classes, spatial;
-  bool probabilities;  // class-probability targets (floating), else class indices
+  bool probabilities;               // class-probability targets (floating), else class indices
   std::vector<int64_t> loss_shape;  // of reduction="none": input's shape without the class dim
   int64_t rows() const { return batch * spatial; }
 };
@@ -75,18 +76,24 @@ inline CrossEntropyLayout check_cross_entropy_args(const char* op, const at::Ten
   }
   layout.probabilities = at::isFloatingType(target.scalar_type());
   if (layout.probabilities) {
-    TORCH_CHECK(target.sizes() == input.sizes(), op, ": a floating-point target holds class probabilities and must have "
-                "input's shape ", input.sizes(), ", got ", target.sizes(),
+    TORCH_CHECK(target.sizes() == input.sizes(), op,
+                ": a floating-point target holds class probabilities and must have "
+                "input's shape ",
+                input.sizes(), ", got ", target.sizes(),
                 " (class indices must be int64 or uint8, of input's shape without the class dimension)");
     check_same_dtype(op, input, "input", target, "target");
-    TORCH_CHECK_VALUE(ignore_index < 0, op, ": ignore_index is not supported for class-probability (floating "
-                      "point) targets; got ignore_index=", ignore_index);
+    TORCH_CHECK_VALUE(ignore_index < 0, op,
+                      ": ignore_index is not supported for class-probability (floating "
+                      "point) targets; got ignore_index=",
+                      ignore_index);
   } else {
     TORCH_CHECK(target.scalar_type() == at::kLong || target.scalar_type() == at::kByte, op,
                 ": target must hold class indices as int64 (or uint8), or class probabilities of input's "
-                "floating dtype; got ", target.scalar_type());
+                "floating dtype; got ",
+                target.scalar_type());
     TORCH_CHECK(target.sizes() == at::IntArrayRef(layout.loss_shape), op, ": target of class indices must have shape ",
-                at::IntArrayRef(layout.loss_shape), " (input's shape without the class dimension), got ", target.sizes());
+                at::IntArrayRef(layout.loss_shape), " (input's shape without the class dimension), got ",
+                target.sizes());
   }
   if (weight.has_value()) {
     TORCH_CHECK(weight->dim() == 1 && weight->size(0) == layout.classes, op, ": weight must be a 1-D tensor of ",
@@ -106,8 +113,8 @@ inline CrossEntropyLayout check_cross_entropy_args(const char* op, const at::Ten
 inline void check_grad_lse(const char* op, const at::Tensor& input, const at::Tensor& grad_lse, int64_t rows) {
   check_same_device(op, input, "input", grad_lse, "grad_lse");
   TORCH_CHECK(at::isFloatingType(grad_lse.scalar_type()) && grad_lse.numel() == rows, op,
-              ": grad_lse must be a floating tensor with one value per row (", rows, "), got ",
-              grad_lse.scalar_type(), " of shape ", grad_lse.sizes());
+              ": grad_lse must be a floating tensor with one value per row (", rows, "), got ", grad_lse.scalar_type(),
+              " of shape ", grad_lse.sizes());
 }
 
 // ---- regression_loss
@@ -120,8 +127,10 @@ inline RegressionLoss check_regression_args(const char* op, const at::Tensor& in
   check_dtype(op, input, "input");
   check_same_device(op, input, "input", target, "target");
   check_same_dtype(op, input, "input", target, "target");
-  TORCH_CHECK(input.sizes() == target.sizes(), op, ": input and target must have the same shape (the functional API "
-              "broadcasts them first), got ", input.sizes(), " and ", target.sizes());
+  TORCH_CHECK(input.sizes() == target.sizes(), op,
+              ": input and target must have the same shape (the functional API "
+              "broadcasts them first), got ",
+              input.sizes(), " and ", target.sizes());
   if (weight.has_value()) {
     check_same_device(op, input, "input", *weight, "weight");
     check_same_dtype(op, input, "input", *weight, "weight");
@@ -148,14 +157,17 @@ inline void check_triplet_args(const char* op, const at::Tensor& anchor, const a
   TORCH_CHECK(anchor.dim() == 1 || anchor.dim() == 2, op, ": anchor must have shape (D) or (N, D), got ",
               anchor.sizes());
   check_dtype(op, anchor, "anchor");
-  for (const auto& [t, name] : {std::pair<const at::Tensor&, const char*>{positive, "positive"}, {negative, "negative"}}) {
+  for (const auto& [t, name] :
+       {std::pair<const at::Tensor&, const char*>{positive, "positive"}, {negative, "negative"}}) {
     TORCH_CHECK(t.sizes() == anchor.sizes(), op, ": ", name, " must have anchor's shape ", anchor.sizes(), ", got ",
                 t.sizes());
     check_same_device(op, anchor, "anchor", t, name);
     check_same_dtype(op, anchor, "anchor", t, name);
   }
-  TORCH_CHECK_VALUE(p > 0 && std::isfinite(p), op, ": p must be a positive finite number (torch_ext does not "
-                    "implement the p=0 and p=inf distances), got p=", p);
+  TORCH_CHECK_VALUE(p > 0 && std::isfinite(p), op,
+                    ": p must be a positive finite number (torch_ext does not "
+                    "implement the p=0 and p=inf distances), got p=",
+                    p);
 }
 
 }  // namespace torch_ext

@@ -25,13 +25,14 @@ namespace {
 
 using at::Tensor;
 
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
-    const Tensor& grad_output, const Tensor& input, const Tensor& fc1_weight, const Tensor& fc2_weight,
-    const Tensor& saved, const std::optional<Tensor>& hidden, c10::string_view activation, double negative_slope,
-    bool gated, std::array<bool, 5> output_mask) {
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_output, const Tensor& input,
+                                                           const Tensor& fc1_weight, const Tensor& fc2_weight,
+                                                           const Tensor& saved, const std::optional<Tensor>& hidden,
+                                                           c10::string_view activation, double negative_slope,
+                                                           bool gated, std::array<bool, 5> output_mask) {
   constexpr const char* op = "torch_ext.mlp_bwd";
-  for (const auto& [t, name] : {std::pair{&grad_output, "grad_output"}, {&fc1_weight, "fc1_weight"},
-                                {&fc2_weight, "fc2_weight"}}) {
+  for (const auto& [t, name] :
+       {std::pair{&grad_output, "grad_output"}, {&fc1_weight, "fc1_weight"}, {&fc2_weight, "fc2_weight"}}) {
     check_same_device(op, input, "input", *t, name);
     check_same_dtype(op, input, "input", *t, name);
   }
@@ -45,9 +46,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   TORCH_CHECK(fc1_weight.size(0) == (gated ? 2 : 1) * hidden_width, op, ": fc1_weight ", fc1_weight.sizes(),
               " does not match fc2_weight ", fc2_weight.sizes(), gated ? " (gated: fc1 has 2 * hidden outputs)" : "");
   const int64_t rows = leading_rows(input);
-  TORCH_CHECK(grad_output.dim() >= 1 && grad_output.size(-1) == out_features && grad_output.numel() == rows * out_features, op,
-              ": grad_output ", grad_output.sizes(), " does not match input ", input.sizes(), " and fc2_weight ",
-              fc2_weight.sizes());
+  TORCH_CHECK(
+      grad_output.dim() >= 1 && grad_output.size(-1) == out_features && grad_output.numel() == rows * out_features, op,
+      ": grad_output ", grad_output.sizes(), " does not match input ", input.sizes(), " and fc2_weight ",
+      fc2_weight.sizes());
   const bool recompute = !hidden.has_value() || !hidden->defined();
   if (recompute) {
     TORCH_CHECK(saved.sizes() == at::IntArrayRef(with_last_dim(input, fc1_weight.size(0))) &&
@@ -67,11 +69,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
   static const auto mlp_act_fwd = c10::Dispatcher::singleton()
                                       .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
                                       .typed<Tensor(const Tensor&, c10::string_view, double, bool)>();
-  static const auto mlp_act_bwd =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::mlp_act_bwd", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::string_view, double, bool,
-                                            std::array<bool, 2>)>();
+  static const auto mlp_act_bwd = c10::Dispatcher::singleton()
+                                      .findSchemaOrThrow("torch_ext::mlp_act_bwd", "")
+                                      .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, c10::string_view,
+                                                                        double, bool, std::array<bool, 2>)>();
 
   const bool need_fc1 = output_mask[0] || output_mask[1] || output_mask[2];
   const bool need_w2 = output_mask[3];
@@ -101,9 +102,9 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(
     if (need_w2)
       grad_w2 = fc2_weight_grad(recompute ? mlp_act_fwd.call(saved, activation, negative_slope, false) : *hidden);
     if (need_fc1)
-      std::tie(grad_input, grad_w1, grad_b1) = linear_act_bwd.call(
-          hidden_grad(), input, fc1_weight, saved, activation, negative_slope,
-          {output_mask[0], output_mask[1], output_mask[2]});
+      std::tie(grad_input, grad_w1, grad_b1) =
+          linear_act_bwd.call(hidden_grad(), input, fc1_weight, saved, activation, negative_slope,
+                              {output_mask[0], output_mask[1], output_mask[2]});
   }
   if (output_mask[4]) grad_b2 = g2d.sum(0);
   return {or_empty(grad_input, input), or_empty(grad_w1, input), or_empty(grad_b1, input), or_empty(grad_w2, input),

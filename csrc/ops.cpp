@@ -5,11 +5,11 @@
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/library.h>
 
+#include "autograd_node.h"
 #include "cpu/allocator.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
-#include "autograd_node.h"
 
 #include <pybind11/pybind11.h>
 
@@ -20,14 +20,16 @@ TORCH_LIBRARY(torch_ext, m) {
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
   // (*, N) for gelu/gelu_tanh/silu, or an empty tensor (none, sigmoid and tanh, which use out).
-  m.def("linear_act_fwd(Tensor input, Tensor weight, Tensor? bias, str activation, "
-        "float negative_slope) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_act_fwd(Tensor input, Tensor weight, Tensor? bias, str activation, "
+      "float negative_slope) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // Gradients for (input, weight, bias); those not asked for in output_mask come back empty.
   // saved: the mask, pre-activation or output, as returned by linear_act_fwd.
-  m.def("linear_act_bwd(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
-        "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_act_bwd(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
+      "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // The activation of an MLP on its own: act(input) over (*, n), or gated (GLU family: swiglu =
   // silu, geglu = gelu): act(input[..., :n]) * input[..., n:] over (*, 2n).
@@ -35,18 +37,20 @@ TORCH_LIBRARY(torch_ext, m) {
         {at::Tag::pt2_compliant_tag});
   // Returns (grad_input, output): the input's gradient, and the forward output formed again in
   // the same pass (to recompute it instead of saving it); those not in output_mask: empty.
-  m.def("mlp_act_bwd(Tensor grad_output, Tensor input, str activation, float negative_slope, bool gated, "
-        "bool[2] output_mask) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "mlp_act_bwd(Tensor grad_output, Tensor input, str activation, float negative_slope, bool gated, "
+      "bool[2] output_mask) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // The backward of the whole block fc2(act(fc1(input))) (csrc/mlp.cpp): gradients for (input,
   // fc1_weight, fc1_bias, fc2_weight, fc2_bias), those not in output_mask empty. activation: the
   // (gate's) activation; saved: fc1's, as linear_act_fwd returns it (gated: fc1's output);
   // hidden: act(fc1(input)), or None to form it again from saved.
-  m.def("mlp_bwd(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor fc2_weight, Tensor saved, "
-        "Tensor? hidden, str activation, float negative_slope, bool gated, bool[5] output_mask) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "mlp_bwd(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor fc2_weight, Tensor saved, "
+      "Tensor? hidden, str activation, float negative_slope, bool gated, bool[5] output_mask) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per
   // row, weighted and reduced like the loss) and softcap (> 0: every logit x taken as
@@ -57,74 +61,86 @@ TORCH_LIBRARY(torch_ext, m) {
   // probability targets sum_c weight_c target_c, for class targets 1 where the row's argmax (first
   // index of the max, as torch.argmax) is its target, else 0. Ignored rows' stats are 0 unless
   // ignored_row_stats (then their logsumexp is taken too, for an lse output).
-  m.def("cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-        "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
+      "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // Gradients for (input, target); target's only for probability targets; not asked for: empty.
   // grad_lse (one value per row, or None): the incoming gradient of the rows' logsumexp, added as
   // grad_lse * softmax (ignored rows too, whose stats must then be ignored_row_stats').
-  m.def("cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
-        "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask, "
-        "float softcap=0., Tensor? grad_lse=None) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, Tensor stats, "
+      "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask, "
+      "float softcap=0., Tensor? grad_lse=None) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // The input's gradient written over the input (contiguous), for callers that no longer need the
   // logits (linear_cross_entropy's chunks).
-  m.def("cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
-        "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss, float softcap=0.) -> ()",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
+      "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss, float softcap=0.) -> ()",
+      {at::Tag::pt2_compliant_tag});
   // (loss, stats, the input's gradient for grad_loss = 1), reductions mean and sum: the eager path
   // forms the gradient in the forward kernel, while each row is in cache, and its backward hands
   // it over (scaled unless grad_loss is 1).
-  m.def("cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-        "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) "
-        "-> (Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
+      "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // Elementwise regression losses: loss = "mse" | "huber" (param = delta) | "smooth_l1" (param =
   // beta); input, target and the optional elementwise weight of one shape (the Python functions
   // broadcast). Weighted mse's mean divides by the sum of the weights, the others' by numel.
-  m.def("regression_loss_fwd(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
-        "str reduction) -> Tensor",
-        {at::Tag::pt2_compliant_tag});
-  m.def("regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
-        "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "regression_loss_fwd(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
+      "str reduction) -> Tensor",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
+      "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // (loss, the gradients of (input, target) for grad_loss = 1 as output_mask asks, else empty),
   // reductions mean and sum: the eager path forms them in the forward kernel, which reads input
   // and target once per training step; its backward hands them over.
-  m.def("regression_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
-        "str reduction, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "regression_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
+      "str reduction, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist); dist (rows, 3) holds
   // d(a, p), d(a, n) and d(p, n) (0 without swap) in float32 (float64 for float64 input).
-  m.def("triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
-        "float eps, bool swap, str reduction) -> (Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
+      "float eps, bool swap, str reduction) -> (Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
   // The forward plus the gradients of the loss for grad_output = 1 (those in grad_mask; the others
   // come back empty), computed in the same pass over the inputs.
-  m.def("triplet_margin_loss_fwd_grad(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
-        "float eps, bool swap, str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("triplet_margin_loss_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, "
-        "Tensor dist, float margin, float p, float eps, bool swap, str reduction, bool[3] output_mask) "
-        "-> (Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "triplet_margin_loss_fwd_grad(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
+      "float eps, bool swap, str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "triplet_margin_loss_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, "
+      "Tensor dist, float margin, float p, float eps, bool swap, str reduction, bool[3] output_mask) "
+      "-> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 
   // cross_entropy(input @ linear_weight.T + linear_bias, target, ...) over chunks of chunk_size rows,
   // never holding the whole logits. input (*, H), linear_weight (V, H); target class indices (*)
   // or probabilities (*, V). Returns (loss, grad_input, grad_weight, grad_bias, stats): the gradients
   // for grad_output = 1 of those set in grad_mask (reduction mean or sum only), else empty, and the
   // rows' stats as cross_entropy_fwd's.
-  m.def("linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
-        "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
-        "bool[3] grad_mask, float softcap=0., bool ignored_row_stats=False) "
-        "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
-  m.def("linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
-        "Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
-        "int chunk_size, bool[3] output_mask, float softcap=0.) -> (Tensor, Tensor, Tensor)",
-        {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
+      "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
+      "bool[3] grad_mask, float softcap=0., bool ignored_row_stats=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  m.def(
+      "linear_cross_entropy_bwd(Tensor grad_loss, Tensor input, Tensor linear_weight, Tensor? linear_bias, "
+      "Tensor target, Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, "
+      "int chunk_size, bool[3] output_mask, float softcap=0.) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
 }
 
 // torch_ext._C registers the ops above when imported, and tells which CPU kernels it runs.
@@ -256,7 +272,8 @@ static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
   std::optional<at::Tensor> input, target, weight;
   if (!PyArg_ParseTuple(args, "OOOLsdddpp", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
                         &label_smoothing, &z_loss, &softcap, &ignored_row_stats, &return_stats) ||
-      !unpack_tensors({{input_obj, "input", false, &input}, {target_obj, "target", false, &target},
+      !unpack_tensors({{input_obj, "input", false, &input},
+                       {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
@@ -272,7 +289,8 @@ static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
   double param;
   std::optional<at::Tensor> input, target, weight;
   if (!PyArg_ParseTuple(args, "OOOsds", &input_obj, &target_obj, &weight_obj, &loss, &param, &reduction) ||
-      !unpack_tensors({{input_obj, "input", false, &input}, {target_obj, "target", false, &target},
+      !unpack_tensors({{input_obj, "input", false, &input},
+                       {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil(
@@ -288,7 +306,8 @@ static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) 
   std::optional<at::Tensor> anchor, positive, negative;
   if (!PyArg_ParseTuple(args, "OOOdddps", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
                         &reduction) ||
-      !unpack_tensors({{anchor_obj, "anchor", false, &anchor}, {positive_obj, "positive", false, &positive},
+      !unpack_tensors({{anchor_obj, "anchor", false, &anchor},
+                       {positive_obj, "positive", false, &positive},
                        {negative_obj, "negative", false, &negative}}))
     return nullptr;
   return run_without_gil([&] {
@@ -304,7 +323,8 @@ static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
   double negative_slope;
   std::optional<at::Tensor> input, weight, bias;
   if (!PyArg_ParseTuple(args, "OOOsd", &input_obj, &weight_obj, &bias_obj, &activation, &negative_slope) ||
-      !unpack_tensors({{input_obj, "input", false, &input}, {weight_obj, "weight", false, &weight},
+      !unpack_tensors({{input_obj, "input", false, &input},
+                       {weight_obj, "weight", false, &weight},
                        {bias_obj, "bias", true, &bias}}))
     return nullptr;
   return run_without_gil(
@@ -318,10 +338,12 @@ static PyObject* mlp_autograd(PyObject*, PyObject* args) {
   double negative_slope;
   int gated, recompute;
   std::optional<at::Tensor> input, fc1_weight, fc1_bias, fc2_weight, fc2_bias;
-  if (!PyArg_ParseTuple(args, "OOOOOsdpp", &input_obj, &w1_obj, &b1_obj, &w2_obj, &b2_obj, &activation,
-                        &negative_slope, &gated, &recompute) ||
-      !unpack_tensors({{input_obj, "input", false, &input}, {w1_obj, "fc1_weight", false, &fc1_weight},
-                       {b1_obj, "fc1_bias", true, &fc1_bias}, {w2_obj, "fc2_weight", false, &fc2_weight},
+  if (!PyArg_ParseTuple(args, "OOOOOsdpp", &input_obj, &w1_obj, &b1_obj, &w2_obj, &b2_obj, &activation, &negative_slope,
+                        &gated, &recompute) ||
+      !unpack_tensors({{input_obj, "input", false, &input},
+                       {w1_obj, "fc1_weight", false, &fc1_weight},
+                       {b1_obj, "fc1_bias", true, &fc1_bias},
+                       {w2_obj, "fc2_weight", false, &fc2_weight},
                        {b2_obj, "fc2_bias", true, &fc2_bias}}))
     return nullptr;
   return run_without_gil([&] {
@@ -340,27 +362,25 @@ static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args)
   double label_smoothing, z_loss, softcap;
   int ignored_row_stats, return_stats;
   std::optional<at::Tensor> input, linear_weight, linear_bias, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOOOLsddLdpp", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj,
-                        &ignore_index, &reduction, &label_smoothing, &z_loss, &chunk_size, &softcap,
-                        &ignored_row_stats, &return_stats) ||
-      !unpack_tensors({{input_obj, "input", false, &input}, {lw_obj, "linear_weight", false, &linear_weight},
-                       {lb_obj, "linear_bias", true, &linear_bias}, {target_obj, "target", false, &target},
+  if (!PyArg_ParseTuple(args, "OOOOOLsddLdpp", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
+                        &reduction, &label_smoothing, &z_loss, &chunk_size, &softcap, &ignored_row_stats,
+                        &return_stats) ||
+      !unpack_tensors({{input_obj, "input", false, &input},
+                       {lw_obj, "linear_weight", false, &linear_weight},
+                       {lb_obj, "linear_bias", true, &linear_bias},
+                       {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
     return torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
-                                                           ignore_index, reduction, label_smoothing, z_loss,
-                                                           chunk_size, softcap, ignored_row_stats != 0);
+                                                           ignore_index, reduction, label_smoothing, z_loss, chunk_size,
+                                                           softcap, ignored_row_stats != 0);
   });
 }
 
-static PyObject* empty_cache(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(torch_ext::cpu::empty_cache());
-}
+static PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromSize_t(torch_ext::cpu::empty_cache()); }
 
-static PyObject* cached_bytes(PyObject*, PyObject*) {
-  return PyLong_FromSize_t(torch_ext::cpu::cached_bytes());
-}
+static PyObject* cached_bytes(PyObject*, PyObject*) { return PyLong_FromSize_t(torch_ext::cpu::cached_bytes()); }
 
 static PyMethodDef methods[] = {
     {"cpu_capability", cpu_capability, METH_NOARGS,
@@ -368,22 +388,26 @@ static PyMethodDef methods[] = {
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in docs/cpu.md)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
-     "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, benchmarks)."},
+     "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, "
+     "benchmarks)."},
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},
     {"_cublaslt_epilogue_aligned", cublaslt_epilogue_aligned, METH_VARARGS,
      "_cublaslt_epilogue_aligned(bias, aux, bias_grad): whether cuBLASLt may read these epilogue addresses (tests)."},
     {"_cross_entropy_grad_in_forward", cross_entropy_grad_in_forward, METH_VARARGS,
      "torch_ext.cross_entropy's eager training path: the loss, its gradient formed in the forward op, a C++ node."},
     {"_regression_loss_grad_in_forward", regression_loss_grad_in_forward, METH_VARARGS,
-     "torch_ext's regression losses' eager training path: the loss, its gradients formed in the forward op, a C++ node."},
+     "torch_ext's regression losses' eager training path: the loss, its gradients formed in the forward op, a C++ "
+     "node."},
     {"_triplet_margin_loss_grad_in_forward", triplet_margin_loss_grad_in_forward, METH_VARARGS,
-     "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
+     "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ "
+     "node."},
     {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
      "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
     {"_mlp_autograd", mlp_autograd, METH_VARARGS,
      "torch_ext.fused_mlp's eager path when autograd records: the forward ops and a C++ node."},
     {"_linear_cross_entropy_grad_in_forward", linear_cross_entropy_grad_in_forward, METH_VARARGS,
-     "torch_ext.linear_cross_entropy's eager training path: the loss, its gradients formed in the forward op, a C++ node."},
+     "torch_ext.linear_cross_entropy's eager training path: the loss, its gradients formed in the forward op, a C++ "
+     "node."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

@@ -33,8 +33,8 @@ size_t whole_huge_pages(size_t nbytes) { return (nbytes + kHugePage - 1) / kHuge
 
 void* allocate_huge(size_t capacity) {
   void* ptr = nullptr;
-  TORCH_CHECK(posix_memalign(&ptr, kHugePage, capacity) == 0 && ptr != nullptr,
-              "torch_ext: out of memory allocating ", capacity, " bytes");
+  TORCH_CHECK(posix_memalign(&ptr, kHugePage, capacity) == 0 && ptr != nullptr, "torch_ext: out of memory allocating ",
+              capacity, " bytes");
 #if defined(__linux__) && defined(MADV_HUGEPAGE)
   madvise(ptr, capacity, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
 #endif
@@ -136,9 +136,7 @@ class HugePageAllocator final : public c10::Allocator {
     return {block->ptr, block, release_, c10::Device(c10::DeviceType::CPU)};
   }
 
-  void copy_data(void* dest, const void* src, std::size_t count) const override {
-    default_copy_data(dest, src, count);
-  }
+  void copy_data(void* dest, const void* src, std::size_t count) const override { default_copy_data(dest, src, count); }
 
  private:
   size_t min_bytes_;

@@ -24,10 +24,10 @@
 #include <vector>
 
 #include "checks.h"
-#include "loss_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
 #include "loss.h"
+#include "loss_checks.h"
 
 namespace torch_ext {
 namespace {
@@ -44,8 +44,9 @@ double check_targets(const char* op, const Tensor& target, int64_t classes, int6
   double denominator = 0;
   for (int64_t r = 0; r < rows; ++r) {
     if (y[r] == ignore_index) continue;
-    TORCH_CHECK_INDEX(y[r] >= 0 && y[r] < classes, op, ": target ", y[r], " is out of bounds: class indices must be in [0, ",
-                      classes - 1, "] or equal ignore_index (", ignore_index, ")");
+    TORCH_CHECK_INDEX(y[r] >= 0 && y[r] < classes, op, ": target ", y[r],
+                      " is out of bounds: class indices must be in [0, ", classes - 1, "] or equal ignore_index (",
+                      ignore_index, ")");
     if (!weight.defined()) {
       denominator += 1;
     } else if (weight.scalar_type() == at::kDouble) {
@@ -57,9 +58,7 @@ double check_targets(const char* op, const Tensor& target, int64_t classes, int6
   return denominator;
 }
 
-at::ScalarType acc_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The inputs of both ops, prepared for the kernels: contiguous, targets as int64, weight in the
 // accumulation type, and the mean's denominator.
@@ -173,11 +172,9 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tens
   // No classes: every row is ignored (a class index would be out of bounds) or has an empty
   // probability sum, so the loss of each row is 0, as in PyTorch.
   if (rows > 0 && in.layout.classes > 0) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss); break;
-      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss); break;
-      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+      run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
+    });
   }
   return {reduced_loss(red, row_loss, in, input), stats};
 }
@@ -210,20 +207,18 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   }
   Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_backward<float>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target); break;
-      case at::kDouble: run_backward<double>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target); break;
-      default: run_backward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input, grad_target);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_backward", [&] {
+      run_backward<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input,
+                             grad_target);
+    });
   }
 }
 
 std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                                  const std::optional<Tensor>& weight, const Tensor& stats,
                                                  int64_t ignore_index, c10::string_view reduction,
-                                                 double label_smoothing, double z_loss,
-                                                 std::array<bool, 2> output_mask, double softcap,
-                                                 const std::optional<Tensor>& grad_lse) {
+                                                 double label_smoothing, double z_loss, std::array<bool, 2> output_mask,
+                                                 double softcap, const std::optional<Tensor>& grad_lse) {
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
@@ -236,14 +231,13 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cpu(const Tensor& grad_loss, const 
 // not needed afterwards): no second chunk-sized buffer.
 void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                                   c10::string_view reduction, double label_smoothing, double z_loss,
-                                   double softcap) {
+                                   c10::string_view reduction, double label_smoothing, double z_loss, double softcap) {
   constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
   TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
   Tensor grad_input = input;
   Tensor no_target_grad;
-  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, std::nullopt, grad_input, no_target_grad);
+  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                std::nullopt, grad_input, no_target_grad);
 }
 
 // The loss, the stats and the input's gradient for grad_loss = 1 in one pass over the logits:
@@ -264,11 +258,10 @@ std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& inpu
   // d(loss)/d(row loss), as the backward op's scale for grad_loss = 1.
   const double scale = red == Reduction::Mean ? 1.0 / in.denominator : 1.0;
   if (rows > 0 && in.layout.classes > 0) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale); break;
-      case at::kDouble: run_forward<double>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale); break;
-      default: run_forward<c10::BFloat16>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input, scale);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+      run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input,
+                            scale);
+    });
   }
   return {reduced_loss(red, row_loss, in, input), stats, grad_input};
 }

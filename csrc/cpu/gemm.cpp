@@ -62,10 +62,18 @@ bool takes_own_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor
 }
 
 void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  GemmF32Args g{a.size(0), b.size(1), a.size(1),
-                a.const_data_ptr<float>(), a.stride(0), a.stride(1),
-                b.const_data_ptr<float>(), b.stride(0), b.stride(1),
-                out.data_ptr<float>(), out.stride(0), accumulate};
+  GemmF32Args g{a.size(0),
+                b.size(1),
+                a.size(1),
+                a.const_data_ptr<float>(),
+                a.stride(0),
+                a.stride(1),
+                b.const_data_ptr<float>(),
+                b.stride(0),
+                b.stride(1),
+                out.data_ptr<float>(),
+                out.stride(0),
+                accumulate};
   cpu_kernels().gemm_f32(g);
 }
 

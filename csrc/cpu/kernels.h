@@ -23,14 +23,14 @@ using acc_t = std::conditional_t<std::is_same_v<S, double>, double, float>;
 template <typename S>
 struct LinearActForwardRows {
   int64_t rows, n;
-  S* gemm;            // x @ W.T for these rows; read, and rewritten as gemm + bias when pre_out
+  S* gemm;  // x @ W.T for these rows; read, and rewritten as gemm + bias when pre_out
   int64_t ld_gemm;
-  const S* bias;      // n values, or nullptr
-  bool pre_out;       // store gemm + bias back into `gemm` (the saved pre-activation)
-  S* out;             // act(gemm + bias); may equal gemm
+  const S* bias;  // n values, or nullptr
+  bool pre_out;   // store gemm + bias back into `gemm` (the saved pre-activation)
+  S* out;         // act(gemm + bias); may equal gemm
   int64_t ld_out;
-  uint8_t* mask;      // nullptr, or bit j of byte j/8 set where gemm + bias > 0
-  int64_t ld_mask;    // bytes per row of mask
+  uint8_t* mask;    // nullptr, or bit j of byte j/8 set where gemm + bias > 0
+  int64_t ld_mask;  // bytes per row of mask
 };
 
 template <typename S>
@@ -38,11 +38,11 @@ struct LinearActBackwardRows {
   int64_t rows, n;
   const S* grad_out;
   int64_t ld_grad_out;
-  const S* saved;     // pre-activation or output (see SavedForBackward), or nullptr
+  const S* saved;  // pre-activation or output (see SavedForBackward), or nullptr
   int64_t ld_saved;
   const uint8_t* mask;
   int64_t ld_mask;
-  S* grad_pre;        // grad_out * act'(pre)
+  S* grad_pre;  // grad_out * act'(pre)
   int64_t ld_grad_pre;
   // n accumulators: += the sum of grad_pre over these rows, or nullptr. float for bfloat16.
   acc_t<S>* bias_grad;
@@ -59,9 +59,9 @@ struct MlpActRows {
   int64_t ld_input;
   const S* grad_out;  // backward only
   int64_t ld_grad_out;
-  S* out;             // or nullptr (backward)
+  S* out;  // or nullptr (backward)
   int64_t ld_out;
-  S* grad_input;      // backward, or nullptr
+  S* grad_input;  // backward, or nullptr
   int64_t ld_grad_input;
 };
 
@@ -73,16 +73,16 @@ struct CrossEntropyArgs {
   using A = acc_t<S>;
   int64_t batch, classes, spatial;
   const S* input;
-  const int64_t* target;   // class index per row (already range-checked), or nullptr
-  const S* target_prob;    // class probabilities in input's layout, or nullptr
-  const A* weight;         // per class, or nullptr
+  const int64_t* target;  // class index per row (already range-checked), or nullptr
+  const S* target_prob;   // class probabilities in input's layout, or nullptr
+  const A* weight;        // per class, or nullptr
   int64_t ignore_index;
   A label_smoothing, z_loss;
-  A softcap;               // > 0: every logit x is taken as softcap * tanh(x / softcap); 0: off
-  A weight_sum;            // sum of weight, or classes without weight
-  A* stats;                // (rows, 3): max, log(sum exp(x - max)) (their sum is the logsumexp),
-                           // and for probability targets sum_c w_c t'_c, for class targets 1 where
-                           // the row's argmax (first index of the max) is its target, else 0
+  A softcap;     // > 0: every logit x is taken as softcap * tanh(x / softcap); 0: off
+  A weight_sum;  // sum of weight, or classes without weight
+  A* stats;      // (rows, 3): max, log(sum exp(x - max)) (their sum is the logsumexp),
+                 // and for probability targets sum_c w_c t'_c, for class targets 1 where
+                 // the row's argmax (first index of the max) is its target, else 0
   // forward
   A* row_loss;             // unreduced loss per row
   bool ignored_row_stats;  // also the max and log-sum of ignored rows (else their stats are 0)
@@ -90,9 +90,9 @@ struct CrossEntropyArgs {
   // The (N, C) forward kernel also writes grad_input when it is given (for row_scale / scale).
   const A* row_scale;
   A scale;
-  const A* grad_lse;       // per row: the incoming gradient of its logsumexp, or nullptr
+  const A* grad_lse;  // per row: the incoming gradient of its logsumexp, or nullptr
   S* grad_input;
-  S* grad_target;          // probability targets only, or nullptr
+  S* grad_target;  // probability targets only, or nullptr
 };
 
 // Elementwise regression loss over n contiguous elements. Reductions sum fixed blocks of
@@ -104,19 +104,19 @@ struct RegressionLossArgs {
   int64_t numel, block;
   const S* input;
   const S* target;
-  const S* weight;         // elementwise, or nullptr
+  const S* weight;  // elementwise, or nullptr
   RegressionLoss loss;
-  A param;                 // delta (huber) or beta (smooth_l1)
+  A param;  // delta (huber) or beta (smooth_l1)
   // forward: the per-element loss (reduction none), or per-block partial sums
   S* out;
   A* loss_partials;
-  A* weight_partials;      // sum of weight per block (weighted mean), or nullptr
+  A* weight_partials;  // sum of weight per block (weighted mean), or nullptr
   // backward: the incoming gradient per element (reduction none), or `scale` for all. The
   // forward kernel also writes grad_input / grad_target when given (for `scale`).
   const S* grad_loss;
   A scale;
-  S* grad_input;           // or nullptr
-  S* grad_target;          // or nullptr
+  S* grad_input;   // or nullptr
+  S* grad_target;  // or nullptr
 };
 
 // Triplet margin loss over rows of `dim` contiguous elements.
@@ -129,14 +129,14 @@ struct TripletMarginArgs {
   const S* negative;
   A margin, p, eps;
   bool swap;
-  A* dist;                 // (rows, 3): d(a, p), d(a, n), d(p, n) (the last only with swap)
+  A* dist;  // (rows, 3): d(a, p), d(a, n), d(p, n) (the last only with swap)
   // forward
   A* row_loss;
   // backward, as in CrossEntropyArgs. The forward kernel also writes the gradients given here
   // (non-null), for an incoming gradient `scale` per row.
   const A* row_scale;
   A scale;
-  S* grad_anchor;          // each may be nullptr
+  S* grad_anchor;  // each may be nullptr
   S* grad_positive;
   S* grad_negative;
 };
@@ -192,8 +192,10 @@ struct CpuKernels {
 };
 
 // Typed access to the table, so op code can be written once over its scalar type.
-template <typename S> struct KernelsFor;
-template <> struct KernelsFor<float> {
+template <typename S>
+struct KernelsFor;
+template <>
+struct KernelsFor<float> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f32; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f32; }
   static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f32; }
@@ -205,7 +207,8 @@ template <> struct KernelsFor<float> {
   static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f32; }
   static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f32; }
 };
-template <> struct KernelsFor<double> {
+template <>
+struct KernelsFor<double> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_f64; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_f64; }
   static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f64; }
@@ -217,7 +220,8 @@ template <> struct KernelsFor<double> {
   static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f64; }
   static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f64; }
 };
-template <> struct KernelsFor<c10::BFloat16> {
+template <>
+struct KernelsFor<c10::BFloat16> {
   static auto forward(const CpuKernels& k) { return k.linear_act_forward_bf16; }
   static auto backward(const CpuKernels& k) { return k.linear_act_backward_bf16; }
   static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_bf16; }
@@ -232,8 +236,14 @@ template <> struct KernelsFor<c10::BFloat16> {
 
 const CpuKernels& cpu_kernels();
 
-namespace DEFAULT { const CpuKernels& kernels(); }
-namespace AVX2 { const CpuKernels& kernels(); }
-namespace AVX512 { const CpuKernels& kernels(); }
+namespace DEFAULT {
+const CpuKernels& kernels();
+}
+namespace AVX2 {
+const CpuKernels& kernels();
+}
+namespace AVX512 {
+const CpuKernels& kernels();
+}
 
 }  // namespace torch_ext::cpu

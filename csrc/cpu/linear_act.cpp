@@ -13,10 +13,10 @@
 // accumulating grad_weight across panels would round it to bfloat16 after every panel, where
 // one GEMM accumulates the whole reduction in float32.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 #include <ATen/ops/zeros.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <cstdlib>
@@ -25,10 +25,10 @@
 
 #include "activation.h"
 #include "checks.h"
-#include "dense_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
+#include "dense_checks.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -53,9 +53,8 @@ int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like) {
   const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
   const char* env = std::getenv("TORCH_EXT_PANEL_BYTES");
   const int64_t override_bytes = env ? std::atoll(env) : 0;
-  const int64_t rows = override_bytes > 0
-                           ? std::max<int64_t>(1, override_bytes / row_bytes)
-                           : std::max(kMinPanelRows, kDefaultPanelBytes / row_bytes);
+  const int64_t rows = override_bytes > 0 ? std::max<int64_t>(1, override_bytes / row_bytes)
+                                          : std::max(kMinPanelRows, kDefaultPanelBytes / row_bytes);
   return std::min(m, rows);
 }
 
@@ -68,14 +67,12 @@ int64_t reduction_block_rows(int64_t rows_per_panel, int64_t n) {
   return std::max(min_rows, (rows_per_panel + kMaxBlocks - 1) / kMaxBlocks);
 }
 
-
-
 template <typename S>
 using MathT = std::conditional_t<std::is_same_v<S, double>, double, float>;
 
 template <typename S>
-void forward_panels(Activation act, double negative_slope, const Tensor& x2d, const Tensor& weight,
-                    const Tensor& bias, Tensor& gemm_dst, Tensor& out, Tensor& mask) {
+void forward_panels(Activation act, double negative_slope, const Tensor& x2d, const Tensor& weight, const Tensor& bias,
+                    Tensor& gemm_dst, Tensor& out, Tensor& mask) {
   const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
   const bool pre_out = !gemm_dst.is_same(out);
   const auto kernel = KernelsFor<S>::forward(cpu::cpu_kernels());
@@ -100,20 +97,24 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
     // (bfloat16 "none", e.g. a gated MLP's fc1).
     if (act == Activation::None && bias_ptr == nullptr && !pre_out && !mask.defined()) continue;
     at::parallel_for(r0, r0 + rows, grain, [&](int64_t begin, int64_t end) {
-      cpu::LinearActForwardRows<S> a{
-          end - begin, n,
-          gemm_dst.data_ptr<S>() + begin * n, n,
-          bias_ptr, pre_out,
-          out.data_ptr<S>() + begin * n, n,
-          mask.defined() ? mask.data_ptr<uint8_t>() + begin * mask_ld : nullptr, mask_ld};
+      cpu::LinearActForwardRows<S> a{end - begin,
+                                     n,
+                                     gemm_dst.data_ptr<S>() + begin * n,
+                                     n,
+                                     bias_ptr,
+                                     pre_out,
+                                     out.data_ptr<S>() + begin * n,
+                                     n,
+                                     mask.defined() ? mask.data_ptr<uint8_t>() + begin * mask_ld : nullptr,
+                                     mask_ld};
       kernel(act, MathT<S>(negative_slope), a);
     });
   }
 }
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor& weight,
-                                              const std::optional<Tensor>& bias,
-                                              c10::string_view activation, double negative_slope) {
+                                              const std::optional<Tensor>& bias, c10::string_view activation,
+                                              double negative_slope) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
   check_linear_args(op, input, weight, bias, check_cpu_dtype);
   const Activation act = activation_from(activation);
@@ -134,21 +135,18 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
       saved = cpu::empty_cpu_output(with_last_dim(input, n), input.options());
       gemm_dst = saved.view({m, n});
       break;
-    default:
-      saved = at::empty({0}, input.options());
+    default: saved = at::empty({0}, input.options());
   }
-  switch (input.scalar_type()) {
-    case at::kFloat: forward_panels<float>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask); break;
-    case at::kDouble: forward_panels<double>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask); break;
-    default: forward_panels<c10::BFloat16>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "forward_panels", [&] {
+    forward_panels<scalar_t>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);
+  });
   return {out_full, saved};
 }
 
 template <typename S>
-void backward_panels(Activation act, double negative_slope, const Tensor& g2d, const Tensor& x2d,
-                     const Tensor& weight, const Tensor& saved2d, const Tensor& mask2d,
-                     Tensor& grad_input, Tensor& grad_weight, Tensor& bias_grad) {
+void backward_panels(Activation act, double negative_slope, const Tensor& g2d, const Tensor& x2d, const Tensor& weight,
+                     const Tensor& saved2d, const Tensor& mask2d, Tensor& grad_input, Tensor& grad_weight,
+                     Tensor& bias_grad) {
   using Acc = MathT<S>;
   const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
   const auto kernel = KernelsFor<S>::backward(cpu::cpu_kernels());
@@ -169,13 +167,17 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
       for (int64_t b = block_begin; b < block_end; ++b) {
         const int64_t first = r0 + b * block;
         const int64_t count = std::min(block, r0 + rows - first);
-        cpu::LinearActBackwardRows<S> a{
-            count, n,
-            g2d.const_data_ptr<S>() + first * ld_g, ld_g,
-            saved2d.defined() ? saved2d.const_data_ptr<S>() + first * ld_saved : nullptr, ld_saved,
-            mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() + first * ld_mask : nullptr, ld_mask,
-            grad_pre.data_ptr<S>() + (first - r0) * n, n,
-            partials.defined() ? partials.data_ptr<Acc>() + b * n : nullptr};
+        cpu::LinearActBackwardRows<S> a{count,
+                                        n,
+                                        g2d.const_data_ptr<S>() + first * ld_g,
+                                        ld_g,
+                                        saved2d.defined() ? saved2d.const_data_ptr<S>() + first * ld_saved : nullptr,
+                                        ld_saved,
+                                        mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() + first * ld_mask : nullptr,
+                                        ld_mask,
+                                        grad_pre.data_ptr<S>() + (first - r0) * n,
+                                        n,
+                                        partials.defined() ? partials.data_ptr<Acc>() + b * n : nullptr};
         kernel(act, Acc(negative_slope), a);
       }
     });
@@ -207,9 +209,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   check_same_device(op, input, "input", grad_output, "grad_output");
   check_same_dtype(op, input, "input", grad_output, "grad_output");
-  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op,
-              ": grad_output must have shape ", at::IntArrayRef(with_last_dim(input, n)), ", got ",
-              grad_output.sizes());
+  TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op, ": grad_output must have shape ",
+              at::IntArrayRef(with_last_dim(input, n)), ", got ", grad_output.sizes());
   const auto saved_views = saved_for_linear_act_bwd(op, act, saved, input, grad_output, m, n);
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
@@ -225,11 +226,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   Tensor grad_weight = output_mask[1] ? cpu::empty_cpu_output({n, k}, options) : Tensor();
   Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
-  switch (input.scalar_type()) {
-    case at::kFloat: backward_panels<float>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad); break;
-    case at::kDouble: backward_panels<double>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad); break;
-    default: backward_panels<c10::BFloat16>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight, bias_grad);
-  }
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "backward_panels", [&] {
+    backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
+                              bias_grad);
+  });
   // Gradients not asked for come back as (distinct) empty tensors.
   return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
           grad_weight.defined() ? grad_weight : at::empty({0}, options),

@@ -3,18 +3,18 @@
 // when asked, the forward output again in the same pass, so FusedMLP saves the pre-activation
 // alone and gets the hidden activation for fc2's weight gradient without another read.
 #include <ATen/Dispatch.h>
+#include <ATen/Parallel.h>
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
-#include <ATen/Parallel.h>
 #include <torch/library.h>
 
 #include <string_view>
 
 #include "activation.h"
 #include "checks.h"
-#include "dense_checks.h"
 #include "cpu/allocator.h"
 #include "cpu/kernels.h"
+#include "dense_checks.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -44,23 +44,27 @@ void run_rows(bool backward, Activation act, double slope, const cpu::MlpActRows
 }
 
 template <typename S>
-void dispatch_rows(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated,
-                   const Tensor& in2d, const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
-  cpu::MlpActRows<S> a{rows, n, gated,
-                       in2d.const_data_ptr<S>(), in2d.size(1),
-                       g2d.defined() ? g2d.const_data_ptr<S>() : nullptr, g2d.defined() ? g2d.stride(0) : 0,
-                       out2d.defined() ? out2d.data_ptr<S>() : nullptr, n,
-                       grad2d.defined() ? grad2d.data_ptr<S>() : nullptr, in2d.size(1)};
+void dispatch_rows(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated, const Tensor& in2d,
+                   const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
+  cpu::MlpActRows<S> a{rows,
+                       n,
+                       gated,
+                       in2d.const_data_ptr<S>(),
+                       in2d.size(1),
+                       g2d.defined() ? g2d.const_data_ptr<S>() : nullptr,
+                       g2d.defined() ? g2d.stride(0) : 0,
+                       out2d.defined() ? out2d.data_ptr<S>() : nullptr,
+                       n,
+                       grad2d.defined() ? grad2d.data_ptr<S>() : nullptr,
+                       in2d.size(1)};
   run_rows<S>(backward, act, slope, a);
 }
 
-void run(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated,
-         const Tensor& in2d, const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
-  switch (in2d.scalar_type()) {
-    case at::kFloat: return dispatch_rows<float>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
-    case at::kDouble: return dispatch_rows<double>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
-    default: return dispatch_rows<c10::BFloat16>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
-  }
+void run(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated, const Tensor& in2d,
+         const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
+  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in2d.scalar_type(), "dispatch_rows", [&] {
+    dispatch_rows<scalar_t>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
+  });
 }
 
 Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double negative_slope, bool gated) {
@@ -76,9 +80,8 @@ Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double 
   return out_full;
 }
 
-std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tensor& input,
-                                           c10::string_view activation, double negative_slope, bool gated,
-                                           std::array<bool, 2> output_mask) {
+std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tensor& input, c10::string_view activation,
+                                           double negative_slope, bool gated, std::array<bool, 2> output_mask) {
   constexpr const char* op = "torch_ext.mlp_act_bwd";
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t n = mlp_act_output_width(op, input, gated);

@@ -107,11 +107,9 @@ Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const 
       weight_partials = at::empty({blocks}, input.options().dtype(acc));
   }
   if (x.numel() > 0) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(kind, param, x, t, w, out, loss_partials, weight_partials); break;
-      case at::kDouble: run_forward<double>(kind, param, x, t, w, out, loss_partials, weight_partials); break;
-      default: run_forward<c10::BFloat16>(kind, param, x, t, w, out, loss_partials, weight_partials);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+      run_forward<scalar_t>(kind, param, x, t, w, out, loss_partials, weight_partials);
+    });
   }
   if (red == Reduction::None) return out;
   return reduced_loss(red, loss_partials, weight_partials, x.numel(), input);
@@ -139,11 +137,9 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0 && (grad_input.defined() || grad_target.defined())) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_backward<float>(kind, param, x, t, w, grad, scale, grad_input, grad_target); break;
-      case at::kDouble: run_backward<double>(kind, param, x, t, w, grad, scale, grad_input, grad_target); break;
-      default: run_backward<c10::BFloat16>(kind, param, x, t, w, grad, scale, grad_input, grad_target);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_backward", [&] {
+      run_backward<scalar_t>(kind, param, x, t, w, grad, scale, grad_input, grad_target);
+    });
   }
   return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
@@ -173,11 +169,10 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& in
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0) {
-    switch (input.scalar_type()) {
-      case at::kFloat: run_forward<float>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale); break;
-      case at::kDouble: run_forward<double>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale); break;
-      default: run_forward<c10::BFloat16>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target, scale);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+      run_forward<scalar_t>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target,
+                            scale);
+    });
   }
   return {reduced_loss(red, loss_partials, weight_partials, x.numel(), input),
           grad_input.defined() ? grad_input : at::empty({0}, input.options()),

@@ -76,10 +76,10 @@ std::vector<int64_t> loss_shape(const Tensor& anchor) {
 // The forward, and when grad_mask asks for them, the gradients for grad_output = 1 in the same
 // pass (triplet_margin_loss_fwd_grad).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, const Tensor& anchor,
-                                                                 const Tensor& positive, const Tensor& negative,
-                                                                 double margin, double p, double eps, bool swap,
-                                                                 c10::string_view reduction,
-                                                                 std::array<bool, 3> grad_mask) {
+                                                                const Tensor& positive, const Tensor& negative,
+                                                                double margin, double p, double eps, bool swap,
+                                                                c10::string_view reduction,
+                                                                std::array<bool, 3> grad_mask) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p, check_cpu_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
@@ -92,15 +92,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
     if (grad_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   const double grad_scale = red == Reduction::Mean ? 1.0 / double(rows) : 1.0;
   if (rows > 0) {
-    switch (anchor.scalar_type()) {
-      case at::kFloat: run_forward<float>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads); break;
-      case at::kDouble: run_forward<double>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads); break;
-      default: run_forward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, anchor.scalar_type(), "run_forward", [&] {
+      run_forward<scalar_t>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads);
+    });
   }
-  const double total = row_loss.scalar_type() == at::kDouble
-                           ? sum_in_order(row_loss.const_data_ptr<double>(), rows)
-                           : sum_in_order(row_loss.const_data_ptr<float>(), rows);
+  const double total = row_loss.scalar_type() == at::kDouble ? sum_in_order(row_loss.const_data_ptr<double>(), rows)
+                                                             : sum_in_order(row_loss.const_data_ptr<float>(), rows);
   Tensor loss;
   switch (red) {
     case Reduction::None: loss = row_loss.to(anchor.scalar_type()).view(loss_shape(anchor)); break;
@@ -153,11 +150,9 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
   for (int i = 0; i < 3; ++i)
     if (output_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
-    switch (anchor.scalar_type()) {
-      case at::kFloat: run_backward<float>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads); break;
-      case at::kDouble: run_backward<double>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads); break;
-      default: run_backward<c10::BFloat16>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads);
-    }
+    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, anchor.scalar_type(), "run_backward", [&] {
+      run_backward<scalar_t>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads);
+    });
   }
   for (auto& g : grads)
     if (!g.defined()) g = at::empty({0}, anchor.options());

@@ -33,11 +33,11 @@
 #include <string_view>
 
 #include "checks.h"
-#include "loss_checks.h"
 #include "cuda/cross_entropy_targets.h"
 #include "cuda/pack.cuh"
 #include "cuda/reduce.cuh"
 #include "loss.h"
+#include "loss_checks.h"
 
 namespace torch_ext {
 namespace {
@@ -49,9 +49,9 @@ struct CrossEntropyArgs {
   using A = at::acc_type<S, true>;
   int64_t rows, classes, spatial;
   const S* input;
-  const int64_t* target;   // or nullptr (probabilities)
-  const S* target_prob;    // or nullptr
-  const A* weight;         // or nullptr
+  const int64_t* target;  // or nullptr (probabilities)
+  const S* target_prob;   // or nullptr
+  const A* weight;        // or nullptr
   int64_t ignore_index;
   A label_smoothing, z_loss;
   A softcap;               // > 0: every logit x is taken as softcap * tanh(x / softcap); 0: off
@@ -135,8 +135,10 @@ struct MergeRowPartial {
 
 template <typename A>
 __device__ __forceinline__ RowPartial<A> shfl_down(const RowPartial<A>& p, int offset) {
-  return {__shfl_down_sync(0xffffffffu, p.max, offset), __shfl_down_sync(0xffffffffu, p.sum_exp, offset),
-          __shfl_down_sync(0xffffffffu, p.sum_wx, offset), __shfl_down_sync(0xffffffffu, p.sum_wt, offset),
+  return {__shfl_down_sync(0xffffffffu, p.max, offset),
+          __shfl_down_sync(0xffffffffu, p.sum_exp, offset),
+          __shfl_down_sync(0xffffffffu, p.sum_wx, offset),
+          __shfl_down_sync(0xffffffffu, p.sum_wt, offset),
           __shfl_down_sync(0xffffffffu, p.sum_wtx, offset),
           static_cast<int64_t>(__shfl_down_sync(0xffffffffu, static_cast<long long>(p.arg), offset))};
 }
@@ -262,9 +264,9 @@ __device__ __forceinline__ RowGradient<at::acc_type<S, true>> row_gradient(const
 }
 
 template <typename S>
-__device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a, const RowGradient<at::acc_type<S, true>>& g,
-                                               at::acc_type<S, true> x, const S* t_row, S* gi_row, S* gt_row,
-                                               int64_t c, int64_t stride) {
+__device__ __forceinline__ void gradient_class(const CrossEntropyArgs<S>& a,
+                                               const RowGradient<at::acc_type<S, true>>& g, at::acc_type<S, true> x,
+                                               const S* t_row, S* gi_row, S* gt_row, int64_t c, int64_t stride) {
   using A = at::acc_type<S, true>;
   const A e = a.label_smoothing;
   const A w = a.weight ? a.weight[c] : A(1);
@@ -320,7 +322,8 @@ __device__ __forceinline__ void write_row_gradient(const CrossEntropyArgs<S>& a,
   const RowGradient<A> g = row_gradient(a, r);
   // Packs are read before they are written: grad_input may be the input itself (in place), and
   // each thread writes only the classes it read.
-  for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) { gradient_class(a, g, capped(A(xc), a.softcap), t, gi, gt, c, 1); });
+  for_each_class<S, kVec>(x, C,
+                          [&](int64_t c, S xc) { gradient_class(a, g, capped(A(xc), a.softcap), t, gi, gt, c, 1); });
 }
 
 // Whether one logit makes its row's log-probabilities NaN (+inf, NaN), and whether it keeps an
@@ -334,10 +337,12 @@ __device__ __forceinline__ void note_non_finite(A x, bool& nan_or_inf, bool& abo
 // An ignored row's gradient by the block: 0, or NaN where F.cross_entropy's is. Every read of
 // the row comes before the barrier and every write after it (gi may be the row itself).
 template <typename S, int kVec>
-__device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, int64_t C, at::acc_type<S, true> softcap) {
+__device__ __forceinline__ void write_ignored_row_gradient(const S* x, S* gi, int64_t C,
+                                                           at::acc_type<S, true> softcap) {
   using A = at::acc_type<S, true>;
   bool nan_or_inf = false, above_minus_inf = false;
-  for_each_class<S, kVec>(x, C, [&](int64_t, S xc) { note_non_finite(capped(A(xc), softcap), nan_or_inf, above_minus_inf); });
+  for_each_class<S, kVec>(x, C,
+                          [&](int64_t, S xc) { note_non_finite(capped(A(xc), softcap), nan_or_inf, above_minus_inf); });
   const bool nan_row = __syncthreads_or(nan_or_inf) || !__syncthreads_or(above_minus_inf);
   const S value = nan_row ? S(NAN) : S(0);
   for (int64_t c = threadIdx.x; c < C; c += blockDim.x) gi[c] = value;
@@ -378,11 +383,11 @@ __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
     const A shift = row_shift(x, a.softcap);
     const bool sums = linear_sums && !ignored;
     RowPartial<A> p = RowPartial<A>::empty();
-    for_each_class<S, kVec>(x, C, [&](int64_t c, S xc) {
-      accumulate_class(p, a, capped(A(xc), a.softcap), t, c, 1, shift, sums);
-    });
-    p = block_reduce(p, MergeRowPartial<A>(), warp_partials,
-                     [](const RowPartial<A>& v, int o) { return shfl_down(v, o); }, RowPartial<A>::empty());
+    for_each_class<S, kVec>(
+        x, C, [&](int64_t c, S xc) { accumulate_class(p, a, capped(A(xc), a.softcap), t, c, 1, shift, sums); });
+    p = block_reduce(
+        p, MergeRowPartial<A>(), warp_partials, [](const RowPartial<A>& v, int o) { return shfl_down(v, o); },
+        RowPartial<A>::empty());
     if (threadIdx.x == 0) finish_forward_row(a, r, p, x, 1, shift);
     __syncthreads();  // warp_partials is reused by the next row; the row's stats are visible
     if constexpr (kWithGrad) {
@@ -408,7 +413,8 @@ __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
     if (ignored && !a.ignored_row_stats) {
       a.row_loss[r] = 0;
       a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-      if constexpr (kWithGrad) write_ignored_position_gradient(a.input + offset, a.grad_input + offset, C, HW, a.softcap);
+      if constexpr (kWithGrad)
+        write_ignored_position_gradient(a.input + offset, a.grad_input + offset, C, HW, a.softcap);
       continue;
     }
     const S* x = a.input + offset;
@@ -424,7 +430,8 @@ __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
       } else {
         const RowGradient<A> g = row_gradient(a, r);
         for (int64_t c = 0; c < C; ++c)
-          gradient_class(a, g, capped(A(x[c * HW]), a.softcap), t, a.grad_input + offset, static_cast<S*>(nullptr), c, HW);
+          gradient_class(a, g, capped(A(x[c * HW]), a.softcap), t, a.grad_input + offset, static_cast<S*>(nullptr), c,
+                         HW);
       }
     }
   }
@@ -436,7 +443,8 @@ __global__ void backward_rows_kernel(CrossEntropyArgs<S> a) {
     // An ignored row without a logsumexp gradient: 0 (or NaN); with one, from its stats.
     if (row_ignored(a, r) && (a.grad_lse == nullptr || a.grad_lse[r] == 0)) {
       if (a.grad_input != nullptr)
-        write_ignored_row_gradient<S, kVec>(a.input + r * a.classes, a.grad_input + r * a.classes, a.classes, a.softcap);
+        write_ignored_row_gradient<S, kVec>(a.input + r * a.classes, a.grad_input + r * a.classes, a.classes,
+                                            a.softcap);
       continue;
     }
     write_row_gradient<S, kVec>(a, r);
@@ -464,9 +472,7 @@ __global__ void backward_positions_kernel(CrossEntropyArgs<S> a) {
 
 // ---- host side -------------------------------------------------------------------------------
 
-at::ScalarType acc_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 struct CrossEntropyInputs {
   CrossEntropyLayout layout;
@@ -507,7 +513,8 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
   const Tensor kept = in.target.ne(ignore_index);
   if (in.weight.defined()) {
     // Clamped: an unchecked bad index must not reach index_select's device-side assert.
-    const Tensor safe = in.target.masked_fill(kept.logical_not(), 0).clamp(0, std::max<int64_t>(classes - 1, 0)).reshape(-1);
+    const Tensor safe =
+        in.target.masked_fill(kept.logical_not(), 0).clamp(0, std::max<int64_t>(classes - 1, 0)).reshape(-1);
     in.denominator = in.weight.index_select(0, safe).mul(kept.reshape(-1).to(acc_dtype(input))).sum();
   } else {
     in.denominator = kept.sum().to(acc_dtype(input));
@@ -719,15 +726,14 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cuda(const Tensor& grad_loss, const
 
 void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                     const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
-                                    c10::string_view reduction, double label_smoothing, double z_loss,
-                                    double softcap) {
+                                    c10::string_view reduction, double label_smoothing, double z_loss, double softcap) {
   constexpr const char* op = "torch_ext.cross_entropy_bwd_inplace";
   const c10::cuda::CUDAGuard guard(input.device());
   TORCH_CHECK(input.is_contiguous(), op, ": input must be contiguous to take its gradient in place");
   Tensor grad_input = input;
   Tensor no_target_grad;
-  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss,
-                softcap, std::nullopt, grad_input, no_target_grad);
+  backward_into(op, grad_loss, input, target, weight, stats, ignore_index, reduction, label_smoothing, z_loss, softcap,
+                std::nullopt, grad_input, no_target_grad);
 }
 
 }  // namespace

@@ -27,8 +27,8 @@ namespace {
 using at::Tensor;
 
 void check_lt(cublasStatus_t status, const char* what) {
-  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "torch_ext: cuBLASLt ", what, " failed: ",
-              cublasLtGetStatusString(status), " (status ", int(status), ")");
+  TORCH_CHECK(status == CUBLAS_STATUS_SUCCESS, "torch_ext: cuBLASLt ", what,
+              " failed: ", cublasLtGetStatusString(status), " (status ", int(status), ")");
 }
 
 struct DescDeleter {
@@ -127,24 +127,25 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   TORCH_INTERNAL_ASSERT(m > 0 && n > 0 && k > 0 && b.size(0) == k && out.size(0) == m && out.size(1) == n);
   const at::ScalarType in_dtype = a.scalar_type();
   const bool widening = out.scalar_type() == at::kFloat && in_dtype != at::kFloat;
-  TORCH_INTERNAL_ASSERT(cublaslt_dtype(in_dtype) && b.scalar_type() == in_dtype &&
-                        (out.scalar_type() == in_dtype || (widening && epilogue.kind == LtEpilogue::None &&
-                                                           epilogue.bias == nullptr)));
+  TORCH_INTERNAL_ASSERT(
+      cublaslt_dtype(in_dtype) && b.scalar_type() == in_dtype &&
+      (out.scalar_type() == in_dtype || (widening && epilogue.kind == LtEpilogue::None && epilogue.bias == nullptr)));
   // The handle, workspace and stream are the current device's: make it out's (callers such as
   // linear_cross_entropy's device-neutral loop set no guard of their own).
   const c10::cuda::CUDAGuard guard(out.device());
   const auto a_view = transposed_view(a), b_view = transposed_view(b);
   if (!a_view || !b_view || out.stride(1) != 1 || (m > 1 && out.stride(0) < n))
     return decline("an operand's strides (neither dimension of unit stride, or overlapping rows)");
-  if (!lt_epilogue_pointers_aligned(epilogue)) return decline("a bias, aux or bias-gradient vector not 16-byte aligned");
+  if (!lt_epilogue_pointers_aligned(epilogue))
+    return decline("a bias, aux or bias-gradient vector not 16-byte aligned");
   const int64_t ld_out = m == 1 ? n : out.stride(0);
 
   const cudaDataType_t type = lt_data_type(in_dtype), out_type = lt_data_type(out.scalar_type());
   // float32 keeps ATen's choice between exact float32 and TF32 (torch.backends.cuda.matmul);
   // float16/bfloat16 accumulate in float32.
-  const cublasComputeType_t compute =
-      in_dtype == at::kFloat && at::globalContext().allowTF32CuBLAS() ? CUBLAS_COMPUTE_32F_FAST_TF32
-                                                                      : CUBLAS_COMPUTE_32F;
+  const cublasComputeType_t compute = in_dtype == at::kFloat && at::globalContext().allowTF32CuBLAS()
+                                          ? CUBLAS_COMPUTE_32F_FAST_TF32
+                                          : CUBLAS_COMPUTE_32F;
   cublasLtMatmulDesc_t raw_desc = nullptr;
   check_lt(cublasLtMatmulDescCreate(&raw_desc, compute, CUDA_R_32F), "matmul descriptor");
   const MatmulDesc desc(raw_desc);
@@ -168,7 +169,8 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   const Preference pref(raw_pref);
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, uint64_t(workspace_size));
   // Split-K partial sums are reduced in float32, never in the output's 16-bit type.
-  set_preference(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, uint32_t(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
+  set_preference(raw_pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                 uint32_t(CUBLASLT_REDUCTION_SCHEME_COMPUTE_TYPE));
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, alignment_of(b.const_data_ptr()));
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES, alignment_of(a.const_data_ptr()));
   set_preference(raw_pref, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, alignment_of(out.const_data_ptr()));
@@ -177,9 +179,9 @@ bool lt_gemm(const Tensor& a, const Tensor& b, Tensor& out, const LtEpilogueArgs
   cublasLtHandle_t handle = at::cuda::getCurrentCUDABlasLtHandle();
   cublasLtMatmulHeuristicResult_t heuristic{};
   int found = 0;
-  const cublasStatus_t status = cublasLtMatmulAlgoGetHeuristic(handle, raw_desc, a_layout.get(), b_layout.get(),
-                                                               d_layout.get(), d_layout.get(), raw_pref, 1,
-                                                               &heuristic, &found);
+  const cublasStatus_t status =
+      cublasLtMatmulAlgoGetHeuristic(handle, raw_desc, a_layout.get(), b_layout.get(), d_layout.get(), d_layout.get(),
+                                     raw_pref, 1, &heuristic, &found);
   // Any failure of the heuristic is a reason to take the unfused path, not an error: besides
   // NOT_SUPPORTED it answers INVALID_VALUE for some shapes it does not take (PyTorch's own cuBLASLt
   // code notes this for operands of a single row or column).

@@ -27,11 +27,11 @@ enum class LtEpilogue { None, GeluTanhAux, BiasGradOfA };
 
 struct LtEpilogueArgs {
   LtEpilogue kind = LtEpilogue::None;
-  const void* bias = nullptr;   // (n,), out's dtype, or nullptr: None / GeluTanhAux
-  void* aux = nullptr;          // GeluTanhAux
+  const void* bias = nullptr;  // (n,), out's dtype, or nullptr: None / GeluTanhAux
+  void* aux = nullptr;         // GeluTanhAux
   int64_t aux_ld = 0;
-  void* bias_grad = nullptr;    // (m,), out's dtype: BiasGradOfA
-  bool accumulate = false;      // out += a @ b instead of out = a @ b
+  void* bias_grad = nullptr;  // (m,), out's dtype: BiasGradOfA
+  bool accumulate = false;    // out += a @ b instead of out = a @ b
 };
 
 // Whether the epilogue's vectors (bias, aux, bias_grad; absent ones pass) are 16-byte aligned.

@@ -32,9 +32,9 @@
 #include <string_view>
 
 #include "activation.h"
+#include "checks.h"
 #include "cuda/cublaslt_gemm.h"
 #include "cuda/pack.cuh"
-#include "checks.h"
 #include "dense_checks.h"
 #include "shapes.h"
 
@@ -54,18 +54,19 @@ struct EpilogueArgs {
   int64_t rows, n;
   Activation act;
   A slope;
-  const S* bias;      // or nullptr
-  S* gemm;            // x @ W.T; rewritten as gemm + bias when it is the saved pre-activation
+  const S* bias;  // or nullptr
+  S* gemm;        // x @ W.T; rewritten as gemm + bias when it is the saved pre-activation
   bool pre_out;
   S* out;
-  uint8_t* mask;      // (rows, ceil(n / 8)), or nullptr
+  uint8_t* mask;  // (rows, ceil(n / 8)), or nullptr
 };
 
 template <typename S, bool kPacked>
 __global__ void forward_epilogue_kernel(EpilogueArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t groups = (a.n + kGroup - 1) / kGroup;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
     const int width = int(std::min<int64_t>(kGroup, a.n - c0));
     Pack<S, kGroup> pre = load_pack<kPacked, S, kGroup>(a.gemm + r * a.n + c0, width);
@@ -97,9 +98,9 @@ struct PrologueArgs {
   A slope;
   const S* grad_out;
   int64_t ld_grad_out;
-  const S* saved;          // pre-activation or output, or nullptr
-  const uint8_t* mask;     // or nullptr
-  S* grad_pre;             // (rows, n)
+  const S* saved;       // pre-activation or output, or nullptr
+  const uint8_t* mask;  // or nullptr
+  S* grad_pre;          // (rows, n)
 };
 
 template <typename S, bool kPacked>
@@ -107,7 +108,8 @@ __global__ void backward_prologue_kernel(PrologueArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t groups = (a.n + kGroup - 1) / kGroup;
   const SavedForBackward saved_kind = saved_for_backward(a.act);
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
     const int width = int(std::min<int64_t>(kGroup, a.n - c0));
     const Pack<S, kGroup> g = load_pack<kPacked, S, kGroup>(a.grad_out + r * a.ld_grad_out + c0, width);
@@ -124,14 +126,11 @@ __global__ void backward_prologue_kernel(PrologueArgs<S> a) {
           // Selected, not multiplied: relu's 0 stays 0 where grad_out is inf or NaN, as in ATen.
           dj = ((bits >> j) & 1u) ? gj : (a.act == Activation::Relu ? A(0) : gj * a.slope);
           break;
-        case SavedForBackward::Output:
-          dj = gj * activation_derivative_from_output<A>(a.act, A(saved.v[j]));
-          break;
+        case SavedForBackward::Output: dj = gj * activation_derivative_from_output<A>(a.act, A(saved.v[j])); break;
         case SavedForBackward::PreActivation:
           dj = gj * activation_derivative_from_input<A>(a.act, A(saved.v[j]));
           break;
-        default:
-          dj = gj;
+        default: dj = gj;
       }
       d.v[j] = S(dj);
     }
@@ -163,14 +162,14 @@ std::optional<ForwardPlan> forward_plan(Activation act, at::ScalarType dtype, in
 void warn_no_algorithm(const char* what, int64_t m, int64_t n, int64_t k, at::ScalarType dtype,
                        const std::string& why) {
   TORCH_WARN_ONCE("torch_ext.fused_linear: cuBLASLt declined the ", what, " (", m, " x ", k, " @ ", k, " x ", n, ", ",
-                  dtype, "): ", why, "; using ATen's GEMM and a separate pass (slower). Contiguous, 16-byte aligned "
+                  dtype, "): ", why,
+                  "; using ATen's GEMM and a separate pass (slower). Contiguous, 16-byte aligned "
                   "operands with sizes that are multiples of 8 usually avoid this.");
 }
 
 int64_t blocks_for(int64_t work, int threads) {
   return std::min<int64_t>(std::max<int64_t>((work + threads - 1) / threads, 1), int64_t(1) << 20);
 }
-
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor& weight,
                                                const std::optional<Tensor>& bias, c10::string_view activation,
@@ -198,8 +197,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
       saved = at::empty(with_last_dim(input, n), input.options());
       gemm = saved.view({m, n});
       break;
-    default:
-      saved = at::empty({0}, input.options());
+    default: saved = at::empty({0}, input.options());
   }
   bool fused = false, pass = true;
   if (m > 0 && n > 0 && k > 0) {
@@ -221,9 +219,14 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
   if (pass && m * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_act_fwd_cuda", [&] {
       // After a fused GEMM, out holds gemm + bias: the pass adds no bias and works in place.
-      EpilogueArgs<scalar_t> a{m, n, act, at::acc_type<scalar_t, true>(negative_slope),
+      EpilogueArgs<scalar_t> a{m,
+                               n,
+                               act,
+                               at::acc_type<scalar_t, true>(negative_slope),
                                bias_c.defined() && !fused ? bias_c.const_data_ptr<scalar_t>() : nullptr,
-                               gemm.data_ptr<scalar_t>(), !gemm.is_same(out), out.data_ptr<scalar_t>(),
+                               gemm.data_ptr<scalar_t>(),
+                               !gemm.is_same(out),
+                               out.data_ptr<scalar_t>(),
                                mask.defined() ? mask.data_ptr<uint8_t>() : nullptr};
       const int threads = 256;
       const int64_t blocks = blocks_for(m * ((n + kGroup - 1) / kGroup), threads);
@@ -266,8 +269,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   Tensor grad_pre = at::empty({m, n}, options);
   if (m * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_act_bwd_cuda", [&] {
-      PrologueArgs<scalar_t> a{m, n, act, at::acc_type<scalar_t, true>(negative_slope),
-                               g2d.const_data_ptr<scalar_t>(), g2d.stride(0),
+      PrologueArgs<scalar_t> a{m,
+                               n,
+                               act,
+                               at::acc_type<scalar_t, true>(negative_slope),
+                               g2d.const_data_ptr<scalar_t>(),
+                               g2d.stride(0),
                                saved2d.defined() ? saved2d.const_data_ptr<scalar_t>() : nullptr,
                                mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() : nullptr,
                                grad_pre.data_ptr<scalar_t>()};
@@ -300,7 +307,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   }
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   if (output_mask[1] && !grad_weight.defined()) grad_weight = at::mm(grad_pre.t(), x2d);
-  if (output_mask[2] && !grad_bias.defined()) grad_bias = grad_pre.sum(0, /*keepdim=*/false, acc).to(input.scalar_type());
+  if (output_mask[2] && !grad_bias.defined())
+    grad_bias = grad_pre.sum(0, /*keepdim=*/false, acc).to(input.scalar_type());
   Tensor grad_input = output_mask[0] ? at::mm(grad_pre, weight).view(input.sizes()) : at::empty({0}, options);
   return {grad_input, output_mask[1] ? grad_weight : at::empty({0}, options),
           output_mask[2] ? grad_bias : at::empty({0}, options)};

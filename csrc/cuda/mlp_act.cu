@@ -31,11 +31,11 @@ struct MlpActArgs {
   bool gated;
   Activation act;
   A slope;
-  const S* input;         // (rows, n) or (rows, 2n)
-  const S* grad_out;      // backward: rows of n with row stride ld_grad_out
+  const S* input;     // (rows, n) or (rows, 2n)
+  const S* grad_out;  // backward: rows of n with row stride ld_grad_out
   int64_t ld_grad_out;
-  S* out;                 // (rows, n), or nullptr in backward
-  S* grad_input;          // input's shape, or nullptr
+  S* out;         // (rows, n), or nullptr in backward
+  S* grad_input;  // input's shape, or nullptr
 };
 
 // One thread per group of 8 output columns of one row; kPacked: n % 8 == 0 and aligned rows, so
@@ -46,7 +46,8 @@ template <typename S, bool kPacked>
 __global__ void forward_kernel(MlpActArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t width = a.gated ? 2 * a.n : a.n, groups = (a.n + kGroup - 1) / kGroup;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
     const int count = int(std::min<int64_t>(kGroup, a.n - c0));
     const Pack<S, kGroup> u = load_pack<kPacked, S, kGroup>(a.input + r * width + c0, count);
@@ -67,7 +68,8 @@ template <typename S, bool kPacked>
 __global__ void backward_kernel(MlpActArgs<S> a) {
   using A = at::acc_type<S, true>;
   const int64_t width = a.gated ? 2 * a.n : a.n, groups = (a.n + kGroup - 1) / kGroup;
-  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups; i += int64_t(gridDim.x) * blockDim.x) {
+  for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.rows * groups;
+       i += int64_t(gridDim.x) * blockDim.x) {
     const int64_t r = i / groups, c0 = (i % groups) * kGroup;
     const int count = int(std::min<int64_t>(kGroup, a.n - c0));
     const Pack<S, kGroup> g = load_pack<kPacked, S, kGroup>(a.grad_out + r * a.ld_grad_out + c0, count);
@@ -98,21 +100,25 @@ __global__ void backward_kernel(MlpActArgs<S> a) {
   }
 }
 
-
 template <typename S>
 void launch(bool backward, MlpActArgs<S>& a) {
   const int threads = 256;
   const int64_t groups = (a.n + kGroup - 1) / kGroup;
-  const int64_t blocks = std::min<int64_t>(std::max<int64_t>((a.rows * groups + threads - 1) / threads, 1), int64_t(1) << 20);
+  const int64_t blocks =
+      std::min<int64_t>(std::max<int64_t>((a.rows * groups + threads - 1) / threads, 1), int64_t(1) << 20);
   const auto stream = c10::cuda::getCurrentCUDAStream();
   // Rows of the input are `width` long, the value half starts n in: n % 8 == 0 keeps both aligned.
   const bool packed = rows_fit_packs<S, kGroup>(a.input, a.n) && rows_fit_packs<S, kGroup>(a.out, a.n) &&
                       rows_fit_packs<S, kGroup>(a.grad_out, a.ld_grad_out) &&
                       rows_fit_packs<S, kGroup>(a.grad_input, a.n);
-  if (backward && packed) backward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
-  else if (backward) backward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
-  else if (packed) forward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
-  else forward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
+  if (backward && packed)
+    backward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
+  else if (backward)
+    backward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
+  else if (packed)
+    forward_kernel<S, true><<<blocks, threads, 0, stream>>>(a);
+  else
+    forward_kernel<S, false><<<blocks, threads, 0, stream>>>(a);
   C10_CUDA_KERNEL_LAUNCH_CHECK();
 }
 
@@ -128,8 +134,16 @@ Tensor mlp_act_fwd_cuda(const Tensor& input, c10::string_view activation, double
   Tensor out = out_full.view({rows, n});
   if (rows * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mlp_act_fwd_cuda", [&] {
-      MlpActArgs<scalar_t> a{rows, n, gated, act, at::acc_type<scalar_t, true>(negative_slope),
-                             in2d.const_data_ptr<scalar_t>(), nullptr, 0, out.data_ptr<scalar_t>(), nullptr};
+      MlpActArgs<scalar_t> a{rows,
+                             n,
+                             gated,
+                             act,
+                             at::acc_type<scalar_t, true>(negative_slope),
+                             in2d.const_data_ptr<scalar_t>(),
+                             nullptr,
+                             0,
+                             out.data_ptr<scalar_t>(),
+                             nullptr};
       launch<scalar_t>(false, a);
     });
   }
@@ -158,8 +172,14 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cuda(const Tensor& grad_output, const Ten
   Tensor out = output_mask[1] ? at::empty({rows, n}, options) : Tensor();
   if (rows * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "mlp_act_bwd_cuda", [&] {
-      MlpActArgs<scalar_t> a{rows, n, gated, act, at::acc_type<scalar_t, true>(negative_slope),
-                             in2d.const_data_ptr<scalar_t>(), g2d.const_data_ptr<scalar_t>(), g2d.stride(0),
+      MlpActArgs<scalar_t> a{rows,
+                             n,
+                             gated,
+                             act,
+                             at::acc_type<scalar_t, true>(negative_slope),
+                             in2d.const_data_ptr<scalar_t>(),
+                             g2d.const_data_ptr<scalar_t>(),
+                             g2d.stride(0),
                              out.defined() ? out.data_ptr<scalar_t>() : nullptr,
                              grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr};
       launch<scalar_t>(true, a);

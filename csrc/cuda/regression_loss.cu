@@ -39,16 +39,16 @@ struct RegressionLossArgs {
   int64_t numel;
   const S* input;
   const S* target;
-  const S* weight;          // or nullptr
+  const S* weight;  // or nullptr
   RegressionLoss loss;
   A param;
-  S* out;                   // forward, reduction none
-  A* loss_partials;         // forward, reductions: one per block
-  A* weight_partials;       // weighted mse mean, or nullptr
-  const S* grad_loss;       // backward, reduction none: per element, or
-  const A* scale;           // a device scalar for every element
-  S* grad_input;            // or nullptr
-  S* grad_target;           // or nullptr
+  S* out;              // forward, reduction none
+  A* loss_partials;    // forward, reductions: one per block
+  A* weight_partials;  // weighted mse mean, or nullptr
+  const S* grad_loss;  // backward, reduction none: per element, or
+  const A* scale;      // a device scalar for every element
+  S* grad_input;       // or nullptr
+  S* grad_target;      // or nullptr
 };
 
 // Block b covers elements [b * kElementsPerBlock, (b + 1) * kElementsPerBlock), read with unit
@@ -111,7 +111,8 @@ __global__ void backward_kernel(RegressionLossArgs<S> a) {
 }
 
 template <typename S>
-RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w) {
+RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tensor& x, const Tensor& t,
+                                  const Tensor& w) {
   RegressionLossArgs<S> a{};
   a.numel = x.numel();
   a.input = x.const_data_ptr<S>();
@@ -122,15 +123,14 @@ RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tenso
   return a;
 }
 
-at::ScalarType acc_dtype(const Tensor& input) {
-  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-}
+at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
 
 // The forward kernel; given `scale` (a device scalar), it also writes the defined ones of
 // grad_input / grad_target for d(loss)/d(element loss) = scale in the same pass.
-void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w, const Tensor& out,
-                 const Tensor& loss_partials, const Tensor& weight_partials, const Tensor& scale = Tensor(),
-                 const Tensor& grad_input = Tensor(), const Tensor& grad_target = Tensor()) {
+void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w,
+                 const Tensor& out, const Tensor& loss_partials, const Tensor& weight_partials,
+                 const Tensor& scale = Tensor(), const Tensor& grad_input = Tensor(),
+                 const Tensor& grad_target = Tensor()) {
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
   if (blocks == 0) return;
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "regression_loss_fwd_cuda", [&] {
@@ -203,8 +203,10 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cuda(const Tensor& i
   // (taken before the pass, which needs it).
   const Tensor weight_sum =
       red == Reduction::Mean && divides_by_weight_sum(kind, weight) ? w.sum(acc_dtype(input)) : Tensor();
-  const Tensor scale = weight_sum.defined() ? weight_sum.reciprocal()
-                       : at::scalar_tensor(red == Reduction::Mean ? 1.0 / double(std::max<int64_t>(x.numel(), 1)) : 1.0, acc);
+  const Tensor scale =
+      weight_sum.defined()
+          ? weight_sum.reciprocal()
+          : at::scalar_tensor(red == Reduction::Mean ? 1.0 / double(std::max<int64_t>(x.numel(), 1)) : 1.0, acc);
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   run_forward(kind, param, x, t, w, Tensor(), loss_partials, Tensor(), scale, grad_input, grad_target);

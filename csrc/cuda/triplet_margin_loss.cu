@@ -35,12 +35,12 @@ struct TripletArgs {
   const S* negative;
   A margin, p, eps;
   bool swap;
-  A* dist;               // (rows, 3): d(a, p), d(a, n), d(p, n) (0 without swap)
-  A* row_loss;           // forward
-  const A* row_scale;    // per row (reduction none), or
-  const A* scale;        // a device scalar for every row; null in the forward: `unit_scale`
-  A unit_scale;          // the forward's gradients: 1, or 1 / rows for mean
-  S* grad_anchor;        // each may be nullptr
+  A* dist;             // (rows, 3): d(a, p), d(a, n), d(p, n) (0 without swap)
+  A* row_loss;         // forward
+  const A* row_scale;  // per row (reduction none), or
+  const A* scale;      // a device scalar for every row; null in the forward: `unit_scale`
+  A unit_scale;        // the forward's gradients: 1, or 1 / rows for mean
+  S* grad_anchor;      // each may be nullptr
   S* grad_positive;
   S* grad_negative;
 };
@@ -97,7 +97,8 @@ __device__ RowCoefficients<A> row_coefficients(A d_ap, A d_an, A d_pn, A g, A ma
 }
 
 template <typename S>
-__device__ void write_row_gradients(const TripletArgs<S>& a, int64_t r, const RowCoefficients<at::acc_type<S, true>>& k) {
+__device__ void write_row_gradients(const TripletArgs<S>& a, int64_t r,
+                                    const RowCoefficients<at::acc_type<S, true>>& k) {
   using A = at::acc_type<S, true>;
   const int64_t D = a.dim;
   const S* x = a.anchor + r * D;
@@ -202,10 +203,10 @@ int threads_for(int64_t dim) {
 int64_t grid_for(int64_t rows) { return std::min<int64_t>(std::max<int64_t>(rows, 1), int64_t(1) << 30); }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, const Tensor& anchor,
-                                                                 const Tensor& positive, const Tensor& negative,
-                                                                 double margin, double p, double eps, bool swap,
-                                                                 c10::string_view reduction,
-                                                                 std::array<bool, 3> grad_mask) {
+                                                                const Tensor& positive, const Tensor& negative,
+                                                                double margin, double p, double eps, bool swap,
+                                                                c10::string_view reduction,
+                                                                std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(anchor.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p, check_floating);
@@ -218,14 +219,16 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   for (int i = 0; i < 3; ++i)
     if (grad_mask[i]) grads[i] = at::empty(anchor.sizes(), anchor.options());
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchor.scalar_type(), "triplet_margin_loss_fwd_cuda", [&] {
-      using A = at::acc_type<scalar_t, true>;
-      auto args = kernel_args<scalar_t>(a, pos, neg, margin, p, eps, swap, dist, grads);
-      args.row_loss = row_loss.data_ptr<A>();
-      args.unit_scale = red == Reduction::Mean ? A(1.0 / double(rows)) : A(1);
-      forward_kernel<scalar_t><<<grid_for(rows), threads_for(args.dim), 0, c10::cuda::getCurrentCUDAStream()>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, anchor.scalar_type(), "triplet_margin_loss_fwd_cuda", [&] {
+          using A = at::acc_type<scalar_t, true>;
+          auto args = kernel_args<scalar_t>(a, pos, neg, margin, p, eps, swap, dist, grads);
+          args.row_loss = row_loss.data_ptr<A>();
+          args.unit_scale = red == Reduction::Mean ? A(1.0 / double(rows)) : A(1);
+          forward_kernel<scalar_t>
+              <<<grid_for(rows), threads_for(args.dim), 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
   Tensor loss;
   switch (red) {
@@ -255,8 +258,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_grad_
 
 std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& anchor,
                                                                 const Tensor& positive, const Tensor& negative,
-                                                                const Tensor& dist, double margin, double p,
-                                                                double eps, bool swap, c10::string_view reduction,
+                                                                const Tensor& dist, double margin, double p, double eps,
+                                                                bool swap, c10::string_view reduction,
                                                                 std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.triplet_margin_loss_bwd";
   const c10::cuda::CUDAGuard guard(anchor.device());
@@ -280,14 +283,16 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& gr
   for (int i = 0; i < 3; ++i)
     if (output_mask[i]) grads[i] = at::empty(anchor.sizes(), anchor.options());
   if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
-    AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, anchor.scalar_type(), "triplet_margin_loss_bwd_cuda", [&] {
-      using A = at::acc_type<scalar_t, true>;
-      auto args = kernel_args<scalar_t>(a, pos, neg, margin, p, eps, swap, dist_c, grads);
-      args.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
-      args.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
-      backward_kernel<scalar_t><<<grid_for(rows), threads_for(args.dim), 0, c10::cuda::getCurrentCUDAStream()>>>(args);
-      C10_CUDA_KERNEL_LAUNCH_CHECK();
-    });
+    AT_DISPATCH_FLOATING_TYPES_AND2(
+        at::kHalf, at::kBFloat16, anchor.scalar_type(), "triplet_margin_loss_bwd_cuda", [&] {
+          using A = at::acc_type<scalar_t, true>;
+          auto args = kernel_args<scalar_t>(a, pos, neg, margin, p, eps, swap, dist_c, grads);
+          args.row_scale = row_scale.defined() ? row_scale.const_data_ptr<A>() : nullptr;
+          args.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
+          backward_kernel<scalar_t>
+              <<<grid_for(rows), threads_for(args.dim), 0, c10::cuda::getCurrentCUDAStream()>>>(args);
+          C10_CUDA_KERNEL_LAUNCH_CHECK();
+        });
   }
   for (auto& g : grads)
     if (!g.defined()) g = at::empty({0}, anchor.options());

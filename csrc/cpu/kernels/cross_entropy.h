@@ -1,7 +1,8 @@
 // Vectorized cross-entropy kernels: forward (logsumexp, loss per row) and backward (the
 // gradient of a row in one read-write pass). The (N, C) forward also writes each row's gradient
-// right after its statistics, while the row is in L2, when given grad_input (cross_entropy_fwd_grad). Compiled once per instruction set; included only
-// from csrc/cpu/capability/kernels_impl.h, inside namespace torch_ext::cpu::CPU_CAPABILITY.
+// right after its statistics, while the row is in L2, when given grad_input (cross_entropy_fwd_grad). Compiled once per
+// instruction set; included only from csrc/cpu/capability/kernels_impl.h, inside namespace
+// torch_ext::cpu::CPU_CAPABILITY.
 //
 // Per row with logits x, lse = logsumexp(x), smoothing e, C classes, class weights w (1 when
 // absent), W = sum_c w_c, row weight r = w[y] (0 for ignored rows) and z = z_loss:
@@ -32,9 +33,9 @@
 // block's factor exp(M_b - lse): the forward that also forms the gradient keeps them (in the
 // gradient's row; for bfloat16 in a float row) and the gradient pass only multiplies (one exponential an element,
 // not two: the step is bound by them, not by memory); the backward op takes the block maxima
-// again (a max pass) and the same exponentials, so both give the same bits. spatial > 1 ((N, C, d...) input): a tile of one
-// vector of adjacent positions is processed at once, lanes = positions, looping over classes
-// (stride `spatial`); the tile is read from memory once (max), then again from cache (sums).
+// again (a max pass) and the same exponentials, so both give the same bits. spatial > 1 ((N, C, d...) input): a tile of
+// one vector of adjacent positions is processed at once, lanes = positions, looping over classes (stride `spatial`);
+// the tile is read from memory once (max), then again from cache (sums).
 #pragma once
 
 #include <ATen/Parallel.h>
@@ -92,7 +93,8 @@ inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
     const V ratio = (e - V(A(1))) / (e + V(A(1)));
     const V u2 = u * u;
     const V poly =
-        u * (V(A(1)) + u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835))))));
+        u *
+        (V(A(1)) + u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835))))));
     const V t = V::blendv(ratio, poly, u.abs() < V(A(0.25)));
     return V::blendv(t * V(softcap), x, x != x);
   } else {
@@ -157,11 +159,11 @@ template <typename A>
 struct RowState {
   A max = -std::numeric_limits<A>::infinity();
   A sum_exp = 0;
-  A shift = 0;      // subtracted from x in the linear sums (the first block's max), so logits of
+  A shift = 0;           // subtracted from x in the linear sums (the first block's max), so logits of
   bool shifted = false;  // large magnitude do not cancel catastrophically against lse
-  A sum_wx = 0;     // sum_c w_c (x_c - shift)     (class targets with smoothing)
-  A sum_wt = 0;     // sum_c w_c t'_c              (probability targets)
-  A sum_wtx = 0;    // sum_c w_c t'_c (x_c - shift)
+  A sum_wx = 0;          // sum_c w_c (x_c - shift)     (class targets with smoothing)
+  A sum_wt = 0;          // sum_c w_c t'_c              (probability targets)
+  A sum_wtx = 0;         // sum_c w_c t'_c (x_c - shift)
 };
 
 // The max of n logits (NaN if one is NaN).
@@ -195,8 +197,8 @@ inline Vectorized<A> exp_against(const A* x, int64_t i, int64_t n, A m) {
 // weight vector or nullptr. exps (or nullptr) gets exp(x - st.max) of the block, st.max being
 // the running max after it.
 template <typename A>
-inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0,
-                             int64_t n, A smoothing, A inv_classes, bool linear_sums, A* exps) {
+inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0, int64_t n, A smoothing,
+                             A inv_classes, bool linear_sums, A* exps) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
   const A block_max = block_max_of(x, n);
@@ -321,7 +323,7 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   if (!maxima_known) running_block_maxima<S>(x, C, xbuf, block_max, cap);
   int64_t y = -1;
   A coef_p, coef_w, coef_y = 0;  // grad = coef_p p_c - coef_w w_c [t'_c] - coef_y [c == y]
-  if (is_ignored) {  // only its logsumexp's gradient
+  if (is_ignored) {              // only its logsumexp's gradient
     coef_p = grad_lse;
     coef_w = 0;
   } else if (prob) {
@@ -335,15 +337,14 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
     coef_y = sc * rw * (A(1) - e);
   }
   const bool smoothing_term = !is_ignored && e > 0;
-  const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c),
-      vt(sc * (A(1) - e));
+  const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c), vt(sc * (A(1) - e));
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
     // The block's (capped) logits: not needed when the exponentials are known, there is no
     // target row and no cap.
-    const A* xb = capped_row != nullptr                            ? capped_row + c0
+    const A* xb = capped_row != nullptr                         ? capped_row + c0
                   : exps != nullptr && t == nullptr && cap == 0 ? nullptr
-                                                                   : logits_block<S>(x + c0, n, xbuf, cap);
+                                                                : logits_block<S>(x + c0, n, xbuf, cap);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
     if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
@@ -378,8 +379,8 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
 // it, so y must be in that block with no earlier class of the block equal to the max. Reads at
 // most one block, and only for rows whose target logit is the max.
 template <typename S>
-inline bool argmax_is(const S* x, int64_t C, int64_t y, acc_t<S> y_logit, acc_t<S> row_max,
-                      const acc_t<S>* block_max, const acc_t<S>* capped_row, acc_t<S>* xbuf, acc_t<S> softcap) {
+inline bool argmax_is(const S* x, int64_t C, int64_t y, acc_t<S> y_logit, acc_t<S> row_max, const acc_t<S>* block_max,
+                      const acc_t<S>* capped_row, acc_t<S>* xbuf, acc_t<S> softcap) {
   using A = acc_t<S>;
   if (!same_max(y_logit, row_max)) return false;
   const int64_t yb = y / kBlock;
@@ -414,7 +415,8 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       if (is_ignored && !a.ignored_row_stats) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);  // zeros
+        if (a.grad_input != nullptr)
+          gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
@@ -444,7 +446,8 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       if (is_ignored) {  // ignored_row_stats: its logsumexp only
         a.row_loss[r] = 0;
         a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
+        if (a.grad_input != nullptr)
+          gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
         continue;
       }
       const A lse = st.max + log_sum;                       // for z_loss only
@@ -467,7 +470,8 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       if (row_is_nan(st.max)) loss = std::numeric_limits<A>::quiet_NaN();
       a.row_loss[r] = loss;
       // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
-      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps, capped_x);
+      if (a.grad_input != nullptr)
+        gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps, capped_x);
     }
   });
 }
@@ -493,8 +497,8 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
 // no cap (ld = spatial), else converted (and capped, softcap > 0) into `buffer` (ld = lanes).
 // Probability targets come through here with softcap 0.
 template <typename S, typename A>
-inline const A* tile_as_math(const S* base, int64_t classes, int64_t spatial, int64_t lanes,
-                             std::vector<A>& buffer, int64_t& ld, A softcap) {
+inline const A* tile_as_math(const S* base, int64_t classes, int64_t spatial, int64_t lanes, std::vector<A>& buffer,
+                             int64_t& ld, A softcap) {
   if (std::is_same_v<S, A> && softcap == 0) {
     ld = spatial;
     return reinterpret_cast<const A*>(base);

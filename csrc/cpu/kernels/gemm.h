@@ -38,16 +38,16 @@ namespace torch_ext::cpu::CPU_CAPABILITY {
 using FloatVec = at::vec::Vectorized<float>;
 constexpr int64_t kGemmNR = 2 * FloatVec::size();
 constexpr int64_t kGemmMR = FloatVec::size() == 16 ? 12 : 6;
-constexpr int64_t kGemmKC = 256;       // rows of a packed B block: 32 KiB micro-panels
-constexpr int64_t kGemmDepthKC = 64;   // the same when threads split k (smaller: C is summed in L2)
+constexpr int64_t kGemmKC = 256;               // rows of a packed B block: 32 KiB micro-panels
+constexpr int64_t kGemmDepthKC = 64;           // the same when threads split k (smaller: C is summed in L2)
 constexpr int64_t kGemmDepthMaxC = 64 * 1024;  // values of C, at most, for threads to split k
-constexpr int64_t kGemmNC = 512;       // columns of a packed B block: 512 KiB
-constexpr int64_t kGemmMC = 240;       // rows of A packed at a time (a multiple of MR and of the vector width)
+constexpr int64_t kGemmNC = 512;               // columns of a packed B block: 512 KiB
+constexpr int64_t kGemmMC = 240;               // rows of A packed at a time (a multiple of MR and of the vector width)
 
 // C tile (rows x cols of at most MR x NR) = or += A tile . packed B micro-panel, over kc.
 // a points at A(tile row 0, block column 0); a_rs, a_cs are A's strides.
-inline void gemm_micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* packed_b,
-                              float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+inline void gemm_micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* packed_b, float* c,
+                              int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
   constexpr int64_t kVec = FloatVec::size();
   FloatVec acc[kGemmMR][2];
   // Every loop over the tile's rows is unrolled: with constant indices the accumulators live in
@@ -106,8 +106,10 @@ inline void gemm_transpose_block(const float* src, int64_t ld_src, float* dst, i
     r[g + 3] = _mm512_castpd_ps(_mm512_unpackhi_pd(_mm512_castps_pd(t[g + 1]), _mm512_castps_pd(t[g + 3])));
   }
   for (int c = 0; c < 4; ++c) {  // across lanes
-    const __m512 v02 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88), w02 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
-    const __m512 v13 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd), w13 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
+    const __m512 v02 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0x88),
+                 w02 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0x88);
+    const __m512 v13 = _mm512_shuffle_f32x4(r[c], r[4 + c], 0xdd),
+                 w13 = _mm512_shuffle_f32x4(r[8 + c], r[12 + c], 0xdd);
     _mm512_storeu_ps(dst + c * ld_dst, _mm512_shuffle_f32x4(v02, w02, 0x88));
     _mm512_storeu_ps(dst + (8 + c) * ld_dst, _mm512_shuffle_f32x4(v02, w02, 0xdd));
     _mm512_storeu_ps(dst + (4 + c) * ld_dst, _mm512_shuffle_f32x4(v13, w13, 0x88));
@@ -139,8 +141,7 @@ inline void gemm_transpose_block(const float* src, int64_t ld_src, float* dst, i
 
 // Packs B rows [p0, p0 + kc) x columns [first, first + cols) (cols <= NR) into one micro-panel
 // (kc x NR values, columns past cols zero).
-inline void gemm_pack_b_panel(const GemmF32Args& g, int64_t p0, int64_t kc, int64_t first, int64_t cols,
-                              float* dst) {
+inline void gemm_pack_b_panel(const GemmF32Args& g, int64_t p0, int64_t kc, int64_t first, int64_t cols, float* dst) {
   const float* src = g.b + p0 * g.b_rs + first * g.b_cs;
   if (cols < kGemmNR) std::fill_n(dst, kc * kGemmNR, 0.f);
   constexpr int64_t kVec = FloatVec::size();
@@ -179,7 +180,7 @@ inline void gemm_pack_a_block(const float* a, int64_t a_rs, int64_t a_cs, int64_
   constexpr int64_t kVec = FloatVec::size();
   const int64_t padded = (rows + kGemmMR - 1) / kGemmMR * kGemmMR;
   int64_t rows_done = 0, p_done = 0;  // the part copied by the fast paths
-  if (a_rs == 1) {  // columns of A contiguous (A = g.T of grad_W = g.T @ x): one run per k
+  if (a_rs == 1) {                    // columns of A contiguous (A = g.T of grad_W = g.T @ x): one run per k
     for (int64_t p = 0; p < kc; ++p) std::memcpy(packed + p * kGemmMC, a + p * a_cs, sizeof(float) * rows);
     rows_done = rows;
     p_done = kc;
@@ -225,7 +226,9 @@ struct PrefetchRows {
   int64_t stride = 0, rows = 0, lines_per_row = 0;
   PrefetchRows() = default;
   PrefetchRows(const float* first, int64_t stride_floats, int64_t rows_, int64_t floats)
-      : base(reinterpret_cast<const char*>(first)), stride(stride_floats * 4), rows(rows_),
+      : base(reinterpret_cast<const char*>(first)),
+        stride(stride_floats * 4),
+        rows(rows_),
         lines_per_row((floats * 4 + 63) / 64 + 1) {}
   int64_t lines() const { return rows * lines_per_row; }
   void fetch(int64_t begin, int64_t end) const {
@@ -260,8 +263,10 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
       const int64_t p_next = p0 + band.kc_block;
       if (p_next < band.p_end) {
         const int64_t kc_next = std::min(band.kc_block, band.p_end - p_next);
-        if (g.b_cs == 1) next_b = PrefetchRows(g.b + p_next * g.b_rs + j0, g.b_rs, kc_next, j_end - j0);
-        else if (g.b_rs == 1) next_b = PrefetchRows(g.b + p_next + j0 * g.b_cs, g.b_cs, j_end - j0, kc_next);
+        if (g.b_cs == 1)
+          next_b = PrefetchRows(g.b + p_next * g.b_rs + j0, g.b_rs, kc_next, j_end - j0);
+        else if (g.b_rs == 1)
+          next_b = PrefetchRows(g.b + p_next + j0 * g.b_cs, g.b_cs, j_end - j0, kc_next);
         if (g.a_rs == 1 && g.a_cs != 1)
           next_a = PrefetchRows(g.a + band.i_begin + p_next * g.a_cs, g.a_cs, kc_next, band.i_end - band.i_begin);
       }
@@ -289,8 +294,8 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
             next_b.fetch(next_b.lines() * call / calls, next_b.lines() * (call + 1) / calls);
             next_a.fetch(next_a.lines() * call / calls, next_a.lines() * (call + 1) / calls);
             const int64_t j = j0 + q * kGemmNR;
-            gemm_micro_kernel(kc, a, a_rs, a_cs, packed_b + q * kc * kGemmNR, band.c + i0 * band.ldc + j,
-                              band.ldc, rows, std::min(kGemmNR, j_end - j), accumulate);
+            gemm_micro_kernel(kc, a, a_rs, a_cs, packed_b + q * kc * kGemmNR, band.c + i0 * band.ldc + j, band.ldc,
+                              rows, std::min(kGemmNR, j_end - j), accumulate);
           }
         }
       }
@@ -320,8 +325,8 @@ inline void gemm_f32(const GemmF32Args& g) {
   // of k): measured slower than either band at 256 x 1024 (1 MiB).
   const bool small_c = g.m * g.n <= kGemmDepthMaxC;
   const Split split = small_c && depth_cost < std::min(row_cost, column_cost) && g.k >= 2 * kGemmKC ? Split::Depth
-                      : row_cost <= column_cost                                                 ? Split::Rows
-                                                                                                : Split::Columns;
+                      : row_cost <= column_cost                                                     ? Split::Rows
+                                                                                                    : Split::Columns;
   const int64_t unit = split == Split::Rows ? kGemmMR : split == Split::Columns ? kGemmNR : kGemmKC;
   const int64_t extent = split == Split::Rows ? g.m : split == Split::Columns ? g.n : g.k;
   const int64_t units = (extent + unit - 1) / unit;

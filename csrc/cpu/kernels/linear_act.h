@@ -27,8 +27,7 @@ template <typename T, bool kNanIsSet>
 inline uint32_t mask_bits(const Vec<T>& x, int64_t lanes) {
 #if defined(CPU_CAPABILITY_AVX512)
   if constexpr (std::is_same_v<T, float>) {
-    return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kNanIsSet ? _CMP_NLE_UQ : _CMP_GT_OQ) &
-           ((1u << lanes) - 1u);
+    return _mm512_cmp_ps_mask(x, _mm512_setzero_ps(), kNanIsSet ? _CMP_NLE_UQ : _CMP_GT_OQ) & ((1u << lanes) - 1u);
   }
 #elif defined(CPU_CAPABILITY_AVX2)
   if constexpr (std::is_same_v<T, float>) {
@@ -128,8 +127,7 @@ inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
 // One contiguous segment of a row, in the math type T (float or double). The segment starts
 // at a multiple of 8 columns, so its mask bits start on a byte boundary.
 template <Activation A, typename T>
-inline void forward_segment(int64_t len, const T* gemm, const T* bias, T* pre_out, T* out,
-                            uint8_t* mask, T slope) {
+inline void forward_segment(int64_t len, const T* gemm, const T* bias, T* pre_out, T* out, uint8_t* mask, T slope) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const V slope_v(slope);
@@ -154,8 +152,8 @@ inline void forward_segment(int64_t len, const T* gemm, const T* bias, T* pre_ou
 }
 
 template <Activation A, typename T, typename Acc>
-inline void backward_segment(int64_t len, const T* g, const T* saved, const uint8_t* mask,
-                             T* grad_pre, Acc* bias_grad, T slope) {
+inline void backward_segment(int64_t len, const T* g, const T* saved, const uint8_t* mask, T* grad_pre, Acc* bias_grad,
+                             T slope) {
   using V = Vec<T>;
   constexpr int64_t W = V::size();
   const V zero(T(0));

@@ -20,8 +20,7 @@ namespace torch_ext::cpu::CPU_CAPABILITY {
 // relu passes the gradient where x is NaN (its backward tests the output, `out <= 0`),
 // leaky_relu takes the slope there (`x > 0 ? g : g * slope`).
 template <Activation A, typename T>
-inline void act_value_and_grad(const Vec<T>& x, const Vec<T>& g, const Vec<T>& slope, Vec<T>& value,
-                               Vec<T>& grad) {
+inline void act_value_and_grad(const Vec<T>& x, const Vec<T>& g, const Vec<T>& slope, Vec<T>& value, Vec<T>& grad) {
   const Vec<T> zero(T(0));
   value = act_forward<A, T>(x, slope);
   if constexpr (A == Activation::Relu) {
@@ -31,7 +30,7 @@ inline void act_value_and_grad(const Vec<T>& x, const Vec<T>& g, const Vec<T>& s
   } else if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
     grad = act_backward<A, T>(g, value);  // their derivative is a function of the output
   } else {
-    grad = act_backward<A, T>(g, x);      // none, gelu, gelu_tanh, silu
+    grad = act_backward<A, T>(g, x);  // none, gelu, gelu_tanh, silu
   }
 }
 
@@ -52,8 +51,8 @@ inline void mlp_act_forward_segment(int64_t len, const T* u, const T* v, T* out,
 // grad_u = g * v * act'(u) and grad_v = g * act(u) (gated), or grad_u = g * act'(u); out (when
 // not null) gets the forward output again.
 template <Activation A, typename T>
-inline void mlp_act_backward_segment(int64_t len, const T* g, const T* u, const T* v, T* grad_u,
-                                     T* grad_v, T* out, T slope) {
+inline void mlp_act_backward_segment(int64_t len, const T* g, const T* u, const T* v, T* grad_u, T* grad_v, T* out,
+                                     T slope) {
   using V = Vec<T>;
   const V slope_v(slope);
   for (int64_t i = 0; i < len; i += V::size()) {
@@ -115,8 +114,8 @@ void mlp_act_backward_rows(const MlpActRows<S>& a, T slope) {
         convert_values(g + c, gt, len);
         convert_values(u + c, ut, len);
         if (v) convert_values(v + c, vt, len);
-        mlp_act_backward_segment<A, T>(len, gt, ut, v ? vt : nullptr, grad_u ? gut : nullptr,
-                                       grad_v ? gvt : nullptr, out ? yt : nullptr, slope);
+        mlp_act_backward_segment<A, T>(len, gt, ut, v ? vt : nullptr, grad_u ? gut : nullptr, grad_v ? gvt : nullptr,
+                                       out ? yt : nullptr, slope);
         if (grad_u) convert_values(gut, grad_u + c, len);
         if (grad_v) convert_values(gvt, grad_v + c, len);
         if (out) convert_values(yt, out + c, len);

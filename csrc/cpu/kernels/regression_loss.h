@@ -85,7 +85,10 @@ void forward(const RegressionLossArgs<S>& a) {
         const A* w = a.weight ? as_math<S, A>(a.weight + c, n, wb) : nullptr;
         A* o = nullptr;
         if (a.out != nullptr) {
-          if constexpr (std::is_same_v<S, A>) o = a.out + c; else o = ob;
+          if constexpr (std::is_same_v<S, A>)
+            o = a.out + c;
+          else
+            o = ob;
         }
         A* gi = ib;
         A* gt = jb;

@@ -30,16 +30,22 @@ enum class Norm { L1, L2, General };
 
 template <Norm N, typename A>
 inline Vectorized<A> norm_term(const Vectorized<A>& v, const Vectorized<A>& p) {
-  if constexpr (N == Norm::L1) return v.abs();
-  else if constexpr (N == Norm::L2) return v * v;
-  else return v.abs().pow(p);
+  if constexpr (N == Norm::L1)
+    return v.abs();
+  else if constexpr (N == Norm::L2)
+    return v * v;
+  else
+    return v.abs().pow(p);
 }
 
 template <Norm N, typename A>
 inline A finish_norm(A sum, A p) {
-  if constexpr (N == Norm::L1) return sum;
-  else if constexpr (N == Norm::L2) return std::sqrt(sum);
-  else return std::pow(sum, A(1) / p);
+  if constexpr (N == Norm::L1)
+    return sum;
+  else if constexpr (N == Norm::L2)
+    return std::sqrt(sum);
+  else
+    return std::pow(sum, A(1) / p);
 }
 
 // u(v) = coef * sign(v) |v|^(p-1), coef = 1 / d^(p-1) (0 when d == 0).
@@ -122,14 +128,21 @@ inline void backward_row(const TripletMarginArgs<S>& a, int64_t r, acc_t<S> d_ap
   const int64_t D = a.dim;
   const auto coef_of = [&](A d) -> A {
     if (d == 0) return A(0);
-    if constexpr (N == Norm::L1) return A(1);
-    else if constexpr (N == Norm::L2) return A(1) / d;
-    else return A(1) / std::pow(d, a.p - A(1));
+    if constexpr (N == Norm::L1)
+      return A(1);
+    else if constexpr (N == Norm::L2)
+      return A(1) / d;
+    else
+      return A(1) / std::pow(d, a.p - A(1));
   };
   A w_an = 1, w_pn = 0;  // how d_neg depends on d(a, n) and d(p, n)
   if (a.swap) {
-    if (d_pn < d_an) { w_an = 0; w_pn = 1; }
-    else if (d_pn == d_an) { w_an = w_pn = A(0.5); }
+    if (d_pn < d_an) {
+      w_an = 0;
+      w_pn = 1;
+    } else if (d_pn == d_an) {
+      w_an = w_pn = A(0.5);
+    }
   }
   const A d_neg = w_an * d_an + w_pn * d_pn;
   if (!(a.margin + d_ap - d_neg >= 0)) g = 0;  // clamp_min passes the gradient where x >= 0
