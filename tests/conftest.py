@@ -1,8 +1,18 @@
 """Shared pytest fixtures of the torch_ext test suite."""
+import os
 import sys
 
 import pytest
 import torch
+
+
+def pytest_configure(config):
+    """Under pytest-xdist (the README runs `pytest -n auto`), each worker takes its share of the
+    cores for torch's threads, rather than every worker all of them: most tests are small and
+    single-threaded, and the workers together should not oversubscribe the machine."""
+    workers = int(os.environ.get("PYTEST_XDIST_WORKER_COUNT", "0"))
+    if workers > 1:
+        torch.set_num_threads(max(1, torch.get_num_threads() // workers))
 
 
 @pytest.fixture(autouse=True)

@@ -7,10 +7,16 @@ the forward op), and linear_cross_entropy in float32 with N x V > 2**31 (its log
 chunk at a time, so it is the chunk offsets and the gradients' rows that pass 2**31). The reference is
 PyTorch's own cross_entropy in float32, row block by row block (each block far below 2**31), on
 every row's loss and on the gradient rows at both ends of the tensor (the last ones lie beyond
-2**31 elements). Each test needs several GB and is skipped, saying how much, where the machine
-has less available.
+2**31 elements), computed once for both reductions. Each test needs several GB: they run one at
+a time across pytest-xdist workers, and are skipped, saying how much, where the machine has less
+available.
 """
 from __future__ import annotations
+
+import contextlib
+import fcntl
+import os
+import tempfile
 
 import pytest
 import torch
@@ -36,9 +42,21 @@ def available_bytes() -> int:
     return 0
 
 
-def needs_gib(gib: float):
-    have = available_bytes() / 2**30
-    return pytest.mark.skipif(have < gib, reason=f"needs {gib} GiB of available memory, {have:.1f} GiB here")
+@contextlib.contextmanager
+def memory_for(gib: float):
+    """Runs the body alone among this machine's test processes (pytest-xdist workers take a file
+    lock in turn, so two tests of many GB never run at once), or skips it, saying how much memory
+    it needs, where less is available."""
+    with open(os.path.join(tempfile.gettempdir(), "torch_ext_tests_large_memory.lock"), "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        have = available_bytes() / 2**30
+        if have < gib:
+            pytest.skip(f"needs {gib} GiB of available memory, {have:.1f} GiB here")
+        yield
+
+
+# The references, computed once for both reductions (the inputs are seeded, so the same).
+_REFERENCE = {}
 
 
 def big_logits() -> torch.Tensor:
@@ -91,13 +109,19 @@ def edge_rows():
     return list(range(EDGE)) + list(range(ROWS - EDGE, ROWS))
 
 
-@needs_gib(14)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_cross_entropy_beyond_2_31_elements(reduction):
+    with memory_for(14):
+        check_cross_entropy_beyond_2_31_elements(reduction)
+
+
+def check_cross_entropy_beyond_2_31_elements(reduction):
     x = big_logits().requires_grad_()
     target = big_targets(CLASSES)
     loss = torch_ext.cross_entropy(x, target, reduction=reduction)
-    ref_rows = reference_row_losses(lambda r0, r1: x.detach()[r0:r1].float(), target, ROWS)
+    if "cross_entropy" not in _REFERENCE:
+        _REFERENCE["cross_entropy"] = reference_row_losses(lambda r0, r1: x.detach()[r0:r1].float(), target, ROWS)
+    ref_rows = _REFERENCE["cross_entropy"]
     scale = check_loss_then_backward(loss, ref_rows, target, reduction)
     rows = edge_rows()
     ref = reference_grad_rows(x.detach()[rows].float(), target[rows], scale)
@@ -105,9 +129,13 @@ def test_cross_entropy_beyond_2_31_elements(reduction):
     assert x.grad[-1].float().abs().sum() > 0 and int(torch.isnan(x.grad[-1]).sum()) == 0
 
 
-@needs_gib(4)
 @pytest.mark.parametrize("reduction", ["none", "mean"])
 def test_linear_cross_entropy_beyond_2_31_logits(reduction):
+    with memory_for(4):
+        check_linear_cross_entropy_beyond_2_31_logits(reduction)
+
+
+def check_linear_cross_entropy_beyond_2_31_logits(reduction):
     # float32: the logits exist one chunk at a time, so bfloat16 would save no memory here, and
     # ATen's bfloat16 GEMM at hidden=4 is ~8x slower on CPUs without AVX-512 BF16 (90 s a step).
     # The offsets under test are the same in every dtype's kernel.
@@ -120,15 +148,19 @@ def test_linear_cross_entropy_beyond_2_31_logits(reduction):
     # The reference, block by block (each far below 2**31 elements): F.cross_entropy's row losses,
     # and from the gradient of its logits the weight's gradient (which sums every row).
     scale = 1.0 if reduction == "none" else 1.0 / int((target != -100).sum())
-    ref_rows, ref_w = torch.empty(ROWS), torch.zeros(CLASSES, hidden)
-    for r0 in range(0, ROWS, BLOCK):
-        r1 = min(r0 + BLOCK, ROWS)
-        xb = x.detach()[r0:r1]
-        logits = F.linear(xb, w.detach()).requires_grad_()
-        rows_loss = F.cross_entropy(logits, target[r0:r1], reduction="none")
-        rows_loss.backward(torch.full_like(rows_loss, scale))
-        ref_rows[r0:r1] = rows_loss.detach()
-        ref_w += logits.grad.t() @ xb
+    if "linear_cross_entropy" not in _REFERENCE:  # the weight's gradient for scale 1
+        ref_rows, ref_w = torch.empty(ROWS), torch.zeros(CLASSES, hidden)
+        for r0 in range(0, ROWS, BLOCK):
+            r1 = min(r0 + BLOCK, ROWS)
+            xb = x.detach()[r0:r1]
+            logits = F.linear(xb, w.detach()).requires_grad_()
+            rows_loss = F.cross_entropy(logits, target[r0:r1], reduction="none")
+            rows_loss.backward(torch.ones_like(rows_loss))
+            ref_rows[r0:r1] = rows_loss.detach()
+            ref_w += logits.grad.t() @ xb
+        _REFERENCE["linear_cross_entropy"] = ref_rows, ref_w
+    ref_rows, ref_w = _REFERENCE["linear_cross_entropy"]
+    ref_w = ref_w * scale
     assert check_loss_then_backward(loss, ref_rows, target, reduction) == scale
     # The input's gradient rows at both ends (the last ones come from the last chunk).
     rows = edge_rows()
