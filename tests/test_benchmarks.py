@@ -205,3 +205,21 @@ def test_vocab_parallel_benchmark(tmp_path):
     bad = subprocess.run([sys.executable, script, "--world", "1"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "--world must be at least 2" in bad.stderr
+
+
+def test_allocator_benchmark():
+    # benchmarks/bench_allocator.py at a tiny size: one row per configuration (its figures, or the
+    # library it misses), PyTorch's default as the 1.00 reference; a bad --shape is a clear error.
+    script = os.path.join(ROOT, "benchmarks", "bench_allocator.py")
+    proc = subprocess.run([sys.executable, script, "--shape", "8x16", "--steps", "2", "--rounds", "1"], cwd=ROOT,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    rows = [line for line in proc.stdout.splitlines() if line.startswith("| eager") or line.startswith("| ours")]
+    assert len(rows) == 9, proc.stdout
+    assert rows[0].startswith("| eager, glibc |") and "| 1.00 |" in rows[0], rows[0]
+    for row in rows:
+        cells = [c.strip() for c in row.strip("|").split("|")]
+        assert cells[1].startswith("missing: ") or (float(cells[1]) > 0 and float(cells[3]) > 0), row
+    bad = subprocess.run([sys.executable, script, "--shape", "512"], cwd=ROOT, capture_output=True, text=True,
+                         timeout=120)
+    assert bad.returncode == 2 and "expected ROWSxCLASSES" in bad.stderr
