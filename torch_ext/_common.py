@@ -129,9 +129,14 @@ def resolve_reduction(size_average, reduce, reduction: str) -> str:
         from torch.nn import _reduction
 
         reduction = _reduction.legacy_get_string(size_average, reduce)
+    check_reduction(reduction)
+    return reduction
+
+
+def check_reduction(reduction: str) -> None:
+    """The one check of a reduction string (the functions' and the fake kernels' alike)."""
     if reduction not in REDUCTIONS:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
-    return reduction
 
 
 def _double_backward_error(public_name: str) -> RuntimeError:

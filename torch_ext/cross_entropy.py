@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_to_float32,
+    check_reduction,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
@@ -90,8 +91,7 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
             weight.dim() == 1 and weight.shape[0] == classes,
             lambda: f"{op}: weight must be a 1-D tensor of {classes} class weights, got shape {tuple(weight.shape)}",
         )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if not (softcap >= 0 and math.isfinite(softcap)):

@@ -18,6 +18,7 @@ from . import _C
 from ._common import (
     any_requires_grad,
     autocast_to_lower_precision,
+    check_reduction,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
@@ -93,8 +94,7 @@ def _check_args(op, input, linear_weight, linear_bias, target, reduction, label_
             list(target.shape) == lead,
             lambda: f"{op}: target of class indices must have shape {tuple(lead)}, got {tuple(target.shape)}",
         )
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_reduction(reduction)
     if not 0.0 <= label_smoothing <= 1.0:
         raise ValueError(f"{op}: label_smoothing must be between 0.0 and 1.0, got {label_smoothing}")
     if chunk_size < 1:

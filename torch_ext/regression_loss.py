@@ -15,6 +15,7 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_to_float32,
+    check_reduction,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
@@ -39,8 +40,7 @@ def _check_args(op, input, target, weight, loss, param, reduction):
     """The checks of csrc/cpu/regression_loss.cpp, for fake tensors (torch.compile tracing)."""
     if loss not in LOSSES:
         raise ValueError(f"loss must be 'mse', 'huber' or 'smooth_l1'; got {loss!r}")
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_reduction(reduction)
     torch._check(
         input.shape == target.shape,
         lambda: f"{op}: input and target must have the same shape (the functional API broadcasts them first), "

@@ -16,6 +16,7 @@ from . import _C
 from ._common import (
     any_requires_grad,
     autocast_to_float32,
+    check_reduction,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
@@ -54,8 +55,7 @@ def _check_args(op, anchor, positive, negative, p, reduction):
             "they must match",
         )
     _check_p(op, p)
-    if reduction not in ("mean", "sum", "none"):
-        raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
+    check_reduction(reduction)
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_fwd")
