@@ -190,20 +190,21 @@ def forms_grad_in_forward(requires_grad: bool) -> bool:
     return requires_grad and torch.is_grad_enabled() and not torch.compiler.is_compiling()
 
 
-def hand_over_unit_grads(unit_grads, grad_loss):
+def hand_over_unit_grads(unit_grads, mask, grad_loss):
     """The gradients a Python autograd.Function's forward op formed for grad_output = 1 (saved with
-    ctx.save_for_backward, so saved-tensor hooks such as save_on_cpu see them), for the incoming
-    scalar grad_loss: as they are when it is the CPU scalar 1 (elsewhere reading it would wait for
-    the device), else scaled out of place. Out of place, unlike the C++ node of
+    ctx.save_for_backward, so saved-tensor hooks such as save_on_cpu see them), those `mask` asks
+    for (the others None), for the incoming scalar grad_loss: as they are when it is the CPU scalar
+    1 (elsewhere reading it would wait for the device), else scaled out of place. Out of place, unlike the C++ node of
     csrc/autograd_node.h, which drops its saved gradients after scaling them in place: a Python
     Function cannot release one saved tensor, so a retained graph's later backward unpacks the same
     ones again and they must still hold grad_output = 1's values (the cost: one gradient-sized
     buffer while grad_output != 1). Without retain_graph the engine frees the saved tensors before
     the gradients are accumulated, so a leaf's first .grad takes them without a copy. While traced
     (torch.compile, opcheck's aot_dispatch: a tensor subclass) grad_loss has no value to read: scaled."""
+    unit_grads = [g if m else None for g, m in zip(unit_grads, mask)]
     if (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
             and grad_loss.numel() == 1 and grad_loss.item() == 1.0):
-        return list(unit_grads)
+        return unit_grads
     scale = grad_loss.reshape(())
     return [None if g is None else g.mul(scale) for g in unit_grads]
 

@@ -207,7 +207,7 @@ def _backward(ctx, grad_loss, *_unused):
     mask = _output_mask(ctx)
     grads = [None] * _N_INPUTS
     if formed and not torch.is_grad_enabled():  # formed in forward; create_graph takes the backward op
-        grads[:3] = hand_over_unit_grads([g if m else None for g, m in zip(formed, mask)], grad_loss)
+        grads[:3] = hand_over_unit_grads(formed, mask, grad_loss)
     elif any(mask):
         computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *_bwd_args(ctx, mask))
         for i in range(3):

@@ -233,8 +233,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         if grad_loss is None or not any(needs[:3]):
             return (None,) * 7
         if formed:  # formed in forward for grad_output = 1
-            unit = [g if n else None for g, n in zip(formed, needs[:3])]
-            return tuple(hand_over_unit_grads(unit, grad_loss)) + (None,) * 4
+            return tuple(hand_over_unit_grads(formed, needs[:3], grad_loss)) + (None,) * 4
         grad_rows = grad_loss.to(lse.dtype)
         grad_rows = grad_rows if ctx.o.reduction == "none" else grad_rows.reshape(()) * ctx.per_row
         gx, gw, gb = _backward(grad_rows, x, w, b, t, class_weight, lse, ctx.o, needs)
