@@ -194,6 +194,15 @@ class OpNode final : public Node {
   bool handed_over_ = false;
 };
 
+// The gradients a loss's forward formed, for the node: those `mask` asked for, the others None.
+template <size_t K>
+std::vector<at::Tensor> masked(std::array<at::Tensor, K> grads, const std::array<bool, K>& mask) {
+  std::vector<at::Tensor> result(K);
+  for (size_t i = 0; i < K; ++i)
+    if (mask[i]) result[i] = std::move(grads[i]);
+  return result;
+}
+
 }  // namespace
 
 void set_node_history(const at::Tensor& output, NodeSpec spec) {
@@ -209,22 +218,24 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tenso
                                                                  double label_smoothing, double z_loss, double softcap,
                                                                  bool ignored_row_stats) {
   static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::cross_entropy_fwd_grad", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+                                  .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
+                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                      c10::string_view, double, double, double, bool)>();
+                                      c10::string_view, double, double, std::array<bool, 2>, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
-  at::Tensor loss, stats, grad_input;
+  // The input's gradient only: the Python layer takes another path when a target requires grad.
+  const std::array<bool, 2> mask = {true, false};
+  at::Tensor loss, stats, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, stats, grad_input) = forward.call(input, target, weight, ignore_index, reduction, label_smoothing,
-                                                     z_loss, softcap, ignored_row_stats);
+    std::tie(loss, stats, grad_input, grad_target) = forward.call(
+        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap, ignored_row_stats);
   }
   set_node_history(loss, {"CrossEntropyBackward",
                           backward,
                           {input, target},
-                          {true, false},
-                          {grad_input, at::Tensor()},
+                          {mask[0], mask[1]},
+                          masked<2>({grad_input, grad_target}, mask),
                           {input, target, weight.value_or(at::Tensor()), stats},
                           -1,
                           {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
@@ -237,7 +248,7 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
                                            const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
                                            c10::string_view reduction) {
   static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::regression_loss_fwd_grad", "")
+                                  .findSchemaOrThrow("torch_ext::regression_loss_fwd", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                       c10::string_view, double, c10::string_view, std::array<bool, 2>)>();
@@ -252,7 +263,7 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
                            backward,
                            {input, target},
                            {mask[0], mask[1]},
-                           {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_target : at::Tensor()},
+                           masked<2>({grad_input, grad_target}, mask),
                            {input, target, weight.value_or(at::Tensor())},
                            -1,
                            {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
@@ -264,7 +275,7 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
                                                bool swap, c10::string_view reduction) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd_grad", "")
+                                  .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd", "")
                                   .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  double, double, bool, c10::string_view, std::array<bool, 3>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
@@ -279,8 +290,7 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
                           backward,
                           {anchor, positive, negative},
                           {mask[0], mask[1], mask[2]},
-                          {mask[0] ? grad_anchor : at::Tensor(), mask[1] ? grad_positive : at::Tensor(),
-                           mask[2] ? grad_negative : at::Tensor()},
+                          masked<3>({grad_anchor, grad_positive, grad_negative}, mask),
                           {anchor, positive, negative, dist},
                           -1,
                           {c10::IValue(margin), c10::IValue(p), c10::IValue(eps), c10::IValue(swap),
@@ -307,7 +317,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
   at::Tensor loss, grad_input, grad_weight, grad_bias, stats;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, grad_input, grad_weight, grad_bias, stats) =
+    std::tie(loss, stats, grad_input, grad_weight, grad_bias) =
         forward.call(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
                      z_loss, chunk_size, mask, softcap, ignored_row_stats);
   }
@@ -315,8 +325,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
                           backward,
                           {input, linear_weight, bias},
                           {mask[0], mask[1], mask[2]},
-                          {mask[0] ? grad_input : at::Tensor(), mask[1] ? grad_weight : at::Tensor(),
-                           mask[2] ? grad_bias : at::Tensor()},
+                          masked<3>({grad_input, grad_weight, grad_bias}, mask),
                           {input, linear_weight, bias, target, weight.value_or(at::Tensor())},
                           -1,
                           {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),

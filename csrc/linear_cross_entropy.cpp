@@ -52,16 +52,19 @@ struct LossOptions {
   bool ignored_row_stats;
 };
 
+// (loss, stats) of a chunk's logits.
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target,
                                              const std::optional<Tensor>& weight, c10::string_view reduction,
                                              const LossOptions& o) {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
-          .typed<std::tuple<Tensor, Tensor>(const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t,
-                                            c10::string_view, double, double, double, bool)>();
-  return op.call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss, o.softcap,
-                 o.ignored_row_stats);
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
+                             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
+                                 const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, c10::string_view,
+                                 double, double, std::array<bool, 2>, double, bool)>();
+  auto [loss, stats, no_input_grad, no_target_grad] =
+      op.call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss, {false, false}, o.softcap,
+              o.ignored_row_stats);
+  return {loss, stats};
 }
 
 // The logits' gradient, written over the logits.
@@ -301,7 +304,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
   auto [loss, stats, g] =
       chunk_loop("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight, reduction,
                  {ignore_index, label_smoothing, z_loss, softcap, ignored_row_stats}, chunk_size, grad_mask, Tensor());
-  return {loss, or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input), stats};
+  return {loss, stats, or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
 }
 
 std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(

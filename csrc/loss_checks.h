@@ -19,7 +19,7 @@ namespace torch_ext {
 
 // ---- backward ops
 
-// A forward that also forms the input's gradient for grad_loss = 1 (cross_entropy_fwd_grad): the
+// A forward that also forms gradients for grad_loss = 1 (a loss op's grad_mask): the
 // loss must be one number, so that the backward can scale the gradient by it.
 inline Reduction check_reduction_with_grad_in_forward(const char* op, c10::string_view reduction) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));

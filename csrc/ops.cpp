@@ -17,6 +17,14 @@
 #include <optional>
 
 TORCH_LIBRARY(torch_ext, m) {
+  // The losses follow one convention:
+  //   <op>_fwd(<inputs>, <options>, bool[k] grad_mask, <options with defaults>)
+  //       -> (loss, <what backward needs>, <the gradients of the k differentiable inputs>)
+  //   <op>_bwd(grad_loss, <inputs>, <what backward needs>, <options>, bool[k] output_mask, ...)
+  //       -> (<the k gradients>)
+  // grad_mask asks the forward for the gradients for grad_loss = 1 (reductions mean and sum: the
+  // eager path forms them while the inputs are in cache, and its backward hands them over,
+  // scaled); the gradients not asked for come back empty, as the backward's not in output_mask.
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
   // (*, N) for gelu/gelu_tanh/silu, or an empty tensor (none, sigmoid and tanh, which use out).
@@ -60,10 +68,14 @@ TORCH_LIBRARY(torch_ext, m) {
   // the max logit and log(sum exp(x - max)) (their sum is the row's logsumexp), and for
   // probability targets sum_c weight_c target_c, for class targets 1 where the row's argmax (first
   // index of the max, as torch.argmax) is its target, else 0. Ignored rows' stats are 0 unless
-  // ignored_row_stats (then their logsumexp is taken too, for an lse output).
+  // ignored_row_stats (then their logsumexp is taken too, for an lse output). grad_mask: (input,
+  // target); the target's gradient exists only for probability targets. The input's gradient is
+  // written row by row right after the row's statistics, while the row is in cache; the target's
+  // is taken by the backward kernel after the forward (a second read, for that rare case only).
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-      "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) -> (Tensor, Tensor)",
+      "float label_smoothing, float z_loss, bool[2] grad_mask, float softcap=0., bool ignored_row_stats=False) "
+      "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Gradients for (input, target); target's only for probability targets; not asked for: empty.
   // grad_lse (one value per row, or None): the incoming gradient of the rows' logsumexp, added as
@@ -79,44 +91,27 @@ TORCH_LIBRARY(torch_ext, m) {
       "cross_entropy_bwd_inplace(Tensor grad_loss, Tensor(a!) input, Tensor target, Tensor? weight, "
       "Tensor stats, int ignore_index, str reduction, float label_smoothing, float z_loss, float softcap=0.) -> ()",
       {at::Tag::pt2_compliant_tag});
-  // (loss, stats, the input's gradient for grad_loss = 1), reductions mean and sum: the eager path
-  // forms the gradient in the forward kernel, while each row is in cache, and its backward hands
-  // it over (scaled unless grad_loss is 1).
-  m.def(
-      "cross_entropy_fwd_grad(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-      "float label_smoothing, float z_loss, float softcap=0., bool ignored_row_stats=False) "
-      "-> (Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
 
   // Elementwise regression losses: loss = "mse" | "huber" (param = delta) | "smooth_l1" (param =
   // beta); input, target and the optional elementwise weight of one shape (the Python functions
   // broadcast). Weighted mse's mean divides by the sum of the weights, the others' by numel.
+  // Returns (loss, grad_input, grad_target): nothing is saved but the inputs. grad_mask: (input,
+  // target), formed in the same pass that reads them for the loss.
   m.def(
       "regression_loss_fwd(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
-      "str reduction) -> Tensor",
+      "str reduction, bool[2] grad_mask) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
       "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // (loss, the gradients of (input, target) for grad_loss = 1 as output_mask asks, else empty),
-  // reductions mean and sum: the eager path forms them in the forward kernel, which reads input
-  // and target once per training step; its backward hands them over.
-  m.def(
-      "regression_loss_fwd_grad(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
-      "str reduction, bool[2] output_mask) -> (Tensor, Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
 
-  // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist); dist (rows, 3) holds
-  // d(a, p), d(a, n) and d(p, n) (0 without swap) in float32 (float64 for float64 input).
+  // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist, grad_anchor,
+  // grad_positive, grad_negative); dist (rows, 3) holds d(a, p), d(a, n) and d(p, n) (0 without
+  // swap) in float32 (float64 for float64 input). grad_mask: (anchor, positive, negative), formed
+  // in the same pass over the inputs.
   m.def(
       "triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
-      "float eps, bool swap, str reduction) -> (Tensor, Tensor)",
-      {at::Tag::pt2_compliant_tag});
-  // The forward plus the gradients of the loss for grad_output = 1 (those in grad_mask; the others
-  // come back empty), computed in the same pass over the inputs.
-  m.def(
-      "triplet_margin_loss_fwd_grad(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
       "float eps, bool swap, str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
@@ -127,9 +122,9 @@ TORCH_LIBRARY(torch_ext, m) {
 
   // cross_entropy(input @ linear_weight.T + linear_bias, target, ...) over chunks of chunk_size rows,
   // never holding the whole logits. input (*, H), linear_weight (V, H); target class indices (*)
-  // or probabilities (*, V). Returns (loss, grad_input, grad_weight, grad_bias, stats): the gradients
-  // for grad_output = 1 of those set in grad_mask (reduction mean or sum only), else empty, and the
-  // rows' stats as cross_entropy_fwd's.
+  // or probabilities (*, V). Returns (loss, stats, grad_input, grad_weight, grad_bias): the rows'
+  // stats as cross_entropy_fwd's, and the gradients for grad_output = 1 of those set in grad_mask
+  // (reduction mean or sum only), formed while each chunk's logits exist, else empty.
   m.def(
       "linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "

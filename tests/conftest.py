@@ -30,7 +30,7 @@ def dynamo_reset():
     torch._dynamo.reset()
 
 
-# The loss modules whose eager path forms the gradients in the forward op (*_fwd_grad) for
+# The loss modules whose eager path forms the gradients in the forward op (their grad_mask) for
 # reductions mean and sum, switched by their GRAD_IN_FORWARD_DEVICES.
 GRAD_IN_FORWARD_MODULES = ("torch_ext.cross_entropy", "torch_ext.regression_loss")
 

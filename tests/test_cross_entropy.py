@@ -25,6 +25,7 @@ with the row weights and the mean's denominator of the loss (see ``reference``).
 """
 from __future__ import annotations
 
+import contextlib
 import inspect
 import itertools
 import os
@@ -47,6 +48,7 @@ Z_LOSSES = (0.0, 1e-3, 0.5)
 LABEL_SMOOTHINGS = (0.0, 0.1, 1.0)
 FWD = torch.ops.torch_ext.cross_entropy_fwd.default
 BWD = torch.ops.torch_ext.cross_entropy_bwd.default
+NO_GRADS = [False, False]  # the forward op's grad_mask: no gradient formed
 ERRORS = (RuntimeError, ValueError, IndexError, TypeError)
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
 
@@ -278,15 +280,15 @@ def test_output_dtype_shape_and_stats(dtype):
     x = make_input((2, 7, 3), dtype)
     t = class_target(x.shape, 7)
     for reduction in REDUCTIONS:
-        loss, stats = FWD(x, t, None, -100, reduction, 0.0, 0.0)
+        loss, stats, *_ = FWD(x, t, None, -100, reduction, 0.0, 0.0, NO_GRADS)
         assert loss.dtype == dtype
         assert loss.shape == ((2, 3) if reduction == "none" else ())
         assert stats.shape == (6, 3)
         assert stats.dtype == (torch.float64 if dtype == torch.float64 else torch.float32)
         assert_close(loss, reference(x.to(reference_dtype(dtype)), t, reduction=reduction), dtype=dtype)
-    loss, stats = FWD(x, prob_target(x.shape, dtype=dtype), None, -100, "none", 0.1, 1e-3)
+    loss, stats, *_ = FWD(x, prob_target(x.shape, dtype=dtype), None, -100, "none", 0.1, 1e-3, NO_GRADS)
     assert loss.shape == (2, 3) and stats.shape == (6, 3)
-    loss, stats = FWD(make_input((9,), dtype), torch.tensor(3), None, -100, "none", 0.0, 0.0)
+    loss, stats, *_ = FWD(make_input((9,), dtype), torch.tensor(3), None, -100, "none", 0.0, 0.0, NO_GRADS)
     assert loss.shape == () and stats.shape == (1, 3)
 
 
@@ -788,7 +790,7 @@ def test_gradcheck(case, grad_in_forward):
         assert torch.autograd.gradcheck(lambda a, b: cross_entropy(a, b, w, **opts), (x, t))
         # target alone, and through the raw op (loss output only)
         assert torch.autograd.gradcheck(lambda b: cross_entropy(x.detach(), b, w, **opts), (t,))
-        assert torch.autograd.gradcheck(lambda a, b: FWD(a, b, w, -100, reduction, ls, z)[0], (x, t))
+        assert torch.autograd.gradcheck(lambda a, b: FWD(a, b, w, -100, reduction, ls, z, NO_GRADS)[0], (x, t))
 
 
 def test_gradcheck_raw_op_class_targets():
@@ -796,7 +798,7 @@ def test_gradcheck_raw_op_class_targets():
     t = class_target(x.shape, 5, "some", 1)
     w = make_weight(5, torch.float64)
     for reduction in REDUCTIONS:
-        assert torch.autograd.gradcheck(lambda a: FWD(a, t, w, 1, reduction, 0.1, 1e-3)[0], (x,))
+        assert torch.autograd.gradcheck(lambda a: FWD(a, t, w, 1, reduction, 0.1, 1e-3, NO_GRADS)[0], (x,))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -877,7 +879,7 @@ def _opcheck_args(shape, kind, weighted, ii, requires_grad):
 def test_opcheck_fwd(sample):
     _, shape, kind, weighted, ii, reduction, ls, z, rg = sample
     x, t, w = _opcheck_args(shape, kind, weighted, ii, rg)
-    torch.library.opcheck(FWD, (x, t, w, ii, reduction, ls, z))
+    torch.library.opcheck(FWD, (x, t, w, ii, reduction, ls, z, NO_GRADS))
 
 
 BWD_SAMPLES = [
@@ -894,7 +896,7 @@ def _bwd_args(shape, kind, reduction, weighted=True, ls=0.1, z=1e-3):
     x = make_input(shape)
     w = make_weight(c) if weighted else None
     t = prob_target(shape) if kind == "prob" else class_target(shape, c, "some", -100)
-    loss, stats = FWD(x, t, w, -100, reduction, ls, z)
+    loss, stats, *_ = FWD(x, t, w, -100, reduction, ls, z, NO_GRADS)
     g = torch.randn(loss.shape)
     return g, x, t, w, stats
 
@@ -927,7 +929,7 @@ def test_bwd_op_matches_autograd(dtype, reduction, kind):
     x = make_input(shape, dtype)
     w = make_weight(11, dtype)
     t = prob_target(shape, dtype=dtype) if kind == "prob" else class_target(shape, 11, "some", -100)
-    loss, stats = FWD(x, t, w, -100, reduction, 0.1, 0.5)
+    loss, stats, *_ = FWD(x, t, w, -100, reduction, 0.1, 0.5, NO_GRADS)
     g = torch.randn(loss.shape).to(dtype)
     prob = kind == "prob"
     mask = [True, prob]
@@ -948,63 +950,76 @@ def test_bwd_op_matches_autograd(dtype, reduction, kind):
         assert gt.numel() == 0
 
 
-FWD_GRAD = torch.ops.torch_ext.cross_entropy_fwd_grad.default
-
-
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("shape", [(6, 11), (3, 11, 2), (11,), (0, 11)], ids=str)
-def test_fwd_grad_op_equals_fwd_then_bwd(shape, dtype, reduction, kind):
-    """cross_entropy_fwd_grad = (cross_entropy_fwd, the backward op's input gradient for grad 1)."""
+def test_fwd_grad_mask_equals_fwd_then_bwd(shape, dtype, reduction, kind):
+    """cross_entropy_fwd with grad_mask = (the loss and stats without, the backward op's gradients
+    for grad 1): the input's formed in the forward pass, a probability target's after it."""
     c = shape[class_dim(torch.empty(shape))]
     x = make_input(shape, dtype)
     w = make_weight(c, dtype)
     t = (prob_target(shape, dtype=dtype) if kind == "prob"
          else class_target(shape, c, "some" if shape[0] > 1 else "none", -100))
-    loss, stats, grad = FWD_GRAD(x, t, w, -100, reduction, 0.1, 0.5)
-    loss_ref, stats_ref = FWD(x, t, w, -100, reduction, 0.1, 0.5)
-    (grad_ref, _) = BWD(torch.ones(()).to(dtype), x, t, w, stats_ref, -100, reduction, 0.1, 0.5, [True, False])
+    mask = [True, kind == "prob"]
+    loss, stats, grad, grad_target = FWD(x, t, w, -100, reduction, 0.1, 0.5, mask)
+    loss_ref, stats_ref, no_grad, no_grad_target = FWD(x, t, w, -100, reduction, 0.1, 0.5, NO_GRADS)
+    assert no_grad.numel() == 0 and no_grad_target.numel() == 0
+    grad_ref, grad_target_ref = BWD(torch.ones(()).to(dtype), x, t, w, stats_ref, -100, reduction, 0.1, 0.5, mask)
     same = dict(rtol=0, atol=0, equal_nan=True)  # a mean over only ignored rows is NaN in both
     torch.testing.assert_close(loss, loss_ref, **same)
     torch.testing.assert_close(stats, stats_ref, **same)
     assert grad.shape == x.shape and grad.dtype == x.dtype
     torch.testing.assert_close(grad, grad_ref, **same)
+    if kind == "prob":
+        assert grad_target.shape == x.shape and grad_target.dtype == x.dtype
+        torch.testing.assert_close(grad_target, grad_target_ref, **same)
+        # The target's gradient alone.
+        _, _, grad_alone, grad_target_alone = FWD(x, t, w, -100, reduction, 0.1, 0.5, [False, True])
+        assert grad_alone.numel() == 0
+        torch.testing.assert_close(grad_target_alone, grad_target_ref, **same)
+    else:
+        assert grad_target.numel() == 0
 
 
-def test_fwd_grad_op_refuses_reduction_none():
-    x = make_input((4, 5))
-    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
-        FWD_GRAD(x, class_target(x.shape, 5), None, -100, "none", 0.0, 0.0)
+def test_fwd_grad_mask_refuses_reduction_none_and_a_class_targets_gradient():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
+    x = make_input((4, 5))
+    t = class_target(x.shape, 5)
+    with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        FWD(x, t, None, -100, "none", 0.0, 0.0, [True, False])
     with FakeTensorMode() as mode, pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
-        fx = mode.from_tensor(x)
-        FWD_GRAD(fx, mode.from_tensor(class_target(x.shape, 5)), None, -100, "none", 0.0, 0.0)
+        FWD(mode.from_tensor(x), mode.from_tensor(t), None, -100, "none", 0.0, 0.0, [True, False])
+    for mode in (None, FakeTensorMode()):
+        with mode or contextlib.nullcontext():
+            args = (x, t) if mode is None else (mode.from_tensor(x), mode.from_tensor(t))
+            with pytest.raises(ERRORS, match=r"grad_mask\[1\].*class-probability"):
+                FWD(*args, None, -100, "mean", 0.0, 0.0, [True, True])
 
 
 @pytest.mark.parametrize("sample", [s for s in OPCHECK_SAMPLES if s[5] != "none"], ids=lambda s: s[0])
-def test_opcheck_fwd_grad(sample):
+def test_opcheck_fwd_grad_mask(sample):
     _, shape, kind, weighted, ii, reduction, ls, z, rg = sample
     x, t, w = _opcheck_args(shape, kind, weighted, ii, rg)
-    if kind == "prob":
-        t = t.detach()  # this op forms no target gradient
-    torch.library.opcheck(FWD_GRAD, (x, t, w, ii, reduction, ls, z))
+    torch.library.opcheck(FWD, (x, t, w, ii, reduction, ls, z, [True, kind == "prob"]))
 
 
-def test_fwd_grad_op_is_differentiable_directly():
+def test_fwd_grad_mask_op_is_differentiable_directly():
     x = leaf(make_input((5, 7)))
     t = class_target(x.shape, 7, "some", -100)
-    loss, _, _ = FWD_GRAD(x, t, None, -100, "mean", 0.1, 1e-3)
+    loss, *_ = FWD(x, t, None, -100, "mean", 0.1, 1e-3, [True, False])
     (gx,) = torch.autograd.grad(loss * 3.0, x)
     xr = leaf(x)
     (gr,) = torch.autograd.grad(reference(xr, t, label_smoothing=0.1, z_loss=1e-3) * 3.0, xr)
     assert_close(gx, gr)
 
 
-def test_fwd_grad_op_gives_a_probability_targets_gradient_through_the_backward_op():
+@pytest.mark.parametrize("mask", [[True, False], [False, True], [True, True]], ids=str)
+def test_fwd_grad_mask_op_gives_the_gradients_it_did_not_form_through_the_backward_op(mask):
     x, t = leaf(make_input((4, 7))), leaf(prob_target((4, 7)))
-    loss, _, _ = FWD_GRAD(x, t, None, -100, "sum", 0.1, 0.0)
+    loss, *_ = FWD(x, t, None, -100, "sum", 0.1, 0.0, mask)
     gx, gt = torch.autograd.grad(loss * 2.0, (x, t))
     xr, tr = leaf(x), leaf(t)
     want = torch.autograd.grad(reference(xr, tr, reduction="sum", label_smoothing=0.1) * 2.0, (xr, tr))
@@ -1142,7 +1157,7 @@ def test_compile_no_graph_breaks(dynamo_reset, grad_in_forward):
         return (
             torch_ext.cross_entropy(x, t, w, z_loss=1e-3)
             + torch_ext.cross_entropy(x, p, label_smoothing=0.2, reduction="sum")
-            + FWD(x, t, None, -100, "mean", 0.0, 0.0)[0]
+            + FWD(x, t, None, -100, "mean", 0.0, 0.0, NO_GRADS)[0]
             + module(x, t).sum()
         )
 
@@ -1403,7 +1418,7 @@ def _call(path, x, t, w, ii, reduction, ls):
     if path == "module":
         return CrossEntropyLoss(weight=w, ignore_index=ii, reduction=reduction, label_smoothing=ls)(x, t)
     if path == "op":
-        return FWD(x, t, w, ii, reduction, ls, 0.0)
+        return FWD(x, t, w, ii, reduction, ls, 0.0, NO_GRADS)
     raise AssertionError(path)
 
 
@@ -1429,7 +1444,7 @@ def test_bad_arguments_with_z_loss(path):
         else:
             CrossEntropyLoss(z_loss=1e-3)(leaf(x), bad_target)
     with pytest.raises(ERRORS, match=r"(?i)target"):
-        FWD(x, bad_target, None, -100, "none", 0.1, 0.5)
+        FWD(x, bad_target, None, -100, "none", 0.1, 0.5, NO_GRADS)
 
 
 def test_out_of_range_target_in_a_large_batch():
@@ -1526,7 +1541,7 @@ def test_bwd_inplace_equals_bwd(dtype, reduction, shape):
     x = make_input(shape, dtype)
     t = class_target(shape, c, "some", 2)
     w = make_weight(c, dtype)
-    loss, stats = FWD(x, t, w, 2, reduction, 0.1, 1e-3)
+    loss, stats, *_ = FWD(x, t, w, 2, reduction, 0.1, 1e-3, NO_GRADS)
     g = torch.randn(loss.shape, dtype=dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
     want = BWD(g, x, t, w, stats, 2, reduction, 0.1, 1e-3, [True, False])[0]
     y = x.clone()
@@ -1537,7 +1552,7 @@ def test_bwd_inplace_equals_bwd(dtype, reduction, shape):
 def test_bwd_inplace_needs_contiguous_input():
     x = make_input((7, 6)).t()  # (6, 7), not contiguous
     t = class_target((6, 7), 7)
-    loss, stats = FWD(x, t, None, -100, "mean", 0.0, 0.0)
+    loss, stats, *_ = FWD(x, t, None, -100, "mean", 0.0, 0.0, NO_GRADS)
     with pytest.raises(RuntimeError, match="input must be contiguous"):
         BWD_INPLACE(torch.tensor(1.0), x, t, None, stats, -100, "mean", 0.0, 0.0)
 
@@ -1547,7 +1562,7 @@ def test_opcheck_bwd_inplace(shape):
     c = shape[1]
     x = make_input(shape)
     t = class_target(shape, c)
-    loss, stats = FWD(x, t, None, -100, "sum", 0.0, 0.0)
+    loss, stats, *_ = FWD(x, t, None, -100, "sum", 0.0, 0.0, NO_GRADS)
     # A mutating op without autograd (only called below it): schema (the mutation annotation)
     # and fake tensor checks.
     torch.library.opcheck(BWD_INPLACE, (torch.tensor(1.0), x.clone(), t, None, stats, -100, "sum", 0.0, 0.0),

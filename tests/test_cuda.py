@@ -682,9 +682,9 @@ def test_host_synchronizations_cuda():
     w = torch.rand(50, device="cuda")
     torch.cuda.synchronize()
     for weight in (None, w):
-        assert _syncs(lambda: ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
-        assert _syncs(lambda: ops.cross_entropy_fwd_grad(x, t, weight, -100, "mean", 0.1, 0.0)) == 1
-        _, stats = ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0)
+        assert _syncs(lambda: ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0, [False, False])) == 1
+        assert _syncs(lambda: ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0, [True, False])) == 1
+        _, stats, *_ = ops.cross_entropy_fwd(x, t, weight, -100, "mean", 0.1, 0.0, [False, False])
         g = torch.ones((), device="cuda")
         assert _syncs(lambda: ops.cross_entropy_bwd(g, x, t, weight, stats, -100, "mean", 0.1, 0.0, [True, False])) == 0
         assert _syncs(
@@ -710,7 +710,7 @@ def test_cross_entropy_backward_unchecked_bad_target_is_nan_cuda():
     good = torch.tensor([0, 1, 2, 3], device="cuda")
     w = torch.rand(5, device="cuda")
     for weight in (None, w):
-        _, stats = torch.ops.torch_ext.cross_entropy_fwd(x, good, weight, -100, "sum", 0.0, 0.0)
+        _, stats, *_ = torch.ops.torch_ext.cross_entropy_fwd(x, good, weight, -100, "sum", 0.0, 0.0, [False, False])
         bad = torch.tensor([0, 1, 7, 3], device="cuda")
         g = torch.ops.torch_ext.cross_entropy_bwd(torch.ones((), device="cuda"), x, bad, weight, stats, -100, "sum",
                                                   0.0, 0.0, [True, False])[0]
@@ -731,15 +731,20 @@ def test_opcheck_every_op(device):
     samples = [
         (ops.linear_act_fwd.default, (x, w, b, "gelu", 0.01)),
         (ops.mlp_act_fwd.default, (torch.randn(6, 8, device=device, requires_grad=True), "silu", 0.01, True)),
-        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0)),
-        (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "mean", 0.1, 1e-3)),
-        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 1e-3, 5.0, True)),
-        (ops.cross_entropy_fwd_grad.default, (x, t, None, -100, "sum", 0.0, 0.0, 5.0, True)),
-        (ops.regression_loss_fwd.default, (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean")),
-        (ops.regression_loss_fwd_grad.default,
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 0.0, [False, False])),
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 1e-3, [True, False])),
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "mean", 0.1, 1e-3, [False, False], 5.0, True)),
+        (ops.cross_entropy_fwd.default, (x, t, None, -100, "sum", 0.0, 0.0, [True, False], 5.0, True)),
+        (ops.cross_entropy_fwd.default, (x, torch.softmax(torch.randn(6, 10, device=device), -1).requires_grad_(),
+                                         None, -100, "mean", 0.1, 0.0, [True, True])),
+        (ops.regression_loss_fwd.default,
+         (x, torch.randn(6, 10, device=device), None, "huber", 1.0, "mean", [False, False])),
+        (ops.regression_loss_fwd.default,
          (x, torch.randn(6, 10, device=device), torch.rand(6, 10, device=device), "mse", 0.0, "mean", [True, True])),
         (ops.triplet_margin_loss_fwd.default, (x, torch.randn(6, 10, device=device), torch.randn(6, 10, device=device),
-                                               1.0, 2.0, 1e-6, False, "mean")),
+                                               1.0, 2.0, 1e-6, False, "mean", [False, False, False])),
+        (ops.triplet_margin_loss_fwd.default, (x, torch.randn(6, 10, device=device), torch.randn(6, 10, device=device),
+                                               1.0, 2.0, 1e-6, False, "none", [True, False, True])),
     ]
     for op, args in samples:
         torch.library.opcheck(op, args)

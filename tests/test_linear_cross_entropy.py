@@ -1166,7 +1166,7 @@ def test_raw_ops_match_autograd(dtype, reduction, kind):
     assert gi.numel() == 0 and gb.numel() == 0
     assert_close(gw, ref[1], dtype=dtype, msg="bwd op: grad of linear_weight alone", **tol)
     # the forward op: the loss, and (mean / sum) the gradients for grad_output 1
-    loss, *grads, stats = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, NO_GRADS)
+    loss, stats, *grads = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, NO_GRADS)
     assert_close(loss, yr, dtype=dtype, msg="fwd op: loss", **tol)
     assert all(v.numel() == 0 for v in grads)
     # stats: per row the max logit and log-sum (their sum the logsumexp; 0 for ignored rows)
@@ -1176,11 +1176,11 @@ def test_raw_ops_match_autograd(dtype, reduction, kind):
     assert_close(stats[:, 0] + stats[:, 1], lse_ref, dtype=dtype, check_dtype=False, msg="fwd op: stats", **tol)
     if reduction != "none":
         ref1 = torch.autograd.grad(yr, (xr, wr, br))
-        loss, *grads, _ = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, True, True])
+        loss, _, *grads = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, True, True])
         assert_close(loss, yr, dtype=dtype, msg="fwd op with grads: loss", **tol)
         for name, got, want in zip(NAMES, grads, ref1):
             assert_close(got, want, dtype=dtype, msg=f"fwd op: grad of {name} for grad_output 1", **tol)
-        loss, gi, gw, gb, _ = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, False, False])
+        loss, _, gi, gw, gb = FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, [True, False, False])
         assert gw.numel() == 0 and gb.numel() == 0
         assert_close(gi, ref1[0], dtype=dtype, **tol)
 

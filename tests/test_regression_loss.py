@@ -38,6 +38,7 @@ REDUCTIONS = ("mean", "sum", "none")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16)
 FWD = torch.ops.torch_ext.regression_loss_fwd.default
 BWD = torch.ops.torch_ext.regression_loss_bwd.default
+NO_GRADS = [False, False]  # the forward op's grad_mask: no gradient formed
 DEFAULT_PARAM = {"mse": 0.0, "huber": 1.0, "smooth_l1": 1.0}
 
 
@@ -771,14 +772,14 @@ def test_opcheck_fwd(loss, weighted, reduction, requires_grad):
     x, t, w, param = _raw_args(loss, weighted, (2, 3, 5) if weighted else (4, 7))
     if requires_grad:
         x, t = leaf(x), leaf(t)
-    torch.library.opcheck(FWD, (x, t, w, loss, param, reduction))
+    torch.library.opcheck(FWD, (x, t, w, loss, param, reduction, NO_GRADS))
 
 
 def test_opcheck_fwd_l1_and_empty():
     x, t = make_pair((4, 7))
-    torch.library.opcheck(FWD, (leaf(x), leaf(t), None, "smooth_l1", 0.0, "mean"))
+    torch.library.opcheck(FWD, (leaf(x), leaf(t), None, "smooth_l1", 0.0, "mean", NO_GRADS))
     x, t = make_pair((0, 3))
-    torch.library.opcheck(FWD, (x, t, None, "mse", 0.0, "sum"))
+    torch.library.opcheck(FWD, (x, t, None, "mse", 0.0, "sum", NO_GRADS))
 
 
 BWD_MASKS = [([True, True], False), ([True, False], False), ([False, True], False), ([True, True], True)]
@@ -808,7 +809,7 @@ def test_opcheck_bwd(loss, weighted, reduction, mask, requires_grad):
 @pytest.mark.parametrize("loss,weighted", OPCHECK_CASES, ids=lambda v: str(v))
 def test_raw_ops_match_autograd(loss, weighted, reduction, dtype):
     x, t, w, param = _raw_args(loss, weighted, (3, 11), dtype)
-    y = FWD(x, t, w, loss, param, reduction)
+    y, *_ = FWD(x, t, w, loss, param, reduction, NO_GRADS)
     rdt = reference_dtype(dtype)
     w_ref = None if w is None else w.to(rdt)
     ref_param = None if loss == "mse" else param
@@ -830,50 +831,51 @@ def test_raw_ops_match_autograd(loss, weighted, reduction, dtype):
     assert_close(gt, rt, dtype=dtype, msg="grad_target alone")
 
 
-FWD_GRAD = torch.ops.torch_ext.regression_loss_fwd_grad.default
-
-
 @pytest.mark.parametrize("mask", [[True, True], [True, False], [False, True]], ids=["11", "10", "01"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss,weighted", OPCHECK_CASES, ids=lambda v: str(v))
-def test_fwd_grad_op_equals_fwd_then_bwd(loss, weighted, reduction, mask):
-    """regression_loss_fwd_grad = (regression_loss_fwd, the backward op's gradients for grad 1)."""
+def test_fwd_grad_mask_equals_fwd_then_bwd(loss, weighted, reduction, mask):
+    """regression_loss_fwd with grad_mask = (the loss without, the backward op's gradients for grad 1)."""
     for dtype in DTYPES:
         for shape in [(3, 11), (2, 0), (7,)]:
             x, t, w, param = _raw_args(loss, weighted, shape, dtype)
-            value, gx, gt = FWD_GRAD(x, t, w, loss, param, reduction, mask)
+            value, gx, gt = FWD(x, t, w, loss, param, reduction, mask)
             same = dict(rtol=0, atol=0, equal_nan=True)  # the mean of nothing is NaN in both
-            torch.testing.assert_close(value, FWD(x, t, w, loss, param, reduction), **same)
+            torch.testing.assert_close(value, FWD(x, t, w, loss, param, reduction, NO_GRADS)[0], **same)
             rx, rt = BWD(torch.ones(()).to(dtype), x, t, w, loss, param, reduction, mask)
             torch.testing.assert_close(gx, rx, **same)
             torch.testing.assert_close(gt, rt, **same)
 
 
-def test_fwd_grad_op_refuses_reduction_none():
+def test_fwd_grad_mask_refuses_reduction_none():
     x, t, _, _ = _raw_args("mse", False)
     with pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
-        FWD_GRAD(x, t, None, "mse", 0.0, "none", [True, True])
+        FWD(x, t, None, "mse", 0.0, "none", [True, True])
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode() as mode, pytest.raises(ValueError, match="reduction must be 'mean' or 'sum'"):
+        FWD(mode.from_tensor(x), mode.from_tensor(t), None, "mse", 0.0, "none", [False, True])
 
 
 @pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
 @pytest.mark.parametrize("reduction", ["mean", "sum"])
 @pytest.mark.parametrize("loss,weighted", OPCHECK_CASES, ids=lambda v: str(v))
-def test_opcheck_fwd_grad(loss, weighted, reduction, requires_grad):
+def test_opcheck_fwd_grad_mask(loss, weighted, reduction, requires_grad):
     x, t, w, param = _raw_args(loss, weighted)
     if requires_grad:
         x, t = leaf(x), leaf(t)
-    torch.library.opcheck(FWD_GRAD, (x, t, w, loss, param, reduction, [True, True]))
+    torch.library.opcheck(FWD, (x, t, w, loss, param, reduction, [True, True]))
 
 
-def test_fwd_grad_op_is_differentiable_directly():
+def test_fwd_grad_mask_op_is_differentiable_directly():
     x, t, _, _ = _raw_args("huber", False)
     x, t = leaf(x), leaf(t)
-    value, _, _ = FWD_GRAD(x, t, None, "huber", 0.5, "mean", [True, False])
+    value, _, _ = FWD(x, t, None, "huber", 0.5, "mean", [True, False])
     (gx,) = torch.autograd.grad(value * 3.0, x, retain_graph=True)
     xr = leaf(x)
     (gr,) = torch.autograd.grad(F.huber_loss(xr, t.detach(), delta=0.5) * 3.0, xr)
     assert_close(gx, gr)
-    # target's gradient was not formed (output_mask[1] False): the backward op supplies it.
+    # target's gradient was not formed (grad_mask[1] False): the backward op supplies it.
     (gt,) = torch.autograd.grad(value * 3.0, t)
     tr = leaf(t)
     (gtr,) = torch.autograd.grad(F.huber_loss(x.detach(), tr, delta=0.5) * 3.0, tr)
@@ -912,7 +914,7 @@ def test_grad_in_forward_scales_by_grad_output(grad_scale, grad_in_forward):
 
 def test_fwd_op_ignores_param_for_mse():
     x, t = make_pair((5, 6))
-    assert torch.equal(FWD(x, t, None, "mse", 0.0, "sum"), FWD(x, t, None, "mse", 7.5, "sum"))
+    assert torch.equal(FWD(x, t, None, "mse", 0.0, "sum", NO_GRADS)[0], FWD(x, t, None, "mse", 7.5, "sum", NO_GRADS)[0])
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1208,7 +1210,7 @@ def _raw_error_cases():
 def test_raw_op_bad_arguments(case):
     args, match = _raw_error_cases()[case]
     with pytest.raises((RuntimeError, ValueError), match=match):
-        FWD(*args)
+        FWD(*args, NO_GRADS)
     x = args[0]
     g = torch.randn(x.shape if args[5] == "none" else ())
     with pytest.raises((RuntimeError, ValueError), match=match):

@@ -64,7 +64,7 @@ LCE_BF16_TOL = dict(rtol=3e-2, atol=2e-2)
 CE_FWD = torch.ops.torch_ext.cross_entropy_fwd.default
 CE_BWD = torch.ops.torch_ext.cross_entropy_bwd.default
 CE_BWD_INPLACE = torch.ops.torch_ext.cross_entropy_bwd_inplace.default
-CE_FWD_GRAD = torch.ops.torch_ext.cross_entropy_fwd_grad.default
+CE_NO_GRADS = [False, False]  # cross_entropy_fwd's grad_mask: no gradient formed
 LCE_FWD = torch.ops.torch_ext.linear_cross_entropy_fwd.default
 LCE_BWD = torch.ops.torch_ext.linear_cross_entropy_bwd.default
 NO_GRADS = [False, False, False]
@@ -609,7 +609,7 @@ def test_accuracy_ties(dtype, softcap):
     _, _, acc, _ = run_ce(x, t, softcap=softcap, msg="ties")
     assert acc.item() == pytest.approx(2 / 5)
     # the same on the raw op: col2 of stats is 1 where the argmax is the target
-    _, stats = CE_FWD(x, t, None, -100, "none", 0.0, 0.0, softcap or 0.0)
+    _, stats, *_ = CE_FWD(x, t, None, -100, "none", 0.0, 0.0, CE_NO_GRADS, softcap or 0.0)
     assert stats[:, 2].tolist() == [0.0, 1.0, 1.0, 0.0, 0.0]
     # (N, C, d) layout: the same rows as positions
     x3 = x.t().unsqueeze(0).contiguous()  # (1, 4, 5)
@@ -797,7 +797,9 @@ def test_gradcheck_raw_ops():
     t = class_target(x.shape, 5, "some", 1)
     w = make_weight(5, torch.float64)
     for reduction in REDUCTIONS:
-        assert torch.autograd.gradcheck(lambda a: CE_FWD(a, t, w, 1, reduction, 0.1, 1e-3, 2.0, True)[0], (x,))
+        assert torch.autograd.gradcheck(
+            lambda a: CE_FWD(a, t, w, 1, reduction, 0.1, 1e-3, CE_NO_GRADS, 2.0, True)[0], (x,)
+        )
 
 
 # ----------------------------------------------------------------------------------------------
@@ -844,7 +846,7 @@ def test_fwd_stats(dtype, shape, kind):
     ignored = torch.zeros(rows, dtype=torch.bool) if prob else (t.reshape(-1) == -100)
     for reduction in REDUCTIONS:
         for irs in (False, True):
-            loss, stats = CE_FWD(x, t, w, -100, reduction, ls, 1e-3, 2.0, irs)
+            loss, stats, *_ = CE_FWD(x, t, w, -100, reduction, ls, 1e-3, CE_NO_GRADS, 2.0, irs)
             assert stats.shape == (rows, 3) and stats.dtype == ad
             assert_close(loss, ce_ref(x.to(reference_dtype(dtype)), t.to(reference_dtype(dtype)) if prob else t,
                                       w.to(reference_dtype(dtype)), 2.0, reduction=reduction, label_smoothing=ls,
@@ -868,8 +870,8 @@ def test_fwd_defaults_unchanged():
     # Existing calls (no softcap, no ignored_row_stats) keep working and equal softcap=0.0.
     x = make_input((5, 9), scale=3.0)
     t = class_target(x.shape, 9, "some", -100)
-    loss, stats = CE_FWD(x, t, None, -100, "mean", 0.1, 1e-3)
-    loss0, stats0 = CE_FWD(x, t, None, -100, "mean", 0.1, 1e-3, 0.0, False)
+    loss, stats, *_ = CE_FWD(x, t, None, -100, "mean", 0.1, 1e-3, CE_NO_GRADS)
+    loss0, stats0, *_ = CE_FWD(x, t, None, -100, "mean", 0.1, 1e-3, CE_NO_GRADS, 0.0, False)
     assert torch.equal(loss, loss0) and torch.equal(stats, stats0)
     assert_close(loss, ce_reference(x, t, label_smoothing=0.1, z_loss=1e-3))
     gi, _ = CE_BWD(torch.tensor(1.0), x, t, None, stats, -100, "mean", 0.1, 1e-3, [True, False])
@@ -886,7 +888,7 @@ def test_bwd_op_with_softcap_and_grad_lse(dtype, reduction, kind):
     w = make_weight(11, dtype)
     prob = kind == "prob"
     t = prob_target(shape, dtype=dtype) if prob else class_target(shape, 11, "some", -100)
-    loss, stats = CE_FWD(x, t, w, -100, reduction, 0.1, 0.5, 2.0, True)
+    loss, stats, *_ = CE_FWD(x, t, w, -100, reduction, 0.1, 0.5, CE_NO_GRADS, 2.0, True)
     g = torch.randn(loss.shape).to(dtype)
     grad_lse = torch.randn(target_shape(shape), dtype=acc_dtype(dtype))
     rd = reference_dtype(dtype)
@@ -919,7 +921,7 @@ def test_bwd_inplace_with_softcap_equals_bwd(shape, dtype, reduction):
     x = make_input(shape, dtype, scale=3.0)
     t = class_target(shape, c, "some" if len(shape) > 1 else "none", 2)
     w = make_weight(c, dtype)
-    loss, stats = CE_FWD(x, t, w, 2, reduction, 0.1, 1e-3, 3.0)
+    loss, stats, *_ = CE_FWD(x, t, w, 2, reduction, 0.1, 1e-3, CE_NO_GRADS, 3.0)
     g = torch.randn(loss.shape, dtype=dtype) if reduction == "none" else torch.tensor(0.7, dtype=dtype)
     want = CE_BWD(g, x, t, w, stats, 2, reduction, 0.1, 1e-3, [True, False], 3.0)[0]
     y = x.clone()
@@ -943,8 +945,8 @@ def test_fwd_grad_with_softcap_equals_fwd_then_bwd(shape, dtype, reduction, kind
     t = prob_target(shape, dtype=dtype) if kind == "prob" else \
         class_target(shape, c, "some" if len(shape) > 1 and shape[0] > 1 else "none")
     for irs in (False, True):
-        loss, stats, grad = CE_FWD_GRAD(x, t, w, -100, reduction, 0.1, 0.5, 2.0, irs)
-        loss_ref, stats_ref = CE_FWD(x, t, w, -100, reduction, 0.1, 0.5, 2.0, irs)
+        loss, stats, grad, _ = CE_FWD(x, t, w, -100, reduction, 0.1, 0.5, [True, False], 2.0, irs)
+        loss_ref, stats_ref, *_ = CE_FWD(x, t, w, -100, reduction, 0.1, 0.5, CE_NO_GRADS, 2.0, irs)
         grad_ref, _ = CE_BWD(torch.ones((), dtype=dtype), x, t, w, stats_ref, -100, reduction, 0.1, 0.5,
                              [True, False], 2.0)
         same = dict(rtol=0, atol=0, equal_nan=True)
@@ -991,31 +993,33 @@ CE_FWD_SAMPLES = [
 def test_opcheck_ce_fwd(sample):
     _, shape, kind, reduction, softcap, irs, rg = sample
     x, t, w = _ce_opcheck_args(shape, kind, rg)
-    torch.library.opcheck(CE_FWD, (x, t, w, -100, reduction, 0.1, 1e-3, softcap, irs))
+    torch.library.opcheck(CE_FWD, (x, t, w, -100, reduction, 0.1, 1e-3, CE_NO_GRADS, softcap, irs))
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])
 def test_opcheck_ce_bwd(kind):
     shape = (2, 7, 3)
     x, t, w = _ce_opcheck_args(shape, kind, False)
-    loss, stats = CE_FWD(x, t, w, -100, "none", 0.1, 1e-3, 2.0, True)
+    loss, stats, *_ = CE_FWD(x, t, w, -100, "none", 0.1, 1e-3, CE_NO_GRADS, 2.0, True)
     g = torch.randn(loss.shape)
     grad_lse = torch.randn(target_shape(shape))
     mask = [True, kind == "prob"]
     torch.library.opcheck(CE_BWD, (g, x, t, w, stats, -100, "none", 0.1, 1e-3, mask, 2.0, grad_lse))
-    loss, stats = CE_FWD(x, t, w, -100, "mean", 0.1, 1e-3, 2.0, True)
+    loss, stats, *_ = CE_FWD(x, t, w, -100, "mean", 0.1, 1e-3, CE_NO_GRADS, 2.0, True)
     torch.library.opcheck(CE_BWD, (torch.tensor(1.3), x, t, w, stats, -100, "mean", 0.1, 1e-3, mask, 2.0, grad_lse),
                           test_utils=("test_schema", "test_autograd_registration", "test_faketensor"))
 
 
-def test_opcheck_ce_bwd_inplace_and_fwd_grad():
+def test_opcheck_ce_bwd_inplace_and_fwd_grad_mask():
     x, t, w = _ce_opcheck_args((5, 11), "class", False)
-    loss, stats = CE_FWD(x, t, w, -100, "sum", 0.0, 0.0, 2.0)
+    loss, stats, *_ = CE_FWD(x, t, w, -100, "sum", 0.0, 0.0, CE_NO_GRADS, 2.0)
     torch.library.opcheck(CE_BWD_INPLACE, (torch.tensor(1.0), x.clone(), t, w, stats, -100, "sum", 0.0, 0.0, 2.0),
                           test_utils=("test_schema", "test_faketensor"))
     xg = leaf(x)
-    torch.library.opcheck(CE_FWD_GRAD, (xg, t, w, -100, "mean", 0.1, 1e-3, 2.0, True))
-    torch.library.opcheck(CE_FWD_GRAD, (x, t, w, -100, "sum", 0.0, 0.5, 0.7, False))
+    torch.library.opcheck(CE_FWD, (xg, t, w, -100, "mean", 0.1, 1e-3, [True, False], 2.0, True))
+    torch.library.opcheck(CE_FWD, (x, t, w, -100, "sum", 0.0, 0.5, [True, False], 0.7, False))
+    xp, tp, wp = _ce_opcheck_args((5, 11), "prob", True)
+    torch.library.opcheck(CE_FWD, (xp, tp, wp, -100, "mean", 0.1, 1e-3, [True, True], 2.0, False))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -1463,7 +1467,7 @@ def test_lce_raw_ops(dtype, reduction, kind):
     for irs in (False, True):
         out = LCE_FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, NO_GRADS, 2.0, irs)
         assert len(out) == 5
-        loss, gi, gw, gb, stats = out
+        loss, stats, gi, gw, gb = out
         assert_close(loss, yr.detach(), dtype=dtype, msg="fwd op: loss", **tol)
         assert all(v.numel() == 0 for v in (gi, gw, gb))
         assert stats.shape == (rows, 3) and stats.dtype == ad
@@ -1485,7 +1489,7 @@ def test_lce_raw_ops(dtype, reduction, kind):
     # the gradients for grad_output 1 from the forward op (mean / sum), then the backward op
     if reduction != "none":
         ref1 = torch.autograd.grad(yr, (xr, wr, br), retain_graph=True)
-        loss, gi, gw, gb, stats = LCE_FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, ALL_GRADS, 2.0, False)
+        loss, stats, gi, gw, gb = LCE_FWD(x, w, b, t, cw, -100, reduction, 0.1, 0.5, 3, ALL_GRADS, 2.0, False)
         for name, got, want in zip(("input", "linear_weight", "linear_bias"), (gi, gw, gb), ref1):
             assert got.dtype == dtype
             assert_close(got, want, dtype=dtype, msg=f"fwd op: grad of {name}", **tol)

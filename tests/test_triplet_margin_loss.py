@@ -38,6 +38,7 @@ P_VALUES = (1.0, 2.0, 3.0, 1.5, 0.5)
 NAMES = ("anchor", "positive", "negative")
 FWD = torch.ops.torch_ext.triplet_margin_loss_fwd.default
 BWD = torch.ops.torch_ext.triplet_margin_loss_bwd.default
+NO_GRADS = [False, False, False]  # the forward op's grad_mask: no gradient formed
 REDUCTION_ENUM = {"none": 0, "mean": 1, "sum": 2}
 
 
@@ -64,8 +65,7 @@ def ours(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")
 
 def raw(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean"):
     """The raw forward op (its autograd included); the loss only."""
-    return torch.ops.torch_ext.triplet_margin_loss_fwd(a, pos, neg, float(margin), float(p), float(eps), swap,
-                                                       reduction)[0]
+    return FWD(a, pos, neg, float(margin), float(p), float(eps), swap, reduction, NO_GRADS)[0]
 
 
 
@@ -538,7 +538,7 @@ def test_double_backward_raises():
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_fwd_op_dist(dtype, p, swap):
     tensors = make_triplet((6, 33), dtype)
-    loss, dist = FWD(*tensors, 1.0, p, 1e-6, swap, "none")
+    loss, dist, *_ = FWD(*tensors, 1.0, p, 1e-6, swap, "none", NO_GRADS)
     acc = torch.float64 if dtype == torch.float64 else torch.float32
     assert dist.dtype == acc
     assert dist.shape == (6, 3)
@@ -549,7 +549,7 @@ def test_fwd_op_dist(dtype, p, swap):
         assert_close(dist[:, 2], F.pairwise_distance(pos, neg, p, 1e-6), msg="d(p, n)")
     assert_close(loss, reference(a, pos, neg, 1.0, p, 1e-6, swap, "none"), dtype=dtype)
     # 1-D input: one row.
-    loss, dist = FWD(*(v[0] for v in tensors), 1.0, p, 1e-6, swap, "none")
+    loss, dist, *_ = FWD(*(v[0] for v in tensors), 1.0, p, 1e-6, swap, "none", NO_GRADS)
     assert loss.shape == () and dist.numel() == 3
 
 
@@ -559,7 +559,7 @@ def test_fwd_op_dist(dtype, p, swap):
 def test_bwd_op_matches_autograd(reduction, swap, dtype):
     tensors = make_triplet((7, 13), dtype)
     p, eps, margin = 1.5, 1e-6, 1.0
-    loss, dist = FWD(*tensors, margin, p, eps, swap, reduction)
+    loss, dist, *_ = FWD(*tensors, margin, p, eps, swap, reduction, NO_GRADS)
     g = torch.randn(loss.shape).to(dtype)
     rdt = reference_dtype(dtype)
     _, ref = forward_backward(lambda a, b, c: reference(a, b, c, margin, p, eps, swap, reduction), tensors, NAMES,
@@ -594,7 +594,7 @@ def test_opcheck_fwd(sample, requires_grad):
     tensors = make_triplet(shape)
     if requires_grad:
         tensors = tuple(leaf(v) for v in tensors)
-    torch.library.opcheck(FWD, (*tensors, 1.0, p, eps, swap, reduction))
+    torch.library.opcheck(FWD, (*tensors, 1.0, p, eps, swap, reduction, NO_GRADS))
 
 
 BWD_MASKS = [[True, True, True], [True, False, False], [False, True, True], [False, False, True]]
@@ -606,7 +606,7 @@ BWD_MASKS = [[True, True, True], [True, False, False], [False, True, True], [Fal
 def test_opcheck_bwd(sample, mask, requires_grad):
     _, shape, p, eps, swap, reduction = sample
     tensors = make_triplet(shape)
-    loss, dist = FWD(*tensors, 1.0, p, eps, swap, reduction)
+    loss, dist, *_ = FWD(*tensors, 1.0, p, eps, swap, reduction, NO_GRADS)
     g = torch.randn(loss.shape)
     if not requires_grad:
         torch.library.opcheck(BWD, (g, *tensors, dist, 1.0, p, eps, swap, reduction, mask))
@@ -792,7 +792,7 @@ def test_p_not_positive_finite_raises(p):
     with pytest.raises(ValueError, match=r"\bp\b"):
         TripletMarginLoss(p=p)(*tensors)
     with pytest.raises((ValueError, RuntimeError), match=r"\bp\b"):
-        FWD(*tensors, 1.0, p, 1e-6, False, "mean")
+        FWD(*tensors, 1.0, p, 1e-6, False, "mean", NO_GRADS)
 
 
 @pytest.mark.parametrize("margin", [0.0, -1.0])
@@ -846,14 +846,14 @@ def test_bad_arguments(case, requires_grad):
 def test_raw_op_bad_shapes(case):
     a, pos, neg, _, exc, match = _error_cases()[case]
     with pytest.raises(exc, match=match):
-        FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "mean")
+        FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "mean", NO_GRADS)
 
 
 def test_raw_op_bad_strings_and_dist():
     a, pos, neg = make_triplet((4, 5))
     with pytest.raises(ValueError, match="reduction"):
-        FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "avg")
-    loss, dist = FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "none")
+        FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "avg", NO_GRADS)
+    loss, dist, *_ = FWD(a, pos, neg, 1.0, 2.0, 1e-6, False, "none", NO_GRADS)
     g = torch.randn(4)
     with pytest.raises((RuntimeError, ValueError), match="dist"):
         BWD(g, a, pos, neg, dist[:3], 1.0, 2.0, 1e-6, False, "none", [True, True, True])
@@ -880,17 +880,14 @@ def test_mixed_float_dtypes_like_pytorch():
 # The forward op that also forms the gradients (the eager path when an input requires grad)
 # ----------------------------------------------------------------------------------------------
 
-FWD_GRAD = torch.ops.torch_ext.triplet_margin_loss_fwd_grad.default
-
-
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("swap", (False, True))
 @pytest.mark.parametrize("p", (1.0, 2.0, 3.0))
 @pytest.mark.parametrize("mask", ([True, False, False], [True, True, True], [False, True, False]))
-def test_fwd_grad_op_equals_fwd_and_bwd_ops(reduction, swap, p, mask):
+def test_fwd_grad_mask_equals_fwd_and_bwd_ops(reduction, swap, p, mask):
     a, pos, neg = make_triplet((6, 11))
-    loss, dist, *grads = FWD_GRAD(a, pos, neg, 0.7, p, 1e-6, swap, reduction, mask)
-    ref_loss, ref_dist = FWD(a, pos, neg, 0.7, p, 1e-6, swap, reduction)
+    loss, dist, *grads = FWD(a, pos, neg, 0.7, p, 1e-6, swap, reduction, mask)
+    ref_loss, ref_dist, *_ = FWD(a, pos, neg, 0.7, p, 1e-6, swap, reduction, NO_GRADS)
     assert torch.equal(loss, ref_loss) and torch.equal(dist, ref_dist)
     ones = torch.ones(ref_loss.shape)
     ref_grads = BWD(ones, a, pos, neg, ref_dist, 0.7, p, 1e-6, swap, reduction, mask)
@@ -901,11 +898,14 @@ def test_fwd_grad_op_equals_fwd_and_bwd_ops(reduction, swap, p, mask):
 
 
 @pytest.mark.parametrize("shape", ((5, 7), (7,), (0, 4)))
-def test_opcheck_fwd_grad(shape):
+def test_opcheck_fwd_grad_mask(shape):
     a, pos, neg = make_triplet(shape)
-    for mask in ([True, False, True], [False, False, False]):
+    for mask in ([True, False, True], [False, True, False]):
         # "sum": the mean of no rows is NaN, which opcheck's comparison does not accept
-        torch.library.opcheck(FWD_GRAD, (a, pos, neg, 1.0, 2.0, 1e-6, True, "sum", mask))
+        torch.library.opcheck(FWD, (a, pos, neg, 1.0, 2.0, 1e-6, True, "sum", mask))
+    # with inputs that require grad: the forward's gradients handed over through its autograd
+    a, pos, neg = (leaf(v) for v in make_triplet(shape))
+    torch.library.opcheck(FWD, (a, pos, neg, 1.0, 2.0, 1e-6, False, "sum", [True, True, False]))
 
 
 def test_gradient_formed_in_forward_handed_over_once():

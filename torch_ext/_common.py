@@ -139,6 +139,15 @@ def check_reduction(reduction: str) -> None:
         raise ValueError(f"reduction must be 'mean', 'sum' or 'none'; got {reduction!r}")
 
 
+def check_reduction_with_grad_in_forward(op: str, reduction: str) -> None:
+    """A forward op's grad_mask forms gradients for grad_loss = 1: the loss must be one number (as
+    csrc/loss_checks.h's check of the same name)."""
+    if reduction == "none":
+        raise ValueError(
+            f"{op}: reduction must be 'mean' or 'sum' (the gradient is formed for a grad_loss of one value), got 'none'"
+        )
+
+
 def _double_backward_error(public_name: str) -> RuntimeError:
     return RuntimeError(
         f"{public_name} does not support double backward (a gradient of its gradient, e.g. "
@@ -193,7 +202,8 @@ def forms_grad_in_forward(requires_grad: bool) -> bool:
 def hand_over_unit_grads(unit_grads, mask, grad_loss):
     """The gradients a Python autograd.Function's forward op formed for grad_output = 1 (saved with
     ctx.save_for_backward, so saved-tensor hooks such as save_on_cpu see them), those `mask` asks
-    for (the others None), for the incoming scalar grad_loss: as they are when it is the CPU scalar
+    for (the others None), for the incoming grad_loss (one value, or a (rows, 1) column for a loss
+    per row): as they are when it is the CPU scalar
     1 (elsewhere reading it would wait for the device), else scaled out of place. Out of place, unlike the C++ node of
     csrc/autograd_node.h, which drops its saved gradients after scaling them in place: a Python
     Function cannot release one saved tensor, so a retained graph's later backward unpacks the same
@@ -205,7 +215,7 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     if (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
             and grad_loss.numel() == 1 and grad_loss.item() == 1.0):
         return unit_grads
-    scale = grad_loss.reshape(())
+    scale = grad_loss.reshape(()) if grad_loss.numel() == 1 else grad_loss  # else a scale per row, (rows, 1)
     return [None if g is None else g.mul(scale) for g in unit_grads]
 
 

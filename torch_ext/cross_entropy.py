@@ -17,10 +17,12 @@ from . import _C
 from ._common import (
     autocast_to_float32,
     check_reduction,
+    check_reduction_with_grad_in_forward,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
+    hand_over_unit_grads,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -103,14 +105,21 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_fwd")
-def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0,
-                            ignored_row_stats=False):
-    loss_shape, rows, _ = _check_args(
-        "torch_ext.cross_entropy", input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_mask,
+                            softcap=0.0, ignored_row_stats=False):
+    op = "torch_ext.cross_entropy"
+    loss_shape, rows, probabilities = _check_args(
+        op, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
+    )
+    if any(grad_mask):
+        check_reduction_with_grad_in_forward(op, reduction)
+    torch._check(
+        not grad_mask[1] or probabilities,
+        lambda: f"{op}: grad_mask[1] asks for the target's gradient, which exists only for class-probability targets",
     )
     loss = input.new_empty(loss_shape if reduction == "none" else ())
     stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
-    return loss, stats
+    return (loss, stats) + tuple(input.new_empty(input.shape if m else (0,)) for m in grad_mask)
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd")
@@ -146,75 +155,44 @@ def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ign
     return None
 
 
-@torch.library.register_fake("torch_ext::cross_entropy_fwd_grad")
-def _cross_entropy_fwd_grad_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap=0.0,
-                                 ignored_row_stats=False):
-    if reduction == "none":
-        raise ValueError(
-            "torch_ext.cross_entropy_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a "
-            "grad_loss of one value), got 'none'"
-        )
-    loss, stats = _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                                          softcap, ignored_row_stats)
-    return loss, stats, input.new_empty(input.shape)
-
-
-# The forward ops' arguments: (input, target, weight, ignore_index, reduction, label_smoothing,
-# z_loss, softcap, ignored_row_stats); their autograd returns one gradient (or None) for each.
-_N_INPUTS = 9
-
-
-def _setup_context_fwd_grad(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap = inputs[:8]
-    _, stats, unit_grad = output
-    ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
-    ctx.softcap = softcap
-    ctx.save_for_backward(input, target, weight, stats, unit_grad)
-    ctx.mark_non_differentiable(stats, unit_grad)
-    ctx.set_materialize_grads(False)
-
-
-def _backward_fwd_grad(ctx, grad_loss, _grad_stats, _grad_unit):
-    """Calling the op directly is differentiable too: the input gradient it formed times grad_loss,
-    and the backward op for a probability target's gradient (which the op does not form)."""
-    grads = [None] * _N_INPUTS
-    if grad_loss is None:
-        return tuple(grads)
-    input, target, weight, stats, unit_grad = ctx.saved_tensors
-    if ctx.needs_input_grad[0]:
-        grads[0] = unit_grad * grad_loss.reshape(())
-    if ctx.needs_input_grad[1]:
-        grads[1] = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, [False, True], ctx.softcap)[1]
-    return tuple(grads)
-
-
-torch.library.register_autograd(
-    "torch_ext::cross_entropy_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad
-)
+# The forward op's arguments: (input, target, weight, ignore_index, reduction, label_smoothing,
+# z_loss, grad_mask, softcap, ignored_row_stats); its autograd returns one gradient (or None) for each.
+_N_INPUTS = 10
+NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, ignore_index, reduction, label_smoothing, z_loss = inputs[:7]
-    _, stats = output
+    input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_mask = inputs[:8]
+    _, stats, *unit_grads = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
-    ctx.softcap = inputs[7] if len(inputs) > 7 else 0.0
+    ctx.softcap = inputs[8] if len(inputs) > 8 else 0.0
     ctx.probabilities = target.is_floating_point()
-    ctx.save_for_backward(input, target, weight, stats)
-    ctx.mark_non_differentiable(stats)
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for `stats` in backward
+    ctx.formed = tuple(bool(m) for m in grad_mask)
+    # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
+    # saved-tensor hooks (save_on_cpu, offloading) see them too.
+    ctx.save_for_backward(input, target, weight, stats, *unit_grads)
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
-def _backward(ctx, grad_loss, _grad_stats):
-    if grad_loss is None:  # only `stats` reached backward (materialize_grads is off)
+def _backward(ctx, grad_loss, *_unused):
+    """The gradients the forward formed, scaled by grad_loss (create_graph takes the backward op:
+    differentiable once), and the backward op for those it did not form."""
+    if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
-    input, target, weight, stats = ctx.saved_tensors
+    input, target, weight, stats, *unit_grads = ctx.saved_tensors
     needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(ctx.probabilities and needs[1])]
+    wanted = [bool(needs[0]), bool(ctx.probabilities and needs[1])]
+    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
+    missing = [w and not h for w, h in zip(wanted, handed)]
     grads = [None] * _N_INPUTS
-    if any(mask):
-        grad_input, grad_target = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, mask, ctx.softcap)
-        grads[0] = grad_input if mask[0] else None
-        grads[1] = grad_target if mask[1] else None
+    if any(handed):
+        grads[:2] = hand_over_unit_grads(unit_grads, handed, grad_loss)
+    if any(missing):
+        computed = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, missing, ctx.softcap)
+        for i in range(2):
+            if missing[i]:
+                grads[i] = computed[i]
     return tuple(grads)
 
 
@@ -224,15 +202,19 @@ register_no_double_backward("torch_ext::cross_entropy_bwd", "torch_ext.cross_ent
 
 
 class CrossEntropyFunction(torch.autograd.Function):
-    """autograd.Function over the fused ops: ``apply(input, target, weight, ignore_index,
-    reduction, label_smoothing, z_loss, softcap, ignored_row_stats) -> (loss, stats)``; ``stats``
-    (per row: the max logit and log(sum exp(x - max)), ...) is what backward uses and is not
-    differentiable.
+    """autograd.Function over the op pair, with the forward op's arguments: ``apply(input, target,
+    weight, ignore_index, reduction, label_smoothing, z_loss, grad_mask, softcap,
+    ignored_row_stats) -> (loss, stats, grad_input, grad_target)``. ``stats`` (per row: the max
+    logit and log(sum exp(x - max)), ...) is what backward uses. With grad_mask all False the
+    backward op forms the gradients; with grad_mask (reductions mean and sum) the forward forms
+    them for grad_loss = 1 while each row is in cache, and the backward scales them. The outputs
+    after the loss are not differentiable; the gradients not asked for are empty.
 
     Example::
 
         >>> x, t = torch.randn(4, 10, requires_grad=True), torch.tensor([1, 0, 3, 9])
-        >>> loss, stats = torch_ext.CrossEntropyFunction.apply(x, t, None, -100, "mean", 0.0, 0.0, 0.0, False)
+        >>> loss, stats, *_ = torch_ext.CrossEntropyFunction.apply(
+        ...     x, t, None, -100, "mean", 0.0, 0.0, [False, False], 0.0, False)
         >>> loss.backward()
         >>> x.grad.shape
         torch.Size([4, 10])
@@ -380,15 +362,14 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
-    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss), softcap,
-            ignored_row_stats)
+    args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     if _grad_in_forward(input, target, reduction):
-        return _C._cross_entropy_grad_in_forward(*args, return_stats)
+        return _C._cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, return_stats)
     if not needs_autograd(input, target):
-        out = _fwd_op(*args)
+        out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats)
     else:
-        out = CrossEntropyFunction.apply(*args)
-    return out if return_stats else out[0]
+        out = CrossEntropyFunction.apply(*args, NO_GRADS, softcap, ignored_row_stats)
+    return out[:2] if return_stats else out[0]
 
 
 class CrossEntropyLoss(nn.CrossEntropyLoss):

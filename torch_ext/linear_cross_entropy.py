@@ -125,7 +125,7 @@ def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_inde
     loss = input.new_empty(lead if reduction == "none" else ())
     rows = math.prod(lead)
     stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return (loss,) + _grads_like(grad_mask, input, linear_weight, linear_bias) + (stats,)
+    return (loss, stats) + _grads_like(grad_mask, input, linear_weight, linear_bias)
 
 
 @torch.library.register_fake("torch_ext::linear_cross_entropy_bwd")
@@ -188,7 +188,7 @@ def _setup_context(ctx, inputs, output):
     # A grad_mask asked the forward op for the gradients (for grad_output = 1; a scalar loss's only,
     # reduction none's backward recomputes): saved with the inputs, so that saved-tensor hooks
     # (save_on_cpu, offloading) see them too.
-    formed = tuple(output[1:4]) if any(inputs[10]) and inputs[6] != "none" else ()
+    formed = tuple(output[2:5]) if any(inputs[10]) and inputs[6] != "none" else ()
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *formed)
     ctx.mark_non_differentiable(*output[1:])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
@@ -225,7 +225,7 @@ register_no_double_backward("torch_ext::linear_cross_entropy_bwd", "torch_ext.li
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
-    ignored_row_stats)`` -> (loss, *gradients asked for by grad_mask, stats). With grad_mask all
+    ignored_row_stats)`` -> (loss, stats, grad_input, grad_weight, grad_bias). With grad_mask all
     False the backward recomputes each chunk's logits (torch.compile'd graphs use this path); with
     grad_mask (reductions mean and sum) the forward forms the gradients for grad_output = 1 while
     each chunk's logits exist, and the backward scales them (the eager path of a probability target
@@ -235,7 +235,7 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     Example::
 
         >>> x, w, t = torch.randn(8, 16, requires_grad=True), torch.randn(100, 16), torch.randint(0, 100, (8,))
-        >>> loss, *_, stats = torch_ext.LinearCrossEntropyFunction.apply(
+        >>> loss, stats, *_ = torch_ext.LinearCrossEntropyFunction.apply(
         ...     x, w, None, t, None, -100, "mean", 0.0, 0.0, 4, [False, False, False], 0.0, False)
         >>> loss.backward()
         >>> x.grad.shape
@@ -430,13 +430,13 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         if target.requires_grad:  # a probability target's gradient: formed in backward, in Python
             mask = [input.requires_grad, linear_weight.requires_grad,
                     linear_bias is not None and linear_bias.requires_grad]
-            loss, *_, stats = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
+            loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
         else:  # the gradients handed over by a C++ node (csrc/autograd_node.h)
             loss, stats = _C._linear_cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, True)
     elif not needs_autograd(input, linear_weight, linear_bias, target):
-        loss, *_, stats = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
+        loss, stats, *_ = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
     else:
-        loss, *_, stats = LinearCrossEntropyFunction.apply(*args, no_grads, softcap, ignored_row_stats)
+        loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, no_grads, softcap, ignored_row_stats)
     if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16):
         loss = loss.float()
     return (loss, stats) if return_stats else loss

@@ -16,10 +16,12 @@ from . import _C
 from ._common import (
     autocast_to_float32,
     check_reduction,
+    check_reduction_with_grad_in_forward,
     direct_when_no_grad,
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
+    hand_over_unit_grads,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -70,89 +72,75 @@ def _check_param(op, loss, param):
 
 
 @torch.library.register_fake("torch_ext::regression_loss_fwd")
-def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction):
-    _check_args("torch_ext.regression_loss", input, target, weight, loss, param, reduction)
-    return input.new_empty(input.shape if reduction == "none" else ())
+def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction, grad_mask):
+    op = "torch_ext.regression_loss"
+    _check_args(op, input, target, weight, loss, param, reduction)
+    if any(grad_mask):
+        check_reduction_with_grad_in_forward(op, reduction)
+    value = input.new_empty(input.shape if reduction == "none" else ())
+    return (value,) + tuple(input.new_empty(input.shape if m else (0,)) for m in grad_mask)
 
 
 @torch.library.register_fake("torch_ext::regression_loss_bwd")
 def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, reduction, output_mask):
     _check_args("torch_ext.regression_loss_bwd", input, target, weight, loss, param, reduction)
-    return tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
+    return tuple(input.new_empty(input.shape if m else (0,)) for m in output_mask)
 
 
-@torch.library.register_fake("torch_ext::regression_loss_fwd_grad")
-def _regression_loss_fwd_grad_fake(input, target, weight, loss, param, reduction, output_mask):
-    if reduction == "none":
-        raise ValueError(
-            "torch_ext.regression_loss_fwd_grad: reduction must be 'mean' or 'sum' (the gradient is formed for a "
-            "grad_loss of one value), got 'none'"
-        )
-    value = _regression_loss_fwd_fake(input, target, weight, loss, param, reduction)
-    return (value,) + tuple(input.new_empty(input.shape) if m else input.new_empty((0,)) for m in output_mask)
-
-
-def _setup_context_fwd_grad(ctx, inputs, output):
-    input, target, weight, loss, param, reduction, output_mask = inputs
-    _, grad_input, grad_target = output
-    ctx.formed = tuple(bool(m) for m in output_mask)
-    ctx.options = (loss, param, reduction)
-    ctx.save_for_backward(input, target, weight, grad_input, grad_target)
-    ctx.mark_non_differentiable(grad_input, grad_target)
-    ctx.set_materialize_grads(False)
-
-
-def _backward_fwd_grad(ctx, grad_loss, _grad_gi, _grad_gt):
-    """Calling the op directly is differentiable too: the gradients it formed times grad_loss, and
-    the backward op for any that output_mask did not ask for."""
-    grads = [None] * 7
-    if grad_loss is None:
-        return tuple(grads)
-    input, target, weight, *units = ctx.saved_tensors
-    missing = [bool(ctx.needs_input_grad[i] and not ctx.formed[i]) for i in range(2)]
-    computed = _bwd_op(grad_loss, input, target, weight, *ctx.options, missing) if any(missing) else (None, None)
-    for i in range(2):
-        if ctx.needs_input_grad[i]:
-            grads[i] = computed[i] if missing[i] else units[i] * grad_loss.reshape(())
-    return tuple(grads)
-
-
-torch.library.register_autograd(
-    "torch_ext::regression_loss_fwd_grad", _backward_fwd_grad, setup_context=_setup_context_fwd_grad
-)
+# The forward op's arguments: (input, target, weight, loss, param, reduction, grad_mask).
+_N_INPUTS = 7
+NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, loss, param, reduction = inputs
+    input, target, weight, loss, param, reduction, grad_mask = inputs
     ctx.options = (loss, param, reduction)
-    ctx.save_for_backward(input, target, weight)
+    ctx.formed = tuple(bool(m) for m in grad_mask)
+    # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
+    # saved-tensor hooks (save_on_cpu, offloading) see them too.
+    ctx.save_for_backward(input, target, weight, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
-def _backward(ctx, grad_loss):
-    input, target, weight = ctx.saved_tensors
-    needs = ctx.needs_input_grad
-    mask = [bool(needs[0]), bool(needs[1])]
-    grads = [None] * 6
-    if any(mask):
-        grad_input, grad_target = _bwd_op(grad_loss, input, target, weight, *ctx.options, mask)
-        grads[0] = grad_input if mask[0] else None
-        grads[1] = grad_target if mask[1] else None
+def _backward(ctx, grad_loss, *_unused):
+    """The gradients the forward formed, scaled by grad_loss (create_graph takes the backward op:
+    differentiable once), and the backward op for those it did not form."""
+    if grad_loss is None:  # only the non-differentiable outputs reached backward
+        return (None,) * _N_INPUTS
+    input, target, weight, *unit_grads = ctx.saved_tensors
+    wanted = [bool(n) for n in ctx.needs_input_grad[:2]]
+    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
+    missing = [w and not h for w, h in zip(wanted, handed)]
+    grads = [None] * _N_INPUTS
+    if any(handed):
+        grads[:2] = hand_over_unit_grads(unit_grads, handed, grad_loss)
+    if any(missing):
+        computed = _bwd_op(grad_loss, input, target, weight, *ctx.options, missing)
+        for i in range(2):
+            if missing[i]:
+                grads[i] = computed[i]
     return tuple(grads)
 
 
+# Calling torch.ops.torch_ext.regression_loss_fwd directly is differentiable too.
 torch.library.register_autograd("torch_ext::regression_loss_fwd", _backward, setup_context=_setup_context)
 register_no_double_backward("torch_ext::regression_loss_bwd", "torch_ext's regression losses")
 
 
 class RegressionLossFunction(torch.autograd.Function):
-    """autograd.Function over the fused ops: ``apply(input, target, weight, loss, param,
-    reduction)`` with loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta);
-    input, target and weight (or None) of one shape.
+    """autograd.Function over the op pair, with the forward op's arguments: ``apply(input,
+    target, weight, loss, param, reduction, grad_mask) -> (loss, grad_input, grad_target)`` with
+    loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta); input, target and
+    weight (or None) of one shape. With grad_mask all False the backward op forms the gradients;
+    with grad_mask (reductions mean and sum) the forward forms them for grad_loss = 1 in its pass
+    and the backward scales them. The outputs after the loss are not differentiable; the
+    gradients not asked for are empty.
 
     Example::
 
         >>> x, y = torch.randn(8, 3, requires_grad=True), torch.randn(8, 3)
-        >>> loss = torch_ext.RegressionLossFunction.apply(x, y, None, "huber", 0.5, "mean")
+        >>> loss, *_ = torch_ext.RegressionLossFunction.apply(x, y, None, "huber", 0.5, "mean", [False, False])
         >>> loss.backward()
         >>> x.grad.shape
         torch.Size([8, 3])
@@ -208,9 +196,9 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
         # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
         out = _C._regression_loss_grad_in_forward(*args)
     elif not needs_autograd(input, target, weight):
-        out = _fwd_op(*args)
+        out = _fwd_op(*args, NO_GRADS)[0]
     else:
-        out = RegressionLossFunction.apply(*args)
+        out = RegressionLossFunction.apply(*args, NO_GRADS)[0]
     return out if weight_sum is None else out / weight_sum
 
 

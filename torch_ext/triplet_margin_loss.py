@@ -21,6 +21,7 @@ from ._common import (
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
+    hand_over_unit_grads,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -59,46 +60,57 @@ def _check_args(op, anchor, positive, negative, p, reduction):
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_fwd")
-def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction):
+def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask):
     _check_args("torch_ext.triplet_margin_loss", anchor, positive, negative, p, reduction)
     rows = anchor.shape[0] if anchor.dim() == 2 else 1
     loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
     acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    return anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)
-
-
-@torch.library.register_fake("torch_ext::triplet_margin_loss_fwd_grad")
-def _triplet_fwd_grad_fake(anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask):
-    loss, dist = _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction)
-    grads = tuple(anchor.new_empty(anchor.shape) if m else anchor.new_empty((0,)) for m in grad_mask)
-    return (loss, dist) + grads
+    grads = tuple(anchor.new_empty(anchor.shape if m else (0,)) for m in grad_mask)
+    return (anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)) + grads
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_bwd")
 def _triplet_bwd_fake(grad_loss, anchor, positive, negative, dist, margin, p, eps, swap, reduction, output_mask):
     _check_args("torch_ext.triplet_margin_loss_bwd", anchor, positive, negative, p, reduction)
-    return tuple(anchor.new_empty(anchor.shape) if m else anchor.new_empty((0,)) for m in output_mask)
+    return tuple(anchor.new_empty(anchor.shape if m else (0,)) for m in output_mask)
+
+
+# The forward op's arguments: (anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask).
+_N_INPUTS = 9
+NO_GRADS = (False, False, False)  # the grad_mask of a forward that forms no gradient
 
 
 def _setup_context(ctx, inputs, output):
-    anchor, positive, negative, margin, p, eps, swap, reduction = inputs
-    _, dist = output
+    anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask = inputs
     ctx.options = (margin, p, eps, swap, reduction)
-    ctx.save_for_backward(anchor, positive, negative, dist)
-    ctx.mark_non_differentiable(dist)
-    ctx.set_materialize_grads(False)  # no zero-filled gradient for `dist` in backward
+    # Formed for a loss gradient of 1 per row with reduction none (each row's loss depends on its
+    # own inputs only), else for grad_loss = 1.
+    ctx.formed = tuple(bool(m) for m in grad_mask)
+    # The gradients the forward formed are saved with the inputs, so that saved-tensor hooks
+    # (save_on_cpu, offloading) see them too.
+    ctx.save_for_backward(anchor, positive, negative, *output[1:])
+    ctx.mark_non_differentiable(*output[1:])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
-def _backward(ctx, grad_loss, _grad_dist):
-    if grad_loss is None:  # only `dist` reached backward (materialize_grads is off)
-        return (None,) * 8
-    anchor, positive, negative, dist = ctx.saved_tensors
-    mask = [bool(n) for n in ctx.needs_input_grad[:3]]
-    grads = [None] * 8
-    if any(mask):
-        computed = _bwd_op(grad_loss, anchor, positive, negative, dist, *ctx.options, mask)
+def _backward(ctx, grad_loss, *_unused):
+    """The gradients the forward formed, scaled by grad_loss (row by row for reduction none;
+    create_graph takes the backward op: differentiable once), and the backward op for the others."""
+    if grad_loss is None:  # only the non-differentiable outputs reached backward
+        return (None,) * _N_INPUTS
+    anchor, positive, negative, dist, *unit_grads = ctx.saved_tensors
+    wanted = [bool(n) for n in ctx.needs_input_grad[:3]]
+    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
+    missing = [w and not h for w, h in zip(wanted, handed)]
+    grads = [None] * _N_INPUTS
+    if any(handed):
+        scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
+        grads[:3] = hand_over_unit_grads(unit_grads, handed, scale)
+    if any(missing):
+        computed = _bwd_op(grad_loss, anchor, positive, negative, dist, *ctx.options, missing)
         for i in range(3):
-            grads[i] = computed[i] if mask[i] else None
+            if missing[i]:
+                grads[i] = computed[i]
     return tuple(grads)
 
 
@@ -107,13 +119,18 @@ register_no_double_backward("torch_ext::triplet_margin_loss_bwd", "torch_ext.tri
 
 
 class TripletMarginLossFunction(torch.autograd.Function):
-    """autograd.Function over the fused ops: ``apply(anchor, positive, negative, margin, p, eps,
-    swap, reduction) -> (loss, dist)``; ``dist`` (the row distances) is what backward uses.
+    """autograd.Function over the op pair, with the forward op's arguments: ``apply(anchor,
+    positive, negative, margin, p, eps, swap, reduction, grad_mask) -> (loss, dist, grad_anchor,
+    grad_positive, grad_negative)``; ``dist`` (the row distances) is what backward uses. With
+    grad_mask all False the backward op forms the gradients; with grad_mask the forward forms them
+    in its pass and the backward scales them. The outputs after the loss are not differentiable;
+    the gradients not asked for are empty.
 
     Example::
 
         >>> a, p, n = torch.randn(16, 128, requires_grad=True), torch.randn(16, 128), torch.randn(16, 128)
-        >>> loss, dist = torch_ext.TripletMarginLossFunction.apply(a, p, n, 1.0, 2.0, 1e-6, False, "mean")
+        >>> loss, dist, *_ = torch_ext.TripletMarginLossFunction.apply(
+        ...     a, p, n, 1.0, 2.0, 1e-6, False, "mean", [False, False, False])
         >>> loss.backward()
         >>> a.grad.shape
         torch.Size([16, 128])
@@ -165,8 +182,8 @@ def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduc
         # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
         return _C._triplet_margin_loss_grad_in_forward(*args)
     if not needs_autograd(anchor, positive, negative):
-        return _fwd_op(*args)[0]
-    return TripletMarginLossFunction.apply(*args)[0]
+        return _fwd_op(*args, NO_GRADS)[0]
+    return TripletMarginLossFunction.apply(*args, NO_GRADS)[0]
 
 
 class TripletMarginLoss(nn.TripletMarginLoss):

@@ -7,8 +7,8 @@
 //             stored. Saved for backward: `stats`, two numbers per row (the logsumexp, and for
 //             probability targets the row's target mass sum_c w_c t'_c).
 //   backward: one read of the logits and one write of the gradient, per row.
-//   forward with gradient (cross_entropy_fwd_grad, the eager path for reductions mean and sum):
-//             each (N, C) row's gradient for grad_loss = 1 is written right after its
+//   forward with gradient (cross_entropy_fwd's grad_mask, the eager path for reductions mean and
+//             sum): each (N, C) row's gradient for grad_loss = 1 is written right after its
 //             statistics, while the row is in L2: one read of the logits per training step.
 // The formulas are in csrc/cpu/kernels/cross_entropy.h. Reductions add per-row losses in row
 // order (sum_in_order), so results do not depend on the number of threads.
@@ -158,27 +158,6 @@ Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInp
   }
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
-                                                 const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                 c10::string_view reduction, double label_smoothing, double z_loss,
-                                                 double softcap, bool ignored_row_stats) {
-  constexpr const char* op = "torch_ext.cross_entropy";
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
-  const int64_t rows = in.layout.rows();
-  const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({rows, 3}, acc_options);
-  Tensor row_loss = at::zeros({rows}, acc_options);
-  // No classes: every row is ignored (a class index would be out of bounds) or has an empty
-  // probability sum, so the loss of each row is 0, as in PyTorch.
-  if (rows > 0 && in.layout.classes > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
-      run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
-    });
-  }
-  return {reduced_loss(red, row_loss, in, input), stats};
-}
-
 // The gradients into grad_input / grad_target (either may be undefined); grad_input may be the
 // input itself (the kernels read each block before writing it).
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -240,30 +219,48 @@ void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input,
                 std::nullopt, grad_input, no_target_grad);
 }
 
-// The loss, the stats and the input's gradient for grad_loss = 1 in one pass over the logits:
-// each row's gradient is written right after its statistics, while the row is in L2 (the eager
-// path of torch_ext.cross_entropy for reductions mean and sum; its backward hands it over).
-std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cpu(const Tensor& input, const Tensor& target,
-                                                              const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                              c10::string_view reduction, double label_smoothing,
-                                                              double z_loss, double softcap, bool ignored_row_stats) {
-  constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
-  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+// The loss and the stats in one read of the logits; with grad_mask[0], each row's gradient for
+// grad_loss = 1 is written right after its statistics, while the row is in L2 (the eager path of
+// torch_ext.cross_entropy for reductions mean and sum; its backward hands it over). A probability
+// target's gradient (grad_mask[1]) is taken by the backward kernel afterwards.
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                                 const std::optional<Tensor>& weight,
+                                                                 int64_t ignore_index, c10::string_view reduction,
+                                                                 double label_smoothing, double z_loss,
+                                                                 std::array<bool, 2> grad_mask, double softcap,
+                                                                 bool ignored_row_stats) {
+  constexpr const char* op = "torch_ext.cross_entropy";
+  const bool any_grad = grad_mask[0] || grad_mask[1];
+  const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
+                                 : parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
+  TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
+              ": grad_mask[1] asks for the target's gradient, which exists only for class-probability targets");
   const int64_t rows = in.layout.rows();
   const auto acc_options = input.options().dtype(acc_dtype(input));
   Tensor stats = at::zeros({rows, 3}, acc_options);
   Tensor row_loss = at::zeros({rows}, acc_options);
-  Tensor grad_input = cpu::empty_cpu_output(input.sizes(), input.options());
+  Tensor grad_input = grad_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   // d(loss)/d(row loss), as the backward op's scale for grad_loss = 1.
   const double scale = red == Reduction::Mean ? 1.0 / in.denominator : 1.0;
+  // No classes: every row is ignored (a class index would be out of bounds) or has an empty
+  // probability sum, so the loss of each row is 0, as in PyTorch.
   if (rows > 0 && in.layout.classes > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
-      run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, &grad_input,
-                            scale);
+      run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss,
+                            grad_mask[0] ? &grad_input : nullptr, scale);
     });
   }
-  return {reduced_loss(red, row_loss, in, input), stats, grad_input};
+  Tensor grad_target;
+  if (grad_mask[1]) {
+    Tensor no_input_grad;
+    grad_target = cpu::empty_cpu_output(input.sizes(), input.options());
+    backward_into(op, at::scalar_tensor(1.0, input.options()), input, target, weight, stats, ignore_index, reduction,
+                  label_smoothing, z_loss, softcap, std::nullopt, no_input_grad, grad_target);
+  }
+  return {reduced_loss(red, row_loss, in, input), stats,
+          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
 }  // namespace
@@ -272,7 +269,6 @@ TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cpu);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cpu);
-  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cpu);
 }
 
 }  // namespace torch_ext

@@ -3,8 +3,8 @@
 //   forward : one read of input and target (and weight); the loss per element, or sums over
 //             fixed blocks that are added in order (results do not depend on the thread count).
 //   backward: one read of input and target, one write of each requested gradient.
-//   forward with gradients (regression_loss_fwd_grad, the eager path for reductions mean and
-//             sum): the forward pass also writes the gradients for grad_loss = 1.
+//   forward with gradients (regression_loss_fwd's grad_mask, the eager path for reductions mean
+//             and sum): the forward pass also writes the gradients for grad_loss = 1.
 // Nothing is saved for backward besides the inputs. The op takes input and target of one
 // shape; the Python functions broadcast them first, as torch.nn.functional does.
 #include <ATen/Dispatch.h>
@@ -44,7 +44,7 @@ cpu::RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const 
 }
 
 // The forward kernel; given (defined) grad_input / grad_target, it also writes the gradients for
-// d(loss)/d(element loss) = scale in the same pass (regression_loss_fwd_grad).
+// d(loss)/d(element loss) = scale in the same pass (regression_loss_fwd's grad_mask).
 template <typename S>
 void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w, Tensor& out,
                  Tensor& loss_partials, Tensor& weight_partials, Tensor* grad_input = nullptr,
@@ -89,32 +89,6 @@ Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& we
   return at::scalar_tensor(total, input.options());
 }
 
-Tensor regression_loss_fwd_cpu(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                               c10::string_view loss, double param, c10::string_view reduction) {
-  constexpr const char* op = "torch_ext.regression_loss";
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
-  const Tensor x = input.contiguous(), t = target.contiguous();
-  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
-  const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
-  const int64_t blocks = (x.numel() + kReductionBlock - 1) / kReductionBlock;
-  Tensor out, loss_partials, weight_partials;
-  if (red == Reduction::None) {
-    out = cpu::empty_cpu_output(input.sizes(), input.options());
-  } else {
-    loss_partials = at::empty({blocks}, input.options().dtype(acc));
-    if (red == Reduction::Mean && divides_by_weight_sum(kind, weight))
-      weight_partials = at::empty({blocks}, input.options().dtype(acc));
-  }
-  if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
-      run_forward<scalar_t>(kind, param, x, t, w, out, loss_partials, weight_partials);
-    });
-  }
-  if (red == Reduction::None) return out;
-  return reduced_loss(red, loss_partials, weight_partials, x.numel(), input);
-}
-
 std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                                                    const std::optional<Tensor>& weight, c10::string_view loss,
                                                    double param, c10::string_view reduction,
@@ -145,36 +119,42 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
 
-// The loss and the gradients for grad_loss = 1 in one pass over input and target (the eager path
-// for reductions mean and sum on every device; its backward hands them over).
-std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& input, const Tensor& target,
-                                                                const std::optional<Tensor>& weight,
-                                                                c10::string_view loss, double param,
-                                                                c10::string_view reduction,
-                                                                std::array<bool, 2> output_mask) {
-  constexpr const char* op = "torch_ext.regression_loss_fwd_grad";
-  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
+// The loss in one pass over input and target (and weight); with grad_mask, the same pass writes
+// the gradients for grad_loss = 1 (the eager path for reductions mean and sum on every device;
+// its backward hands them over).
+std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cpu(const Tensor& input, const Tensor& target,
+                                                           const std::optional<Tensor>& weight, c10::string_view loss,
+                                                           double param, c10::string_view reduction,
+                                                           std::array<bool, 2> grad_mask) {
+  constexpr const char* op = "torch_ext.regression_loss";
+  const bool any_grad = grad_mask[0] || grad_mask[1];
+  const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
+                                 : parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   const int64_t blocks = (x.numel() + kReductionBlock - 1) / kReductionBlock;
-  Tensor out;
-  Tensor loss_partials = at::empty({blocks}, input.options().dtype(acc));
-  const bool by_weight_sum = red == Reduction::Mean && divides_by_weight_sum(kind, weight);
-  Tensor weight_partials = by_weight_sum ? at::empty({blocks}, input.options().dtype(acc)) : Tensor();
+  Tensor out, loss_partials, weight_partials;
+  if (red == Reduction::None) {
+    out = cpu::empty_cpu_output(input.sizes(), input.options());
+  } else {
+    loss_partials = at::empty({blocks}, input.options().dtype(acc));
+    if (red == Reduction::Mean && divides_by_weight_sum(kind, weight))
+      weight_partials = at::empty({blocks}, input.options().dtype(acc));
+  }
   // d(loss)/d(element loss), as the backward op's scale for grad_loss = 1 (the same bits).
   double scale = 1.0;
-  if (red == Reduction::Mean) scale /= mean_divisor(kind, weight, w, x.numel());
-  Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
-  Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  if (any_grad && red == Reduction::Mean) scale /= mean_divisor(kind, weight, w, x.numel());
+  Tensor grad_input = grad_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = grad_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
       run_forward<scalar_t>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target,
                             scale);
     });
   }
-  return {reduced_loss(red, loss_partials, weight_partials, x.numel(), input),
+  return {red == Reduction::None ? out : reduced_loss(red, loss_partials, weight_partials, x.numel(), input),
           grad_input.defined() ? grad_input : at::empty({0}, input.options()),
           grad_target.defined() ? grad_target : at::empty({0}, input.options())};
 }
@@ -184,7 +164,6 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cpu(const Tensor& in
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("regression_loss_fwd", &regression_loss_fwd_cpu);
   m.impl("regression_loss_bwd", &regression_loss_bwd_cpu);
-  m.impl("regression_loss_fwd_grad", &regression_loss_fwd_grad_cpu);
 }
 
 }  // namespace torch_ext

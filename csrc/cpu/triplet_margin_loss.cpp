@@ -1,7 +1,7 @@
 // Fused triplet margin loss on CPU (csrc/cpu/kernels/triplet_margin_loss.h has the formulas).
 //   forward : one read of anchor, positive and negative; saved for backward: the three row
 //             distances (rows x 3 numbers), instead of the difference tensors eager keeps.
-//             triplet_margin_loss_fwd_grad also writes the gradients for grad_output = 1 while
+//             with grad_mask, the forward also writes the gradients for grad_output = 1 while
 //             each row is in cache, which saves the backward's second read of the inputs.
 //   backward: one read of the three inputs, one write of each requested gradient.
 #include <ATen/Dispatch.h>
@@ -74,7 +74,7 @@ std::vector<int64_t> loss_shape(const Tensor& anchor) {
 }
 
 // The forward, and when grad_mask asks for them, the gradients for grad_output = 1 in the same
-// pass (triplet_margin_loss_fwd_grad).
+// pass (triplet_margin_loss_fwd's grad_mask).
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, const Tensor& anchor,
                                                                 const Tensor& positive, const Tensor& negative,
                                                                 double margin, double p, double eps, bool swap,
@@ -109,15 +109,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   return {loss, dist, grads[0], grads[1], grads[2]};
 }
 
-std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cpu(const Tensor& anchor, const Tensor& positive,
-                                                       const Tensor& negative, double margin, double p, double eps,
-                                                       bool swap, c10::string_view reduction) {
-  auto [loss, dist, ga, gp, gn] = forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p,
-                                               eps, swap, reduction, {false, false, false});
-  return {loss, dist};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_grad_cpu(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_cpu(
     const Tensor& anchor, const Tensor& positive, const Tensor& negative, double margin, double p, double eps,
     bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   return forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
@@ -163,7 +155,6 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("triplet_margin_loss_fwd", &triplet_margin_loss_fwd_cpu);
-  m.impl("triplet_margin_loss_fwd_grad", &triplet_margin_loss_fwd_grad_cpu);
   m.impl("triplet_margin_loss_bwd", &triplet_margin_loss_bwd_cpu);
 }
 

@@ -8,7 +8,7 @@
 //             atomics). (N, C, d...) input: one thread per position, looping over classes, so
 //             adjacent threads read adjacent positions.
 //   backward: the same layouts, one read of the logits and one write of the gradient.
-//   forward with gradient (cross_entropy_fwd_grad, the eager path for reductions mean and sum):
+//   forward with gradient (cross_entropy_fwd's grad_mask, the eager path for reductions mean and sum):
 //             the forward kernel writes each row's gradient for grad_loss = 1 right after the
 //             row's statistics (the row is still in L2), so a training step reads the logits from
 //             memory once; the backward then only scales it, unless grad_loss is 1.
@@ -361,7 +361,7 @@ __device__ __forceinline__ void write_ignored_position_gradient(const S* x, S* g
 
 // (N, C): one block per row; kVec classes per load (1, or a 16-byte pack when C is a multiple).
 // kWithGrad: after the row's statistics, the same block writes the row's gradient for the scale
-// in a.scale (cross_entropy_fwd_grad), re-reading the row while it is still in L2.
+// in a.scale (cross_entropy_fwd's grad_mask), re-reading the row while it is still in L2.
 template <typename S, int kVec, bool kWithGrad>
 __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
   using A = at::acc_type<S, true>;
@@ -401,7 +401,7 @@ __global__ void forward_rows_kernel(CrossEntropyArgs<S> a) {
 }
 
 // (N, C, d...): one thread per position r = n * spatial + s; class c at offset c * spatial.
-// kWithGrad: the thread then writes its position's gradient (cross_entropy_fwd_grad).
+// kWithGrad: the thread then writes its position's gradient (cross_entropy_fwd's grad_mask).
 template <typename S, bool kWithGrad>
 __global__ void forward_positions_kernel(CrossEntropyArgs<S> a) {
   using A = at::acc_type<S, true>;
@@ -630,45 +630,6 @@ Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInp
   }
 }
 
-std::tuple<Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
-                                                  const std::optional<Tensor>& weight, int64_t ignore_index,
-                                                  c10::string_view reduction, double label_smoothing, double z_loss,
-                                                  double softcap, bool ignored_row_stats) {
-  constexpr const char* op = "torch_ext.cross_entropy";
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const CrossEntropyInputs in =
-      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
-  const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
-  Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
-  run_forward(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss);
-  return {reduced_loss(red, row_loss, in, input), stats};
-}
-
-// The loss, the stats and the input's gradient for grad_loss = 1 in one kernel: each row's
-// gradient is written right after its statistics, while the row is still in L2, so the logits
-// are read from memory once per training step instead of twice (reductions mean and sum).
-std::tuple<Tensor, Tensor, Tensor> cross_entropy_fwd_grad_cuda(const Tensor& input, const Tensor& target,
-                                                               const std::optional<Tensor>& weight,
-                                                               int64_t ignore_index, c10::string_view reduction,
-                                                               double label_smoothing, double z_loss, double softcap,
-                                                               bool ignored_row_stats) {
-  constexpr const char* op = "torch_ext.cross_entropy_fwd_grad";
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
-  const CrossEntropyInputs in =
-      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
-  const auto acc_options = input.options().dtype(acc_dtype(input));
-  Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
-  Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
-  Tensor grad_input = at::empty(input.sizes(), input.options());
-  // d(loss)/d(row loss): 1 for sum, 1 / denominator for mean (a device scalar: no sync).
-  const Tensor scale = red == Reduction::Mean ? in.denominator.reciprocal() : at::scalar_tensor(1.0, acc_options);
-  run_forward(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, grad_input, scale);
-  return {reduced_loss(red, row_loss, in, input), stats, grad_input};
-}
-
 void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input, const Tensor& target,
                    const std::optional<Tensor>& weight, const Tensor& stats, int64_t ignore_index,
                    c10::string_view reduction, double label_smoothing, double z_loss, double softcap,
@@ -736,6 +697,47 @@ void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input
                 std::nullopt, grad_input, no_target_grad);
 }
 
+// The loss and the stats in one kernel; with grad_mask[0], each row's gradient for grad_loss = 1
+// is written right after its statistics, while the row is still in L2, so the logits are read
+// from memory once per training step instead of twice (reductions mean and sum). A probability
+// target's gradient (grad_mask[1]) is taken by the backward kernel afterwards.
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
+                                                                  const std::optional<Tensor>& weight,
+                                                                  int64_t ignore_index, c10::string_view reduction,
+                                                                  double label_smoothing, double z_loss,
+                                                                  std::array<bool, 2> grad_mask, double softcap,
+                                                                  bool ignored_row_stats) {
+  constexpr const char* op = "torch_ext.cross_entropy";
+  const c10::cuda::CUDAGuard guard(input.device());
+  const bool any_grad = grad_mask[0] || grad_mask[1];
+  const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
+                                 : parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const CrossEntropyInputs in =
+      prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
+  TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
+              ": grad_mask[1] asks for the target's gradient, which exists only for class-probability targets");
+  const auto acc_options = input.options().dtype(acc_dtype(input));
+  Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
+  Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
+  Tensor grad_input, scale;
+  if (grad_mask[0]) {
+    grad_input = at::empty(input.sizes(), input.options());
+    // d(loss)/d(row loss): 1 for sum, 1 / denominator for mean (a device scalar: no sync).
+    scale = red == Reduction::Mean ? in.denominator.reciprocal() : at::scalar_tensor(1.0, acc_options);
+  }
+  run_forward(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss, grad_input, scale);
+  Tensor grad_target;
+  if (grad_mask[1]) {
+    Tensor no_input_grad;
+    grad_target = at::empty(input.sizes(), input.options());
+    backward_into(op, at::scalar_tensor(1.0, input.options()), input, target, weight, stats, ignore_index, reduction,
+                  label_smoothing, z_loss, softcap, std::nullopt, no_input_grad, grad_target);
+  }
+  return {reduced_loss(red, row_loss, in, input), stats,
+          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
+          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+}
+
 }  // namespace
 
 void cuda::check_class_targets(const char* op, const Tensor& target, int64_t classes, int64_t ignore_index) {
@@ -754,7 +756,6 @@ TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cuda);
   m.impl("cross_entropy_bwd", &cross_entropy_bwd_cuda);
   m.impl("cross_entropy_bwd_inplace", &cross_entropy_bwd_inplace_cuda);
-  m.impl("cross_entropy_fwd_grad", &cross_entropy_fwd_grad_cuda);
 }
 
 }  // namespace torch_ext

@@ -4,7 +4,7 @@
 //             sum per CUDA block of a fixed number of elements, added by ATen's deterministic
 //             sum (no atomics: the result does not depend on scheduling).
 //   backward: one read of input and target, one write of each requested gradient.
-//   forward with gradients (regression_loss_fwd_grad, the eager path for reductions mean and
+//   forward with gradients (regression_loss_fwd's grad_mask, the eager path for reductions mean and
 //             sum): the forward kernel also writes the gradients for grad_loss = 1, so a
 //             training step reads input and target once; the backward hands them over.
 #include <ATen/AccumulateType.h>
@@ -53,7 +53,7 @@ struct RegressionLossArgs {
 
 // Block b covers elements [b * kElementsPerBlock, (b + 1) * kElementsPerBlock), read with unit
 // stride by consecutive threads.
-// kWithGrad (regression_loss_fwd_grad): each element's gradient for grad_loss = 1 (times *scale)
+// kWithGrad (regression_loss_fwd's grad_mask): each element's gradient for grad_loss = 1 (times *scale)
 // is written while its input and target are in registers.
 template <typename S, bool kWithGrad>
 __global__ void forward_kernel(RegressionLossArgs<S> a) {
@@ -160,44 +160,38 @@ Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& we
   return total.to(input.scalar_type());
 }
 
-Tensor regression_loss_fwd_cuda(const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight,
-                                c10::string_view loss, double param, c10::string_view reduction) {
+// The loss in one kernel; with grad_mask, the same kernel writes the gradients for grad_loss = 1:
+// a training step reads input and target once (reductions mean and sum; the backward hands the
+// gradients over).
+std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input, const Tensor& target,
+                                                            const std::optional<Tensor>& weight, c10::string_view loss,
+                                                            double param, c10::string_view reduction,
+                                                            std::array<bool, 2> grad_mask) {
   constexpr const char* op = "torch_ext.regression_loss";
   const c10::cuda::CUDAGuard guard(input.device());
-  const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const bool any_grad = grad_mask[0] || grad_mask[1];
+  const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
+                                 : parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
   const auto acc = input.options().dtype(acc_dtype(input));
-  Tensor out, loss_partials, weight_partials;
-  if (red == Reduction::None) {
-    out = at::empty(input.sizes(), input.options());
-  } else {
-    loss_partials = at::empty({blocks}, acc);
-    if (red == Reduction::Mean && divides_by_weight_sum(kind, weight)) weight_partials = at::empty({blocks}, acc);
+  const Tensor empty = at::empty({0}, input.options());
+  if (!any_grad) {
+    Tensor out, loss_partials, weight_partials;
+    if (red == Reduction::None) {
+      out = at::empty(input.sizes(), input.options());
+    } else {
+      loss_partials = at::empty({blocks}, acc);
+      if (red == Reduction::Mean && divides_by_weight_sum(kind, weight)) weight_partials = at::empty({blocks}, acc);
+    }
+    run_forward(kind, param, x, t, w, out, loss_partials, weight_partials);
+    if (red == Reduction::None) return {out, empty, empty};
+    return {reduced_loss(red, loss_partials, weight_partials.defined() ? weight_partials.sum() : Tensor(), x.numel(),
+                         input),
+            empty, empty};
   }
-  run_forward(kind, param, x, t, w, out, loss_partials, weight_partials);
-  if (red == Reduction::None) return out;
-  return reduced_loss(red, loss_partials, weight_partials.defined() ? weight_partials.sum() : Tensor(), x.numel(),
-                      input);
-}
-
-// The loss and the gradients for grad_loss = 1 in one kernel: a training step reads input and
-// target once (reductions mean and sum; the backward hands the gradients over).
-std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cuda(const Tensor& input, const Tensor& target,
-                                                                 const std::optional<Tensor>& weight,
-                                                                 c10::string_view loss, double param,
-                                                                 c10::string_view reduction,
-                                                                 std::array<bool, 2> output_mask) {
-  constexpr const char* op = "torch_ext.regression_loss_fwd_grad";
-  const c10::cuda::CUDAGuard guard(input.device());
-  const Reduction red = check_reduction_with_grad_in_forward(op, reduction);
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
-  const Tensor x = input.contiguous(), t = target.contiguous();
-  const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
-  const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
-  const auto acc = input.options().dtype(acc_dtype(input));
   Tensor loss_partials = at::empty({blocks}, acc);
   // d(loss)/d(element loss): 1 for sum; for mean 1 / numel, or 1 / sum(weight) for weighted mse
   // (taken before the pass, which needs it).
@@ -207,12 +201,11 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_grad_cuda(const Tensor& i
       weight_sum.defined()
           ? weight_sum.reciprocal()
           : at::scalar_tensor(red == Reduction::Mean ? 1.0 / double(std::max<int64_t>(x.numel(), 1)) : 1.0, acc);
-  Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
-  Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_input = grad_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
+  Tensor grad_target = grad_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   run_forward(kind, param, x, t, w, Tensor(), loss_partials, Tensor(), scale, grad_input, grad_target);
-  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input),
-          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input), grad_input.defined() ? grad_input : empty,
+          grad_target.defined() ? grad_target : empty};
 }
 
 std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -260,7 +253,6 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("regression_loss_fwd", &regression_loss_fwd_cuda);
   m.impl("regression_loss_bwd", &regression_loss_bwd_cuda);
-  m.impl("regression_loss_fwd_grad", &regression_loss_fwd_grad_cuda);
 }
 
 }  // namespace torch_ext

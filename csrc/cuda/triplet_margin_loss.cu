@@ -1,7 +1,7 @@
 // Fused triplet margin loss on CUDA; the same ops and formulas as csrc/cpu/triplet_margin_loss.cpp
 // (see csrc/cpu/kernels/triplet_margin_loss.h for the formulas).
 //   forward : one block per row: the three p-norm sums reduced over the block in a fixed order,
-//             the row's loss and distances; triplet_margin_loss_fwd_grad then writes the
+//             the row's loss and distances; with grad_mask it then writes the
 //             gradients for grad_output = 1 in the same kernel, while the row is in L1/L2.
 //   backward: one block per row, one read of the inputs and one write of each gradient.
 #include <ATen/AccumulateType.h>
@@ -241,15 +241,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   return {loss, dist, grads[0], grads[1], grads[2]};
 }
 
-std::tuple<Tensor, Tensor> triplet_margin_loss_fwd_cuda(const Tensor& anchor, const Tensor& positive,
-                                                        const Tensor& negative, double margin, double p, double eps,
-                                                        bool swap, c10::string_view reduction) {
-  auto [loss, dist, ga, gp, gn] = forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p,
-                                               eps, swap, reduction, {false, false, false});
-  return {loss, dist};
-}
-
-std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_grad_cuda(
+std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_cuda(
     const Tensor& anchor, const Tensor& positive, const Tensor& negative, double margin, double p, double eps,
     bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask) {
   return forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
@@ -303,7 +295,6 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& gr
 
 TORCH_LIBRARY_IMPL(torch_ext, CUDA, m) {
   m.impl("triplet_margin_loss_fwd", &triplet_margin_loss_fwd_cuda);
-  m.impl("triplet_margin_loss_fwd_grad", &triplet_margin_loss_fwd_grad_cuda);
   m.impl("triplet_margin_loss_bwd", &triplet_margin_loss_bwd_cuda);
 }
 

@@ -1,7 +1,7 @@
 // Vectorized cross-entropy kernels: forward (logsumexp, loss per row) and backward (the
 // gradient of a row in one read-write pass). The (N, C) forward also writes each row's gradient
-// right after its statistics, while the row is in L2, when given grad_input (cross_entropy_fwd_grad). Compiled once per
-// instruction set; included only from csrc/cpu/capability/kernels_impl.h, inside namespace
+// right after its statistics, while the row is in L2, when given grad_input (cross_entropy_fwd's grad_mask). Compiled
+// once per instruction set; included only from csrc/cpu/capability/kernels_impl.h, inside namespace
 // torch_ext::cpu::CPU_CAPABILITY.
 //
 // Per row with logits x, lse = logsumexp(x), smoothing e, C classes, class weights w (1 when
@@ -469,7 +469,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       }
       if (row_is_nan(st.max)) loss = std::numeric_limits<A>::quiet_NaN();
       a.row_loss[r] = loss;
-      // cross_entropy_fwd_grad: the row's gradient now, while the row is in L2.
+      // grad_mask[0] of cross_entropy_fwd: the row's gradient now, while the row is in L2.
       if (a.grad_input != nullptr)
         gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps, capped_x);
     }

@@ -70,7 +70,7 @@ void forward(const RegressionLossArgs<S>& a) {
   constexpr int64_t L = V::size();
   const int64_t blocks = (a.numel + a.block - 1) / a.block;
   // Given grad_input / grad_target, the forward also writes the gradients for `scale`
-  // (regression_loss_fwd_grad): the same products as backward's, so the same bits.
+  // (regression_loss_fwd's grad_mask): the same products as backward's, so the same bits.
   const bool grads = a.grad_input != nullptr || a.grad_target != nullptr;
   at::parallel_for(0, blocks, 1, [&](int64_t b0, int64_t b1) {
     __at_align__ A xb[kChunk], tb[kChunk], wb[kChunk], ob[kChunk], ib[kChunk], jb[kChunk];
