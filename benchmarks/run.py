@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """torch_ext benchmark suite: every op family and whole models against PyTorch eager, torch.compile and peers.
 
-    python benchmarks/run.py                          # the default run (about 4.5 minutes on 2 idle CPU cores)
-    python benchmarks/run.py --quick                  # small sizes, 3 rounds (under 40 s)
+    python benchmarks/run.py                          # the default run (a few minutes; docs/benchmarks.md)
+    python benchmarks/run.py --quick                  # small sizes, 3 rounds (a fraction of the default run's time)
     python benchmarks/run.py --baseline-thp off       # PyTorch's default allocator settings (writes cpu_nothp.*)
     python benchmarks/run.py --ops cross_entropy linear_cross_entropy --sizes llm
     python benchmarks/run.py --sizes cross_entropy=8192x50257 linear_act=4096x512x2048:gelu

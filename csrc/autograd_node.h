@@ -1,8 +1,9 @@
 // C++ autograd nodes for the eager training paths of the ops: a Python autograd.Function costs
-// ~25 us a call (apply, and the engine calling back into Python), more than a small loss's whole
-// eager step (F.cross_entropy 32x10 fwd+bwd: ~40 us) or a small layer's. The Python functions call
-// these paths in eager mode only; while compiling, they take the same forward/backward ops through
-// their Python autograd (torch.library.register_autograd / autograd.Function), which dynamo traces.
+// more per call (apply, and the engine calling back into Python) than a small loss's whole eager
+// step (F.cross_entropy 32x10 fwd+bwd; docs/api.md has the figures) or a small layer's. The
+// Python functions call these paths in eager mode only; while compiling, they take the same
+// forward/backward ops through their Python autograd (torch.library.register_autograd /
+// autograd.Function), which dynamo traces.
 //
 // One node kind, two modes:
 //   - forward/backward pair: backward calls the backward op with the output's gradient;

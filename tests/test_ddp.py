@@ -1,4 +1,4 @@
-"""Data-parallel training on fused ops (issue #6, item 5): the CNN classifier of test_models.py with
+"""Data-parallel training on fused ops: the CNN classifier of test_models.py with
 ``torch_ext.FusedLinear(activation="relu")`` and ``torch_ext.CrossEntropyLoss``, wrapped in
 ``torch.nn.parallel.DistributedDataParallel`` (and, as the README says it works, in FSDP2's
 ``fully_shard``) over 2 CPU processes (gloo backend on the loopback interface), each process on its

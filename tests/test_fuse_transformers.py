@@ -1,4 +1,4 @@
-"""torch_ext.fuse on Hugging Face transformers models (issue 15), built from tiny configs (random
+"""torch_ext.fuse on Hugging Face transformers models, built from tiny configs (random
 init, no download): BERT, RoBERTa, ViT, GPT-2, Llama, Mistral, Qwen2, T5 (relu and gated-gelu).
 
 For each: the MLP blocks are reported replaced (and are: FusedLinear / FusedConv1D / fused_mlp),
@@ -63,7 +63,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.MistralForCausalLM(tf.MistralConfig(**decoder))
         if family == "qwen2":
             return tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
-        if family == "opt":  # (not one of the issue's families: its lm_head(h).contiguous())
+        if family == "opt":  # (not one of the docstring's families: its lm_head(h).contiguous())
             return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                   num_attention_heads=2, word_embed_proj_dim=32, dropout=0.0))
         if family == "t5":
@@ -105,7 +105,7 @@ LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 @pytest.fixture(autouse=True, scope="module")
 def _one_thread():
     """These models are tiny: with several intra-op threads each op's fork/join dominates, and on
-    a loaded CI machine it was measured at ~8 ms per op (0.7 s per BERT step against 2 ms)."""
+    a loaded CI machine it made a BERT step hundreds of times slower than with one thread."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -137,7 +137,8 @@ def test_linear_cross_entropy_beyond_2_31_logits(reduction):
 
 def check_linear_cross_entropy_beyond_2_31_logits(reduction):
     # float32: the logits exist one chunk at a time, so bfloat16 would save no memory here, and
-    # ATen's bfloat16 GEMM at hidden=4 is ~8x slower on CPUs without AVX-512 BF16 (90 s a step).
+    # ATen's bfloat16 GEMM at hidden=4 is many times slower on CPUs without AVX-512 BF16, too slow
+    # for a test.
     # The offsets under test are the same in every dtype's kernel.
     hidden = 4
     torch.manual_seed(0)

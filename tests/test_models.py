@@ -1,4 +1,4 @@
-"""Whole-model tests (issue #6, item 4): small models of three families built from PyTorch's own
+"""Whole-model tests: small models of three families built from PyTorch's own
 modules (the reference) and the same models on torch_ext's fused ops, trained side by side.
 
 Families (each model's ``forward(inputs, targets)`` returns ``(logits, loss)``; a model whose
@@ -45,9 +45,9 @@ from torch import Tensor, nn
 import torch_ext
 from utils import assert_close
 
-# float32 tolerances of the issue: one batch's loss and gradients within 1e-5 (rtol, and atol
-# relative to the largest magnitude of the expected tensor: assert_close's default scale);
-# each training step's loss within 1e-4 relative of the reference's.
+# float32 tolerances required of the fused models: one batch's loss and gradients within 1e-5
+# (rtol, and atol relative to the largest magnitude of the expected tensor: assert_close's default
+# scale); each training step's loss within 1e-4 relative of the reference's.
 RTOL = ATOL = 1e-5
 CURVE_RTOL = 1e-4
 # SGD with momentum, so that 20 steps over a cycle of 3 batches lower the loss clearly (at least

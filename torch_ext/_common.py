@@ -21,7 +21,7 @@ def direct_when_no_grad(op):
     gradient can flow: grad mode off (as inside an autograd.Function's forward, and in a backward
     without create_graph) or no tensor argument requiring grad. That kernel
     (torch.library.register_autograd's, in Python) would only redispatch below autograd there,
-    at ~6 us a call: a third of a small op's whole Python cost. Compiled code calls the op as
+    at a sizeable share of a small op's whole Python cost. Compiled code calls the op as
     it is (dynamo traces the op, not this guard)."""
 
     def call(*args):
@@ -37,13 +37,13 @@ def direct_when_no_grad(op):
 def needs_autograd(*tensors: Optional[Tensor]) -> bool:
     """Whether a call must record autograd history: grad mode on and a tensor requires grad.
     Otherwise the public functions call the forward op directly, without an autograd.Function
-    (Function.apply costs ~13 us, as much as a small op's kernel and dispatch together)."""
+    (Function.apply costs as much as a small op's kernel and dispatch together)."""
     return torch.is_grad_enabled() and any_requires_grad(*tensors)
 
 
 def _autocast_off() -> bool:
-    """True when no device has autocast on: one call, where the per-device checks below cost ~1 us
-    (a small op's Python path is a few microseconds in all). Compiled code takes the per-device
+    """True when no device has autocast on: one call, where the per-device checks below cost a
+    noticeable share of a small op's whole Python path. Compiled code takes the per-device
     checks, which dynamo knows."""
     return not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled()
 
@@ -223,7 +223,7 @@ def forward_with_ctx(op, setup_context):
     """An autograd.Function forward in the ctx style: forward(ctx, *inputs) runs `op` and then
     `setup_context` (the one the op's own register_autograd uses). Why not the setup_context
     style: Function.apply binds that style's signature with inspect.signature on every call,
-    ~40 us, which is most of the Python cost of a small op (a CNN's cross-entropy head)."""
+    which is most of the Python cost of a small op (a CNN's cross-entropy head)."""
 
     def forward(ctx, *inputs):
         output = op(*inputs)

@@ -2,11 +2,11 @@
 need: the one-off set-up that every forked process then inherits instead of repeating.
 
 - Inductor probes which vector instruction sets the machine can run the first time it compiles in
-  a process (building and loading test programs in subprocesses: about 1 s) and caches the answer
+  a process (building and loading test programs in subprocesses, which is slow) and caches the answer
   for the process; when torch.compile candidates will be measured, probe here, once.
 - gc.freeze(): the garbage collector then skips the imported modules' objects (millions, with
-  torch and transformers), so each gc.collect() in a measuring process takes milliseconds rather
-  than about 0.15 s.
+  torch and transformers), so each gc.collect() in a measuring process is cheap rather than a walk
+  over all of them.
 Neither starts threads, so forking afterwards stays safe.
 """
 import gc

@@ -177,7 +177,7 @@ def _guarded(run, error_record: dict) -> dict:
     torch._dynamo.reset()  # the case's compiled code: garbage now, before the freeze below
     gc.collect()
     # What outlives a case (modules imported on the way, caches) is there for good: freezing it
-    # keeps every later gc.collect() from walking it again (about 0.15 s a walk, dozens a run).
+    # keeps every later gc.collect() from walking it again (a slow walk, and a run does dozens).
     gc.freeze()
     torch_ext.empty_cache()
     return r
@@ -230,7 +230,7 @@ def run_memory(cases, records: List[dict], model_records: List[dict], cfg: Confi
         r.setdefault("peak_bytes", {})
         r.setdefault("retained_bytes", {})
     preload = [mod for m in meta["models"] for mod in MODELS[m].preload]
-    if any(name.endswith("compile") for _, name in where):  # the compile machinery: ~2 s a child
+    if any(name.endswith("compile") for _, name in where):  # the compile machinery: slow to import per child
         preload += memory.COMPILE_PRELOAD
     start = time.perf_counter()
     progress.begin_memory(len(jobs))

@@ -1,14 +1,14 @@
 // Allocation of the large tensors the CPU ops return (gradients, unreduced losses, activations).
 //
 // A fresh multi-megabyte buffer is mapped page by page on first touch, and on the development
-// machines (virtual machines) those faults dominate memory-bound ops: ~2.5 us per 4 KiB page,
-// ~300 ms for the 512 MiB gradient of a 4096 x 32000 cross-entropy whose memory traffic takes
-// ~30 ms; memory the process gave back to the system costs as much again when it is touched anew,
-// even in 2 MiB pages. glibc keeps a freed block for reuse only below its mmap threshold, which
-// grows to at most 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; less the 2 MiB of alignment with
-// THP_MEM_ALLOC_ENABLE=1), and measured here its reuse is unreliable well before that: a
-// cross-entropy's 24 MiB gradient from at::empty took 2.2x the time of a cached one, an 8 MiB one
-// the same time. So outputs of kCachedOutputMinBytes or more
+// machines (virtual machines) those faults dominate memory-bound ops: faulting in the gradient of
+// a large cross-entropy takes several times as long as the op's whole memory traffic (docs/cpu.md
+// has the figures); memory the process gave back to the system costs as much again when it is
+// touched anew, even in 2 MiB pages. glibc keeps a freed block for reuse only below its mmap
+// threshold, which grows to at most 32 MiB (DEFAULT_MMAP_THRESHOLD_MAX on 64-bit; less the 2 MiB
+// of alignment with THP_MEM_ALLOC_ENABLE=1), and measured here its reuse is unreliable well before
+// that: a cross-entropy's 24 MiB gradient from at::empty took markedly longer than a cached one,
+// an 8 MiB one the same time. So outputs of kCachedOutputMinBytes or more
 //   - are 2 MiB-aligned with MADV_HUGEPAGE (transparent huge pages: 512x fewer faults), as
 //     PyTorch's own allocator does for all tensors when THP_MEM_ALLOC_ENABLE=1 is set, and
 //   - are kept when freed, up to a bounded total (TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB;
@@ -17,8 +17,8 @@
 //     torch_ext.empty_cache() returns them to the system.
 // Smaller outputs get at::empty's, as every ATen tensor does: glibc reuses them without faults,
 // and a block freed there can serve PyTorch's next tensor. (A cache of smaller blocks kept them
-// from PyTorch: a Transformer encoder's fused feed-forward activations, 8 MiB each, made its
-// training step's peak memory 1.25x eager's.)
+// from PyTorch: a Transformer encoder's fused feed-forward activations, 8 MiB each, raised its
+// training step's peak memory above eager's.)
 #pragma once
 
 #include <ATen/core/Tensor.h>

@@ -20,8 +20,8 @@ namespace torch_ext::cpu {
 namespace {
 
 // Below this many rows of the product, packing B (k x n values per call) costs more than our
-// micro-kernel saves: ATen's GEMM (a matrix-vector product for one row) is 1.4-4x faster at
-// 1-16 rows of 256-1024 columns, measured.
+// micro-kernel saves: ATen's GEMM (a matrix-vector product for one row) measured faster at
+// 1-16 rows of 256-1024 columns.
 constexpr int64_t kMinRows = 32;
 
 bool amd_cpu() {

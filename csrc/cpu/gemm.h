@@ -4,9 +4,9 @@
 // TORCH_EXT_CPU_GEMM (read per call) = ours | aten | auto (the default) overrides the choice.
 //
 // This departs from DESIGN.md ("we do not write our own CPU GEMM"): on the development machine
-// (AMD EPYC, 2 cores) ATen's float32 GEMM (MKL's sgemm) runs at 70-75% of the FMA peak, so the
-// dense layer's GEMMs alone took ~20 ms of eager's ~21-25 ms at 8192x256->256, which left the
-// fused layer's goal (1.15x eager) to chance; ours runs them 1.0-1.2x faster.
+// (AMD EPYC, 2 cores) ATen's float32 GEMM (MKL's sgemm) runs well below the FMA peak, and the
+// dense layer's GEMMs alone took nearly all of eager's step at 8192x256->256, which left the
+// fused layer's goal (1.15x eager) to chance; ours runs them faster (docs/cpu.md has the figures).
 #pragma once
 
 #include <ATen/core/Tensor.h>

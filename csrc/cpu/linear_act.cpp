@@ -8,8 +8,8 @@
 //   backward: ONE pass forming the panel's pre-activation gradient and its bias-gradient sums,
 //             then the panel's two GEMMs (grad_input rows, and grad_weight accumulated).
 // Panels are large (see panel_rows): measured here, 1 MiB panels cost more in GEMM efficiency
-// (~0.4 ms per GEMM at 8192x256->256) than they saved in cache traffic, so what panels buy is
-// a pre-activation-gradient buffer of panel size instead of M x N. bfloat16 uses one panel:
+// than they saved in cache traffic, so what panels buy is a pre-activation-gradient buffer of
+// panel size instead of M x N. bfloat16 uses one panel:
 // accumulating grad_weight across panels would round it to bfloat16 after every panel, where
 // one GEMM accumulates the whole reduction in float32.
 #include <ATen/Dispatch.h>

@@ -24,7 +24,7 @@ EAGER_ACT = {
 SCENARIOS = {
     "cnn": (256, 2048, 1024, "relu"),  # CNN classifier head: pooled ResNet-50 features -> hidden, batch 256
     "rnn": (2048, 1024, 1024, "tanh"),  # RNN-style projection, 2048 tokens
-    "ffn": (8192, 256, 256, "gelu_tanh"),  # Transformer FFN layer (the dense issue's goal), 8192 tokens
+    "ffn": (8192, 256, 256, "gelu_tanh"),  # Transformer FFN layer (the fused dense layer's goal case), 8192 tokens
     "quick": (1024, 256, 256, "gelu_tanh"),
     "tiny": (64, 128, 128, "relu"),  # a small MLP's hidden layer: per-call cost, not arithmetic, decides
 }

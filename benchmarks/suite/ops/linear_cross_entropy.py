@@ -12,7 +12,7 @@ from .spec import OpSpec, head_label
 
 SCENARIOS = {  # name -> (N rows, H hidden, V vocabulary)
     "rnn": (2048, 512, 10000),  # RNN language model head (PTB/WikiText-2-size vocabulary)
-    "llm": (4096, 512, 32000),  # LLM vocabulary head (the goal of issue 5)
+    "llm": (4096, 512, 32000),  # LLM vocabulary head (linear_cross_entropy's goal case)
     "quick": (1024, 256, 8000),
     "tiny": (64, 128, 1000),  # a small classifier head with its loss
 }

@@ -3,10 +3,10 @@
 // csrc/cpu/capability/kernels_impl.h, inside namespace torch_ext::cpu::CPU_CAPABILITY.
 //
 // Why a GEMM of our own: on the development machine (AMD EPYC, 2 cores, AVX-512) ATen's float32
-// GEMM (MKL's sgemm) runs the dense layer's GEMMs at ~165-175 GFLOP/s, 70-75% of the cores' FMA
-// peak (~234 GFLOP/s, measured), and the dense layer's goal asks for more than ATen's three
-// GEMMs leave. This one runs them 1.0-1.2x faster (benchmarks/bench_cpu_gemm.py; csrc/cpu/gemm.h
-// says where it is used, on which CPUs, and how to turn it off).
+// GEMM (MKL's sgemm) runs the dense layer's GEMMs well below the cores' measured FMA peak, and the
+// dense layer's goal asks for more than ATen's three GEMMs leave. This one runs them faster
+// (benchmarks/bench_cpu_gemm.py; docs/cpu.md has the figures; csrc/cpu/gemm.h says where it is
+// used, on which CPUs, and how to turn it off).
 //
 // Layout (BLIS-like, simplified):
 //   - B is packed per block of KC rows x NC columns into micro-panels of NR columns (for each k,
@@ -201,7 +201,7 @@ inline void gemm_pack_a_block(const float* a, int64_t a_rs, int64_t a_cs, int64_
 // Whether A is packed (gemm_pack_a_block) rather than read in place by the micro-kernel: when its
 // rows are not contiguous in k, and when they are kGemmAliasFloats (4 KiB) apart or a multiple:
 // then the MR rows of a tile fall into the same L1 sets, more of them than the cache has ways,
-// and evict each other (measured: 0.85x ATen's time at 256 x 2048 -> 1024 unpacked).
+// and evict each other (measured: read in place, such an A made ours slower than ATen's GEMM).
 inline bool gemm_packs_a(const GemmF32Args& g) {
   constexpr int64_t kGemmAliasFloats = 1024;
   return g.a_cs != 1 || (g.m > 1 && g.a_rs % kGemmAliasFloats == 0);
@@ -305,7 +305,7 @@ inline void gemm_band(const GemmF32Args& g, const GemmBand& band) {
 
 // One parallel region, in which each thread computes a band of the product and threads share
 // nothing, so the K loop needs no barrier (a region per K block would cost a wake-up of the
-// other threads per block, ~50 us each under OMP_WAIT_POLICY=PASSIVE). The band is whichever
+// other threads per block, each one slow under OMP_WAIT_POLICY=PASSIVE). The band is whichever
 // split duplicates the least memory traffic, for T threads:
 //   - whole row tiles of C: each thread packs all of B itself, (T - 1) k n values again;
 //   - whole column panels of C: each thread reads (or packs) all of A, (T - 1) m k again;
@@ -322,7 +322,7 @@ inline void gemm_f32(const GemmF32Args& g) {
   enum class Split { Rows, Columns, Depth };
   const double row_cost = double(g.k) * g.n, column_cost = double(g.m) * g.k, depth_cost = double(g.m) * g.n;
   // Depth only while C fits in L2 next to the blocks (it is reloaded every kGemmDepthKC values
-  // of k): measured slower than either band at 256 x 1024 (1 MiB).
+  // of k): with a C as large as L2 it measured slower than either band.
   const bool small_c = g.m * g.n <= kGemmDepthMaxC;
   const Split split = small_c && depth_cost < std::min(row_cost, column_cost) && g.k >= 2 * kGemmKC ? Split::Depth
                       : row_cost <= column_cost                                                     ? Split::Rows
