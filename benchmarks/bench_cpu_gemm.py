@@ -10,6 +10,10 @@ torch_ext._C._cpu_matmul_into (the CPU ops' matrix product), switched with TORCH
 they run interleaved, in a new random order each round (suite/timing.py). Reports the
 median ms of each, ATen's time / ours (the median of the per-round ratios; > 1: ours is
 faster) and ours' GFLOP/s.
+
+A guard: a product where ours runs below --min-ratio of ATen's speed (default 0.8; ours measured
+0.93-1.16x on AVX2, 1.0-1.2x on AVX-512) is reported as a regression and the exit status is 1.
+A change that stops GCC inlining the micro-kernel halves its speed, and shows here.
 """
 from __future__ import annotations
 
@@ -49,6 +53,8 @@ def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--sizes", nargs="*", help="MxKxN layer sizes (default: the dense shapes of run.py)")
     p.add_argument("--rounds", type=int, default=11)
+    p.add_argument("--min-ratio", type=float, default=0.8,
+                   help="report a regression (exit status 1) where ATen's time / ours falls below this")
     args = p.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes] if args.sizes else DEFAULT_SIZES
     if torch_ext.cpu_capability() == "DEFAULT":
@@ -56,6 +62,7 @@ def main(argv=None):
     print(machine.machine_info())
     print(f"{'layer':<20}{'product':<13}{'ATen ms':>9}{'ours ms':>9}{'ATen/ours':>11}{'ours GFLOP/s':>14}")
     saved_env = os.environ.get("TORCH_EXT_CPU_GEMM")
+    slow = []
     try:
         for m, k, n in sizes:
             for name, (out, a, b) in products(m, k, n).items():
@@ -66,15 +73,21 @@ def main(argv=None):
                 ours = timing.median(samples["ours"])
                 flop = 2 * out.shape[0] * out.shape[1] * a.shape[1]
                 aten = timing.median(samples["aten"])
+                ratio = timing.ratio_of(samples["aten"], samples["ours"])
                 print(f"{f'{m}x{k}->{n}':<20}{name:<13}{aten * 1e3:>9.2f}{ours * 1e3:>9.2f}"
-                      f"{timing.ratio_of(samples['aten'], samples['ours']):>11.2f}{flop / ours / 1e9:>14.0f}",
-                      flush=True)
+                      f"{ratio:>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
+                if ratio < args.min_ratio:
+                    slow.append(f"{m}x{k}->{n} {name}: {ratio:.2f}x")
     finally:
         if saved_env is None:
             os.environ.pop("TORCH_EXT_CPU_GEMM", None)
         else:
             os.environ["TORCH_EXT_CPU_GEMM"] = saved_env
+    if slow:
+        print(f"REGRESSION: ours below {args.min_ratio}x ATen's speed at " + "; ".join(slow))
+        return 1
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

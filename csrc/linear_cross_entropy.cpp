@@ -30,14 +30,14 @@
 #include <string_view>
 #include <vector>
 
+#include "allocation.h"
 #include "checks.h"
-#include "cpu/allocator.h"
-#include "cpu/gemm.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cross_entropy_targets.h"
 #include "cuda/cublaslt_gemm.h"
 #endif
 #include "loss.h"
+#include "matmul.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -168,7 +168,7 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
   }
   const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
   const Tensor x_acc = widen ? xc.to(acc.scalar_type()) : xc;
-  cpu::matmul_into(acc, d_t, x_acc, /*accumulate=*/!first);
+  matmul_into(acc, d_t, x_acc, /*accumulate=*/!first);
 }
 
 struct Gradients {
@@ -227,12 +227,12 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   }
 
   Gradients g;
-  if (grad_mask[0]) g.input = cpu::empty_cpu_output({s.rows, s.hidden}, options);
+  if (grad_mask[0]) g.input = empty_output({s.rows, s.hidden}, options);
   // The first chunk writes the weight gradient (mm_out), the others accumulate (addmm_);
   // zeros only when there is no chunk.
   if (grad_mask[1])
-    g.weight = s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options)
-                           : cpu::empty_cpu_output({s.vocab, s.hidden}, acc_options);
+    g.weight =
+        s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options) : empty_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
   // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
@@ -246,16 +246,16 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   // One buffer for every chunk; on CPU in huge pages and given back to the system when the op
   // returns (not cached): this op exists to save memory, and a cached block would stay resident
   // through the rest of the training step. Page faults cost little next to the chunk's GEMMs.
-  Tensor logits_buffer = cpu::empty_cpu_scratch({std::min(chunk_size, s.rows), s.vocab}, options);
+  Tensor logits_buffer = empty_scratch({std::min(chunk_size, s.rows), s.vocab}, options);
   for (int64_t r0 = 0; r0 < s.rows; r0 += chunk_size) {
     const int64_t n = std::min(chunk_size, s.rows - r0);
     const Tensor xc = x.narrow(0, r0, n);
     const Tensor tc = t.narrow(0, r0, n);
     Tensor logits = logits_buffer.narrow(0, 0, n);
     if (linear_bias.has_value()) {
-      cpu::addmm_into(logits, *linear_bias, xc, w_t);
+      addmm_into(logits, *linear_bias, xc, w_t);
     } else {
-      cpu::matmul_into(logits, xc, w_t, /*accumulate=*/false);
+      matmul_into(logits, xc, w_t, /*accumulate=*/false);
     }
     auto [chunk_loss, stats] = cross_entropy_fwd(logits, tc, weight, forward ? chunk_reduction : "sum", o);
     if (forward) {
@@ -275,7 +275,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
       Tensor rows = g.input.narrow(0, r0, n);
-      cpu::matmul_into(rows, dlogits, linear_weight, /*accumulate=*/false);
+      matmul_into(rows, dlogits, linear_weight, /*accumulate=*/false);
     }
     if (g.weight.defined()) accumulate_weight_grad(g.weight, dlogits, xc, /*first=*/r0 == 0);
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));

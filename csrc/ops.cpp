@@ -10,6 +10,7 @@
 #include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
+#include "matmul.h"
 
 #include <pybind11/pybind11.h>
 
@@ -169,7 +170,7 @@ static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
   TORCH_CHECK(out.is_cpu() && a.is_cpu() && b.is_cpu(), "_cpu_matmul_into: CPU tensors only");
   TORCH_CHECK(out.scalar_type() == a.scalar_type() && a.scalar_type() == b.scalar_type(),
               "_cpu_matmul_into: out, a and b must have one dtype");
-  torch_ext::cpu::matmul_into(out, a, b, accumulate != 0);
+  torch_ext::matmul_into(out, a, b, accumulate != 0);
   Py_RETURN_NONE;
   END_HANDLE_TH_ERRORS
 }

@@ -183,9 +183,14 @@ def test_benchmark_script_runs(capsys, monkeypatch):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
-    module.main(["--sizes", "512x256x192", "--rounds", "2"])  # large enough that no time prints as 0.00 ms
+    # 512x256x192: large enough that no time prints as 0.00 ms.
+    status = module.main(["--sizes", "512x256x192", "--rounds", "2", "--min-ratio", "1e9"])
     assert os.environ["TORCH_EXT_CPU_GEMM"] == "aten"
-    lines = [line for line in capsys.readouterr().out.splitlines() if line.startswith("512x256->192")]
+    out = capsys.readouterr().out
+    # The regression guard: no GEMM runs 1e9x ATen's speed, so every product is reported.
+    assert status == 1 and "REGRESSION: ours below 1000000000.0x ATen's speed at 512x256->192 x:" in out
+    assert module.main(["--sizes", "256x64x64", "--rounds", "1", "--min-ratio", "0"]) == 0
+    lines = [line for line in out.splitlines() if line.startswith("512x256->192")]
     assert [line.split()[1] for line in lines] == ["x", "grad", "grad.T"]
     for line in lines:
         aten_ms, ours_ms, ratio, gflops = (float(v) for v in line.split()[-4:])

@@ -34,6 +34,9 @@ constexpr size_t kScratchMinBytes = size_t(4) << 20;
 // at::empty(sizes, options) (contiguous) for a CPU tensor, from the cache above when large.
 at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& options);
 
+// (Ops for any device call csrc/allocation.h's empty_output / empty_scratch, which come here for
+// CPU tensors.)
+//
 // A scratch buffer an op uses and frees before it returns: huge pages like the outputs, but
 // given back to the system when freed rather than cached, since a cached scratch block would sit
 // idle (counted in the process's memory) through the rest of a training step until the op's

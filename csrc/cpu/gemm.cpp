@@ -2,8 +2,6 @@
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
-#include <ATen/ops/addmm.h>
-#include <ATen/ops/mm.h>
 
 #include <cstdlib>
 #include <cstring>
@@ -54,7 +52,10 @@ bool own_float32_gemm() {
   return amd_cpu();
 }
 
-// Whether out = a @ b runs on our GEMM (see gemm.h for the rule).
+}  // namespace
+
+const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
+
 bool takes_own_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
   return out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
@@ -75,29 +76,6 @@ void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
                 out.stride(0),
                 accumulate};
   cpu_kernels().gemm_f32(g);
-}
-
-}  // namespace
-
-const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
-
-void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (takes_own_gemm(out, a, b)) {
-    run_own_gemm(out, a, b, accumulate);
-  } else if (accumulate) {
-    out.addmm_(a, b);
-  } else {
-    at::mm_out(out, a, b);
-  }
-}
-
-void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-  if (takes_own_gemm(out, a, b)) {
-    out.copy_(bias.expand_as(out));
-    run_own_gemm(out, a, b, /*accumulate=*/true);
-  } else {
-    at::addmm_out(out, bias, a, b);
-  }
 }
 
 }  // namespace torch_ext::cpu

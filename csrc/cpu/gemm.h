@@ -1,4 +1,5 @@
-// The CPU ops' matrix products. Float32 products of 32 rows or more run on the GEMM of our own
+// The float32 GEMM of our own, for torch_ext's matrix products (csrc/matmul.h, which runs every
+// other product on ATen). Float32 products of 32 rows or more run on it
 // (csrc/cpu/kernels/gemm.h; AVX2 and AVX-512 builds, following ATEN_CPU_CAPABILITY like the other
 // kernels) on AMD CPUs, where it was measured faster than ATen's; everything else runs ATen's.
 // TORCH_EXT_CPU_GEMM (read per call) = ours | aten | auto (the default) overrides the choice.
@@ -13,15 +14,12 @@
 
 namespace torch_ext::cpu {
 
-// out = a @ b, or out += a @ b when accumulate, for tensors of any device (others than CPU, and
-// the cases above, go to ATen). a (m x k) and b (k x n) may have any strides (transposed views
-// included); out (m x n) is written through its strides.
-void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+// Whether out = a @ b (2-D, of any device) runs on our GEMM, by the rule above.
+bool takes_own_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b);
 
-// out = bias + a @ b (bias broadcast over the rows), as at::addmm_out: on our GEMM the bias is
-// copied into out first, as ATen's CPU addmm does; elsewhere at::addmm_out (on CUDA cuBLASLt
-// can add the bias in its epilogue).
-void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+// out = a @ b, or out += a @ b when accumulate, on our GEMM (where takes_own_gemm): a (m x k) and
+// b (k x n) with any strides, out (m x n) with unit column stride.
+void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
 
 // Whether float32 products run on our GEMM now ("ours") or on ATen's ("aten").
 const char* float32_gemm();

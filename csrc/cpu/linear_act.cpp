@@ -26,9 +26,9 @@
 #include "activation.h"
 #include "checks.h"
 #include "cpu/allocator.h"
-#include "cpu/gemm.h"
 #include "cpu/kernels.h"
 #include "dense_checks.h"
+#include "matmul.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -89,9 +89,9 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
     const int64_t rows = std::min(rows_per_panel, m - r0);
     Tensor panel = gemm_dst.narrow(0, r0, rows);
     if (kBiasInGemm && bias.defined()) {
-      cpu::addmm_into(panel, bias, x2d.narrow(0, r0, rows), weight_t);
+      addmm_into(panel, bias, x2d.narrow(0, r0, rows), weight_t);
     } else {
-      cpu::matmul_into(panel, x2d.narrow(0, r0, rows), weight_t, /*accumulate=*/false);
+      matmul_into(panel, x2d.narrow(0, r0, rows), weight_t, /*accumulate=*/false);
     }
     // Nothing left to do after the GEMM (no activation, no bias to add, nothing to save): no pass
     // (bfloat16 "none", e.g. a gated MLP's fc1).
@@ -190,11 +190,11 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
     const Tensor panel_grad = grad_pre.narrow(0, 0, rows);
     if (grad_input.defined()) {
       Tensor grad_input_rows = grad_input.narrow(0, r0, rows);
-      cpu::matmul_into(grad_input_rows, panel_grad, weight, /*accumulate=*/false);
+      matmul_into(grad_input_rows, panel_grad, weight, /*accumulate=*/false);
     }
     if (grad_weight.defined()) {
       const Tensor x_panel = x2d.narrow(0, r0, rows);
-      cpu::matmul_into(grad_weight, panel_grad.t(), x_panel, /*accumulate=*/r0 > 0);
+      matmul_into(grad_weight, panel_grad.t(), x_panel, /*accumulate=*/r0 > 0);
     }
   }
 }

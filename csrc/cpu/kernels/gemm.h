@@ -46,8 +46,10 @@ constexpr int64_t kGemmMC = 240;               // rows of A packed at a time (a 
 
 // C tile (rows x cols of at most MR x NR) = or += A tile . packed B micro-panel, over kc.
 // a points at A(tile row 0, block column 0); a_rs, a_cs are A's strides.
-inline void gemm_micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* packed_b, float* c,
-                              int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
+// Always inlined into gemm_band: outlined (GCC decides by its own size heuristics) it ran at half
+// speed, its accumulators spilled through the call.
+C10_ALWAYS_INLINE void gemm_micro_kernel(int64_t kc, const float* a, int64_t a_rs, int64_t a_cs, const float* packed_b,
+                                         float* c, int64_t ldc, int64_t rows, int64_t cols, bool accumulate) {
   constexpr int64_t kVec = FloatVec::size();
   FloatVec acc[kGemmMR][2];
   // Every loop over the tile's rows is unrolled: with constant indices the accumulators live in

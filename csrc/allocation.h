@@ -1,0 +1,23 @@
+// Allocation of the large tensors the ops return or use as scratch, for tensors of any device:
+// on CPU from csrc/cpu/allocator.h (huge pages; outputs cached), elsewhere at::empty's (on CUDA
+// PyTorch's caching allocator already keeps freed blocks).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+#include <ATen/ops/empty.h>
+
+#include "cpu/allocator.h"
+
+namespace torch_ext {
+
+// at::empty(sizes, options) (contiguous) for an op's output.
+inline at::Tensor empty_output(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? cpu::empty_cpu_output(sizes, options) : at::empty(sizes, options);
+}
+
+// A scratch buffer an op frees before it returns (see cpu::empty_cpu_scratch).
+inline at::Tensor empty_scratch(at::IntArrayRef sizes, const at::TensorOptions& options) {
+  return options.device().is_cpu() ? cpu::empty_cpu_scratch(sizes, options) : at::empty(sizes, options);
+}
+
+}  // namespace torch_ext

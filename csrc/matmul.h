@@ -1,0 +1,18 @@
+// torch_ext's matrix products, for tensors of any device: float32 CPU products that our GEMM
+// takes (csrc/cpu/gemm.h) run on it, every other one on ATen's (on CUDA, cuBLAS / cuBLASLt).
+#pragma once
+
+#include <ATen/core/Tensor.h>
+
+namespace torch_ext {
+
+// out = a @ b, or out += a @ b when accumulate. a (m x k) and b (k x n) may have any strides
+// (transposed views included); out (m x n) is written through its strides.
+void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate);
+
+// out = bias + a @ b (bias broadcast over the rows), as at::addmm_out: on our GEMM the bias is
+// copied into out first, as ATen's CPU addmm does; elsewhere at::addmm_out (on CUDA cuBLASLt
+// can add the bias in its epilogue).
+void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+
+}  // namespace torch_ext
