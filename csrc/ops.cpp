@@ -25,7 +25,9 @@ TORCH_LIBRARY(torch_ext, m) {
   //       -> (<the k gradients>)
   // grad_mask asks the forward for the gradients for grad_loss = 1 (reductions mean and sum: the
   // eager path forms them while the inputs are in cache, and its backward hands them over,
-  // scaled); the gradients not asked for come back empty, as the backward's not in output_mask.
+  // scaled); those not asked for are undefined (None in Python, as ATen's native_layer_norm_backward
+  // returns its masked outputs: nothing to allocate or wrap on every call); the backward's not in
+  // output_mask come back empty.
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
   // (*, N) for gelu/gelu_tanh/silu, or an empty tensor (none, sigmoid and tanh, which use out).
@@ -125,7 +127,7 @@ TORCH_LIBRARY(torch_ext, m) {
   // never holding the whole logits. input (*, H), linear_weight (V, H); target class indices (*)
   // or probabilities (*, V). Returns (loss, stats, grad_input, grad_weight, grad_bias): the rows'
   // stats as cross_entropy_fwd's, and the gradients for grad_output = 1 of those set in grad_mask
-  // (reduction mean or sum only), formed while each chunk's logits exist, else empty.
+  // (reduction mean or sum only), formed while each chunk's logits exist, else undefined.
   m.def(
       "linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "

@@ -219,6 +219,12 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     return [None if g is None else g.mul(scale) for g in unit_grads]
 
 
+def non_differentiable(output):
+    """A forward op's outputs after the loss that are tensors: the gradients its grad_mask did not
+    ask for are None."""
+    return [o for o in output[1:] if o is not None]
+
+
 def forward_with_ctx(op, setup_context):
     """An autograd.Function forward in the ctx style: forward(ctx, *inputs) runs `op` and then
     `setup_context` (the one the op's own register_autograd uses). Why not the setup_context

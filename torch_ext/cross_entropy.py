@@ -24,6 +24,7 @@ from ._common import (
     forward_with_ctx,
     hand_over_unit_grads,
     needs_autograd,
+    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
@@ -119,7 +120,7 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
     )
     loss = input.new_empty(loss_shape if reduction == "none" else ())
     stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
-    return (loss, stats) + tuple(input.new_empty(input.shape if m else (0,)) for m in grad_mask)
+    return (loss, stats) + tuple(input.new_empty(input.shape) if m else None for m in grad_mask)
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd")
@@ -167,11 +168,16 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
     ctx.softcap = inputs[8] if len(inputs) > 8 else 0.0
     ctx.probabilities = target.is_floating_point()
-    ctx.formed = tuple(bool(m) for m in grad_mask)
-    # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
-    # saved-tensor hooks (save_on_cpu, offloading) see them too.
-    ctx.save_for_backward(input, target, weight, stats, *unit_grads)
-    ctx.mark_non_differentiable(*output[1:])
+    if any(grad_mask):
+        ctx.formed = tuple(bool(m) for m in grad_mask)
+        # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
+        # saved-tensor hooks (save_on_cpu, offloading) see them too.
+        ctx.save_for_backward(input, target, weight, stats, *unit_grads)
+        ctx.mark_non_differentiable(*non_differentiable(output))
+    else:  # the common case (compiled graphs, reduction none): no more per-call work than needed
+        ctx.formed = None
+        ctx.save_for_backward(input, target, weight, stats)
+        ctx.mark_non_differentiable(stats)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
@@ -183,10 +189,11 @@ def _backward(ctx, grad_loss, *_unused):
     input, target, weight, stats, *unit_grads = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wanted = [bool(needs[0]), bool(ctx.probabilities and needs[1])]
-    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
-    missing = [w and not h for w, h in zip(wanted, handed)]
     grads = [None] * _N_INPUTS
-    if any(handed):
+    missing = wanted
+    if ctx.formed is not None and not torch.is_grad_enabled():
+        handed = [w and f for w, f in zip(wanted, ctx.formed)]
+        missing = [w and not h for w, h in zip(wanted, handed)]
         grads[:2] = hand_over_unit_grads(unit_grads, handed, grad_loss)
     if any(missing):
         computed = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, missing, ctx.softcap)
@@ -208,7 +215,7 @@ class CrossEntropyFunction(torch.autograd.Function):
     logit and log(sum exp(x - max)), ...) is what backward uses. With grad_mask all False the
     backward op forms the gradients; with grad_mask (reductions mean and sum) the forward forms
     them for grad_loss = 1 while each row is in cache, and the backward scales them. The outputs
-    after the loss are not differentiable; the gradients not asked for are empty.
+    after the loss are not differentiable; the gradients not asked for are None.
 
     Example::
 

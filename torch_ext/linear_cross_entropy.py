@@ -25,6 +25,7 @@ from ._common import (
     forward_with_ctx,
     hand_over_unit_grads,
     needs_autograd,
+    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
@@ -125,7 +126,9 @@ def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_inde
     loss = input.new_empty(lead if reduction == "none" else ())
     rows = math.prod(lead)
     stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    return (loss, stats) + _grads_like(grad_mask, input, linear_weight, linear_bias)
+    formed = (grad_mask[0], grad_mask[1], grad_mask[2] and linear_bias is not None)
+    grads = _grads_like(formed, input, linear_weight, linear_bias)
+    return (loss, stats) + tuple(g if m else None for g, m in zip(grads, formed))
 
 
 @torch.library.register_fake("torch_ext::linear_cross_entropy_bwd")
@@ -190,7 +193,7 @@ def _setup_context(ctx, inputs, output):
     # (save_on_cpu, offloading) see them too.
     formed = tuple(output[2:5]) if any(inputs[10]) and inputs[6] != "none" else ()
     ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *formed)
-    ctx.mark_non_differentiable(*output[1:])
+    ctx.mark_non_differentiable(*non_differentiable(output))
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
@@ -225,7 +228,8 @@ register_no_double_backward("torch_ext::linear_cross_entropy_bwd", "torch_ext.li
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
-    ignored_row_stats)`` -> (loss, stats, grad_input, grad_weight, grad_bias). With grad_mask all
+    ignored_row_stats)`` -> (loss, stats, grad_input, grad_weight, grad_bias), the gradients not
+    asked for None. With grad_mask all
     False the backward recomputes each chunk's logits (torch.compile'd graphs use this path); with
     grad_mask (reductions mean and sum) the forward forms the gradients for grad_output = 1 while
     each chunk's logits exist, and the backward scales them (the eager path of a probability target

@@ -23,6 +23,7 @@ from ._common import (
     forward_with_ctx,
     hand_over_unit_grads,
     needs_autograd,
+    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
@@ -78,7 +79,7 @@ def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction, gra
     if any(grad_mask):
         check_reduction_with_grad_in_forward(op, reduction)
     value = input.new_empty(input.shape if reduction == "none" else ())
-    return (value,) + tuple(input.new_empty(input.shape if m else (0,)) for m in grad_mask)
+    return (value,) + tuple(input.new_empty(input.shape) if m else None for m in grad_mask)
 
 
 @torch.library.register_fake("torch_ext::regression_loss_bwd")
@@ -95,11 +96,15 @@ NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 def _setup_context(ctx, inputs, output):
     input, target, weight, loss, param, reduction, grad_mask = inputs
     ctx.options = (loss, param, reduction)
-    ctx.formed = tuple(bool(m) for m in grad_mask)
-    # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
-    # saved-tensor hooks (save_on_cpu, offloading) see them too.
-    ctx.save_for_backward(input, target, weight, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
+    if any(grad_mask):
+        ctx.formed = tuple(bool(m) for m in grad_mask)
+        # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
+        # saved-tensor hooks (save_on_cpu, offloading) see them too.
+        ctx.save_for_backward(input, target, weight, *output[1:])
+        ctx.mark_non_differentiable(*non_differentiable(output))
+    else:  # the common case (compiled graphs, reduction none): no more per-call work than needed
+        ctx.formed = None
+        ctx.save_for_backward(input, target, weight)
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
@@ -109,11 +114,13 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
     input, target, weight, *unit_grads = ctx.saved_tensors
-    wanted = [bool(n) for n in ctx.needs_input_grad[:2]]
-    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
-    missing = [w and not h for w, h in zip(wanted, handed)]
+    needs = ctx.needs_input_grad
+    wanted = [bool(needs[0]), bool(needs[1])]
     grads = [None] * _N_INPUTS
-    if any(handed):
+    missing = wanted
+    if ctx.formed is not None and not torch.is_grad_enabled():
+        handed = [w and f for w, f in zip(wanted, ctx.formed)]
+        missing = [w and not h for w, h in zip(wanted, handed)]
         grads[:2] = hand_over_unit_grads(unit_grads, handed, grad_loss)
     if any(missing):
         computed = _bwd_op(grad_loss, input, target, weight, *ctx.options, missing)
@@ -135,7 +142,7 @@ class RegressionLossFunction(torch.autograd.Function):
     weight (or None) of one shape. With grad_mask all False the backward op forms the gradients;
     with grad_mask (reductions mean and sum) the forward forms them for grad_loss = 1 in its pass
     and the backward scales them. The outputs after the loss are not differentiable; the
-    gradients not asked for are empty.
+    gradients not asked for are None.
 
     Example::
 

@@ -23,6 +23,7 @@ from ._common import (
     forward_with_ctx,
     hand_over_unit_grads,
     needs_autograd,
+    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
@@ -65,7 +66,7 @@ def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reductio
     rows = anchor.shape[0] if anchor.dim() == 2 else 1
     loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
     acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
-    grads = tuple(anchor.new_empty(anchor.shape if m else (0,)) for m in grad_mask)
+    grads = tuple(anchor.new_empty(anchor.shape) if m else None for m in grad_mask)
     return (anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)) + grads
 
 
@@ -85,11 +86,16 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (margin, p, eps, swap, reduction)
     # Formed for a loss gradient of 1 per row with reduction none (each row's loss depends on its
     # own inputs only), else for grad_loss = 1.
-    ctx.formed = tuple(bool(m) for m in grad_mask)
-    # The gradients the forward formed are saved with the inputs, so that saved-tensor hooks
-    # (save_on_cpu, offloading) see them too.
-    ctx.save_for_backward(anchor, positive, negative, *output[1:])
-    ctx.mark_non_differentiable(*output[1:])
+    if any(grad_mask):
+        ctx.formed = tuple(bool(m) for m in grad_mask)
+        # The gradients the forward formed are saved with the inputs, so that saved-tensor hooks
+        # (save_on_cpu, offloading) see them too.
+        ctx.save_for_backward(anchor, positive, negative, *output[1:])
+        ctx.mark_non_differentiable(*non_differentiable(output))
+    else:  # the common case (compiled graphs): no more per-call work than needed
+        ctx.formed = None
+        ctx.save_for_backward(anchor, positive, negative, output[1])
+        ctx.mark_non_differentiable(output[1])
     ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
@@ -99,11 +105,13 @@ def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
     anchor, positive, negative, dist, *unit_grads = ctx.saved_tensors
-    wanted = [bool(n) for n in ctx.needs_input_grad[:3]]
-    handed = [w and f and not torch.is_grad_enabled() for w, f in zip(wanted, ctx.formed)]
-    missing = [w and not h for w, h in zip(wanted, handed)]
+    needs = ctx.needs_input_grad
+    wanted = [bool(needs[0]), bool(needs[1]), bool(needs[2])]
     grads = [None] * _N_INPUTS
-    if any(handed):
+    missing = wanted
+    if ctx.formed is not None and not torch.is_grad_enabled():
+        handed = [w and f for w, f in zip(wanted, ctx.formed)]
+        missing = [w and not h for w, h in zip(wanted, handed)]
         scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
         grads[:3] = hand_over_unit_grads(unit_grads, handed, scale)
     if any(missing):
@@ -124,7 +132,7 @@ class TripletMarginLossFunction(torch.autograd.Function):
     grad_positive, grad_negative)``; ``dist`` (the row distances) is what backward uses. With
     grad_mask all False the backward op forms the gradients; with grad_mask the forward forms them
     in its pass and the backward scales them. The outputs after the loss are not differentiable;
-    the gradients not asked for are empty.
+    the gradients not asked for are None.
 
     Example::
 

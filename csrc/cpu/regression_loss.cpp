@@ -155,8 +155,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cpu(const Tensor& input, 
     });
   }
   return {red == Reduction::None ? out : reduced_loss(red, loss_partials, weight_partials, x.numel(), input),
-          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+          grad_input, grad_target};
 }
 
 }  // namespace

@@ -733,9 +733,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& 
     backward_into(op, at::scalar_tensor(1.0, input.options()), input, target, weight, stats, ignore_index, reduction,
                   label_smoothing, z_loss, softcap, std::nullopt, no_input_grad, grad_target);
   }
-  return {reduced_loss(red, row_loss, in, input), stats,
-          grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+  return {reduced_loss(red, row_loss, in, input), stats, grad_input, grad_target};
 }
 
 }  // namespace

@@ -177,7 +177,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input,
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
   const auto acc = input.options().dtype(acc_dtype(input));
-  const Tensor empty = at::empty({0}, input.options());
+  const Tensor empty;  // the gradients not asked for: undefined (None in Python)
   if (!any_grad) {
     Tensor out, loss_partials, weight_partials;
     if (red == Reduction::None) {
@@ -204,8 +204,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input,
   Tensor grad_input = grad_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = grad_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   run_forward(kind, param, x, t, w, Tensor(), loss_partials, Tensor(), scale, grad_input, grad_target);
-  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input), grad_input.defined() ? grad_input : empty,
-          grad_target.defined() ? grad_target : empty};
+  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input), grad_input, grad_target};
 }
 
 std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
