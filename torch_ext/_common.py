@@ -219,6 +219,19 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     return [None if g is None else g.mul(scale) for g in unit_grads]
 
 
+def hand_over_formed(ctx, wanted, unit_grads, grad_loss):
+    """The backward of a Function whose forward op may have formed gradients (ctx.formed: its
+    grad_mask, or None when it formed none): (the gradients handed over for the `wanted` inputs,
+    None where not formed, and the mask of those the backward op must still form). With
+    create_graph (grad mode on in backward) the backward op forms them all: it is differentiable
+    once, with a clear error beyond."""
+    if ctx.formed is None or torch.is_grad_enabled():
+        return [None] * len(wanted), wanted
+    handed = [w and f for w, f in zip(wanted, ctx.formed)]
+    missing = [w and not h for w, h in zip(wanted, handed)]
+    return hand_over_unit_grads(unit_grads, handed, grad_loss), missing
+
+
 def non_differentiable(output):
     """A forward op's outputs after the loss that are tensors: the gradients its grad_mask did not
     ask for are None."""

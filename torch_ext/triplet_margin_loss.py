@@ -21,7 +21,7 @@ from ._common import (
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
-    hand_over_unit_grads,
+    hand_over_formed,
     needs_autograd,
     non_differentiable,
     reduction_for_items,
@@ -108,12 +108,8 @@ def _backward(ctx, grad_loss, *_unused):
     needs = ctx.needs_input_grad
     wanted = [bool(needs[0]), bool(needs[1]), bool(needs[2])]
     grads = [None] * _N_INPUTS
-    missing = wanted
-    if ctx.formed is not None and not torch.is_grad_enabled():
-        handed = [w and f for w, f in zip(wanted, ctx.formed)]
-        missing = [w and not h for w, h in zip(wanted, handed)]
-        scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss
-        grads[:3] = hand_over_unit_grads(unit_grads, handed, scale)
+    scale = grad_loss.reshape(-1, 1) if grad_loss.dim() == 1 else grad_loss  # a loss per row: row by row
+    grads[:3], missing = hand_over_formed(ctx, wanted, unit_grads, scale)
     if any(missing):
         computed = _bwd_op(grad_loss, anchor, positive, negative, dist, *ctx.options, missing)
         for i in range(3):
