@@ -203,12 +203,12 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     """The gradients a Python autograd.Function's forward op formed for grad_output = 1 (saved with
     ctx.save_for_backward, so saved-tensor hooks such as save_on_cpu see them), those `mask` asks
     for (the others None), for the incoming grad_loss (one value, or a (rows, 1) column for a loss
-    per row): as they are when it is the CPU scalar
-    1 (elsewhere reading it would wait for the device), else scaled out of place. Out of place, unlike the C++ node of
-    csrc/autograd_node.h, which drops its saved gradients after scaling them in place: a Python
-    Function cannot release one saved tensor, so a retained graph's later backward unpacks the same
-    ones again and they must still hold grad_output = 1's values (the cost: one gradient-sized
-    buffer while grad_output != 1). Without retain_graph the engine frees the saved tensors before
+    per row): as they are when it is the CPU scalar 1 (elsewhere reading it would wait for the
+    device), else scaled out of place. Out of place, unlike the C++ node of csrc/autograd_node.h,
+    which drops its saved gradients after scaling them in place: a Python Function cannot release
+    one saved tensor, so a retained graph's later backward unpacks the same ones again and they
+    must still hold grad_output = 1's values (the cost: one gradient-sized buffer while
+    grad_output != 1). Without retain_graph the engine frees the saved tensors before
     the gradients are accumulated, so a leaf's first .grad takes them without a copy. While traced
     (torch.compile, opcheck's aot_dispatch: a tensor subclass) grad_loss has no value to read: scaled."""
     unit_grads = [g if m else None for g, m in zip(unit_grads, mask)]
@@ -217,6 +217,24 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
         return unit_grads
     scale = grad_loss.reshape(()) if grad_loss.numel() == 1 else grad_loss  # else a scale per row, (rows, 1)
     return [None if g is None else g.mul(scale) for g in unit_grads]
+
+
+def save_with_formed_grads(ctx, saved, output, grad_mask, first_grad):
+    """A loss Function's setup_context, for a forward op that may have formed gradients: saves
+    `saved` (what backward needs), and when grad_mask asked for gradients also those the op
+    returned from output[first_grad] on, so that saved-tensor hooks (save_on_cpu, offloading) see
+    them too. ctx.formed: grad_mask, or None when nothing was formed (the common case: compiled
+    graphs, reduction none; no more per-call work than a plain forward). The outputs after the
+    loss are not differentiable."""
+    if any(grad_mask):
+        ctx.formed = tuple(bool(m) for m in grad_mask)
+        ctx.save_for_backward(*saved, *output[first_grad:])
+        ctx.mark_non_differentiable(*non_differentiable(output))
+    else:
+        ctx.formed = None
+        ctx.save_for_backward(*saved)
+        ctx.mark_non_differentiable(*output[1:first_grad])
+    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
 
 
 def hand_over_formed(ctx, wanted, unit_grads, grad_loss):

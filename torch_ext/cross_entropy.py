@@ -24,10 +24,10 @@ from ._common import (
     forward_with_ctx,
     hand_over_formed,
     needs_autograd,
-    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
+    save_with_formed_grads,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
@@ -164,21 +164,10 @@ NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 
 def _setup_context(ctx, inputs, output):
     input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_mask = inputs[:8]
-    _, stats, *unit_grads = output
     ctx.options = (ignore_index, reduction, label_smoothing, z_loss)
     ctx.softcap = inputs[8] if len(inputs) > 8 else 0.0
     ctx.probabilities = target.is_floating_point()
-    if any(grad_mask):
-        ctx.formed = tuple(bool(m) for m in grad_mask)
-        # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
-        # saved-tensor hooks (save_on_cpu, offloading) see them too.
-        ctx.save_for_backward(input, target, weight, stats, *unit_grads)
-        ctx.mark_non_differentiable(*non_differentiable(output))
-    else:  # the common case (compiled graphs, reduction none): no more per-call work than needed
-        ctx.formed = None
-        ctx.save_for_backward(input, target, weight, stats)
-        ctx.mark_non_differentiable(stats)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
+    save_with_formed_grads(ctx, (input, target, weight, output[1]), output, grad_mask, first_grad=2)
 
 
 def _backward(ctx, grad_loss, *_unused):

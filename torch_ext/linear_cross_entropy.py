@@ -23,12 +23,12 @@ from ._common import (
     divide_by_items,
     forms_grad_in_forward,
     forward_with_ctx,
-    hand_over_unit_grads,
+    hand_over_formed,
     needs_autograd,
-    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
+    save_with_formed_grads,
 )
 from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
 
@@ -188,13 +188,10 @@ def _setup_context(ctx, inputs, output):
     # ignore_index, reduction, label_smoothing, z_loss, chunk_size, softcap
     ctx.options = tuple(inputs[5:10]) + (inputs[11] if len(inputs) > 11 else 0.0,)
     ctx.has_bias = linear_bias is not None
-    # A grad_mask asked the forward op for the gradients (for grad_output = 1; a scalar loss's only,
-    # reduction none's backward recomputes): saved with the inputs, so that saved-tensor hooks
-    # (save_on_cpu, offloading) see them too.
-    formed = tuple(output[2:5]) if any(inputs[10]) and inputs[6] != "none" else ()
-    ctx.save_for_backward(input, linear_weight, linear_bias, target, weight, *formed)
-    ctx.mark_non_differentiable(*non_differentiable(output))
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
+    # The gradients a grad_mask asked the forward op for (a scalar loss's only: the op refuses one
+    # with reduction none, whose backward recomputes).
+    grad_mask = inputs[10] if inputs[6] != "none" else (False, False, False)
+    save_with_formed_grads(ctx, (input, linear_weight, linear_bias, target, weight), output, grad_mask, first_grad=2)
 
 
 def _bwd_args(ctx, mask):
@@ -206,15 +203,14 @@ def _bwd_args(ctx, mask):
 def _backward(ctx, grad_loss, *_unused):
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
-    input, linear_weight, linear_bias, target, weight, *formed = ctx.saved_tensors
-    mask = _output_mask(ctx)
+    input, linear_weight, linear_bias, target, weight, *unit_grads = ctx.saved_tensors
     grads = [None] * _N_INPUTS
-    if formed and not torch.is_grad_enabled():  # formed in forward; create_graph takes the backward op
-        grads[:3] = hand_over_unit_grads(formed, mask, grad_loss)
-    elif any(mask):
-        computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *_bwd_args(ctx, mask))
+    grads[:3], missing = hand_over_formed(ctx, _output_mask(ctx), unit_grads, grad_loss)
+    if any(missing):
+        computed = _bwd_op(grad_loss, input, linear_weight, linear_bias, target, weight, *_bwd_args(ctx, missing))
         for i in range(3):
-            grads[i] = computed[i] if mask[i] else None
+            if missing[i]:
+                grads[i] = computed[i]
     if ctx.needs_input_grad[3]:
         grads[3] = _probability_target_grad(grad_loss, (input, linear_weight, linear_bias, target, weight),
                                             ctx.options)

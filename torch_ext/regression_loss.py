@@ -23,10 +23,10 @@ from ._common import (
     forward_with_ctx,
     hand_over_formed,
     needs_autograd,
-    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
+    save_with_formed_grads,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
@@ -96,16 +96,7 @@ NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 def _setup_context(ctx, inputs, output):
     input, target, weight, loss, param, reduction, grad_mask = inputs
     ctx.options = (loss, param, reduction)
-    if any(grad_mask):
-        ctx.formed = tuple(bool(m) for m in grad_mask)
-        # The gradients the forward formed (for grad_loss = 1) are saved with the inputs, so that
-        # saved-tensor hooks (save_on_cpu, offloading) see them too.
-        ctx.save_for_backward(input, target, weight, *output[1:])
-        ctx.mark_non_differentiable(*non_differentiable(output))
-    else:  # the common case (compiled graphs, reduction none): no more per-call work than needed
-        ctx.formed = None
-        ctx.save_for_backward(input, target, weight)
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
+    save_with_formed_grads(ctx, (input, target, weight), output, grad_mask, first_grad=1)
 
 
 def _backward(ctx, grad_loss, *_unused):

@@ -23,10 +23,10 @@ from ._common import (
     forward_with_ctx,
     hand_over_formed,
     needs_autograd,
-    non_differentiable,
     reduction_for_items,
     register_no_double_backward,
     resolve_reduction,
+    save_with_formed_grads,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
@@ -86,17 +86,7 @@ def _setup_context(ctx, inputs, output):
     ctx.options = (margin, p, eps, swap, reduction)
     # Formed for a loss gradient of 1 per row with reduction none (each row's loss depends on its
     # own inputs only), else for grad_loss = 1.
-    if any(grad_mask):
-        ctx.formed = tuple(bool(m) for m in grad_mask)
-        # The gradients the forward formed are saved with the inputs, so that saved-tensor hooks
-        # (save_on_cpu, offloading) see them too.
-        ctx.save_for_backward(anchor, positive, negative, *output[1:])
-        ctx.mark_non_differentiable(*non_differentiable(output))
-    else:  # the common case (compiled graphs): no more per-call work than needed
-        ctx.formed = None
-        ctx.save_for_backward(anchor, positive, negative, output[1])
-        ctx.mark_non_differentiable(output[1])
-    ctx.set_materialize_grads(False)  # no zero-filled gradients for the other outputs in backward
+    save_with_formed_grads(ctx, (anchor, positive, negative, output[1]), output, grad_mask, first_grad=2)
 
 
 def _backward(ctx, grad_loss, *_unused):
