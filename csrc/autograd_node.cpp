@@ -180,7 +180,7 @@ class OpNode final : public Node {
     backward_.callBoxed(stack);
     variable_list grads(num_outputs());
     for (size_t i = 0; i < wanted.size() && i < stack.size(); ++i)
-      if (wanted[i]) grads[i] = stack[i].toTensor();
+      if (wanted[i] && !stack[i].isNone()) grads[i] = stack[i].toTensor();
     return grads;
   }
 
@@ -193,6 +193,17 @@ class OpNode final : public Node {
   std::vector<SavedVariable> saved_;
   bool handed_over_ = false;
 };
+
+// Whether an eager call takes `t`'s gradient: grad mode on and t requires grad. A loss's eager path
+// with none to take runs its forward op alone: no gradients formed, no node.
+bool takes_grad(const at::Tensor& t) { return at::GradMode::is_enabled() && t.defined() && t.requires_grad(); }
+
+template <size_t K>
+bool any_of(const std::array<bool, K>& mask) {
+  for (bool m : mask)
+    if (m) return true;
+  return false;
+}
 
 // The gradients a loss's forward formed, for the node: those `mask` asked for, the others None.
 template <size_t K>
@@ -212,7 +223,7 @@ void set_node_history(const at::Tensor& output, NodeSpec spec) {
   node->save(spec);
 }
 
-std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
                                                                  const std::optional<at::Tensor>& weight,
                                                                  int64_t ignore_index, c10::string_view reduction,
                                                                  double label_smoothing, double z_loss, double softcap,
@@ -224,13 +235,14 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tenso
                                       c10::string_view, double, double, std::array<bool, 2>, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   // The input's gradient only: the Python layer takes another path when a target requires grad.
-  const std::array<bool, 2> mask = {true, false};
+  const std::array<bool, 2> mask = {takes_grad(input), false};
   at::Tensor loss, stats, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
     std::tie(loss, stats, grad_input, grad_target) = forward.call(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap, ignored_row_stats);
   }
+  if (!any_of(mask)) return {loss, stats};
   set_node_history(loss, {"CrossEntropyBackward",
                           backward,
                           {input, target},
@@ -244,7 +256,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_grad_in_forward(const at::Tenso
   return {loss, stats};
 }
 
-at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Tensor& target,
+at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
                                            const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
                                            c10::string_view reduction) {
   static const auto forward = c10::Dispatcher::singleton()
@@ -253,12 +265,13 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                       c10::string_view, double, c10::string_view, std::array<bool, 2>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
-  const std::array<bool, 2> mask = {input.requires_grad(), target.requires_grad()};
+  const std::array<bool, 2> mask = {takes_grad(input), takes_grad(target)};
   at::Tensor value, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
     std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
   }
+  if (!any_of(mask)) return value;
   set_node_history(value, {"RegressionLossBackward",
                            backward,
                            {input, target},
@@ -270,7 +283,7 @@ at::Tensor regression_loss_grad_in_forward(const at::Tensor& input, const at::Te
   return value;
 }
 
-at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const at::Tensor& positive,
+at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive,
                                                const at::Tensor& negative, double margin, double p, double eps,
                                                bool swap, c10::string_view reduction) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
@@ -279,13 +292,14 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
                                   .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
                                                  double, double, bool, c10::string_view, std::array<bool, 3>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
-  const std::array<bool, 3> mask = {anchor.requires_grad(), positive.requires_grad(), negative.requires_grad()};
+  const std::array<bool, 3> mask = {takes_grad(anchor), takes_grad(positive), takes_grad(negative)};
   at::Tensor loss, dist, grad_anchor, grad_positive, grad_negative;
   {
     BelowAutograd below_autograd;
     std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
         forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
   }
+  if (!any_of(mask)) return loss;
   set_node_history(loss, {"TripletMarginLossBackward",
                           backward,
                           {anchor, positive, negative},
@@ -298,7 +312,7 @@ at::Tensor triplet_margin_loss_grad_in_forward(const at::Tensor& anchor, const a
   return loss;
 }
 
-std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
+std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
     double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats) {
@@ -312,8 +326,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
   static const auto backward =
       c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_cross_entropy_bwd", "");
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
-  const std::array<bool, 3> mask = {input.requires_grad(), linear_weight.requires_grad(),
-                                    bias.defined() && bias.requires_grad()};
+  const std::array<bool, 3> mask = {takes_grad(input), takes_grad(linear_weight), takes_grad(bias)};
   at::Tensor loss, grad_input, grad_weight, grad_bias, stats;
   {
     BelowAutograd below_autograd;
@@ -321,6 +334,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_grad_in_forward(
         forward.call(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
                      z_loss, chunk_size, mask, softcap, ignored_row_stats);
   }
+  if (!any_of(mask)) return {loss, stats};
   set_node_history(loss, {"LinearCrossEntropyBackward",
                           backward,
                           {input, linear_weight, bias},

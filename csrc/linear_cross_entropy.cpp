@@ -319,7 +319,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
   auto [loss, stats, g] =
       chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
                  {ignore_index, label_smoothing, z_loss, softcap, false}, chunk_size, output_mask, grad_loss);
-  return {or_empty(g.input, input), or_empty(g.weight, input), or_empty(g.bias, input)};
+  return {g.input, g.weight, g.bias};
 }
 
 }  // namespace

@@ -107,8 +107,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_ou
                               {output_mask[0], output_mask[1], output_mask[2]});
   }
   if (output_mask[4]) grad_b2 = g2d.sum(0);
-  return {or_empty(grad_input, input), or_empty(grad_w1, input), or_empty(grad_b1, input), or_empty(grad_w2, input),
-          or_empty(grad_b2, input)};
+  return {grad_input, grad_w1, grad_b1, grad_w2, grad_b2};
 }
 
 }  // namespace

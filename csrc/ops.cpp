@@ -26,8 +26,9 @@ TORCH_LIBRARY(torch_ext, m) {
   // grad_mask asks the forward for the gradients for grad_loss = 1 (reductions mean and sum: the
   // eager path forms them while the inputs are in cache, and its backward hands them over,
   // scaled); those not asked for are undefined (None in Python, as ATen's native_layer_norm_backward
-  // returns its masked outputs: nothing to allocate or wrap on every call); the backward's not in
-  // output_mask come back empty.
+  // returns its masked outputs: nothing to allocate or wrap on every call), and so are the
+  // backward's not in output_mask. The dense ops' backward ops follow the same output_mask rule.
+
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
   // (*, N) for gelu/gelu_tanh/silu, or an empty tensor (none, sigmoid and tanh, which use out).
@@ -35,7 +36,7 @@ TORCH_LIBRARY(torch_ext, m) {
       "linear_act_fwd(Tensor input, Tensor weight, Tensor? bias, str activation, "
       "float negative_slope) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // Gradients for (input, weight, bias); those not asked for in output_mask come back empty.
+  // Gradients for (input, weight, bias); those not asked for in output_mask: undefined (None).
   // saved: the mask, pre-activation or output, as returned by linear_act_fwd.
   m.def(
       "linear_act_bwd(Tensor grad_output, Tensor input, Tensor weight, Tensor saved, "
@@ -47,14 +48,14 @@ TORCH_LIBRARY(torch_ext, m) {
   m.def("mlp_act_fwd(Tensor input, str activation, float negative_slope, bool gated) -> Tensor",
         {at::Tag::pt2_compliant_tag});
   // Returns (grad_input, output): the input's gradient, and the forward output formed again in
-  // the same pass (to recompute it instead of saving it); those not in output_mask: empty.
+  // the same pass (to recompute it instead of saving it); those not in output_mask: undefined.
   m.def(
       "mlp_act_bwd(Tensor grad_output, Tensor input, str activation, float negative_slope, bool gated, "
       "bool[2] output_mask) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 
   // The backward of the whole block fc2(act(fc1(input))) (csrc/mlp.cpp): gradients for (input,
-  // fc1_weight, fc1_bias, fc2_weight, fc2_bias), those not in output_mask empty. activation: the
+  // fc1_weight, fc1_bias, fc2_weight, fc2_bias), those not in output_mask undefined. activation: the
   // (gate's) activation; saved: fc1's, as linear_act_fwd returns it (gated: fc1's output);
   // hidden: act(fc1(input)), or None to form it again from saved.
   m.def(
@@ -80,7 +81,7 @@ TORCH_LIBRARY(torch_ext, m) {
       "float label_smoothing, float z_loss, bool[2] grad_mask, float softcap=0., bool ignored_row_stats=False) "
       "-> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
-  // Gradients for (input, target); target's only for probability targets; not asked for: empty.
+  // Gradients for (input, target); target's only for probability targets; not asked for: undefined.
   // grad_lse (one value per row, or None): the incoming gradient of the rows' logsumexp, added as
   // grad_lse * softmax (ignored rows too, whose stats must then be ignored_row_stats').
   m.def(
@@ -259,9 +260,9 @@ static PyObject* run_without_gil_with_stats(bool return_stats, Path&& path) {
   END_HANDLE_TH_ERRORS
 }
 
-// _cross_entropy_grad_in_forward(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+// _cross_entropy_eager(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
 // softcap, ignored_row_stats, return_stats)
-static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
+static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *target_obj, *weight_obj;
   long long ignore_index;
   const char* reduction;
@@ -275,13 +276,13 @@ static PyObject* cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::cross_entropy_grad_in_forward(*input, *target, weight, ignore_index, reduction, label_smoothing,
+    return torch_ext::cross_entropy_eager(*input, *target, weight, ignore_index, reduction, label_smoothing,
                                                     z_loss, softcap, ignored_row_stats != 0);
   });
 }
 
-// _regression_loss_grad_in_forward(input, target, weight, loss, param, reduction): mse, huber, smooth_l1
-static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
+// _regression_loss_eager(input, target, weight, loss, param, reduction): mse, huber, smooth_l1
+static PyObject* regression_loss_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *target_obj, *weight_obj;
   const char *loss, *reduction;
   double param;
@@ -292,11 +293,11 @@ static PyObject* regression_loss_grad_in_forward(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil(
-      [&] { return torch_ext::regression_loss_grad_in_forward(*input, *target, weight, loss, param, reduction); });
+      [&] { return torch_ext::regression_loss_eager(*input, *target, weight, loss, param, reduction); });
 }
 
-// _triplet_margin_loss_grad_in_forward(anchor, positive, negative, margin, p, eps, swap, reduction)
-static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) {
+// _triplet_margin_loss_eager(anchor, positive, negative, margin, p, eps, swap, reduction)
+static PyObject* triplet_margin_loss_eager(PyObject*, PyObject* args) {
   PyObject *anchor_obj, *positive_obj, *negative_obj;
   double margin, p, eps;
   int swap;
@@ -309,7 +310,7 @@ static PyObject* triplet_margin_loss_grad_in_forward(PyObject*, PyObject* args) 
                        {negative_obj, "negative", false, &negative}}))
     return nullptr;
   return run_without_gil([&] {
-    return torch_ext::triplet_margin_loss_grad_in_forward(*anchor, *positive, *negative, margin, p, eps, swap != 0,
+    return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0,
                                                           reduction);
   });
 }
@@ -350,10 +351,10 @@ static PyObject* mlp_autograd(PyObject*, PyObject* args) {
   });
 }
 
-// _linear_cross_entropy_grad_in_forward(input, linear_weight, linear_bias, target, weight, ignore_index,
+// _linear_cross_entropy_eager(input, linear_weight, linear_bias, target, weight, ignore_index,
 // reduction, label_smoothing, z_loss, chunk_size, softcap, ignored_row_stats, return_stats), for
 // targets that take no gradient
-static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args) {
+static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *lw_obj, *lb_obj, *target_obj, *weight_obj;
   long long ignore_index, chunk_size;
   const char* reduction;
@@ -370,7 +371,7 @@ static PyObject* linear_cross_entropy_grad_in_forward(PyObject*, PyObject* args)
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::linear_cross_entropy_grad_in_forward(*input, *linear_weight, linear_bias, *target, weight,
+    return torch_ext::linear_cross_entropy_eager(*input, *linear_weight, linear_bias, *target, weight,
                                                            ignore_index, reduction, label_smoothing, z_loss, chunk_size,
                                                            softcap, ignored_row_stats != 0);
   });
@@ -391,21 +392,22 @@ static PyMethodDef methods[] = {
     {"built_with_cuda", built_with_cuda, METH_NOARGS, "Whether this module was compiled with the CUDA kernels."},
     {"_cublaslt_epilogue_aligned", cublaslt_epilogue_aligned, METH_VARARGS,
      "_cublaslt_epilogue_aligned(bias, aux, bias_grad): whether cuBLASLt may read these epilogue addresses (tests)."},
-    {"_cross_entropy_grad_in_forward", cross_entropy_grad_in_forward, METH_VARARGS,
-     "torch_ext.cross_entropy's eager training path: the loss, its gradient formed in the forward op, a C++ node."},
-    {"_regression_loss_grad_in_forward", regression_loss_grad_in_forward, METH_VARARGS,
-     "torch_ext's regression losses' eager training path: the loss, its gradients formed in the forward op, a C++ "
-     "node."},
-    {"_triplet_margin_loss_grad_in_forward", triplet_margin_loss_grad_in_forward, METH_VARARGS,
-     "torch_ext.triplet_margin_loss's eager training path: the loss, its gradients formed in the forward op, a C++ "
-     "node."},
+    {"_cross_entropy_eager", cross_entropy_eager, METH_VARARGS,
+     "torch_ext.cross_entropy's eager path: the loss with its input's gradient formed in the forward op and a C++ "
+     "node, or without autograd the forward op alone."},
+    {"_regression_loss_eager", regression_loss_eager, METH_VARARGS,
+     "torch_ext's regression losses' eager path: the loss with its gradients formed in the forward op and a C++ "
+     "node, or without autograd the forward op alone."},
+    {"_triplet_margin_loss_eager", triplet_margin_loss_eager, METH_VARARGS,
+     "torch_ext.triplet_margin_loss's eager path: the loss with its gradients formed in the forward op and a "
+     "C++ node, or without autograd the forward op alone."},
     {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
      "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
     {"_mlp_autograd", mlp_autograd, METH_VARARGS,
      "torch_ext.fused_mlp's eager path when autograd records: the forward ops and a C++ node."},
-    {"_linear_cross_entropy_grad_in_forward", linear_cross_entropy_grad_in_forward, METH_VARARGS,
-     "torch_ext.linear_cross_entropy's eager training path: the loss, its gradients formed in the forward op, a C++ "
-     "node."},
+    {"_linear_cross_entropy_eager", linear_cross_entropy_eager, METH_VARARGS,
+     "torch_ext.linear_cross_entropy's eager path: the loss with its gradients formed in the forward op and a "
+     "C++ node, or without autograd the forward op alone."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

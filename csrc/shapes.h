@@ -24,10 +24,4 @@ inline std::vector<int64_t> with_last_dim(const at::Tensor& input, int64_t last)
   return sizes;
 }
 
-// An op's output that output_mask did not ask for comes back as an empty tensor (the schemas
-// return Tensor, not Tensor?): t itself when it was formed.
-inline at::Tensor or_empty(const at::Tensor& t, const at::Tensor& like) {
-  return t.defined() ? t : at::empty({0}, like.options());
-}
-
 }  // namespace torch_ext

@@ -944,10 +944,10 @@ def test_bwd_op_matches_autograd(dtype, reduction, kind):
     if prob:
         assert_close(gt, ref[1], dtype=dtype, msg="grad_target")
         gi2, gt2 = BWD(g, x, t, w, stats, -100, reduction, 0.1, 0.5, [False, True])
-        assert gi2.numel() == 0
+        assert gi2 is None
         assert_close(gt2, ref[1], dtype=dtype, msg="grad_target alone")
     else:
-        assert gt.numel() == 0
+        assert gt is None
 
 
 @pytest.mark.parametrize("kind", ["class", "prob"])

@@ -824,10 +824,10 @@ def test_raw_ops_match_autograd(loss, weighted, reduction, dtype):
     assert_close(gx, rx, dtype=dtype, msg="grad_input")
     assert_close(gt, rt, dtype=dtype, msg="grad_target")
     gx, gt = BWD(g, x, t, w, loss, param, reduction, [True, False])
-    assert gt.numel() == 0
+    assert gt is None
     assert_close(gx, rx, dtype=dtype, msg="grad_input alone")
     gx, gt = BWD(g, x, t, w, loss, param, reduction, [False, True])
-    assert gx.numel() == 0
+    assert gx is None
     assert_close(gt, rt, dtype=dtype, msg="grad_target alone")
 
 

@@ -41,6 +41,13 @@ def needs_autograd(*tensors: Optional[Tensor]) -> bool:
     return torch.is_grad_enabled() and any_requires_grad(*tensors)
 
 
+def eager_without_autograd(*tensors: Optional[Tensor]) -> bool:
+    """Whether an eager (not compiled) call records no autograd history: the losses then call their
+    C++ eager path (torch_ext._C._<op>_eager), which runs the forward op alone at less cost per call
+    than the op called from Python. Compiled code calls the op (dynamo traces it)."""
+    return not needs_autograd(*tensors) and not torch.compiler.is_compiling()
+
+
 def _autocast_off() -> bool:
     """True when no device has autocast on: one call, where the per-device checks below cost a
     noticeable share of a small op's whole Python path. Compiled code takes the per-device
@@ -248,6 +255,12 @@ def hand_over_formed(ctx, wanted, unit_grads, grad_loss):
     handed = [w and f for w, f in zip(wanted, ctx.formed)]
     missing = [w and not h for w, h in zip(wanted, handed)]
     return hand_over_unit_grads(unit_grads, handed, grad_loss), missing
+
+
+def fake_grads(like, mask, shapes):
+    """A fake kernel's gradient outputs: for each input, an empty tensor of its shape (like `like`)
+    when `mask` asks for it, else None, as the C++ kernels return them."""
+    return tuple(like.new_empty(shape) if m else None for m, shape in zip(mask, shapes))
 
 
 def non_differentiable(output):

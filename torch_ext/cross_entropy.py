@@ -20,6 +20,8 @@ from ._common import (
     check_reduction_with_grad_in_forward,
     direct_when_no_grad,
     divide_by_items,
+    eager_without_autograd,
+    fake_grads,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -34,7 +36,7 @@ _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
 
 # Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
-# and sum; see _C._cross_entropy_grad_in_forward): all that have the kernels.
+# and sum; see _C._cross_entropy_eager): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 
@@ -120,7 +122,7 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
     )
     loss = input.new_empty(loss_shape if reduction == "none" else ())
     stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
-    return (loss, stats) + tuple(input.new_empty(input.shape) if m else None for m in grad_mask)
+    return (loss, stats) + fake_grads(input, grad_mask, (input.shape, input.shape))
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd")
@@ -140,10 +142,7 @@ def _cross_entropy_bwd_fake(grad_loss, input, target, weight, stats, ignore_inde
         lambda: "torch_ext.cross_entropy_bwd: output_mask[1] asks for the target's gradient, which exists only for "
         "class-probability targets",
     )
-    return (
-        input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
-        input.new_empty(input.shape) if output_mask[1] else input.new_empty((0,)),
-    )
+    return fake_grads(input, output_mask, (input.shape, input.shape))
 
 
 @torch.library.register_fake("torch_ext::cross_entropy_bwd_inplace")
@@ -355,9 +354,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
-    if _grad_in_forward(input, target, reduction):
-        return _C._cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, return_stats)
-    if not needs_autograd(input, target):
+    if _grad_in_forward(input, target, reduction) or eager_without_autograd(input, target):
+        return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats)
+    if not needs_autograd(input, target):  # compiled
         out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats)
     else:
         out = CrossEntropyFunction.apply(*args, NO_GRADS, softcap, ignored_row_stats)

@@ -16,6 +16,7 @@ from ._common import (
     autocast_to_lower_precision,
     differentiable_once,
     direct_when_no_grad,
+    fake_grads,
     forward_with_ctx,
     needs_autograd,
     register_no_double_backward,
@@ -86,11 +87,7 @@ def _linear_act_fwd_fake(input, weight, bias, activation, negative_slope):
 def _linear_act_bwd_fake(grad_output, input, weight, saved, activation, negative_slope, output_mask):
     _check_linear_args("torch_ext.linear_act_bwd", input, weight, None)
     _check_activation(activation)
-    return (
-        input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
-        input.new_empty(weight.shape) if output_mask[1] else input.new_empty((0,)),
-        input.new_empty((weight.shape[0],)) if output_mask[2] else input.new_empty((0,)),
-    )
+    return fake_grads(input, output_mask, (input.shape, weight.shape, weight.shape[:1]))
 
 
 def _setup_context(ctx, inputs, output):
@@ -117,8 +114,7 @@ def _backward(ctx, grad_out, _grad_saved):
     grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
     # With create_graph the gradients refuse a second derivative, through the bias too (gelu's
     # weight gradient depends on it through the saved pre-activation).
-    grads = differentiable_once("torch_ext.fused_linear", (g if asked else None for g, asked in zip(grads, mask)),
-                                (grad_out, input, weight, bias))
+    grads = differentiable_once("torch_ext.fused_linear", grads, (grad_out, input, weight, bias))
     return (*grads, None, None)
 
 

@@ -21,6 +21,8 @@ from ._common import (
     check_reduction,
     direct_when_no_grad,
     divide_by_items,
+    eager_without_autograd,
+    fake_grads,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -104,12 +106,10 @@ def _check_args(op, input, linear_weight, linear_bias, target, reduction, label_
 
 
 def _grads_like(mask, input, linear_weight, linear_bias):
-    vocab = linear_weight.shape[0]
-    return (
-        input.new_empty(input.shape) if mask[0] else input.new_empty((0,)),
-        input.new_empty(linear_weight.shape) if mask[1] else input.new_empty((0,)),
-        input.new_empty((vocab,)) if mask[2] and linear_bias is not None else input.new_empty((0,)),
-    )
+    """The fake kernels' gradients of (input, linear_weight, linear_bias); None where not asked
+    for, and the bias's without a bias."""
+    mask = (mask[0], mask[1], mask[2] and linear_bias is not None)
+    return fake_grads(input, mask, (input.shape, linear_weight.shape, linear_weight.shape[:1]))
 
 
 def _check_softcap(op, softcap):
@@ -126,9 +126,7 @@ def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_inde
     loss = input.new_empty(lead if reduction == "none" else ())
     rows = math.prod(lead)
     stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
-    formed = (grad_mask[0], grad_mask[1], grad_mask[2] and linear_bias is not None)
-    grads = _grads_like(formed, input, linear_weight, linear_bias)
-    return (loss, stats) + tuple(g if m else None for g, m in zip(grads, formed))
+    return (loss, stats) + _grads_like(grad_mask, input, linear_weight, linear_bias)
 
 
 @torch.library.register_fake("torch_ext::linear_cross_entropy_bwd")
@@ -432,8 +430,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
                     linear_bias is not None and linear_bias.requires_grad]
             loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
         else:  # the gradients handed over by a C++ node (csrc/autograd_node.h)
-            loss, stats = _C._linear_cross_entropy_grad_in_forward(*args, softcap, ignored_row_stats, True)
-    elif not needs_autograd(input, linear_weight, linear_bias, target):
+            loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True)
+    elif eager_without_autograd(input, linear_weight, linear_bias, target):  # the forward op alone, from C++
+        loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True)
+    elif not needs_autograd(input, linear_weight, linear_bias, target):  # compiled
         loss, stats, *_ = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
     else:
         loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, no_grads, softcap, ignored_row_stats)

@@ -28,6 +28,7 @@ from ._common import (
     autocast_to_lower_precision,
     differentiable_once,
     direct_when_no_grad,
+    fake_grads,
     forward_with_ctx,
     needs_autograd,
     register_no_double_backward,
@@ -67,10 +68,7 @@ def _mlp_act_fwd_fake(input, activation, negative_slope, gated):
 def _mlp_act_bwd_fake(grad_output, input, activation, negative_slope, gated, output_mask):
     _check_activation(activation)
     n = _check_mlp_act_input("torch_ext.mlp_act_bwd", input, gated)
-    return (
-        input.new_empty(input.shape) if output_mask[0] else input.new_empty((0,)),
-        input.new_empty((*input.shape[:-1], n)) if output_mask[1] else input.new_empty((0,)),
-    )
+    return fake_grads(input, output_mask, (input.shape, (*input.shape[:-1], n)))
 
 
 @torch.library.register_fake("torch_ext::mlp_bwd")
@@ -82,7 +80,7 @@ def _mlp_bwd_fake(grad_output, input, fc1_weight, fc2_weight, saved, hidden, act
         lambda: "torch_ext.mlp_bwd: fc1_weight and fc2_weight must be 2-D",
     )
     shapes = (input.shape, fc1_weight.shape, fc1_weight.shape[:1], fc2_weight.shape, fc2_weight.shape[:1])
-    return tuple(input.new_empty(shape if asked else (0,)) for shape, asked in zip(shapes, output_mask))
+    return fake_grads(input, output_mask, shapes)
 
 
 def _act_setup_context(ctx, inputs, output):
@@ -214,8 +212,7 @@ class FusedMLPFunction(torch.autograd.Function):
                 bool(ctx.has_bias[1] and needs[4])]
         grads = _mlp_bwd(grad_out, input, fc1_weight, fc2_weight, saved, hidden, ctx.activation,
                          ctx.negative_slope, ctx.gated, mask)
-        grads = differentiable_once("torch_ext.FusedMLP", (g if asked else None for g, asked in zip(grads, mask)),
-                                    (grad_out, input, fc1_weight, fc1_bias, fc2_weight))
+        grads = differentiable_once("torch_ext.FusedMLP", grads, (grad_out, input, fc1_weight, fc1_bias, fc2_weight))
         return (*grads, None, None, None)
 
 

@@ -19,6 +19,8 @@ from ._common import (
     check_reduction_with_grad_in_forward,
     direct_when_no_grad,
     divide_by_items,
+    eager_without_autograd,
+    fake_grads,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -33,7 +35,7 @@ _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_bwd.default)
 
 # Device types whose eager path forms the gradients in the forward kernel (reductions mean and
-# sum; see _C._regression_loss_grad_in_forward): all that have the kernels.
+# sum; see _C._regression_loss_eager): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 LOSSES = ("mse", "huber", "smooth_l1")
@@ -85,7 +87,7 @@ def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction, gra
 @torch.library.register_fake("torch_ext::regression_loss_bwd")
 def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, reduction, output_mask):
     _check_args("torch_ext.regression_loss_bwd", input, target, weight, loss, param, reduction)
-    return tuple(input.new_empty(input.shape if m else (0,)) for m in output_mask)
+    return fake_grads(input, output_mask, (input.shape, input.shape))
 
 
 # The forward op's arguments: (input, target, weight, loss, param, reduction, grad_mask).
@@ -186,10 +188,11 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
         input.device.type in GRAD_IN_FORWARD_DEVICES
         and reduction != "none"
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
-    ):
-        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
-        out = _C._regression_loss_grad_in_forward(*args)
-    elif not needs_autograd(input, target, weight):
+    ) or eager_without_autograd(input, target, weight):
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h);
+        # without autograd, the forward op alone.
+        out = _C._regression_loss_eager(*args)
+    elif not needs_autograd(input, target, weight):  # compiled
         out = _fwd_op(*args, NO_GRADS)[0]
     else:
         out = RegressionLossFunction.apply(*args, NO_GRADS)[0]

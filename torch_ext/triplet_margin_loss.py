@@ -19,6 +19,8 @@ from ._common import (
     check_reduction,
     direct_when_no_grad,
     divide_by_items,
+    eager_without_autograd,
+    fake_grads,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -73,7 +75,7 @@ def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reductio
 @torch.library.register_fake("torch_ext::triplet_margin_loss_bwd")
 def _triplet_bwd_fake(grad_loss, anchor, positive, negative, dist, margin, p, eps, swap, reduction, output_mask):
     _check_args("torch_ext.triplet_margin_loss_bwd", anchor, positive, negative, p, reduction)
-    return tuple(anchor.new_empty(anchor.shape if m else (0,)) for m in output_mask)
+    return fake_grads(anchor, output_mask, (anchor.shape,) * 3)
 
 
 # The forward op's arguments: (anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask).
@@ -172,10 +174,13 @@ def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduc
     _check_p("torch_ext.triplet_margin_loss", p)
     anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
-    if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)):
-        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h).
-        return _C._triplet_margin_loss_grad_in_forward(*args)
-    if not needs_autograd(anchor, positive, negative):
+    if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)) or eager_without_autograd(
+        anchor, positive, negative
+    ):
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h);
+        # without autograd, the forward op alone.
+        return _C._triplet_margin_loss_eager(*args)
+    if not needs_autograd(anchor, positive, negative):  # compiled
         return _fwd_op(*args, NO_GRADS)[0]
     return TripletMarginLossFunction.apply(*args, NO_GRADS)[0]
 

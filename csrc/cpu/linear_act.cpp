@@ -230,10 +230,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
     backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
                               bias_grad);
   });
-  // Gradients not asked for come back as (distinct) empty tensors.
-  return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
-          grad_weight.defined() ? grad_weight : at::empty({0}, options),
-          bias_grad.defined() ? bias_grad.to(input.scalar_type()) : at::empty({0}, options)};
+  // Gradients not asked for come back undefined (None).
+  return {grad_input.defined() ? grad_input.view(input.sizes()) : Tensor(), grad_weight,
+          bias_grad.defined() ? bias_grad.to(input.scalar_type()) : Tensor()};
 }
 
 }  // namespace

@@ -92,7 +92,7 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tens
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_sizes), op, ": grad_output must have shape ",
               at::IntArrayRef(out_sizes), ", got ", grad_output.sizes());
   const auto options = input.options();
-  if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, options), at::empty({0}, options)};
+  if (!output_mask[0] && !output_mask[1]) return {Tensor(), Tensor()};
   const int64_t rows = leading_rows(input), width = input.size(-1);
   const Tensor in2d = input.reshape({rows, width}).contiguous();
   // Rows are read with unit column stride; any row stride (0 too, a grad expanded from a scalar
@@ -102,8 +102,8 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tens
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output({rows, width}, options) : Tensor();
   Tensor out = output_mask[1] ? cpu::empty_cpu_output({rows, n}, options) : Tensor();
   run(true, act, negative_slope, rows, n, gated, in2d, g2d, out, grad_input);
-  return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
-          out.defined() ? out.view(out_sizes) : at::empty({0}, options)};
+  return {grad_input.defined() ? grad_input.view(input.sizes()) : Tensor(),
+          out.defined() ? out.view(out_sizes) : Tensor()};
 }
 
 }  // namespace

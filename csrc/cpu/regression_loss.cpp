@@ -115,8 +115,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
       run_backward<scalar_t>(kind, param, x, t, w, grad, scale, grad_input, grad_target);
     });
   }
-  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+  return {grad_input, grad_target};
 }
 
 // The loss in one pass over input and target (and weight); with grad_mask, the same pass writes

@@ -144,8 +144,6 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
       run_backward<scalar_t>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads);
     });
   }
-  for (auto& g : grads)
-    if (!g.defined()) g = at::empty({0}, anchor.options());
   return {grads[0], grads[1], grads[2]};
 }
 

@@ -681,8 +681,7 @@ std::tuple<Tensor, Tensor> cross_entropy_bwd_cuda(const Tensor& grad_loss, const
   Tensor grad_target = output_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   backward_into("torch_ext.cross_entropy_bwd", grad_loss, input, target, weight, stats, ignore_index, reduction,
                 label_smoothing, z_loss, softcap, grad_lse, grad_input, grad_target);
-  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+  return {grad_input, grad_target};
 }
 
 void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,

@@ -260,8 +260,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
   const auto options = input.options();
-  if (!output_mask[0] && !output_mask[1] && !output_mask[2])
-    return {at::empty({0}, options), at::empty({0}, options), at::empty({0}, options)};
+  if (!output_mask[0] && !output_mask[1] && !output_mask[2]) return {Tensor(), Tensor(), Tensor()};
   Tensor x2d = input.reshape({m, k});
   if (x2d.stride(0) != 1 && x2d.stride(1) != 1) x2d = x2d.contiguous();
   Tensor g2d = grad_output.reshape({m, n});
@@ -309,9 +308,8 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   if (output_mask[1] && !grad_weight.defined()) grad_weight = at::mm(grad_pre.t(), x2d);
   if (output_mask[2] && !grad_bias.defined())
     grad_bias = grad_pre.sum(0, /*keepdim=*/false, acc).to(input.scalar_type());
-  Tensor grad_input = output_mask[0] ? at::mm(grad_pre, weight).view(input.sizes()) : at::empty({0}, options);
-  return {grad_input, output_mask[1] ? grad_weight : at::empty({0}, options),
-          output_mask[2] ? grad_bias : at::empty({0}, options)};
+  Tensor grad_input = output_mask[0] ? at::mm(grad_pre, weight).view(input.sizes()) : Tensor();
+  return {grad_input, output_mask[1] ? grad_weight : Tensor(), output_mask[2] ? grad_bias : Tensor()};
 }
 
 }  // namespace

@@ -163,7 +163,7 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cuda(const Tensor& grad_output, const Ten
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(out_sizes), op, ": grad_output must have shape ",
               at::IntArrayRef(out_sizes), ", got ", grad_output.sizes());
   const auto options = input.options();
-  if (!output_mask[0] && !output_mask[1]) return {at::empty({0}, options), at::empty({0}, options)};
+  if (!output_mask[0] && !output_mask[1]) return {Tensor(), Tensor()};
   const int64_t rows = leading_rows(input), width = input.size(-1);
   const Tensor in2d = input.reshape({rows, width}).contiguous();
   Tensor g2d = grad_output.reshape({rows, n});
@@ -185,8 +185,8 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cuda(const Tensor& grad_output, const Ten
       launch<scalar_t>(true, a);
     });
   }
-  return {grad_input.defined() ? grad_input.view(input.sizes()) : at::empty({0}, options),
-          out.defined() ? out.view(out_sizes) : at::empty({0}, options)};
+  return {grad_input.defined() ? grad_input.view(input.sizes()) : Tensor(),
+          out.defined() ? out.view(out_sizes) : Tensor()};
 }
 
 }  // namespace

@@ -243,8 +243,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
       C10_CUDA_KERNEL_LAUNCH_CHECK();
     });
   }
-  return {grad_input.defined() ? grad_input : at::empty({0}, input.options()),
-          grad_target.defined() ? grad_target : at::empty({0}, input.options())};
+  return {grad_input, grad_target};
 }
 
 }  // namespace

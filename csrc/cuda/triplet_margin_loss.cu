@@ -284,8 +284,6 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& gr
           C10_CUDA_KERNEL_LAUNCH_CHECK();
         });
   }
-  for (auto& g : grads)
-    if (!g.defined()) g = at::empty({0}, anchor.options());
   return {grads[0], grads[1], grads[2]};
 }
 
