@@ -108,8 +108,10 @@ def _extensions_and_libraries(cuda):
     from torch.utils import cpp_extension
 
     csrc = os.path.join(ROOT, "csrc")
-    # csrc/*.cpp: the schemas (ops.cpp) and device-neutral ops; csrc/cpu/*.cpp: the CPU ops.
+    # csrc/*.cpp: the schemas (ops.cpp), the run-time config and device-neutral ops; csrc/cpu/*.cpp:
+    # the CPU ops; csrc/cpu/runtime/*.cpp: their GEMM, output allocator and kernel table.
     sources = sorted(glob.glob("csrc/*.cpp")) + sorted(glob.glob("csrc/cpu/*.cpp"))
+    sources += sorted(glob.glob("csrc/cpu/runtime/*.cpp"))
     include_dirs = [csrc] + cpp_extension.include_paths()
     libraries = _capability_libraries(include_dirs)
     extra = {"cxx": list(CXX_FLAGS)}

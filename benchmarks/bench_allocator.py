@@ -1,4 +1,4 @@
-"""torch_ext's CPU output cache (csrc/cpu/allocator.h) against the allocators a user could pick
+"""torch_ext's CPU output cache (csrc/cpu/runtime/allocator.h) against the allocators a user could pick
 instead: glibc (PyTorch's default), PyTorch's THP_MEM_ALLOC_ENABLE=1, and jemalloc / tcmalloc
 through LD_PRELOAD (Debian: libjemalloc2, libtcmalloc-minimal4).
 

@@ -6,7 +6,7 @@
 Each size M x K -> N is a dense layer's three products: forward x @ W.T (M x N), grad_input
 grad @ W (M x K) and grad_weight grad.T @ x (N x K), with the operands in the layouts the layer
 passes them. Both GEMMs write into the same preallocated result through the private
-torch_ext._C._cpu_matmul_into (the CPU ops' matrix product), switched with TORCH_EXT_CPU_GEMM;
+torch_ext._C._cpu_matmul_into (the CPU ops' matrix product), switched with torch_ext.set_config;
 they run interleaved, in a new random order each round (suite/timing.py). Reports the
 median ms of each, ATen's time / ours (the median of the per-round ratios; > 1: ours is
 faster) and ours' GFLOP/s.
@@ -14,6 +14,11 @@ faster) and ours' GFLOP/s.
 A guard: a product where ours runs below --min-ratio of ATen's speed (default 0.8; ours measured
 0.93-1.16x on AVX2, 1.0-1.2x on AVX-512) is reported as a regression and the exit status is 1.
 A change that stops GCC inlining the micro-kernel halves its speed, and shows here.
+
+--peers adds the GEMMs a user could pick instead, timed in the same interleaved rounds: oneDNN's
+(torch.ops.mkldnn._linear_pointwise, shipped with PyTorch; its weight made contiguous once,
+outside the timing) and OpenBLAS's (numpy.matmul into the same result, on numpy's own
+OpenBLAS), each as its time / ours.
 """
 from __future__ import annotations
 
@@ -45,8 +50,23 @@ def products(m, k, n):
 
 
 def run_gemm(path, out, a, b):
-    os.environ["TORCH_EXT_CPU_GEMM"] = path
+    torch_ext.set_config(cpu_gemm=path)
     torch_ext._C._cpu_matmul_into(out, a, b, False)
+
+
+def peer_calls(out, a, b):
+    """name -> a call of each peer GEMM forming out = a @ b (see --peers), where it is installed."""
+    calls = {}
+    if torch.backends.mkldnn.is_available():
+        weight = b.t().contiguous()  # linear(a, weight) = a @ weight.T = a @ b
+        calls["oneDNN"] = lambda: torch.ops.mkldnn._linear_pointwise(a, weight, None, "none", [], "")
+    try:
+        import numpy
+    except ImportError:
+        return calls
+    a_np, b_np, out_np = a.numpy(), b.numpy(), out.numpy()
+    calls["OpenBLAS"] = lambda: numpy.matmul(a_np, b_np, out=out_np)
+    return calls
 
 
 def main(argv=None):
@@ -55,34 +75,35 @@ def main(argv=None):
     p.add_argument("--rounds", type=int, default=11)
     p.add_argument("--min-ratio", type=float, default=0.8,
                    help="report a regression (exit status 1) where ATen's time / ours falls below this")
+    p.add_argument("--peers", action="store_true", help="also time oneDNN's and OpenBLAS's GEMMs (see above)")
     args = p.parse_args(argv)
     sizes = [tuple(int(v) for v in s.split("x")) for s in args.sizes] if args.sizes else DEFAULT_SIZES
     if torch_ext.cpu_capability() == "DEFAULT":
         sys.exit("this CPU runs the DEFAULT instruction set, which has no GEMM of ours")
     print(machine.machine_info())
-    print(f"{'layer':<20}{'product':<13}{'ATen ms':>9}{'ours ms':>9}{'ATen/ours':>11}{'ours GFLOP/s':>14}")
-    saved_env = os.environ.get("TORCH_EXT_CPU_GEMM")
+    peer_names = list(peer_calls(*products(32, 8, 8)["x @ W.T"])) if args.peers else []
+    print(f"{'layer':<20}{'product':<13}{'ATen ms':>9}{'ours ms':>9}{'ATen/ours':>11}{'ours GFLOP/s':>14}"
+          + "".join(f"{name + '/ours':>15}" for name in peer_names))
+    saved = torch_ext.get_config()["cpu_gemm"]
     slow = []
     try:
         for m, k, n in sizes:
             for name, (out, a, b) in products(m, k, n).items():
-                samples = timing.time_interleaved(
-                    {path: functools.partial(run_gemm, path, out, a, b) for path in ("aten", "ours")},
-                    rounds=args.rounds,
-                )
+                candidates = {path: functools.partial(run_gemm, path, out, a, b) for path in ("aten", "ours")}
+                if peer_names:
+                    candidates.update(peer_calls(out, a, b))
+                samples = timing.time_interleaved(candidates, rounds=args.rounds)
                 ours = timing.median(samples["ours"])
                 flop = 2 * out.shape[0] * out.shape[1] * a.shape[1]
                 aten = timing.median(samples["aten"])
                 ratio = timing.ratio_of(samples["aten"], samples["ours"])
+                peers = "".join(f"{timing.ratio_of(samples[p], samples['ours']):>15.2f}" for p in peer_names)
                 print(f"{f'{m}x{k}->{n}':<20}{name:<13}{aten * 1e3:>9.2f}{ours * 1e3:>9.2f}"
-                      f"{ratio:>11.2f}{flop / ours / 1e9:>14.0f}", flush=True)
+                      f"{ratio:>11.2f}{flop / ours / 1e9:>14.0f}{peers}", flush=True)
                 if ratio < args.min_ratio:
                     slow.append(f"{m}x{k}->{n} {name}: {ratio:.2f}x")
     finally:
-        if saved_env is None:
-            os.environ.pop("TORCH_EXT_CPU_GEMM", None)
-        else:
-            os.environ["TORCH_EXT_CPU_GEMM"] = saved_env
+        torch_ext.set_config(cpu_gemm=saved)
     if slow:
         print(f"REGRESSION: ours below {args.min_ratio}x ATen's speed at " + "; ".join(slow))
         return 1

@@ -1,12 +1,12 @@
 // Allocation of the large tensors the ops return or use as scratch, for tensors of any device:
-// on CPU from csrc/cpu/allocator.h (huge pages; outputs cached), elsewhere at::empty's (on CUDA
+// on CPU from csrc/cpu/runtime/allocator.h (huge pages; outputs cached), elsewhere at::empty's (on CUDA
 // PyTorch's caching allocator already keeps freed blocks).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/ops/empty.h>
 
-#include "cpu/allocator.h"
+#include "cpu/runtime/allocator.h"
 
 namespace torch_ext {
 

@@ -224,10 +224,9 @@ void set_node_history(const at::Tensor& output, NodeSpec spec) {
 }
 
 std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 int64_t ignore_index, c10::string_view reduction,
-                                                                 double label_smoothing, double z_loss, double softcap,
-                                                                 bool ignored_row_stats) {
+                                                       const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                       c10::string_view reduction, double label_smoothing,
+                                                       double z_loss, double softcap, bool ignored_row_stats) {
   static const auto forward = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
@@ -257,8 +256,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
 }
 
 at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
-                                           c10::string_view reduction) {
+                                 const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
+                                 c10::string_view reduction) {
   static const auto forward = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::regression_loss_fwd", "")
                                   .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
@@ -283,9 +282,8 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
   return value;
 }
 
-at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive,
-                                               const at::Tensor& negative, double margin, double p, double eps,
-                                               bool swap, c10::string_view reduction) {
+at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
+                                     double margin, double p, double eps, bool swap, c10::string_view reduction) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto forward = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd", "")

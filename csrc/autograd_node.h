@@ -47,16 +47,14 @@ void set_node_history(const at::Tensor& output, NodeSpec spec);
 // grad): the forward op alone, with no gradient formed and no node, at less cost per call than
 // the op called from Python.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
-                                                                 const std::optional<at::Tensor>& weight,
-                                                                 int64_t ignore_index, c10::string_view reduction,
-                                                                 double label_smoothing, double z_loss, double softcap,
-                                                                 bool ignored_row_stats);
+                                                       const std::optional<at::Tensor>& weight, int64_t ignore_index,
+                                                       c10::string_view reduction, double label_smoothing,
+                                                       double z_loss, double softcap, bool ignored_row_stats);
 at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
-                                           const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
-                                           c10::string_view reduction);
-at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive,
-                                               const at::Tensor& negative, double margin, double p, double eps,
-                                               bool swap, c10::string_view reduction);
+                                 const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
+                                 c10::string_view reduction);
+at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
+                                     double margin, double p, double eps, bool swap, c10::string_view reduction);
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,

@@ -4,7 +4,7 @@
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/mm.h>
 
-#include "cpu/gemm.h"
+#include "cpu/runtime/gemm.h"
 
 namespace torch_ext {
 

@@ -1,5 +1,5 @@
 // torch_ext's matrix products, for tensors of any device: float32 CPU products that our GEMM
-// takes (csrc/cpu/gemm.h) run on it, every other one on ATen's (on CUDA, cuBLAS / cuBLASLt).
+// takes (csrc/cpu/runtime/gemm.h) run on it, every other one on ATen's (on CUDA, cuBLAS / cuBLASLt).
 #pragma once
 
 #include <ATen/core/Tensor.h>

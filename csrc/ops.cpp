@@ -6,11 +6,12 @@
 #include <torch/library.h>
 
 #include "autograd_node.h"
-#include "cpu/allocator.h"
-#include "cpu/gemm.h"
-#include "cpu/kernels.h"
+#include "cpu/runtime/allocator.h"
+#include "cpu/runtime/gemm.h"
+#include "cpu/runtime/kernel_table.h"
 #include "cuda/cublaslt_gemm.h"  // plain C++: lt_epilogue_pointers_aligned, tested on every build
 #include "matmul.h"
+#include "runtime_config.h"
 
 #include <pybind11/pybind11.h>
 
@@ -155,7 +156,7 @@ static PyObject* cpu_gemm(PyObject*, PyObject*) {
 }
 
 // _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
-// product (csrc/cpu/gemm.h), for its tests and benchmarks/bench_cpu_gemm.py; not public API.
+// product (csrc/cpu/runtime/gemm.h), for its tests and benchmarks/bench_cpu_gemm.py; not public API.
 static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
   PyObject *out_obj = nullptr, *a_obj = nullptr, *b_obj = nullptr;
   int accumulate = 0;
@@ -276,8 +277,8 @@ static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::cross_entropy_eager(*input, *target, weight, ignore_index, reduction, label_smoothing,
-                                                    z_loss, softcap, ignored_row_stats != 0);
+    return torch_ext::cross_entropy_eager(*input, *target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                          softcap, ignored_row_stats != 0);
   });
 }
 
@@ -310,8 +311,7 @@ static PyObject* triplet_margin_loss_eager(PyObject*, PyObject* args) {
                        {negative_obj, "negative", false, &negative}}))
     return nullptr;
   return run_without_gil([&] {
-    return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0,
-                                                          reduction);
+    return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0, reduction);
   });
 }
 
@@ -371,10 +371,53 @@ static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::linear_cross_entropy_eager(*input, *linear_weight, linear_bias, *target, weight,
-                                                           ignore_index, reduction, label_smoothing, z_loss, chunk_size,
-                                                           softcap, ignored_row_stats != 0);
+    return torch_ext::linear_cross_entropy_eager(*input, *linear_weight, linear_bias, *target, weight, ignore_index,
+                                                 reduction, label_smoothing, z_loss, chunk_size, softcap,
+                                                 ignored_row_stats != 0);
   });
+}
+
+// _get_config() -> {name: value} of the run-time config (csrc/runtime_config.h).
+static PyObject* get_config(PyObject*, PyObject*) {
+  HANDLE_TH_ERRORS
+  auto& config = torch_ext::runtime_config();
+  return Py_BuildValue("{s:s,s:L,s:O,s:L}", "cpu_gemm", torch_ext::cpu_gemm_name(config.gemm()), "panel_bytes",
+                       static_cast<long long>(config.panel_bytes.load()), "cublaslt",
+                       config.cublaslt.load() ? Py_True : Py_False, "cpu_cache_bytes",
+                       static_cast<long long>(config.cpu_cache_bytes.load()));
+  END_HANDLE_TH_ERRORS
+}
+
+// _set_config(name, value): one entry of the run-time config; torch_ext.set_config checks the
+// value's type first. Lowering cpu_cache_bytes frees the cached blocks beyond it at once.
+static PyObject* set_config(PyObject*, PyObject* args) {
+  HANDLE_TH_ERRORS
+  const char* name = nullptr;
+  PyObject* value = nullptr;
+  if (!PyArg_ParseTuple(args, "sO", &name, &value)) return nullptr;
+  auto& config = torch_ext::runtime_config();
+  const std::string key = name;
+  if (key == "cpu_gemm") {
+    TORCH_CHECK_TYPE(PyUnicode_Check(value), "cpu_gemm must be a str");
+    config.cpu_gemm = int(torch_ext::parse_cpu_gemm(PyUnicode_AsUTF8(value), "cpu_gemm"));
+  } else if (key == "cublaslt") {
+    TORCH_CHECK_TYPE(PyBool_Check(value), "cublaslt must be a bool");
+    config.cublaslt = value == Py_True;
+  } else {
+    TORCH_CHECK_VALUE(key == "panel_bytes" || key == "cpu_cache_bytes", "no config entry named '", key, "'");
+    TORCH_CHECK_TYPE(PyLong_Check(value) && !PyBool_Check(value), key, " must be an int");
+    const long long bytes = PyLong_AsLongLong(value);
+    if (bytes == -1 && PyErr_Occurred()) return nullptr;
+    TORCH_CHECK_VALUE(bytes >= 0, key, " must be >= 0, got ", bytes);
+    if (key == "panel_bytes") {
+      config.panel_bytes = bytes;
+    } else {
+      config.cpu_cache_bytes = bytes;
+      torch_ext::cpu::trim_cache();
+    }
+  }
+  Py_RETURN_NONE;
+  END_HANDLE_TH_ERRORS
 }
 
 static PyObject* empty_cache(PyObject*, PyObject*) { return PyLong_FromSize_t(torch_ext::cpu::empty_cache()); }
@@ -408,12 +451,20 @@ static PyMethodDef methods[] = {
     {"_linear_cross_entropy_eager", linear_cross_entropy_eager, METH_VARARGS,
      "torch_ext.linear_cross_entropy's eager path: the loss with its gradients formed in the forward op and a "
      "C++ node, or without autograd the forward op alone."},
+    {"_get_config", get_config, METH_NOARGS, "The run-time config (torch_ext.get_config)."},
+    {"_set_config", set_config, METH_VARARGS, "Sets one run-time config entry (torch_ext.set_config)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},
     {nullptr, nullptr, 0, nullptr}};
 
 extern "C" PyObject* PyInit__C(void) {
+  // The environment's switches are read here, once. A bad value is not an import error: the
+  // first op or config call that reads the config raises it, naming the variable.
+  try {
+    torch_ext::runtime_config();
+  } catch (const c10::Error&) {
+  }
   static PyModuleDef module_def = {PyModuleDef_HEAD_INIT, "_C", nullptr, -1, methods};
   return PyModule_Create(&module_def);
 }

@@ -35,6 +35,16 @@ def dynamo_reset():
 GRAD_IN_FORWARD_MODULES = ("torch_ext.cross_entropy", "torch_ext.regression_loss")
 
 
+@pytest.fixture
+def set_config():
+    """torch_ext.set_config for one test: every switch is restored after it."""
+    import torch_ext
+
+    saved = torch_ext.get_config()
+    yield torch_ext.set_config
+    torch_ext.set_config(**saved)
+
+
 @pytest.fixture(params=[False, True], ids=["fwd_bwd", "grad_in_forward"])
 def grad_in_forward(request, monkeypatch):
     """Runs a test on both eager paths of the losses: the gradients formed in the forward op and

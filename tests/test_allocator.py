@@ -85,6 +85,29 @@ def test_cache_bytes_env_zero_disables_caching():
     assert result.stdout.strip() == "0"
 
 
+def test_lowering_the_cache_bound_frees_the_blocks_beyond_it(set_config):
+    # set_config(cpu_cache_bytes=...) at run time: a lower bound frees the cached blocks beyond
+    # it at once; 0 then caches nothing; a higher bound caches again.
+    torch_ext.empty_cache()
+    x = torch.randn(BIG)
+    _ = _grad_of_mse(x)
+    del _
+    held = torch_ext.cached_bytes()
+    assert held >= x.numel() * 4
+    before = torch_ext.get_config()["cpu_cache_bytes"]
+    assert set_config(cpu_cache_bytes=held - 1) == {"cpu_cache_bytes": before}
+    assert torch_ext.cached_bytes() == 0
+    set_config(cpu_cache_bytes=0)
+    _ = _grad_of_mse(x)
+    del _
+    assert torch_ext.cached_bytes() == 0
+    set_config(cpu_cache_bytes=2 << 30)
+    _ = _grad_of_mse(x)
+    del _
+    assert torch_ext.cached_bytes() >= x.numel() * 4
+    torch_ext.empty_cache()
+
+
 def test_gradients_stay_correct_across_reused_steps():
     # A training-loop pattern: the same gradient buffer is handed out each step, so a stale value
     # would show up as a wrong gradient in a later step.

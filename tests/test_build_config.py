@@ -16,6 +16,7 @@ import torch
 
 import torch_ext
 from torch_ext import _cuda_toolchain as tc_mod
+from utils import run_python
 
 pytestmark = pytest.mark.skipif(sys.platform != "linux", reason="fake toolkits are shell scripts and .so names")
 
@@ -252,7 +253,7 @@ def test_probe_on_this_machine_matches_the_build():
 
 FIELDS = ("torch_ext", "torch (built against)", "torch (running)", "torch CUDA", "CUDA kernels", "CUDA archs",
           "CUDA runtime linked", "cuBLASLt linked", "CUDA device", "CPU capability", "CPU float32 GEMM",
-          "C++ flags", "nvcc flags", "TORCH_EXT_CUDA at build")
+          "run-time config", "C++ flags", "nvcc flags", "TORCH_EXT_CUDA at build")
 
 
 def test_python_m_torch_ext_prints_every_field():
@@ -307,3 +308,66 @@ def test_source_folder_without_its_module_imports_the_installed_package(tmp_path
     res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path)
     assert res.returncode == 0, res.stderr
     assert res.stdout.split() == [installed, "24.0"]
+
+
+# --- the run-time config (torch_ext.get_config / set_config / config) ---------------------------
+
+
+def test_set_config_checks_its_arguments(set_config):
+    before = torch_ext.get_config()
+    with pytest.raises(TypeError, match="no switch named 'cpu_gemmm'"):
+        set_config(cpu_gemmm="aten")
+    with pytest.raises(TypeError, match="panel_bytes must be an int, got '4096'"):
+        set_config(panel_bytes="4096")
+    with pytest.raises(TypeError, match="cpu_cache_bytes must be an int, got True"):
+        set_config(cpu_cache_bytes=True)
+    with pytest.raises(TypeError, match="cublaslt must be a bool, got 0"):
+        set_config(cublaslt=0)
+    with pytest.raises(ValueError, match="cpu_cache_bytes must be >= 0, got -1"):
+        set_config(cpu_cache_bytes=-1)
+    with pytest.raises(ValueError, match="cpu_gemm must be 'auto', 'ours' or 'aten', got 'mkl'"):
+        set_config(cpu_gemm="mkl")
+    assert torch_ext.get_config() == before, "a refused change must change nothing"
+
+
+def test_set_config_returns_what_restores_it(set_config):
+    before = torch_ext.get_config()
+    previous = set_config(panel_bytes=4096, cublaslt=not before["cublaslt"])
+    assert previous == {"panel_bytes": before["panel_bytes"], "cublaslt": before["cublaslt"]}
+    assert torch_ext.get_config() == {**before, "panel_bytes": 4096, "cublaslt": not before["cublaslt"]}
+    set_config(**previous)
+    assert torch_ext.get_config() == before
+    with torch_ext.config(cpu_gemm="aten", panel_bytes=8192):
+        assert torch_ext.get_config() == {**before, "cpu_gemm": "aten", "panel_bytes": 8192}
+        assert torch_ext.cpu_gemm() == "aten"
+    assert torch_ext.get_config() == before
+    with pytest.raises(KeyError):  # restored on the way out of an error too
+        with torch_ext.config(panel_bytes=1):
+            raise KeyError("inside")
+    assert torch_ext.get_config() == before
+
+
+def test_config_comes_from_the_environment_once():
+    code = (
+        "import os, torch_ext\n"
+        "config = torch_ext.get_config()\n"
+        "assert config == {'cpu_gemm': 'aten', 'panel_bytes': 4096, 'cublaslt': False, 'cpu_cache_bytes': 0}, config\n"
+        "os.environ['TORCH_EXT_PANEL_BYTES'] = '8192'\n"
+        "assert torch_ext.get_config()['panel_bytes'] == 4096\n"
+        "print('ok')\n"
+    )
+    env = {"TORCH_EXT_CPU_GEMM": "aten", "TORCH_EXT_PANEL_BYTES": "4096", "TORCH_EXT_CUBLASLT": "0",
+           "TORCH_EXT_CPU_CACHE_BYTES": "0"}
+    proc = run_python(code, env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    # A bad number raises at the first call that reads the config, naming the variable.
+    code = (
+        "import torch_ext\n"
+        "try:\n"
+        "    torch_ext.get_config()\n"
+        "except RuntimeError as e:\n"
+        "    assert \"TORCH_EXT_PANEL_BYTES must be a non-negative number of bytes; got '4k'\" in str(e), e\n"
+        "    print('ok')\n"
+    )
+    proc = run_python(code, env={"TORCH_EXT_PANEL_BYTES": "4k"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]

@@ -1,4 +1,4 @@
-"""Tests of the CPU ops' matrix product (csrc/cpu/gemm.h) and of torch_ext's float32 GEMM
+"""Tests of the CPU ops' matrix product (csrc/cpu/runtime/gemm.h) and of torch_ext's float32 GEMM
 (csrc/cpu/kernels/gemm.h), called directly through the private torch_ext._C._cpu_matmul_into.
 
 Each test runs on our GEMM (forced with TORCH_EXT_CPU_GEMM=ours: it is the default on AMD CPUs
@@ -22,8 +22,8 @@ HAS_OURS = torch_ext.cpu_capability() != "DEFAULT"
 
 
 @pytest.fixture(params=["ours", "aten"])
-def gemm(request, monkeypatch):
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", request.param)
+def gemm(request, set_config):
+    set_config(cpu_gemm=request.param)
     assert torch_ext.cpu_gemm() == (request.param if HAS_OURS else "aten")
     return request.param
 
@@ -134,14 +134,14 @@ def test_nonfinite(gemm):
     torch.testing.assert_close(out.double()[finite], want[finite], rtol=1e-5, atol=1e-4)
 
 
-def test_paths_agree(monkeypatch):
+def test_paths_agree(set_config):
     # Ours and ATen's differ only by float32 rounding (another summation order).
     if not HAS_OURS:
         pytest.skip("the DEFAULT instruction set has no GEMM of ours")
     a, b = torch.randn(250, 1024), torch.randn(70, 1024).t()
     results = {}
     for path in ("ours", "aten"):
-        monkeypatch.setenv("TORCH_EXT_CPU_GEMM", path)
+        set_config(cpu_gemm=path)
         results[path] = torch.empty(250, 70)
         matmul_into(results[path], a, b, False)
     torch.testing.assert_close(results["ours"], results["aten"], rtol=1e-5, atol=1e-4)
@@ -170,9 +170,9 @@ def test_bad_arguments():
         matmul_into(torch.empty(4, 5), [[1.0]], torch.randn(3, 5), False)
 
 
-def test_benchmark_script_runs(capsys, monkeypatch):
+def test_benchmark_script_runs(capsys, set_config):
     # benchmarks/bench_cpu_gemm.py at a small size: one line per product, both GEMMs timed, and
-    # TORCH_EXT_CPU_GEMM as it was.
+    # the config's cpu_gemm as it was.
     if not HAS_OURS:
         pytest.skip("the DEFAULT instruction set has no GEMM of ours")
     import importlib.util
@@ -182,10 +182,10 @@ def test_benchmark_script_runs(capsys, monkeypatch):
     spec = importlib.util.spec_from_file_location("bench_cpu_gemm", path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
+    set_config(cpu_gemm="aten")
     # 512x256x192: large enough that no time prints as 0.00 ms.
     status = module.main(["--sizes", "512x256x192", "--rounds", "2", "--min-ratio", "1e9"])
-    assert os.environ["TORCH_EXT_CPU_GEMM"] == "aten"
+    assert torch_ext.get_config()["cpu_gemm"] == "aten"
     out = capsys.readouterr().out
     # The regression guard: no GEMM runs 1e9x ATen's speed, so every product is reported.
     assert status == 1 and "REGRESSION: ours below 1000000000.0x ATen's speed at 512x256->192 x @ W.T: " in out

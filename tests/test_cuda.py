@@ -415,10 +415,10 @@ def test_fused_linear(device, activation):
 # the bias, apply the activation and write the saved pre-activation; relu takes the bias epilogue
 # and our pass for relu and its mask (cuBLASLt's RELU_AUX masks x >= 0 and zeroes NaN); the weight
 # gradient's GEMM forms the bias gradient (csrc/cuda/linear_act.cu). Each case runs with cuBLASLt
-# on and off (TORCH_EXT_CUBLASLT=0), on shapes that take it.
+# on and off (set_config(cublaslt=False), as TORCH_EXT_CUBLASLT=0 at import), on shapes that take it.
 @pytest.fixture(params=["1", "0"], ids=["cublaslt", "no_cublaslt"])
-def cublaslt(request, monkeypatch):
-    monkeypatch.setenv("TORCH_EXT_CUBLASLT", request.param)
+def cublaslt(request, set_config):
+    set_config(cublaslt=request.param == "1")
     return request.param
 
 

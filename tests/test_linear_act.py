@@ -294,10 +294,10 @@ def test_many_row_panels(activation, dtype):
 @pytest.mark.parametrize("in_shape,out_features", [((130, 30), 200), ((37, 5), 9), ((2, 41, 7), 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
-def test_tiny_row_panels(monkeypatch, activation, dtype, in_shape, out_features):
-    # TORCH_EXT_PANEL_BYTES (read per call) shrinks the panels: forward panels of a few rows,
-    # and several backward panels (whose grad_weight is accumulated with addmm_).
-    monkeypatch.setenv("TORCH_EXT_PANEL_BYTES", "4096")
+def test_tiny_row_panels(set_config, activation, dtype, in_shape, out_features):
+    # The config's panel_bytes shrinks the panels: forward panels of a few rows, and several
+    # backward panels (whose grad_weight is accumulated with addmm_).
+    set_config(panel_bytes=4096)
     x, w, b = make_args(in_shape, out_features, dtype)
     check_against_pytorch(x, w, b, activation, msg=f"panel 4096 {in_shape}->{out_features}")
 
@@ -1021,7 +1021,7 @@ ISA_SCRIPT = textwrap.dedent(
 
     assert got == want, (got, want)
     assert torch_ext.cpu_capability() == want, (torch_ext.cpu_capability(), want)
-    os.environ["TORCH_EXT_CPU_GEMM"] = "ours"  # the default only on AMD CPUs: test it on any
+    torch_ext.set_config(cpu_gemm="ours")  # the default only on AMD CPUs: test it on any
     assert torch_ext.cpu_gemm() == ("aten" if want == "DEFAULT" else "ours"), torch_ext.cpu_gemm()
     failures = []
 
@@ -1088,9 +1088,9 @@ def amd_cpu() -> bool:
 
 
 @pytest.fixture(params=GEMM_PATHS)
-def cpu_gemm(request, monkeypatch):
-    """Runs a test with float32 products on our GEMM and on ATen's (TORCH_EXT_CPU_GEMM)."""
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", request.param)
+def cpu_gemm(request, set_config):
+    """Runs a test with float32 products on our GEMM and on ATen's (the config's cpu_gemm)."""
+    set_config(cpu_gemm=request.param)
     want = request.param if torch_ext.cpu_capability() != "DEFAULT" else "aten"
     assert torch_ext.cpu_gemm() == want
     return request.param
@@ -1143,7 +1143,7 @@ def test_gemm_thread_counts(cpu_gemm, threads):
 
 
 @pytest.mark.parametrize("in_shape,out_features", [((300, 40), 24), ((250, 1024), 70), ((1500, 64), 48)])
-def test_gemm_paths_agree(monkeypatch, in_shape, out_features):
+def test_gemm_paths_agree(set_config, in_shape, out_features):
     # Ours and ATen's differ only by float32 rounding (a different summation order).
     if torch_ext.cpu_capability() == "DEFAULT":
         pytest.skip("the DEFAULT instruction set has no GEMM of ours")
@@ -1151,7 +1151,7 @@ def test_gemm_paths_agree(monkeypatch, in_shape, out_features):
     g = torch.randn(*in_shape[:-1], out_features)
     results = {}
     for path in GEMM_PATHS:
-        monkeypatch.setenv("TORCH_EXT_CPU_GEMM", path)
+        set_config(cpu_gemm=path)
         results[path] = forward_backward(lambda a, c, d: fused_linear(a, c, d, "gelu"), x, w, b, g)
     (y0, g0), (y1, g1) = results["ours"], results["aten"]
     k = in_shape[-1]
@@ -1174,23 +1174,48 @@ def test_gemm_nonfinite(cpu_gemm):
     assert_close(y[finite], ref[finite])
 
 
-def test_gemm_env_switch(monkeypatch):
+def test_gemm_switch(set_config, monkeypatch):
     ours_available = torch_ext.cpu_capability() != "DEFAULT"
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
+    set_config(cpu_gemm="aten")
     assert torch_ext.cpu_gemm() == "aten"
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "ours")
+    set_config(cpu_gemm="ours")
     assert torch_ext.cpu_gemm() == ("ours" if ours_available else "aten")
     default = "ours" if ours_available and amd_cpu() else "aten"  # ours by default on AMD CPUs only
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "auto")
+    set_config(cpu_gemm="auto")
     assert torch_ext.cpu_gemm() == default
-    monkeypatch.delenv("TORCH_EXT_CPU_GEMM")
+    with pytest.raises(ValueError, match="cpu_gemm must be 'auto', 'ours' or 'aten', got 'mkl'"):
+        set_config(cpu_gemm="mkl")
+    assert torch_ext.get_config()["cpu_gemm"] == "auto"
+    # The environment is read once, at import: a change after it does nothing.
+    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "aten")
     assert torch_ext.cpu_gemm() == default
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", "mkl")
-    with pytest.raises(RuntimeError, match="TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'"):
-        torch_ext.cpu_gemm()
-    x, w, b = make_args((40, 8), 5)
-    with pytest.raises(RuntimeError, match="TORCH_EXT_CPU_GEMM"):
-        fused_linear(x, w, b)
+
+
+def test_gemm_switch_from_the_environment():
+    # TORCH_EXT_CPU_GEMM at import sets the config; a bad value raises, naming the variable, at
+    # the first call that reads it (not at import).
+    code = (
+        "import torch, torch_ext\n"
+        "assert torch_ext.get_config()['cpu_gemm'] == 'aten', torch_ext.get_config()\n"
+        "assert torch_ext.cpu_gemm() == 'aten'\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code, env={"TORCH_EXT_CPU_GEMM": "aten"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    code = (
+        "import torch, torch_ext\n"
+        "x, w = torch.randn(40, 8), torch.randn(5, 8)\n"
+        "for call in (torch_ext.cpu_gemm, torch_ext.get_config, lambda: torch_ext.fused_linear(x, w)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        "        assert \"TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'\" in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError('no error')\n"
+        "print('ok')\n"
+    )
+    proc = run_python(code, env={"TORCH_EXT_CPU_GEMM": "mkl"})
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
 
 
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])

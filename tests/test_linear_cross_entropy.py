@@ -271,10 +271,10 @@ def test_matches_reference(dtype, reduction, kind):
 @pytest.mark.parametrize("cpu_gemm", ["ours", "aten"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_matches_reference_on_each_cpu_gemm(monkeypatch, cpu_gemm, reduction, bias):
+def test_matches_reference_on_each_cpu_gemm(set_config, cpu_gemm, reduction, bias):
     # Chunks of 48 rows, hidden 40 and vocab 70: all three float32 GEMMs (logits, input rows,
     # weight-gradient accumulation) are large enough for torch_ext's CPU GEMM (32 rows or more).
-    monkeypatch.setenv("TORCH_EXT_CPU_GEMM", cpu_gemm)
+    set_config(cpu_gemm=cpu_gemm)
     assert torch_ext.cpu_gemm() == ("aten" if torch_ext.cpu_capability() == "DEFAULT" else cpu_gemm)
     lead, hidden, vocab = (3, 50), 40, 70
     x, w, b = make_args(lead, hidden, vocab, torch.float32, bias)

@@ -59,7 +59,7 @@ except ImportError as _error:
                 "`pip install --no-build-isolation --force-reinstall --no-deps <checkout>`.")
     raise ImportError(f"torch_ext: cannot load its compiled module torch_ext._C: {_why}") from None
 from . import _config
-from ._config import show_config
+from ._config import config, get_config, set_config, show_config
 from .cross_entropy import CrossEntropyFunction, CrossEntropyLoss, cross_entropy
 from .fuse import FuseReport, fuse
 from .linear_act import ACTIVATIONS, FusedLinear, FusedLinearFunction, fused_linear
@@ -105,7 +105,8 @@ def cpu_capability() -> str:
 def cpu_gemm() -> str:
     """Which GEMM float32 CPU products of 32 rows or more run on now: "ours" (torch_ext's AVX2 /
     AVX-512 kernel, the default on AMD CPUs, where it was measured faster than ATen's) or "aten".
-    TORCH_EXT_CPU_GEMM=ours|aten|auto (read per call) overrides the default.
+    ``set_config(cpu_gemm="ours" | "aten" | "auto")`` (or TORCH_EXT_CPU_GEMM, read at import)
+    overrides the default.
 
     Example::
 
@@ -117,7 +118,7 @@ def cpu_gemm() -> str:
 
 def empty_cache() -> int:
     """Return the CPU output buffers torch_ext keeps for reuse (large gradients and outputs
-    freed by PyTorch, up to TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB) to the system, like
+    freed by PyTorch, up to the config's cpu_cache_bytes, default 2 GiB) to the system, like
     torch.cuda.empty_cache(). Returns the bytes released.
 
     Example::
@@ -162,7 +163,10 @@ __all__ = [
     "cached_bytes",
     "cpu_capability",
     "cpu_gemm",
+    "config",
     "empty_cache",
+    "get_config",
+    "set_config",
     "show_config",
     "cross_entropy",
     "fuse",

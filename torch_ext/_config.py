@@ -1,6 +1,9 @@
-"""``torch_ext.show_config()`` / ``python -m torch_ext``: what was built and what runs now."""
+"""``torch_ext.show_config()`` / ``python -m torch_ext``: what was built and what runs now; and the
+run-time switches (``get_config`` / ``set_config`` / ``config``), held in one C++ object
+(csrc/runtime_config.h) that reads their environment variables once, at import."""
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -37,6 +40,84 @@ def _cuda_line(cfg: dict, compiled_with_cuda: bool) -> str:
     return f"not built: {cfg.get('cuda_why_not')}"
 
 
+# name -> (environment variable read at import, type, what it switches)
+CONFIG_ENTRIES = {
+    "cpu_gemm": ("TORCH_EXT_CPU_GEMM", str, "the float32 GEMM of CPU products of 32 rows or more: "
+                 "'auto' (ours on AMD CPUs, ATen's elsewhere), 'ours' or 'aten'"),
+    "panel_bytes": ("TORCH_EXT_PANEL_BYTES", int, "fused_linear's CPU panel size in bytes (tuning); 0: the default"),
+    "cublaslt": ("TORCH_EXT_CUBLASLT", bool, "whether CUDA dense layers may use cuBLASLt's fused epilogues "
+                 "(TORCH_EXT_CUBLASLT=0: off)"),
+    "cpu_cache_bytes": ("TORCH_EXT_CPU_CACHE_BYTES", int, "the bound on large CPU outputs kept for reuse "
+                        "(default 2 GiB; 0: no cache)"),
+}
+
+
+def get_config() -> dict:
+    """torch_ext's run-time switches and their current values: ``cpu_gemm``, ``panel_bytes``,
+    ``cublaslt``, ``cpu_cache_bytes``. Each starts from its environment variable
+    (``TORCH_EXT_CPU_GEMM``, ``TORCH_EXT_PANEL_BYTES``, ``TORCH_EXT_CUBLASLT``,
+    ``TORCH_EXT_CPU_CACHE_BYTES``), read once when torch_ext is imported; after that only
+    :func:`set_config` changes them.
+
+    Example::
+
+        >>> sorted(torch_ext.get_config())
+        ['cpu_cache_bytes', 'cpu_gemm', 'cublaslt', 'panel_bytes']
+    """
+    from . import _C
+
+    return _C._get_config()
+
+
+def set_config(**changes) -> dict:
+    """Change run-time switches (see :func:`get_config`); returns the previous values of those
+    changed, so that ``set_config(**previous)`` restores them. Takes effect at the next op call,
+    in every thread; lowering ``cpu_cache_bytes`` frees the cached blocks beyond it at once.
+
+    Example::
+
+        >>> previous = torch_ext.set_config(cpu_gemm="aten")
+        >>> torch_ext.cpu_gemm()
+        'aten'
+        >>> _ = torch_ext.set_config(**previous)
+    """
+    from . import _C
+
+    for name, value in changes.items():
+        if name not in CONFIG_ENTRIES:
+            raise TypeError(f"torch_ext.set_config: no switch named {name!r}; they are {', '.join(CONFIG_ENTRIES)}")
+        kind = CONFIG_ENTRIES[name][1]
+        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+            article = "an" if kind is int else "a"
+            raise TypeError(f"torch_ext.set_config: {name} must be {article} {kind.__name__}, got {value!r}")
+        if name == "cpu_gemm" and value not in ("auto", "ours", "aten"):
+            raise ValueError(f"torch_ext.set_config: cpu_gemm must be 'auto', 'ours' or 'aten', got {value!r}")
+        if kind is int and value < 0:
+            raise ValueError(f"torch_ext.set_config: {name} must be >= 0, got {value}")
+    current = get_config()
+    previous = {name: current[name] for name in changes}
+    for name, value in changes.items():
+        _C._set_config(name, value)
+    return previous
+
+
+@contextlib.contextmanager
+def config(**changes):
+    """A context manager: :func:`set_config` on entry, the previous values restored on exit.
+
+    Example::
+
+        >>> with torch_ext.config(cpu_gemm="aten"):
+        ...     torch_ext.cpu_gemm()
+        'aten'
+    """
+    previous = set_config(**changes)
+    try:
+        yield
+    finally:
+        set_config(**previous)
+
+
 def show_config() -> str:
     """One line per fact: torch_ext's version, the torch it was built against and the one
     running, whether the CUDA kernels were built (and why not), their archs, the CPU kernels'
@@ -71,7 +152,8 @@ def show_config() -> str:
         ("CUDA device", device),
         ("CPU capability", f"{_C.cpu_capability()} in use, of {', '.join(cfg.get('cpu_capabilities', ['?']))} "
                            "built (ATEN_CPU_CAPABILITY overrides)"),
-        ("CPU float32 GEMM", f"{_C.cpu_gemm()} (TORCH_EXT_CPU_GEMM=ours|aten|auto overrides)"),
+        ("CPU float32 GEMM", f"{_C.cpu_gemm()} (set_config(cpu_gemm=...) or TORCH_EXT_CPU_GEMM=ours|aten|auto)"),
+        ("run-time config", ", ".join(f"{k}={v}" for k, v in get_config().items())),
         ("C++ flags", " ".join(cfg["cxx_flags"]) if cfg else UNKNOWN),
         ("nvcc flags", " ".join(cfg.get("nvcc_flags") or ["-"]) if cfg else UNKNOWN),
         ("TORCH_EXT_CUDA at build", built("cuda_mode")),

@@ -19,16 +19,16 @@
 #include <ATen/ops/zeros.h>
 #include <torch/library.h>
 
-#include <cstdlib>
 #include <string_view>
 #include <vector>
 
 #include "activation.h"
 #include "checks.h"
-#include "cpu/allocator.h"
-#include "cpu/kernels.h"
+#include "cpu/runtime/allocator.h"
+#include "cpu/runtime/kernel_table.h"
 #include "dense_checks.h"
 #include "matmul.h"
+#include "runtime_config.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -46,13 +46,12 @@ Activation activation_from(c10::string_view name) {
 
 // Rows per panel: about kDefaultPanelBytes of input + output rows, but at least kMinPanelRows,
 // since every panel re-reads and re-writes grad_weight (N x K) in its accumulating GEMM, and
-// small GEMMs run below MKL's full rate. TORCH_EXT_PANEL_BYTES (read per call, for tuning and
-// tests) sets the panel size exactly, without the minimum.
+// small GEMMs run below MKL's full rate. The config's panel_bytes (csrc/runtime_config.h, for
+// tuning and tests) sets the panel size exactly, without the minimum.
 int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like) {
   if (like.scalar_type() == at::kBFloat16 || m == 0) return std::max<int64_t>(m, 1);
   const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
-  const char* env = std::getenv("TORCH_EXT_PANEL_BYTES");
-  const int64_t override_bytes = env ? std::atoll(env) : 0;
+  const int64_t override_bytes = runtime_config().panel_bytes.load(std::memory_order_relaxed);
   const int64_t rows = override_bytes > 0 ? std::max<int64_t>(1, override_bytes / row_bytes)
                                           : std::max(kMinPanelRows, kDefaultPanelBytes / row_bytes);
   return std::min(m, rows);

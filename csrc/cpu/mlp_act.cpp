@@ -12,8 +12,8 @@
 
 #include "activation.h"
 #include "checks.h"
-#include "cpu/allocator.h"
-#include "cpu/kernels.h"
+#include "cpu/runtime/allocator.h"
+#include "cpu/runtime/kernel_table.h"
 #include "dense_checks.h"
 #include "shapes.h"
 

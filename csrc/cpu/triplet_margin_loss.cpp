@@ -15,8 +15,8 @@
 #include <vector>
 
 #include "checks.h"
-#include "cpu/allocator.h"
-#include "cpu/kernels.h"
+#include "cpu/runtime/allocator.h"
+#include "cpu/runtime/kernel_table.h"
 #include "loss.h"
 #include "loss_checks.h"
 

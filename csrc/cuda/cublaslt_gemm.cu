@@ -20,6 +20,7 @@
 #include <utility>
 
 #include "cuda/cublaslt_gemm.h"
+#include "runtime_config.h"
 
 namespace torch_ext::cuda {
 namespace {
@@ -109,10 +110,7 @@ int64_t workspace_bytes(const Tensor& like) {
 
 }  // namespace
 
-bool cublaslt_enabled() {
-  const char* env = std::getenv("TORCH_EXT_CUBLASLT");
-  return env == nullptr || std::strcmp(env, "0") != 0;
-}
+bool cublaslt_enabled() { return runtime_config().cublaslt.load(std::memory_order_relaxed); }
 
 bool cublaslt_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;

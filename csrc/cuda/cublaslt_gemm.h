@@ -43,8 +43,9 @@ inline bool lt_epilogue_pointers_aligned(const LtEpilogueArgs& e) {
   return aligned(e.bias) && aligned(e.aux) && aligned(e.bias_grad);
 }
 
-// Whether cuBLASLt may be used at all: TORCH_EXT_CUBLASLT=0 turns it off (read per call, for
-// diagnosis and for the tests that compare both paths); the default is on.
+// Whether cuBLASLt may be used at all: the config's cublaslt (csrc/runtime_config.h;
+// TORCH_EXT_CUBLASLT=0 or torch_ext.set_config(cublaslt=False) turn it off, for diagnosis and for
+// the tests that compare both paths); the default is on.
 bool cublaslt_enabled();
 
 // Whether lt_gemm takes this dtype: float16, bfloat16, float32 (float64 goes through ATen).

@@ -15,7 +15,7 @@
 // cuBLASLt's DRELU_BGRAD / DGELU_BGRAD epilogues apply an activation's gradient to the output of
 // a GEMM, i.e. they belong to the grad-input GEMM of the layer *after* this one; linear_act_bwd
 // receives grad_output already formed, so its activation gradient is the pass above.
-// TORCH_EXT_CUBLASLT=0 turns the cuBLASLt paths off (ATen GEMMs + own passes, as on CPU).
+// The config's cublaslt = false turns the cuBLASLt paths off (ATen GEMMs + own passes, as on CPU).
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>

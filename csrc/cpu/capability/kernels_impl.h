@@ -9,13 +9,13 @@
 #error "CPU_CAPABILITY must be defined by the build (see setup.py)"
 #endif
 
-#include "cpu/kernels.h"
 #include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/gemm.h"
 #include "cpu/kernels/linear_act.h"
 #include "cpu/kernels/mlp_act.h"
 #include "cpu/kernels/regression_loss.h"
 #include "cpu/kernels/triplet_margin_loss.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 

@@ -46,8 +46,8 @@
 #include <type_traits>
 #include <vector>
 
-#include "cpu/kernels.h"
 #include "cpu/kernels/common.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 namespace cross_entropy_impl {

@@ -5,7 +5,7 @@
 // Why a GEMM of our own: on the development machine (AMD EPYC, 2 cores, AVX-512) ATen's float32
 // GEMM (MKL's sgemm) runs the dense layer's GEMMs well below the cores' measured FMA peak, and the
 // dense layer's goal asks for more than ATen's three GEMMs leave. This one runs them faster
-// (benchmarks/bench_cpu_gemm.py; docs/cpu.md has the figures; csrc/cpu/gemm.h says where it is
+// (benchmarks/bench_cpu_gemm.py; docs/cpu.md has the figures; csrc/cpu/runtime/gemm.h says where it is
 // used, on which CPUs, and how to turn it off).
 //
 // Layout (BLIS-like, simplified):
@@ -31,7 +31,7 @@
 #include <memory>
 #include <vector>
 
-#include "cpu/kernels.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 

@@ -11,8 +11,8 @@
 #include <cstring>
 
 #include "activation.h"
-#include "cpu/kernels.h"
 #include "cpu/kernels/common.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 

@@ -10,9 +10,9 @@
 #include <algorithm>
 
 #include "activation.h"
-#include "cpu/kernels.h"
 #include "cpu/kernels/common.h"
 #include "cpu/kernels/linear_act.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 

@@ -16,8 +16,8 @@
 #include <cmath>
 #include <type_traits>
 
-#include "cpu/kernels.h"
 #include "cpu/kernels/common.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 namespace triplet_impl {

@@ -1,5 +1,7 @@
 // See allocator.h.
-#include "cpu/allocator.h"
+#include "cpu/runtime/allocator.h"
+
+#include "runtime_config.h"
 
 #include <ATen/EmptyTensor.h>
 #include <ATen/ops/empty.h>
@@ -19,10 +21,8 @@ namespace {
 
 constexpr size_t kHugePage = size_t(2) << 20;
 
-size_t cache_limit_from_env() {
-  const char* env = std::getenv("TORCH_EXT_CPU_CACHE_BYTES");
-  return env ? size_t(std::strtoull(env, nullptr, 10)) : (size_t(2) << 30);
-}
+// The bound on cached bytes: the config's cpu_cache_bytes, read at each release.
+size_t cache_limit() { return size_t(runtime_config().cpu_cache_bytes.load(std::memory_order_relaxed)); }
 
 struct Block {
   void* ptr;
@@ -69,19 +69,30 @@ class BlockCache {
     std::deque<Block> evicted;
     {
       std::lock_guard<std::mutex> lock(mutex_);
-      if (block.capacity > limit_) {
+      const size_t limit = cache_limit();
+      if (block.capacity > limit) {
         evicted.push_back(block);
       } else {
         free_.push_back(block);
         cached_ += block.capacity;
-        while (cached_ > limit_) {  // evict the least recently freed
-          cached_ -= free_.front().capacity;
-          evicted.push_back(free_.front());
-          free_.pop_front();
-        }
+        evict_beyond(limit, evicted);
       }
     }
     for (const Block& b : evicted) std::free(b.ptr);
+  }
+
+  // Frees the blocks beyond the current limit (after the config lowered it); returns their bytes.
+  size_t trim() {
+    std::deque<Block> evicted;
+    size_t bytes = 0;
+    {
+      std::lock_guard<std::mutex> lock(mutex_);
+      const size_t before = cached_;
+      evict_beyond(cache_limit(), evicted);
+      bytes = before - cached_;
+    }
+    for (const Block& b : evicted) std::free(b.ptr);
+    return bytes;
   }
 
   size_t clear() {
@@ -103,21 +114,23 @@ class BlockCache {
   }
 
  private:
+  // With mutex_ held: moves the least recently freed blocks to `evicted` until cached_ <= limit.
+  void evict_beyond(size_t limit, std::deque<Block>& evicted) {
+    while (cached_ > limit) {
+      cached_ -= free_.front().capacity;
+      evicted.push_back(free_.front());
+      free_.pop_front();
+    }
+  }
+
   std::mutex mutex_;
   std::deque<Block> free_;
   size_t cached_ = 0;
-  const size_t limit_ = cache_limit_from_env();
 };
 
 BlockCache& cache() {
   static BlockCache* instance = new BlockCache();
   return *instance;
-}
-
-void release_block(void* ctx) {
-  Block* block = static_cast<Block*>(ctx);
-  cache().give_back(*block);
-  delete block;
 }
 
 // Both allocators below: requests under `min_bytes` (e.g. a storage resized to small) go to
@@ -208,5 +221,7 @@ at::Tensor empty_cpu_output(at::IntArrayRef sizes, const at::TensorOptions& opti
 size_t empty_cache() { return cache().clear(); }
 
 size_t cached_bytes() { return cache().cached(); }
+
+size_t trim_cache() { return cache().trim(); }
 
 }  // namespace torch_ext::cpu

@@ -11,10 +11,10 @@
 // an 8 MiB one the same time. So outputs of kCachedOutputMinBytes or more
 //   - are 2 MiB-aligned with MADV_HUGEPAGE (transparent huge pages: 512x fewer faults), as
 //     PyTorch's own allocator does for all tensors when THP_MEM_ALLOC_ENABLE=1 is set, and
-//   - are kept when freed, up to a bounded total (TORCH_EXT_CPU_CACHE_BYTES, default 2 GiB;
-//     0 disables), and handed to the next request of about the same size: a training loop
-//     reuses the same gradient buffers each step, as PyTorch's CUDA caching allocator does.
-//     torch_ext.empty_cache() returns them to the system.
+//   - are kept when freed, up to a bounded total (the config's cpu_cache_bytes, csrc/runtime_config.h:
+//     TORCH_EXT_CPU_CACHE_BYTES or torch_ext.set_config; default 2 GiB, 0 disables), and handed to the next request of
+//     about the same size: a training loop reuses the same gradient buffers each step, as PyTorch's CUDA caching
+//     allocator does. torch_ext.empty_cache() returns them to the system.
 // Smaller outputs get at::empty's, as every ATen tensor does: glibc reuses them without faults,
 // and a block freed there can serve PyTorch's next tensor. (A cache of smaller blocks kept them
 // from PyTorch: a Transformer encoder's fused feed-forward activations, 8 MiB each, raised its
@@ -49,5 +49,9 @@ size_t empty_cache();
 
 // Bytes held in cached (free) blocks.
 size_t cached_bytes();
+
+// Frees the cached blocks beyond the config's cpu_cache_bytes (after torch_ext.set_config lowered
+// it); returns the bytes released.
+size_t trim_cache();
 
 }  // namespace torch_ext::cpu

@@ -1,7 +1,7 @@
 // Picks the CPU kernel table for this machine, once, the way ATen picks its own kernels.
 #include <ATen/Version.h>
 
-#include "cpu/kernels.h"
+#include "cpu/runtime/kernel_table.h"
 
 namespace torch_ext::cpu {
 

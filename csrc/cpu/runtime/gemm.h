@@ -2,7 +2,8 @@
 // other product on ATen). Float32 products of 32 rows or more run on it
 // (csrc/cpu/kernels/gemm.h; AVX2 and AVX-512 builds, following ATEN_CPU_CAPABILITY like the other
 // kernels) on AMD CPUs, where it was measured faster than ATen's; everything else runs ATen's.
-// TORCH_EXT_CPU_GEMM (read per call) = ours | aten | auto (the default) overrides the choice.
+// The config's cpu_gemm (csrc/runtime_config.h; TORCH_EXT_CPU_GEMM, torch_ext.set_config) = ours |
+// aten | auto (the default) overrides the choice.
 //
 // This departs from DESIGN.md ("we do not write our own CPU GEMM"): on the development machine
 // (AMD EPYC, 2 cores) ATen's float32 GEMM (MKL's sgemm) runs well below the FMA peak, and the

@@ -1,17 +1,16 @@
-#include "cpu/gemm.h"
+#include "cpu/runtime/gemm.h"
 
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
 
-#include <cstdlib>
 #include <cstring>
-#include <string_view>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
 
-#include "cpu/kernels.h"
+#include "cpu/runtime/kernel_table.h"
+#include "runtime_config.h"
 
 namespace torch_ext::cpu {
 
@@ -39,17 +38,16 @@ bool amd_cpu() {
   return amd;
 }
 
-// TORCH_EXT_CPU_GEMM (read per call): "ours", "aten", or "auto" / unset: ours on AMD CPUs, where
-// it was measured faster than ATen's (MKL's) float32 GEMM, ATen's elsewhere (on Intel CPUs MKL
-// is tuned for, ours has not been measured).
+// The config's cpu_gemm (csrc/runtime_config.h): "ours", "aten", or "auto": ours on AMD CPUs,
+// where it was measured faster than ATen's (MKL's) float32 GEMM, ATen's elsewhere (on Intel CPUs
+// MKL is tuned for, ours has not been measured).
 bool own_float32_gemm() {
   if (cpu_kernels().gemm_f32 == nullptr) return false;
-  const char* env = std::getenv("TORCH_EXT_CPU_GEMM");
-  const std::string_view choice = env == nullptr ? "auto" : env;
-  if (choice == "ours") return true;
-  if (choice == "aten") return false;
-  TORCH_CHECK(choice == "auto" || choice.empty(), "TORCH_EXT_CPU_GEMM must be auto, ours or aten; got '", choice, "'");
-  return amd_cpu();
+  switch (runtime_config().gemm()) {
+    case CpuGemm::Ours: return true;
+    case CpuGemm::Aten: return false;
+    default: return amd_cpu();
+  }
 }
 
 }  // namespace
