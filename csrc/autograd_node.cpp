@@ -205,9 +205,19 @@ bool any_of(const std::array<bool, K>& mask) {
   return false;
 }
 
-// The gradients a loss's forward formed, for the node: those `mask` asked for, the others None.
+// Which of the `wanted` gradients a loss's forward forms: all of them for reductions mean and sum;
+// none for reduction none, whose node calls the backward op with the rows' gradients instead (a
+// gradient formed for grad_loss = 1 is one for a loss of one value).
+template <size_t K>
+std::array<bool, K> formed_in_forward(const std::array<bool, K>& wanted, c10::string_view reduction) {
+  return reduction == "none" ? std::array<bool, K>{} : wanted;
+}
+
+// The gradients a loss's forward formed, for the node: those `mask` asked for, the others None;
+// none at all (a forward/backward pair node) when the mask asked for none.
 template <size_t K>
 std::vector<at::Tensor> masked(std::array<at::Tensor, K> grads, const std::array<bool, K>& mask) {
+  if (!any_of(mask)) return {};
   std::vector<at::Tensor> result(K);
   for (size_t i = 0; i < K; ++i)
     if (mask[i]) result[i] = std::move(grads[i]);
@@ -234,18 +244,19 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                                       c10::string_view, double, double, std::array<bool, 2>, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   // The input's gradient only: the Python layer takes another path when a target requires grad.
-  const std::array<bool, 2> mask = {takes_grad(input), false};
+  const std::array<bool, 2> wanted = {takes_grad(input), false};
+  const std::array<bool, 2> mask = formed_in_forward(wanted, reduction);
   at::Tensor loss, stats, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
     std::tie(loss, stats, grad_input, grad_target) = forward.call(
         input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap, ignored_row_stats);
   }
-  if (!any_of(mask)) return {loss, stats};
+  if (!any_of(wanted)) return {loss, stats};
   set_node_history(loss, {"CrossEntropyBackward",
                           backward,
                           {input, target},
-                          {mask[0], mask[1]},
+                          {wanted[0], wanted[1]},
                           masked<2>({grad_input, grad_target}, mask),
                           {input, target, weight.value_or(at::Tensor()), stats},
                           -1,
@@ -264,17 +275,18 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
                                       const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
                                       c10::string_view, double, c10::string_view, std::array<bool, 2>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
-  const std::array<bool, 2> mask = {takes_grad(input), takes_grad(target)};
+  const std::array<bool, 2> wanted = {takes_grad(input), takes_grad(target)};
+  const std::array<bool, 2> mask = formed_in_forward(wanted, reduction);
   at::Tensor value, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
     std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
   }
-  if (!any_of(mask)) return value;
+  if (!any_of(wanted)) return value;
   set_node_history(value, {"RegressionLossBackward",
                            backward,
                            {input, target},
-                           {mask[0], mask[1]},
+                           {wanted[0], wanted[1]},
                            masked<2>({grad_input, grad_target}, mask),
                            {input, target, weight.value_or(at::Tensor())},
                            -1,
@@ -324,7 +336,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
   static const auto backward =
       c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_cross_entropy_bwd", "");
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
-  const std::array<bool, 3> mask = {takes_grad(input), takes_grad(linear_weight), takes_grad(bias)};
+  const std::array<bool, 3> wanted = {takes_grad(input), takes_grad(linear_weight), takes_grad(bias)};
+  const std::array<bool, 3> mask = formed_in_forward(wanted, reduction);
   at::Tensor loss, grad_input, grad_weight, grad_bias, stats;
   {
     BelowAutograd below_autograd;
@@ -332,11 +345,11 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
         forward.call(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
                      z_loss, chunk_size, mask, softcap, ignored_row_stats);
   }
-  if (!any_of(mask)) return {loss, stats};
+  if (!any_of(wanted)) return {loss, stats};
   set_node_history(loss, {"LinearCrossEntropyBackward",
                           backward,
                           {input, linear_weight, bias},
-                          {mask[0], mask[1], mask[2]},
+                          {wanted[0], wanted[1], wanted[2]},
                           masked<3>({grad_input, grad_weight, grad_bias}, mask),
                           {input, linear_weight, bias, target, weight.value_or(at::Tensor())},
                           -1,

@@ -1028,15 +1028,15 @@ def test_fwd_grad_mask_op_gives_the_gradients_it_did_not_form_through_the_backwa
 
 
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
-    """The gradient-in-forward path (a C++ node, csrc/autograd_node.h): input requiring grad,
-    reduction mean/sum, target not requiring grad, grad mode on; otherwise the forward/backward
-    pair (the Python autograd.Function) or no graph at all."""
+    """The eager C++ node (csrc/autograd_node.h): input requiring grad, target not requiring grad,
+    grad mode on (reductions mean/sum: the gradient formed in forward; none: the node calls the
+    backward op); a target requiring grad: the Python autograd.Function; else no graph at all."""
     monkeypatch.setattr(sys.modules["torch_ext.cross_entropy"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
     x = leaf(make_input((4, 6)))
     t = class_target(x.shape, 6)
     assert cross_entropy(x, t).grad_fn.name() == "CrossEntropyBackward"
     assert cross_entropy(x, t, reduction="sum").grad_fn.name() == "CrossEntropyBackward"
-    assert cross_entropy(x, t, reduction="none").grad_fn.name() == "CrossEntropyFunctionBackward"
+    assert cross_entropy(x, t, reduction="none").grad_fn.name() == "CrossEntropyBackward"
     assert cross_entropy(x, leaf(prob_target(x.shape))).grad_fn.name() == "CrossEntropyFunctionBackward"
     assert cross_entropy(x.detach(), t).grad_fn is None
     with torch.no_grad():

@@ -886,8 +886,9 @@ def test_fwd_grad_mask_op_is_differentiable_directly():
 
 
 def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
-    """The gradient-in-forward path (a C++ node, csrc/autograd_node.h) for reductions mean and
-    sum when input or target requires grad; otherwise the Python autograd.Function or no graph."""
+    """The eager C++ node (csrc/autograd_node.h) when input or target requires grad (reductions
+    mean and sum: the gradients formed in forward; none: the node calls the backward op);
+    otherwise no graph."""
     monkeypatch.setattr(sys.modules["torch_ext.regression_loss"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
     x, t = make_pair((4, 6))
     xl, tl = leaf(x), leaf(t)
@@ -898,7 +899,7 @@ def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
     tr = leaf(t)
     F.huber_loss(x, tr, reduction="sum").backward()
     assert_close(tl.grad, tr.grad)
-    assert torch_ext.mse_loss(xl, t, reduction="none").grad_fn.name() == "RegressionLossFunctionBackward"
+    assert torch_ext.mse_loss(xl, t, reduction="none").grad_fn.name() == "RegressionLossBackward"
     assert torch_ext.mse_loss(x, t).grad_fn is None
     with torch.no_grad():
         assert torch_ext.mse_loss(xl, t).grad_fn is None

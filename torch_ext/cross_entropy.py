@@ -35,8 +35,9 @@ from ._common import (
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
 
-# Device types whose eager path forms the input's gradient in the forward kernel (reductions mean
-# and sum; see _C._cross_entropy_eager): all that have the kernels.
+# Device types whose eager training path is the C++ node of _C._cross_entropy_eager, which forms the
+# input's gradient in the forward kernel (reductions mean and sum; reduction none: the node calls
+# the backward op): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 
@@ -261,11 +262,9 @@ def check_accuracy_target(op: str, target: Tensor, return_accuracy: bool) -> Non
                          f"floating-point target of class probabilities")
 
 
-def _grad_in_forward(input: Tensor, target: Tensor, reduction: str) -> bool:
-    return (
-        input.device.type in GRAD_IN_FORWARD_DEVICES
-        and reduction != "none"
-        and forms_grad_in_forward(input.requires_grad and not target.requires_grad)
+def _grad_in_forward(input: Tensor, target: Tensor) -> bool:
+    return input.device.type in GRAD_IN_FORWARD_DEVICES and forms_grad_in_forward(
+        input.requires_grad and not target.requires_grad
     )
 
 
@@ -354,7 +353,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
-    if _grad_in_forward(input, target, reduction) or eager_without_autograd(input, target):
+    if _grad_in_forward(input, target) or eager_without_autograd(input, target):
         return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats)
     if not needs_autograd(input, target):  # compiled
         out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats)

@@ -34,8 +34,9 @@ from ._common import (
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_bwd.default)
 
-# Device types whose eager path forms the gradients in the forward kernel (reductions mean and
-# sum; see _C._regression_loss_eager): all that have the kernels.
+# Device types whose eager training path is the C++ node of _C._regression_loss_eager, which forms
+# the gradients in the forward kernel (reductions mean and sum; reduction none: the node calls the
+# backward op): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
 
 LOSSES = ("mse", "huber", "smooth_l1")
@@ -186,11 +187,10 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
     args = (input, target, weight, loss, float(param), reduction)
     if (
         input.device.type in GRAD_IN_FORWARD_DEVICES
-        and reduction != "none"
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ) or eager_without_autograd(input, target, weight):
-        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h);
-        # without autograd, the forward op alone.
+        # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h;
+        # reduction none: the node calls the backward op); without autograd, the forward op alone.
         out = _C._regression_loss_eager(*args)
     elif not needs_autograd(input, target, weight):  # compiled
         out = _fwd_op(*args, NO_GRADS)[0]
