@@ -5,8 +5,9 @@
 #   1. build torch_ext in place for the local GPU (TORCH_EXT_CUDA=1, MAX_JOBS = nproc, the GPU's
 #      arch only; nothing is installed or downloaded);
 #   2. import it and run one op on the GPU;
-#   3. the CUDA tests: tests/test_cuda.py with TORCH_EXT_TEST_DEVICES=cuda (its CPU cases ran in
-#      CI), each test under a timeout when pytest-timeout is installed (the GPU image has it);
+#   3. the CUDA tests: tests/test_common.py (the checks every op gets on every device) and
+#      tests/test_cuda.py with TORCH_EXT_TEST_DEVICES=cuda (their CPU cases ran in CI), each
+#      test under a timeout when pytest-timeout is installed (the GPU image has it);
 #   4. the bfloat16 goal benchmarks without torch.compile: ours against eager and
 #      the floors, the headline figures;
 #   5. the same goals with torch.compile, one op at a time (most wanted first) while time is left.
@@ -209,7 +210,7 @@ if torch.cuda.is_available():
 step import 60 "$PY" -c "$IMPORT_CHECK" || finish
 
 # ---- 3. tests --------------------------------------------------------------------------------
-PYTEST=(env TORCH_EXT_TEST_DEVICES=cuda "$PY" -m pytest "$REPO/tests/test_cuda.py" -p no:cacheprovider
+PYTEST=(env TORCH_EXT_TEST_DEVICES=cuda "$PY" -m pytest "$REPO/tests/test_common.py" "$REPO/tests/test_cuda.py" -p no:cacheprovider
         --rootdir "$REPO" -o faulthandler_timeout=120)
 if [ "$DRY_RUN" = 1 ]; then
   NOTE="collection only" step tests 120 "${PYTEST[@]}" --collect-only -q

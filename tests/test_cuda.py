@@ -7,13 +7,12 @@ function, at the dtypes, layouts and sizes where a GPU kernel differs from a CPU
 non-contiguous inputs, stride-0 gradients, rows > 65535, C > 65536, N x C > 2**31 elements,
 determinism, and bad input that must be a Python error rather than a device-side assert.
 
-TORCH_EXT_TEST_DEVICES (default "cpu,cuda") picks the devices of the device-parametrized tests:
-scripts/gpu_check.sh sets it to "cuda", so a GPU's time goes to the CUDA cases only (`-k cuda`
-would select every test of this file, whose name holds "cuda").
+TORCH_EXT_TEST_DEVICES (default "cpu,cuda"; tests/devices.py) picks the devices of the
+device-parametrized tests: scripts/gpu_check.sh sets it to "cuda", so a GPU's time goes to the
+CUDA cases only (`-k cuda` would select every test of this file, whose name holds "cuda").
 """
 from __future__ import annotations
 
-import os
 import warnings
 
 import pytest
@@ -21,30 +20,8 @@ import torch
 import torch.nn.functional as F
 
 import torch_ext
+from devices import DEVICES, cuda_only, dtypes_for
 from utils import assert_close
-
-HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
-    "torch_ext::cross_entropy_fwd", "CUDA"
-)
-_ALL_DEVICES = {
-    "cpu": "cpu",
-    "cuda": pytest.param(
-        "cuda",
-        marks=pytest.mark.skipif(
-            not HAS_CUDA,
-            reason="no CUDA GPU, or torch_ext built without CUDA kernels (TORCH_EXT_CUDA=1 on a CUDA build of torch)",
-        ),
-    ),
-}
-_chosen = [d.strip() for d in os.environ.get("TORCH_EXT_TEST_DEVICES", "cpu,cuda").split(",") if d.strip()]
-if not _chosen or set(_chosen) - set(_ALL_DEVICES):
-    raise ValueError(f"TORCH_EXT_TEST_DEVICES must list cpu and/or cuda, comma-separated; got {_chosen}")
-DEVICES = [_ALL_DEVICES[d] for d in _chosen]
-cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_ext's CUDA kernels")
-
-
-def dtypes_for(device):
-    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
 
 
 def ref_dtype(dtype):

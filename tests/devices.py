@@ -1,0 +1,38 @@
+"""The devices the device-generic tests run on, shared by test_common.py and test_cuda.py.
+
+"cpu" always runs; "cuda" is skipped with a reason where no GPU (or no CUDA build of torch_ext)
+is present. TORCH_EXT_TEST_DEVICES (default "cpu,cuda") picks them: scripts/gpu_check.sh sets it
+to "cuda", so a GPU's time goes to the CUDA cases only.
+"""
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+
+import torch_ext  # noqa: F401  (registers the ops the check below asks about)
+
+HAS_CUDA = torch.cuda.is_available() and torch._C._dispatch_has_kernel_for_dispatch_key(
+    "torch_ext::cross_entropy_fwd", "CUDA"
+)
+_ALL_DEVICES = {
+    "cpu": "cpu",
+    "cuda": pytest.param(
+        "cuda",
+        marks=pytest.mark.skipif(
+            not HAS_CUDA,
+            reason="no CUDA GPU, or torch_ext built without CUDA kernels (TORCH_EXT_CUDA=1 on a CUDA build of torch)",
+        ),
+    ),
+}
+_chosen = [d.strip() for d in os.environ.get("TORCH_EXT_TEST_DEVICES", "cpu,cuda").split(",") if d.strip()]
+if not _chosen or set(_chosen) - set(_ALL_DEVICES):
+    raise ValueError(f"TORCH_EXT_TEST_DEVICES must list cpu and/or cuda, comma-separated; got {_chosen}")
+DEVICES = [_ALL_DEVICES[d] for d in _chosen]
+cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_ext's CUDA kernels")
+
+
+def dtypes_for(device):
+    """The floating dtypes the ops take on `device`: float16 on CUDA only (CPU refuses it)."""
+    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])

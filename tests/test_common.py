@@ -1,0 +1,181 @@
+"""What every op must do, checked once for all of them, on every device (tests/devices.py).
+
+Over the samples of tests/op_samples.py (each public op, several shapes and options): the
+result and gradients match PyTorch's own ops in every dtype the device takes; gradcheck in
+float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call;
+torch.compile (fullgraph) matches eager; a retained graph's second backward gives the same
+gradients; non-contiguous inputs; torch.autocast gives PyTorch's dtypes and values; double
+backward raises a clear error. When a GPU is present, every check runs on it too.
+"""
+from __future__ import annotations
+
+import pytest
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_map
+
+from devices import DEVICES, dtypes_for
+from op_samples import CASES, FIRST_CASES, sample
+from utils import assert_close, reference_dtype, tolerance
+
+ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
+AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+
+
+def _case_id(case):
+    return "/".join(case)
+
+
+def _differentiable(inputs):
+    return [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+
+
+def _forward_backward(fn, inputs, grad_output=None, **grad_kwargs):
+    """fn's output and the gradients of its floating inputs for grad_output (default: a seeded
+    random one, of the output's dtype)."""
+    leaves = _differentiable(inputs)
+    out = fn(*leaves)
+    if grad_output is None:
+        grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
+    wrt = [t for t in leaves if t.requires_grad]
+    return out, torch.autograd.grad(out, wrt, grad_output, **grad_kwargs), grad_output
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
+@pytest.mark.parametrize("device", DEVICES)
+def test_matches_pytorch(device, dtype, case):
+    if dtype not in dtypes_for(device):
+        pytest.skip(f"{device} takes no {dtype}")
+    s = sample(*case, device, dtype)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs)
+    assert out.dtype == s.reference(*s.inputs).dtype, "the result's dtype differs from PyTorch's"
+    up = [t.to(reference_dtype(dtype)) if t.is_floating_point() else t for t in s.inputs]
+    ref, ref_grads, _ = _forward_backward(s.reference, up, grad_output.to(reference_dtype(dtype)))
+    assert_close(out, ref, dtype=dtype, check_dtype=False, msg="result")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == dtype, f"gradient {i}: dtype {g.dtype}"
+        assert_close(g, r, dtype=dtype, check_dtype=False, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_gradcheck(device, case):
+    s = sample(*case, device, torch.float64)
+    assert torch.autograd.gradcheck(s.fn, _differentiable(s.inputs))
+
+
+class _RecordOps(TorchDispatchMode):
+    """Records every torch_ext op called (with copies of its arguments, taken before the call:
+    an in-place op changes them)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.namespace == "torch_ext":
+            copy = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            self.calls.append((func, tree_map(copy, args), tree_map(copy, kwargs)))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op_called(device, case):
+    # The ops a sample's eager forward and backward call, each through torch.library.opcheck
+    # (schema, fake kernel, autograd registration, aot_dispatch), a forward op with its floating
+    # inputs requiring grad.
+    s = sample(*case, device, torch.float32)
+    recorder = _RecordOps()
+    with recorder:
+        _forward_backward(s.fn, s.inputs)
+    assert recorder.calls, "the sample called no torch_ext op"
+    for func, args, kwargs in recorder.calls:
+        if func.name().endswith("_fwd"):
+            args = tree_map(
+                lambda v: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, args
+            )
+        torch.library.opcheck(func, args, kwargs)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_compile_matches_eager(dynamo_reset, device, case):
+    s = sample(*case, device, torch.float32)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs)
+    compiled = torch.compile(s.fn, backend="aot_eager", fullgraph=True)
+    c_out, c_grads, _ = _forward_backward(compiled, s.inputs, grad_output)
+    assert_close(c_out, out, msg="result")
+    for i, (c, g) in enumerate(zip(c_grads, grads)):
+        assert_close(c, g, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_retain_graph_backward_twice(device, case):
+    s = sample(*case, device, torch.float32)
+    leaves = _differentiable(s.inputs)
+    out = s.fn(*leaves)
+    wrt = [t for t in leaves if t.requires_grad]
+    grad_output = torch.full_like(out, 0.5)
+    first = torch.autograd.grad(out, wrt, grad_output, retain_graph=True)
+    second = torch.autograd.grad(out, wrt, grad_output)
+    for i, (a, b) in enumerate(zip(first, second)):
+        assert torch.equal(a, b), f"gradient {i} differs in the second backward"
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_double_backward_raises(device, case):
+    # The gradients (create_graph=True) can be used, but differentiating them again raises.
+    s = sample(*case, device, torch.float32)
+    leaves = _differentiable(s.inputs)
+    wrt = [t for t in leaves if t.requires_grad]
+    grads = torch.autograd.grad(s.fn(*leaves).sum(), wrt, create_graph=True)
+    assert all(g.requires_grad for g in grads)
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+
+
+def _non_contiguous(t):
+    """The same values in a layout that is not contiguous (a transposed copy, or every other
+    element of a wider tensor)."""
+    if not t.is_floating_point():
+        return t
+    if t.dim() >= 2:
+        return t.mT.contiguous().mT
+    return torch.stack([t, torch.zeros_like(t)], -1)[..., 0]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_non_contiguous_inputs(device, case):
+    s = sample(*case, device, torch.float32)
+    strided = [_non_contiguous(t) for t in s.inputs]
+    assert not any(t.is_contiguous() for t in strided if t.is_floating_point() and t.numel() > 1)
+    out, grads, grad_output = _forward_backward(s.fn, strided)
+    ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output)
+    assert_close(out, ref, msg="result")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert_close(g, r, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast(device, case):
+    # Under torch.autocast the result has the dtype PyTorch's ops give there (the dense layers the
+    # low precision, the losses float32), with values and float32 gradients within that
+    # precision's tolerance of PyTorch's under the same autocast.
+    dtype = AUTOCAST_DTYPE[device]
+    s = sample(*case, device, torch.float32)
+    with torch.autocast(device, dtype=dtype):
+        out, grads, grad_output = _forward_backward(s.fn, s.inputs)
+        ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output)
+    assert out.dtype == ref.dtype, f"dtype {out.dtype} under autocast, PyTorch's {ref.dtype}"
+    rtol, atol = tolerance(dtype)
+    assert_close(out, ref, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg="result")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == r.dtype == torch.float32
+        assert_close(g, r, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient {i}")
