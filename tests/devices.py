@@ -36,3 +36,16 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_
 def dtypes_for(device):
     """The floating dtypes the ops take on `device`: float16 on CUDA only (CPU refuses it)."""
     return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+
+
+def _device_dtypes():
+    params = []
+    for device in DEVICES:
+        name, marks = (device, ()) if isinstance(device, str) else (device.values[0], device.marks)
+        for dtype in dtypes_for(name):
+            params.append(pytest.param(name, dtype, marks=marks, id=f"{name}-{str(dtype).removeprefix('torch.')}"))
+    return params
+
+
+# (device, dtype) for every dtype each device takes: parametrize("device,dtype", DEVICE_DTYPES).
+DEVICE_DTYPES = _device_dtypes()

@@ -8,8 +8,8 @@ its saved-memory figures); what every op must do is checked once, here, on every
 from __future__ import annotations
 
 import zlib
-from dataclasses import dataclass, field
-from typing import Callable, Dict, List
+from dataclasses import dataclass
+from typing import Callable, FrozenSet, List
 
 import torch
 import torch.nn.functional as F
@@ -22,8 +22,8 @@ from utils import act_fn
 class Sample:
     fn: Callable  # torch_ext's call: fn(*inputs) -> one tensor
     reference: Callable  # PyTorch's: reference(*inputs) -> the same
-    inputs: List[torch.Tensor]  # floating ones are differentiable, the others (class indices) are not
-    extra: Dict[str, object] = field(default_factory=dict)
+    inputs: List[torch.Tensor]  # floating ones are differentiable, except those in `fixed`
+    fixed: FrozenSet[int] = frozenset()  # indices of floating inputs not differentiated (class weights)
 
 
 def _rand(gen, *shape):
@@ -34,7 +34,7 @@ def _to(tensors, device, dtype):
     return [t.to(device=device, dtype=dtype) if t.is_floating_point() else t.to(device) for t in tensors]
 
 
-# Each maker: (generator) -> (fn, reference, CPU float64 inputs). Smooth activations only: a
+# Each maker: (generator) -> (fn, reference, CPU float64 inputs[, fixed]). Smooth activations only: a
 # relu kink flips with rounding, which the dense families' own tests handle.
 def _dense(activation, shape, bias=True):
     def make(gen):
@@ -75,7 +75,7 @@ def _mlp(activation, gated):
     return make
 
 
-def _cross_entropy(shape, probabilities=False, **options):
+def _cross_entropy(shape, probabilities=False, weighted=False, **options):
     def make(gen):
         x = _rand(gen, *shape) * 2
         c = shape[1] if len(shape) > 1 else shape[0]
@@ -88,17 +88,19 @@ def _cross_entropy(shape, probabilities=False, **options):
         ours_options = dict(options)
         z_loss = ours_options.pop("z_loss", 0.0)
 
-        def ours(x, t):
-            return torch_ext.cross_entropy(x, t, z_loss=z_loss, **ours_options)
+        def ours(x, t, *w):
+            return torch_ext.cross_entropy(x, t, *w, z_loss=z_loss, **ours_options)
 
-        def ref(x, t):
-            loss = F.cross_entropy(x, t, **ours_options)
+        def ref(x, t, *w):
+            loss = F.cross_entropy(x, t, *w, **ours_options)
             if z_loss:  # z_loss * logsumexp^2 per row, reduced like the loss (no weights, nothing ignored)
                 lse = torch.logsumexp(x, 1 if x.dim() > 1 else 0)
                 loss = loss + z_loss * (lse.square().mean() if options.get("reduction", "mean") == "mean" else
                                         lse.square().sum())
             return loss
 
+        if weighted:
+            return ours, ref, [x, t, torch.rand(c, generator=gen) + 0.5], frozenset({2})
         return ours, ref, [x, t]
 
     return make
@@ -135,24 +137,29 @@ def _triplet(reduction, swap=False, p=2.0):
     return make
 
 
-def _linear_cross_entropy(reduction, bias=True, **options):
+def _linear_cross_entropy(reduction, bias=True, probabilities=False, **options):
     def make(gen):
         x, w = _rand(gen, 2, 7, 16), _rand(gen, 23, 16) / 4
         b = _rand(gen, 23) if bias else None
-        t = torch.randint(0, 23, (2, 7), generator=gen)
-        if "ignore_index" in options:
-            t[0, 0] = options["ignore_index"]
+        cw = torch.rand(23, generator=gen) + 0.5  # class weights: not differentiated
+        if probabilities:
+            t = torch.softmax(_rand(gen, 2, 7, 23), -1)
+        else:
+            t = torch.randint(0, 23, (2, 7), generator=gen)
+            if "ignore_index" in options:
+                t[0, 0] = options["ignore_index"]
 
-        def ours(x, w, t, *b):
-            return torch_ext.linear_cross_entropy(x, w, t, linear_bias=b[0] if b else None, reduction=reduction,
-                                                  chunk_size=5, **options)
+        def ours(x, w, t, cw, *b):
+            return torch_ext.linear_cross_entropy(x, w, t, linear_bias=b[0] if b else None, weight=cw,
+                                                  reduction=reduction, chunk_size=5, **options)
 
-        def ref(x, w, t, *b):
-            logits = F.linear(x, w, b[0] if b else None)
-            return F.cross_entropy(logits.flatten(0, -2), t.flatten(), reduction=reduction, **options).reshape(
-                t.shape if reduction == "none" else ())
+        def ref(x, w, t, cw, *b):
+            logits = F.linear(x, w, b[0] if b else None).flatten(0, -2)
+            target = t.flatten(0, -2) if probabilities else t.flatten()
+            loss = F.cross_entropy(logits, target, weight=cw, reduction=reduction, **options)
+            return loss.reshape(x.shape[:-1]) if reduction == "none" else loss
 
-        return ours, ref, [x, w, t] + ([b] if bias else [])
+        return ours, ref, [x, w, t, cw] + ([b] if bias else []), frozenset({3})
 
     return make
 
@@ -177,6 +184,8 @@ SAMPLES = {
         "probabilities": _cross_entropy((6, 10), probabilities=True, label_smoothing=0.2),
         "z_loss": _cross_entropy((6, 10), z_loss=1e-2),
         "one_row": _cross_entropy((10,)),
+        "weighted_mean_ignore": _cross_entropy((6, 10), weighted=True, ignore_index=1, label_smoothing=0.1),
+        "weighted_probabilities_none": _cross_entropy((4, 10, 3), probabilities=True, weighted=True, reduction="none"),
     },
     "regression_loss": {
         "mse_mean": _regression("mse_loss", "mean"),
@@ -193,6 +202,7 @@ SAMPLES = {
         "mean": _linear_cross_entropy("mean"),
         "sum_no_bias_ignore": _linear_cross_entropy("sum", bias=False, ignore_index=3),
         "none_smoothing": _linear_cross_entropy("none", label_smoothing=0.1),
+        "probabilities_sum": _linear_cross_entropy("sum", probabilities=True, label_smoothing=0.1),
     },
 }
 
@@ -207,7 +217,7 @@ def sample(family: str, sample_id: str, device, dtype: torch.dtype) -> Sample:
     previous = torch.get_default_dtype()
     torch.set_default_dtype(torch.float64)
     try:
-        fn, reference, inputs = SAMPLES[family][sample_id](gen)
+        fn, reference, inputs, *fixed = SAMPLES[family][sample_id](gen)
     finally:
         torch.set_default_dtype(previous)
-    return Sample(fn, reference, _to(inputs, device, dtype))
+    return Sample(fn, reference, _to(inputs, device, dtype), fixed[0] if fixed else frozenset())

@@ -14,11 +14,10 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from devices import DEVICES, dtypes_for
+from devices import DEVICE_DTYPES, DEVICES
 from op_samples import CASES, FIRST_CASES, sample
 from utils import assert_close, reference_dtype, tolerance
 
-ALL_DTYPES = [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
 
 
@@ -26,14 +25,17 @@ def _case_id(case):
     return "/".join(case)
 
 
-def _differentiable(inputs):
-    return [t.detach().requires_grad_() if t.is_floating_point() else t for t in inputs]
+def _differentiable(inputs, fixed=frozenset()):
+    """The inputs as leaves: floating ones require grad, except those at the indices `fixed`."""
+    return [
+        t.detach().requires_grad_() if t.is_floating_point() and i not in fixed else t for i, t in enumerate(inputs)
+    ]
 
 
-def _forward_backward(fn, inputs, grad_output=None, **grad_kwargs):
-    """fn's output and the gradients of its floating inputs for grad_output (default: a seeded
-    random one, of the output's dtype)."""
-    leaves = _differentiable(inputs)
+def _forward_backward(fn, inputs, grad_output=None, fixed=frozenset(), **grad_kwargs):
+    """fn's output and the gradients of its differentiable inputs for grad_output (default: a
+    seeded random one, of the output's dtype)."""
+    leaves = _differentiable(inputs, fixed)
     out = fn(*leaves)
     if grad_output is None:
         grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
@@ -42,16 +44,13 @@ def _forward_backward(fn, inputs, grad_output=None, **grad_kwargs):
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("dtype", ALL_DTYPES, ids=str)
-@pytest.mark.parametrize("device", DEVICES)
-def test_matches_pytorch(device, dtype, case):
-    if dtype not in dtypes_for(device):
-        pytest.skip(f"{device} takes no {dtype}")
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_matches_pytorch(device, dtype, case, grad_in_forward):
     s = sample(*case, device, dtype)
-    out, grads, grad_output = _forward_backward(s.fn, s.inputs)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
     assert out.dtype == s.reference(*s.inputs).dtype, "the result's dtype differs from PyTorch's"
     up = [t.to(reference_dtype(dtype)) if t.is_floating_point() else t for t in s.inputs]
-    ref, ref_grads, _ = _forward_backward(s.reference, up, grad_output.to(reference_dtype(dtype)))
+    ref, ref_grads, _ = _forward_backward(s.reference, up, grad_output.to(reference_dtype(dtype)), fixed=s.fixed)
     assert_close(out, ref, dtype=dtype, check_dtype=False, msg="result")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == dtype, f"gradient {i}: dtype {g.dtype}"
@@ -62,12 +61,12 @@ def test_matches_pytorch(device, dtype, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_gradcheck(device, case):
     s = sample(*case, device, torch.float64)
-    assert torch.autograd.gradcheck(s.fn, _differentiable(s.inputs))
+    assert torch.autograd.gradcheck(s.fn, _differentiable(s.inputs, s.fixed))
 
 
 class _RecordOps(TorchDispatchMode):
-    """Records every torch_ext op called (with copies of its arguments, taken before the call:
-    an in-place op changes them)."""
+    """Records every torch_ext op called, with copies of its arguments taken before the call (an
+    in-place op changes them); a forward op's copies require grad where its arguments did."""
 
     def __init__(self):
         super().__init__()
@@ -76,7 +75,13 @@ class _RecordOps(TorchDispatchMode):
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         if func.namespace == "torch_ext":
-            copy = lambda v: v.detach().clone() if isinstance(v, torch.Tensor) else v  # noqa: E731
+            forward = func.name().endswith("_fwd")
+
+            def copy(v):
+                if not isinstance(v, torch.Tensor):
+                    return v
+                return v.detach().clone().requires_grad_(forward and v.requires_grad)
+
             self.calls.append((func, tree_map(copy, args), tree_map(copy, kwargs)))
         return func(*args, **kwargs)
 
@@ -85,18 +90,13 @@ class _RecordOps(TorchDispatchMode):
 @pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_op_called(device, case):
     # The ops a sample's eager forward and backward call, each through torch.library.opcheck
-    # (schema, fake kernel, autograd registration, aot_dispatch), a forward op with its floating
-    # inputs requiring grad.
+    # (schema, fake kernel, autograd registration, aot_dispatch) with the arguments it got.
     s = sample(*case, device, torch.float32)
     recorder = _RecordOps()
     with recorder:
-        _forward_backward(s.fn, s.inputs)
+        _forward_backward(s.fn, s.inputs, fixed=s.fixed)
     assert recorder.calls, "the sample called no torch_ext op"
     for func, args, kwargs in recorder.calls:
-        if func.name().endswith("_fwd"):
-            args = tree_map(
-                lambda v: v.requires_grad_() if isinstance(v, torch.Tensor) and v.is_floating_point() else v, args
-            )
         torch.library.opcheck(func, args, kwargs)
 
 
@@ -104,9 +104,9 @@ def test_opcheck_every_op_called(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_compile_matches_eager(dynamo_reset, device, case):
     s = sample(*case, device, torch.float32)
-    out, grads, grad_output = _forward_backward(s.fn, s.inputs)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
     compiled = torch.compile(s.fn, backend="aot_eager", fullgraph=True)
-    c_out, c_grads, _ = _forward_backward(compiled, s.inputs, grad_output)
+    c_out, c_grads, _ = _forward_backward(compiled, s.inputs, grad_output, fixed=s.fixed)
     assert_close(c_out, out, msg="result")
     for i, (c, g) in enumerate(zip(c_grads, grads)):
         assert_close(c, g, msg=f"gradient {i}")
@@ -114,24 +114,37 @@ def test_compile_matches_eager(dynamo_reset, device, case):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_retain_graph_backward_twice(device, case):
-    s = sample(*case, device, torch.float32)
-    leaves = _differentiable(s.inputs)
+def test_retain_graph_backward_twice(device, case, grad_in_forward):
+    # A retained graph: the same gradients (bits) from a second backward, PyTorch's for another
+    # grad_output on the same graph (nothing kept from an earlier backward), and .backward()
+    # twice accumulating twice the first.
+    s = sample(*case, device, torch.float64)
+    leaves = _differentiable(s.inputs, s.fixed)
     out = s.fn(*leaves)
     wrt = [t for t in leaves if t.requires_grad]
-    grad_output = torch.full_like(out, 0.5)
-    first = torch.autograd.grad(out, wrt, grad_output, retain_graph=True)
-    second = torch.autograd.grad(out, wrt, grad_output)
+    gen = torch.Generator().manual_seed(2)
+    g1, g2 = (torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device) for _ in range(2))
+    first = torch.autograd.grad(out, wrt, g1, retain_graph=True)
+    second = torch.autograd.grad(out, wrt, g1, retain_graph=True)
     for i, (a, b) in enumerate(zip(first, second)):
         assert torch.equal(a, b), f"gradient {i} differs in the second backward"
+    third = torch.autograd.grad(out, wrt, g2, retain_graph=True)
+    _, want_first, _ = _forward_backward(s.reference, s.inputs, g1, fixed=s.fixed)
+    _, want_third, _ = _forward_backward(s.reference, s.inputs, g2, fixed=s.fixed)
+    for i, (got, want) in enumerate(zip(first + third, want_first + want_third)):
+        assert_close(got, want, msg=f"gradient {i % len(wrt)} of backward {1 + 2 * (i // len(wrt))}")
+    out.backward(g1, retain_graph=True)
+    out.backward(g1)
+    for i, (leaf, a) in enumerate(zip(wrt, first)):
+        assert_close(leaf.grad, 2 * a, msg=f"gradient {i} accumulated over two backward calls")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_raises(device, case):
+def test_double_backward_raises(device, case, grad_in_forward):
     # The gradients (create_graph=True) can be used, but differentiating them again raises.
     s = sample(*case, device, torch.float32)
-    leaves = _differentiable(s.inputs)
+    leaves = _differentiable(s.inputs, s.fixed)
     wrt = [t for t in leaves if t.requires_grad]
     grads = torch.autograd.grad(s.fn(*leaves).sum(), wrt, create_graph=True)
     assert all(g.requires_grad for g in grads)
@@ -155,8 +168,8 @@ def test_non_contiguous_inputs(device, case):
     s = sample(*case, device, torch.float32)
     strided = [_non_contiguous(t) for t in s.inputs]
     assert not any(t.is_contiguous() for t in strided if t.is_floating_point() and t.numel() > 1)
-    out, grads, grad_output = _forward_backward(s.fn, strided)
-    ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output)
+    out, grads, grad_output = _forward_backward(s.fn, strided, fixed=s.fixed)
+    ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output, fixed=s.fixed)
     assert_close(out, ref, msg="result")
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert_close(g, r, msg=f"gradient {i}")
@@ -171,8 +184,8 @@ def test_autocast(device, case):
     dtype = AUTOCAST_DTYPE[device]
     s = sample(*case, device, torch.float32)
     with torch.autocast(device, dtype=dtype):
-        out, grads, grad_output = _forward_backward(s.fn, s.inputs)
-        ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output)
+        out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+        ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output, fixed=s.fixed)
     assert out.dtype == ref.dtype, f"dtype {out.dtype} under autocast, PyTorch's {ref.dtype}"
     rtol, atol = tolerance(dtype)
     assert_close(out, ref, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg="result")

@@ -16,9 +16,10 @@ with the row weights and the mean's denominator of the loss (see ``reference``).
 * numerical stability: logits at 1e4 / 3e4 scale and offset, -inf logits in non-target classes;
 * non-contiguous, sliced, transposed, channels_last, permuted and expanded input / target /
   weight / grad_output (stride 0 included);
-* retain_graph, a second forward, inputs that do not require grad, gradcheck (float64);
+* a second forward, inputs that do not require grad, gradcheck (float64); (retain_graph and
+  double backward, as for every op: tests/test_common.py)
 * what is saved for backward (no N x C tensor besides the input);
-* torch.library.opcheck of both ops, the raw backward op against autograd, double backward;
+* torch.library.opcheck of both ops, the raw backward op against autograd;
 * torch.compile (aot_eager, inductor, dynamic shapes, no graph breaks); torch.autocast;
 * the CrossEntropyLoss module (vs nn.CrossEntropyLoss, state_dict, repr); the deprecated
   size_average / reduce arguments; argument errors from the functional, the module and the op.
@@ -109,7 +110,6 @@ def reference(input, target, weight=None, ignore_index=-100, reduction="mean", l
     # the z term adds 0 and, like the nll term's, a gradient of 0 (not 0/0).
     denom = torch.where(denom == 0, torch.ones_like(denom), denom)
     return loss + z.sum() / denom
-
 
 
 def make_input(shape, dtype=torch.float32, scale=1.0):
@@ -659,38 +659,9 @@ def test_noncontiguous_gives_same_bits_as_contiguous():
 
 
 # ----------------------------------------------------------------------------------------------
-# 6. Autograd behaviour: retain_graph, second forward, partial requires_grad, double backward
+# 6. Autograd behaviour: second forward, partial requires_grad (retain_graph, double backward:
+#    tests/test_common.py)
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_retain_graph_backward_twice(reduction, prob, grad_in_forward):
-    x = leaf(make_input((5, 11)))
-    t = leaf(prob_target(x.shape)) if prob else class_target(x.shape, 11, "some", -100)
-    w = make_weight(11)
-    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
-    y = cross_entropy(x, t, w, **opts)
-    leaves = (x, t) if prob else (x,)
-    g1, g2 = torch.randn(y.shape), torch.randn(y.shape)
-    first = torch.autograd.grad(y, leaves, g1, retain_graph=True)
-    second = torch.autograd.grad(y, leaves, g1, retain_graph=True)
-    for a, b in zip(first, second):
-        assert torch.equal(a, b)
-    # A different grad_output on the same graph (nothing cached from the first backward).
-    third = torch.autograd.grad(y, leaves, g2, retain_graph=True)
-    xr, tr = leaf(x), (leaf(t) if prob else t)
-    yr = reference(xr, tr, w, **opts)
-    ref_leaves = (xr, tr) if prob else (xr,)
-    for got, want in zip(first, torch.autograd.grad(yr, ref_leaves, g1, retain_graph=True)):
-        assert_close(got, want)
-    for got, want in zip(third, torch.autograd.grad(yr, ref_leaves, g2, retain_graph=True)):
-        assert_close(got, want)
-    # Accumulation through .backward() twice.
-    y.backward(g1, retain_graph=True)
-    y.backward(g1)
-    for lf, a in zip(leaves, first):
-        assert_close(lf.grad, 2 * a)
 
 
 def test_second_forward_after_backward(grad_in_forward):
@@ -744,16 +715,6 @@ def test_input_grad_only_with_prob_target_not_requiring_grad():
     xr = leaf(x)
     F.cross_entropy(xr, t, label_smoothing=0.1).backward()
     assert_close(x.grad, xr.grad)
-
-
-@pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
-def test_double_backward_raises(prob, grad_in_forward):
-    x = leaf(make_input((3, 5), torch.float64))
-    t = leaf(prob_target(x.shape, dtype=torch.float64)) if prob else class_target(x.shape, 5)
-    y = cross_entropy(x, t, z_loss=1e-3)
-    with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
-        (gx,) = torch.autograd.grad(y, x, create_graph=True)
-        torch.autograd.grad(gx.sum(), x)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,8 +15,8 @@ mean's denominator of the loss (as tests/test_cross_entropy.py). Covered:
   float32, bfloat16 (vs the float32 computation from the same bfloat16 values);
 * chunk_size 1, 3, 7, larger than N and None give the same results;
 * grad_output: random, scalar, implicit 1, expanded (stride 0), sliced, transposed;
-* retain_graph (twice), partial requires_grad (a frozen linear_weight gets no V x H gradient,
-  input not requiring grad, only the bias), no grad at all, double backward raises;
+* partial requires_grad (a frozen linear_weight gets no V x H gradient, input not requiring
+  grad, only the bias), no grad at all (retain_graph and double backward: tests/test_common.py);
 * the gradient of class-probability targets that require grad (as F.cross_entropy's, computed
   chunk by chunk in backward, and only when asked for);
 * gradcheck (float64), torch.library.opcheck of both ops, the raw ops against autograd;
@@ -99,7 +99,6 @@ def reference(input, linear_weight, target, linear_bias=None, weight=None, ignor
     if reduction == "none":
         loss = loss.reshape(lead)
     return loss
-
 
 
 def make_args(lead, hidden, vocab, dtype=torch.float32, bias=True, logit_scale=1.0):
@@ -681,42 +680,9 @@ def test_k_dimensional_gradcheck_and_errors():
 
 
 # ----------------------------------------------------------------------------------------------
-# 4. Autograd: retain_graph, partial requires_grad, frozen weight, double backward
+# 4. Autograd: partial requires_grad, frozen weight (retain_graph, double backward:
+#    tests/test_common.py)
 # ----------------------------------------------------------------------------------------------
-
-
-@pytest.mark.parametrize("kind", ["class", "prob"])
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_retain_graph_backward_twice(reduction, kind):
-    lead, hidden, vocab = (2, 4), 6, 11
-    x, w, b = (leaf(v) for v in make_args(lead, hidden, vocab, torch.float64))
-    t = make_target(kind, lead, vocab, dtype=torch.float64)
-    cw = make_weight(vocab, torch.float64)
-    opts = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
-    y = linear_cross_entropy(x, w, t, linear_bias=b, weight=cw, chunk_size=3, **opts)
-    leaves = (x, w, b)
-    g1, g2 = torch.randn(y.shape, dtype=torch.float64), torch.randn(y.shape, dtype=torch.float64)
-    first = torch.autograd.grad(y, leaves, g1, retain_graph=True)
-    second = torch.autograd.grad(y, leaves, g1, retain_graph=True)
-    for name, a, c in zip(NAMES, first, second):
-        assert torch.equal(a, c), f"{name}: the second backward differs from the first"
-    # A different grad_output on the same graph (nothing cached from an earlier backward).
-    third = torch.autograd.grad(y, leaves, g2, retain_graph=True)
-    refs = [leaf(v) for v in leaves]
-    yr = reference(refs[0], refs[1], t, refs[2], cw, **opts)
-    for name, got, want in zip(NAMES, first, torch.autograd.grad(yr, refs, g1, retain_graph=True)):
-        assert_close(got, want, rtol=1e-8, atol=1e-8, msg=f"first backward: {name}")
-    for name, got, want in zip(NAMES, third, torch.autograd.grad(yr, refs, g2, retain_graph=True)):
-        assert_close(got, want, rtol=1e-8, atol=1e-8, msg=f"third backward: {name}")
-    # Accumulation through .backward() twice (grad_output 1 for the scalar reductions).
-    gb = None if reduction != "none" else g1
-    y.backward(gb, retain_graph=True)
-    once = [v.grad.clone() for v in leaves]
-    y.backward(gb)
-    ref_once = torch.autograd.grad(yr, refs, gb if gb is not None else torch.ones((), dtype=torch.float64))
-    for name, v, a, r in zip(NAMES, leaves, once, ref_once):
-        assert_close(a, r, rtol=1e-8, atol=1e-8, msg=f".backward(): {name}")
-        assert_close(v.grad, 2 * a, rtol=1e-12, atol=1e-12, msg=f"accumulated: {name}")
 
 
 def test_second_forward_after_backward():
@@ -944,16 +910,6 @@ def test_probability_target_gradient_autocast():
     got, want = torch.autograd.grad(y, t)[0], torch.autograd.grad(yr, tr)[0]
     assert got.dtype == torch.float32
     assert_close(got, want, dtype=torch.bfloat16, check_dtype=False, **BF16_TOL)
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_double_backward_raises(reduction):
-    x, w, b = (leaf(v) for v in make_args((3,), 4, 5, torch.float64))
-    t = class_target((3,), 5)
-    y = linear_cross_entropy(x, w, t, linear_bias=b, reduction=reduction, z_loss=1e-3)
-    with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
-        gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b), create_graph=True)
-        torch.autograd.grad(gx.sum() + gw.sum() + gb.sum(), (x, w, b), allow_unused=True)
 
 
 # ----------------------------------------------------------------------------------------------

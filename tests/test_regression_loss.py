@@ -14,7 +14,8 @@ The reference is always PyTorch itself: ``F.mse_loss`` / ``F.huber_loss`` / ``F.
   d = 0; the ``weight`` argument of mse/huber (torch 2.13 semantics);
 * gradients w.r.t. input, target or both; random, non-contiguous and stride-0 grad_output for
   reduction="none"; non-contiguous (transposed, stepped, expanded) input/target;
-* NaN/inf propagation; torch.autocast; gradcheck (float64); retain_graph;
+* NaN/inf propagation; torch.autocast; gradcheck (float64) (retain_graph and double backward:
+  tests/test_common.py);
 * torch.library.opcheck of both ops; the raw backward op; torch.compile (aot_eager, inductor);
 * the modules, including the deprecated size_average/reduce; argument errors.
 """
@@ -70,7 +71,6 @@ def reference(loss, input, target, reduction="mean", param=None, weight=None):
         return F.huber_loss(input, target, reduction=reduction, delta=1.0 if param is None else param, weight=weight)
     assert weight is None
     return F.smooth_l1_loss(input, target, reduction=reduction, beta=1.0 if param is None else param)
-
 
 
 def plain(t, dtype=None):
@@ -687,7 +687,7 @@ def test_autocast_with_weight(loss):
 
 
 # ----------------------------------------------------------------------------------------------
-# 8. gradcheck, retain_graph, double backward
+# 8. gradcheck (retain_graph, double backward: tests/test_common.py)
 # ----------------------------------------------------------------------------------------------
 
 GRADCHECK_CASES = [("mse", None), ("huber", 0.5), ("huber", 1.0), ("huber", 2.5), ("smooth_l1", 0.0),
@@ -720,34 +720,6 @@ def test_gradcheck_weighted(loss, reduction, grad_in_forward):
     w = _weight((3, 5), torch.float64, "with_zeros_and_negative")
     assert torch.autograd.gradcheck(lambda a, b: ours(loss, a, b, reduction, 0.5, weight=w),
                                     (x.requires_grad_(), t.requires_grad_()))
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-@pytest.mark.parametrize("loss", LOSSES)
-def test_retain_graph_backward_twice(loss, reduction, grad_in_forward):
-    x, t = (leaf(v) for v in make_pair((3, 7)))
-    y = ours(loss, x, t, reduction)
-    g = torch.randn(y.shape)
-    first = torch.autograd.grad(y, (x, t), g, retain_graph=True)
-    second = torch.autograd.grad(y, (x, t), g, retain_graph=True)
-    for a, c in zip(first, second):
-        assert torch.equal(a, c)
-    y.backward(g, retain_graph=True)
-    y.backward(g)
-    for v, a in zip((x, t), first):
-        assert_close(v.grad, 2 * a)
-    _, ref = forward_backward(lambda a, b: reference(loss, a, b, reduction), x, t, ("input", "target"), g)
-    for a, r in zip(first, ref):
-        assert_close(a, r)
-
-
-@pytest.mark.parametrize("loss", LOSSES)
-def test_double_backward_raises(loss, grad_in_forward):
-    x, t = (leaf(v) for v in make_pair((3, 5), torch.float64))
-    y = ours(loss, x, t, "sum")
-    with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
-        gx, gt = torch.autograd.grad(y, (x, t), create_graph=True)
-        torch.autograd.grad(gx.sum() + gt.sum(), (x, t), allow_unused=True)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -13,7 +13,8 @@ for the raw op. Covered:
 * any subset of the three inputs requiring grad; random, stepped and stride-0 grad_output for
   reduction="none"; rows whose loss is clamped to 0 (gradient 0) and a row exactly at the hinge;
   identical anchor and positive with eps = 0; non-contiguous and expanded inputs;
-* gradcheck (float64); retain_graph; torch.library.opcheck of both ops; the raw ops (dist, the
+* gradcheck (float64); torch.library.opcheck of both ops (retain_graph and double backward:
+  tests/test_common.py); the raw ops (dist, the
   backward op and its output_mask); torch.compile (aot_eager, inductor); torch.autocast;
 * the module (including the deprecated size_average/reduce); argument errors: p = 0 and p = inf
   (accepted by PyTorch, refused here: a documented limitation), shapes, ranks, reduction, margin.
@@ -66,7 +67,6 @@ def ours(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean")
 def raw(a, pos, neg, margin=1.0, p=2.0, eps=1e-6, swap=False, reduction="mean"):
     """The raw forward op (its autograd included); the loss only."""
     return FWD(a, pos, neg, float(margin), float(p), float(eps), swap, reduction, NO_GRADS)[0]
-
 
 
 def plain(t, dtype=None):
@@ -480,7 +480,7 @@ def test_same_tensor_twice():
 
 
 # ----------------------------------------------------------------------------------------------
-# 5. gradcheck, retain_graph, double backward
+# 5. gradcheck (retain_graph, double backward: tests/test_common.py)
 # ----------------------------------------------------------------------------------------------
 
 
@@ -500,32 +500,6 @@ def test_gradcheck_1d_and_raw_op(swap):
     assert torch.autograd.gradcheck(lambda x, y, z: ours(x, y, z, swap=swap, reduction="none"), tensors)
     tensors = [v.requires_grad_() for v in away_from_kinks(3, 4, 3.0, 1e-6, swap)]
     assert torch.autograd.gradcheck(lambda x, y, z: raw(x, y, z, 0.5, 3.0, 1e-6, swap, "sum"), tensors)
-
-
-@pytest.mark.parametrize("reduction", REDUCTIONS)
-def test_retain_graph_backward_twice(reduction):
-    tensors = [leaf(v) for v in make_triplet((7, 9))]
-    y = ours(*tensors, swap=True, reduction=reduction)
-    g = torch.randn(y.shape)
-    first = torch.autograd.grad(y, tensors, g, retain_graph=True)
-    second = torch.autograd.grad(y, tensors, g, retain_graph=True)
-    for a, c in zip(first, second):
-        assert torch.equal(a, c)
-    y.backward(g, retain_graph=True)
-    y.backward(g)
-    for t, a in zip(tensors, first):
-        assert_close(t.grad, 2 * a)
-    _, ref = forward_backward(lambda a, b, c: reference(a, b, c, swap=True, reduction=reduction), tensors, NAMES, g)
-    for a, r in zip(first, ref):
-        assert_close(a, r)
-
-
-def test_double_backward_raises():
-    tensors = [leaf(v) for v in make_triplet((4, 5), torch.float64)]
-    y = ours(*tensors, reduction="sum")
-    with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
-        grads = torch.autograd.grad(y, tensors, create_graph=True)
-        torch.autograd.grad(sum(g.sum() for g in grads), tensors, allow_unused=True)
 
 
 # ----------------------------------------------------------------------------------------------
