@@ -359,16 +359,17 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
   return {loss, stats};
 }
 
-at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::string_view activation, double negative_slope) {
+at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::string_view activation, double negative_slope) {
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
   at::Tensor out, saved;
   {
     BelowAutograd below_autograd;
     std::tie(out, saved) = linear_act_fwd_op().call(input, weight, bias, activation, negative_slope);
   }
-  const bool from_output = grad_from_output(activation);
   const at::Tensor b = bias.value_or(at::Tensor());
+  if (!takes_grad(input) && !takes_grad(weight) && !takes_grad(b)) return out;  // no autograd: no node
+  const bool from_output = grad_from_output(activation);
   set_node_history(out, {"FusedLinearBackward",
                          backward,
                          {input, weight, b},
@@ -380,10 +381,9 @@ at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight
   return out;
 }
 
-at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight,
-                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                        const std::optional<at::Tensor>& fc2_bias, c10::string_view activation, double negative_slope,
-                        bool gated, bool recompute) {
+at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                     c10::string_view activation, double negative_slope, bool gated, bool recompute) {
   const auto& linear_fwd = linear_act_fwd_op();
   static const auto act_fwd = c10::Dispatcher::singleton()
                                   .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
@@ -400,8 +400,10 @@ at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight,
     }
     out = at::linear(hidden, fc2_weight, fc2_bias);
   }
-  if (!gated && grad_from_output(activation)) saved = hidden;
   const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
+  if (!takes_grad(input) && !takes_grad(fc1_weight) && !takes_grad(b1) && !takes_grad(fc2_weight) && !takes_grad(b2))
+    return out;  // no autograd: no node
+  if (!gated && grad_from_output(activation)) saved = hidden;
   set_node_history(out, {"FusedMLPBackward",
                          backward,
                          {input, fc1_weight, b1, fc2_weight, b2},

@@ -43,9 +43,9 @@ void set_node_history(const at::Tensor& output, NodeSpec spec);
 // The eager training paths, one per op family (Python: torch_ext._C._<name>): the forward op
 // (with the gradients, for the losses) below autograd, and the node above. Arguments as the
 // forward op's. The losses over classes return (loss, the rows' stats as their forward op gives them).
-// The losses' <op>_eager serve calls without autograd too (grad mode off, or no input requiring
-// grad): the forward op alone, with no gradient formed and no node, at less cost per call than
-// the op called from Python.
+// Each serves calls without autograd too (grad mode off, or no input requiring grad): the
+// forward op alone, with no gradient formed and no node, at less cost per call than the op
+// called from Python.
 std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        c10::string_view reduction, double label_smoothing,
@@ -59,13 +59,12 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
     double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats);
-at::Tensor linear_act_autograd(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
-                               c10::string_view activation, double negative_slope);
+at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
+                            c10::string_view activation, double negative_slope);
 // activation: the (gate's) activation; recompute: form act(fc1(input)) again in backward rather
 // than save it (torch_ext/mlp.py decides where that applies).
-at::Tensor mlp_autograd(const at::Tensor& input, const at::Tensor& fc1_weight,
-                        const std::optional<at::Tensor>& fc1_bias, const at::Tensor& fc2_weight,
-                        const std::optional<at::Tensor>& fc2_bias, c10::string_view activation, double negative_slope,
-                        bool gated, bool recompute);
+at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, const std::optional<at::Tensor>& fc1_bias,
+                     const at::Tensor& fc2_weight, const std::optional<at::Tensor>& fc2_bias,
+                     c10::string_view activation, double negative_slope, bool gated, bool recompute);
 
 }  // namespace torch_ext

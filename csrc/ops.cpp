@@ -315,8 +315,8 @@ static PyObject* triplet_margin_loss_eager(PyObject*, PyObject* args) {
   });
 }
 
-// _linear_act_autograd(input, weight, bias, activation, negative_slope)
-static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
+// _linear_act_eager(input, weight, bias, activation, negative_slope)
+static PyObject* linear_act_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *weight_obj, *bias_obj;
   const char* activation;
   double negative_slope;
@@ -327,11 +327,11 @@ static PyObject* linear_act_autograd(PyObject*, PyObject* args) {
                        {bias_obj, "bias", true, &bias}}))
     return nullptr;
   return run_without_gil(
-      [&] { return torch_ext::linear_act_autograd(*input, *weight, bias, activation, negative_slope); });
+      [&] { return torch_ext::linear_act_eager(*input, *weight, bias, activation, negative_slope); });
 }
 
-// _mlp_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, gated, recompute)
-static PyObject* mlp_autograd(PyObject*, PyObject* args) {
+// _mlp_eager(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, gated, recompute)
+static PyObject* mlp_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *w1_obj, *b1_obj, *w2_obj, *b2_obj;
   const char* activation;
   double negative_slope;
@@ -346,8 +346,8 @@ static PyObject* mlp_autograd(PyObject*, PyObject* args) {
                        {b2_obj, "fc2_bias", true, &fc2_bias}}))
     return nullptr;
   return run_without_gil([&] {
-    return torch_ext::mlp_autograd(*input, *fc1_weight, fc1_bias, *fc2_weight, fc2_bias, activation, negative_slope,
-                                   gated, recompute);
+    return torch_ext::mlp_eager(*input, *fc1_weight, fc1_bias, *fc2_weight, fc2_bias, activation, negative_slope, gated,
+                                recompute);
   });
 }
 
@@ -444,10 +444,10 @@ static PyMethodDef methods[] = {
     {"_triplet_margin_loss_eager", triplet_margin_loss_eager, METH_VARARGS,
      "torch_ext.triplet_margin_loss's eager path: the loss with its gradients formed in the forward op and a "
      "C++ node, or without autograd the forward op alone."},
-    {"_linear_act_autograd", linear_act_autograd, METH_VARARGS,
-     "torch_ext.fused_linear's eager path when autograd records: the forward op and a C++ node."},
-    {"_mlp_autograd", mlp_autograd, METH_VARARGS,
-     "torch_ext.fused_mlp's eager path when autograd records: the forward ops and a C++ node."},
+    {"_linear_act_eager", linear_act_eager, METH_VARARGS,
+     "torch_ext.fused_linear's eager path: the forward op and, when autograd records, a C++ node."},
+    {"_mlp_eager", mlp_eager, METH_VARARGS,
+     "torch_ext.fused_mlp's eager path: the forward ops and, when autograd records, a C++ node."},
     {"_linear_cross_entropy_eager", linear_cross_entropy_eager, METH_VARARGS,
      "torch_ext.linear_cross_entropy's eager path: the loss with its gradients formed in the forward op and a "
      "C++ node, or without autograd the forward op alone."},

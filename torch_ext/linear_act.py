@@ -165,12 +165,13 @@ def fused_linear(
     """
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
-    if not needs_autograd(input, weight, bias):
-        return _fwd_op(input, weight, bias, activation, float(negative_slope))[0]
     if torch.compiler.is_compiling():
+        if not needs_autograd(input, weight, bias):
+            return _fwd_op(input, weight, bias, activation, float(negative_slope))[0]
         return FusedLinearFunction.apply(input, weight, bias, activation, float(negative_slope))[0]
-    # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h): cheaper per call than autograd.Function.
-    return _C._linear_act_autograd(input, weight, bias, activation, float(negative_slope))
+    # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h) when autograd records,
+    # else the forward op alone: cheaper per call than autograd.Function or the op from Python.
+    return _C._linear_act_eager(input, weight, bias, activation, float(negative_slope))
 
 
 class FusedLinear(nn.Linear):

@@ -244,12 +244,13 @@ def fused_mlp(
         input, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     )
     args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute))
-    if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-        return _mlp_forward(*args)[0]
     if torch.compiler.is_compiling():
+        if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
+            return _mlp_forward(*args)[0]
         return FusedMLPFunction.apply(*args)[0]
-    # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h): cheaper per call than autograd.Function.
-    return _C._mlp_autograd(
+    # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h) when autograd records,
+    # else the forward ops alone: cheaper per call than autograd.Function or the ops from Python.
+    return _C._mlp_eager(
         input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, GATED_ACTIVATIONS.get(activation, activation),
         float(negative_slope), activation in GATED_ACTIVATIONS, _recomputes(activation, recompute),
     )
