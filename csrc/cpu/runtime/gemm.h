@@ -5,10 +5,11 @@
 // The config's cpu_gemm (csrc/runtime_config.h; TORCH_EXT_CPU_GEMM, torch_ext.set_config) = ours |
 // aten | auto (the default) overrides the choice.
 //
-// This departs from DESIGN.md ("we do not write our own CPU GEMM"): on the development machine
-// (AMD EPYC, 2 cores) ATen's float32 GEMM (MKL's sgemm) runs well below the FMA peak, and the
-// dense layer's GEMMs alone took nearly all of eager's step at 8192x256->256, which left the
-// fused layer's goal (1.15x eager) to chance; ours runs them faster (docs/cpu.md has the figures).
+// It is the one exception to docs/design.md's rule that GEMMs go through a library: on the
+// development machine (AMD EPYC, 2 cores) ATen's float32 GEMM (MKL's sgemm) runs well below the
+// FMA peak, and the dense layer's GEMMs alone took nearly all of eager's step at 8192x256->256,
+// which left the fused layer's goal (1.15x eager) to chance; ours runs them faster (docs/cpu.md
+// has the figures, and those of oneDNN's and OpenBLAS's GEMMs).
 #pragma once
 
 #include <ATen/core/Tensor.h>
