@@ -347,27 +347,40 @@ def test_set_config_returns_what_restores_it(set_config):
     assert torch_ext.get_config() == before
 
 
+def _python_says_ok(code, env):
+    proc = run_python(code + "print('ok')\n", env=env)
+    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+
+
 def test_config_comes_from_the_environment_once():
     code = (
         "import os, torch_ext\n"
         "config = torch_ext.get_config()\n"
         "assert config == {'cpu_gemm': 'aten', 'panel_bytes': 4096, 'cublaslt': False, 'cpu_cache_bytes': 0}, config\n"
+        "assert torch_ext.cpu_gemm() == 'aten'\n"
         "os.environ['TORCH_EXT_PANEL_BYTES'] = '8192'\n"
         "assert torch_ext.get_config()['panel_bytes'] == 4096\n"
-        "print('ok')\n"
     )
-    env = {"TORCH_EXT_CPU_GEMM": "aten", "TORCH_EXT_PANEL_BYTES": "4096", "TORCH_EXT_CUBLASLT": "0",
-           "TORCH_EXT_CPU_CACHE_BYTES": "0"}
-    proc = run_python(code, env=env)
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    # A bad number raises at the first call that reads the config, naming the variable.
+    _python_says_ok(code, {"TORCH_EXT_CPU_GEMM": "aten", "TORCH_EXT_PANEL_BYTES": "4096", "TORCH_EXT_CUBLASLT": "0",
+                           "TORCH_EXT_CPU_CACHE_BYTES": "0"})
+
+
+@pytest.mark.parametrize("variable,value,message", [
+    ("TORCH_EXT_CPU_GEMM", "mkl", "TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'"),
+    ("TORCH_EXT_PANEL_BYTES", "4k", "TORCH_EXT_PANEL_BYTES must be a non-negative number of bytes; got '4k'"),
+    ("TORCH_EXT_CPU_CACHE_BYTES", "-1", "TORCH_EXT_CPU_CACHE_BYTES must be a non-negative number of bytes; got '-1'"),
+])
+def test_a_bad_environment_value_raises_naming_the_variable(variable, value, message):
+    # Not at import: at each call that reads the config (the ops included).
     code = (
-        "import torch_ext\n"
-        "try:\n"
-        "    torch_ext.get_config()\n"
-        "except RuntimeError as e:\n"
-        "    assert \"TORCH_EXT_PANEL_BYTES must be a non-negative number of bytes; got '4k'\" in str(e), e\n"
-        "    print('ok')\n"
+        "import torch, torch_ext\n"
+        "x, w = torch.randn(40, 8), torch.randn(5, 8)\n"
+        "for call in (torch_ext.get_config, torch_ext.cpu_gemm, lambda: torch_ext.fused_linear(x, w)):\n"
+        "    try:\n"
+        "        call()\n"
+        "    except RuntimeError as e:\n"
+        f"        assert {message!r} in str(e), e\n"
+        "    else:\n"
+        "        raise AssertionError(f'no error from {call}')\n"
     )
-    proc = run_python(code, env={"TORCH_EXT_PANEL_BYTES": "4k"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
+    _python_says_ok(code, {variable: value})

@@ -1191,33 +1191,6 @@ def test_gemm_switch(set_config, monkeypatch):
     assert torch_ext.cpu_gemm() == default
 
 
-def test_gemm_switch_from_the_environment():
-    # TORCH_EXT_CPU_GEMM at import sets the config; a bad value raises, naming the variable, at
-    # the first call that reads it (not at import).
-    code = (
-        "import torch, torch_ext\n"
-        "assert torch_ext.get_config()['cpu_gemm'] == 'aten', torch_ext.get_config()\n"
-        "assert torch_ext.cpu_gemm() == 'aten'\n"
-        "print('ok')\n"
-    )
-    proc = run_python(code, env={"TORCH_EXT_CPU_GEMM": "aten"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-    code = (
-        "import torch, torch_ext\n"
-        "x, w = torch.randn(40, 8), torch.randn(5, 8)\n"
-        "for call in (torch_ext.cpu_gemm, torch_ext.get_config, lambda: torch_ext.fused_linear(x, w)):\n"
-        "    try:\n"
-        "        call()\n"
-        "    except RuntimeError as e:\n"
-        "        assert \"TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'\" in str(e), e\n"
-        "    else:\n"
-        "        raise AssertionError('no error')\n"
-        "print('ok')\n"
-    )
-    proc = run_python(code, env={"TORCH_EXT_CPU_GEMM": "mkl"})
-    assert proc.returncode == 0 and proc.stdout.strip() == "ok", proc.stderr[-2000:]
-
-
 @pytest.mark.parametrize("activation", ["relu", "leaky_relu"])
 def test_bfloat16_bias_is_added_before_rounding(activation):
     # The bias is added to the float32 product before its rounding to bfloat16, as eager's addmm
