@@ -262,7 +262,9 @@ def check_accuracy_target(op: str, target: Tensor, return_accuracy: bool) -> Non
                          f"floating-point target of class probabilities")
 
 
-def _grad_in_forward(input: Tensor, target: Tensor) -> bool:
+def _takes_eager_node(input: Tensor, target: Tensor) -> bool:
+    """Whether an eager call records the C++ node of _C._cross_entropy_eager (see
+    GRAD_IN_FORWARD_DEVICES); a target requiring grad takes CrossEntropyFunction."""
     return input.device.type in GRAD_IN_FORWARD_DEVICES and forms_grad_in_forward(
         input.requires_grad and not target.requires_grad
     )
@@ -353,7 +355,7 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
     input, target, weight = autocast_to_float32(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
-    if _grad_in_forward(input, target) or eager_without_autograd(input, target):
+    if _takes_eager_node(input, target) or eager_without_autograd(input, target):
         return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats)
     if not needs_autograd(input, target):  # compiled
         out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats)
