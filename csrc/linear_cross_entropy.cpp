@@ -32,6 +32,7 @@
 
 #include "allocation.h"
 #include "checks.h"
+#include "cpu/cross_entropy_targets.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cross_entropy_targets.h"
 #include "cuda/cublaslt_gemm.h"
@@ -196,6 +197,9 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   const Tensor t = s.probabilities ? target.reshape({s.rows, s.vocab}) : target.reshape({s.rows});
   const Tensor w_t = linear_weight.t();
   const auto options = input.options();
+  // On CPU too, every class index is checked once here, so that a bad one is reported as
+  // linear_cross_entropy's (each chunk's cross_entropy_fwd checks its own again, at no sync cost).
+  if (t.is_cpu() && !s.probabilities && forward) cpu::check_class_targets(op, t, s.vocab, ignore_index);
 #ifdef TORCH_EXT_WITH_CUDA
   // Every class index checked once here (one synchronization, in the forward only: the backward's
   // targets are the forward's), not by each chunk's cross_entropy_fwd.

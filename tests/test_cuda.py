@@ -625,8 +625,10 @@ def test_linear_cross_entropy_bad_target_is_a_python_error(device):
     w = torch.randn(11, 8, device=device)
     t = torch.randint(0, 11, (20,), device=device)
     t[13] = 11  # in the second chunk
-    with pytest.raises(IndexError, match="target 11 is out of bounds"):
+    with pytest.raises(IndexError, match="^torch_ext.linear_cross_entropy: target 11 is out of bounds"):
         torch_ext.linear_cross_entropy(x, w, t, chunk_size=8)
+    with pytest.raises(IndexError, match="^torch_ext.linear_cross_entropy: target 11 is out of bounds"):
+        torch_ext.linear_cross_entropy(x, w, t.to(torch.uint8), chunk_size=8)
     t[13] = -100
     assert torch.isfinite(torch_ext.linear_cross_entropy(x, w, t, chunk_size=8))
 

@@ -4,8 +4,9 @@
 //
 //   forward : one read of the logits: per row the logsumexp (online over blocks, or over a tile
 //             of positions for (N, C, d...) input) and the loss; no log-probabilities are
-//             stored. Saved for backward: `stats`, two numbers per row (the logsumexp, and for
-//             probability targets the row's target mass sum_c w_c t'_c).
+//             stored. Saved for backward: `stats`, three numbers per row (the max logit and
+//             log(sum exp(x - max)), whose sum is the logsumexp, and for probability targets the
+//             row's target mass sum_c w_c t'_c, for class targets whether its argmax is its target).
 //   backward: one read of the logits and one write of the gradient, per row.
 //   forward with gradient (cross_entropy_fwd's grad_mask, the eager path for reductions mean and
 //             sum): each (N, C) row's gradient for grad_loss = 1 is written right after its
@@ -24,6 +25,7 @@
 #include <vector>
 
 #include "checks.h"
+#include "cpu/cross_entropy_targets.h"
 #include "cpu/runtime/allocator.h"
 #include "cpu/runtime/kernel_table.h"
 #include "loss.h"
@@ -261,6 +263,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& i
 }
 
 }  // namespace
+
+void cpu::check_class_targets(const char* op, const Tensor& target, int64_t classes, int64_t ignore_index) {
+  check_targets(op, target.to(at::kLong).contiguous(), classes, ignore_index, Tensor());
+}
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("cross_entropy_fwd", &cross_entropy_fwd_cpu);
