@@ -424,16 +424,18 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing),
             float(z_loss), int(chunk_size))
     no_grads = [False, False, False]
-    if forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)) and not target.requires_grad:
+    eager_training = forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias))
+    if (eager_training and not target.requires_grad) or eager_without_autograd(
+        input, linear_weight, linear_bias, target
+    ):
         # The gradients formed chunk by chunk in the forward and handed over by a C++ node
-        # (csrc/autograd_node.h; reduction none: the node calls the backward op).
+        # (csrc/autograd_node.h; reduction none: the node calls the backward op); without
+        # autograd, the forward op alone.
         loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True)
-    elif reduction != "none" and forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias)):
+    elif eager_training and reduction != "none":
         # A probability target's gradient: formed in backward, in Python (the Function).
         mask = [input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad]
         loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
-    elif eager_without_autograd(input, linear_weight, linear_bias, target):  # the forward op alone, from C++
-        loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True)
     elif not needs_autograd(input, linear_weight, linear_bias, target):  # compiled
         loss, stats, *_ = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
     else:
