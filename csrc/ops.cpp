@@ -17,6 +17,9 @@
 
 #include <initializer_list>
 #include <optional>
+#include <string>
+#include <utility>
+#include <vector>
 
 TORCH_LIBRARY(torch_ext, m) {
   // The losses follow one convention:
@@ -377,46 +380,73 @@ static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
   });
 }
 
-// _get_config() -> {name: value} of the run-time config (csrc/runtime_config.h).
+// A switch's value as Python sees it (csrc/runtime_config.h: a str, an int or a bool).
+static PyObject* config_value_to_python(const torch_ext::ConfigEntry& entry, int64_t value) {
+  switch (entry.kind) {
+    case torch_ext::ConfigKind::GemmChoice:
+      return PyUnicode_FromString(torch_ext::cpu_gemm_name(torch_ext::CpuGemm(value)));
+    case torch_ext::ConfigKind::Flag: return PyBool_FromLong(value != 0);
+    case torch_ext::ConfigKind::Bytes: break;
+  }
+  return PyLong_FromLongLong(value);
+}
+
+// A Python value checked against its switch's rules (the kind's type, then its values).
+static int64_t config_value_from_python(const torch_ext::ConfigEntry& entry, PyObject* value) {
+  const std::string what = std::string("torch_ext.set_config: ") + entry.name;
+  const auto repr = [value] { return pybind11::repr(pybind11::handle(value)).cast<std::string>(); };
+  switch (entry.kind) {
+    case torch_ext::ConfigKind::GemmChoice:
+      TORCH_CHECK_TYPE(PyUnicode_Check(value), what, " must be a str, got ", repr());
+      return torch_ext::parse_config_text(entry.kind, PyUnicode_AsUTF8(value), what);
+    case torch_ext::ConfigKind::Flag:
+      TORCH_CHECK_TYPE(PyBool_Check(value), what, " must be a bool, got ", repr());
+      return value == Py_True ? 1 : 0;
+    case torch_ext::ConfigKind::Bytes: break;
+  }
+  TORCH_CHECK_TYPE(PyLong_Check(value) && !PyBool_Check(value), what, " must be an int, got ", repr());
+  int overflow = 0;
+  const long long bytes = PyLong_AsLongLongAndOverflow(value, &overflow);
+  TORCH_CHECK_VALUE(overflow == 0, what, " must fit in 64 bits, got ", repr());
+  return torch_ext::check_config_value(entry.kind, bytes, what);
+}
+
+// _get_config() -> {name: value} of every run-time switch (csrc/runtime_config.h).
 static PyObject* get_config(PyObject*, PyObject*) {
   HANDLE_TH_ERRORS
-  auto& config = torch_ext::runtime_config();
-  return Py_BuildValue("{s:s,s:L,s:O,s:L}", "cpu_gemm", torch_ext::cpu_gemm_name(config.gemm()), "panel_bytes",
-                       static_cast<long long>(config.panel_bytes.load()), "cublaslt",
-                       config.cublaslt.load() ? Py_True : Py_False, "cpu_cache_bytes",
-                       static_cast<long long>(config.cpu_cache_bytes.load()));
+  const auto& config = torch_ext::runtime_config();
+  pybind11::dict values;
+  for (const auto& entry : torch_ext::kConfigEntries)
+    values[entry.name] =
+        pybind11::reinterpret_steal<pybind11::object>(config_value_to_python(entry, config.get(entry.id)));
+  return values.release().ptr();
   END_HANDLE_TH_ERRORS
 }
 
-// _set_config(name, value): one entry of the run-time config; torch_ext.set_config checks the
-// value's type first. Lowering cpu_cache_bytes frees the cached blocks beyond it at once.
-static PyObject* set_config(PyObject*, PyObject* args) {
+// _set_config({name: value}) -> {name: previous value}: every change is checked before any is
+// applied, so a call applies all or none. Lowering cpu_cache_bytes frees the cached blocks beyond
+// it at once.
+static PyObject* set_config(PyObject*, PyObject* changes) {
   HANDLE_TH_ERRORS
-  const char* name = nullptr;
+  TORCH_CHECK_TYPE(PyDict_Check(changes), "_set_config takes a dict of changes");
+  std::vector<std::pair<const torch_ext::ConfigEntry*, int64_t>> checked;
+  PyObject* name = nullptr;
   PyObject* value = nullptr;
-  if (!PyArg_ParseTuple(args, "sO", &name, &value)) return nullptr;
-  auto& config = torch_ext::runtime_config();
-  const std::string key = name;
-  if (key == "cpu_gemm") {
-    TORCH_CHECK_TYPE(PyUnicode_Check(value), "cpu_gemm must be a str");
-    config.cpu_gemm = int(torch_ext::parse_cpu_gemm(PyUnicode_AsUTF8(value), "cpu_gemm"));
-  } else if (key == "cublaslt") {
-    TORCH_CHECK_TYPE(PyBool_Check(value), "cublaslt must be a bool");
-    config.cublaslt = value == Py_True;
-  } else {
-    TORCH_CHECK_VALUE(key == "panel_bytes" || key == "cpu_cache_bytes", "no config entry named '", key, "'");
-    TORCH_CHECK_TYPE(PyLong_Check(value) && !PyBool_Check(value), key, " must be an int");
-    const long long bytes = PyLong_AsLongLong(value);
-    if (bytes == -1 && PyErr_Occurred()) return nullptr;
-    TORCH_CHECK_VALUE(bytes >= 0, key, " must be >= 0, got ", bytes);
-    if (key == "panel_bytes") {
-      config.panel_bytes = bytes;
-    } else {
-      config.cpu_cache_bytes = bytes;
-      torch_ext::cpu::trim_cache();
-    }
+  Py_ssize_t pos = 0;
+  while (PyDict_Next(changes, &pos, &name, &value)) {
+    TORCH_CHECK_TYPE(PyUnicode_Check(name), "torch_ext.set_config: switch names are str");
+    const auto& entry = torch_ext::config_entry(PyUnicode_AsUTF8(name), "torch_ext.set_config");
+    checked.emplace_back(&entry, config_value_from_python(entry, value));
   }
-  Py_RETURN_NONE;
+  auto& config = torch_ext::runtime_config();
+  pybind11::dict previous;
+  for (const auto& [entry, checked_value] : checked) {
+    previous[entry->name] =
+        pybind11::reinterpret_steal<pybind11::object>(config_value_to_python(*entry, config.get(entry->id)));
+    config.set(entry->id, checked_value);
+    if (entry->id == torch_ext::Switch::CpuCacheBytes) torch_ext::cpu::trim_cache();
+  }
+  return previous.release().ptr();
   END_HANDLE_TH_ERRORS
 }
 
@@ -452,7 +482,9 @@ static PyMethodDef methods[] = {
      "torch_ext.linear_cross_entropy's eager path: the loss with its gradients formed in the forward op and a "
      "C++ node, or without autograd the forward op alone."},
     {"_get_config", get_config, METH_NOARGS, "The run-time config (torch_ext.get_config)."},
-    {"_set_config", set_config, METH_VARARGS, "Sets one run-time config entry (torch_ext.set_config)."},
+    {"_set_config", set_config, METH_O,
+     "_set_config({name: value}) -> {name: previous}: checks every change, then applies them "
+     "(torch_ext.set_config)."},
     {"empty_cache", empty_cache, METH_NOARGS,
      "Return the cached free CPU output blocks to the system; returns the bytes released."},
     {"cached_bytes", cached_bytes, METH_NOARGS, "Bytes held in cached free CPU output blocks."},

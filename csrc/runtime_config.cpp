@@ -8,25 +8,11 @@
 namespace torch_ext {
 namespace {
 
-// A non-negative integer from the environment variable `name`, or `fallback` when unset.
-int64_t env_bytes(const char* name, int64_t fallback) {
-  const char* env = std::getenv(name);
-  if (env == nullptr || *env == '\0') return fallback;
-  errno = 0;
-  char* end = nullptr;
-  const long long value = std::strtoll(env, &end, 10);
-  TORCH_CHECK(errno == 0 && end != env && *end == '\0' && value >= 0, name,
-              " must be a non-negative number of bytes; got '", env, "'");
-  return value;
-}
-
 void fill_from_environment(RuntimeConfig& config) {
-  if (const char* gemm = std::getenv("TORCH_EXT_CPU_GEMM"))
-    config.cpu_gemm = int(parse_cpu_gemm(gemm, "TORCH_EXT_CPU_GEMM"));
-  config.panel_bytes = env_bytes("TORCH_EXT_PANEL_BYTES", 0);
-  const char* lt = std::getenv("TORCH_EXT_CUBLASLT");
-  config.cublaslt = lt == nullptr || std::string(lt) != "0";
-  config.cpu_cache_bytes = env_bytes("TORCH_EXT_CPU_CACHE_BYTES", int64_t(2) << 30);
+  for (const ConfigEntry& entry : kConfigEntries) {
+    const char* env = std::getenv(entry.env);
+    if (env != nullptr && *env != '\0') config.set(entry.id, parse_config_text(entry.kind, env, entry.env));
+  }
 }
 
 }  // namespace
@@ -41,19 +27,45 @@ RuntimeConfig& runtime_config() {
   return *config;
 }
 
+const ConfigEntry& config_entry(const std::string& name, const char* caller) {
+  std::string names;
+  for (const ConfigEntry& entry : kConfigEntries) {
+    if (name == entry.name) return entry;
+    names += std::string(names.empty() ? "" : ", ") + entry.name;
+  }
+  TORCH_CHECK_TYPE(false, caller, ": no switch named '", name, "'; they are ", names);
+}
+
+int64_t parse_config_text(ConfigKind kind, const std::string& text, const std::string& what) {
+  switch (kind) {
+    case ConfigKind::GemmChoice:
+      if (text == "ours") return int64_t(CpuGemm::Ours);
+      if (text == "aten") return int64_t(CpuGemm::Aten);
+      TORCH_CHECK_VALUE(text == "auto", what, " must be auto, ours or aten; got '", text, "'");
+      return int64_t(CpuGemm::Auto);
+    case ConfigKind::Flag: return text == "0" ? 0 : 1;  // the variable turns a path off with 0
+    case ConfigKind::Bytes: break;
+  }
+  errno = 0;
+  char* end = nullptr;
+  const long long value = std::strtoll(text.c_str(), &end, 10);
+  TORCH_CHECK_VALUE(errno == 0 && end != text.c_str() && *end == '\0', what,
+                    " must be a non-negative number of bytes; got '", text, "'");
+  return check_config_value(kind, value, what);
+}
+
+int64_t check_config_value(ConfigKind kind, int64_t value, const std::string& what) {
+  TORCH_CHECK_VALUE(kind != ConfigKind::Bytes || value >= 0, what, " must be a non-negative number of bytes; got ",
+                    value);
+  return value;
+}
+
 const char* cpu_gemm_name(CpuGemm choice) {
   switch (choice) {
     case CpuGemm::Ours: return "ours";
     case CpuGemm::Aten: return "aten";
     default: return "auto";
   }
-}
-
-CpuGemm parse_cpu_gemm(const std::string& value, const char* what) {
-  if (value == "ours") return CpuGemm::Ours;
-  if (value == "aten") return CpuGemm::Aten;
-  TORCH_CHECK(value == "auto" || value.empty(), what, " must be auto, ours or aten; got '", value, "'");
-  return CpuGemm::Auto;
 }
 
 }  // namespace torch_ext

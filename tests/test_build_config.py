@@ -323,10 +323,14 @@ def test_set_config_checks_its_arguments(set_config):
         set_config(cpu_cache_bytes=True)
     with pytest.raises(TypeError, match="cublaslt must be a bool, got 0"):
         set_config(cublaslt=0)
-    with pytest.raises(ValueError, match="cpu_cache_bytes must be >= 0, got -1"):
+    with pytest.raises(ValueError, match="cpu_cache_bytes must be a non-negative number of bytes; got -1"):
         set_config(cpu_cache_bytes=-1)
-    with pytest.raises(ValueError, match="cpu_gemm must be 'auto', 'ours' or 'aten', got 'mkl'"):
+    with pytest.raises(ValueError, match="cpu_gemm must be auto, ours or aten; got 'mkl'"):
         set_config(cpu_gemm="mkl")
+    with pytest.raises(ValueError, match="panel_bytes must fit in 64 bits"):
+        set_config(panel_bytes=2**70)
+    with pytest.raises(ValueError, match="cpu_gemm must be"):  # all or nothing: the good change is not applied
+        set_config(panel_bytes=before["panel_bytes"] + 4096, cpu_gemm="mkl")
     assert torch_ext.get_config() == before, "a refused change must change nothing"
 
 
@@ -368,7 +372,7 @@ def test_config_comes_from_the_environment_once():
 @pytest.mark.parametrize("variable,value,message", [
     ("TORCH_EXT_CPU_GEMM", "mkl", "TORCH_EXT_CPU_GEMM must be auto, ours or aten; got 'mkl'"),
     ("TORCH_EXT_PANEL_BYTES", "4k", "TORCH_EXT_PANEL_BYTES must be a non-negative number of bytes; got '4k'"),
-    ("TORCH_EXT_CPU_CACHE_BYTES", "-1", "TORCH_EXT_CPU_CACHE_BYTES must be a non-negative number of bytes; got '-1'"),
+    ("TORCH_EXT_CPU_CACHE_BYTES", "-1", "TORCH_EXT_CPU_CACHE_BYTES must be a non-negative number of bytes; got -1"),
 ])
 def test_a_bad_environment_value_raises_naming_the_variable(variable, value, message):
     # Not at import: at each call that reads the config (the ops included).
@@ -378,7 +382,7 @@ def test_a_bad_environment_value_raises_naming_the_variable(variable, value, mes
         "for call in (torch_ext.get_config, torch_ext.cpu_gemm, lambda: torch_ext.fused_linear(x, w)):\n"
         "    try:\n"
         "        call()\n"
-        "    except RuntimeError as e:\n"
+        "    except ValueError as e:\n"
         f"        assert {message!r} in str(e), e\n"
         "    else:\n"
         "        raise AssertionError(f'no error from {call}')\n"

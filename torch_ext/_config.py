@@ -1,6 +1,7 @@
 """``torch_ext.show_config()`` / ``python -m torch_ext``: what was built and what runs now; and the
 run-time switches (``get_config`` / ``set_config`` / ``config``), held in one C++ object
-(csrc/runtime_config.h) that reads their environment variables once, at import."""
+(csrc/runtime_config.h, with their names, variables and rules) that reads their environment
+variables once, at import."""
 from __future__ import annotations
 
 import contextlib
@@ -40,18 +41,6 @@ def _cuda_line(cfg: dict, compiled_with_cuda: bool) -> str:
     return f"not built: {cfg.get('cuda_why_not')}"
 
 
-# name -> (environment variable read at import, type, what it switches)
-CONFIG_ENTRIES = {
-    "cpu_gemm": ("TORCH_EXT_CPU_GEMM", str, "the float32 GEMM of CPU products of 32 rows or more: "
-                 "'auto' (ours on AMD CPUs, ATen's elsewhere), 'ours' or 'aten'"),
-    "panel_bytes": ("TORCH_EXT_PANEL_BYTES", int, "fused_linear's CPU panel size in bytes (tuning); 0: the default"),
-    "cublaslt": ("TORCH_EXT_CUBLASLT", bool, "whether CUDA dense layers may use cuBLASLt's fused epilogues "
-                 "(TORCH_EXT_CUBLASLT=0: off)"),
-    "cpu_cache_bytes": ("TORCH_EXT_CPU_CACHE_BYTES", int, "the bound on large CPU outputs kept for reuse "
-                        "(default 2 GiB; 0: no cache)"),
-}
-
-
 def get_config() -> dict:
     """torch_ext's run-time switches and their current values: ``cpu_gemm``, ``panel_bytes``,
     ``cublaslt``, ``cpu_cache_bytes``. Each starts from its environment variable
@@ -83,22 +72,9 @@ def set_config(**changes) -> dict:
     """
     from . import _C
 
-    for name, value in changes.items():
-        if name not in CONFIG_ENTRIES:
-            raise TypeError(f"torch_ext.set_config: no switch named {name!r}; they are {', '.join(CONFIG_ENTRIES)}")
-        kind = CONFIG_ENTRIES[name][1]
-        if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
-            article = "an" if kind is int else "a"
-            raise TypeError(f"torch_ext.set_config: {name} must be {article} {kind.__name__}, got {value!r}")
-        if name == "cpu_gemm" and value not in ("auto", "ours", "aten"):
-            raise ValueError(f"torch_ext.set_config: cpu_gemm must be 'auto', 'ours' or 'aten', got {value!r}")
-        if kind is int and value < 0:
-            raise ValueError(f"torch_ext.set_config: {name} must be >= 0, got {value}")
-    current = get_config()
-    previous = {name: current[name] for name in changes}
-    for name, value in changes.items():
-        _C._set_config(name, value)
-    return previous
+    # The switches' names and rules live in C++ (csrc/runtime_config.h); it checks every change
+    # before applying any, so a refused call changes nothing.
+    return _C._set_config(changes)
 
 
 @contextlib.contextmanager

@@ -51,7 +51,7 @@ Activation activation_from(c10::string_view name) {
 int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like) {
   if (like.scalar_type() == at::kBFloat16 || m == 0) return std::max<int64_t>(m, 1);
   const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
-  const int64_t override_bytes = runtime_config().panel_bytes.load(std::memory_order_relaxed);
+  const int64_t override_bytes = runtime_config().get(Switch::PanelBytes);
   const int64_t rows = override_bytes > 0 ? std::max<int64_t>(1, override_bytes / row_bytes)
                                           : std::max(kMinPanelRows, kDefaultPanelBytes / row_bytes);
   return std::min(m, rows);

@@ -110,7 +110,7 @@ int64_t workspace_bytes(const Tensor& like) {
 
 }  // namespace
 
-bool cublaslt_enabled() { return runtime_config().cublaslt.load(std::memory_order_relaxed); }
+bool cublaslt_enabled() { return runtime_config().get(Switch::Cublaslt) != 0; }
 
 bool cublaslt_dtype(at::ScalarType dtype) {
   return dtype == at::kHalf || dtype == at::kBFloat16 || dtype == at::kFloat;

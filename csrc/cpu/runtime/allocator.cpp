@@ -22,7 +22,7 @@ namespace {
 constexpr size_t kHugePage = size_t(2) << 20;
 
 // The bound on cached bytes: the config's cpu_cache_bytes, read at each release.
-size_t cache_limit() { return size_t(runtime_config().cpu_cache_bytes.load(std::memory_order_relaxed)); }
+size_t cache_limit() { return size_t(runtime_config().get(Switch::CpuCacheBytes)); }
 
 struct Block {
   void* ptr;
