@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import zlib
 from dataclasses import dataclass
-from typing import Callable, FrozenSet, List
+from typing import Callable, FrozenSet, List, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,6 +24,18 @@ class Sample:
     reference: Callable  # PyTorch's: reference(*inputs) -> the same
     inputs: List[torch.Tensor]  # floating ones are differentiable, except those in `fixed`
     fixed: FrozenSet[int] = frozenset()  # indices of floating inputs not differentiated (class weights)
+    names: Tuple[str, ...] = ()  # each input's argument name in torch_ext's function
+
+
+# family -> the names of its inputs in the order its samples list them (the public argument names)
+INPUT_NAMES = {
+    "fused_linear": ("input", "weight", "bias"),
+    "fused_mlp": ("input", "fc1_weight", "fc1_bias", "fc2_weight", "fc2_bias"),
+    "cross_entropy": ("input", "target", "weight"),
+    "regression_loss": ("input", "target"),
+    "triplet_margin_loss": ("anchor", "positive", "negative"),
+    "linear_cross_entropy": ("input", "linear_weight", "target", "weight", "linear_bias"),
+}
 
 
 def _rand(gen, *shape):
@@ -220,4 +232,5 @@ def sample(family: str, sample_id: str, device, dtype: torch.dtype) -> Sample:
         fn, reference, inputs, *fixed = SAMPLES[family][sample_id](gen)
     finally:
         torch.set_default_dtype(previous)
-    return Sample(fn, reference, _to(inputs, device, dtype), fixed[0] if fixed else frozenset())
+    return Sample(fn, reference, _to(inputs, device, dtype), fixed[0] if fixed else frozenset(),
+                  INPUT_NAMES[family][:len(inputs)])

@@ -14,7 +14,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
-from devices import DEVICE_DTYPES, DEVICES
+from devices import DEVICE_DTYPES, DEVICES, cuda_only
 from op_samples import CASES, FIRST_CASES, sample
 from utils import assert_close, reference_dtype, tolerance
 
@@ -100,12 +100,13 @@ def test_opcheck_every_op_called(device, case):
         torch.library.opcheck(func, args, kwargs)
 
 
+@pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_compile_matches_eager(dynamo_reset, device, case):
+def test_compile_matches_eager(dynamo_reset, device, case, backend):
     s = sample(*case, device, torch.float32)
     out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
-    compiled = torch.compile(s.fn, backend="aot_eager", fullgraph=True)
+    compiled = torch.compile(s.fn, backend=backend, fullgraph=True)
     c_out, c_grads, _ = _forward_backward(compiled, s.inputs, grad_output, fixed=s.fixed)
     assert_close(c_out, out, msg="result")
     for i, (c, g) in enumerate(zip(c_grads, grads)):
@@ -192,3 +193,46 @@ def test_autocast(device, case):
     for i, (g, r) in enumerate(zip(grads, ref_grads)):
         assert g.dtype == r.dtype == torch.float32
         assert_close(g, r, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_autocast_keeps_float64(device, case):
+    # Autocast leaves float64 alone, as PyTorch's ops do: float64 results and gradients.
+    s = sample(*case, device, torch.float64)
+    with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
+        out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+        ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output, fixed=s.fixed)
+    assert out.dtype == ref.dtype == torch.float64
+    assert_close(out, ref, msg="result")
+    for i, (g, r) in enumerate(zip(grads, ref_grads)):
+        assert g.dtype == torch.float64, f"gradient {i}: dtype {g.dtype}"
+        assert_close(g, r, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_integer_input_is_refused_by_name(device, case):
+    # Every floating input given as integers: a clear error that names the argument (PyTorch's
+    # ops refuse integer inputs to these functions too), never a result.
+    s = sample(*case, device, torch.float32)
+    for i, t in enumerate(s.inputs):
+        if not t.is_floating_point():
+            continue
+        bad = list(s.inputs)
+        bad[i] = t.to(torch.int32)
+        with pytest.raises((TypeError, ValueError, RuntimeError), match=rf"\b{s.names[i]}\b"):
+            s.fn(*bad)
+
+
+@cuda_only
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+def test_input_on_another_device_is_refused_by_name(case):
+    # Each input on the CPU while the others are on the GPU (the class weight too): an error
+    # naming that argument, as PyTorch's ops raise for mixed devices.
+    s = sample(*case, "cuda", torch.float32)
+    for i, t in enumerate(s.inputs):
+        bad = list(s.inputs)
+        bad[i] = t.cpu()
+        with pytest.raises((TypeError, ValueError, RuntimeError), match=rf"\b{s.names[i]}\b"):
+            s.fn(*bad)

@@ -676,17 +676,6 @@ def test_autocast_bfloat16_computes_in_float32(reduction, dtypes):
         assert_close(a.grad, r.grad, dtype=dt, msg=f"autocast grad_{name}")
 
 
-def test_autocast_float64_stays_float64():
-    tensors = [leaf(v) for v in make_triplet((4, 6), torch.float64)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
-        y = ours(*tensors)
-        y_ref = reference(*tensors)
-    assert y_ref.dtype == y.dtype == torch.float64
-    assert_close(y, y_ref)
-    y.backward()
-    assert all(v.grad.dtype == torch.float64 for v in tensors)
-
-
 # ----------------------------------------------------------------------------------------------
 # 9. The module
 # ----------------------------------------------------------------------------------------------
