@@ -5,15 +5,22 @@ result and gradients match PyTorch's own ops in every dtype the device takes; gr
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call;
 torch.compile (fullgraph) matches eager; a retained graph's second backward gives the same
 gradients; non-contiguous inputs; torch.autocast gives PyTorch's dtypes and values; double
-backward raises a clear error. When a GPU is present, every check runs on it too.
+backward raises a clear error; float64 stays float64 under autocast; an integer input (and, on a
+GPU, an input on another device) is refused with an error naming the argument; torch_ext.fuse of
+a model with each kind of replaceable module matches the model as written. When a GPU is present,
+every check runs on it too.
 """
 from __future__ import annotations
 
+import copy
+
 import pytest
 import torch
+from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
 
+import torch_ext
 from devices import DEVICE_DTYPES, DEVICES, cuda_only
 from op_samples import CASES, FIRST_CASES, sample
 from utils import assert_close, reference_dtype, tolerance
@@ -236,3 +243,68 @@ def test_input_on_another_device_is_refused_by_name(case):
         bad[i] = t.cpu()
         with pytest.raises((TypeError, ValueError, RuntimeError), match=rf"\b{s.names[i]}\b"):
             s.fn(*bad)
+
+
+class _Classifier(nn.Module):
+    """A model with each kind of module fuse() replaces: Linear + activation pairs of an
+    nn.Sequential, a Transformer encoder layer's feed-forward block, and a loss module."""
+
+    def __init__(self):
+        super().__init__()
+        self.embed = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 16), nn.SiLU())
+        self.block = nn.TransformerEncoderLayer(16, 2, dim_feedforward=32, dropout=0.0, activation="gelu",
+                                                batch_first=True)
+        self.head = nn.Linear(16, 5)
+        self.loss = nn.CrossEntropyLoss(label_smoothing=0.1)
+
+    def forward(self, x, target):
+        return self.loss(self.head(self.block(self.embed(x))).flatten(0, 1), target.flatten())
+
+
+class _Regressor(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.net = nn.Sequential(nn.Linear(8, 12), nn.ReLU(), nn.Linear(12, 12), nn.Tanh(), nn.Linear(12, 3))
+        self.loss = nn.HuberLoss(delta=0.5)
+
+    def forward(self, x, target):
+        return self.loss(self.net(x), target)
+
+
+FUSE_MODELS = {
+    # name -> (model maker, (input, target) maker, how many modules fuse() replaces)
+    "classifier": (_Classifier, lambda gen: (torch.randn(3, 7, 8, generator=gen),
+                                             torch.randint(0, 5, (3, 7), generator=gen)), 4),
+    "regressor": (_Regressor, lambda gen: (torch.randn(4, 8, generator=gen), torch.randn(4, 3, generator=gen)), 3),
+}
+
+
+@pytest.mark.parametrize("name", FUSE_MODELS)
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES)
+def test_fused_model_matches_the_model(device, dtype, name):
+    # torch_ext.fuse on a model on this device in this dtype: it replaces what it should, and the
+    # fused model's loss and every parameter's gradient match the model's as written (computed in
+    # the reference dtype from the same low-precision values, as test_matches_pytorch does).
+    make_model, make_inputs, replaced = FUSE_MODELS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device=device, dtype=dtype)
+    fused, report = torch_ext.fuse(model, return_report=True)
+    assert len(report.replaced) == replaced, str(report)
+    x, target = make_inputs(torch.Generator().manual_seed(0))
+    reference = copy.deepcopy(model).to(reference_dtype(dtype))
+    results = []
+    for m, in_dtype in ((fused, dtype), (reference, reference_dtype(dtype))):
+        xs = x.to(device=device, dtype=in_dtype).requires_grad_()
+        t = target.to(device=device, dtype=in_dtype if target.is_floating_point() else None)
+        loss = m(xs, t)
+        loss.backward()
+        results.append((loss, xs.grad, {n: p.grad for n, p in m.named_parameters()}))
+    (loss, grad_x, grads), (ref_loss, ref_grad_x, ref_grads) = results
+    assert loss.dtype == dtype, "the loss's dtype differs from the model's as written"
+    rtol, atol = tolerance(dtype)
+    assert_close(loss, ref_loss, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg="loss")
+    assert_close(grad_x, ref_grad_x, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg="input gradient")
+    assert grads.keys() == ref_grads.keys()
+    for n, g in grads.items():
+        assert g.dtype == dtype, n
+        assert_close(g, ref_grads[n], rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient of {n}")
