@@ -69,11 +69,11 @@ class NoDoubleBackward final : public Node {
 
 // torch_ext::linear_act_fwd, for the dense layer's and the MLP's eager paths.
 const auto& linear_act_fwd_op() {
-  static const auto op =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
-                                                    const std::optional<at::Tensor>&, c10::string_view, double)>();
+  static const auto op = c10::Dispatcher::singleton()
+                             .findSchemaOrThrow("torch_ext::linear_act_fwd", "")
+                             .typed<std::tuple<at::Tensor, at::Tensor>(const at::Tensor&, const at::Tensor&,
+                                                                       const std::optional<at::Tensor>&,
+                                                                       c10::string_view, double, bool)>();
   return op;
 }
 
@@ -362,13 +362,14 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
 at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::string_view activation, double negative_slope) {
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
+  const at::Tensor b = bias.value_or(at::Tensor());
+  const bool autograd = takes_grad(input) || takes_grad(weight) || takes_grad(b);
   at::Tensor out, saved;
   {
     BelowAutograd below_autograd;
-    std::tie(out, saved) = linear_act_fwd_op().call(input, weight, bias, activation, negative_slope);
+    std::tie(out, saved) = linear_act_fwd_op().call(input, weight, bias, activation, negative_slope, autograd);
   }
-  const at::Tensor b = bias.value_or(at::Tensor());
-  if (!takes_grad(input) && !takes_grad(weight) && !takes_grad(b)) return out;  // no autograd: no node
+  if (!autograd) return out;  // no node, and nothing was saved for one
   const bool from_output = grad_from_output(activation);
   set_node_history(out, {"FusedLinearBackward",
                          backward,
@@ -389,20 +390,21 @@ at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, cons
                                   .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
                                   .typed<at::Tensor(const at::Tensor&, c10::string_view, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::mlp_bwd", "");
+  const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
+  const bool autograd =
+      takes_grad(input) || takes_grad(fc1_weight) || takes_grad(b1) || takes_grad(fc2_weight) || takes_grad(b2);
   at::Tensor out, hidden, saved;
   {
     BelowAutograd below_autograd;
     if (gated) {  // fc1 with its bias, then one pass for act(u) * v
-      saved = std::get<0>(linear_fwd.call(input, fc1_weight, fc1_bias, "none", 0.0));
+      saved = std::get<0>(linear_fwd.call(input, fc1_weight, fc1_bias, "none", 0.0, false));
       hidden = act_fwd.call(saved, activation, negative_slope, true);
     } else {
-      std::tie(hidden, saved) = linear_fwd.call(input, fc1_weight, fc1_bias, activation, negative_slope);
+      std::tie(hidden, saved) = linear_fwd.call(input, fc1_weight, fc1_bias, activation, negative_slope, autograd);
     }
     out = at::linear(hidden, fc2_weight, fc2_bias);
   }
-  const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
-  if (!takes_grad(input) && !takes_grad(fc1_weight) && !takes_grad(b1) && !takes_grad(fc2_weight) && !takes_grad(b2))
-    return out;  // no autograd: no node
+  if (!autograd) return out;  // no node, and nothing was saved for one
   if (!gated && grad_from_output(activation)) saved = hidden;
   set_node_history(out, {"FusedMLPBackward",
                          backward,

@@ -36,9 +36,10 @@ TORCH_LIBRARY(torch_ext, m) {
   // Dense layer + activation. Returns (out, saved): saved is what backward needs besides input
   // and weight: the relu/leaky_relu bit mask as uint8 (*, ceil(N/8)), the pre-activation
   // (*, N) for gelu/gelu_tanh/silu, or an empty tensor (none, sigmoid and tanh, which use out).
+  // for_backward=False (inference): saved is None, and neither written nor allocated.
   m.def(
       "linear_act_fwd(Tensor input, Tensor weight, Tensor? bias, str activation, "
-      "float negative_slope) -> (Tensor, Tensor)",
+      "float negative_slope, bool for_backward=True) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Gradients for (input, weight, bias); those not asked for in output_mask: undefined (None).
   // saved: the mask, pre-activation or output, as returned by linear_act_fwd.

@@ -27,6 +27,7 @@ autograd (``nn.Linear`` + activation module for the module). Covered:
 """
 from __future__ import annotations
 
+import contextlib
 import gc
 import itertools
 import math
@@ -37,6 +38,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import FusedLinear, FusedLinearFunction, fused_linear
@@ -635,6 +637,79 @@ def test_opcheck_fwd(activation, sample):
     _, in_shape, bias, requires_grad = sample
     x, w, b = _opcheck_args(in_shape, bias, requires_grad)
     torch.library.opcheck(FWD, (x, w, b, activation, 0.1))
+    if not requires_grad:  # inference: nothing kept for backward
+        torch.library.opcheck(FWD, (x, w, b, activation, 0.1, False))
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_for_backward_false_gives_the_same_output_and_keeps_nothing(activation, dtype):
+    for in_shape in [(5, 7), (2, 3, 7), (7,), (0, 7), (70, 7)]:
+        x, w, b = make_args(in_shape, 19, dtype)
+        out, saved = FWD(x, w, b, activation, 0.1)
+        inference_out, nothing = FWD(x, w, b, activation, 0.1, False)
+        assert nothing is None, f"{in_shape}: for_backward=False returned a saved tensor"
+        assert torch.equal(inference_out, out), f"{in_shape}: the output differs without the saved tensor"
+
+
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_for_backward_false_then_backward(activation):
+    # Called directly with for_backward=False on inputs requiring grad, the op's backward gives the
+    # right gradients where the output is all it needs, and otherwise a clear error.
+    x, w, b = (leaf(t) for t in make_args((4, 7), 9))
+    out, _ = FWD(x, w, b, activation, 0.1, False)
+    if activation in ("none", "sigmoid", "tanh"):
+        got = torch.autograd.grad(out.sum(), (x, w, b))
+        _, want = forward_backward(lambda a, c, d: reference(a, c, d, activation, 0.1), x, w, b, "sum")
+        for name, g, r in zip(("input", "weight", "bias"), got, want):
+            assert_close(g, r, msg=name)
+    else:
+        with pytest.raises(RuntimeError, match="for_backward=False, so it kept nothing"):
+            out.sum().backward()
+
+
+class _ForBackwardOfLinearAct(TorchDispatchMode):
+    """Records the for_backward argument of every linear_act_fwd call."""
+
+    def __init__(self):
+        super().__init__()
+        self.for_backward = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func is FWD:
+            self.for_backward.append(args[5] if len(args) > 5 else kwargs.get("for_backward", True))
+        return func(*args, **kwargs)
+
+
+@pytest.mark.parametrize("case", ["no_grad", "no_input_requires_grad", "training"])
+def test_inference_keeps_nothing_for_backward(case):
+    # fused_linear and fused_mlp ask linear_act_fwd for what backward needs only when autograd
+    # records: in inference the pre-activation or mask is neither allocated nor written.
+    x, w, b = make_args((6, 8), 12)
+    w2 = torch.randn(5, 12)
+    if case == "training":
+        w.requires_grad_()
+    context = torch.no_grad() if case == "no_grad" else contextlib.nullcontext()
+    recorder = _ForBackwardOfLinearAct()
+    with context, recorder:
+        fused_linear(x, w, b, "gelu")
+        torch_ext.fused_mlp(x, w, b, w2, None, "gelu")
+    assert recorder.for_backward == [case == "training"] * 2
+
+
+@pytest.mark.parametrize("activation", ["gelu", "relu", "tanh"])
+def test_compiled_inference_matches_eager(dynamo_reset, activation):
+    # Compiled code under no_grad takes the for_backward=False op (fake kernel: no saved tensor).
+    x, w, b = make_args((6, 8), 12)
+    w2 = torch.randn(5, 12)
+
+    def fn(x, w, b, w2):
+        return fused_linear(x, w, b, activation) + torch_ext.fused_mlp(x, w, b, w2, None, activation).sum()
+
+    with torch.no_grad():
+        compiled = torch.compile(fn, backend="aot_eager", fullgraph=True)
+        assert_close(compiled(x, w, b, w2), fn(x, w, b, w2))
 
 
 BWD_SAMPLES = [

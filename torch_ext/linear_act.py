@@ -69,12 +69,14 @@ def _check_linear_args(op: str, input: Tensor, weight: Tensor, bias: Optional[Te
 
 
 @torch.library.register_fake("torch_ext::linear_act_fwd")
-def _linear_act_fwd_fake(input, weight, bias, activation, negative_slope):
+def _linear_act_fwd_fake(input, weight, bias, activation, negative_slope, for_backward=True):
     _check_linear_args("torch_ext.linear_act_fwd", input, weight, bias)
     _check_activation(activation)
     n = weight.shape[0]
     out = input.new_empty((*input.shape[:-1], n))
-    if activation in _SAVES_MASK:
+    if not for_backward:
+        saved = None
+    elif activation in _SAVES_MASK:
         saved = input.new_empty((*input.shape[:-1], (n + 7) // 8), dtype=torch.uint8)
     elif activation in _SAVES_PRE_ACTIVATION:
         saved = input.new_empty(out.shape)
@@ -91,31 +93,42 @@ def _linear_act_bwd_fake(grad_output, input, weight, saved, activation, negative
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, activation, negative_slope = inputs
+    input, weight, bias, activation, negative_slope, *for_backward = inputs
     out, saved = output
+    ctx.num_inputs = len(inputs)
+    ctx.kept_nothing = for_backward == [False] and activation not in _SAVES_OUTPUT and activation != "none"
     ctx.activation = activation
     ctx.negative_slope = negative_slope
     ctx.has_bias = bias is not None
     # sigmoid/tanh derive their gradient from the output; the others from the op's `saved`.
     # The bias (a parameter: no extra memory) for differentiable_once's edges only.
     ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved, bias)
-    ctx.mark_non_differentiable(saved)
+    if saved is not None:
+        ctx.mark_non_differentiable(saved)
     ctx.set_materialize_grads(False)  # no zero-filled gradient for `saved` in backward
 
 
 def _backward(ctx, grad_out, _grad_saved):
+    options = (None,) * (ctx.num_inputs - 3)  # activation, negative_slope[, for_backward]
     if grad_out is None:  # only `saved` reached backward (materialize_grads is off)
-        return None, None, None, None, None
+        return (None, None, None, *options)
     input, weight, saved, bias = ctx.saved_tensors
     needs = ctx.needs_input_grad
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
     if not any(mask):
-        return None, None, None, None, None
+        return (None, None, None, *options)
+    if ctx.kept_nothing:
+        raise RuntimeError(
+            f"torch_ext.linear_act_fwd was called with for_backward=False, so it kept nothing for the "
+            f"{ctx.activation} backward; call it with for_backward=True (the default) to differentiate it"
+        )
+    if saved is None:  # activation none, called with for_backward=False: nothing was needed
+        saved = input.new_empty((0,))
     grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
     # With create_graph the gradients refuse a second derivative, through the bias too (gelu's
     # weight gradient depends on it through the saved pre-activation).
     grads = differentiable_once("torch_ext.fused_linear", grads, (grad_out, input, weight, bias))
-    return (*grads, None, None)
+    return (*grads, *options)
 
 
 # Calling torch.ops.torch_ext.linear_act_fwd directly is differentiable too.
@@ -166,8 +179,8 @@ def fused_linear(
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
     if torch.compiler.is_compiling():
-        if not needs_autograd(input, weight, bias):
-            return _fwd_op(input, weight, bias, activation, float(negative_slope))[0]
+        if not needs_autograd(input, weight, bias):  # inference: nothing kept for a backward
+            return _fwd_op(input, weight, bias, activation, float(negative_slope), False)[0]
         return FusedLinearFunction.apply(input, weight, bias, activation, float(negative_slope))[0]
     # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h) when autograd records,
     # else the forward op alone: cheaper per call than autograd.Function or the op from Python.

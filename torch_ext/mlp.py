@@ -152,13 +152,14 @@ def _check_mlp_args(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activatio
             raise RuntimeError(f"{op}: {name} has dtype {t.dtype} but input has dtype {input.dtype}; they must match")
 
 
-def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute):
+def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, negative_slope, recompute,
+                 for_backward=True):
     if activation in GATED_ACTIVATIONS:
-        pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0)[0]
+        pre = _linear_fwd(input, fc1_weight, fc1_bias, "none", 0.0, False)[0]
         hidden = _act_fwd(pre, GATED_ACTIVATIONS[activation], negative_slope, True)
         saved = pre
     else:
-        hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope)
+        hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope, for_backward)
     return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
 
 
@@ -245,8 +246,8 @@ def fused_mlp(
     )
     args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute))
     if torch.compiler.is_compiling():
-        if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):
-            return _mlp_forward(*args)[0]
+        if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # inference
+            return _mlp_forward(*args, for_backward=False)[0]
         return FusedMLPFunction.apply(*args)[0]
     # Eager: the same ops, under a C++ autograd node (csrc/autograd_node.h) when autograd records,
     # else the forward ops alone: cheaper per call than autograd.Function or the ops from Python.

@@ -113,7 +113,7 @@ void forward_panels(Activation act, double negative_slope, const Tensor& x2d, co
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor& weight,
                                               const std::optional<Tensor>& bias, c10::string_view activation,
-                                              double negative_slope) {
+                                              double negative_slope, bool for_backward) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
   check_linear_args(op, input, weight, bias, check_cpu_dtype);
   const Activation act = activation_from(activation);
@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
   Tensor out_full = cpu::empty_cpu_output(with_last_dim(input, n), input.options());
   Tensor out = out_full.view({m, n});
   Tensor saved, mask, gemm_dst = out;
-  switch (saved_for_backward(act)) {
+  switch (for_backward ? saved_for_backward(act) : SavedForBackward::Nothing) {
     case SavedForBackward::PositiveMask:
       saved = at::empty(with_last_dim(input, (n + 7) / 8), input.options().dtype(at::kByte));
       mask = saved.view({m, (n + 7) / 8});
@@ -134,7 +134,8 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
       saved = cpu::empty_cpu_output(with_last_dim(input, n), input.options());
       gemm_dst = saved.view({m, n});
       break;
-    default: saved = at::empty({0}, input.options());
+    default:
+      if (for_backward) saved = at::empty({0}, input.options());
   }
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "forward_panels", [&] {
     forward_panels<scalar_t>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);

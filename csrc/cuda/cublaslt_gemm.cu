@@ -96,6 +96,7 @@ cublasLtEpilogue_t lt_epilogue(const LtEpilogueArgs& e) {
   const bool bias = e.bias != nullptr;
   switch (e.kind) {
     case LtEpilogue::GeluTanhAux: return bias ? CUBLASLT_EPILOGUE_GELU_AUX_BIAS : CUBLASLT_EPILOGUE_GELU_AUX;
+    case LtEpilogue::GeluTanh: return bias ? CUBLASLT_EPILOGUE_GELU_BIAS : CUBLASLT_EPILOGUE_GELU;
     case LtEpilogue::BiasGradOfA: return CUBLASLT_EPILOGUE_BGRADB;
     default: return bias ? CUBLASLT_EPILOGUE_BIAS : CUBLASLT_EPILOGUE_DEFAULT;
   }

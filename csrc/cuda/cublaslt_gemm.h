@@ -2,6 +2,7 @@
 //
 //   out = a @ b (+ bias)                                  LtEpilogue::None
 //   out = gelu_tanh(a @ b (+ bias)), aux = pre-activation LtEpilogue::GeluTanhAux
+//   out = gelu_tanh(a @ b (+ bias)) (inference)           LtEpilogue::GeluTanh
 //   out = a @ b, bias_grad = a.sum(1)                     LtEpilogue::BiasGradOfA
 // No RELU_AUX: its mask bit is set where x >= 0 (CUTLASS's epilogues: relu(x) == x on sm_90,
 // !(x < 0) on sm_80) and relu(NaN) is 0, where PyTorch's relu keeps NaN and its backward passes
@@ -23,11 +24,11 @@
 
 namespace torch_ext::cuda {
 
-enum class LtEpilogue { None, GeluTanhAux, BiasGradOfA };
+enum class LtEpilogue { None, GeluTanhAux, GeluTanh, BiasGradOfA };
 
 struct LtEpilogueArgs {
   LtEpilogue kind = LtEpilogue::None;
-  const void* bias = nullptr;  // (n,), out's dtype, or nullptr: None / GeluTanhAux
+  const void* bias = nullptr;  // (n,), out's dtype, or nullptr: None / GeluTanhAux / GeluTanh
   void* aux = nullptr;         // GeluTanhAux
   int64_t aux_ld = 0;
   void* bias_grad = nullptr;  // (m,), out's dtype: BiasGradOfA

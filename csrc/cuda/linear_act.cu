@@ -145,7 +145,7 @@ struct ForwardPlan {
   bool activation_pass;
 };
 
-std::optional<ForwardPlan> forward_plan(Activation act, at::ScalarType dtype, int64_t n) {
+std::optional<ForwardPlan> forward_plan(Activation act, at::ScalarType dtype, int64_t n, bool for_backward) {
   if (!cuda::cublaslt_enabled() || !cuda::cublaslt_dtype(dtype)) return std::nullopt;
   switch (act) {
     case Activation::None: return ForwardPlan{cuda::LtEpilogue::None, false};
@@ -153,8 +153,8 @@ std::optional<ForwardPlan> forward_plan(Activation act, at::ScalarType dtype, in
     // cuBLASLt's GELU is the tanh form. float32 keeps our epilogue: the accuracy of cuBLASLt's
     // tanh in float32 is not documented, and float32 results are compared at float32 tolerance.
     case Activation::GeluTanh:
-      return dtype != at::kFloat && n % 8 == 0 ? std::optional(ForwardPlan{cuda::LtEpilogue::GeluTanhAux, false})
-                                               : std::nullopt;
+      if (dtype == at::kFloat || n % 8 != 0) return std::nullopt;
+      return ForwardPlan{for_backward ? cuda::LtEpilogue::GeluTanhAux : cuda::LtEpilogue::GeluTanh, false};
     default: return std::nullopt;
   }
 }
@@ -173,7 +173,7 @@ int64_t blocks_for(int64_t work, int threads) {
 
 std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor& weight,
                                                const std::optional<Tensor>& bias, c10::string_view activation,
-                                               double negative_slope) {
+                                               double negative_slope, bool for_backward) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
   const c10::cuda::CUDAGuard guard(input.device());
   check_linear_args(op, input, weight, bias, check_floating);
@@ -188,7 +188,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
   Tensor out_full = at::empty(with_last_dim(input, n), input.options());
   Tensor out = out_full.view({m, n});
   Tensor saved, mask, gemm = out;
-  switch (saved_for_backward(act)) {
+  switch (for_backward ? saved_for_backward(act) : SavedForBackward::Nothing) {
     case SavedForBackward::PositiveMask:
       saved = at::empty(with_last_dim(input, (n + 7) / 8), input.options().dtype(at::kByte));
       mask = saved.view({m, (n + 7) / 8});
@@ -197,15 +197,16 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
       saved = at::empty(with_last_dim(input, n), input.options());
       gemm = saved.view({m, n});
       break;
-    default: saved = at::empty({0}, input.options());
+    default:
+      if (for_backward) saved = at::empty({0}, input.options());
   }
   bool fused = false, pass = true;
   if (m > 0 && n > 0 && k > 0) {
-    if (const auto plan = forward_plan(act, input.scalar_type(), n)) {
+    if (const auto plan = forward_plan(act, input.scalar_type(), n, for_backward)) {
       cuda::LtEpilogueArgs args;
       args.kind = plan->epilogue;
       args.bias = bias_c.defined() ? bias_c.const_data_ptr() : nullptr;
-      // The pre-activation (gelu_tanh), written by the epilogue; relu's mask is our pass's.
+      // The pre-activation (gelu_tanh, when saved), written by the epilogue; relu's mask is our pass's.
       args.aux = plan->epilogue == cuda::LtEpilogue::GeluTanhAux ? gemm.data_ptr() : nullptr;
       args.aux_ld = n;
       const Tensor w = weight.stride(0) != 1 && weight.stride(1) != 1 ? weight.contiguous() : weight;
