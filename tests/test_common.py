@@ -107,6 +107,19 @@ def test_opcheck_every_op_called(device, case):
         torch.library.opcheck(func, args, kwargs)
 
 
+@pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op_called_in_inference(device, case):
+    # The same under no_grad, where the ops are called with nothing asked for backward.
+    s = sample(*case, device, torch.float32)
+    recorder = _RecordOps()
+    with recorder, torch.no_grad():
+        s.fn(*s.inputs)
+    assert recorder.calls, "the sample called no torch_ext op"
+    for func, args, kwargs in recorder.calls:
+        torch.library.opcheck(func, args, kwargs)
+
+
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
 @pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
