@@ -2,13 +2,13 @@
 
 Over the samples of tests/op_samples.py (each public op, several shapes and options): the
 result and gradients match PyTorch's own ops in every dtype the device takes; gradcheck in
-float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call;
-torch.compile (fullgraph) matches eager; a retained graph's second backward gives the same
-gradients; non-contiguous inputs; torch.autocast gives PyTorch's dtypes and values; double
-backward raises a clear error; float64 stays float64 under autocast; an integer input (and, on a
-GPU, an input on another device) is refused with an error naming the argument; torch_ext.fuse of
-a model with each kind of replaceable module matches the model as written. When a GPU is present,
-every check runs on it too.
+float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
+its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
+retained graph's second backward gives the same gradients; non-contiguous inputs; torch.autocast
+gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
+error; an integer input (and, on a GPU, an input on another device) is refused with an error
+naming the argument; torch_ext.fuse of a model with each kind of replaceable module matches the
+model as written. When a GPU is present, every check runs on it too.
 """
 from __future__ import annotations
 
