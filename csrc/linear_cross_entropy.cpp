@@ -33,6 +33,7 @@
 #include "allocation.h"
 #include "checks.h"
 #include "cpu/cross_entropy_targets.h"
+#include "cpu/runtime/gemm.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cross_entropy_targets.h"
 #include "cuda/cublaslt_gemm.h"
@@ -158,7 +159,8 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
                     "avoids this");
   }
 #endif
-  if (widen && acc.is_cpu()) {
+  // (Where ATen's bfloat16 GEMM is slow, the float32 product below: csrc/matmul.h.)
+  if (widen && acc.is_cpu() && !cpu::aten_bfloat16_gemm_is_slow()) {
     const Tensor chunk_product = at::mm(dlogits.t(), xc);
     if (first) {
       acc.copy_(chunk_product);

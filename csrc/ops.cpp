@@ -159,6 +159,10 @@ static PyObject* cpu_gemm(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
+static PyObject* cpu_bfloat16_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(torch_ext::cpu::aten_bfloat16_gemm_is_slow() ? "float32" : "aten");
+}
+
 // _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
 // product (csrc/cpu/runtime/gemm.h), for its tests and benchmarks/bench_cpu_gemm.py; not public API.
 static PyObject* cpu_matmul_into(PyObject*, PyObject* args) {
@@ -460,6 +464,9 @@ static PyMethodDef methods[] = {
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in docs/cpu.md)."},
+    {"_cpu_bfloat16_gemm", cpu_bfloat16_gemm, METH_NOARGS,
+     "How the CPU ops multiply bfloat16 matrices: 'aten' (oneDNN's bfloat16 GEMM), or 'float32' (as float32 "
+     "products of their values, where ATen's bfloat16 GEMM is a reference loop: no AVX-512)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, "
      "benchmarks)."},

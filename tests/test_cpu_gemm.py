@@ -148,15 +148,35 @@ def test_paths_agree(set_config):
 
 
 @pytest.mark.parametrize(
-    "m,dtype", [(31, torch.float32), (1, torch.float32), (64, torch.float64), (64, torch.bfloat16)],
-    ids=["31_rows", "1_row", "float64", "bfloat16"],
+    "m,dtype", [(31, torch.float32), (1, torch.float32), (64, torch.float64)], ids=["31_rows", "1_row", "float64"],
 )
 def test_cases_that_go_to_aten(gemm, m, dtype):
-    # Fewer than 32 rows, and dtypes other than float32, run ATen's GEMM: its very bits.
+    # Fewer than 32 rows, and float64, run ATen's GEMM: its very bits.
     a, b = torch.randn(m, 70).to(dtype), torch.randn(70, 50).to(dtype)
     out = torch.empty(m, 50, dtype=dtype)
     matmul_into(out, a, b, False)
     assert torch.equal(out, torch.mm(a, b))
+
+
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+def test_bfloat16_products(gemm, accumulate):
+    # bfloat16 runs ATen's GEMM where that is oneDNN's (AVX-512), else (a reference loop there) the
+    # float32 product of the values, rounded once: csrc/matmul.h.
+    a = torch.randn(64, 70).bfloat16()
+    b = torch.randn(50, 70).bfloat16().t()  # a transposed view, as the dense layers pass weights
+    start = torch.randn(64, 50).bfloat16()
+    out = start.clone()
+    matmul_into(out, a, b, accumulate)
+    if torch_ext._C._cpu_bfloat16_gemm() == "aten":
+        want = torch.addmm(start, a, b) if accumulate else torch.mm(a, b)
+    else:
+        want32 = start.float() if accumulate else torch.empty(64, 50)
+        matmul_into(want32, a.float(), b.float(), accumulate)
+        want = want32.bfloat16()
+    assert torch.equal(out, want)
+    # Both ways agree to bfloat16 rounding with the float64 product.
+    exact = (start.double() if accumulate else 0) + a.double() @ b.double()
+    torch.testing.assert_close(out.double(), exact, rtol=1.6e-2, atol=1e-2)
 
 
 def test_bad_arguments():

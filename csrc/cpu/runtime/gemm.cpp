@@ -54,6 +54,17 @@ bool own_float32_gemm() {
 
 const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 
+bool aten_bfloat16_gemm_is_slow() {
+#if defined(__x86_64__) || defined(__i386__)
+  // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
+  static const bool slow = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
+  return slow;
+#else
+  return false;
+#endif
+}
+
 bool takes_own_gemm(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   const bool unit_column_stride = out.size(1) <= 1 || out.stride(1) == 1;
   return out.is_cpu() && out.scalar_type() == at::kFloat && a.scalar_type() == at::kFloat &&
