@@ -1,6 +1,7 @@
 // See autograd_node.h.
 #include "autograd_node.h"
 #include "activation.h"
+#include "matmul.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
@@ -402,7 +403,7 @@ at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, cons
     } else {
       std::tie(hidden, saved) = linear_fwd.call(input, fc1_weight, fc1_bias, activation, negative_slope, autograd);
     }
-    out = at::linear(hidden, fc2_weight, fc2_bias);
+    out = dense_linear(hidden, fc2_weight, fc2_bias);
   }
   if (!autograd) return out;  // no node, and nothing was saved for one
   if (!gated && grad_from_output(activation)) saved = hidden;

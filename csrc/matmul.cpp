@@ -3,6 +3,7 @@
 
 #include <ATen/ops/addmm.h>
 #include <ATen/ops/empty.h>
+#include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 
 #include "cpu/runtime/gemm.h"
@@ -13,6 +14,11 @@ namespace {
 bool bfloat16_through_float32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
   return out.is_cpu() && out.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
          b.scalar_type() == at::kBFloat16 && cpu::aten_bfloat16_gemm_is_slow();
+}
+
+bool bfloat16_slow_on_aten(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_cpu() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
+         cpu::aten_bfloat16_gemm_is_slow();
 }
 
 }  // namespace
@@ -42,6 +48,19 @@ void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, co
   } else {
     at::addmm_out(out, bias, a, b);
   }
+}
+
+at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b) {
+  if (bfloat16_slow_on_aten(a, b)) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(at::kBFloat16);
+  return at::mm(a, b);
+}
+
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
+  if (bfloat16_slow_on_aten(x, weight)) {
+    const std::optional<at::Tensor> bias32 = bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt;
+    return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias32).to(at::kBFloat16);
+  }
+  return at::linear(x, weight, bias);
 }
 
 }  // namespace torch_ext

@@ -7,6 +7,8 @@
 
 #include <ATen/core/Tensor.h>
 
+#include <optional>
+
 namespace torch_ext {
 
 // out = a @ b, or out += a @ b when accumulate. a (m x k) and b (k x n) may have any strides
@@ -17,5 +19,11 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool
 // copied into out first, as ATen's CPU addmm does; elsewhere at::addmm_out (on CUDA cuBLASLt
 // can add the bias in its epilogue).
 void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
+
+// a @ b and F.linear(x, weight, bias) as new tensors, for the ops that take ATen's GEMM as it is
+// (FusedMLP's second layer and its backward products): ATen's, bits and all, except bfloat16 CPU
+// products where ATen's bfloat16 GEMM is slow, which run in float32 as above.
+at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b);
+at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 
 }  // namespace torch_ext

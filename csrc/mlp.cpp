@@ -18,6 +18,7 @@
 #include <tuple>
 
 #include "checks.h"
+#include "matmul.h"
 #include "shapes.h"
 
 namespace torch_ext {
@@ -77,8 +78,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_ou
   const bool need_fc1 = output_mask[0] || output_mask[1] || output_mask[2];
   const bool need_w2 = output_mask[3];
   const Tensor g2d = grad_output.reshape({rows, out_features});
-  auto fc2_weight_grad = [&](const Tensor& h) { return g2d.t().mm(h.reshape({rows, hidden_width})); };
-  auto hidden_grad = [&] { return g2d.mm(fc2_weight).view(with_last_dim(input, hidden_width)); };
+  auto fc2_weight_grad = [&](const Tensor& h) { return dense_product(g2d.t(), h.reshape({rows, hidden_width})); };
+  auto hidden_grad = [&] { return dense_product(g2d, fc2_weight).view(with_last_dim(input, hidden_width)); };
 
   Tensor grad_input, grad_w1, grad_b1, grad_w2, grad_b2;
   if (gated) {
@@ -94,8 +95,8 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_ou
     }
     if (grad_pre.defined()) {
       const Tensor pre2d = grad_pre.reshape({rows, fc1_weight.size(0)});
-      if (output_mask[0]) grad_input = pre2d.mm(fc1_weight).view(input.sizes());
-      if (output_mask[1]) grad_w1 = pre2d.t().mm(input.reshape({rows, in_features}));
+      if (output_mask[0]) grad_input = dense_product(pre2d, fc1_weight).view(input.sizes());
+      if (output_mask[1]) grad_w1 = dense_product(pre2d.t(), input.reshape({rows, in_features}));
       if (output_mask[2]) grad_b1 = pre2d.sum(0);
     }
   } else {
