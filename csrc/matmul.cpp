@@ -11,14 +11,14 @@
 namespace torch_ext {
 namespace {
 
-bool bfloat16_through_float32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  return out.is_cpu() && out.scalar_type() == at::kBFloat16 && a.scalar_type() == at::kBFloat16 &&
-         b.scalar_type() == at::kBFloat16 && cpu::aten_bfloat16_gemm_is_slow();
-}
-
+// A bfloat16 CPU product that ATen would run on its reference loop (matmul.h).
 bool bfloat16_slow_on_aten(const at::Tensor& a, const at::Tensor& b) {
   return a.is_cpu() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
          cpu::aten_bfloat16_gemm_is_slow();
+}
+
+bool bfloat16_through_float32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.scalar_type() == at::kBFloat16 && bfloat16_slow_on_aten(a, b);
 }
 
 }  // namespace
