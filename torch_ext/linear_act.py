@@ -93,10 +93,9 @@ def _linear_act_bwd_fake(grad_output, input, weight, saved, activation, negative
 
 
 def _setup_context(ctx, inputs, output):
-    input, weight, bias, activation, negative_slope, *for_backward = inputs
+    input, weight, bias, activation, negative_slope = inputs[:5]  # [5]: for_backward, if given
     out, saved = output
     ctx.num_inputs = len(inputs)
-    ctx.kept_nothing = for_backward == [False] and activation not in _SAVES_OUTPUT and activation != "none"
     ctx.activation = activation
     ctx.negative_slope = negative_slope
     ctx.has_bias = bias is not None
@@ -117,13 +116,13 @@ def _backward(ctx, grad_out, _grad_saved):
     mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias and needs[2])]
     if not any(mask):
         return (None, None, None, *options)
-    if ctx.kept_nothing:
-        raise RuntimeError(
-            f"torch_ext.linear_act_fwd was called with for_backward=False, so it kept nothing for the "
-            f"{ctx.activation} backward; call it with for_backward=True (the default) to differentiate it"
-        )
-    if saved is None:  # activation none, called with for_backward=False: nothing was needed
-        saved = input.new_empty((0,))
+    if saved is None:  # the forward ran with for_backward=False
+        if ctx.activation != "none":
+            raise RuntimeError(
+                f"torch_ext.linear_act_fwd was called with for_backward=False, so it kept nothing for the "
+                f"{ctx.activation} backward; call it with for_backward=True (the default) to differentiate it"
+            )
+        saved = input.new_empty((0,))  # none's backward needs nothing
     grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
     # With create_graph the gradients refuse a second derivative, through the bias too (gelu's
     # weight gradient depends on it through the saved pre-activation).

@@ -27,8 +27,8 @@ void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
 const char* float32_gemm();
 
 // Whether ATen's CPU bfloat16 GEMM is a reference loop here: oneDNN takes it only on CPUs with
-// AVX-512 F, BW, VL and DQ (ATen's mkldnn_bf16_device_check); on an AVX2 CPU the loop ran 40-75x
-// slower than the float32 GEMM of the same shape (docs/cpu.md).
+// AVX-512 F, BW, VL and DQ (ATen's mkldnn_bf16_device_check); elsewhere the loop runs far slower
+// than the float32 GEMM of the same shape (docs/cpu.md has the figures).
 bool aten_bfloat16_gemm_is_slow();
 
 }  // namespace torch_ext::cpu
