@@ -568,6 +568,37 @@ def test_saturation_large_softcap_and_tiny_softcap():
         run_ce(x.double(), t, softcap=softcap, reduction="mean", label_smoothing=0.1, msg=f"softcap={softcap} f64")
 
 
+@pytest.mark.parametrize("layout", ("classes", "positions"))
+@pytest.mark.parametrize("mixed", (False, True), ids=("one_branch_per_vector", "branches_mixed"))
+def test_cap_values_to_float32_rounding(layout, mixed, grad_in_forward):
+    # The float32 cap takes a polynomial where |x / softcap| < 1/4 and an exponential elsewhere,
+    # choosing per vector. Logits swept densely across [-12, 12] softcaps (the boundary 1/4 on both
+    # sides, and saturation), sorted (whole vectors on one branch) or shuffled (vectors mixing
+    # both), against float64 tanh. "classes": rows of 16 classes, the lse against float64
+    # logsumexp; "positions": one class at many positions ((1, 1, M), a vector spans adjacent
+    # positions), where lse is the capped logit itself and d lse / dx the cap's derivative.
+    softcap = 30.0
+    u = torch.cat([torch.linspace(-12, 12, 4000, dtype=torch.float64),
+                   0.25 + torch.linspace(-1e-5, 1e-5, 40, dtype=torch.float64),
+                   -0.25 + torch.linspace(-1e-5, 1e-5, 40, dtype=torch.float64)])
+    if mixed:
+        u = u[torch.randperm(len(u), generator=torch.Generator().manual_seed(0))]
+    shape = (-1, 16) if layout == "classes" else (1, 1, -1)
+    x = (u * softcap).float().reshape(shape).requires_grad_()
+    t = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long)
+    x64 = x.detach().double().requires_grad_()
+    ref_lse = torch.logsumexp(softcap * torch.tanh(x64 / softcap), 1)
+    (ref_grad,) = torch.autograd.grad(ref_lse.sum(), x64)
+    loss, lse, _ = cross_entropy(x, t, softcap=softcap, return_lse=True, return_accuracy=True, reduction="sum")
+    loss_ref = F.cross_entropy(softcap * torch.tanh(x64 / softcap), t, reduction="sum")
+    gx, gx_loss = torch.autograd.grad(lse.sum(), x, retain_graph=True)[0], torch.autograd.grad(loss, x)[0]
+    # within ~5 float32 ulps (PyTorch's own float32 tanh is within ~1.5)
+    torch.testing.assert_close(lse.double(), ref_lse, rtol=6e-7, atol=1e-6)
+    torch.testing.assert_close(gx.double(), ref_grad, rtol=1e-5, atol=2e-6)
+    torch.testing.assert_close(loss.double(), loss_ref, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(gx_loss.double(), torch.autograd.grad(loss_ref, x64)[0], rtol=1e-5, atol=2e-6)
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_nan_logits(dtype):
     # A NaN logit makes its row's loss and lse NaN (the others are unchanged), as in PyTorch.

@@ -79,24 +79,27 @@ inline Vectorized<A> load_or(const A* x, int64_t count, A fill) {
   return V::set(V(fill), V::loadu(x, count), count);
 }
 
-// softcap * tanh(x / softcap) on a vector. float: tanh(u) = (e - 1) / (e + 1), e = exp(2u), for
-// |u| >= 1/4 (u clamped to [-9, 9], where tanh is +-1 in float32, and so is this ratio, exactly),
-// and its odd Taylor polynomial to u^9 below (relative error < 1e-8 there, where e - 1 would
-// cancel); NaN kept. With Sleef's tanh, a capped step took several times as long as an uncapped
-// one. double: PyTorch's own division and tanh.
+// softcap * tanh(x / softcap) on a vector. float: with u = x / softcap, tanh(u) is its odd Taylor
+// polynomial to u^9 for |u| < 1/4 (relative error < 1e-8 there), else (e - 1) / (e + 1), e = exp(2u),
+// u clamped to [-9, 9] (where tanh is +-1 in float32, and so is this ratio, exactly); NaN kept.
+// A vector whose lanes all lie below 1/4 (typical logits under a softcap of 30) takes the
+// polynomial alone, as x (1 + u^2 (...)): no exponential, no division; the exponential is ATen's
+// exp_u20, as in the softmax. double: PyTorch's own division and tanh.
 template <typename A>
 inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
   using V = Vectorized<A>;
   if constexpr (std::is_same_v<A, float>) {
-    const V u = at::vec::clamp(x * V(A(1) / softcap), V(A(-9)), V(A(9)));
-    const V e = (u + u).exp();
-    const V ratio = (e - V(A(1))) / (e + V(A(1)));
+    const V u = x * V(A(1) / softcap);
     const V u2 = u * u;
-    const V poly =
-        u *
-        (V(A(1)) + u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835))))));
-    const V t = V::blendv(ratio, poly, u.abs() < V(A(0.25)));
-    return V::blendv(t * V(softcap), x, x != x);
+    const V even =
+        V(A(1)) + u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835)))));
+    const V small = u2 < V(A(1.0 / 16));  // |u| < 1/4; all-ones lanes where true, false for NaN
+    if (small.zero_mask() == 0) return x * even;
+    const V clamped = at::vec::clamp(u, V(A(-9)), V(A(9)));
+    const V e = (clamped + clamped).exp_u20();
+    const V ratio = (e - V(A(1))) / (e + V(A(1)));
+    const V capped = V::blendv(ratio * V(softcap), x * even, small);
+    return V::blendv(capped, x, x != x);
   } else {
     return (x / V(softcap)).tanh() * V(softcap);
   }
@@ -134,17 +137,19 @@ inline const acc_t<S>* logits_block(const S* x, int64_t n, acc_t<S>* buf, acc_t<
   return buf;
 }
 
-// g *= d(capped)/dx = 1 - (capped / softcap)^2 over n values (the chain rule through the cap).
+// d(capped)/dx = 1 - (capped / softcap)^2, the chain rule through the cap, given 1 / softcap;
+// applied as each gradient value is formed (no pass of its own).
 template <typename A>
-inline void times_cap_derivative(A* g, const A* capped_x, int64_t n, A softcap) {
-  using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
-  const V inv(A(1) / softcap), one(1);
-  for (int64_t i = 0; i < n; i += L) {
-    const int64_t k = std::min(L, n - i);
-    const V u = V::loadu(capped_x + i, k) * inv;
-    (V::loadu(g + i, k) * (one - u * u)).store(g + i, k);
-  }
+inline Vectorized<A> cap_derivative(const Vectorized<A>& capped_x, const Vectorized<A>& inv_softcap) {
+  const Vectorized<A> u = capped_x * inv_softcap;
+  return Vectorized<A>(A(1)) - u * u;
+}
+
+// The same for one value.
+template <typename A>
+inline A cap_derivative_at(A capped_x, A softcap) {
+  const A u = capped_x / softcap;
+  return A(1) - u * u;
 }
 
 // Whether two row maxima are the same (NaN counts as equal to NaN: torch.argmax takes a NaN as the
@@ -338,6 +343,7 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   }
   const bool smoothing_term = !is_ignored && e > 0;
   const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c), vt(sc * (A(1) - e));
+  const V inv_cap(cap != 0 ? A(1) / cap : A(0));
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
     // The block's (capped) logits: not needed when the exponentials are known, there is no
@@ -363,10 +369,10 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
       } else if (smoothing_term) {
         g = g - vw * wv;
       }
+      if (cap != 0) g = g * cap_derivative(V::loadu(xb + i, k), inv_cap);  // d/d(capped logit) -> d/dx
       g.store(gb + i, k);
     }
-    if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y;
-    if (cap != 0) times_cap_derivative(gb, xb, n, cap);  // d/d(capped logit) -> d/dx
+    if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y * (cap != 0 ? cap_derivative_at(xb[y - c0], cap) : A(1));
     if constexpr (!std::is_same_v<S, A>) {
       if (gi != nullptr) convert_values(gbuf, gi + c0, n);
     }
@@ -655,7 +661,7 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       const V vp = V::loadu(cp), vw = V::loadu(cw), vmax = V::loadu(max_l), vlog = V::loadu(log_l);
       const V vsc = V::loadu(sc_l);
       const V live = V::loadu(keep_l) != V(0);
-      const V keep(A(1) - e), spread(e * inv_c);
+      const V keep(A(1) - e), spread(e * inv_c), inv_cap(a.softcap != 0 ? A(1) / a.softcap : A(0));
       S* gi = a.grad_input ? a.grad_input + offset : nullptr;
       S* gt = a.grad_target ? a.grad_target + offset : nullptr;
       // In place when S is A and the input gradient is wanted; else through tile buffers.
@@ -688,16 +694,13 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         } else if (e > 0) {
           g = g - vw * wv;
         }
+        // d/d(capped logit) -> d/dx (x here is capped)
+        if (a.softcap != 0) g = g * cap_derivative(xv, inv_cap);
         V::blendv(V(0), g, live).store(g_out + c * ldg, lanes);
       }
-      for (int64_t l = 0; l < lanes; ++l)
-        if (y_l[l] >= 0) g_out[y_l[l] * ldg + l] -= cy[l];
-      if (a.softcap != 0) {  // d/d(capped logit) -> d/dx (x here is capped, ld == lanes' stride)
-        const V inv(A(1) / a.softcap), one(1);
-        for (int64_t c = 0; c < C; ++c) {
-          const V u = V::loadu(x + c * ld, lanes) * inv;
-          (V::loadu(g_out + c * ldg, lanes) * (one - u * u)).store(g_out + c * ldg, lanes);
-        }
+      for (int64_t l = 0; l < lanes; ++l) {
+        if (y_l[l] >= 0)
+          g_out[y_l[l] * ldg + l] -= cy[l] * (a.softcap != 0 ? cap_derivative_at(x[y_l[l] * ld + l], a.softcap) : A(1));
       }
       if (any_ignored) {
         __at_align__ A lane_max_l[L];
