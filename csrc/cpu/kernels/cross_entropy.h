@@ -13,11 +13,11 @@
 //                    grad = (T + 2 z lse) p_c - w_c t'_c,  d/dt_c = (1 - e) w_c (lse - x_c)
 // with p_c = exp(x_c - lse), each gradient times the row's incoming gradient (row_scale), plus
 // grad_lse_r p_c when the row's logsumexp gets a gradient too (an ignored row: that term only).
-// softcap s > 0: x is the capped logit s tanh(x_in / s) throughout (capped as PyTorch computes it,
-// by the same vector division and tanh), and the gradient is then taken through the cap,
-// d/dx_in = d/dx (1 - (x / s)^2). The forward that forms the gradient keeps the row's capped logits
-// (in L2, with the row) for its gradient pass, so each logit is capped once per step. For class
-// targets the forward also records whether the row's argmax (first index of its max) is y.
+// softcap s > 0: x is the capped logit s tanh(x_in / s) throughout (see cap_vector), and the
+// gradient is then taken through the cap, d/dx_in = d/dx (1 - (x / s)^2). The forward that forms
+// the gradient keeps each exponential times that derivative, so each logit is capped once per
+// step and its gradient pass is the uncapped one. For class targets the forward also records
+// whether the row's argmax (first index of its max) is y.
 // lse is kept as max + log(sum exp(x - max)) in two numbers and never rounded as one: near
 // |x| = 1e4 a float32 lse is off by half a float step (5e-4), which lse - x_y would inherit.
 // Non-finite rows follow F.cross_entropy (log_softmax, then nll): a row whose max is +inf or NaN,
@@ -83,7 +83,7 @@ inline Vectorized<A> load_or(const A* x, int64_t count, A fill) {
 // polynomial to u^9 for |u| < 1/4 (relative error < 1e-8 there), else (e - 1) / (e + 1), e = exp(2u),
 // u clamped to [-9, 9] (where tanh is +-1 in float32, and so is this ratio, exactly); NaN kept.
 // A vector whose lanes all lie below 1/4 (typical logits under a softcap of 30) takes the
-// polynomial alone, as x (1 + u^2 (...)): no exponential, no division; the exponential is ATen's
+// polynomial alone, as x (1 + u^2 (...)): no exponential, no division. The exponential is ATen's
 // exp_u20, as in the softmax. double: PyTorch's own division and tanh.
 template <typename A>
 inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
@@ -91,29 +91,48 @@ inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
   if constexpr (std::is_same_v<A, float>) {
     const V u = x * V(A(1) / softcap);
     const V u2 = u * u;
-    const V even =
-        V(A(1)) + u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835)))));
+    auto polynomial = [&] {  // x tanh(u) / u
+      return x * (V(A(1)) +
+                  u2 * (V(A(-1.0 / 3)) + u2 * (V(A(2.0 / 15)) + u2 * (V(A(-17.0 / 315)) + u2 * V(A(62.0 / 2835))))));
+    };
     const V small = u2 < V(A(1.0 / 16));  // |u| < 1/4; all-ones lanes where true, false for NaN
-    if (small.zero_mask() == 0) return x * even;
+    if (small.zero_mask() == 0) return polynomial();
     const V clamped = at::vec::clamp(u, V(A(-9)), V(A(9)));
     const V e = (clamped + clamped).exp_u20();
-    const V ratio = (e - V(A(1))) / (e + V(A(1)));
-    const V capped = V::blendv(ratio * V(softcap), x * even, small);
+    V capped = (e - V(A(1))) / (e + V(A(1))) * V(softcap);
+    capped = V::blendv(capped, polynomial(), small);  // no test: mixed vectors are common, a branch mispredicts
     return V::blendv(capped, x, x != x);
   } else {
     return (x / V(softcap)).tanh() * V(softcap);
   }
 }
 
-// softcap * tanh(x / softcap) of n values from src into dst (which may be src).
+// The max of n logits (NaN if one is NaN).
 template <typename A>
-inline void cap_values(const A* src, A* dst, int64_t n, A softcap) {
+inline A block_max_of(const A* x, int64_t n) {
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
+  V vmax(-std::numeric_limits<A>::infinity());
+  for (int64_t i = 0; i < n; i += L)
+    vmax = at::vec::maximum(vmax, load_or(x + i, std::min(L, n - i), -std::numeric_limits<A>::infinity()));
+  return reduce_max(vmax);
+}
+
+// softcap * tanh(x / softcap) of n values from src into dst (which may be src); returns their max
+// (NaN if one is NaN), taken as they are written rather than in a pass of its own.
+template <typename A>
+inline A cap_values(const A* src, A* dst, int64_t n, A softcap) {
+  using V = Vectorized<A>;
+  constexpr int64_t L = V::size();
+  const V lowest(-std::numeric_limits<A>::infinity());
+  V m = lowest;
   for (int64_t i = 0; i < n; i += L) {
     const int64_t k = std::min(L, n - i);
-    cap_vector(V::loadu(src + i, k), softcap).store(dst + i, k);
+    const V c = cap_vector(V::loadu(src + i, k), softcap);
+    c.store(dst + i, k);
+    m = at::vec::maximum(m, k == L ? c : V::set(lowest, c, k));
   }
+  return reduce_max(m);
 }
 
 // One logit capped by the same vector code as a block's (so a target logit compares equal to the
@@ -127,13 +146,19 @@ inline A capped(A x, A softcap) {
 }
 
 // A block of n logits as A values, capped when softcap > 0: the input itself (float/double, no
-// cap) or in buf.
+// cap) or in buf. max_out (when given) gets the block's max (NaN if one is NaN), taken in the
+// cap's pass where there is one.
 template <typename S>
-inline const acc_t<S>* logits_block(const S* x, int64_t n, acc_t<S>* buf, acc_t<S> softcap) {
+inline const acc_t<S>* logits_block(const S* x, int64_t n, acc_t<S>* buf, acc_t<S> softcap,
+                                    acc_t<S>* max_out = nullptr) {
   using A = acc_t<S>;
   const A* v = as_math<S, A>(x, n, buf);
-  if (softcap == 0) return v;
-  cap_values(v, buf, n, softcap);
+  if (softcap == 0) {
+    if (max_out != nullptr) *max_out = block_max_of(v, n);
+    return v;
+  }
+  const A m = cap_values(v, buf, n, softcap);
+  if (max_out != nullptr) *max_out = m;
   return buf;
 }
 
@@ -171,17 +196,6 @@ struct RowState {
   A sum_wtx = 0;         // sum_c w_c t'_c (x_c - shift)
 };
 
-// The max of n logits (NaN if one is NaN).
-template <typename A>
-inline A block_max_of(const A* x, int64_t n) {
-  using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
-  V vmax(-std::numeric_limits<A>::infinity());
-  for (int64_t i = 0; i < n; i += L)
-    vmax = at::vec::maximum(vmax, load_or(x + i, std::min(L, n - i), -std::numeric_limits<A>::infinity()));
-  return reduce_max(vmax);
-}
-
 // The running max after a block of max block_max (NaN stays NaN: the row's result is NaN).
 template <typename A>
 inline A running_max_after(A running, A block_max) {
@@ -198,15 +212,21 @@ inline Vectorized<A> exp_against(const A* x, int64_t i, int64_t n, A m) {
   return (load_or(x + i, std::min<int64_t>(V::size(), n - i), -std::numeric_limits<A>::infinity()) - V(m)).exp_u20();
 }
 
-// Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), w: the full
-// weight vector or nullptr. exps (or nullptr) gets exp(x - st.max) of the block, st.max being
-// the running max after it.
-template <typename A>
-inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w, int64_t c0, int64_t n, A smoothing,
-                             A inv_classes, bool linear_sums, A* exps) {
+// Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), block_max: the
+// max of x (from logits_block), w: the full weight vector or nullptr. exps (or nullptr) gets
+// exp(x - st.max) of the block, st.max being the running max after it, times the cap's derivative
+// at x when inv_cap (1 / softcap) is not 0: the gradient's factor of each element but its
+// row's coefficients, so the gradient pass has no cap to undo. next: where the next block's
+// logits start in memory (possibly past the input's end), prefetched while this block's
+// exponentials are taken: the step is bound by the exponentials, and the next block's first
+// pass would otherwise wait on memory.
+template <typename S>
+inline void accumulate_block(RowState<acc_t<S>>& st, const acc_t<S>* x, acc_t<S> block_max, const acc_t<S>* t,
+                             const acc_t<S>* w, int64_t c0, int64_t n, acc_t<S> smoothing, acc_t<S> inv_classes,
+                             bool linear_sums, acc_t<S>* exps, acc_t<S> inv_cap, const S* next) {
+  using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
-  const A block_max = block_max_of(x, n);
   if (!st.shifted) {
     st.shift = std::isfinite(block_max) ? block_max : A(0);
     st.shifted = true;
@@ -215,10 +235,39 @@ inline void accumulate_block(RowState<A>& st, const A* x, const A* t, const A* w
   if (new_max > st.max) st.sum_exp *= std::exp(st.max - new_max);
   st.max = new_max;
   V s(0);
-  for (int64_t i = 0; i < n; i += L) {
-    const V ev = exp_against(x, i, n, st.max);
-    s += ev;
-    if (exps != nullptr) ev.store(exps + i, std::min(L, n - i));
+  const V vinv_cap(inv_cap);
+  auto kept = [&](const V& ev, const V& xv) { return inv_cap != 0 ? ev * cap_derivative(xv, vinv_cap) : ev; };
+  const int64_t full = n - n % L;
+  // The full vectors with no per-vector test (what is kept is a template choice).
+  auto full_vectors = [&](auto keep_exps, auto capped) {
+    const V m(st.max);
+    for (int64_t i = 0; i < full; i += L) {
+      __builtin_prefetch(next + i);
+      const V xv = V::loadu(x + i);
+      const V ev = (xv - m).exp_u20();
+      s += ev;
+      if constexpr (decltype(capped)::value) {
+        (ev * cap_derivative(xv, vinv_cap)).store(exps + i);
+      } else if constexpr (decltype(keep_exps)::value) {
+        ev.store(exps + i);
+      }
+    }
+  };
+  if (st.max == -std::numeric_limits<A>::infinity()) {  // all -inf so far: exp_against gives 0
+    if (exps != nullptr) std::fill(exps, exps + n, A(0));
+  } else {
+    if (exps == nullptr) {
+      full_vectors(std::false_type{}, std::false_type{});
+    } else if (inv_cap == 0) {
+      full_vectors(std::true_type{}, std::false_type{});
+    } else {
+      full_vectors(std::true_type{}, std::true_type{});
+    }
+    if (full < n) {
+      const V ev = exp_against(x, full, n, st.max);
+      s += ev;
+      if (exps != nullptr) kept(ev, V::loadu(x + full, n - full)).store(exps + full, n - full);
+    }
   }
   st.sum_exp += reduce_sum(s);
   if (!linear_sums) return;
@@ -263,16 +312,13 @@ inline bool ignored(const int64_t* target, int64_t row, int64_t ignore_index) {
 template <typename S>
 inline acc_t<S> logits_max(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S> softcap) {
   using A = acc_t<S>;
-  using V = Vectorized<A>;
-  constexpr int64_t L = V::size();
-  const A inf = std::numeric_limits<A>::infinity();
-  V m(-inf);
+  A m = -std::numeric_limits<A>::infinity();
   for (int64_t c0 = 0; c0 < C; c0 += kBlock) {
-    const int64_t n = std::min(kBlock, C - c0);
-    const A* xb = logits_block<S>(x + c0, n, xbuf, softcap);
-    for (int64_t i = 0; i < n; i += L) m = at::vec::maximum(m, load_or(xb + i, std::min(L, n - i), -inf));
+    A bm;
+    logits_block<S>(x + c0, std::min(kBlock, C - c0), xbuf, softcap, &bm);
+    m = max_nan(m, bm);
   }
-  return reduce_max(m);
+  return m;
 }
 
 // The running max after each block of a row (see the top of the file), into block_max.
@@ -282,7 +328,9 @@ inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>
   A running = -std::numeric_limits<A>::infinity();
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    running = running_max_after(running, block_max_of(logits_block<S>(x + c0, n, xbuf, softcap), n));
+    A bm;
+    logits_block<S>(x + c0, n, xbuf, softcap, &bm);
+    running = running_max_after(running, bm);
     block_max[b] = running;
   }
 }
@@ -290,13 +338,12 @@ inline void running_block_maxima(const S* x, int64_t C, acc_t<S>* xbuf, acc_t<S>
 // Row r's gradients (grad_input, and grad_target for probability targets) from its stats, for
 // the incoming gradient row_scale[r] or scale (and grad_lse[r] of its logsumexp). Buffers: kBlock
 // values each. block_max: the row's running block maxima (maxima_known: the forward's; else taken
-// here, into it); exps: the row's exp(x - M_b) as the forward left them (in grad_input's row, or a
-// float row for bfloat16), or nullptr to take them here; capped_row: the row's capped logits as
-// the forward left them (softcap > 0), or nullptr to cap them again.
+// here, into it); exps: the row's exp(x - M_b), times the cap's derivative with a softcap, as the
+// forward left them (in grad_input's row, or a float row for bfloat16), or nullptr to take them
+// here.
 template <typename S>
 inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf, acc_t<S>* tbuf, acc_t<S>* gbuf,
-                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, const acc_t<S>* exps,
-                         const acc_t<S>* capped_row) {
+                         acc_t<S>* gtbuf, acc_t<S>* block_max, bool maxima_known, const acc_t<S>* exps) {
   using A = acc_t<S>;
   using V = Vectorized<A>;
   constexpr int64_t L = V::size();
@@ -344,35 +391,44 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   const bool smoothing_term = !is_ignored && e > 0;
   const V vp(coef_p), vw(coef_w), vmax(row_max), vlog(log_sum), keep(A(1) - e), spread(e * inv_c), vt(sc * (A(1) - e));
   const V inv_cap(cap != 0 ? A(1) / cap : A(0));
+  // The target's term goes through the cap too (d/d(capped logit) -> d/dx).
+  const A y_derivative = y >= 0 && cap != 0 ? cap_derivative_at(capped<A>(A(x[y]), cap), cap) : A(1);
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
-    // The block's (capped) logits: not needed when the exponentials are known, there is no
-    // target row and no cap.
-    const A* xb = capped_row != nullptr                         ? capped_row + c0
-                  : exps != nullptr && t == nullptr && cap == 0 ? nullptr
-                                                                : logits_block<S>(x + c0, n, xbuf, cap);
+    // The block's (capped) logits: not needed when the exponentials are known and no term but
+    // theirs is formed per element.
+    const bool per_element_terms = t != nullptr || smoothing_term;
+    const A* xb = exps != nullptr && !per_element_terms ? nullptr : logits_block<S>(x + c0, n, xbuf, cap);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
     if constexpr (std::is_same_v<S, A>) gb = gi ? gi + c0 : gbuf;
     const A mb = block_max[b];
     // p = exp(x - M_b) exp(M_b - lse); 0 for blocks whose running max is still -inf.
     const V factor(mb == -std::numeric_limits<A>::infinity() ? A(0) : std::exp((mb - row_max) - log_sum));
-    for (int64_t i = 0; i < n; i += L) {
+    // The common case first (the exponentials known, the cap's derivative in them, and no
+    // per-element term): the block's full vectors with no per-vector test; the rest below.
+    int64_t i0 = 0;
+    if (exps != nullptr && !per_element_terms) {
+      for (; i0 + L <= n; i0 += L) (vp * (V::loadu(exps + c0 + i0) * factor)).store(gb + i0);
+    }
+    for (int64_t i = i0; i < n; i += L) {
       const int64_t k = std::min(L, n - i);
-      const V ev = exps != nullptr ? V::loadu(exps + c0 + i, k) : exp_against(xb, i, n, mb);
+      // d(capped)/dx, the chain rule through the cap: in the exponentials already when the
+      // forward left them, here for the terms formed per element.
+      const V d = cap != 0 && xb != nullptr ? cap_derivative(V::loadu(xb + i, k), inv_cap) : V(1);
+      const V ev = exps != nullptr ? V::loadu(exps + c0 + i, k) : exp_against(xb, i, n, mb) * d;
       const V wv = a.weight ? V::loadu(a.weight + c0 + i, k) : V(1);
       V g = vp * (ev * factor);
       if (tb != nullptr) {
         const V tv = V::loadu(tb + i, k);
-        g = g - vw * wv * (tv * keep + spread);
+        g = g - vw * wv * (tv * keep + spread) * d;
         if (gt != nullptr) (vt * wv * ((vmax - V::loadu(xb + i, k)) + vlog)).store(gtbuf + i, k);
       } else if (smoothing_term) {
-        g = g - vw * wv;
+        g = g - vw * wv * d;
       }
-      if (cap != 0) g = g * cap_derivative(V::loadu(xb + i, k), inv_cap);  // d/d(capped logit) -> d/dx
       g.store(gb + i, k);
     }
-    if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y * (cap != 0 ? cap_derivative_at(xb[y - c0], cap) : A(1));
+    if (y >= c0 && y < c0 + n) gb[y - c0] -= coef_y * y_derivative;
     if constexpr (!std::is_same_v<S, A>) {
       if (gi != nullptr) convert_values(gbuf, gi + c0, n);
     }
@@ -386,13 +442,13 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
 // most one block, and only for rows whose target logit is the max.
 template <typename S>
 inline bool argmax_is(const S* x, int64_t C, int64_t y, acc_t<S> y_logit, acc_t<S> row_max, const acc_t<S>* block_max,
-                      const acc_t<S>* capped_row, acc_t<S>* xbuf, acc_t<S> softcap) {
+                      acc_t<S>* xbuf, acc_t<S> softcap) {
   using A = acc_t<S>;
   if (!same_max(y_logit, row_max)) return false;
   const int64_t yb = y / kBlock;
   if (yb > 0 && same_max(block_max[yb - 1], row_max)) return false;  // reached in an earlier block
   const int64_t c0 = yb * kBlock, n = y - c0;
-  const A* xb = capped_row != nullptr ? capped_row + c0 : logits_block<S>(x + c0, n, xbuf, softcap);
+  const A* xb = logits_block<S>(x + c0, n, xbuf, softcap);
   for (int64_t i = 0; i < n; ++i)
     if (same_max(xb[i], row_max)) return false;
   return true;
@@ -403,6 +459,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   using A = acc_t<S>;
   const int64_t C = a.classes;
   const A e = a.label_smoothing, inv_c = A(1) / A(C), cap = a.softcap;
+  const A inv_cap = cap != 0 ? A(1) / cap : A(0);
   const bool prob = a.target_prob != nullptr;
   const bool linear_sums = prob || e > 0;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
@@ -413,16 +470,13 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((C + kBlock - 1) / kBlock);
     std::vector<A> row_exps(std::is_same_v<S, A> || a.grad_input == nullptr ? 0 : C);
-    // With softcap and the gradient formed here: the row's capped logits, kept for its gradient
-    // pass (no second tanh) in L2 with the row.
-    std::vector<A> capped_row(cap != 0 && a.grad_input != nullptr ? C : 0);
     for (int64_t r = begin; r < end; ++r) {
       const bool is_ignored = ignored<A>(a.target, r, a.ignore_index);
       if (is_ignored && !a.ignored_row_stats) {
         a.row_loss[r] = 0;
         a.stats[3 * r] = a.stats[3 * r + 1] = a.stats[3 * r + 2] = 0;
         if (a.grad_input != nullptr)
-          gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);  // zeros
+          gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);  // zeros
         continue;
       }
       const S* x = a.input + r * C;
@@ -438,12 +492,12 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
           exps = row_exps.data();
         }
       }
-      A* capped_x = capped_row.empty() ? nullptr : capped_row.data();
       for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
         const int64_t n = std::min(kBlock, C - c0);
-        const A* xb = logits_block<S>(x + c0, n, capped_x ? capped_x + c0 : xbuf, cap);
-        accumulate_block<A>(st, xb, t ? as_math<S, A>(t + c0, n, tbuf) : nullptr, a.weight, c0, n, e, inv_c,
-                            linear_sums && !is_ignored, exps ? exps + c0 : nullptr);
+        A xb_max;
+        const A* xb = logits_block<S>(x + c0, n, xbuf, cap, &xb_max);
+        accumulate_block<S>(st, xb, xb_max, t ? as_math<S, A>(t + c0, n, tbuf) : nullptr, a.weight, c0, n, e, inv_c,
+                            linear_sums && !is_ignored, exps ? exps + c0 : nullptr, inv_cap, x + c0 + n);
         block_max[b] = st.max;
       }
       const A log_sum = std::log(st.sum_exp);
@@ -452,8 +506,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
       if (is_ignored) {  // ignored_row_stats: its logsumexp only
         a.row_loss[r] = 0;
         a.stats[3 * r + 2] = 0;
-        if (a.grad_input != nullptr)
-          gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
+        if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);
         continue;
       }
       const A lse = st.max + log_sum;                       // for z_loss only
@@ -471,13 +524,12 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
         if (a.z_loss != 0) loss += a.z_loss * lse * lse;
         loss *= rw;
         if (e > 0) loss += e * inv_c * (a.weight_sum * lse_shifted - st.sum_wx);
-        a.stats[3 * r + 2] = argmax_is<S>(x, C, y, x_y, st.max, block_max.data(), capped_x, xbuf, cap) ? A(1) : A(0);
+        a.stats[3 * r + 2] = argmax_is<S>(x, C, y, x_y, st.max, block_max.data(), xbuf, cap) ? A(1) : A(0);
       }
       if (row_is_nan(st.max)) loss = std::numeric_limits<A>::quiet_NaN();
       a.row_loss[r] = loss;
       // grad_mask[0] of cross_entropy_fwd: the row's gradient now, while the row is in L2.
-      if (a.grad_input != nullptr)
-        gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps, capped_x);
+      if (a.grad_input != nullptr) gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), true, exps);
     }
   });
 }
@@ -493,7 +545,7 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
     __at_align__ A gtbuf[kBlock];
     std::vector<A> block_max((a.classes + kBlock - 1) / kBlock);
     for (int64_t r = begin; r < end; ++r)
-      gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr, nullptr);
+      gradient_row<S>(a, r, xbuf, tbuf, gbuf, gtbuf, block_max.data(), false, nullptr);
   });
 }
 
