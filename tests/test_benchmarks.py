@@ -223,3 +223,13 @@ def test_allocator_benchmark():
     bad = subprocess.run([sys.executable, script, "--shape", "512"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "expected ROWSxCLASSES" in bad.stderr
+
+
+def test_gemm_probe_size_shrinks_for_a_slow_gemm(run_module):
+    # The suite's GEMM-rate probe is 2048^3 unless that would run long (bfloat16 on a CPU without
+    # AVX-512 is ATen's reference loop): then the largest power of two that fits the budget.
+    from suite import timing
+
+    assert timing.gemm_probe_size("cpu", torch.float32, budget_s=1e9) == 2048
+    assert timing.gemm_probe_size("cpu", torch.float32, n_max=1024, budget_s=1e9) == 1024
+    assert timing.gemm_probe_size("cpu", torch.float32, budget_s=0.0) == 256

@@ -77,7 +77,7 @@ def main(args, argv: List[str], thp_record: dict) -> int:
           "measuring copy bandwidth and GEMM rate...",
           file=sys.stderr, flush=True)
     bandwidth = timing.copy_bandwidth(device, rounds=3 if args.quick else 7)
-    gemm_n = 2048
+    gemm_n = timing.gemm_probe_size(device, cfg.dtype)  # 2048 unless the dtype's GEMM is very slow here
     gemm = timing.gemm_rate(device, n=gemm_n, dtype=cfg.dtype, rounds=3 if args.quick else 5)
     gc.collect()
     commit, dirty = machine.git_commit(ROOT)

@@ -190,6 +190,24 @@ def copy_bandwidth(device: str = "cpu", nbytes: int = 256 << 20, rounds: int = 7
     return 2 * nbytes / median(samples["copy"])
 
 
+def gemm_probe_size(device: str = "cpu", dtype: torch.dtype = torch.float32, n_max: int = 2048,
+                    budget_s: float = 0.5) -> int:
+    """The largest power-of-two n <= n_max (at least 256) whose n x n x n matmul should take under
+    `budget_s`, scaled as n^3 from one timed 256^3 call. Where the dtype's GEMM is a reference loop
+    (bfloat16 on CPUs without AVX-512), a 2048^3 probe would run for minutes before any case."""
+    a = torch.randn(256, 256, device=device).to(dtype)
+    a @ a  # warm-up: library initialization
+    sync(device)
+    start = time.perf_counter()
+    a @ a
+    sync(device)
+    seconds_256 = max(time.perf_counter() - start, 1e-9)
+    n = 256
+    while 2 * n <= n_max and seconds_256 * (2 * n / 256) ** 3 < budget_s:
+        n *= 2
+    return n
+
+
 def gemm_rate(device: str = "cpu", n: int = 2048, dtype: torch.dtype = torch.float32, rounds: int = 5) -> float:
     """FLOP per second of an n x n x n matmul (2 n^3 FLOP), the median over `rounds`."""
     a = torch.randn(n, n, device=device).to(dtype)
