@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Fused dense + activation against PyTorch eager and torch.compile: benchmarks/run.py with
 --ops linear_act (every other option of run.py applies). The cases live in
-benchmarks/suite/ops/linear_act.py. On AMD CPUs float32 runs ours on torch_ext's own GEMM
-(torch_ext.cpu_gemm() == "ours"), so '% of floor' (ATen's bare GEMMs) can pass 100%;
+benchmarks/suite/ops/linear_act.py. On AMD CPUs with AVX-512 float32 runs on torch_ext's own
+GEMM (torch_ext.cpu_gemm() == "ours"), so '% of floor' (ATen's bare GEMMs) can pass 100%;
 TORCH_EXT_CPU_GEMM=aten compares like with like.
 
     python benchmarks/bench_linear_act.py

@@ -2,7 +2,7 @@
 (csrc/cpu/kernels/gemm.h), called directly through the private torch_ext._C._cpu_matmul_into.
 
 Each test runs on our GEMM (forced with TORCH_EXT_CPU_GEMM=ours: it is the default on AMD CPUs
-only) and on ATen's, against the product in float64: shapes across every edge of the kernel's
+with AVX-512 only) and on ATen's, against the product in float64: shapes across every edge of the kernel's
 blocking, operand layouts (transposed, sliced, expanded), accumulation into an existing result,
 a strided result, k = 0 and empty products, thread counts, NaN/inf, the cases that go to ATen
 (fewer than 32 rows, other dtypes) and bad arguments. The dense layer's tests

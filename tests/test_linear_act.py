@@ -1081,7 +1081,7 @@ ISA_SCRIPT = textwrap.dedent(
 
     assert got == want, (got, want)
     assert torch_ext.cpu_capability() == want, (torch_ext.cpu_capability(), want)
-    torch_ext.set_config(cpu_gemm="ours")  # the default only on AMD CPUs: test it on any
+    torch_ext.set_config(cpu_gemm="ours")  # the default only on AMD AVX-512 CPUs: test it on any
     assert torch_ext.cpu_gemm() == ("aten" if want == "DEFAULT" else "ours"), torch_ext.cpu_gemm()
     failures = []
 
@@ -1240,7 +1240,8 @@ def test_gemm_switch(set_config, monkeypatch):
     assert torch_ext.cpu_gemm() == "aten"
     set_config(cpu_gemm="ours")
     assert torch_ext.cpu_gemm() == ("ours" if ours_available else "aten")
-    default = "ours" if ours_available and amd_cpu() else "aten"  # ours by default on AMD CPUs only
+    # ours by default on AMD CPUs running the AVX-512 kernels only
+    default = "ours" if torch_ext.cpu_capability() == "AVX512" and amd_cpu() else "aten"
     set_config(cpu_gemm="auto")
     assert torch_ext.cpu_gemm() == default
     with pytest.raises(ValueError, match="cpu_gemm must be auto, ours or aten; got 'mkl'"):

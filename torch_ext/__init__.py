@@ -104,7 +104,8 @@ def cpu_capability() -> str:
 
 def cpu_gemm() -> str:
     """Which GEMM float32 CPU products of 32 rows or more run on now: "ours" (torch_ext's AVX2 /
-    AVX-512 kernel, the default on AMD CPUs, where it was measured faster than ATen's) or "aten".
+    AVX-512 kernel, the default on AMD CPUs running the AVX-512 kernels, where it was measured faster
+    than ATen's) or "aten".
     ``set_config(cpu_gemm="ours" | "aten" | "auto")`` (or TORCH_EXT_CPU_GEMM, read at import)
     overrides the default.
 

@@ -4,6 +4,7 @@
 #include <ATen/core/Tensor.h>
 
 #include <cstring>
+#include <string_view>
 
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
@@ -38,15 +39,16 @@ bool amd_cpu() {
   return amd;
 }
 
-// The config's cpu_gemm (csrc/runtime_config.h): "ours", "aten", or "auto": ours on AMD CPUs,
-// where it was measured faster than ATen's (MKL's) float32 GEMM, ATen's elsewhere (on Intel CPUs
-// MKL is tuned for, ours has not been measured).
+// The config's cpu_gemm (csrc/runtime_config.h): "ours", "aten", or "auto": ours on AMD CPUs
+// running the AVX-512 kernels, where it was measured faster than ATen's (MKL's) float32 GEMM;
+// ATen's elsewhere: with AVX2 ours was no faster at the median (docs/cpu.md), and on Intel CPUs,
+// which MKL is tuned for, it has not been measured.
 bool own_float32_gemm() {
   if (cpu_kernels().gemm_f32 == nullptr) return false;
   switch (runtime_config().gemm()) {
     case CpuGemm::Ours: return true;
     case CpuGemm::Aten: return false;
-    default: return amd_cpu();
+    default: return amd_cpu() && std::string_view(cpu_kernels().capability) == "AVX512";
   }
 }
 

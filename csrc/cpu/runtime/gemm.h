@@ -1,7 +1,8 @@
 // The float32 GEMM of our own, for torch_ext's matrix products (csrc/matmul.h, which runs every
 // other product on ATen). Float32 products of 32 rows or more run on it
 // (csrc/cpu/kernels/gemm.h; AVX2 and AVX-512 builds, following ATEN_CPU_CAPABILITY like the other
-// kernels) on AMD CPUs, where it was measured faster than ATen's; everything else runs ATen's.
+// kernels) on AMD CPUs running the AVX-512 kernels, where it was measured faster than ATen's;
+// everything else runs ATen's.
 // The config's cpu_gemm (csrc/runtime_config.h; TORCH_EXT_CPU_GEMM, torch_ext.set_config) = ours |
 // aten | auto (the default) overrides the choice.
 //
