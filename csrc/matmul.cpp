@@ -6,6 +6,7 @@
 #include <ATen/ops/linear.h>
 #include <ATen/ops/mm.h>
 
+#include "allocation.h"
 #include "cpu/runtime/gemm.h"
 
 namespace torch_ext {
@@ -52,7 +53,11 @@ void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, co
 
 at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b) {
   if (bfloat16_slow_on_aten(a, b)) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(at::kBFloat16);
-  return at::mm(a, b);
+  // ATen's product (mm_out: at::mm's kernel and bits) into a buffer from the ops' output cache
+  // (allocation.h), as their other large outputs: a backward that has just freed one of those
+  // reuses its block here rather than growing the process by a new one from ATen's allocator.
+  at::Tensor out = empty_output({a.size(0), b.size(1)}, a.options());
+  return at::mm_out(out, a, b);
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
