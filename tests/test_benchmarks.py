@@ -48,7 +48,8 @@ def test_json_has_every_figure(quick_run):
     for r in data["results"]:
         assert "error" not in r, r.get("error")
         assert r["check"] == "ok", (r["op"], r["check"])
-        for name in ("eager", "compile", "ours"):
+        assert "compile" not in r["candidates"]  # --quick
+        for name in ("eager", "ours"):
             assert name in r["candidates"]
             for phase in PHASES:
                 entry = r["time_ms"][name][phase]
@@ -114,6 +115,22 @@ def test_models_table_and_chart(models_run):
     import matplotlib.image
 
     assert matplotlib.image.imread(str(out / "models.png")).ndim == 3
+
+
+def test_compile_candidate(tmp_path):
+    # Outside --quick the torch.compile candidate is timed, checked against eager and measured.
+    proc = run_suite("--ops", "mse", "--sizes", "tiny", "--rounds", "3", "--case-seconds", "0.5", "--out",
+                     str(tmp_path), "--name", "compiled")
+    assert proc.returncode == 0, f"exit {proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
+    with open(tmp_path / "compiled.json") as f:
+        data = json.load(f)
+    assert data["meta"]["compile"] is True
+    (r,) = data["results"]
+    assert r["check"] == "ok" and "compile" in r["candidates"], (r["check"], r["notes"])
+    for phase in PHASES:
+        assert len(r["time_ms"]["compile"][phase]["samples"]) == r["rounds"]
+        assert r["speedup"]["vs_compile"][phase] > 0
+    assert r["peak_bytes"]["compile"] is not None, r["notes"]
 
 
 def test_baseline_thp_off(tmp_path):

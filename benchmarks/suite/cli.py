@@ -31,7 +31,8 @@ def parse_args(argv: Sequence[str], doc: str, prog: str) -> argparse.Namespace:
     p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float64; float16 on CUDA")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true",
-                   help="the quick sizes, 3 rounds, small models without compile: a check that everything runs")
+                   help="the quick sizes, 3 rounds, small models, no torch.compile candidates: a check that "
+                        "everything runs")
     p.add_argument("--rounds", type=int, help="most timing rounds per case (default 10; 3 with --quick)")
     p.add_argument("--case-seconds", type=float, help="timing budget per op case, which sets its rounds between 3 "
                    "and --rounds (default 10; 1.5 with --quick)")
