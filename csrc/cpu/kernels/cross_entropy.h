@@ -393,11 +393,12 @@ inline void gradient_row(const CrossEntropyArgs<S>& a, int64_t r, acc_t<S>* xbuf
   const V inv_cap(cap != 0 ? A(1) / cap : A(0));
   // The target's term goes through the cap too (d/d(capped logit) -> d/dx).
   const A y_derivative = y >= 0 && cap != 0 ? cap_derivative_at(capped<A>(A(x[y]), cap), cap) : A(1);
+  // Whether terms other than the exponentials' are formed per element (they need the logits).
+  const bool per_element_terms = t != nullptr || smoothing_term;
   for (int64_t c0 = 0, b = 0; c0 < C; c0 += kBlock, ++b) {
     const int64_t n = std::min(kBlock, C - c0);
     // The block's (capped) logits: not needed when the exponentials are known and no term but
     // theirs is formed per element.
-    const bool per_element_terms = t != nullptr || smoothing_term;
     const A* xb = exps != nullptr && !per_element_terms ? nullptr : logits_block<S>(x + c0, n, xbuf, cap);
     const A* tb = t ? as_math<S, A>(t + c0, n, tbuf) : nullptr;
     A* gb = gbuf;
