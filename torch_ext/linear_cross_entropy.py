@@ -441,7 +441,7 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     else:
         # Compiled training (or an eager call the branches above left: nothing wanted, or reduction none). The
         # compiled graph forms the gradients in its forward too (reductions mean and sum): a
-        # backward recomputing every chunk's logits made the step 1.45x slower at 2048x256->32000.
+        # backward recomputing every chunk's logits would repeat the forward's GEMMs.
         mask = wanted if reduction != "none" and torch.is_grad_enabled() else no_grads
         loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
     if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16):

@@ -57,8 +57,8 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     if not cases and not models:
         why = "; ".join(model_notes or ["--models none"])
         raise select.UsageError(f"nothing to run: --ops none and no model ({why})")
-    # --quick leaves out the torch.compile candidates (PyTorch's own): compiling took 2-8 s a case,
-    # 22 of a 51 s quick run.
+    # --quick leaves out the torch.compile candidates (PyTorch's own): compiling them for each case
+    # would be most of a quick run (docs/benchmarks.md).
     cfg = Config(
         dtype=getattr(torch, args.dtype), dtype_name=args.dtype, device=device,
         compile=not (args.no_compile or args.quick),

@@ -159,9 +159,8 @@ def peak_job(model_name: str, size: str, name: str, dtype_name: str, device: str
     return the step (memory.step_peak measures it)."""
     step, _, optimizer, _ = make_candidate(model_name, size, name, getattr(torch, dtype_name), device)
     # At the measured size for every candidate: the compiled ones compile for the batch's shapes, and
-    # a first step at a new size pays one-off set-up (measured on the CNN: eager's peak 184-188 MB
-    # after a one-sample warm-up, 172-174 MB after a whole-batch one; its fused model's 182-191 and
-    # 154-163 MB), which would be measured for the eager candidates only.
+    # a first step at a new size pays one-off set-up (see docs/benchmarks.md), which would otherwise
+    # be measured for the eager candidates only.
     step()
     optimizer.zero_grad(set_to_none=True)
     return step
