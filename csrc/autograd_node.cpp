@@ -126,7 +126,9 @@ class OpNode final : public Node {
       }
       return result;
     }
-    if (unit_grads_.empty()) return below_autograd_backward(grad);
+    // Moved: the backward op then holds the engine's gradient alone, unless someone else kept it (a
+    // hook, the caller of backward(g)); linear_act_bwd reuses a gradient it holds alone.
+    if (unit_grads_.empty()) return below_autograd_backward(std::move(grads[0]));
     variable_list unit;
     if (!handed_over_) {
       for (SavedVariable& s : unit_grads_) unit.push_back(s.unpack());
@@ -152,17 +154,17 @@ class OpNode final : public Node {
     for (SavedVariable& s : unit_grads_) s.reset_data();
   }
 
-  variable_list below_autograd_backward(const at::Tensor& grad) {
+  variable_list below_autograd_backward(at::Tensor grad) {
     BelowAutograd below_autograd;
-    return call_backward(grad);
+    return call_backward(std::move(grad));
   }
 
   // backward(grad, *saved, *options, output_mask, *after_mask), one gradient per input; a pair's mask drops the
   // gradients this backward does not need (torch.autograd.grad of some inputs only).
-  variable_list call_backward(const at::Tensor& grad) {
+  variable_list call_backward(at::Tensor grad) {
     torch::jit::Stack stack;
     stack.reserve(2 + saved_.size() + options_.size() + after_mask_.size());
-    stack.emplace_back(grad);
+    stack.emplace_back(std::move(grad));
     for (SavedVariable& s : saved_) {
       at::Tensor t = s.unpack(owning_ptr<Node>(this));
       if (t.defined())

@@ -143,17 +143,20 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
   return {out_full, saved};
 }
 
+// in_place: g2d (contiguous) is the op's own to overwrite, and grad_pre is formed in it rather than
+// in a panel buffer.
 template <typename S>
 void backward_panels(Activation act, double negative_slope, const Tensor& g2d, const Tensor& x2d, const Tensor& weight,
                      const Tensor& saved2d, const Tensor& mask2d, Tensor& grad_input, Tensor& grad_weight,
-                     Tensor& bias_grad) {
+                     Tensor& bias_grad, bool in_place) {
   using Acc = MathT<S>;
   const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
   const auto kernel = KernelsFor<S>::backward(cpu::cpu_kernels());
   const int64_t rows_per_panel = panel_rows(m, n, k, x2d);
   const int64_t block = reduction_block_rows(rows_per_panel, n);
   const int64_t blocks_per_panel = (rows_per_panel + block - 1) / block;
-  Tensor grad_pre = cpu::empty_cpu_output({rows_per_panel, n}, x2d.options());
+  const Tensor grad_pre = in_place ? g2d : cpu::empty_cpu_output({rows_per_panel, n}, x2d.options());
+  const int64_t ld_pre = grad_pre.stride(0);
   Tensor partials;
   if (bias_grad.defined()) partials = at::empty({blocks_per_panel, n}, bias_grad.options());
   const int64_t ld_g = g2d.stride(0);
@@ -175,8 +178,8 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
                                         ld_saved,
                                         mask2d.defined() ? mask2d.const_data_ptr<uint8_t>() + first * ld_mask : nullptr,
                                         ld_mask,
-                                        grad_pre.data_ptr<S>() + (first - r0) * n,
-                                        n,
+                                        grad_pre.data_ptr<S>() + (first - (in_place ? 0 : r0)) * ld_pre,
+                                        ld_pre,
                                         partials.defined() ? partials.data_ptr<Acc>() + b * n : nullptr};
         kernel(act, Acc(negative_slope), a);
       }
@@ -187,7 +190,7 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
       for (int64_t b = 0; b < blocks; ++b)
         for (int64_t j = 0; j < n; ++j) acc[j] += part[b * n + j];
     }
-    const Tensor panel_grad = grad_pre.narrow(0, 0, rows);
+    const Tensor panel_grad = grad_pre.narrow(0, in_place ? r0 : 0, rows);
     if (grad_input.defined()) {
       Tensor grad_input_rows = grad_input.narrow(0, r0, rows);
       matmul_into(grad_input_rows, panel_grad, weight, /*accumulate=*/false);
@@ -215,6 +218,12 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
   const Tensor x2d = input.reshape({m, k});
+  // grad_output * act'(pre) is formed in grad_output itself when no caller can see it: the op holds
+  // the only reference to it and to its memory (the C++ autograd node moves the engine's gradient
+  // in; FusedMLP's backward passes a temporary of its own). That saves a (rows, N) buffer at the
+  // step's peak, where eager PyTorch has freed grad_output by the time its GEMMs run.
+  const bool in_place = grad_output.use_count() == 1 && grad_output.storage().use_count() == 1 &&
+                        grad_output.is_contiguous() && !grad_output.requires_grad() && m > 0 && n > 0;
   Tensor g2d = grad_output.reshape({m, n});
   // The kernels read rows with unit column stride; any row stride (0 too) is fine. Other layouts
   // (e.g. the all-zero strides of a grad expanded from a scalar) are made contiguous first.
@@ -228,7 +237,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
   AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "backward_panels", [&] {
     backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
-                              bias_grad);
+                              bias_grad, in_place);
   });
   // Gradients not asked for come back undefined (None).
   return {grad_input.defined() ? grad_input.view(input.sizes()) : Tensor(), grad_weight,
