@@ -4,6 +4,7 @@ through LD_PRELOAD (Debian: libjemalloc2, libtcmalloc-minimal4).
 
     python benchmarks/bench_allocator.py                       # cross_entropy 512x32000, 100 steps
     python benchmarks/bench_allocator.py --shape 4096x32000 --steps 10000 --rounds 1
+    python benchmarks/bench_allocator.py --steps 10000 --rounds 1 --configs ours   # ours only
 
 Each configuration runs in its own process (an allocator is chosen per process): `--steps`
 training steps of cross_entropy (forward + backward) after 20 warm-up steps, in the rounds'
@@ -100,16 +101,23 @@ def main(argv=None):
                         help="rows x classes of the cross-entropy (default 512x32000)")
     parser.add_argument("--steps", type=positive, default=100, help="timed training steps per process (default 100)")
     parser.add_argument("--rounds", type=positive, default=3, help="processes per configuration (default 3)")
+    parser.add_argument("--configs", default="", metavar="TEXT",
+                        help="only the configurations whose name contains TEXT (e.g. 'ours'; default: all)")
     args = parser.parse_args(argv)
     rows, classes = args.shape
-    results = {name: [] for name in CONFIGS}
+    names = [name for name in CONFIGS if args.configs in name]
+    if not names:
+        parser.error(f"--configs {args.configs!r} matches none of: {', '.join(CONFIGS)}")
+    results = {name: [] for name in names}
     for _ in range(args.rounds):
-        for name in random.sample(list(CONFIGS), len(CONFIGS)):
+        for name in random.sample(names, len(names)):
             results[name].append(run_config(name, rows, classes, args.steps))
-    base = statistics.median(r["ms"] for r in results["eager, glibc"])
+    # The ratio's base: eager under glibc when it ran, else the first configuration that ran.
+    base_name = next((n for n in ["eager, glibc", *names] if n in results and "ms" in results[n][0]), None)
+    base = statistics.median(r["ms"] for r in results[base_name]) if base_name else float("nan")
     print(f"cross_entropy {rows}x{classes} float32, forward + backward, {args.steps} steps x {args.rounds} rounds, "
           f"{os.cpu_count()} cores")
-    print("| configuration | step ms | x eager glibc | peak RSS MB | RSS at end MB |\n|---|---|---|---|---|")
+    print(f"| configuration | step ms | x {base_name} | peak RSS MB | RSS at end MB |\n|---|---|---|---|---|")
     for name, runs in results.items():
         if "missing" in runs[0]:
             print(f"| {name} | missing: {runs[0]['missing']} | | | |")

@@ -240,6 +240,16 @@ def test_allocator_benchmark():
     bad = subprocess.run([sys.executable, script, "--shape", "512"], cwd=ROOT, capture_output=True, text=True,
                          timeout=120)
     assert bad.returncode == 2 and "expected ROWSxCLASSES" in bad.stderr
+    # --configs narrows the run (the ratios then against its first configuration); no match: an error.
+    some = subprocess.run([sys.executable, script, "--shape", "8x16", "--steps", "2", "--rounds", "1", "--configs",
+                           "cache off"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert some.returncode == 0, some.stderr[-3000:]
+    rows = [line for line in some.stdout.splitlines() if line.startswith("| eager") or line.startswith("| ours")]
+    assert len(rows) == 4 and all(row.startswith("| ours, cache off") for row in rows), some.stdout
+    assert "| 1.00 |" in rows[0], rows[0]
+    none = subprocess.run([sys.executable, script, "--configs", "nothing"], cwd=ROOT, capture_output=True, text=True,
+                          timeout=120)
+    assert none.returncode == 2 and "matches none of" in none.stderr
 
 
 def test_gemm_probe_size_shrinks_for_a_slow_gemm(run_module):
