@@ -4,7 +4,8 @@ Over the samples of tests/op_samples.py (each public op, several shapes and opti
 result and gradients match PyTorch's own ops in every dtype the device takes; gradcheck in
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
-retained graph's second backward gives the same gradients; non-contiguous inputs; torch.autocast
+retained graph's second backward gives the same gradients; saved-tensor hooks (save_on_cpu,
+activation offloading) see every tensor held for backward; non-contiguous inputs; torch.autocast
 gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
 error; an integer input (and, on a GPU, an input on another device) is refused with an error
 naming the argument; torch_ext.fuse of a model with each kind of replaceable module matches the
@@ -13,6 +14,8 @@ model as written. When a GPU is present, every check runs on it too.
 from __future__ import annotations
 
 import copy
+import gc
+import weakref
 
 import pytest
 import torch
@@ -131,6 +134,64 @@ def test_compile_matches_eager(dynamo_reset, device, case, backend):
     assert_close(c_out, out, msg="result")
     for i, (c, g) in enumerate(zip(c_grads, grads)):
         assert_close(c, g, msg=f"gradient {i}")
+
+
+class _MadeTensors(TorchDispatchMode):
+    """Weak references to every tensor an op returns while it is active, with the op's name.
+    A tensor the graph keeps alive from C++ stays reachable (PyTorch preserves its Python object)."""
+
+    def __init__(self):
+        super().__init__()
+        self.made = []
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in torch.utils._pytree.tree_leaves(out):
+            if isinstance(t, torch.Tensor):
+                self.made.append((weakref.ref(t), str(func)))
+        return out
+
+
+def _storages(tensors):
+    return {t.untyped_storage().data_ptr() for t in tensors if isinstance(t, torch.Tensor)}
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_saved_tensor_hooks_see_everything_held(device, case, grad_in_forward):
+    # Under a pack hook that keeps a copy of each saved tensor (as offloading does) the graph must
+    # hold nothing else the forward made: a tensor kept as a ctx attribute, or a C++ member out of
+    # the hooks' reach, outlives the forward here and fails. Backward from the copies gives the
+    # gradients of an unhooked run; save_on_cpu too.
+    s = sample(*case, device, torch.float32)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+    leaves = _differentiable(s.inputs, s.fixed)
+    copies = []
+
+    def pack(t):
+        copies.append(t.detach().clone())
+        return len(copies) - 1
+
+    made = _MadeTensors()
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda i: copies[i]), made:
+        hooked = s.fn(*leaves)
+    gc.collect()
+    ours = {id(c) for c in copies} | {id(hooked)}
+    kept = _storages(leaves) | _storages([hooked]) | _storages(copies)
+    held = [name for ref, name in made.made
+            if (t := ref()) is not None and id(t) not in ours and t.numel() > 0
+            and t.untyped_storage().data_ptr() not in kept]
+    assert not held, f"tensors held for backward outside saved-tensor hooks, made by: {held}"
+    wrt = [t for t in leaves if t.requires_grad]
+    for i, (g, r) in enumerate(zip(torch.autograd.grad(hooked, wrt, grad_output), grads)):
+        assert_close(g, r, msg=f"gradient {i} from the hooks' copies")
+    leaves = _differentiable(s.inputs, s.fixed)
+    with torch.autograd.graph.save_on_cpu():
+        offloaded = s.fn(*leaves)
+    wrt = [t for t in leaves if t.requires_grad]
+    assert_close(offloaded, out, msg="result under save_on_cpu")
+    for i, (g, r) in enumerate(zip(torch.autograd.grad(offloaded, wrt, grad_output), grads)):
+        assert_close(g, r, msg=f"gradient {i} under save_on_cpu")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
