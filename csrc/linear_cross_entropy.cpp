@@ -219,8 +219,12 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
   // one number (the chunk is reduced with "sum", so the mean divides by the global denominator),
   // kept on the device.
+  // One chunk (every row at once, as in most steps of a small head): its cross-entropy takes the
+  // reduction itself, so the mean's denominator, the float64 loss sum and the stats' copy, a dozen
+  // small ATen ops (~4% of a 64-row step), are not needed.
+  const bool one_chunk = s.rows > 0 && s.rows <= chunk_size;
   const Tensor denominator =
-      reduction == Reduction::Mean ? mean_denominator(s, t, weight, ignore_index, options) : Tensor();
+      reduction == Reduction::Mean && !one_chunk ? mean_denominator(s, t, weight, ignore_index, options) : Tensor();
   Tensor grad_rows;
   Tensor grad_scalar;
   if (!forward && reduction == Reduction::None) {
@@ -240,15 +244,20 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     g.weight =
         s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options) : empty_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
-  Tensor loss_rows = forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
+  const bool chunked_forward = forward && !one_chunk;
+  Tensor loss_rows = chunked_forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
   // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
   Tensor row_stats =
-      forward ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat))
-              : Tensor();
+      chunked_forward
+          ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat))
+          : Tensor();
   // Summed in float64 where the chunks' losses are (no host synchronization per chunk on CUDA).
-  Tensor loss_sum = at::zeros({}, options.dtype(at::kDouble));
+  Tensor loss_sum =
+      chunked_forward && reduction != Reduction::None ? at::zeros({}, options.dtype(at::kDouble)) : Tensor();
+  Tensor loss;
 
-  const char* chunk_reduction = reduction == Reduction::None ? "none" : "sum";
+  const c10::string_view chunk_reduction = one_chunk ? reduction_name : reduction == Reduction::None ? "none" : "sum";
+  const c10::string_view grad_reduction = one_chunk ? reduction_name : "sum";
   // One buffer for every chunk; on CPU in huge pages and given back to the system when the op
   // returns (not cached): this op exists to save memory, and a cached block would stay resident
   // through the rest of the training step. Page faults cost little next to the chunk's GEMMs.
@@ -264,7 +273,10 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
       matmul_into(logits, xc, w_t, /*accumulate=*/false);
     }
     auto [chunk_loss, stats] = cross_entropy_fwd(logits, tc, weight, forward ? chunk_reduction : "sum", o);
-    if (forward) {
+    if (forward && one_chunk) {
+      row_stats = stats;
+      loss = reduction == Reduction::None ? chunk_loss.view(s.loss_shape) : chunk_loss;
+    } else if (forward) {
       row_stats.narrow(0, r0, n).copy_(stats);
       if (reduction == Reduction::None) {
         loss_rows.narrow(0, r0, n).copy_(chunk_loss);
@@ -276,7 +288,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     if (grad_rows.defined()) {
       cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), logits, tc, weight, stats, "none", o);
     } else {
-      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, "sum", o);
+      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, grad_reduction, o);
     }
     const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
@@ -287,8 +299,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
   }
 
-  Tensor loss;
-  if (forward) {
+  if (chunked_forward) {
     switch (reduction) {
       case Reduction::None: loss = loss_rows.view(s.loss_shape); break;
       case Reduction::Sum: loss = loss_sum.to(input.scalar_type()); break;
