@@ -90,7 +90,11 @@ Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weig
                   const std::optional<Tensor>& linear_bias, const Tensor& target, int64_t chunk_size) {
   TORCH_CHECK(linear_weight.dim() == 2, op, ": linear_weight must be 2-D (V, H), got shape ", linear_weight.sizes());
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, H), got a 0-D tensor");
-  check_floating(op, input, "input");
+  if (input.is_cpu()) {
+    check_cpu_dtype(op, input, "input");  // here, not in the first chunk's cross_entropy_fwd, to name this op
+  } else {
+    check_floating(op, input, "input");
+  }
   check_same_device(op, input, "input", linear_weight, "linear_weight");
   check_same_dtype(op, input, "input", linear_weight, "linear_weight");
   check_same_device(op, input, "input", target, "target");

@@ -1583,6 +1583,9 @@ def _error_cases():
         "label_smoothing_above_one": (x, w, t, b, None, dict(label_smoothing=1.1), r"label_smoothing"),
         "label_smoothing_above_one_prob": (x, w, p, b, None, dict(label_smoothing=1.5), r"label_smoothing"),
         "input_0d": (torch.tensor(1.0), w, torch.tensor(0), b, None, {}, r"(?i)input"),
+        # float16 on CPU: refused naming this op and the argument (not the cross-entropy it calls).
+        "input_float16_cpu": (x.half(), w.half(), t, b.half(), None, {},
+                              r"linear_cross_entropy: input is float16, which the CPU kernels do not support"),
     }
 
 
