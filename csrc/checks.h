@@ -25,11 +25,4 @@ inline void check_floating(const char* op, const at::Tensor& t, const char* name
               name, " must be float32, float64, bfloat16 or float16, got ", dtype);
 }
 
-// The dtypes the CPU kernels take: float32, float64 and bfloat16.
-inline void check_cpu_dtype(const char* op, const at::Tensor& t, const char* name) {
-  check_floating(op, t, name);
-  TORCH_CHECK(t.scalar_type() != at::kHalf, op, ": ", name,
-              " is float16, which the CPU kernels do not support; use float32, float64 or bfloat16");
-}
-
 }  // namespace torch_ext

@@ -1,5 +1,5 @@
 // The argument checks of the dense-layer ops (linear_act, mlp_act), shared by their CPU and CUDA
-// files. check_dtype: the dtypes the device's kernels take (check_cpu_dtype, check_floating).
+// files.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -14,17 +14,15 @@
 
 namespace torch_ext {
 
-using CheckDtype = void (*)(const char*, const at::Tensor&, const char*);
-
 inline void check_linear_args(const char* op, const at::Tensor& input, const at::Tensor& weight,
-                              const std::optional<at::Tensor>& bias, CheckDtype check_dtype) {
+                              const std::optional<at::Tensor>& bias) {
   TORCH_CHECK(weight.dim() == 2, op, ": weight must be 2-D (out_features, in_features), got shape ", weight.sizes());
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, in_features), got a 0-D tensor");
   TORCH_CHECK(input.size(-1) == weight.size(1), op, ": input.size(-1) is ", input.size(-1),
               " but weight.size(1) (in_features) is ", weight.size(1), "; they must be equal");
   check_same_device(op, input, "input", weight, "weight");
   check_same_dtype(op, input, "input", weight, "weight");
-  check_dtype(op, input, "input");
+  check_floating(op, input, "input");
   if (bias.has_value()) {
     TORCH_CHECK(bias->dim() == 1 && bias->size(0) == weight.size(0), op, ": bias must have shape (out_features,) = (",
                 weight.size(0), ",), got ", bias->sizes());

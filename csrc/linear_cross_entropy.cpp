@@ -90,11 +90,7 @@ Shapes check_args(const char* op, const Tensor& input, const Tensor& linear_weig
                   const std::optional<Tensor>& linear_bias, const Tensor& target, int64_t chunk_size) {
   TORCH_CHECK(linear_weight.dim() == 2, op, ": linear_weight must be 2-D (V, H), got shape ", linear_weight.sizes());
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (*, H), got a 0-D tensor");
-  if (input.is_cpu()) {
-    check_cpu_dtype(op, input, "input");  // here, not in the first chunk's cross_entropy_fwd, to name this op
-  } else {
-    check_floating(op, input, "input");
-  }
+  check_floating(op, input, "input");
   check_same_device(op, input, "input", linear_weight, "linear_weight");
   check_same_dtype(op, input, "input", linear_weight, "linear_weight");
   check_same_device(op, input, "input", target, "target");
@@ -163,8 +159,8 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
                     "avoids this");
   }
 #endif
-  // (Where ATen's bfloat16 GEMM is slow, the float32 product below: csrc/matmul.h.)
-  if (widen && acc.is_cpu() && !cpu::aten_bfloat16_gemm_is_slow()) {
+  // (Where ATen's 16-bit GEMM is slow, the float32 product below: csrc/matmul.h.)
+  if (widen && acc.is_cpu() && !cpu::aten_reduced_gemm_is_slow(dlogits.scalar_type())) {
     const Tensor chunk_product = at::mm(dlogits.t(), xc);
     if (first) {
       acc.copy_(chunk_product);

@@ -1,6 +1,5 @@
 // The argument checks of the loss ops (cross_entropy, regression_loss, triplet_margin_loss),
-// shared by their CPU and CUDA files. Each takes `check_dtype`, the dtypes the device's kernels
-// accept (check_cpu_dtype on CPU, check_floating on CUDA).
+// shared by their CPU and CUDA files.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -61,10 +60,9 @@ struct CrossEntropyLayout {
 
 inline CrossEntropyLayout check_cross_entropy_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                                                    const std::optional<at::Tensor>& weight, int64_t ignore_index,
-                                                   double label_smoothing, double z_loss, double softcap,
-                                                   void (*check_dtype)(const char*, const at::Tensor&, const char*)) {
+                                                   double label_smoothing, double z_loss, double softcap) {
   TORCH_CHECK(input.dim() >= 1, op, ": input must have shape (C), (N, C) or (N, C, d1, ..., dk), got a 0-D tensor");
-  check_dtype(op, input, "input");
+  check_floating(op, input, "input");
   check_same_device(op, input, "input", target, "target");
   CrossEntropyLayout layout;
   layout.classes = input.dim() == 1 ? input.size(0) : input.size(1);
@@ -121,10 +119,9 @@ inline void check_grad_lse(const char* op, const at::Tensor& input, const at::Te
 
 inline RegressionLoss check_regression_args(const char* op, const at::Tensor& input, const at::Tensor& target,
                                             const std::optional<at::Tensor>& weight, c10::string_view loss,
-                                            double param,
-                                            void (*check_dtype)(const char*, const at::Tensor&, const char*)) {
+                                            double param) {
   const RegressionLoss kind = parse_regression_loss(std::string_view(loss.data(), loss.size()));
-  check_dtype(op, input, "input");
+  check_floating(op, input, "input");
   check_same_device(op, input, "input", target, "target");
   check_same_dtype(op, input, "input", target, "target");
   TORCH_CHECK(input.sizes() == target.sizes(), op,
@@ -152,11 +149,10 @@ inline bool divides_by_weight_sum(RegressionLoss kind, const std::optional<at::T
 
 // ---- triplet_margin_loss
 inline void check_triplet_args(const char* op, const at::Tensor& anchor, const at::Tensor& positive,
-                               const at::Tensor& negative, double p,
-                               void (*check_dtype)(const char*, const at::Tensor&, const char*)) {
+                               const at::Tensor& negative, double p) {
   TORCH_CHECK(anchor.dim() == 1 || anchor.dim() == 2, op, ": anchor must have shape (D) or (N, D), got ",
               anchor.sizes());
-  check_dtype(op, anchor, "anchor");
+  check_floating(op, anchor, "anchor");
   for (const auto& [t, name] :
        {std::pair<const at::Tensor&, const char*>{positive, "positive"}, {negative, "negative"}}) {
     TORCH_CHECK(t.sizes() == anchor.sizes(), op, ": ", name, " must have anchor's shape ", anchor.sizes(), ", got ",

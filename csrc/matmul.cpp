@@ -12,20 +12,19 @@
 namespace torch_ext {
 namespace {
 
-// A bfloat16 CPU product that ATen would run on its reference loop (matmul.h).
-bool bfloat16_slow_on_aten(const at::Tensor& a, const at::Tensor& b) {
-  return a.is_cpu() && a.scalar_type() == at::kBFloat16 && b.scalar_type() == at::kBFloat16 &&
-         cpu::aten_bfloat16_gemm_is_slow();
+// A bfloat16 / float16 CPU product that ATen would run on its reference loop (matmul.h).
+bool reduced_slow_on_aten(const at::Tensor& a, const at::Tensor& b) {
+  return a.is_cpu() && a.scalar_type() == b.scalar_type() && cpu::aten_reduced_gemm_is_slow(a.scalar_type());
 }
 
-bool bfloat16_through_float32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
-  return out.scalar_type() == at::kBFloat16 && bfloat16_slow_on_aten(a, b);
+bool reduced_through_float32(const at::Tensor& out, const at::Tensor& a, const at::Tensor& b) {
+  return out.scalar_type() == a.scalar_type() && reduced_slow_on_aten(a, b);
 }
 
 }  // namespace
 
 void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool accumulate) {
-  if (bfloat16_through_float32(out, a, b)) {
+  if (reduced_through_float32(out, a, b)) {
     at::Tensor out32 = accumulate ? out.to(at::kFloat) : at::empty(out.sizes(), out.options().dtype(at::kFloat));
     matmul_into(out32, a.to(at::kFloat), b.to(at::kFloat), accumulate);
     out.copy_(out32);
@@ -39,7 +38,7 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool
 }
 
 void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b) {
-  if (bfloat16_through_float32(out, a, b)) {
+  if (reduced_through_float32(out, a, b)) {
     at::Tensor out32 = at::empty(out.sizes(), out.options().dtype(at::kFloat));
     addmm_into(out32, bias.to(at::kFloat), a.to(at::kFloat), b.to(at::kFloat));
     out.copy_(out32);
@@ -52,7 +51,7 @@ void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, co
 }
 
 at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b) {
-  if (bfloat16_slow_on_aten(a, b)) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(at::kBFloat16);
+  if (reduced_slow_on_aten(a, b)) return at::mm(a.to(at::kFloat), b.to(at::kFloat)).to(a.scalar_type());
   // ATen's product (mm_out: at::mm's kernel and bits) into a buffer from the ops' output cache
   // (allocation.h), as their other large outputs: a backward that has just freed one of those
   // reuses its block here rather than growing the process by a new one from ATen's allocator.
@@ -61,9 +60,9 @@ at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b) {
 }
 
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias) {
-  if (bfloat16_slow_on_aten(x, weight)) {
+  if (reduced_slow_on_aten(x, weight)) {
     const std::optional<at::Tensor> bias32 = bias.has_value() ? std::optional(bias->to(at::kFloat)) : std::nullopt;
-    return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias32).to(at::kBFloat16);
+    return at::linear(x.to(at::kFloat), weight.to(at::kFloat), bias32).to(x.scalar_type());
   }
   return at::linear(x, weight, bias);
 }

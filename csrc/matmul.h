@@ -1,8 +1,8 @@
 // torch_ext's matrix products, for tensors of any device: float32 CPU products that our GEMM
 // takes (csrc/cpu/runtime/gemm.h) run on it, every other one on ATen's (on CUDA, cuBLAS / cuBLASLt).
-// bfloat16 CPU products, where ATen's bfloat16 GEMM is a reference loop (AVX2 CPUs:
-// cpu::aten_bfloat16_gemm_is_slow), run as float32 products of the operands' exact float32 values,
-// rounded once into out: what a bfloat16 GEMM accumulating in float32 gives, far sooner there.
+// bfloat16 and float16 CPU products, where ATen's GEMM of that dtype is a reference loop (AVX2
+// CPUs: cpu::aten_reduced_gemm_is_slow), run as float32 products of the operands' exact float32
+// values, rounded once into out: what a 16-bit GEMM accumulating in float32 gives, far sooner there.
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -22,7 +22,7 @@ void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, co
 
 // a @ b and F.linear(x, weight, bias) as new tensors, for the ops that take ATen's GEMM as it is
 // (FusedMLP's second layer and its backward products): ATen's, bits and all, except bfloat16 CPU
-// products where ATen's bfloat16 GEMM is slow, which run in float32 as above.
+// products where ATen's GEMM of their dtype is slow, which run in float32 as above.
 at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b);
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 

@@ -160,7 +160,11 @@ static PyObject* cpu_gemm(PyObject*, PyObject*) {
 }
 
 static PyObject* cpu_bfloat16_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(torch_ext::cpu::aten_bfloat16_gemm_is_slow() ? "float32" : "aten");
+  return PyUnicode_FromString(torch_ext::cpu::aten_reduced_gemm_is_slow(at::kBFloat16) ? "float32" : "aten");
+}
+
+static PyObject* cpu_float16_gemm(PyObject*, PyObject*) {
+  return PyUnicode_FromString(torch_ext::cpu::aten_reduced_gemm_is_slow(at::kHalf) ? "float32" : "aten");
 }
 
 // _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
@@ -467,6 +471,9 @@ static PyMethodDef methods[] = {
     {"_cpu_bfloat16_gemm", cpu_bfloat16_gemm, METH_NOARGS,
      "How the CPU ops multiply bfloat16 matrices: 'aten' (oneDNN's bfloat16 GEMM), or 'float32' (as float32 "
      "products of their values, where ATen's bfloat16 GEMM is a reference loop: no AVX-512)."},
+    {"_cpu_float16_gemm", cpu_float16_gemm, METH_NOARGS,
+     "How the CPU ops multiply float16 matrices: 'aten' (oneDNN's float16 GEMM, AVX-512 FP16), or 'float32' "
+     "(as float32 products of their values, where ATen's float16 GEMM is a reference loop)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, "
      "benchmarks)."},

@@ -34,8 +34,8 @@ cuda_only = pytest.mark.skipif(not HAS_CUDA, reason="needs a CUDA GPU and torch_
 
 
 def dtypes_for(device):
-    """The floating dtypes the ops take on `device`: float16 on CUDA only (CPU refuses it)."""
-    return [torch.float32, torch.float64, torch.bfloat16] + ([torch.float16] if device == "cuda" else [])
+    """The floating dtypes the ops take on `device`: the same four on every device."""
+    return [torch.float32, torch.float64, torch.bfloat16, torch.float16]
 
 
 def _device_dtypes():

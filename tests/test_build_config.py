@@ -253,7 +253,7 @@ def test_probe_on_this_machine_matches_the_build():
 
 FIELDS = ("torch_ext", "torch (built against)", "torch (running)", "torch CUDA", "CUDA kernels", "CUDA archs",
           "CUDA runtime linked", "cuBLASLt linked", "CUDA device", "CPU capability", "CPU float32 GEMM",
-          "CPU bfloat16 GEMM", "run-time config", "C++ flags", "nvcc flags", "TORCH_EXT_CUDA at build")
+          "CPU bfloat16 GEMM", "CPU float16 GEMM", "run-time config", "C++ flags", "nvcc flags", "TORCH_EXT_CUDA at build")
 
 
 def test_python_m_torch_ext_prints_every_field():

@@ -5,8 +5,8 @@ result and gradients match PyTorch's own ops in every dtype the device takes; gr
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
 retained graph's second backward gives the same gradients; saved-tensor hooks (save_on_cpu,
-activation offloading) see every tensor held for backward; non-contiguous inputs; torch.autocast
-gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
+activation offloading) see every tensor held for backward; non-contiguous inputs; torch.autocast (bfloat16
+and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
 error; an integer input (and, on a GPU, an input on another device) is refused with an error
 naming the argument; torch_ext.fuse of a model with each kind of replaceable module matches the
 model as written. When a GPU is present, every check runs on it too.
@@ -28,7 +28,7 @@ from devices import DEVICE_DTYPES, DEVICES, cuda_only
 from op_samples import CASES, FIRST_CASES, sample
 from utils import assert_close, reference_dtype, tolerance
 
-AUTOCAST_DTYPE = {"cpu": torch.bfloat16, "cuda": torch.float16}
+AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 
 
 def _case_id(case):
@@ -257,13 +257,13 @@ def test_non_contiguous_inputs(device, case):
         assert_close(g, r, msg=f"gradient {i}")
 
 
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_autocast(device, case):
+def test_autocast(device, case, dtype):
     # Under torch.autocast the result has the dtype PyTorch's ops give there (the dense layers the
     # low precision, the losses float32), with values and float32 gradients within that
     # precision's tolerance of PyTorch's under the same autocast.
-    dtype = AUTOCAST_DTYPE[device]
     s = sample(*case, device, torch.float32)
     with torch.autocast(device, dtype=dtype):
         out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
@@ -276,12 +276,13 @@ def test_autocast(device, case):
         assert_close(g, r, rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient {i}")
 
 
+@pytest.mark.parametrize("dtype", AUTOCAST_DTYPES, ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_autocast_keeps_float64(device, case):
+def test_autocast_keeps_float64(device, case, dtype):
     # Autocast leaves float64 alone, as PyTorch's ops do: float64 results and gradients.
     s = sample(*case, device, torch.float64)
-    with torch.autocast(device, dtype=AUTOCAST_DTYPE[device]):
+    with torch.autocast(device, dtype=dtype):
         out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
         ref, ref_grads, _ = _forward_backward(s.reference, s.inputs, grad_output, fixed=s.fixed)
     assert out.dtype == ref.dtype == torch.float64

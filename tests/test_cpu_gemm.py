@@ -158,23 +158,26 @@ def test_cases_that_go_to_aten(gemm, m, dtype):
     assert torch.equal(out, torch.mm(a, b))
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
-def test_bfloat16_products(gemm, accumulate):
-    # bfloat16 runs ATen's GEMM where that is oneDNN's (AVX-512), else (a reference loop there) the
-    # float32 product of the values, rounded once: csrc/matmul.h.
-    a = torch.randn(64, 70).bfloat16()
-    b = torch.randn(50, 70).bfloat16().t()  # a transposed view, as the dense layers pass weights
-    start = torch.randn(64, 50).bfloat16()
+def test_16_bit_products(gemm, accumulate, dtype):
+    # bfloat16 / float16 run ATen's GEMM where that is oneDNN's (bfloat16: AVX-512; float16:
+    # AVX-512 FP16), else (a reference loop there) the float32 product of the values, rounded
+    # once: csrc/matmul.h.
+    a = torch.randn(64, 70).to(dtype)
+    b = torch.randn(50, 70).to(dtype).t()  # a transposed view, as the dense layers pass weights
+    start = torch.randn(64, 50).to(dtype)
     out = start.clone()
     matmul_into(out, a, b, accumulate)
-    if torch_ext._C._cpu_bfloat16_gemm() == "aten":
+    how = torch_ext._C._cpu_bfloat16_gemm() if dtype == torch.bfloat16 else torch_ext._C._cpu_float16_gemm()
+    if how == "aten":
         want = torch.addmm(start, a, b) if accumulate else torch.mm(a, b)
     else:
         want32 = start.float() if accumulate else torch.empty(64, 50)
         matmul_into(want32, a.float(), b.float(), accumulate)
-        want = want32.bfloat16()
+        want = want32.to(dtype)
     assert torch.equal(out, want)
-    # Both ways agree to bfloat16 rounding with the float64 product.
+    # Both ways agree to the dtype's rounding with the float64 product.
     exact = (start.double() if accumulate else 0) + a.double() @ b.double()
     torch.testing.assert_close(out.double(), exact, rtol=1.6e-2, atol=1e-2)
 

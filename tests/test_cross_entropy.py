@@ -11,7 +11,7 @@ with the row weights and the mean's denominator of the loss (see ``reference``).
 * class-index targets (int64, uint8) and class-probability targets (normalized or not), class
   weights, ignore_index (-100, a valid class, some or all rows ignored, an out-of-range value),
   label_smoothing 0 / 0.1 / 1.0, reductions mean / sum / none, z_loss 0 / 1e-3 / 0.5, in every
-  combination, float32 / float64 / bfloat16, loss and gradients (input, and probability targets);
+  combination, float32 / float64 / bfloat16 / float16, loss and gradients (input, and probability targets);
 * all-ignored batches (mean is NaN, sum is 0, as PyTorch) and their gradients;
 * numerical stability: logits at 1e4 / 3e4 scale and offset, -inf logits in non-target classes;
 * non-contiguous, sliced, transposed, channels_last, permuted and expanded input / target /
@@ -43,7 +43,7 @@ import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
 from utils import SavedTensorBytes, assert_close, cpu_supports, leaf, reference_dtype, run_python, tolerance
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 Z_LOSSES = (0.0, 1e-3, 0.5)
 LABEL_SMOOTHINGS = (0.0, 0.1, 1.0)

@@ -6,7 +6,7 @@ The reference is always PyTorch itself: ``act(F.linear(input, weight, bias))`` a
 autograd (``nn.Linear`` + activation module for the module). Covered:
 
 * forward and the input/weight/bias gradients (random grad_output) for every activation in
-  float32, float64 and bfloat16;
+  float32, float64, bfloat16 and float16;
 * shapes: 1-D..4-D input, empty batches, in_features=0, odd and mask-tail out_features, 1x1,
   127x129->65, bias None, and a size spanning several row panels of the blocked CPU path
   (default panel, and a tiny panel set through TORCH_EXT_PANEL_BYTES);
@@ -58,7 +58,7 @@ from utils import (
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 MASK_ACTIVATIONS = ("relu", "leaky_relu")
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FWD = torch.ops.torch_ext.linear_act_fwd.default
 BWD = torch.ops.torch_ext.linear_act_bwd.default
 TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
@@ -1034,7 +1034,6 @@ def _error_cases():
                          r"weight has dtype Double but input has dtype Float"),
         "bias_dtype": ((x, w, b.double(), "relu"), RuntimeError, r"bias has dtype Double but input has dtype Float"),
         "unknown_activation": ((x, w, b, "swish"), ValueError, r"activation must be one of .*got 'swish'"),
-        "float16": ((x.half(), w.half(), b.half(), "relu"), RuntimeError, r"input is float16"),
         "integer": ((x.long(), w.long(), b.long(), "relu"), RuntimeError, r"input must be float32, float64, bfloat16"),
         "input_0d": ((torch.tensor(1.0), w, b, "relu"), RuntimeError,
                      r"input must have shape \(\*, in_features\), got a 0-D"),

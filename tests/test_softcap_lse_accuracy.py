@@ -53,7 +53,7 @@ from test_cross_entropy import reference as ce_reference
 from test_linear_cross_entropy import class_target as lce_class_target
 from utils import assert_close, leaf, reference_dtype, tolerance
 
-DTYPES = (torch.float32, torch.float64, torch.bfloat16)
+DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
 BAD_SOFTCAPS = [0, 0.0, -1.0, -30.0, float("nan"), float("inf"), float("-inf")]
 LSE_COEF = 0.3

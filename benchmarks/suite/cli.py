@@ -28,7 +28,7 @@ def parse_args(argv: Sequence[str], doc: str, prog: str) -> argparse.Namespace:
     p.add_argument("--baseline-thp", default="on", metavar="on|off",
                    help="THP_MEM_ALLOC_ENABLE for every process of the run: on (default, PyTorch's best CPU "
                         "configuration) or off (PyTorch's default; results named with _nothp)")
-    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float64; float16 on CUDA")
+    p.add_argument("--dtype", default="float32", help="float32 (default), bfloat16, float16, float64")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--quick", action="store_true",
                    help="the quick sizes, 3 rounds, small models, no torch.compile candidates: a check that "

@@ -51,7 +51,6 @@ def main(args, argv: List[str], thp_record: dict) -> int:
     started = time.perf_counter()
     ops = select.resolve_ops(args.ops)
     device, ops, device_notes = select.resolve_device(args.device, ops)
-    select.check_dtype(args.dtype, device)
     cases, size_notes = select.resolve_cases(ops, args.sizes, args.quick)
     models, model_notes = select.resolve_models(args.models, args.ops, args.sizes)
     if not cases and not models:

@@ -17,7 +17,7 @@ TOLERANCES = {  # (rtol, atol relative to the largest |expected|), as tests/util
     torch.float64: (1e-7, 1e-7),
     torch.float32: (1e-4, 1e-5),
     torch.bfloat16: (3e-2, 2e-2),  # eager and ours each round to bfloat16: a few ulps apart
-    torch.float16: (2e-3, 1e-3),
+    torch.float16: (8e-3, 5e-3),  # the same few ulps of float16 (2**-10)
 }
 MEMORY_SETUP = ("build the inputs, one warm-up step (at the tiny size, to initialize libraries; at the measured "
                 "size for torch.compile, which compiles per shape)")

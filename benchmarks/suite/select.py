@@ -159,6 +159,3 @@ def resolve_device(name: str, ops: List[str]) -> Tuple[str, List[str], List[str]
     return str(dev), [op for op in ops if has[op]], notes
 
 
-def check_dtype(dtype_name: str, device: str) -> None:
-    if dtype_name == "float16" and device == "cpu":
-        raise UsageError("--dtype float16: torch_ext has no float16 CPU kernels (float32, bfloat16, float64 on CPU)")

@@ -75,8 +75,7 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
                            double z_loss, double softcap) {
   CrossEntropyInputs in;
-  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                       check_cpu_dtype);
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   in.softcap = softcap;
   in.input = input.contiguous();
   in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
@@ -188,7 +187,7 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   }
   Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "run_backward", [&] {
       run_backward<scalar_t>(in, ignore_index, label_smoothing, z_loss, stats_c, row_scale, scale, lse_grad, grad_input,
                              grad_target);
     });
@@ -247,7 +246,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& i
   // No classes: every row is ignored (a class index would be out of bounds) or has an empty
   // probability sum, so the loss of each row is 0, as in PyTorch.
   if (rows > 0 && in.layout.classes > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "run_forward", [&] {
       run_forward<scalar_t>(in, ignore_index, label_smoothing, z_loss, ignored_row_stats, stats, row_loss,
                             grad_mask[0] ? &grad_input : nullptr, scale);
     });

@@ -49,7 +49,7 @@ Activation activation_from(c10::string_view name) {
 // small GEMMs run below MKL's full rate. The config's panel_bytes (csrc/runtime_config.h, for
 // tuning and tests) sets the panel size exactly, without the minimum.
 int64_t panel_rows(int64_t m, int64_t n, int64_t k, const Tensor& like) {
-  if (like.scalar_type() == at::kBFloat16 || m == 0) return std::max<int64_t>(m, 1);
+  if (at::isReducedFloatingType(like.scalar_type()) || m == 0) return std::max<int64_t>(m, 1);
   const int64_t row_bytes = std::max<int64_t>(n + k, 1) * like.element_size();
   const int64_t override_bytes = runtime_config().get(Switch::PanelBytes);
   const int64_t rows = override_bytes > 0 ? std::max<int64_t>(1, override_bytes / row_bytes)
@@ -115,7 +115,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
                                               const std::optional<Tensor>& bias, c10::string_view activation,
                                               double negative_slope, bool for_backward) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
-  check_linear_args(op, input, weight, bias, check_cpu_dtype);
+  check_linear_args(op, input, weight, bias);
   const Activation act = activation_from(activation);
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   const Tensor x2d = input.reshape({m, k});
@@ -137,7 +137,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
     default:
       if (for_backward) saved = at::empty({0}, input.options());
   }
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "forward_panels", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "forward_panels", [&] {
     forward_panels<scalar_t>(act, negative_slope, x2d, weight, bias_c, gemm_dst, out, mask);
   });
   return {out_full, saved};
@@ -207,7 +207,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
                                                       c10::string_view activation, double negative_slope,
                                                       std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.linear_act_bwd";
-  check_linear_args(op, input, weight, std::nullopt, check_cpu_dtype);
+  check_linear_args(op, input, weight, std::nullopt);
   const Activation act = activation_from(activation);
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   check_same_device(op, input, "input", grad_output, "grad_output");
@@ -235,7 +235,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   Tensor grad_weight = output_mask[1] ? cpu::empty_cpu_output({n, k}, options) : Tensor();
   Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "backward_panels", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "backward_panels", [&] {
     backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
                               bias_grad, in_place);
   });

@@ -62,7 +62,7 @@ void dispatch_rows(bool backward, Activation act, double slope, int64_t rows, in
 
 void run(bool backward, Activation act, double slope, int64_t rows, int64_t n, bool gated, const Tensor& in2d,
          const Tensor& g2d, const Tensor& out2d, const Tensor& grad2d) {
-  AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, in2d.scalar_type(), "dispatch_rows", [&] {
+  AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, in2d.scalar_type(), "dispatch_rows", [&] {
     dispatch_rows<scalar_t>(backward, act, slope, rows, n, gated, in2d, g2d, out2d, grad2d);
   });
 }
@@ -71,7 +71,7 @@ Tensor mlp_act_fwd_cpu(const Tensor& input, c10::string_view activation, double 
   constexpr const char* op = "torch_ext.mlp_act_fwd";
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t n = mlp_act_output_width(op, input, gated);
-  check_cpu_dtype(op, input, "input");
+  check_floating(op, input, "input");
   const int64_t rows = leading_rows(input);
   const Tensor in2d = input.reshape({rows, input.size(-1)}).contiguous();
   Tensor out_full = cpu::empty_cpu_output(with_last_dim(input, n), input.options());  // returned as a base tensor
@@ -85,7 +85,7 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tens
   constexpr const char* op = "torch_ext.mlp_act_bwd";
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t n = mlp_act_output_width(op, input, gated);
-  check_cpu_dtype(op, input, "input");
+  check_floating(op, input, "input");
   check_same_device(op, input, "input", grad_output, "grad_output");
   check_same_dtype(op, input, "input", grad_output, "grad_output");
   const auto out_sizes = with_last_dim(input, n);

@@ -95,7 +95,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
                                                    std::array<bool, 2> output_mask) {
   constexpr const char* op = "torch_ext.regression_loss_bwd";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
@@ -111,7 +111,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cpu(const Tensor& grad_loss, cons
   Tensor grad_input = output_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = output_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0 && (grad_input.defined() || grad_target.defined())) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "run_backward", [&] {
       run_backward<scalar_t>(kind, param, x, t, w, grad, scale, grad_input, grad_target);
     });
   }
@@ -129,7 +129,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cpu(const Tensor& input, 
   const bool any_grad = grad_mask[0] || grad_mask[1];
   const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
                                  : parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_cpu_dtype);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const auto acc = input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
@@ -148,7 +148,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cpu(const Tensor& input, 
   Tensor grad_input = grad_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = grad_mask[1] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();
   if (x.numel() > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, input.scalar_type(), "run_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "run_forward", [&] {
       run_forward<scalar_t>(kind, param, x, t, w, out, loss_partials, weight_partials, &grad_input, &grad_target,
                             scale);
     });

@@ -81,7 +81,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                                 c10::string_view reduction,
                                                                 std::array<bool, 3> grad_mask) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p, check_cpu_dtype);
+  check_triplet_args(op, anchor, positive, negative, p);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
   const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -92,7 +92,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
     if (grad_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   const double grad_scale = red == Reduction::Mean ? 1.0 / double(rows) : 1.0;
   if (rows > 0) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, anchor.scalar_type(), "run_forward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchor.scalar_type(), "run_forward", [&] {
       run_forward<scalar_t>(a, pos, neg, margin, p, eps, swap, dist, row_loss, grad_scale, grads);
     });
   }
@@ -121,7 +121,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
                                                                std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.triplet_margin_loss_bwd";
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p, check_cpu_dtype);
+  check_triplet_args(op, anchor, positive, negative, p);
   const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
   const auto acc = anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
   check_row_stats(op, anchor, "anchor", dist, "dist", rows, acc, "triplet_margin_loss_fwd");
@@ -140,7 +140,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
   for (int i = 0; i < 3; ++i)
     if (output_mask[i]) grads[i] = cpu::empty_cpu_output(anchor.sizes(), anchor.options());
   if (rows > 0 && (output_mask[0] || output_mask[1] || output_mask[2])) {
-    AT_DISPATCH_FLOATING_TYPES_AND(at::kBFloat16, anchor.scalar_type(), "run_backward", [&] {
+    AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, anchor.scalar_type(), "run_backward", [&] {
       run_backward<scalar_t>(a, pos, neg, margin, p, eps, swap, dist_c, row_scale, scale, grads);
     });
   }

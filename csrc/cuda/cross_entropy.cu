@@ -494,8 +494,7 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
                            const std::optional<Tensor>& weight, int64_t ignore_index, double label_smoothing,
                            double z_loss, double softcap, TargetCheck check) {
   CrossEntropyInputs in;
-  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap,
-                                       check_floating);
+  in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   in.softcap = softcap;
   const auto acc = input.options().dtype(acc_dtype(input));
   in.input = input.contiguous();

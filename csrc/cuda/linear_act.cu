@@ -176,7 +176,7 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cuda(const Tensor& input, const Tensor
                                                double negative_slope, bool for_backward) {
   constexpr const char* op = "torch_ext.linear_act_fwd";
   const c10::cuda::CUDAGuard guard(input.device());
-  check_linear_args(op, input, weight, bias, check_floating);
+  check_linear_args(op, input, weight, bias);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   Tensor x2d = input.reshape({m, k});
@@ -250,7 +250,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
                                                        std::array<bool, 3> output_mask) {
   constexpr const char* op = "torch_ext.linear_act_bwd";
   const c10::cuda::CUDAGuard guard(input.device());
-  check_linear_args(op, input, weight, std::nullopt, check_floating);
+  check_linear_args(op, input, weight, std::nullopt);
   const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
   const int64_t k = weight.size(1), n = weight.size(0), m = leading_rows(input);
   check_same_device(op, input, "input", grad_output, "grad_output");

@@ -172,7 +172,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input,
   const bool any_grad = grad_mask[0] || grad_mask[1];
   const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
                                  : parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
@@ -214,7 +214,7 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
   constexpr const char* op = "torch_ext.regression_loss_bwd";
   const c10::cuda::CUDAGuard guard(input.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param, check_floating);
+  const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();

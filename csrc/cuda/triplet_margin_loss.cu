@@ -209,7 +209,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                                 std::array<bool, 3> grad_mask) {
   const c10::cuda::CUDAGuard guard(anchor.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p, check_floating);
+  check_triplet_args(op, anchor, positive, negative, p);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
   const auto acc_options = anchor.options().dtype(acc_dtype(anchor));
@@ -254,7 +254,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& gr
   constexpr const char* op = "torch_ext.triplet_margin_loss_bwd";
   const c10::cuda::CUDAGuard guard(anchor.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
-  check_triplet_args(op, anchor, positive, negative, p, check_floating);
+  check_triplet_args(op, anchor, positive, negative, p);
   const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
   const auto acc = acc_dtype(anchor);
   check_row_stats(op, anchor, "anchor", dist, "dist", rows, acc, "triplet_margin_loss_fwd");

@@ -10,18 +10,18 @@
 
 namespace torch_ext::cpu::CPU_CAPABILITY {
 
-// dst[i] = src[i] for n elements, converting the type. bfloat16 -> float is vectorized here:
-// ATen's at::vec::convert has no vector path for it (one scalar conversion per element, which
-// made bfloat16 epilogues several times slower than ATen's own bfloat16 kernels), while it has
-// one for float -> bfloat16.
+// dst[i] = src[i] for n elements, converting the type. bfloat16 / float16 -> float is
+// vectorized here: ATen's at::vec::convert has no vector path for it (one scalar conversion per
+// element, which made bfloat16 epilogues several times slower than ATen's own bfloat16 kernels),
+// while it has one for float -> bfloat16.
 template <typename S, typename D>
 inline void convert_values(const S* src, D* dst, int64_t n) {
-  if constexpr (std::is_same_v<S, c10::BFloat16> && std::is_same_v<D, float>) {
-    using VB = at::vec::Vectorized<c10::BFloat16>;
+  if constexpr (at::is_reduced_floating_point_v<S> && std::is_same_v<D, float>) {
+    using VB = at::vec::Vectorized<S>;
     constexpr int64_t kFloats = at::vec::Vectorized<float>::size();
     int64_t i = 0;
     for (; i + VB::size() <= n; i += VB::size()) {
-      const auto [lo, hi] = at::vec::convert_to_float<c10::BFloat16>(VB::loadu(src + i));
+      const auto [lo, hi] = at::vec::convert_to_float<S>(VB::loadu(src + i));
       lo.store(dst + i);
       hi.store(dst + i + kFloats);
     }
@@ -32,7 +32,7 @@ inline void convert_values(const S* src, D* dst, int64_t n) {
 }
 
 // n elements from x as math-type A values: x itself when S is A, else converted into `buffer`
-// (bfloat16 rows are processed in float a block at a time).
+// (bfloat16 and float16 rows are processed in float a block at a time).
 template <typename S, typename A>
 inline const A* as_math(const S* x, int64_t n, A* buffer) {
   if constexpr (std::is_same_v<S, A>) {

@@ -56,13 +56,15 @@ bool own_float32_gemm() {
 
 const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 
-bool aten_bfloat16_gemm_is_slow() {
+bool aten_reduced_gemm_is_slow(at::ScalarType dtype) {
 #if defined(__x86_64__) || defined(__i386__)
   // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
-  static const bool slow = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                             __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
-  return slow;
+  static const bool bfloat16_slow = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
+                                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
+  static const bool float16_slow = !__builtin_cpu_supports("avx512fp16");
+  return dtype == at::kBFloat16 ? bfloat16_slow : dtype == at::kHalf && float16_slow;
 #else
+  (void)dtype;
   return false;
 #endif
 }

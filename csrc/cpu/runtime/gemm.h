@@ -27,9 +27,11 @@ void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
 // Whether float32 products run on our GEMM now ("ours") or on ATen's ("aten").
 const char* float32_gemm();
 
-// Whether ATen's CPU bfloat16 GEMM is a reference loop here: oneDNN takes it only on CPUs with
-// AVX-512 F, BW, VL and DQ (ATen's mkldnn_bf16_device_check); elsewhere the loop runs far slower
-// than the float32 GEMM of the same shape (docs/cpu.md has the figures).
-bool aten_bfloat16_gemm_is_slow();
+// Whether ATen's CPU GEMM of this 16-bit dtype is a reference loop here. oneDNN takes bfloat16
+// only on CPUs with AVX-512 F, BW, VL and DQ (ATen's mkldnn_bf16_device_check), float16 only
+// with AVX-512 FP16 or AMX-FP16 (mkldnn_fp16_device_check; AMX-FP16 CPUs have AVX-512 FP16
+// too); elsewhere the loop runs far slower than the float32 GEMM of the same shape (docs/cpu.md
+// has the figures). False for other dtypes.
+bool aten_reduced_gemm_is_slow(at::ScalarType dtype);
 
 }  // namespace torch_ext::cpu

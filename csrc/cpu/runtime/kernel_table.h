@@ -5,6 +5,7 @@
 #pragma once
 
 #include <c10/util/BFloat16.h>
+#include <c10/util/Half.h>
 
 #include <cstdint>
 #include <string>
@@ -162,33 +163,43 @@ struct CpuKernels {
   void (*linear_act_forward_f32)(Activation, float, const LinearActForwardRows<float>&);
   void (*linear_act_forward_f64)(Activation, double, const LinearActForwardRows<double>&);
   void (*linear_act_forward_bf16)(Activation, float, const LinearActForwardRows<c10::BFloat16>&);
+  void (*linear_act_forward_f16)(Activation, float, const LinearActForwardRows<c10::Half>&);
   void (*linear_act_backward_f32)(Activation, float, const LinearActBackwardRows<float>&);
   void (*linear_act_backward_f64)(Activation, double, const LinearActBackwardRows<double>&);
   void (*linear_act_backward_bf16)(Activation, float, const LinearActBackwardRows<c10::BFloat16>&);
+  void (*linear_act_backward_f16)(Activation, float, const LinearActBackwardRows<c10::Half>&);
   void (*mlp_act_forward_f32)(Activation, float, const MlpActRows<float>&);
   void (*mlp_act_forward_f64)(Activation, double, const MlpActRows<double>&);
   void (*mlp_act_forward_bf16)(Activation, float, const MlpActRows<c10::BFloat16>&);
+  void (*mlp_act_forward_f16)(Activation, float, const MlpActRows<c10::Half>&);
   void (*mlp_act_backward_f32)(Activation, float, const MlpActRows<float>&);
   void (*mlp_act_backward_f64)(Activation, double, const MlpActRows<double>&);
   void (*mlp_act_backward_bf16)(Activation, float, const MlpActRows<c10::BFloat16>&);
+  void (*mlp_act_backward_f16)(Activation, float, const MlpActRows<c10::Half>&);
   void (*cross_entropy_forward_f32)(const CrossEntropyArgs<float>&);
   void (*cross_entropy_forward_f64)(const CrossEntropyArgs<double>&);
   void (*cross_entropy_forward_bf16)(const CrossEntropyArgs<c10::BFloat16>&);
+  void (*cross_entropy_forward_f16)(const CrossEntropyArgs<c10::Half>&);
   void (*cross_entropy_backward_f32)(const CrossEntropyArgs<float>&);
   void (*cross_entropy_backward_f64)(const CrossEntropyArgs<double>&);
   void (*cross_entropy_backward_bf16)(const CrossEntropyArgs<c10::BFloat16>&);
+  void (*cross_entropy_backward_f16)(const CrossEntropyArgs<c10::Half>&);
   void (*regression_loss_forward_f32)(const RegressionLossArgs<float>&);
   void (*regression_loss_forward_f64)(const RegressionLossArgs<double>&);
   void (*regression_loss_forward_bf16)(const RegressionLossArgs<c10::BFloat16>&);
+  void (*regression_loss_forward_f16)(const RegressionLossArgs<c10::Half>&);
   void (*regression_loss_backward_f32)(const RegressionLossArgs<float>&);
   void (*regression_loss_backward_f64)(const RegressionLossArgs<double>&);
   void (*regression_loss_backward_bf16)(const RegressionLossArgs<c10::BFloat16>&);
+  void (*regression_loss_backward_f16)(const RegressionLossArgs<c10::Half>&);
   void (*triplet_margin_forward_f32)(const TripletMarginArgs<float>&);
   void (*triplet_margin_forward_f64)(const TripletMarginArgs<double>&);
   void (*triplet_margin_forward_bf16)(const TripletMarginArgs<c10::BFloat16>&);
+  void (*triplet_margin_forward_f16)(const TripletMarginArgs<c10::Half>&);
   void (*triplet_margin_backward_f32)(const TripletMarginArgs<float>&);
   void (*triplet_margin_backward_f64)(const TripletMarginArgs<double>&);
   void (*triplet_margin_backward_bf16)(const TripletMarginArgs<c10::BFloat16>&);
+  void (*triplet_margin_backward_f16)(const TripletMarginArgs<c10::Half>&);
 };
 
 // Typed access to the table, so op code can be written once over its scalar type.
@@ -232,6 +243,19 @@ struct KernelsFor<c10::BFloat16> {
   static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_bf16; }
   static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_bf16; }
   static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_bf16; }
+};
+template <>
+struct KernelsFor<c10::Half> {
+  static auto forward(const CpuKernels& k) { return k.linear_act_forward_f16; }
+  static auto backward(const CpuKernels& k) { return k.linear_act_backward_f16; }
+  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f16; }
+  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f16; }
+  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f16; }
+  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f16; }
+  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f16; }
+  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f16; }
+  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f16; }
+  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f16; }
 };
 
 const CpuKernels& cpu_kernels();
