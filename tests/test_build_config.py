@@ -253,7 +253,8 @@ def test_probe_on_this_machine_matches_the_build():
 
 FIELDS = ("torch_ext", "torch (built against)", "torch (running)", "torch CUDA", "CUDA kernels", "CUDA archs",
           "CUDA runtime linked", "cuBLASLt linked", "CUDA device", "CPU capability", "CPU float32 GEMM",
-          "CPU bfloat16 GEMM", "CPU float16 GEMM", "run-time config", "C++ flags", "nvcc flags", "TORCH_EXT_CUDA at build")
+          "CPU bfloat16 GEMM", "CPU float16 GEMM", "run-time config", "C++ flags", "nvcc flags",
+          "TORCH_EXT_CUDA at build")
 
 
 def test_python_m_torch_ext_prints_every_field():
@@ -388,3 +389,26 @@ def test_a_bad_environment_value_raises_naming_the_variable(variable, value, mes
         "        raise AssertionError(f'no error from {call}')\n"
     )
     _python_says_ok(code, {variable: value})
+
+
+# --- inlining of the CPU kernels' vector math -----------------------------------------------------
+
+
+def test_vector_math_is_inlined_into_the_kernels():
+    # setup.py's _inline_flags: with GCC's default inlining budget per translation unit, each
+    # capability library (every kernel in every dtype) outgrew it and GCC called ATen's
+    # Vectorized<float>::exp_u20 out of line in the softmax loops: cross_entropy ran at ~2/3 speed.
+    # An out-of-line copy of it in the module means that happened again.
+    import shutil
+
+    nm = shutil.which("nm")
+    if nm is None:
+        pytest.skip("binutils' nm is not installed: the module's symbols cannot be listed")
+    kernel_flags = torch_ext._config.build_config().get("cpu_kernel_flags")
+    assert kernel_flags is not None, "torch_ext/_build_config.py has no cpu_kernel_flags: not built by this setup.py"
+    if not any(flag.startswith("--param=large-unit-insns") for flag in kernel_flags):
+        pytest.skip("built by a compiler other than GCC: setup.py leaves its inlining budget alone")
+    symbols = subprocess.run([nm, "-C", torch_ext._C.__file__], capture_output=True, text=True, timeout=120).stdout
+    outlined = sorted({line.split(" ", 2)[-1] for line in symbols.splitlines() if "exp_u20" in line})
+    assert not outlined, f"vector math called out of line in the CPU kernels: {outlined}"
+
