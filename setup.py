@@ -9,6 +9,7 @@ at::get_cpu_capability(), the same switch ATen's own kernels use (it honours
 ATEN_CPU_CAPABILITY). See csrc/cpu/capability/kernels_impl.h for why they are separate.
 How CUDA is found and probed: torch_ext/_cuda_toolchain.py.
 """
+import functools
 import glob
 import os
 import platform
@@ -72,19 +73,20 @@ def _cxx_std():
     return "-std=c++20" if (major, minor) >= (2, 10) else "-std=c++17"
 
 
+@functools.cache  # asked once per build, not per library
 def _inline_flags():
     """GCC: no limit on how much inlining may grow a translation unit. Each capability library is
     one unit holding every kernel in every dtype; past GCC's default budget (40% growth of units
     over 10000 insns) it stops inlining where it runs out, which is the hot loops' vector math
-    (ATen's exp_u20 called out of line halved cross_entropy's speed when the float16 kernels
-    joined the unit). Other compilers: nothing."""
+    (ATen's exp_u20 called out of line slowed cross_entropy by about a third when the float16
+    kernels joined the unit). Other compilers: nothing."""
     cxx = os.environ.get("CXX") or sysconfig.get_config_var("CXX") or "c++"
     try:
         version = subprocess.run(cxx.split() + ["--version"], capture_output=True, text=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
     is_gcc = "Free Software Foundation" in version and "clang" not in version.lower()
-    return ["--param=large-unit-insns=1000000"] if is_gcc else []
+    return ("--param=large-unit-insns=1000000",) if is_gcc else ()
 
 
 def _capability_libraries(include_dirs):
@@ -114,7 +116,7 @@ def _capability_libraries(include_dirs):
                     "include_dirs": include_dirs,
                     "macros": macros,
                     "cflags": [_cxx_std(), "-fPIC", f"-D_GLIBCXX_USE_CXX11_ABI={abi}"] + CXX_FLAGS + flags
-                    + _inline_flags(),
+                    + list(_inline_flags()),
                     "obj_deps": {"": sorted(glob.glob("csrc/**/*.h", recursive=True))},
                 },
             )
@@ -187,7 +189,7 @@ def _build_config(cuda):
         "cublaslt": tc.cublaslt if cuda.build else None,
         "cpu_capabilities": [name.rsplit("_", 1)[-1].upper() for name, _ in libraries],
         "cxx_flags": [_cxx_std()] + CXX_FLAGS,
-        "cpu_kernel_flags": _inline_flags(),  # added for the capability libraries
+        "cpu_kernel_flags": list(_inline_flags()),  # added for the capability libraries
         "nvcc_flags": NVCC_FLAGS if cuda.build else None,
     }
 

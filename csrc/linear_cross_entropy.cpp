@@ -216,13 +216,13 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
       (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) && s.rows > chunk_size;
   const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
 
-  // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
-  // one number (the chunk is reduced with "sum", so the mean divides by the global denominator),
-  // kept on the device.
   // One chunk (every row at once, as in most steps of a small head): its cross-entropy takes the
   // reduction itself, so the mean's denominator, the float64 loss sum and the stats' copy, a dozen
   // small ATen ops (~4% of a 64-row step), are not needed.
   const bool one_chunk = s.rows > 0 && s.rows <= chunk_size;
+  // The incoming gradient of each row's loss, as cross_entropy_bwd takes it: per row (none), or
+  // one number (with several chunks each is reduced with "sum", so the mean divides by the global
+  // denominator), kept on the device.
   const Tensor denominator =
       reduction == Reduction::Mean && !one_chunk ? mean_denominator(s, t, weight, ignore_index, options) : Tensor();
   Tensor grad_rows;

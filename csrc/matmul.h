@@ -21,8 +21,8 @@ void matmul_into(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, bool
 void addmm_into(at::Tensor& out, const at::Tensor& bias, const at::Tensor& a, const at::Tensor& b);
 
 // a @ b and F.linear(x, weight, bias) as new tensors, for the ops that take ATen's GEMM as it is
-// (FusedMLP's second layer and its backward products): ATen's, bits and all, except bfloat16 CPU
-// products where ATen's GEMM of their dtype is slow, which run in float32 as above.
+// (FusedMLP's second layer and its backward products): ATen's, bits and all, except bfloat16 and
+// float16 CPU products where ATen's GEMM of their dtype is slow, which run in float32 as above.
 at::Tensor dense_product(const at::Tensor& a, const at::Tensor& b);
 at::Tensor dense_linear(const at::Tensor& x, const at::Tensor& weight, const std::optional<at::Tensor>& bias);
 

@@ -18,6 +18,7 @@
 #include <initializer_list>
 #include <optional>
 #include <string>
+#include <string_view>
 #include <utility>
 #include <vector>
 
@@ -159,12 +160,15 @@ static PyObject* cpu_gemm(PyObject*, PyObject*) {
   END_HANDLE_TH_ERRORS
 }
 
-static PyObject* cpu_bfloat16_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(torch_ext::cpu::aten_reduced_gemm_is_slow(at::kBFloat16) ? "float32" : "aten");
-}
-
-static PyObject* cpu_float16_gemm(PyObject*, PyObject*) {
-  return PyUnicode_FromString(torch_ext::cpu::aten_reduced_gemm_is_slow(at::kHalf) ? "float32" : "aten");
+// _cpu_16bit_gemm("bfloat16" | "float16"): how the CPU ops multiply matrices of that dtype.
+static PyObject* cpu_16bit_gemm(PyObject*, PyObject* name) {
+  HANDLE_TH_ERRORS
+  const char* text = PyUnicode_Check(name) ? PyUnicode_AsUTF8(name) : "";
+  const std::string_view dtype = text != nullptr ? text : "";
+  TORCH_CHECK_VALUE(dtype == "bfloat16" || dtype == "float16", "_cpu_16bit_gemm takes 'bfloat16' or 'float16'");
+  const bool slow = torch_ext::cpu::aten_reduced_gemm_is_slow(dtype == "bfloat16" ? at::kBFloat16 : at::kHalf);
+  return PyUnicode_FromString(slow ? "float32" : "aten");
+  END_HANDLE_TH_ERRORS
 }
 
 // _cpu_matmul_into(out, a, b, accumulate): out = a @ b (or +=) through the CPU ops' matrix
@@ -468,12 +472,10 @@ static PyMethodDef methods[] = {
      "Instruction set of the CPU kernels in use: DEFAULT, AVX2 or AVX512 (follows ATEN_CPU_CAPABILITY)."},
     {"cpu_gemm", cpu_gemm, METH_NOARGS,
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in docs/cpu.md)."},
-    {"_cpu_bfloat16_gemm", cpu_bfloat16_gemm, METH_NOARGS,
-     "How the CPU ops multiply bfloat16 matrices: 'aten' (oneDNN's bfloat16 GEMM), or 'float32' (as float32 "
-     "products of their values, where ATen's bfloat16 GEMM is a reference loop: no AVX-512)."},
-    {"_cpu_float16_gemm", cpu_float16_gemm, METH_NOARGS,
-     "How the CPU ops multiply float16 matrices: 'aten' (oneDNN's float16 GEMM, AVX-512 FP16), or 'float32' "
-     "(as float32 products of their values, where ATen's float16 GEMM is a reference loop)."},
+    {"_cpu_16bit_gemm", cpu_16bit_gemm, METH_O,
+     "_cpu_16bit_gemm('bfloat16' | 'float16'): how the CPU ops multiply matrices of that dtype: 'aten' (oneDNN's "
+     "GEMM), or 'float32' (as float32 products of their values, where ATen's GEMM of that dtype is a reference "
+     "loop: no AVX-512 for bfloat16, no AVX-512 FP16 for float16)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, "
      "benchmarks)."},

@@ -169,8 +169,7 @@ def test_16_bit_products(gemm, accumulate, dtype):
     start = torch.randn(64, 50).to(dtype)
     out = start.clone()
     matmul_into(out, a, b, accumulate)
-    how = torch_ext._C._cpu_bfloat16_gemm() if dtype == torch.bfloat16 else torch_ext._C._cpu_float16_gemm()
-    if how == "aten":
+    if torch_ext._C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "aten":
         want = torch.addmm(start, a, b) if accumulate else torch.mm(a, b)
     else:
         want32 = start.float() if accumulate else torch.empty(64, 50)

@@ -129,10 +129,9 @@ def show_config() -> str:
         ("CPU capability", f"{_C.cpu_capability()} in use, of {', '.join(cfg.get('cpu_capabilities', ['?']))} "
                            "built (ATEN_CPU_CAPABILITY overrides)"),
         ("CPU float32 GEMM", f"{_C.cpu_gemm()} (set_config(cpu_gemm=...) or TORCH_EXT_CPU_GEMM=ours|aten|auto)"),
-        ("CPU bfloat16 GEMM", {"aten": "ATen's (oneDNN)", "float32": "float32 products of the bfloat16 values "
-                               "(no AVX-512: ATen's bfloat16 GEMM is a reference loop here)"}[_C._cpu_bfloat16_gemm()]),
-        ("CPU float16 GEMM", {"aten": "ATen's (oneDNN)", "float32": "float32 products of the float16 values (no "
-                              "AVX-512 FP16: ATen's float16 GEMM is a reference loop here)"}[_C._cpu_float16_gemm()]),
+        *((f"CPU {dtype} GEMM", "ATen's (oneDNN)" if _C._cpu_16bit_gemm(dtype) == "aten" else
+           f"float32 products of the {dtype} values (no {needs}: ATen's {dtype} GEMM is a reference loop here)")
+          for dtype, needs in (("bfloat16", "AVX-512"), ("float16", "AVX-512 FP16"))),
         ("run-time config", ", ".join(f"{k}={v}" for k, v in get_config().items())),
         ("C++ flags", " ".join(cfg["cxx_flags"] + [f"(CPU kernels: + {f})" for f in cfg.get("cpu_kernel_flags", [])])
          if cfg else UNKNOWN),

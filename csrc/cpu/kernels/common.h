@@ -13,7 +13,7 @@ namespace torch_ext::cpu::CPU_CAPABILITY {
 // dst[i] = src[i] for n elements, converting the type. bfloat16 / float16 -> float is
 // vectorized here: ATen's at::vec::convert has no vector path for it (one scalar conversion per
 // element, which made bfloat16 epilogues several times slower than ATen's own bfloat16 kernels),
-// while it has one for float -> bfloat16.
+// while it has one for float -> bfloat16 and float16.
 template <typename S, typename D>
 inline void convert_values(const S* src, D* dst, int64_t n) {
   if constexpr (at::is_reduced_floating_point_v<S> && std::is_same_v<D, float>) {

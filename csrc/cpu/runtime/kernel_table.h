@@ -202,60 +202,38 @@ struct CpuKernels {
   void (*triplet_margin_backward_f16)(const TripletMarginArgs<c10::Half>&);
 };
 
-// Typed access to the table, so op code can be written once over its scalar type.
+// Typed access to the table, so op code can be written once over its scalar type: each accessor
+// picks the family's entry for S (one of the four; another S does not compile).
 template <typename S>
-struct KernelsFor;
-template <>
-struct KernelsFor<float> {
-  static auto forward(const CpuKernels& k) { return k.linear_act_forward_f32; }
-  static auto backward(const CpuKernels& k) { return k.linear_act_backward_f32; }
-  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f32; }
-  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f32; }
-  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f32; }
-  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f32; }
-  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f32; }
-  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f32; }
-  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f32; }
-  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f32; }
-};
-template <>
-struct KernelsFor<double> {
-  static auto forward(const CpuKernels& k) { return k.linear_act_forward_f64; }
-  static auto backward(const CpuKernels& k) { return k.linear_act_backward_f64; }
-  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f64; }
-  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f64; }
-  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f64; }
-  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f64; }
-  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f64; }
-  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f64; }
-  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f64; }
-  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f64; }
-};
-template <>
-struct KernelsFor<c10::BFloat16> {
-  static auto forward(const CpuKernels& k) { return k.linear_act_forward_bf16; }
-  static auto backward(const CpuKernels& k) { return k.linear_act_backward_bf16; }
-  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_bf16; }
-  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_bf16; }
-  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_bf16; }
-  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_bf16; }
-  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_bf16; }
-  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_bf16; }
-  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_bf16; }
-  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_bf16; }
-};
-template <>
-struct KernelsFor<c10::Half> {
-  static auto forward(const CpuKernels& k) { return k.linear_act_forward_f16; }
-  static auto backward(const CpuKernels& k) { return k.linear_act_backward_f16; }
-  static auto mlp_act_forward(const CpuKernels& k) { return k.mlp_act_forward_f16; }
-  static auto mlp_act_backward(const CpuKernels& k) { return k.mlp_act_backward_f16; }
-  static auto cross_entropy_forward(const CpuKernels& k) { return k.cross_entropy_forward_f16; }
-  static auto cross_entropy_backward(const CpuKernels& k) { return k.cross_entropy_backward_f16; }
-  static auto regression_loss_forward(const CpuKernels& k) { return k.regression_loss_forward_f16; }
-  static auto regression_loss_backward(const CpuKernels& k) { return k.regression_loss_backward_f16; }
-  static auto triplet_margin_forward(const CpuKernels& k) { return k.triplet_margin_forward_f16; }
-  static auto triplet_margin_backward(const CpuKernels& k) { return k.triplet_margin_backward_f16; }
+struct KernelsFor {
+  template <typename F32, typename F64, typename BF16, typename F16>
+  static auto pick(F32 f32, F64 f64, BF16 bf16, F16 f16) {
+    if constexpr (std::is_same_v<S, float>) {
+      return f32;
+    } else if constexpr (std::is_same_v<S, double>) {
+      return f64;
+    } else if constexpr (std::is_same_v<S, c10::BFloat16>) {
+      return bf16;
+    } else {
+      static_assert(std::is_same_v<S, c10::Half>, "the CPU kernels take float, double, bfloat16 and float16");
+      return f16;
+    }
+  }
+#define TORCH_EXT_KERNEL_ACCESSOR(accessor, family)                               \
+  static auto accessor(const CpuKernels& k) {                                     \
+    return pick(k.family##_f32, k.family##_f64, k.family##_bf16, k.family##_f16); \
+  }
+  TORCH_EXT_KERNEL_ACCESSOR(forward, linear_act_forward)
+  TORCH_EXT_KERNEL_ACCESSOR(backward, linear_act_backward)
+  TORCH_EXT_KERNEL_ACCESSOR(mlp_act_forward, mlp_act_forward)
+  TORCH_EXT_KERNEL_ACCESSOR(mlp_act_backward, mlp_act_backward)
+  TORCH_EXT_KERNEL_ACCESSOR(cross_entropy_forward, cross_entropy_forward)
+  TORCH_EXT_KERNEL_ACCESSOR(cross_entropy_backward, cross_entropy_backward)
+  TORCH_EXT_KERNEL_ACCESSOR(regression_loss_forward, regression_loss_forward)
+  TORCH_EXT_KERNEL_ACCESSOR(regression_loss_backward, regression_loss_backward)
+  TORCH_EXT_KERNEL_ACCESSOR(triplet_margin_forward, triplet_margin_forward)
+  TORCH_EXT_KERNEL_ACCESSOR(triplet_margin_backward, triplet_margin_backward)
+#undef TORCH_EXT_KERNEL_ACCESSOR
 };
 
 const CpuKernels& cpu_kernels();
