@@ -7,9 +7,12 @@
 #   2. import it and run one op on the GPU;
 #   3. the CUDA tests: tests/test_common.py (the checks every op gets on every device) and
 #      tests/test_cuda.py with TORCH_EXT_TEST_DEVICES=cuda (their CPU cases ran in CI), each
-#      test under a timeout when pytest-timeout is installed (the GPU image has it);
+#      test under a timeout when pytest-timeout is installed (the GPU image has it); with
+#      --all-tests, also every op-family file (pytestmark every_device, tests/devices.py: about
+#      11,000 cases, more than this check's 8 minutes hold on one GPU), in parallel workers when
+#      pytest-xdist is installed, cut at the deadline (what ran is in the JUnit XML);
 #   4. the bfloat16 goal benchmarks without torch.compile: ours against eager and
-#      the floors, the headline figures;
+#      the floors, the headline figures (not with --all-tests);
 #   5. the same goals with torch.compile, one op at a time (most wanted first) while time is left.
 # Steps 2-5 each run under `timeout`, against one deadline (GPU_CHECK_SECONDS, default 470 s after
 # the start); after the build every step runs even when an earlier one failed. The exit status is
@@ -22,6 +25,7 @@
 # checking $OUT against the limits above.
 #
 #   scripts/gpu_check.sh                        # on the GPU machine; OUT=/somewhere to choose $OUT
+#   scripts/gpu_check.sh --all-tests            # steps 1-3, with every test file that runs on CUDA
 #   scripts/gpu_check.sh --dry-run              # no GPU needed: the CUDA build, test collection,
 #                                               # the benchmarks' arguments, bundling, $OUT check
 #   scripts/gpu_check.sh --dry-run --no-build   # the same with the torch_ext that Python imports
@@ -36,9 +40,11 @@ REPO=$(pwd)
 
 DRY_RUN=0
 BUILD=1
+ALL_TESTS=0
 for arg in "$@"; do
   case "$arg" in
     --dry-run) DRY_RUN=1 ;;
+    --all-tests) ALL_TESTS=1 ;;
     --no-build) BUILD=0 ;;
     -h|--help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "gpu_check.sh: unknown argument $arg (see --help)" >&2; exit 2 ;;
@@ -210,16 +216,24 @@ if torch.cuda.is_available():
 step import 60 "$PY" -c "$IMPORT_CHECK" || finish
 
 # ---- 3. tests --------------------------------------------------------------------------------
-PYTEST=(env TORCH_EXT_TEST_DEVICES=cuda "$PY" -m pytest "$REPO/tests/test_common.py" "$REPO/tests/test_cuda.py" -p no:cacheprovider
+TEST_FILES=("$REPO/tests/test_common.py" "$REPO/tests/test_cuda.py")
+if [ "$ALL_TESTS" = 1 ]; then
+  while IFS= read -r f; do TEST_FILES+=("$f"); done \
+    < <(grep -l '^pytestmark = pytest.mark.every_device' "$REPO"/tests/test_*.py)
+fi
+PYTEST=(env TORCH_EXT_TEST_DEVICES=cuda "$PY" -m pytest "${TEST_FILES[@]}" -p no:cacheprovider
         --rootdir "$REPO" -o faulthandler_timeout=120)
 if [ "$DRY_RUN" = 1 ]; then
   NOTE="collection only" step tests 120 "${PYTEST[@]}" --collect-only -q
 else
-  timeout_args=()
-  [ "$TIMEOUT_PLUGIN" = yes ] && timeout_args=(--timeout=120)
-  NOTE="per-test timeout: $([ "$TIMEOUT_PLUGIN" = yes ] && echo 120 s || echo none, no pytest-timeout)" \
-    step tests "$(( $(left) - 150 ))" "${PYTEST[@]}" -q -rfEs --junitxml="$WORK/tests.xml" "${timeout_args[@]}"
+  extra_args=()
+  [ "$TIMEOUT_PLUGIN" = yes ] && extra_args=(--timeout=120)
+  # With every file: 4 workers share the GPU (each its own CUDA context) and the 16 cores.
+  [ "$ALL_TESTS" = 1 ] && "$PY" -c "import xdist" 2>/dev/null && extra_args+=(-n 4)
+  CUT_OK=$ALL_TESTS NOTE="${#TEST_FILES[@]} files; per-test timeout: $([ "$TIMEOUT_PLUGIN" = yes ] && echo 120 s || echo none, no pytest-timeout)" \
+    step tests "$(( $(left) - (ALL_TESTS ? 10 : 150) ))" "${PYTEST[@]}" -q -rfEs --junitxml="$WORK/tests.xml" "${extra_args[@]}"
 fi
+[ "$ALL_TESTS" = 1 ] && finish
 
 # ---- 4. and 5. benchmarks ----------------------------------------------------------------------
 BENCH=("$PY" "$REPO/benchmarks/run.py" --device cuda --dtype bfloat16)

@@ -5,8 +5,48 @@ import sys
 import pytest
 import torch
 
+from devices import CPU_CHOSEN, DEVICES
+
 
 def pytest_configure(config):
+    config.addinivalue_line(
+        "markers", "every_device: run each test of the module once per device, that device being torch's default"
+    )
+    config.addinivalue_line("markers", "cpu_only(reason): a test of the CPU runtime, run once, on the CPU")
+    _share_cores_between_workers()
+
+
+def pytest_generate_tests(metafunc):
+    """Tests of an every_device module (see tests/devices.py) get one case per device."""
+    if metafunc.definition.get_closest_marker("every_device") is None:
+        return
+    if metafunc.definition.get_closest_marker("cpu_only") is None:
+        metafunc.parametrize("on_device", DEVICES, indirect=True)
+
+
+def pytest_collection_modifyitems(config, items):
+    if CPU_CHOSEN:
+        return
+    skip = pytest.mark.skip(reason="a CPU-only test, and TORCH_EXT_TEST_DEVICES leaves the CPU out")
+    for item in items:
+        if item.get_closest_marker("every_device") is not None and item.get_closest_marker("cpu_only") is not None:
+            item.add_marker(skip)
+
+
+@pytest.fixture(autouse=True)
+def on_device(request):
+    """torch's default device for the test: its `on_device` parameter in an every_device module,
+    else unchanged. The CPU case runs under `torch.device("cpu")` too, so that what the device
+    context does (a torch function mode) is exercised on every machine."""
+    device = getattr(request, "param", None)
+    if device is None:
+        yield None
+        return
+    with torch.device(device):
+        yield device
+
+
+def _share_cores_between_workers():
     """Under pytest-xdist (the README runs `pytest -n auto`), each worker takes its share of the
     cores for torch's threads, rather than every worker all of them: most tests are small and
     single-threaded, and the workers together should not oversubscribe the machine."""

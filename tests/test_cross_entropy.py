@@ -1,4 +1,4 @@
-"""Tests of the fused cross-entropy (CPU): ``torch_ext.cross_entropy``,
+"""Tests of the fused cross-entropy (every device): ``torch_ext.cross_entropy``,
 ``torch_ext.CrossEntropyLoss`` and the raw ops ``torch.ops.torch_ext.cross_entropy_fwd`` /
 ``cross_entropy_bwd``.
 
@@ -41,7 +41,19 @@ from torch import nn
 
 import torch_ext
 from torch_ext import CrossEntropyLoss, cross_entropy
-from utils import SavedTensorBytes, assert_close, cpu_supports, leaf, reference_dtype, run_python, tolerance
+from utils import (
+    SavedTensorBytes,
+    assert_close,
+    cpu_supports,
+    default_device_type,
+    leaf,
+    reference_dtype,
+    run_python,
+    tolerance,
+)
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -992,7 +1004,8 @@ def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
     """The eager C++ node (csrc/autograd_node.h): input requiring grad, target not requiring grad,
     grad mode on (reductions mean/sum: the gradient formed in forward; none: the node calls the
     backward op); a target requiring grad: the Python autograd.Function; else no graph at all."""
-    monkeypatch.setattr(sys.modules["torch_ext.cross_entropy"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
+    on_this_device = frozenset({default_device_type()})
+    monkeypatch.setattr(sys.modules["torch_ext.cross_entropy"], "GRAD_IN_FORWARD_DEVICES", on_this_device)
     x = leaf(make_input((4, 6)))
     t = class_target(x.shape, 6)
     assert cross_entropy(x, t).grad_fn.name() == "CrossEntropyBackward"
@@ -1138,7 +1151,7 @@ def test_compile_no_graph_breaks(dynamo_reset, grad_in_forward):
 @pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_autocast_bfloat16(reduction, prob):
-    # Under CPU bf16 autocast, F.cross_entropy computes in float32 and returns float32, for
+    # Under bf16 autocast, F.cross_entropy computes in float32 and returns float32, for
     # float32 and for bfloat16 logits (e.g. the output of an autocast linear layer).
     w = make_weight(9)
     for in_dtype in (torch.float32, torch.bfloat16):
@@ -1146,7 +1159,7 @@ def test_autocast_bfloat16(reduction, prob):
         t = prob_target(x.shape) if prob else class_target(x.shape, 9, "some", -100)
         xl, xr = leaf(x), leaf(x)
         opts = dict(reduction=reduction, label_smoothing=0.1)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(default_device_type(), dtype=torch.bfloat16):
             y = cross_entropy(xl, t, w, **opts)
             y_ref = F.cross_entropy(xr, t, w, **opts)
             y_z = cross_entropy(x, t, w, z_loss=1e-3, **opts)
@@ -1167,7 +1180,7 @@ def test_autocast_after_linear():
     lin = nn.Linear(8, 10)
     x = torch.randn(6, 8)
     t = class_target((6, 10), 10)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         logits = lin(x)
         assert logits.dtype == torch.bfloat16
         y = cross_entropy(logits, t, label_smoothing=0.1)
@@ -1465,6 +1478,7 @@ ISA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.cpu_only("a subprocess per CPU instruction set")
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_capability(capability):
     if not cpu_supports(capability):

@@ -57,7 +57,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import FusedLinear, FuseReport
-from utils import assert_close, run_python
+from utils import assert_close, default_device_type, run_python
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 NOTHING_TO_FUSE = "nothing to fuse"
 
@@ -679,7 +682,7 @@ class AutocastPart(nn.Module):
         self.head = nn.Linear(8, 2)
 
     def forward(self, x):
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(default_device_type(), dtype=torch.bfloat16):
             h = F.gelu(self.fc(x))
         return self.head(h.float())
 
@@ -859,6 +862,7 @@ def load_in_new_process(saved: Dict[str, Tuple[nn.Module, object]], results_of: 
     return torch.load(os.path.join(folder, "results.pt"), weights_only=False)
 
 
+@pytest.mark.cpu_only("a subprocess loads a model saved on the CPU")
 def test_fused_model_loads_in_a_new_process(tmp_path):
     """torch.load of whole fused models in a new process (nothing built or cached there yet):
     it runs no exec or compile, and each model gives the unfused outputs and gradients and calls

@@ -25,6 +25,9 @@ import torch.nn.functional as F
 import torch_ext
 from utils import assert_close, tolerance
 
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
+
 # N x C = 65537 x 32771 = 2,147,713,027 > 2**31 = 2,147,483,648
 ROWS, CLASSES = 2**16 + 1, 2**15 + 3
 BLOCK = 4096  # rows per reference block

@@ -1,4 +1,4 @@
-"""Tests of the fused dense layer + activation (CPU): ``torch_ext.fused_linear``,
+"""Tests of the fused dense layer + activation (every device): ``torch_ext.fused_linear``,
 ``torch_ext.FusedLinear``, ``torch_ext.FusedLinearFunction`` and the raw ops
 ``torch.ops.torch_ext.linear_act_fwd`` / ``linear_act_bwd``.
 
@@ -50,11 +50,15 @@ from utils import (
     act_module,
     assert_close,
     cpu_supports,
+    default_device_type,
     leaf,
     reference_dtype,
     run_python,
     tolerance,
 )
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 MASK_ACTIVATIONS = ("relu", "leaky_relu")
@@ -208,6 +212,7 @@ def test_activation_list():
     assert tuple(torch_ext.ACTIVATIONS) == ACTIVATIONS
 
 
+@pytest.mark.cpu_only("the CPU's instruction set")
 def test_cpu_capability_follows_aten():
     assert torch_ext.cpu_capability() in CPU_CAPABILITY_LEVELS
     assert torch_ext.cpu_capability() == torch.backends.cpu.get_cpu_capability()
@@ -290,6 +295,7 @@ def test_many_row_panels(activation, dtype):
     check_against_pytorch(x, w, b, activation, msg="3000x300->200")
 
 
+@pytest.mark.cpu_only("the CPU GEMM's row panels (panel_bytes)")
 @pytest.mark.parametrize("in_shape,out_features", [((130, 30), 200), ((37, 5), 9), ((2, 41, 7), 3)])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64], ids=dtype_id)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
@@ -592,6 +598,7 @@ def test_gradient_shared_or_hooked_is_not_overwritten():
             torch.testing.assert_close(kept[0], c, rtol=0, atol=0)
 
 
+@pytest.mark.cpu_only("the CPU cache (cached_bytes)")
 def test_gradient_formed_in_place_needs_no_buffer():
     # Which path ran, seen from torch_ext's output cache: the product's own buffer (a panel of
     # 1024 x 4608 float32, 18 MiB: cached when freed) is allocated only when the incoming gradient
@@ -904,7 +911,7 @@ def test_autocast_bfloat16(activation):
     x = torch.randn(4, 3, 16)
     g = torch.randn(4, 3, 12).to(torch.bfloat16)
     xl, xr = leaf(x), leaf(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = layer(xl)
         y_ref = ref_layer(xr)
         y_plain = F.linear(x, layer.weight, layer.bias)
@@ -1188,6 +1195,7 @@ ISA_SCRIPT = textwrap.dedent(
 )
 
 
+@pytest.mark.cpu_only("a subprocess per CPU instruction set")
 @pytest.mark.parametrize("capability", ["default", "avx2", "avx512"])
 def test_every_cpu_capability(capability):
     if not cpu_supports(capability):
@@ -1242,6 +1250,7 @@ GEMM_SHAPES = [
 ]
 
 
+@pytest.mark.cpu_only("the CPU GEMMs (cpu_gemm)")
 @pytest.mark.parametrize("in_shape,out_features", GEMM_SHAPES)
 @pytest.mark.parametrize("activation", ["none", "relu", "gelu_tanh"])
 def test_gemm_shapes(cpu_gemm, activation, in_shape, out_features):
@@ -1249,6 +1258,7 @@ def test_gemm_shapes(cpu_gemm, activation, in_shape, out_features):
     check_against_pytorch(x, w, b, activation, msg=f"{cpu_gemm} GEMM {in_shape}->{out_features}")
 
 
+@pytest.mark.cpu_only("the CPU GEMMs (cpu_gemm)")
 @pytest.mark.parametrize("case", LAYOUT_CASES)
 def test_gemm_layouts(cpu_gemm, case):
     # The layout cases at a size our GEMM takes: every operand stride pattern through it.
@@ -1256,6 +1266,7 @@ def test_gemm_layouts(cpu_gemm, case):
     check_against_pytorch(x, w, b, "gelu", grad=grad, msg=f"{cpu_gemm} GEMM {case}")
 
 
+@pytest.mark.cpu_only("the CPU GEMMs' thread splits")
 @pytest.mark.parametrize("threads", [1, 2, 3])
 def test_gemm_thread_counts(cpu_gemm, threads):
     # Each split (rows, columns, k) with 1 thread, the machine's, and more than k blocks allow.
@@ -1269,6 +1280,7 @@ def test_gemm_thread_counts(cpu_gemm, threads):
         torch.set_num_threads(before)
 
 
+@pytest.mark.cpu_only("the CPU GEMMs (cpu_gemm)")
 @pytest.mark.parametrize("in_shape,out_features", [((300, 40), 24), ((250, 1024), 70), ((1500, 64), 48)])
 def test_gemm_paths_agree(set_config, in_shape, out_features):
     # Ours and ATen's differ only by float32 rounding (a different summation order).
@@ -1287,6 +1299,7 @@ def test_gemm_paths_agree(set_config, in_shape, out_features):
         torch.testing.assert_close(a, c, rtol=1e-5, atol=1e-5 * math.sqrt(max(k, in_shape[0])))
 
 
+@pytest.mark.cpu_only("the CPU GEMMs (cpu_gemm)")
 def test_gemm_nonfinite(cpu_gemm):
     # NaN and inf reach exactly the outputs they reach in PyTorch (no padding value leaks).
     x, w, b = make_args((40, 50), 45)
@@ -1301,6 +1314,7 @@ def test_gemm_nonfinite(cpu_gemm):
     assert_close(y[finite], ref[finite])
 
 
+@pytest.mark.cpu_only("the CPU GEMM switch (cpu_gemm)")
 def test_gemm_switch(set_config, monkeypatch):
     ours_available = torch_ext.cpu_capability() != "DEFAULT"
     set_config(cpu_gemm="aten")
@@ -1359,6 +1373,7 @@ def test_eager_autograd_node_saves_what_backward_needs(activation):
     assert_close(w.grad, wr.grad)
 
 
+@pytest.mark.cpu_only("seen through the CPU cache (cached_bytes)")
 @pytest.mark.parametrize("activation", ["sigmoid", "tanh"])
 def test_eager_autograd_node_does_not_keep_its_output_alive(activation):
     """sigmoid and tanh save the output for backward; a graph that is dropped without a backward

@@ -1,4 +1,4 @@
-"""Tests of linear + cross-entropy without materializing the logits (CPU):
+"""Tests of linear + cross-entropy without materializing the logits (every device):
 ``torch_ext.linear_cross_entropy``, ``torch_ext.LinearCrossEntropyLoss`` and the raw ops
 ``torch.ops.torch_ext.linear_cross_entropy_fwd`` / ``linear_cross_entropy_bwd``.
 
@@ -41,7 +41,10 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 import torch_ext
 from torch_ext import LinearCrossEntropyLoss, linear_cross_entropy
-from utils import SavedTensorBytes, assert_close, leaf, reference_dtype, run_python, storage_key
+from utils import SavedTensorBytes, assert_close, default_device_type, leaf, reference_dtype, run_python, storage_key
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -267,6 +270,7 @@ def test_matches_reference(dtype, reduction, kind):
                  msg=f"options {i}")
 
 
+@pytest.mark.cpu_only("the CPU GEMMs (cpu_gemm)")
 @pytest.mark.parametrize("cpu_gemm", ["ours", "aten"])
 @pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
@@ -355,6 +359,7 @@ def test_chunk_size_does_not_change_results(dtype, kind):
                 assert_close(grads[name], g1[name], **same, msg=f"{reduction}: grad of {name}, chunk_size={chunk} vs 1")
 
 
+@pytest.mark.cpu_only("the chunk rule's arithmetic, no tensors")
 def test_default_chunk_size_rule():
     """chunk_size=None: the rows whose logits fit in the device type's CHUNK_BYTES (CPU 32 MiB,
     CUDA 512 MiB), a multiple of 8 when >= 8, at least 1, at most the rows."""
@@ -899,12 +904,12 @@ def test_probability_target_gradient_retain_graph_and_compile(dynamo_reset):
 
 
 def test_probability_target_gradient_autocast():
-    # Under CPU bfloat16 autocast, a float32 target gets a float32 gradient, as through F.linear + F.cross_entropy.
+    # Under bfloat16 autocast, a float32 target gets a float32 gradient, as through F.linear + F.cross_entropy.
     x, w, b = make_args((4,), 16, 9)
     t, tr = leaf(prob_target((4,), 9)), leaf(prob_target((4,), 9))
     with torch.no_grad():
         tr.copy_(t)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=3)
         yr = F.cross_entropy(F.linear(x, w, b), tr)
     got, want = torch.autograd.grad(y, t)[0], torch.autograd.grad(yr, tr)[0]
@@ -1256,7 +1261,7 @@ def test_compile_frozen_weight_and_module(dynamo_reset):
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_autocast_bfloat16(reduction, kind):
-    # As F.linear + F.cross_entropy under CPU bf16 autocast: the linear in bfloat16 (operands
+    # As F.linear + F.cross_entropy under bf16 autocast: the linear in bfloat16 (operands
     # rounded to bfloat16), the loss in float32 and returned as float32; the gradients reach the
     # float32 leaves as float32.
     lead, hidden, vocab = (2, 4), 16, 23
@@ -1266,7 +1271,7 @@ def test_autocast_bfloat16(reduction, kind):
     opts = dict(weight=cw, reduction=reduction, label_smoothing=0.1)
     ours = [leaf(v) for v in (x, w, b)]
     refs = [leaf(v) for v in (x, w, b)]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = linear_cross_entropy(ours[0], ours[1], t, linear_bias=ours[2], chunk_size=3, **opts)
         logits = F.linear(refs[0], refs[1], refs[2])
         assert logits.dtype == torch.bfloat16
@@ -1288,7 +1293,7 @@ def test_autocast_bfloat16(reduction, kind):
 def test_autocast_float64_stays_float64():
     x, w, b = (leaf(v) for v in make_args((4,), 5, 6, torch.float64))
     t = class_target((4,), 6)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = linear_cross_entropy(x, w, t, linear_bias=b, z_loss=1e-3)
     assert y.dtype == torch.float64
     assert_close(y, reference(x, w, t, b, z_loss=1e-3))
@@ -1496,6 +1501,7 @@ def test_module_argument_errors():
         m(torch.randn(3, 4), torch.zeros(3, dtype=torch.long))
 
 
+@pytest.mark.cpu_only("a subprocess, no tensors on a device")
 def test_module_without_torch_module():
     # PyTorch < 2.13 has no nn.LinearCrossEntropyLoss: the module is then an nn.Module with the same
     # constructor, keys and forward (simulated by removing the class before importing torch_ext).

@@ -1,4 +1,4 @@
-"""Tests of the fused Transformer feed-forward block (CPU): ``torch_ext.fused_mlp``,
+"""Tests of the fused Transformer feed-forward block (every device): ``torch_ext.fused_mlp``,
 ``torch_ext.FusedMLP``, ``torch_ext.FusedMLPFunction`` and the raw activation ops
 ``torch.ops.torch_ext.mlp_act_fwd`` / ``mlp_act_bwd``.
 
@@ -29,7 +29,19 @@ from torch import nn
 
 import torch_ext
 from torch_ext import FusedMLP, FusedMLPFunction, fused_mlp
-from utils import BackwardOpMasks, SavedTensorBytes, act_fn, assert_close, leaf, reference_dtype, tolerance
+from utils import (
+    BackwardOpMasks,
+    SavedTensorBytes,
+    act_fn,
+    assert_close,
+    default_device_type,
+    leaf,
+    reference_dtype,
+    tolerance,
+)
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
 GATED = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -797,7 +809,7 @@ def test_autocast_bfloat16(activation):
     x = torch.randn(4, 3, 16)
     g = torch.randn(4, 3, 10).to(torch.bfloat16)
     xl, xr = leaf(x), leaf(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = mlp(xl)
         y_ref = ref(xr)
     assert y_ref.dtype == torch.bfloat16

@@ -45,6 +45,9 @@ from torch import Tensor, nn
 import torch_ext
 from utils import assert_close
 
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
+
 # float32 tolerances required of the fused models: one batch's loss and gradients within 1e-5
 # (rtol, and atol relative to the largest magnitude of the expected tensor: assert_close's default
 # scale); each training step's loss within 1e-4 relative of the reference's.

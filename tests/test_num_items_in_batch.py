@@ -18,6 +18,9 @@ import torch.nn.functional as F
 import torch_ext
 from utils import assert_close, leaf
 
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
+
 COUNTS = {"int": lambda n: n, "tensor": lambda n: torch.tensor(n), "float_tensor": lambda n: torch.tensor(float(n))}
 
 

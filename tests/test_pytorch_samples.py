@@ -21,6 +21,9 @@ import torch
 import torch_ext
 from utils import assert_close
 
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
+
 common_methods_invocations = pytest.importorskip("torch.testing._internal.common_methods_invocations")
 common_modules = pytest.importorskip("torch.testing._internal.common_modules")
 
@@ -108,7 +111,7 @@ def _compare(ref, got, what, tol):
 @pytest.mark.parametrize("op", OPINFOS, ids=_id)
 def test_opinfo_samples(op, dtype):
     ours = FUNCTIONS[op.name]
-    samples = list(op.sample_inputs("cpu", dtype, requires_grad=True))
+    samples = list(op.sample_inputs(torch.get_default_device(), dtype, requires_grad=True))
     assert samples, _id(op)
     for i, s in enumerate(samples):
         args, kwargs = [s.input, *s.args], dict(s.kwargs)
@@ -121,7 +124,8 @@ def test_opinfo_samples(op, dtype):
 @pytest.mark.parametrize("info", MODULEINFOS, ids=lambda m: m.module_cls.__name__)
 def test_moduleinfo_samples(info, dtype, training):
     name = info.module_cls.__name__
-    inputs = info.module_inputs_func(info, device="cpu", dtype=dtype, requires_grad=True, training=training)
+    device = torch.get_default_device()
+    inputs = info.module_inputs_func(info, device=device, dtype=dtype, requires_grad=True, training=training)
     assert inputs, name
     for i, mi in enumerate(inputs):
         if mi.forward_input is None:

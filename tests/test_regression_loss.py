@@ -1,4 +1,4 @@
-"""Tests of the fused regression losses (CPU): ``torch_ext.mse_loss``, ``huber_loss``,
+"""Tests of the fused regression losses (every device): ``torch_ext.mse_loss``, ``huber_loss``,
 ``smooth_l1_loss``, the modules ``MSELoss``, ``HuberLoss``, ``SmoothL1Loss`` and the raw ops
 ``torch.ops.torch_ext.regression_loss_fwd`` / ``regression_loss_bwd``.
 
@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import assert_close, leaf, reference_dtype
+from utils import assert_close, default_device_type, leaf, reference_dtype
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 LOSSES = ("mse", "huber", "smooth_l1")
 WEIGHTED_LOSSES = ("mse", "huber")
@@ -641,7 +644,7 @@ def test_autocast_bfloat16_computes_in_float32(loss, reduction, dtypes):
     x, t = x.to(x_dtype), t.to(t_dtype)
     xl, tl, xr, tr = leaf(x), leaf(t), leaf(x), leaf(t)
     param = None if loss == "mse" else 0.5
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = ours(loss, xl, tl, reduction, param)
         y_ref = reference(loss, xr, tr, reduction, param)
     assert y_ref.dtype == torch.float32
@@ -663,7 +666,7 @@ def test_autocast_with_weight(loss):
     x, t = make_pair((5, 7))
     w = _weight((5, 7), torch.float32, "positive")
     xl, xr = leaf(x), leaf(x)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = ours(loss, xl, t, "mean", weight=w)
     assert y.dtype == torch.float32
     y_ref = reference(loss, xr, t, "mean", weight=w)
@@ -848,7 +851,8 @@ def test_grad_in_forward_path_is_taken_only_where_it_applies(monkeypatch):
     """The eager C++ node (csrc/autograd_node.h) when input or target requires grad (reductions
     mean and sum: the gradients formed in forward; none: the node calls the backward op);
     otherwise no graph."""
-    monkeypatch.setattr(sys.modules["torch_ext.regression_loss"], "GRAD_IN_FORWARD_DEVICES", frozenset({"cpu"}))
+    on_this_device = frozenset({default_device_type()})
+    monkeypatch.setattr(sys.modules["torch_ext.regression_loss"], "GRAD_IN_FORWARD_DEVICES", on_this_device)
     x, t = make_pair((4, 6))
     xl, tl = leaf(x), leaf(t)
     assert torch_ext.mse_loss(xl, t).grad_fn.name() == "RegressionLossBackward"

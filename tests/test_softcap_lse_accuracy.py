@@ -1,4 +1,4 @@
-"""Tests of the logit soft-capping and the extra outputs of the fused cross-entropy losses (CPU):
+"""Tests of the logit soft-capping and the extra outputs of the fused cross-entropy losses (every device):
 ``softcap``, ``return_lse`` and ``return_accuracy`` of ``torch_ext.cross_entropy`` /
 ``CrossEntropyLoss`` and ``torch_ext.linear_cross_entropy`` / ``LinearCrossEntropyLoss``, and the
 new trailing arguments of the raw ops (``softcap``, ``ignored_row_stats``, ``grad_lse``, the stats
@@ -51,7 +51,10 @@ from test_cross_entropy import (
 )
 from test_cross_entropy import reference as ce_reference
 from test_linear_cross_entropy import class_target as lce_class_target
-from utils import assert_close, leaf, reference_dtype, tolerance
+from utils import assert_close, default_device_type, leaf, reference_dtype, tolerance
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 REDUCTIONS = ("mean", "sum", "none")
@@ -582,7 +585,7 @@ def test_cap_values_to_float32_rounding(layout, mixed, grad_in_forward):
                    0.25 + torch.linspace(-1e-5, 1e-5, 40, dtype=torch.float64),
                    -0.25 + torch.linspace(-1e-5, 1e-5, 40, dtype=torch.float64)])
     if mixed:
-        u = u[torch.randperm(len(u), generator=torch.Generator().manual_seed(0))]
+        u = u[torch.randperm(len(u), generator=torch.Generator().manual_seed(0), device="cpu").to(u.device)]
     shape = (-1, 16) if layout == "classes" else (1, 1, -1)
     x = (u * softcap).float().reshape(shape).requires_grad_()
     t = torch.zeros(x.shape[0], *x.shape[2:], dtype=torch.long)
@@ -1144,7 +1147,7 @@ def test_compile_no_graph_breaks(dynamo_reset):
 @pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_autocast_bfloat16(reduction, prob):
-    # Under CPU bf16 autocast the loss computes in float32 and returns float32 (as torch's losses);
+    # Under bf16 autocast the loss computes in float32 and returns float32 (as torch's losses);
     # lse and accuracy are float32; gradients in the input's dtype.
     w = make_weight(9)
     for in_dtype in (torch.float32, torch.bfloat16):
@@ -1152,7 +1155,7 @@ def test_autocast_bfloat16(reduction, prob):
         t = prob_target(x.shape) if prob else class_target(x.shape, 9, "some", -100)
         xl, xr = leaf(x), leaf(x, torch.float32)
         kw = dict(reduction=reduction, label_smoothing=0.1, z_loss=1e-3)
-        with torch.autocast("cpu", dtype=torch.bfloat16):
+        with torch.autocast(default_device_type(), dtype=torch.bfloat16):
             out = cross_entropy(xl, t, w, softcap=2.5, return_lse=True, return_accuracy=not prob, **kw)
             ref_plain = F.cross_entropy(cap(xr, 2.5), t, w, reduction=reduction, label_smoothing=0.1)
         assert ref_plain.dtype == torch.float32
@@ -1176,7 +1179,7 @@ def test_autocast_bfloat16(reduction, prob):
 def test_autocast_float64_stays_float64():
     x = leaf(make_input((4, 5), torch.float64))
     t = class_target(x.shape, 5)
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         loss, lse, acc = cross_entropy(x, t, softcap=2.0, return_lse=True, return_accuracy=True)
     assert loss.dtype == lse.dtype == acc.dtype == torch.float64
     assert_close(loss, ce_ref(x, t, None, 2.0).detach())

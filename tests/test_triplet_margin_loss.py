@@ -1,4 +1,4 @@
-"""Tests of the fused triplet margin loss (CPU): ``torch_ext.triplet_margin_loss``, the module
+"""Tests of the fused triplet margin loss (every device): ``torch_ext.triplet_margin_loss``, the module
 ``torch_ext.TripletMarginLoss`` and the raw ops ``torch.ops.torch_ext.triplet_margin_loss_fwd``
 / ``triplet_margin_loss_bwd``.
 
@@ -31,7 +31,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ext import TripletMarginLoss, triplet_margin_loss
-from utils import assert_close, leaf, reference_dtype
+from utils import assert_close, default_device_type, leaf, reference_dtype
+
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
 
 REDUCTIONS = ("mean", "sum", "none")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
@@ -662,7 +665,7 @@ def test_autocast_bfloat16_computes_in_float32(reduction, dtypes):
     tensors = [v.to(dt) for v, dt in zip(make_triplet((6, 17)), dtypes)]
     ours_leaves = [leaf(v) for v in tensors]
     ref_leaves = [leaf(v) for v in tensors]
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         y = ours(*ours_leaves, swap=True, reduction=reduction)
         y_ref = reference(*ref_leaves, swap=True, reduction=reduction)
     assert y_ref.dtype == torch.float32

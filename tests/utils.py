@@ -33,6 +33,12 @@ TOLERANCES: Dict[torch.dtype, Tuple[float, float]] = {
 }
 
 
+def default_device_type() -> str:
+    """The type of the device a test's tensors are created on: "cpu", or "cuda" in the CUDA case of
+    an every_device test (tests/devices.py), e.g. for ``torch.autocast(default_device_type(), ...)``."""
+    return torch.get_default_device().type
+
+
 def tolerance(dtype: torch.dtype) -> Tuple[float, float]:
     """(rtol, atol) for results of dtype `dtype`."""
     return TOLERANCES[dtype]
