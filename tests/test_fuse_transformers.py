@@ -31,6 +31,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from test_fuse import TorchExtOps, load_in_new_process, round_trip  # noqa: E402
 from utils import SavedTensorBytes, assert_close  # noqa: E402
 
+# Every test on every device (tests/devices.py).
+pytestmark = pytest.mark.every_device
+
 tf = transformers
 CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
 
@@ -113,17 +116,23 @@ def _one_thread():
 
 
 def batch(family: str, seed: int = 0) -> dict:
+    """A batch for `family`, the same numbers on every device (drawn on the CPU from `seed`), on
+    the test's device."""
     g = torch.Generator().manual_seed(seed)
+    cpu = dict(device="cpu")
     if family == "vit":
-        return dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g), labels=torch.tensor([0, 2]))
-    ids = torch.randint(0, 100, (2, 7), generator=g)
-    if family in ("bert", "roberta"):
-        return dict(input_ids=ids, labels=torch.tensor([0, 2]))
-    if family.startswith("t5"):
-        return dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g))
-    labels = ids.clone()
-    labels[0, :2] = -100  # ignored positions
-    return dict(input_ids=ids, labels=labels)
+        out = dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g, **cpu), labels=torch.tensor([0, 2], **cpu))
+    else:
+        ids = torch.randint(0, 100, (2, 7), generator=g, **cpu)
+        if family in ("bert", "roberta"):
+            out = dict(input_ids=ids, labels=torch.tensor([0, 2], **cpu))
+        elif family.startswith("t5"):
+            out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, **cpu))
+        else:
+            labels = ids.clone()
+            labels[0, :2] = -100  # ignored positions
+            out = dict(input_ids=ids, labels=labels)
+    return {name: t.to(torch.get_default_device()) for name, t in out.items()}
 
 
 def fuse(model, **kw):
@@ -154,15 +163,24 @@ def assert_same_step(fused, ref, inputs, what: str):
             assert_close(grads[name], g, msg=f"{what}: gradient of {name}")
 
 
+class _FusedModels:
+    """family -> (reference, fused, report) on the test's device, each built once."""
+
+    def __init__(self):
+        self._built = {}
+
+    def __getitem__(self, family: str):
+        key = (torch.get_default_device(), family)
+        if key not in self._built:
+            ref = build(family)
+            self._built[key] = (ref, *fuse(ref))
+        return self._built[key]
+
+
 @pytest.fixture(scope="module")
 def fused_models():
-    """family -> (reference, fused, report), built once for the tests that only read them."""
-    out = {}
-    for family in FAMILIES:
-        ref = build(family)
-        fused, report = fuse(ref)
-        out[family] = (ref, fused, report)
-    return out
+    """The models the tests only read, built once per device and module."""
+    return _FusedModels()
 
 
 # ----------------------------------------------------------------------------------------------
@@ -291,6 +309,7 @@ def test_whole_model_pickles(family, how, fused_models):
     assert_loaded_like_fused(again, fused, ref, family, f"{family} through {how} twice")
 
 
+@pytest.mark.cpu_only("a subprocess loads models saved on the CPU")
 def test_whole_models_load_in_a_new_process(fused_models, tmp_path):
     """torch.load of the whole fused models in a new process, where no rewritten forward is built
     or cached yet: it runs no exec or compile, and each model gives the same numbers and calls
@@ -709,6 +728,7 @@ def test_linear_cross_entropy_loss_module():
     assert_close(got, want)
 
 
+@pytest.mark.cpu_only("a subprocess, no tensors on a device")
 def test_torch_ext_imports_without_transformers():
     code = (
         "import sys; sys.modules['transformers'] = None\n"
