@@ -125,7 +125,7 @@ def _forward_backward(model: nn.Module, inputs: Sequence, backward: bool = True)
     if not backward:
         return outs, None, None
     gen = torch.Generator().manual_seed(99)
-    total = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype)).sum() for o in outs)
+    total = sum((o * torch.randn(o.shape, generator=gen, dtype=o.dtype, device="cpu").to(o.device)).sum() for o in outs)
     total.backward()
     input_grads = [t.grad if isinstance(t, torch.Tensor) else None for t in ins]
     param_grads = {name: p.grad for name, p in model.named_parameters()}

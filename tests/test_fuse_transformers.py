@@ -119,15 +119,15 @@ def batch(family: str, seed: int = 0) -> dict:
     """A batch for `family`, the same numbers on every device (drawn on the CPU from `seed`), on
     the test's device."""
     g = torch.Generator().manual_seed(seed)
-    cpu = dict(device="cpu")
     if family == "vit":
-        out = dict(pixel_values=torch.randn(2, 3, 16, 16, generator=g, **cpu), labels=torch.tensor([0, 2], **cpu))
+        images = torch.randn(2, 3, 16, 16, generator=g, device="cpu")
+        out = dict(pixel_values=images, labels=torch.tensor([0, 2], device="cpu"))
     else:
-        ids = torch.randint(0, 100, (2, 7), generator=g, **cpu)
+        ids = torch.randint(0, 100, (2, 7), generator=g, device="cpu")
         if family in ("bert", "roberta"):
-            out = dict(input_ids=ids, labels=torch.tensor([0, 2], **cpu))
+            out = dict(input_ids=ids, labels=torch.tensor([0, 2], device="cpu"))
         elif family.startswith("t5"):
-            out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, **cpu))
+            out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, device="cpu"))
         else:
             labels = ids.clone()
             labels[0, :2] = -100  # ignored positions

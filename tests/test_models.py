@@ -215,13 +215,13 @@ class TransformerClassifier(nn.Module):
 # Data: a fixed cycle of a few batches (so that 20 SGD steps visibly lower the loss).
 # ------------------------------------------------------------------------------------------------
 def cnn_batch(gen: torch.Generator, n: int = 16) -> Tuple[Tensor, Tensor]:
-    images = torch.randn(n, *CNNClassifier.IMAGE, generator=gen)
-    return images, torch.randint(0, CNNClassifier.CLASSES, (n,), generator=gen)
+    images = torch.randn(n, *CNNClassifier.IMAGE, generator=gen, device="cpu")
+    return images, torch.randint(0, CNNClassifier.CLASSES, (n,), generator=gen, device="cpu")
 
 
 def lm_batch(gen: torch.Generator, pad: bool, n: int = 4, length: int = 12) -> Tuple[Tensor, Tensor]:
     """Token sequences (next-token targets); with `pad`, each sequence but the first ends in padding."""
-    seq = torch.randint(1, LSTMLanguageModel.VOCAB, (n, length + 1), generator=gen)
+    seq = torch.randint(1, LSTMLanguageModel.VOCAB, (n, length + 1), generator=gen, device="cpu")
     if pad:
         for i in range(1, n):
             seq[i, length + 1 - 2 * i:] = LSTMLanguageModel.PAD
@@ -229,16 +229,18 @@ def lm_batch(gen: torch.Generator, pad: bool, n: int = 4, length: int = 12) -> T
 
 
 def transformer_batch(gen: torch.Generator, n: int = 8) -> Tuple[Tensor, Tensor]:
-    tokens = torch.randint(0, TransformerClassifier.VOCAB, (n, TransformerClassifier.SEQ), generator=gen)
-    return tokens, torch.randint(0, TransformerClassifier.CLASSES, (n,), generator=gen)
+    tokens = torch.randint(0, TransformerClassifier.VOCAB, (n, TransformerClassifier.SEQ), generator=gen, device="cpu")
+    return tokens, torch.randint(0, TransformerClassifier.CLASSES, (n,), generator=gen, device="cpu")
 
 
 Batch = Tuple[Tensor, Tensor]
 
 
 def batches(make: Callable[[torch.Generator], Batch], count: int = 3, seed: int = 1) -> List[Batch]:
+    """`count` batches drawn on the CPU from `seed` (the same numbers on every device), on the test's device."""
     gen = torch.Generator().manual_seed(seed)
-    return [make(gen) for _ in range(count)]
+    device = torch.get_default_device()
+    return [tuple(t.to(device) for t in make(gen)) for _ in range(count)]
 
 
 # Each case: (reference builder, hand-fused builder, batch maker). Builders seed their own

@@ -86,7 +86,8 @@ def _run(fn, args, kwargs, grad_seed: int, params=()):
     wrt = leaves + list(params)
     if not wrt or not out.requires_grad:
         return out.detach(), []
-    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed))
+    g = torch.randn(out.shape, dtype=out.dtype, generator=torch.Generator().manual_seed(grad_seed), device="cpu")
+    g = g.to(out.device)
     grads = torch.autograd.grad(out, wrt, g, allow_unused=True)
     return out.detach(), list(grads)
 
