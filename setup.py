@@ -254,7 +254,7 @@ setup(
     # so the test extras carry the benchmark's packages too; transformers for the tests of
     # fuse() on Hugging Face models.
     extras_require={
-        "test": ["pytest", "pytest-xdist", "numpy", "tabulate", "matplotlib", "tqdm", "transformers"],
+        "test": ["pytest", "pytest-xdist", "numpy", "tabulate", "matplotlib", "tqdm", "transformers", "expecttest"],
         "bench": ["tabulate", "matplotlib", "tqdm"],
     },
     ext_modules=ext_modules,

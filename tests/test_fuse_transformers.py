@@ -701,8 +701,6 @@ def test_activation_used_elsewhere_is_kept():
 
 @pytest.mark.skipif(not hasattr(nn, "LinearCrossEntropyLoss"), reason="PyTorch without nn.LinearCrossEntropyLoss")
 def test_linear_cross_entropy_loss_module():
-    if "in_features" not in inspect.signature(torch_ext.LinearCrossEntropyLoss.__init__).parameters:
-        pytest.skip("torch_ext.LinearCrossEntropyLoss does not mirror nn.LinearCrossEntropyLoss yet (another branch)")
     loss = nn.LinearCrossEntropyLoss(8, 10, bias=True, ignore_index=-1, label_smoothing=0.1,
                                      weight=torch.rand(10) + 0.5)
     fused, report = fuse(loss)  # a copy: equal values, its own Parameters
