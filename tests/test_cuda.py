@@ -2,8 +2,8 @@
 
 Parametrized over device: "cpu" always runs (so this file's checks are exercised on every
 machine), "cuda" is skipped with a reason where no GPU is present. The op-family test files
-cover the CPU kernels in depth; this file checks that each CUDA kernel computes the same
-function, at the dtypes, layouts and sizes where a GPU kernel differs from a CPU one: float16,
+cover each op in depth, on every device (tests/devices.py); this file adds the cases where a GPU
+kernel differs from a CPU one: float16,
 non-contiguous inputs, stride-0 gradients, rows > 65535, C > 65536, N x C > 2**31 elements,
 determinism, and bad input that must be a Python error rather than a device-side assert.
 
