@@ -11,6 +11,8 @@
 #      --all-tests, also every op-family file (pytestmark every_device, tests/devices.py: about
 #      11,000 cases, more than this check's 8 minutes hold on one GPU), in parallel workers when
 #      pytest-xdist is installed, cut at the deadline (what ran is in the JUnit XML);
+#      TORCH_EXT_TEST_SHARD=k/n runs the k-th of n disjoint shares (tests/conftest.py), so
+#      that n GPU sessions cover them all;
 #   4. the bfloat16 goal benchmarks without torch.compile: ours against eager and
 #      the floors, the headline figures (not with --all-tests);
 #   5. the same goals with torch.compile, one op at a time (most wanted first) while time is left.
@@ -230,7 +232,7 @@ else
   [ "$TIMEOUT_PLUGIN" = yes ] && extra_args=(--timeout=120)
   # With every file: 4 workers share the GPU (each its own CUDA context) and the 16 cores.
   [ "$ALL_TESTS" = 1 ] && "$PY" -c "import xdist" 2>/dev/null && extra_args+=(-n 4)
-  CUT_OK=$ALL_TESTS NOTE="${#TEST_FILES[@]} files; per-test timeout: $([ "$TIMEOUT_PLUGIN" = yes ] && echo 120 s || echo none, no pytest-timeout)" \
+  CUT_OK=$ALL_TESTS NOTE="${#TEST_FILES[@]} files${TORCH_EXT_TEST_SHARD:+, shard $TORCH_EXT_TEST_SHARD}; per-test timeout: $([ "$TIMEOUT_PLUGIN" = yes ] && echo 120 s || echo none, no pytest-timeout)" \
     step tests "$(( $(left) - (ALL_TESTS ? 10 : 150) ))" "${PYTEST[@]}" -q -rfEs --junitxml="$WORK/tests.xml" "${extra_args[@]}"
 fi
 [ "$ALL_TESTS" = 1 ] && finish

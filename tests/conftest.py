@@ -1,6 +1,7 @@
 """Shared pytest fixtures of the torch_ext test suite."""
 import os
 import sys
+import zlib
 
 import pytest
 import torch
@@ -25,12 +26,32 @@ def pytest_generate_tests(metafunc):
 
 
 def pytest_collection_modifyitems(config, items):
+    _keep_this_shard(config, items)
     if CPU_CHOSEN:
         return
     skip = pytest.mark.skip(reason="a CPU-only test, and TORCH_EXT_TEST_DEVICES leaves the CPU out")
     for item in items:
         if item.get_closest_marker("every_device") is not None and item.get_closest_marker("cpu_only") is not None:
             item.add_marker(skip)
+
+
+def _keep_this_shard(config, items):
+    """TORCH_EXT_TEST_SHARD="k/n" (0 <= k < n) keeps the tests whose id hashes to k modulo n, so
+    that n runs too short for the whole suite (a borrowed GPU's minutes) cover it together. The
+    hash is of the test's id (crc32), the same in every process and run."""
+    shard = os.environ.get("TORCH_EXT_TEST_SHARD", "").strip()
+    if not shard:
+        return
+    k, _, n = shard.partition("/")
+    if not (k.isdigit() and n.isdigit() and int(k) < int(n)):
+        raise pytest.UsageError(f"TORCH_EXT_TEST_SHARD must be k/n with 0 <= k < n; got {shard!r}")
+    k, n = int(k), int(n)
+    keep, drop = [], []
+    for item in items:
+        (keep if zlib.crc32(item.nodeid.encode()) % n == k else drop).append(item)
+    if drop:
+        config.hook.pytest_deselected(items=drop)
+    items[:] = keep
 
 
 @pytest.fixture(autouse=True)

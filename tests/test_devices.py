@@ -6,11 +6,14 @@ here in the source of every such module:
 * a seeded draw (`generator=`) that does not name its device: a CPU generator drawing onto the
   default device raises on CUDA ("Expected a 'cuda' device type for generator");
 * an autocast on a device named "cpu": it would leave the CUDA case's ops unautocast.
+And TORCH_EXT_TEST_SHARD (conftest.py): its shards split the tests between them.
 """
 from __future__ import annotations
 
 import ast
 import os
+import subprocess
+import sys
 
 import pytest
 
@@ -65,3 +68,29 @@ def test_autocast_follows_the_tests_device(name, source):
     ]
     assert not bad, f"{name}: use utils.default_device_type():\n" + "\n".join(bad)
 
+
+
+def _collected(env_shard=None):
+    env = {k: v for k, v in os.environ.items() if k != "TORCH_EXT_TEST_SHARD"}
+    if env_shard is not None:
+        env["TORCH_EXT_TEST_SHARD"] = env_shard
+    proc = subprocess.run(
+        [sys.executable, "-m", "pytest", "-q", "--collect-only", "-p", "no:cacheprovider",
+         os.path.join(TESTS_DIR, "test_num_items_in_batch.py")],
+        capture_output=True, text=True, env=env, cwd=os.path.dirname(TESTS_DIR), timeout=300,
+    )
+    return proc.returncode, {line for line in proc.stdout.splitlines() if "::" in line}, proc.stdout + proc.stderr
+
+
+def test_shards_split_the_suite_between_them():
+    rc, every, out = _collected()
+    assert rc == 0 and len(every) > 100, out
+    shards = []
+    for k in range(3):
+        rc, ids, out = _collected(f"{k}/3")
+        assert rc == 0 and 0 < len(ids) < len(every), out
+        shards.append(ids)
+    assert set().union(*shards) == every
+    assert sum(len(s) for s in shards) == len(every)  # no test in two shards
+    rc, _, out = _collected("3/3")
+    assert rc != 0 and "TORCH_EXT_TEST_SHARD must be k/n" in out, out
