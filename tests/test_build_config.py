@@ -411,4 +411,3 @@ def test_vector_math_is_inlined_into_the_kernels():
     symbols = subprocess.run([nm, "-C", torch_ext._C.__file__], capture_output=True, text=True, timeout=120).stdout
     outlined = sorted({line.split(" ", 2)[-1] for line in symbols.splitlines() if "exp_u20" in line})
     assert not outlined, f"vector math called out of line in the CPU kernels: {outlined}"
-

@@ -69,7 +69,6 @@ def test_autocast_follows_the_tests_device(name, source):
     assert not bad, f"{name}: use utils.default_device_type():\n" + "\n".join(bad)
 
 
-
 def _collected(env_shard=None):
     env = {k: v for k, v in os.environ.items() if k != "TORCH_EXT_TEST_SHARD"}
     if env_shard is not None:

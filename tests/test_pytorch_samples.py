@@ -24,7 +24,7 @@ import pytest
 import torch
 
 import torch_ext
-from utils import assert_close, tolerance
+from utils import assert_close, reference_dtype
 
 # Every test on every device (tests/devices.py).
 pytestmark = pytest.mark.every_device
@@ -49,14 +49,14 @@ MODULES = {
     "TripletMarginLoss": torch_ext.TripletMarginLoss,
     "LinearCrossEntropyLoss": torch_ext.LinearCrossEntropyLoss,
 }
+
+
 def _id(op) -> str:
     return op.name.replace("nn.functional.", "") + (f".{op.variant_test_name}" if op.variant_test_name else "")
 
 
+# Compared at utils.tolerance(dtype), as in the family files.
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
-# PyTorch's result in the same dtype is the reference: float32 / float64 as in the family files;
-# bfloat16 / float16 at utils' ~4 ulps (both results round, in different places).
-TOL = {dtype: dict(zip(("rtol", "atol"), tolerance(dtype))) for dtype in DTYPES}
 
 OPINFOS = [op for op in common_methods_invocations.op_db if op.name in FUNCTIONS]
 MODULEINFOS = [m for m in common_modules.module_db if m.module_cls.__name__ in MODULES]
@@ -83,9 +83,10 @@ def _tensors(args, kwargs):
 
 
 def _upcast(a):
-    """A reduced-precision float tensor as float32 (the same values), a leaf as the sample's was."""
-    if torch.is_tensor(a) and a.dtype in (torch.bfloat16, torch.float16):
-        return a.detach().float().requires_grad_(a.requires_grad)
+    """A reduced-precision float tensor in its reference dtype (the same values), a leaf as the
+    sample's was."""
+    if torch.is_tensor(a) and a.is_floating_point() and reference_dtype(a.dtype) != a.dtype:
+        return a.detach().to(reference_dtype(a.dtype)).requires_grad_(a.requires_grad)
     return a
 
 
@@ -122,7 +123,7 @@ def _run(fn, args, kwargs, grad_seed: int, params=(), upcast: bool = False):
     return out.detach(), list(grads)
 
 
-def _compare(ref, got, what, tol):
+def _compare(ref, got, what, dtype):
     """ref: PyTorch's run in the sample's dtype, and the values to compare with (that run's, or
     its float32 run's on the same values: see _reference); got: ours."""
     (ref_out, ref_grads), (value_out, value_grads) = ref
@@ -132,14 +133,14 @@ def _compare(ref, got, what, tol):
         return
     assert not isinstance(got_out, Exception), f"{what}: torch_ext raises {got_out!r}, PyTorch does not"
     assert got_out.dtype == ref_out.dtype, f"{what}: output dtype {got_out.dtype}, PyTorch's {ref_out.dtype}"
-    assert_close(got_out, value_out, equal_nan=True, check_dtype=False, msg=f"{what}: output", **tol)
+    assert_close(got_out, value_out, dtype=dtype, equal_nan=True, check_dtype=False, msg=f"{what}: output")
     assert len(got_grads) == len(ref_grads), what
     for i, (g, r, v) in enumerate(zip(got_grads, ref_grads, value_grads)):
         if r is None:
             assert g is None or not g.any(), f"{what}: gradient {i}"
             continue
         assert g.dtype == r.dtype, f"{what}: gradient {i} dtype {g.dtype}, PyTorch's {r.dtype}"
-        assert_close(g, v, equal_nan=True, check_dtype=False, msg=f"{what}: gradient {i}", **tol)
+        assert_close(g, v, dtype=dtype, equal_nan=True, check_dtype=False, msg=f"{what}: gradient {i}")
 
 
 def _reference(fn, args, kwargs, grad_seed: int, dtype: torch.dtype, module: bool = False):
@@ -148,10 +149,10 @@ def _reference(fn, args, kwargs, grad_seed: int, dtype: torch.dtype, module: boo
     the same values, after the run in the sample's dtype has shown whether PyTorch raises."""
     params = list(fn.parameters()) if module else []
     in_dtype = _run(fn, args, kwargs, grad_seed, params)
-    if dtype not in (torch.bfloat16, torch.float16) or isinstance(in_dtype[0], Exception):
+    if reference_dtype(dtype) == dtype or isinstance(in_dtype[0], Exception):
         return in_dtype, in_dtype
     if module:
-        fn = copy.deepcopy(fn).float()
+        fn = copy.deepcopy(fn).to(reference_dtype(dtype))
         params = list(fn.parameters())
     return in_dtype, _run(fn, args, kwargs, grad_seed, params, upcast=True)
 
@@ -164,7 +165,7 @@ def test_opinfo_samples(op, dtype):
     for i, s in enumerate(samples):
         args, kwargs = [s.input, *s.args], dict(s.kwargs)
         what = f"{_id(op)} sample {i} ({dtype}; shapes {[tuple(t.shape) for t in _tensors(args, kwargs)]}, {kwargs})"
-        _compare(_reference(op.op, args, kwargs, i, dtype), _run(ours, args, kwargs, i), what, TOL[dtype])
+        _compare(_reference(op.op, args, kwargs, i, dtype), _run(ours, args, kwargs, i), what, dtype)
 
 
 @pytest.mark.parametrize("training", [True, False], ids=["train", "eval"])
@@ -186,4 +187,4 @@ def test_moduleinfo_samples(info, dtype, training):
         assert [n for n, _ in theirs.named_parameters()] == [n for n, _ in ours.named_parameters()], what
         # inputs' gradients, then the parameters' (LinearCrossEntropyLoss's linear.weight / bias)
         _compare(_reference(theirs, f.args, f.kwargs, i, dtype, module=True),
-                 _run(ours, f.args, f.kwargs, i, list(ours.parameters())), what, TOL[dtype])
+                 _run(ours, f.args, f.kwargs, i, list(ours.parameters())), what, dtype)
