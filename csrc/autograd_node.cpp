@@ -109,6 +109,11 @@ class OpNode final : public Node {
     for (SavedVariable& s : saved_) s.reset_data();
   }
 
+  // The engine calls this before apply when the graph is not retained: call_backward then lets go
+  // of each saved tensor as it hands it to the backward op, which may reuse a buffer it holds alone
+  // (linear_act_bwd forms the pre-activation gradient in the saved pre-activation).
+  void will_release_variables() override { hand_over_saved_ = true; }
+
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return variable_list(num_outputs());
@@ -167,6 +172,7 @@ class OpNode final : public Node {
     stack.emplace_back(std::move(grad));
     for (SavedVariable& s : saved_) {
       at::Tensor t = s.unpack(owning_ptr<Node>(this));
+      if (hand_over_saved_) s.reset_data();
       if (t.defined())
         stack.emplace_back(std::move(t));
       else
@@ -195,6 +201,7 @@ class OpNode final : public Node {
   std::vector<SavedVariable> unit_grads_;
   std::vector<SavedVariable> saved_;
   bool handed_over_ = false;
+  bool hand_over_saved_ = false;
 };
 
 // Whether an eager call takes `t`'s gradient: grad mode on and t requires grad. A loss's eager path

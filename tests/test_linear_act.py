@@ -545,33 +545,37 @@ def test_saved_bytes_at_most_one_eighth_of_eager(activation, in_shape):
     assert_close(torch.autograd.grad(y, x, g)[0], torch.autograd.grad(y_ref, x, g)[0])
 
 
-def _grads_through(x, w, b, activation, grad, owned):
+def _grads_through(x, w, b, activation, grad, owned, retain_graph=False):
     """fused_linear's gradients for the incoming `grad`: handed to the backward as a tensor the
     caller keeps (backward(grad)), or (owned) as the fresh product of a multiply's backward, which
-    the backward op then holds alone and may overwrite."""
+    the backward op then holds alone and may overwrite. Unless retain_graph, the autograd node also
+    hands over the saved pre-activation (gelu, gelu_tanh, silu), which the op may overwrite too."""
     leaves = [leaf(t) for t in (x, w, b)]
     y = fused_linear(*leaves, activation)
     if owned:
-        (y * grad).sum().backward()
+        (y * grad).sum().backward(retain_graph=retain_graph)
     else:
-        y.backward(grad)
+        y.backward(grad, retain_graph=retain_graph)
     return [None if t is None else t.grad for t in leaves]
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_gradient_formed_in_an_incoming_gradient_held_alone(activation, dtype):
-    # The backward forms grad_output * act'(pre) in grad_output itself when it holds it alone
-    # (csrc/cpu/linear_act.cpp): the same bits as with a buffer of its own, and the gradient the
-    # caller keeps is left as it was.
+    # The backward forms grad_output * act'(pre) in grad_output itself when it holds it alone, else
+    # in the saved pre-activation when the graph is not retained (csrc/cpu/linear_act.cpp): the
+    # same bits as with a buffer of its own (a retained graph), and the gradient the caller keeps
+    # is left as it was.
     x, w, b = make_args((3, 7, 37), 45, dtype)
     grad = torch.randn(3, 7, 45).to(dtype)
     kept = grad.clone()
     owned = _grads_through(x, w, b, activation, grad, owned=True)
     held = _grads_through(x, w, b, activation, grad, owned=False)
+    retained = _grads_through(x, w, b, activation, grad, owned=False, retain_graph=True)
     assert torch.equal(grad, kept)
-    for name, got, want in zip(("input", "weight", "bias"), owned, held):
+    for name, got, got_held, want in zip(("input", "weight", "bias"), owned, held, retained):
         torch.testing.assert_close(got, want, rtol=0, atol=0, msg=f"{activation}: grad of {name}")
+        torch.testing.assert_close(got_held, want, rtol=0, atol=0, msg=f"{activation}: grad of {name}")
     check_against_pytorch(x, w, b, activation, grad=grad)
 
 
@@ -601,17 +605,23 @@ def test_gradient_shared_or_hooked_is_not_overwritten():
 @pytest.mark.cpu_only("the CPU cache (cached_bytes)")
 def test_gradient_formed_in_place_needs_no_buffer():
     # Which path ran, seen from torch_ext's output cache: the product's own buffer (a panel of
-    # 1024 x 4608 float32, 18 MiB: cached when freed) is allocated only when the incoming gradient
-    # is not the backward's alone.
+    # 1024 x 4608 float32, 18 MiB: cached when freed) is allocated only when the backward holds
+    # no (rows, N) buffer alone: the caller keeps the incoming gradient, and the saved
+    # pre-activation is kept for a second backward (retain_graph) or is not there (relu's mask).
     x, w, _ = make_args((1024, 8), 4608)
 
-    def cached_after_backward(owned):
+    def cached_after_backward(activation, owned, retain_graph=False):
         torch_ext.empty_cache()
-        _grads_through(x, w, None, "gelu", torch.ones(1024, 4608), owned)
+        _grads_through(x, w, None, activation, torch.ones(1024, 4608), owned, retain_graph)
         return torch_ext.cached_bytes()
 
     panel = 1024 * 4608 * 4
-    assert cached_after_backward(owned=False) - cached_after_backward(owned=True) >= panel
+    for activation in ("gelu", "relu"):
+        alone = cached_after_backward(activation, owned=True)
+        assert cached_after_backward(activation, owned=False, retain_graph=True) - alone >= panel, activation
+    # gelu's saved pre-activation takes the product: no panel
+    assert abs(cached_after_backward("gelu", owned=False) - cached_after_backward("gelu", owned=True)) < panel
+    assert cached_after_backward("relu", owned=False) - cached_after_backward("relu", owned=True) >= panel
 
 
 # ----------------------------------------------------------------------------------------------

@@ -9,7 +9,8 @@
 //             then the panel's two GEMMs (grad_input rows, and grad_weight accumulated).
 // Panels are large (see panel_rows): measured here, 1 MiB panels cost more in GEMM efficiency
 // than they saved in cache traffic, so what panels buy is a pre-activation-gradient buffer of
-// panel size instead of M x N. bfloat16 uses one panel:
+// panel size instead of M x N, and none where the op holds an M x N buffer alone (grad_output, or
+// the saved pre-activation once autograd hands it over; see linear_act_bwd_cpu). bfloat16 uses one panel:
 // accumulating grad_weight across panels would round it to bfloat16 after every panel, where
 // one GEMM accumulates the whole reduction in float32.
 #include <ATen/Dispatch.h>
@@ -23,6 +24,7 @@
 #include <vector>
 
 #include "activation.h"
+#include "allocation.h"
 #include "checks.h"
 #include "cpu/runtime/allocator.h"
 #include "cpu/runtime/kernel_table.h"
@@ -143,19 +145,20 @@ std::tuple<Tensor, Tensor> linear_act_fwd_cpu(const Tensor& input, const Tensor&
   return {out_full, saved};
 }
 
-// in_place: g2d (contiguous) is the op's own to overwrite, and grad_pre is formed in it rather than
-// in a panel buffer.
+// own2d: an (m, n) contiguous buffer the op may overwrite (grad_output, or the saved pre-activation),
+// where grad_pre is formed in place rather than in a panel buffer; or undefined.
 template <typename S>
 void backward_panels(Activation act, double negative_slope, const Tensor& g2d, const Tensor& x2d, const Tensor& weight,
                      const Tensor& saved2d, const Tensor& mask2d, Tensor& grad_input, Tensor& grad_weight,
-                     Tensor& bias_grad, bool in_place) {
+                     Tensor& bias_grad, const Tensor& own2d) {
   using Acc = MathT<S>;
   const int64_t m = x2d.size(0), k = x2d.size(1), n = weight.size(0);
   const auto kernel = KernelsFor<S>::backward(cpu::cpu_kernels());
   const int64_t rows_per_panel = panel_rows(m, n, k, x2d);
   const int64_t block = reduction_block_rows(rows_per_panel, n);
   const int64_t blocks_per_panel = (rows_per_panel + block - 1) / block;
-  const Tensor grad_pre = in_place ? g2d : cpu::empty_cpu_output({rows_per_panel, n}, x2d.options());
+  const bool in_place = own2d.defined();
+  const Tensor grad_pre = in_place ? own2d : cpu::empty_cpu_output({rows_per_panel, n}, x2d.options());
   const int64_t ld_pre = grad_pre.stride(0);
   Tensor partials;
   if (bias_grad.defined()) partials = at::empty({blocks_per_panel, n}, bias_grad.options());
@@ -214,16 +217,19 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   check_same_dtype(op, input, "input", grad_output, "grad_output");
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op, ": grad_output must have shape ",
               at::IntArrayRef(with_last_dim(input, n)), ", got ", grad_output.sizes());
+  // grad_output * act'(pre) is formed in a buffer no caller can see, when the op holds one: the only
+  // reference to it and to its memory. First grad_output (the C++ autograd node moves the engine's
+  // gradient in; FusedMLP's backward passes a temporary of its own), else the saved pre-activation
+  // (the node hands it over when the graph is not retained). That saves a (rows, N) buffer at the
+  // step's peak, where eager PyTorch has freed grad_output, or its saved pre-activation, by the time
+  // its GEMMs run. (Checked before any view below adds a reference.)
+  const bool own_grad_output = m > 0 && n > 0 && held_alone(grad_output);
+  const bool own_saved = m > 0 && n > 0 && !own_grad_output &&
+                         saved_for_backward(act) == SavedForBackward::PreActivation && held_alone(saved);
   const auto saved_views = saved_for_linear_act_bwd(op, act, saved, input, grad_output, m, n);
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
   const Tensor x2d = input.reshape({m, k});
-  // grad_output * act'(pre) is formed in grad_output itself when no caller can see it: the op holds
-  // the only reference to it and to its memory (the C++ autograd node moves the engine's gradient
-  // in; FusedMLP's backward passes a temporary of its own). That saves a (rows, N) buffer at the
-  // step's peak, where eager PyTorch has freed grad_output by the time its GEMMs run.
-  const bool in_place = grad_output.use_count() == 1 && grad_output.storage().use_count() == 1 &&
-                        grad_output.is_contiguous() && !grad_output.requires_grad() && m > 0 && n > 0;
   Tensor g2d = grad_output.reshape({m, n});
   // The kernels read rows with unit column stride; any row stride (0 too) is fine. Other layouts
   // (e.g. the all-zero strides of a grad expanded from a scalar) are made contiguous first.
@@ -235,9 +241,10 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   Tensor grad_weight = output_mask[1] ? cpu::empty_cpu_output({n, k}, options) : Tensor();
   Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
+  const Tensor own2d = own_grad_output ? g2d : own_saved ? saved2d : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "backward_panels", [&] {
     backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
-                              bias_grad, in_place);
+                              bias_grad, own2d);
   });
   // Gradients not asked for come back undefined (None).
   return {grad_input.defined() ? grad_input.view(input.sizes()) : Tensor(), grad_weight,
