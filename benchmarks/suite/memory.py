@@ -30,8 +30,11 @@ import torch_ext
 Job = Tuple[Callable[..., Callable[[], object]], tuple]
 
 METHOD_CPU = (
-    "peak RSS of one {step} in a fresh process per candidate: {setup}, torch_ext.empty_cache() and "
-    "malloc_trim(0), reset the peak RSS (/proc/self/clear_refs), one step; peak RSS minus RSS before the step"
+    "peak RSS of one {step} in a fresh process per candidate, with glibc's mmap threshold fixed at 128 KiB "
+    "(each larger block is mapped when allocated and unmapped when freed, so the peak follows the step's live "
+    "memory; with glibc's adaptive threshold, freed blocks stay in the heap and identical runs differed by up to "
+    "10%): {setup}, torch_ext.empty_cache() and malloc_trim(0), reset the peak RSS (/proc/self/clear_refs), "
+    "one step; peak RSS minus RSS before the step"
 )
 METHOD_CPU_NO_RESET = (
     "peak RSS of one {step} in a fresh process per candidate (this kernel cannot reset the peak: the step's "
@@ -89,6 +92,23 @@ def reset_peak_rss() -> bool:
     # the peak before the reset failed in CI when the process sat at its peak: the approximate
     # counters read the same peak after the reset.
     return peak is not None and now is not None and peak <= now + 2048
+
+
+# mallopt's M_MMAP_THRESHOLD, and the threshold the measuring processes use: above it, glibc maps
+# each block on its own and unmaps it when freed. Setting it also stops glibc from raising the
+# threshold as large blocks are freed (its default), after which those sizes come from the heap and
+# stay resident when freed, by amounts that depend on the order of frees, not on the step.
+M_MMAP_THRESHOLD = -3
+MMAP_THRESHOLD_BYTES = 128 << 10
+
+
+def fix_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD_BYTES) in this process. A no-op where glibc is
+    not the allocator."""
+    try:
+        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+    except (OSError, AttributeError):
+        pass
 
 
 def release_free_memory() -> None:
@@ -171,6 +191,7 @@ def method(device: str, reset: bool, step: str, setup: str) -> str:
 
 
 def _child(conn, job: Job, device: str) -> None:
+    fix_mmap_threshold()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
