@@ -5,7 +5,8 @@ result and gradients match PyTorch's own ops in every dtype the device takes; gr
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
 retained graph's second backward gives the same gradients; saved-tensor hooks (save_on_cpu,
-activation offloading) see every tensor held for backward; non-contiguous inputs; torch.autocast (bfloat16
+activation offloading) see every tensor held for backward; activation checkpointing (both
+torch.utils.checkpoint variants) gives the same bits; non-contiguous inputs; torch.autocast (bfloat16
 and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
 error; an integer input (and, on a GPU, an input on another device) is refused with an error
 naming the argument; torch_ext.fuse of a model with each kind of replaceable module matches the
@@ -192,6 +193,26 @@ def test_saved_tensor_hooks_see_everything_held(device, case, grad_in_forward):
     assert_close(offloaded, out, msg="result under save_on_cpu")
     for i, (g, r) in enumerate(zip(torch.autograd.grad(offloaded, wrt, grad_output), grads)):
         assert_close(g, r, msg=f"gradient {i} under save_on_cpu")
+
+
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_activation_checkpointing(device, case, grad_in_forward, use_reentrant):
+    # torch.utils.checkpoint, as transformers' gradient_checkpointing_enable() uses it: the forward
+    # keeps nothing for backward and is run again there (non-reentrant: from the saved-tensor
+    # hooks; reentrant: a forward and a backward of its own inside backward, on a graph that is not
+    # retained, so the autograd node hands its saved tensors to the backward op). The same result
+    # and gradients, bit for bit, as the plain run.
+    # (.backward(), not autograd.grad: the reentrant variant supports only the former.)
+    s = sample(*case, device, torch.float32)
+    out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+    leaves = _differentiable(s.inputs, s.fixed)
+    got = torch.utils.checkpoint.checkpoint(s.fn, *leaves, use_reentrant=use_reentrant)
+    got.backward(grad_output)
+    torch.testing.assert_close(got, out, rtol=0, atol=0, msg="result")
+    for i, (leaf, r) in enumerate(zip([t for t in leaves if t.requires_grad], grads)):
+        torch.testing.assert_close(leaf.grad, r, rtol=0, atol=0, msg=f"gradient {i}")
 
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
