@@ -13,6 +13,7 @@
 #include <torch/csrc/autograd/saved_variable.h>
 
 #include <array>
+#include <optional>
 #include <string>
 #include <type_traits>
 #include <utility>
@@ -159,14 +160,14 @@ class OpNode final : public Node {
     for (SavedVariable& s : unit_grads_) s.reset_data();
   }
 
-  variable_list below_autograd_backward(at::Tensor grad) {
-    BelowAutograd below_autograd;
-    return call_backward(std::move(grad));
-  }
+  variable_list below_autograd_backward(at::Tensor grad) { return call_backward(std::move(grad), true); }
 
   // backward(grad, *saved, *options, output_mask, *after_mask), one gradient per input; a pair's mask drops the
-  // gradients this backward does not need (torch.autograd.grad of some inputs only).
-  variable_list call_backward(at::Tensor grad) {
+  // gradients this backward does not need (torch.autograd.grad of some inputs only). below_autograd: the op is
+  // called below the autograd kernels. The saved tensors are unpacked before that, with autograd on: an unpack
+  // hook may run a forward that must record its graph (non-reentrant activation checkpointing recomputes the
+  // layer there).
+  variable_list call_backward(at::Tensor grad, bool below_autograd = false) {
     torch::jit::Stack stack;
     stack.reserve(2 + saved_.size() + options_.size() + after_mask_.size());
     stack.emplace_back(std::move(grad));
@@ -186,7 +187,11 @@ class OpNode final : public Node {
     for (bool m : wanted) mask.push_back(m);
     stack.emplace_back(std::move(mask));
     for (const c10::IValue& o : after_mask_) stack.push_back(o);
-    backward_.callBoxed(stack);
+    {
+      std::optional<BelowAutograd> below;
+      if (below_autograd) below.emplace();
+      backward_.callBoxed(stack);
+    }
     variable_list grads(num_outputs());
     for (size_t i = 0; i < wanted.size() && i < stack.size(); ++i)
       if (wanted[i] && !stack[i].isNone()) grads[i] = stack[i].toTensor();

@@ -204,11 +204,17 @@ def test_activation_checkpointing(device, case, grad_in_forward, use_reentrant):
     # hooks; reentrant: a forward and a backward of its own inside backward, on a graph that is not
     # retained, so the autograd node hands its saved tensors to the backward op). The same result
     # and gradients, bit for bit, as the plain run.
-    # (.backward(), not autograd.grad: the reentrant variant supports only the former.)
+    # The region starts with a PyTorch op that saves a tensor (a multiply by ones), as a layer's
+    # norm does before its MLP: its recomputation must be recorded too. (.backward(), not
+    # autograd.grad: the reentrant variant supports only the former.)
     s = sample(*case, device, torch.float32)
-    out, grads, grad_output = _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+
+    def region(first, *rest):
+        return s.fn(first * torch.ones_like(first), *rest)
+
+    out, grads, grad_output = _forward_backward(region, s.inputs, fixed=s.fixed)
     leaves = _differentiable(s.inputs, s.fixed)
-    got = torch.utils.checkpoint.checkpoint(s.fn, *leaves, use_reentrant=use_reentrant)
+    got = torch.utils.checkpoint.checkpoint(region, *leaves, use_reentrant=use_reentrant)
     got.backward(grad_output)
     torch.testing.assert_close(got, out, rtol=0, atol=0, msg="result")
     for i, (leaf, r) in enumerate(zip([t for t in leaves if t.requires_grad], grads)):

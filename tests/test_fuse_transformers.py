@@ -234,6 +234,30 @@ def test_same_loss_logits_and_gradients(family, training, fused_models):
             assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, msg=f"{family}: logits without labels")
 
 
+@pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
+@pytest.mark.parametrize("family", FAMILIES)
+def test_gradient_checkpointing(family, use_reentrant):
+    # model.gradient_checkpointing_enable(), which trainers switch on to fit larger batches: each
+    # layer's forward runs again in backward, fused blocks (and the causal LM's fused head) included.
+    # The same loss and gradients as the unfused model with checkpointing, and every parameter
+    # gets its gradient (the reentrant variant silently gives none to a layer whose inputs need no
+    # gradient).
+    ref = build(family)
+    fused, report = fuse(ref)
+    assert report.replaced, f"{family}: nothing fused"
+    kwargs = {"use_reentrant": use_reentrant}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # transformers' notes on use_cache and checkpointing
+        for model in (ref, fused):
+            model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+            model.train()
+        assert fused.is_gradient_checkpointing, family
+        assert_same_step(fused, ref, batch(family), f"{family} (checkpointing, use_reentrant={use_reentrant})")
+        _, _, grads = step(fused, batch(family))
+    missing = [name for name, g in grads.items() if g is None]
+    assert not missing, f"{family}: no gradient for {missing}"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_loads_both_ways(family, fused_models):
     ref, fused, _ = fused_models[family]
