@@ -258,6 +258,58 @@ def test_gradient_checkpointing(family, use_reentrant):
     assert not missing, f"{family}: no gradient for {missing}"
 
 
+class _Adapter(nn.Module):
+    """A low-rank adapter around a layer, as PEFT's LoRA installs one: base(x) + B(A(x)), with the
+    base's weight and bias exposed as attributes (as PEFT's layers do)."""
+
+    def __init__(self, base: nn.Module, rank: int = 2):
+        super().__init__()
+        self.base_layer = base
+        in_features, out_features = (base.in_features, base.out_features) if isinstance(base, nn.Linear) else (
+            base.nx, base.nf)  # transformers' Conv1D
+        self.lora_A = nn.Linear(in_features, rank, bias=False)
+        self.lora_B = nn.Linear(rank, out_features, bias=False)
+
+    @property
+    def weight(self):
+        return self.base_layer.weight
+
+    @property
+    def bias(self):
+        return self.base_layer.bias
+
+    def forward(self, x):
+        return self.base_layer(x) + self.lora_B(self.lora_A(x))
+
+
+# A layer whose weights a fused forward reads, per rewritten family (and the causal LM's head).
+CHANGED_AFTER_FUSE = {"vit": "vit.layers.0.mlp.fc1", "gpt2": "transformer.h.0.mlp.c_fc",
+                      "llama": "model.layers.0.mlp.up_proj", "t5-gated": "encoder.block.0.layer.1.DenseReluDense.wi_1",
+                      "llama-head": "lm_head"}
+
+
+@pytest.mark.parametrize("how", ["adapter", "hook"])
+@pytest.mark.parametrize("case", sorted(CHANGED_AFTER_FUSE))
+def test_layers_changed_after_fuse_are_honoured(case, how):
+    # A layer replaced (an adapter's wrapper) or hooked after fuse() still acts: the fused forward
+    # that would read its weights runs through the layers instead (no adapter or hook skipped in
+    # silence), and the model gives what the unfused model with the same change gives.
+    family = case.removesuffix("-head")
+    ref = build(family)
+    fused, _ = fuse(ref)
+    before = step(fused, batch(family))[0]
+    parent_path, name = CHANGED_AFTER_FUSE[case].rpartition(".")[::2]
+    for model in (ref, fused):
+        parent = model.get_submodule(parent_path)
+        if how == "adapter":
+            torch.manual_seed(1)  # the same adapter weights in both models
+            setattr(parent, name, _Adapter(getattr(parent, name)))
+        else:
+            getattr(parent, name).register_forward_hook(lambda module, args, out: out.tanh() * 3)  # not linear
+    assert_same_step(fused, ref, batch(family), f"{case} ({how} after fuse)")
+    assert not torch.equal(step(fused, batch(family))[0], before), f"{case}: the {how} changed nothing"
+
+
 @pytest.mark.parametrize("family", FAMILIES)
 def test_state_dict_loads_both_ways(family, fused_models):
     ref, fused, _ = fused_models[family]

@@ -19,7 +19,8 @@ from torch import nn
 
 from ..linear_act import fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp
-from .rewrite import fused_subclass, rebuilt
+from .activations import _reference
+from .rewrite import _has_hooks, fused_subclass, rebuilt
 from .source import parsed
 
 
@@ -37,14 +38,34 @@ class Edit:
     consts: Tuple = ()
 
 
+def as_found(*modules, transposed: bool = False) -> bool:
+    """Whether the layers a fused forward reads the weights of are still what fuse() fused: plain
+    nn.Linear (transformers' Conv1D where `transposed`), without hooks. A layer replaced after
+    fuse() (a LoRA adapter or a quantized wrapper, as PEFT and bitsandbytes install them) or hooked
+    (activation statistics, pruning) would be skipped by reading its .weight, so the fused forwards
+    then compute through the layers themselves, as the module's own forward does."""
+    for m in modules:
+        if transposed:
+            if type(m).__name__ != "Conv1D" or not type(m).__module__.startswith("transformers."):
+                return False
+        elif type(m) is not nn.Linear:
+            return False
+        if _has_hooks(m):
+            return False
+    return True
+
+
 def gated_class(cls, gate: str, up: str, down: str, kind: str):
     """A subclass of cls (isinstance, other methods and state_dict stay) whose forward is fused_mlp
     on its own gate / up / down Linears; fc1's weight is [gate; up] concatenated on each call, so
     the Parameters and state_dict keys stay those of the original (the copy is of the weights,
-    small next to the activations fused_mlp saves)."""
+    small next to the activations fused_mlp saves). Where a Linear was replaced or hooked since
+    (as_found), the class's own forward runs."""
 
     def forward(self, x):
         g, u, d = self._modules[gate], self._modules[up], self._modules[down]
+        if not as_found(g, u, d):
+            return cls.forward(self, x)
         bias = None if g.bias is None else torch.cat([g.bias, u.bias])
         return fused_mlp(x, torch.cat([g.weight, u.weight]), bias, d.weight, d.bias, kind)
 
@@ -59,7 +80,10 @@ def _rebuild_gated(cls, gate, up, down, kind, state):
 
 def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
     """``act(gate(x)) * up(x)`` as one GEMM on [gate; up] and torch_ext's gated activation pass
-    (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call)."""
+    (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call); through
+    the layers themselves where one was replaced or hooked since fuse() (as_found)."""
+    if not as_found(gate, up):
+        return _reference((GATED_ACTIVATIONS[kind], 0.01))(gate(x)) * up(x)
     bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
     pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
     return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
@@ -67,7 +91,10 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
 
 def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False):
     """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters (`transposed`:
-    weights stored (in, out), as transformers' Conv1D: their .t() views)."""
+    weights stored (in, out), as transformers' Conv1D: their .t() views); through the layers
+    themselves where one was replaced or hooked since fuse() (as_found)."""
+    if not as_found(fc1, fc2, transposed=transposed):
+        return fc2(_reference((activation, negative_slope))(fc1(x)))
     w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
     return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)
 

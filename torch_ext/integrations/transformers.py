@@ -23,7 +23,7 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._common import divide_by_items
-from ..fuse.rewrite import fused_subclass, rebuilt
+from ..fuse.rewrite import _has_hooks, fused_subclass, rebuilt
 from ..linear_act import fused_linear
 from ..linear_cross_entropy import linear_cross_entropy
 
@@ -227,7 +227,9 @@ def _causal_lm_class(cls):
         bound = signature.bind_partial(self, *args, **kwargs)
         labels = bound.arguments.get("labels", bound.arguments.get("kwargs", {}).get("labels"))
         head = self.lm_head
-        if labels is None or return_logits or not isinstance(head, CausalLMHead):
+        # A head replaced or hooked since fuse() (an adapter's wrapper, a hook on the logits) gets
+        # the original forward: deferring would hand its hooks the hidden states.
+        if labels is None or return_logits or not isinstance(head, CausalLMHead) or _has_hooks(head):
             return super(fused_cls, self).forward(*args, **kwargs)
         # The output's logits field is taken out below, so the forward must give a ModelOutput:
         # ask for one where a tuple was asked for (return_dict is the forward's own argument,
