@@ -306,7 +306,10 @@ def test_layers_changed_after_fuse_are_honoured(case, how):
             setattr(parent, name, _Adapter(getattr(parent, name)))
         else:
             getattr(parent, name).register_forward_hook(lambda module, args, out: out.tanh() * 3)  # not linear
-    assert_same_step(fused, ref, batch(family), f"{case} ({how} after fuse)")
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert_same_step(fused, ref, batch(family), f"{case} ({how} after fuse)")
+    assert any("replaced or hooked after fuse()" in str(w.message) for w in caught), case
     assert not torch.equal(step(fused, batch(family))[0], before), f"{case}: the {how} changed nothing"
 
 

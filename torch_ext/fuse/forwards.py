@@ -11,6 +11,7 @@ import ast
 import copy
 import functools
 import inspect
+import warnings
 from dataclasses import dataclass
 from typing import Tuple
 
@@ -55,6 +56,12 @@ def as_found(*modules, transposed: bool = False) -> bool:
     return True
 
 
+def _unfused_because_changed(where: str) -> None:
+    warnings.warn(f"torch_ext.fuse: a layer that {where} reads was replaced or hooked after fuse(); it runs "
+                  "unfused, through the layers (apply such changes before fuse(), which then leaves them alone)",
+                  stacklevel=3)
+
+
 def gated_class(cls, gate: str, up: str, down: str, kind: str):
     """A subclass of cls (isinstance, other methods and state_dict stay) whose forward is fused_mlp
     on its own gate / up / down Linears; fc1's weight is [gate; up] concatenated on each call, so
@@ -65,6 +72,7 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str):
     def forward(self, x):
         g, u, d = self._modules[gate], self._modules[up], self._modules[down]
         if not as_found(g, u, d):
+            _unfused_because_changed(f"{cls.__name__}'s fused_mlp")
             return cls.forward(self, x)
         bias = None if g.bias is None else torch.cat([g.bias, u.bias])
         return fused_mlp(x, torch.cat([g.weight, u.weight]), bias, d.weight, d.bias, kind)
@@ -83,6 +91,7 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
     (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call); through
     the layers themselves where one was replaced or hooked since fuse() (as_found)."""
     if not as_found(gate, up):
+        _unfused_because_changed("a gated activation's GEMM")
         return _reference((GATED_ACTIVATIONS[kind], 0.01))(gate(x)) * up(x)
     bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
     pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
@@ -94,6 +103,7 @@ def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: floa
     weights stored (in, out), as transformers' Conv1D: their .t() views); through the layers
     themselves where one was replaced or hooked since fuse() (as_found)."""
     if not as_found(fc1, fc2, transposed=transposed):
+        _unfused_because_changed("a fused_mlp")
         return fc2(_reference((activation, negative_slope))(fc1(x)))
     w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
     return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)

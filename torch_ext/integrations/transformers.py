@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import ast
 import inspect
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -229,7 +230,12 @@ def _causal_lm_class(cls):
         head = self.lm_head
         # A head replaced or hooked since fuse() (an adapter's wrapper, a hook on the logits) gets
         # the original forward: deferring would hand its hooks the hidden states.
-        if labels is None or return_logits or not isinstance(head, CausalLMHead) or _has_hooks(head):
+        if labels is None or return_logits:
+            return super(fused_cls, self).forward(*args, **kwargs)
+        if not isinstance(head, CausalLMHead) or _has_hooks(head):
+            warnings.warn(f"torch_ext.fuse: {cls.__name__}.lm_head was replaced or hooked after fuse(); the loss comes "
+                          "from its logits, unfused (apply such changes before fuse(), which then leaves the head "
+                          "alone)", stacklevel=2)
             return super(fused_cls, self).forward(*args, **kwargs)
         # The output's logits field is taken out below, so the forward must give a ModelOutput:
         # ask for one where a tuple was asked for (return_dict is the forward's own argument,
