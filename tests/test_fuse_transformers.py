@@ -285,7 +285,7 @@ class _Adapter(nn.Module):
 # A layer whose weights a fused forward reads, per rewritten family (and the causal LM's head).
 CHANGED_AFTER_FUSE = {"vit": "vit.layers.0.mlp.fc1", "gpt2": "transformer.h.0.mlp.c_fc",
                       "llama": "model.layers.0.mlp.up_proj", "t5-gated": "encoder.block.0.layer.1.DenseReluDense.wi_1",
-                      "llama-head": "lm_head"}
+                      "llama-head": "lm_head", "llama-act": "model.layers.0.mlp.act_fn"}
 
 
 @pytest.mark.parametrize("how", ["adapter", "hook"])
@@ -294,7 +294,7 @@ def test_layers_changed_after_fuse_are_honoured(case, how):
     # A layer replaced (an adapter's wrapper) or hooked after fuse() still acts: the fused forward
     # that would read its weights runs through the layers instead (no adapter or hook skipped in
     # silence), and the model gives what the unfused model with the same change gives.
-    family = case.removesuffix("-head")
+    family = case.split("-")[0] if case.startswith("llama") else case
     ref = build(family)
     fused, _ = fuse(ref)
     before = step(fused, batch(family))[0]
@@ -303,7 +303,8 @@ def test_layers_changed_after_fuse_are_honoured(case, how):
         parent = model.get_submodule(parent_path)
         if how == "adapter":
             torch.manual_seed(1)  # the same adapter weights in both models
-            setattr(parent, name, _Adapter(getattr(parent, name)))
+            # (an activation module is swapped for another activation)
+            setattr(parent, name, nn.Tanh() if case == "llama-act" else _Adapter(getattr(parent, name)))
         else:
             getattr(parent, name).register_forward_hook(lambda module, args, out: out.tanh() * 3)  # not linear
     with warnings.catch_warnings(record=True) as caught:

@@ -161,7 +161,7 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
         children = {name: sub for name, sub in parent._modules.items() if sub is not None and id(sub) in pending}
         if p.gated is not None:
             gate, up, down, act, kind = p.gated
-            parent.__class__ = forwards.gated_class(type(parent), gate, up, down, kind)
+            parent.__class__ = forwards.gated_class(type(parent), gate, up, down, kind, act, type(parent._modules[act]))
             for name in (gate, up, down):
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""

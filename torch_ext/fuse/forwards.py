@@ -13,7 +13,7 @@ import functools
 import inspect
 import warnings
 from dataclasses import dataclass
-from typing import Tuple
+from typing import Optional, Tuple
 
 import torch
 from torch import nn
@@ -62,16 +62,18 @@ def _unfused_because_changed(where: str) -> None:
                   stacklevel=3)
 
 
-def gated_class(cls, gate: str, up: str, down: str, kind: str):
+def gated_class(cls, gate: str, up: str, down: str, kind: str, act: Optional[str] = None, act_type=None):
     """A subclass of cls (isinstance, other methods and state_dict stay) whose forward is fused_mlp
     on its own gate / up / down Linears; fc1's weight is [gate; up] concatenated on each call, so
     the Parameters and state_dict keys stay those of the original (the copy is of the weights,
     small next to the activations fused_mlp saves). Where a Linear was replaced or hooked since
-    (as_found), the class's own forward runs."""
+    (as_found), or the activation module `act` (of type act_type when fused) was, the class's own
+    forward runs."""
 
     def forward(self, x):
         g, u, d = self._modules[gate], self._modules[up], self._modules[down]
-        if not as_found(g, u, d):
+        a = self._modules.get(act) if act is not None else None
+        if not as_found(g, u, d) or (act is not None and (type(a) is not act_type or _has_hooks(a))):
             _unfused_because_changed(f"{cls.__name__}'s fused_mlp")
             return cls.forward(self, x)
         bias = None if g.bias is None else torch.cat([g.bias, u.bias])
@@ -79,11 +81,13 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str):
 
     return fused_subclass(
         cls, f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
-        _rebuild_gated, (gate, up, down, kind), forward)
+        _rebuild_gated, (gate, up, down, kind, act, act_type), forward)
 
 
-def _rebuild_gated(cls, gate, up, down, kind, state):
-    return rebuilt(gated_class(cls, gate, up, down, kind), state)
+def _rebuild_gated(cls, gate, up, down, kind, *rest):
+    """rest: (act, act_type, state), or (state,) from a pickle that did not record the activation."""
+    *act, state = rest
+    return rebuilt(gated_class(cls, gate, up, down, kind, *act), state)
 
 
 def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
