@@ -616,12 +616,12 @@ def test_gradient_formed_in_place_needs_no_buffer():
         return torch_ext.cached_bytes()
 
     panel = 1024 * 4608 * 4
-    for activation in ("gelu", "relu"):
-        alone = cached_after_backward(activation, owned=True)
-        assert cached_after_backward(activation, owned=False, retain_graph=True) - alone >= panel, activation
+    alone = {activation: cached_after_backward(activation, owned=True) for activation in ("gelu", "relu")}
+    for activation, cached in alone.items():
+        assert cached_after_backward(activation, owned=False, retain_graph=True) - cached >= panel, activation
     # gelu's saved pre-activation takes the product: no panel
-    assert abs(cached_after_backward("gelu", owned=False) - cached_after_backward("gelu", owned=True)) < panel
-    assert cached_after_backward("relu", owned=False) - cached_after_backward("relu", owned=True) >= panel
+    assert abs(cached_after_backward("gelu", owned=False) - alone["gelu"]) < panel
+    assert cached_after_backward("relu", owned=False) - alone["relu"] >= panel
 
 
 # ----------------------------------------------------------------------------------------------

@@ -102,22 +102,23 @@ M_MMAP_THRESHOLD = -3
 MMAP_THRESHOLD_BYTES = 128 << 10
 
 
-def fix_mmap_threshold() -> None:
-    """Fix glibc's mmap threshold (see MMAP_THRESHOLD_BYTES) in this process. A no-op where glibc is
-    not the allocator."""
+def _glibc(function: str, *args) -> None:
+    """Call glibc's malloc `function`; a no-op where glibc is not the allocator."""
     try:
-        ctypes.CDLL("libc.so.6").mallopt(M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
+        getattr(ctypes.CDLL("libc.so.6"), function)(*args)
     except (OSError, AttributeError):
         pass
+
+
+def fix_mmap_threshold() -> None:
+    """Fix glibc's mmap threshold (see MMAP_THRESHOLD_BYTES) in this process."""
+    _glibc("mallopt", M_MMAP_THRESHOLD, MMAP_THRESHOLD_BYTES)
 
 
 def release_free_memory() -> None:
     """Give freed heap memory back to the system (glibc malloc_trim), so that the resident size
-    counts live memory only. A no-op where glibc is not the allocator."""
-    try:
-        ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except (OSError, AttributeError):
-        pass
+    counts live memory only."""
+    _glibc("malloc_trim", 0)
 
 
 class SavedTensors:

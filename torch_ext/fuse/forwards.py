@@ -45,15 +45,15 @@ def as_found(*modules, transposed: bool = False) -> bool:
     fuse() (a LoRA adapter or a quantized wrapper, as PEFT and bitsandbytes install them) or hooked
     (activation statistics, pruning) would be skipped by reading its .weight, so the fused forwards
     then compute through the layers themselves, as the module's own forward does."""
-    for m in modules:
-        if transposed:
-            if type(m).__name__ != "Conv1D" or not type(m).__module__.startswith("transformers."):
-                return False
-        elif type(m) is not nn.Linear:
-            return False
-        if _has_hooks(m):
-            return False
-    return True
+    if transposed:  # (by name: this module does not import transformers)
+        return all(type(m).__name__ == "Conv1D" and type(m).__module__.startswith("transformers.")
+                   and not _has_hooks(m) for m in modules)
+    return all(unchanged(m, nn.Linear) for m in modules)
+
+
+def unchanged(module: nn.Module, kind: type) -> bool:
+    """Whether `module` is still of class `kind` (not a subclass or a wrapper) and has no hooks."""
+    return type(module) is kind and not _has_hooks(module)
 
 
 def _unfused_because_changed(where: str) -> None:
@@ -72,8 +72,7 @@ def gated_class(cls, gate: str, up: str, down: str, kind: str, act: Optional[str
 
     def forward(self, x):
         g, u, d = self._modules[gate], self._modules[up], self._modules[down]
-        a = self._modules.get(act) if act is not None else None
-        if not as_found(g, u, d) or (act is not None and (type(a) is not act_type or _has_hooks(a))):
+        if not as_found(g, u, d) or (act is not None and not unchanged(self._modules.get(act), act_type)):
             _unfused_because_changed(f"{cls.__name__}'s fused_mlp")
             return cls.forward(self, x)
         bias = None if g.bias is None else torch.cat([g.bias, u.bias])
