@@ -252,11 +252,12 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                                                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        c10::string_view reduction, double label_smoothing,
                                                        double z_loss, double softcap, bool ignored_row_stats) {
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t,
-                                      c10::string_view, double, double, std::array<bool, 2>, double, bool)>();
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, c10::string_view, double,
+              double, std::array<bool, 2>, double, bool, std::optional<at::ScalarType>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   // The input's gradient only: the Python layer takes another path when a target requires grad.
   const std::array<bool, 2> wanted = {takes_grad(input), false};
@@ -264,8 +265,9 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
   at::Tensor loss, stats, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
-    std::tie(loss, stats, grad_input, grad_target) = forward.call(
-        input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap, ignored_row_stats);
+    std::tie(loss, stats, grad_input, grad_target) =
+        forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap,
+                     ignored_row_stats, std::nullopt);
   }
   if (!any_of(wanted)) return {loss, stats};
   set_node_history(loss, {"CrossEntropyBackward",
@@ -340,14 +342,15 @@ at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
-    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats) {
+    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats,
+    std::optional<at::ScalarType> loss_dtype) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torch_ext::linear_cross_entropy_fwd", "")
           .typed<Outputs(const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, const at::Tensor&,
                          const std::optional<at::Tensor>&, int64_t, c10::string_view, double, double, int64_t,
-                         std::array<bool, 3>, double, bool)>();
+                         std::array<bool, 3>, double, bool, std::optional<at::ScalarType>)>();
   static const auto backward =
       c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_cross_entropy_bwd", "");
   const at::Tensor bias = linear_bias.value_or(at::Tensor());
@@ -358,7 +361,7 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     BelowAutograd below_autograd;
     std::tie(loss, stats, grad_input, grad_weight, grad_bias) =
         forward.call(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing,
-                     z_loss, chunk_size, mask, softcap, ignored_row_stats);
+                     z_loss, chunk_size, mask, softcap, ignored_row_stats, loss_dtype);
   }
   if (!any_of(wanted)) return {loss, stats};
   set_node_history(loss, {"LinearCrossEntropyBackward",

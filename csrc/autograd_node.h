@@ -58,7 +58,8 @@ at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor&
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,
-    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats);
+    double label_smoothing, double z_loss, int64_t chunk_size, double softcap, bool ignored_row_stats,
+    std::optional<at::ScalarType> loss_dtype);
 at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::string_view activation, double negative_slope);
 // activation: the (gate's) activation; recompute: form act(fc1(input)) again in backward rather

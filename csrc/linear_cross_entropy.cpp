@@ -39,6 +39,7 @@
 #include "cuda/cublaslt_gemm.h"
 #endif
 #include "loss.h"
+#include "loss_checks.h"
 #include "matmul.h"
 #include "shapes.h"
 
@@ -52,6 +53,7 @@ struct LossOptions {
   int64_t ignore_index;
   double label_smoothing, z_loss, softcap;
   bool ignored_row_stats;
+  std::optional<at::ScalarType> loss_dtype;  // the forward's loss dtype (None: the input's)
 };
 
 // (loss, stats) of a chunk's logits.
@@ -62,10 +64,10 @@ std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor&
                              .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
                              .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
                                  const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, c10::string_view,
-                                 double, double, std::array<bool, 2>, double, bool)>();
+                                 double, double, std::array<bool, 2>, double, bool, std::optional<at::ScalarType>)>();
   auto [loss, stats, no_input_grad, no_target_grad] =
       op.call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss, {false, false}, o.softcap,
-              o.ignored_row_stats);
+              o.ignored_row_stats, o.loss_dtype);
   return {loss, stats};
 }
 
@@ -191,6 +193,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
                     ": softcap must be a positive finite number (0: no softcap), got ", o.softcap);
   const Reduction reduction = parse_reduction(std::string_view(reduction_name.data(), reduction_name.size()));
   const bool forward = !grad_loss.defined();
+  const at::ScalarType loss_dtype = loss_dtype_or_input(op, input, o.loss_dtype);
   const bool want_bias = grad_mask[2] && linear_bias.has_value();
   const bool any_grad = grad_mask[0] || grad_mask[1] || want_bias;
   TORCH_CHECK(!(forward && any_grad && reduction == Reduction::None), op,
@@ -245,7 +248,8 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
         s.rows == 0 ? at::zeros({s.vocab, s.hidden}, acc_options) : empty_output({s.vocab, s.hidden}, acc_options);
   if (want_bias) g.bias = at::zeros({s.vocab}, acc_options);
   const bool chunked_forward = forward && !one_chunk;
-  Tensor loss_rows = chunked_forward && reduction == Reduction::None ? at::empty({s.rows}, options) : Tensor();
+  Tensor loss_rows =
+      chunked_forward && reduction == Reduction::None ? at::empty({s.rows}, options.dtype(loss_dtype)) : Tensor();
   // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
   Tensor row_stats =
       chunked_forward
@@ -302,8 +306,8 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   if (chunked_forward) {
     switch (reduction) {
       case Reduction::None: loss = loss_rows.view(s.loss_shape); break;
-      case Reduction::Sum: loss = loss_sum.to(input.scalar_type()); break;
-      case Reduction::Mean: loss = loss_sum.div(denominator).to(input.scalar_type()); break;
+      case Reduction::Sum: loss = loss_sum.to(loss_dtype); break;
+      case Reduction::Mean: loss = loss_sum.div(denominator).to(loss_dtype); break;
     }
   }
   if (g.input.defined()) g.input = g.input.view(input.sizes());
@@ -317,10 +321,11 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> linear_cross_entropy_fwd(
     const Tensor& input, const Tensor& linear_weight, const std::optional<Tensor>& linear_bias, const Tensor& target,
     const std::optional<Tensor>& weight, int64_t ignore_index, c10::string_view reduction, double label_smoothing,
-    double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask, double softcap, bool ignored_row_stats) {
-  auto [loss, stats, g] =
-      chunk_loop("torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight, reduction,
-                 {ignore_index, label_smoothing, z_loss, softcap, ignored_row_stats}, chunk_size, grad_mask, Tensor());
+    double z_loss, int64_t chunk_size, std::array<bool, 3> grad_mask, double softcap, bool ignored_row_stats,
+    std::optional<at::ScalarType> loss_dtype) {
+  auto [loss, stats, g] = chunk_loop(
+      "torch_ext.linear_cross_entropy", input, linear_weight, linear_bias, target, weight, reduction,
+      {ignore_index, label_smoothing, z_loss, softcap, ignored_row_stats, loss_dtype}, chunk_size, grad_mask, Tensor());
   return {loss, stats, g.input, g.weight, g.bias};
 }
 
@@ -333,9 +338,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_cross_entropy_bwd(
   if (parse_reduction(std::string_view(reduction.data(), reduction.size())) != Reduction::None)
     TORCH_CHECK(grad_loss.numel() == 1, op, ": grad_loss must hold one value for reduction='", std::string(reduction),
                 "', got shape ", grad_loss.sizes());
-  auto [loss, stats, g] =
-      chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
-                 {ignore_index, label_smoothing, z_loss, softcap, false}, chunk_size, output_mask, grad_loss);
+  auto [loss, stats, g] = chunk_loop(op, input, linear_weight, linear_bias, target, weight, reduction,
+                                     {ignore_index, label_smoothing, z_loss, softcap, false, std::nullopt}, chunk_size,
+                                     output_mask, grad_loss);
   return {g.input, g.weight, g.bias};
 }
 

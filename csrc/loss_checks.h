@@ -28,6 +28,15 @@ inline Reduction check_reduction_with_grad_in_forward(const char* op, c10::strin
   return red;
 }
 
+// The dtype a loss op returns its loss in: loss_dtype (a floating dtype), or the input's.
+inline at::ScalarType loss_dtype_or_input(const char* op, const at::Tensor& input,
+                                          std::optional<at::ScalarType> loss_dtype) {
+  if (!loss_dtype.has_value()) return input.scalar_type();
+  TORCH_CHECK_VALUE(at::isFloatingType(*loss_dtype), op, ": loss_dtype must be a floating-point dtype, got ",
+                    *loss_dtype);
+  return *loss_dtype;
+}
+
 // grad_loss of a loss's backward: of the unreduced loss's shape for reduction="none", else one value.
 inline void check_grad_loss(const char* op, const at::Tensor& grad_loss, Reduction red, c10::string_view reduction,
                             at::IntArrayRef loss_shape) {

@@ -82,10 +82,13 @@ TORCH_LIBRARY(torch_ext, m) {
   // target); the target's gradient exists only for probability targets. The input's gradient is
   // written row by row right after the row's statistics, while the row is in cache; the target's
   // is taken by the backward kernel after the forward (a second read, for that rare case only).
+  // loss_dtype: the loss's dtype, None for the input's. The loss is computed in float32 (float64)
+  // whatever the input's dtype; float32 for a 16-bit input returns it unrounded, as autocast's
+  // float32 loss of 16-bit logits (linear_cross_entropy under autocast).
   m.def(
       "cross_entropy_fwd(Tensor input, Tensor target, Tensor? weight, int ignore_index, str reduction, "
-      "float label_smoothing, float z_loss, bool[2] grad_mask, float softcap=0., bool ignored_row_stats=False) "
-      "-> (Tensor, Tensor, Tensor, Tensor)",
+      "float label_smoothing, float z_loss, bool[2] grad_mask, float softcap=0., bool ignored_row_stats=False, "
+      "ScalarType? loss_dtype=None) -> (Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   // Gradients for (input, target); target's only for probability targets; not asked for: undefined.
   // grad_lse (one value per row, or None): the incoming gradient of the rows' logsumexp, added as
@@ -135,10 +138,11 @@ TORCH_LIBRARY(torch_ext, m) {
   // or probabilities (*, V). Returns (loss, stats, grad_input, grad_weight, grad_bias): the rows'
   // stats as cross_entropy_fwd's, and the gradients for grad_output = 1 of those set in grad_mask
   // (reduction mean or sum only), formed while each chunk's logits exist, else undefined.
+  // loss_dtype as cross_entropy_fwd's.
   m.def(
       "linear_cross_entropy_fwd(Tensor input, Tensor linear_weight, Tensor? linear_bias, Tensor target, "
       "Tensor? weight, int ignore_index, str reduction, float label_smoothing, float z_loss, int chunk_size, "
-      "bool[3] grad_mask, float softcap=0., bool ignored_row_stats=False) "
+      "bool[3] grad_mask, float softcap=0., bool ignored_row_stats=False, ScalarType? loss_dtype=None) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
@@ -368,18 +372,18 @@ static PyObject* mlp_eager(PyObject*, PyObject* args) {
 }
 
 // _linear_cross_entropy_eager(input, linear_weight, linear_bias, target, weight, ignore_index,
-// reduction, label_smoothing, z_loss, chunk_size, softcap, ignored_row_stats, return_stats), for
-// targets that take no gradient
+// reduction, label_smoothing, z_loss, chunk_size, softcap, ignored_row_stats, return_stats,
+// float32_loss), for targets that take no gradient; float32_loss: loss_dtype float32 (autocast)
 static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *lw_obj, *lb_obj, *target_obj, *weight_obj;
   long long ignore_index, chunk_size;
   const char* reduction;
   double label_smoothing, z_loss, softcap;
-  int ignored_row_stats, return_stats;
+  int ignored_row_stats, return_stats, float32_loss;
   std::optional<at::Tensor> input, linear_weight, linear_bias, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOOOLsddLdpp", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
-                        &reduction, &label_smoothing, &z_loss, &chunk_size, &softcap, &ignored_row_stats,
-                        &return_stats) ||
+  if (!PyArg_ParseTuple(args, "OOOOOLsddLdppp", &input_obj, &lw_obj, &lb_obj, &target_obj, &weight_obj, &ignore_index,
+                        &reduction, &label_smoothing, &z_loss, &chunk_size, &softcap, &ignored_row_stats, &return_stats,
+                        &float32_loss) ||
       !unpack_tensors({{input_obj, "input", false, &input},
                        {lw_obj, "linear_weight", false, &linear_weight},
                        {lb_obj, "linear_bias", true, &linear_bias},
@@ -387,9 +391,9 @@ static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::linear_cross_entropy_eager(*input, *linear_weight, linear_bias, *target, weight, ignore_index,
-                                                 reduction, label_smoothing, z_loss, chunk_size, softcap,
-                                                 ignored_row_stats != 0);
+    return torch_ext::linear_cross_entropy_eager(
+        *input, *linear_weight, linear_bias, *target, weight, ignore_index, reduction, label_smoothing, z_loss,
+        chunk_size, softcap, ignored_row_stats != 0, float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
   });
 }
 

@@ -113,6 +113,20 @@ def test_opcheck_every_op_called(device, case):
 
 @pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op_called_under_autocast(device, case):
+    # Under bfloat16 autocast the ops get 16-bit operands and, for the losses over 16-bit
+    # logits, a float32 loss_dtype: the fake kernels must give the same dtypes.
+    s = sample(*case, device, torch.float32)
+    recorder = _RecordOps()
+    with recorder, torch.autocast(device, dtype=torch.bfloat16):
+        _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+    assert recorder.calls, "the sample called no torch_ext op"
+    for func, args, kwargs in recorder.calls:
+        torch.library.opcheck(func, args, kwargs)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
 def test_opcheck_every_op_called_in_inference(device, case):
     # The same under no_grad, where the ops are called with nothing asked for backward.
     s = sample(*case, device, torch.float32)

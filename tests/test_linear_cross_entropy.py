@@ -1301,6 +1301,44 @@ def test_autocast_float64_stays_float64():
     assert x.grad.dtype == w.grad.dtype == b.grad.dtype == torch.float64
 
 
+@pytest.mark.parametrize("path", ["eager", "no_grad", "target_grad", "compiled"])
+@pytest.mark.parametrize("chunk_size", [3, 1000], ids=["chunks", "one_chunk"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_loss_not_rounded_to_16_bits(dynamo_reset, reduction, chunk_size, path):
+    # Under bf16 autocast the loss is F.cross_entropy's of the bf16 logits: computed in float32
+    # and returned unrounded (a loss rounded to bfloat16 first is off by up to half its ulp, ~0.03
+    # near 10). Integer operands make every logit exact in bfloat16 whatever the GEMM's order, so
+    # the two losses must agree to float32 rounding on every device and path.
+    lead, hidden, vocab = (14,), 16, 50
+    x, w, b = (torch.randint(-2, 3, shape).float() for shape in ((*lead, hidden), (vocab, hidden), (vocab,)))
+    if path == "target_grad":  # probabilities in eighths: exact in bfloat16 too (the op takes the target in the
+        # logits' dtype, where autocast gives F.cross_entropy a float32 one)
+        picks = torch.randint(0, vocab, (*lead, 8))
+        t = torch.zeros(*lead, vocab).scatter_add_(-1, picks, torch.full(picks.shape, 0.125))
+    else:
+        t = make_target("class", lead, vocab)
+    opts = dict(reduction=reduction, label_smoothing=0.1, weight=make_weight(vocab))
+    if path == "target_grad":
+        t.requires_grad_()
+    if path != "no_grad":
+        x.requires_grad_()
+
+    def fn(x, w, b, t):
+        return linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk_size, **opts)
+
+    run = torch.compile(fn, fullgraph=True, backend="aot_eager") if path == "compiled" else fn
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
+        y = run(x, w, b, t)
+        logits = F.linear(x, w, b)
+    assert torch.equal(logits.float(), F.linear(x, w, b).float()), "the logits are not exact in bfloat16"
+    yr = F.cross_entropy(logits.float(), t, **opts)
+    assert y.dtype == torch.float32
+    assert_close(y, yr, msg=f"{path}: autocast loss")
+    if path != "no_grad":
+        y.sum().backward()  # the backward takes the float32 incoming gradient
+        assert x.grad.dtype == torch.float32
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. The LinearCrossEntropyLoss module
 # ----------------------------------------------------------------------------------------------

@@ -88,6 +88,13 @@ def reference_results(case, options):
                 grad_x=grads[0], grad_w=grads[1], grad_b=grads[2] if b is not None else None, g=g)
 
 
+def autocast_case():
+    g = torch.Generator().manual_seed(7)
+    x = torch.randint(-2, 3, (14, HIDDEN), generator=g).float()
+    w = torch.randint(-2, 3, (VOCAB, HIDDEN), generator=g).float()
+    return x, w, torch.randint(0, VOCAB, (14,), generator=g)
+
+
 def _worker(rank: int, port: int, directory: str, mode: str) -> None:
     """One rank: every case on its slice of the vocabulary; saves the results."""
     world = int(mode)
@@ -149,6 +156,15 @@ def _worker(rank: int, port: int, directory: str, mode: str) -> None:
         (loss * g).sum().backward()
         results["dtensor"] = dict(loss=loss.detach(), grad_x=x.grad, grad_w=w_dt.grad.full_tensor(),
                                   grad_b=b_dt.grad.full_tensor(), grad_w_placements=str(w_dt.grad.placements))
+        # Under bfloat16 autocast the loss is float32 and not rounded to bfloat16 (integer operands: every
+        # logit exact in bfloat16); a float64 input stays float64, as autocast leaves it.
+        x, w, t = autocast_case()
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            results["autocast"] = {
+                red: torch_ext.linear_cross_entropy(x, w[lo:hi], t, reduction=red, label_smoothing=0.1,
+                                                    process_group=dist.group.WORLD) for red in ("mean", "sum", "none")}
+            results["autocast_float64"] = torch_ext.linear_cross_entropy(
+                x.double(), w[lo:hi].double(), t, process_group=dist.group.WORLD).dtype
         # A class-probability target is refused with a clear error, on every rank alike.
         try:
             torch_ext.linear_cross_entropy(torch.randn(3, HIDDEN), torch.randn(hi - lo, HIDDEN),
@@ -184,6 +200,12 @@ def test_sharded_equals_unsharded(tmp_path, world):
         assert torch.equal(hooks["grad_x"], hooks["no_hooks"][0]) and torch.equal(hooks["grad_w"], hooks["no_hooks"][1])
         ign = got["all_ignored_mean"]
         assert torch.isnan(ign["loss"]) and not ign["grad_x"].any() and not ign["grad_w"].any(), ign
+        x, w, t = autocast_case()
+        for red, loss in got["autocast"].items():
+            assert loss.dtype == torch.float32, (red, loss.dtype)
+            want = F.cross_entropy(F.linear(x, w).bfloat16().float(), t, reduction=red, label_smoothing=0.1)
+            assert_close(loss, want, msg=f"rank {rank}: autocast loss, reduction {red}")
+        assert got["autocast_float64"] == torch.float64
         d, ref = got["dtensor"], refs["everything_chunk3"]
         assert "Shard(dim=0)" in d["grad_w_placements"], d["grad_w_placements"]
         for key in ("loss", "grad_x", "grad_w", "grad_b"):

@@ -93,6 +93,16 @@ def autocast_to_float32(*tensors: Optional[Tensor]):
 REDUCTIONS = ("mean", "sum", "none")
 
 
+def loss_dtype_or_input(op: str, input: Tensor, loss_dtype: Optional[torch.dtype]) -> torch.dtype:
+    """The dtype a loss op returns its loss in: loss_dtype (floating), or the input's; the fake
+    kernels' copy of csrc/loss_checks.h's loss_dtype_or_input."""
+    if loss_dtype is None:
+        return input.dtype
+    if not loss_dtype.is_floating_point:
+        raise ValueError(f"{op}: loss_dtype must be a floating-point dtype, got {loss_dtype}")
+    return loss_dtype
+
+
 def reduction_for_items(num_items_in_batch, reduction: str, name: str) -> str:
     """The reduction to compute: "sum" when num_items_in_batch will divide it (divide_by_items),
     which stands in for the mean's own denominator, so the reduction asked for must be "mean"

@@ -25,6 +25,7 @@ from ._common import (
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
+    loss_dtype_or_input,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -110,7 +111,7 @@ def _check_args(op, input, target, weight, ignore_index, reduction, label_smooth
 
 @torch.library.register_fake("torch_ext::cross_entropy_fwd")
 def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, grad_mask,
-                            softcap=0.0, ignored_row_stats=False):
+                            softcap=0.0, ignored_row_stats=False, loss_dtype=None):
     op = "torch_ext.cross_entropy"
     loss_shape, rows, probabilities = _check_args(
         op, input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap
@@ -121,7 +122,7 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
         not grad_mask[1] or probabilities,
         lambda: f"{op}: grad_mask[1] asks for the target's gradient, which exists only for class-probability targets",
     )
-    loss = input.new_empty(loss_shape if reduction == "none" else ())
+    loss = input.new_empty(loss_shape if reduction == "none" else (), dtype=loss_dtype_or_input(op, input, loss_dtype))
     stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
     return (loss, stats) + fake_grads(input, grad_mask, (input.shape, input.shape))
 
@@ -157,8 +158,9 @@ def _cross_entropy_bwd_inplace_fake(grad_loss, input, target, weight, stats, ign
 
 
 # The forward op's arguments: (input, target, weight, ignore_index, reduction, label_smoothing,
-# z_loss, grad_mask, softcap, ignored_row_stats); its autograd returns one gradient (or None) for each.
-_N_INPUTS = 10
+# z_loss, grad_mask, softcap, ignored_row_stats, loss_dtype); its autograd returns one gradient (or
+# None) for each.
+_N_INPUTS = 11
 NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 
 

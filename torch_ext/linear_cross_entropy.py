@@ -26,6 +26,7 @@ from ._common import (
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
+    loss_dtype_or_input,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -119,11 +120,11 @@ def _check_softcap(op, softcap):
 
 @torch.library.register_fake("torch_ext::linear_cross_entropy_fwd")
 def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                  chunk_size, grad_mask, softcap=0.0, ignored_row_stats=False):
+                  chunk_size, grad_mask, softcap=0.0, ignored_row_stats=False, loss_dtype=None):
     op = "torch_ext.linear_cross_entropy"
     lead = _check_args(op, input, linear_weight, linear_bias, target, reduction, label_smoothing, chunk_size)
     _check_softcap(op, softcap)
-    loss = input.new_empty(lead if reduction == "none" else ())
+    loss = input.new_empty(lead if reduction == "none" else (), dtype=loss_dtype_or_input(op, input, loss_dtype))
     rows = math.prod(lead)
     stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
     return (loss, stats) + _grads_like(grad_mask, input, linear_weight, linear_bias)
@@ -177,8 +178,8 @@ def _output_mask(ctx):
 
 
 # The forward op's arguments: (input, linear_weight, linear_bias, target, weight, ignore_index,
-# reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap, ignored_row_stats).
-_N_INPUTS = 13
+# reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap, ignored_row_stats, loss_dtype).
+_N_INPUTS = 14
 
 
 def _setup_context(ctx, inputs, output):
@@ -222,8 +223,8 @@ register_no_double_backward("torch_ext::linear_cross_entropy_bwd", "torch_ext.li
 class LinearCrossEntropyFunction(torch.autograd.Function):
     """autograd.Function over the op pair: ``apply(input, linear_weight, linear_bias, target,
     weight, ignore_index, reduction, label_smoothing, z_loss, chunk_size, grad_mask, softcap,
-    ignored_row_stats)`` -> (loss, stats, grad_input, grad_weight, grad_bias), the gradients not
-    asked for None. With grad_mask all
+    ignored_row_stats, loss_dtype=None)`` -> (loss, stats, grad_input, grad_weight, grad_bias), the
+    gradients not asked for None. With grad_mask all
     False the backward recomputes each chunk's logits (torch.compile'd graphs with reduction none
     use this path); with grad_mask (reductions mean and sum) the forward forms the gradients for
     grad_output = 1 while each chunk's logits exist, and the backward scales them (torch.compile'd
@@ -269,7 +270,8 @@ def linear_cross_entropy(
     ``torch_ext.cross_entropy``'s ``z_loss``). input ``(*, H)``, linear_weight ``(V, H)``,
     linear_bias ``(V,)``; target class indices ``(*)`` or class probabilities ``(*, V)``.
     Under ``torch.autocast`` the linear runs in the autocast dtype and the loss is returned in
-    float32, as ``F.linear`` followed by ``F.cross_entropy`` would. In eager mode with reduction
+    float32 (computed in float32 from the 16-bit logits, not rounded to their dtype), as ``F.linear``
+    followed by ``F.cross_entropy`` would. In eager mode with reduction
     mean or sum, the gradients are formed in the forward pass, while each chunk's logits exist (the
     logits computed once instead of twice). A class-probability target that requires grad gets its
     gradient too, as through F.cross_entropy: in backward, chunk by chunk (each chunk's logits
@@ -386,14 +388,10 @@ def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     autocast = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
-    out = vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
-                                              ignore_index, label_smoothing, z_loss, chunk_size, softcap,
-                                              process_group, return_lse, return_accuracy)
-    if not autocast:
-        return out
-    if isinstance(out, tuple):
-        return (out[0].float(),) + out[1:]
-    return out.float()
+    loss_dtype = torch.float32 if autocast and input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    return vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
+                                               ignore_index, label_smoothing, z_loss, chunk_size, softcap,
+                                               process_group, return_lse, return_accuracy, loss_dtype)
 
 
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
@@ -419,6 +417,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         else None
     )
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
+    # Under autocast the loss is float32, as F.cross_entropy's of 16-bit logits: the op writes the
+    # loss it computed in float32 as it is, not rounded to the logits' dtype first.
+    float32_loss = autocast is not None and input.dtype in (torch.float16, torch.bfloat16)
+    loss_dtype = torch.float32 if float32_loss else None
     if target.is_floating_point():
         target = target.to(input.dtype)
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing),
@@ -432,20 +434,18 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         # The gradients formed chunk by chunk in the forward and handed over by a C++ node
         # (csrc/autograd_node.h; reduction none: the node calls the backward op); without
         # autograd, the forward op alone.
-        loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True)
+        loss, stats = _C._linear_cross_entropy_eager(*args, softcap, ignored_row_stats, True, float32_loss)
     elif eager_training and reduction != "none":
         # A probability target's gradient: formed in backward, in Python (the Function).
-        loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, wanted, softcap, ignored_row_stats)
+        loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, wanted, softcap, ignored_row_stats, loss_dtype)
     elif not needs_autograd(input, linear_weight, linear_bias, target):  # compiled
-        loss, stats, *_ = _fwd_op(*args, no_grads, softcap, ignored_row_stats)
+        loss, stats, *_ = _fwd_op(*args, no_grads, softcap, ignored_row_stats, loss_dtype)
     else:
         # Compiled training (or an eager call the branches above left: nothing wanted, or reduction none). The
         # compiled graph forms the gradients in its forward too (reductions mean and sum): a
         # backward recomputing every chunk's logits would repeat the forward's GEMMs.
         mask = wanted if reduction != "none" and torch.is_grad_enabled() else no_grads
-        loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats)
-    if autocast is not None and loss.dtype in (torch.float16, torch.bfloat16):
-        loss = loss.float()
+        loss, stats, *_ = LinearCrossEntropyFunction.apply(*args, mask, softcap, ignored_row_stats, loss_dtype)
     return (loss, stats) if return_stats else loss
 
 

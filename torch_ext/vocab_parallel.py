@@ -43,8 +43,9 @@ def _shard_sizes(group, local_vocab: int, device: torch.device) -> List[int]:
 class _Options:
     """The loss options and the shard's place in the vocabulary."""
 
-    def __init__(self, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, group, offset, vocab):
-        self.ignore_index, self.reduction = ignore_index, reduction
+    def __init__(self, ignore_index, reduction, label_smoothing, z_loss, softcap, chunk_size, group, offset, vocab,
+                 loss_dtype):
+        self.ignore_index, self.reduction, self.loss_dtype = ignore_index, reduction, loss_dtype
         self.label_smoothing, self.z_loss, self.softcap = label_smoothing, z_loss, softcap
         self.chunk_size, self.group, self.offset, self.vocab = chunk_size, group, offset, vocab
 
@@ -221,7 +222,7 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         # The gradients formed here are saved tensors too, so saved-tensor hooks (save_on_cpu) see them.
         ctx.save_for_backward(x, w, b, t, class_weight, lse, *(grads or ()))
         ctx.mark_non_differentiable(*(v for v in (lse, hit) if v is not None))  # one call: each replaces the last
-        return loss.to(x.dtype), lse, hit
+        return loss.to(ctx.o.loss_dtype), lse, hit
 
     @staticmethod
     def backward(ctx, grad_loss, _grad_lse, _grad_hit):
@@ -244,9 +245,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
 def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, target: Tensor, linear_bias, weight,
                                         reduction: str, ignore_index: int, label_smoothing: float, z_loss: float,
                                         chunk_size: Optional[int], softcap: float, process_group,
-                                        return_lse: bool, return_accuracy: bool):
+                                        return_lse: bool, return_accuracy: bool, loss_dtype: torch.dtype):
     """linear_cross_entropy over this rank's vocabulary slice (see the module docstring).
-    Arguments as linear_cross_entropy's, already checked; softcap as a float (0: off)."""
+    Arguments as linear_cross_entropy's, already checked; softcap as a float (0: off); the loss
+    returned in loss_dtype (input's, or float32 under autocast: computed in float32, not rounded)."""
     from .linear_cross_entropy import default_chunk_size
 
     if not dist.is_available() or not dist.is_initialized():
@@ -286,8 +288,7 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     if chunk_size is None:  # the rows the unsharded loss would take: a shard's chunk is 1/world of its bytes
         chunk_size = default_chunk_size(x.shape[0], vocab, input.dtype, input.device.type)
     o = _Options(int(ignore_index), reduction, float(label_smoothing), float(z_loss), float(softcap),
-                 max(1, int(chunk_size)), process_group, offset, vocab)
-    # (the loss in input's dtype, as the single-device loss; the caller makes it float32 under autocast)
+                 max(1, int(chunk_size)), process_group, offset, vocab, loss_dtype)
     loss, lse, hit = _VocabParallelLinearCrossEntropy.apply(
         x, linear_weight, linear_bias, t, weight, o, return_accuracy
     )

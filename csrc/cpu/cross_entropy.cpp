@@ -151,11 +151,11 @@ double sum_rows(const Tensor& row_loss) {
                                                : sum_in_order(row_loss.const_data_ptr<float>(), row_loss.numel());
 }
 
-Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, const Tensor& input) {
+Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, at::ScalarType dtype) {
   switch (red) {
-    case Reduction::None: return row_loss.to(input.scalar_type()).view(in.layout.loss_shape);
-    case Reduction::Sum: return at::scalar_tensor(sum_rows(row_loss), input.options());
-    default: return at::scalar_tensor(sum_rows(row_loss) / in.denominator, input.options());
+    case Reduction::None: return row_loss.to(dtype).view(in.layout.loss_shape);
+    case Reduction::Sum: return at::scalar_tensor(sum_rows(row_loss), row_loss.options().dtype(dtype));
+    default: return at::scalar_tensor(sum_rows(row_loss) / in.denominator, row_loss.options().dtype(dtype));
   }
 }
 
@@ -223,16 +223,15 @@ void cross_entropy_bwd_inplace_cpu(const Tensor& grad_loss, const Tensor& input,
 // grad_loss = 1 is written right after its statistics, while the row is in L2 (the eager path of
 // torch_ext.cross_entropy for reductions mean and sum; its backward hands it over). A probability
 // target's gradient (grad_mask[1]) is taken by the backward kernel afterwards.
-std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& input, const Tensor& target,
-                                                                 const std::optional<Tensor>& weight,
-                                                                 int64_t ignore_index, c10::string_view reduction,
-                                                                 double label_smoothing, double z_loss,
-                                                                 std::array<bool, 2> grad_mask, double softcap,
-                                                                 bool ignored_row_stats) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing, double z_loss, std::array<bool, 2> grad_mask, double softcap,
+    bool ignored_row_stats, std::optional<at::ScalarType> loss_dtype) {
   constexpr const char* op = "torch_ext.cross_entropy";
   const bool any_grad = grad_mask[0] || grad_mask[1];
   const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
                                  : parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const at::ScalarType dtype = loss_dtype_or_input(op, input, loss_dtype);
   const CrossEntropyInputs in = prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
               ": grad_mask[1] asks for the target's gradient, which exists only for class-probability targets");
@@ -258,7 +257,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(const Tensor& i
     backward_into(op, at::scalar_tensor(1.0, input.options()), input, target, weight, stats, ignore_index, reduction,
                   label_smoothing, z_loss, softcap, std::nullopt, no_input_grad, grad_target);
   }
-  return {reduced_loss(red, row_loss, in, input), stats, grad_input, grad_target};
+  return {reduced_loss(red, row_loss, in, dtype), stats, grad_input, grad_target};
 }
 
 }  // namespace

@@ -621,11 +621,11 @@ void run_forward(const CrossEntropyInputs& in, int64_t ignore_index, double labe
   });
 }
 
-Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, const Tensor& input) {
+Tensor reduced_loss(Reduction red, const Tensor& row_loss, const CrossEntropyInputs& in, at::ScalarType dtype) {
   switch (red) {
-    case Reduction::None: return row_loss.to(input.scalar_type()).view(in.layout.loss_shape);
-    case Reduction::Sum: return row_loss.sum().to(input.scalar_type());
-    default: return row_loss.sum().div(in.denominator).to(input.scalar_type());
+    case Reduction::None: return row_loss.to(dtype).view(in.layout.loss_shape);
+    case Reduction::Sum: return row_loss.sum().to(dtype);
+    default: return row_loss.sum().div(in.denominator).to(dtype);
   }
 }
 
@@ -699,17 +699,16 @@ void cross_entropy_bwd_inplace_cuda(const Tensor& grad_loss, const Tensor& input
 // is written right after its statistics, while the row is still in L2, so the logits are read
 // from memory once per training step instead of twice (reductions mean and sum). A probability
 // target's gradient (grad_mask[1]) is taken by the backward kernel afterwards.
-std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& input, const Tensor& target,
-                                                                  const std::optional<Tensor>& weight,
-                                                                  int64_t ignore_index, c10::string_view reduction,
-                                                                  double label_smoothing, double z_loss,
-                                                                  std::array<bool, 2> grad_mask, double softcap,
-                                                                  bool ignored_row_stats) {
+std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(
+    const Tensor& input, const Tensor& target, const std::optional<Tensor>& weight, int64_t ignore_index,
+    c10::string_view reduction, double label_smoothing, double z_loss, std::array<bool, 2> grad_mask, double softcap,
+    bool ignored_row_stats, std::optional<at::ScalarType> loss_dtype) {
   constexpr const char* op = "torch_ext.cross_entropy";
   const c10::cuda::CUDAGuard guard(input.device());
   const bool any_grad = grad_mask[0] || grad_mask[1];
   const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
                                  : parse_reduction(std::string_view(reduction.data(), reduction.size()));
+  const at::ScalarType dtype = loss_dtype_or_input(op, input, loss_dtype);
   const CrossEntropyInputs in =
       prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
   TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
@@ -731,7 +730,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(const Tensor& 
     backward_into(op, at::scalar_tensor(1.0, input.options()), input, target, weight, stats, ignore_index, reduction,
                   label_smoothing, z_loss, softcap, std::nullopt, no_input_grad, grad_target);
   }
-  return {reduced_loss(red, row_loss, in, input), stats, grad_input, grad_target};
+  return {reduced_loss(red, row_loss, in, dtype), stats, grad_input, grad_target};
 }
 
 }  // namespace
