@@ -282,10 +282,17 @@ class _Adapter(nn.Module):
         return self.base_layer(x) + self.lora_B(self.lora_A(x))
 
 
-# A layer whose weights a fused forward reads, per rewritten family (and the causal LM's head).
-CHANGED_AFTER_FUSE = {"vit": "vit.layers.0.mlp.fc1", "gpt2": "transformer.h.0.mlp.c_fc",
-                      "llama": "model.layers.0.mlp.up_proj", "t5-gated": "encoder.block.0.layer.1.DenseReluDense.wi_1",
-                      "llama-head": "lm_head", "llama-act": "model.layers.0.mlp.act_fn"}
+# A layer whose weights a fused forward reads, per rewritten family (and the causal LM's head), and
+# each rewritten MLP's activation module: case -> (family, module path).
+CHANGED_AFTER_FUSE = {
+    "vit": ("vit", "vit.layers.0.mlp.fc1"), "gpt2": ("gpt2", "transformer.h.0.mlp.c_fc"),
+    "llama": ("llama", "model.layers.0.mlp.up_proj"),
+    "t5-gated": ("t5-gated", "encoder.block.0.layer.1.DenseReluDense.wi_1"),
+    "llama-head": ("llama", "lm_head"),
+    "vit-act": ("vit", "vit.layers.0.mlp.activation_fn"), "gpt2-act": ("gpt2", "transformer.h.0.mlp.act"),
+    "llama-act": ("llama", "model.layers.0.mlp.act_fn"),
+    "t5-gated-act": ("t5-gated", "encoder.block.0.layer.1.DenseReluDense.act"),
+}
 
 
 @pytest.mark.parametrize("how", ["adapter", "hook"])
@@ -294,17 +301,17 @@ def test_layers_changed_after_fuse_are_honoured(case, how):
     # A layer replaced (an adapter's wrapper) or hooked after fuse() still acts: the fused forward
     # that would read its weights runs through the layers instead (no adapter or hook skipped in
     # silence), and the model gives what the unfused model with the same change gives.
-    family = case.split("-")[0] if case.startswith("llama") else case
+    family, path = CHANGED_AFTER_FUSE[case]
     ref = build(family)
     fused, _ = fuse(ref)
     before = step(fused, batch(family))[0]
-    parent_path, name = CHANGED_AFTER_FUSE[case].rpartition(".")[::2]
+    parent_path, name = path.rpartition(".")[::2]
     for model in (ref, fused):
         parent = model.get_submodule(parent_path)
         if how == "adapter":
             torch.manual_seed(1)  # the same adapter weights in both models
             # (an activation module is swapped for another activation)
-            setattr(parent, name, nn.Tanh() if case == "llama-act" else _Adapter(getattr(parent, name)))
+            setattr(parent, name, nn.Tanh() if case.endswith("-act") else _Adapter(getattr(parent, name)))
         else:
             getattr(parent, name).register_forward_hook(lambda module, args, out: out.tanh() * 3)  # not linear
     with warnings.catch_warnings(record=True) as caught:
@@ -312,6 +319,32 @@ def test_layers_changed_after_fuse_are_honoured(case, how):
         assert_same_step(fused, ref, batch(family), f"{case} ({how} after fuse)")
     assert any("replaced or hooked after fuse()" in str(w.message) for w in caught), case
     assert not torch.equal(step(fused, batch(family))[0], before), f"{case}: the {how} changed nothing"
+
+
+@pytest.mark.parametrize("family", ["vit", "gpt2", "t5-gated"])
+def test_edit_pickled_before_the_activation_was_recorded(family):
+    # An edited forward's recipe pickled before it recorded the activation module (its Edit's
+    # __dict__ without act / act_type) still rebuilds a module that gives the fused numbers, and
+    # that runs through its layers, with PyTorch's function for the activation, once a Linear
+    # is replaced.
+    ref = build(family)
+    fused, _ = fuse(ref)
+    parent_path, name = CHANGED_AFTER_FUSE[f"{family}-act"][1].rpartition(".")[0].rpartition(".")[::2]
+    module = fused.get_submodule(parent_path)._modules[name]
+    rebuild, (cls, edit, state) = module.__reduce_ex__(2)
+    assert edit.act is not None and edit.act_type is not None, edit
+    old = copy.copy(edit)
+    del old.__dict__["act"], old.__dict__["act_type"]  # as unpickled from the earlier recipe
+    assert old.act is None and old.act_type is None
+    fused.get_submodule(parent_path)._modules[name] = rebuild(cls, old, state)
+    assert_same_step(fused, ref, batch(family), f"{family}: module rebuilt from an Edit without act")
+    linear = CHANGED_AFTER_FUSE[family][1]
+    for model in (ref, fused):
+        parent, attr = linear.rpartition(".")[::2]
+        torch.manual_seed(1)
+        setattr(model.get_submodule(parent), attr, _Adapter(model.get_submodule(linear)))
+    with pytest.warns(UserWarning, match="replaced or hooked after fuse"):
+        assert_same_step(fused, ref, batch(family), f"{family}: adapter after fuse, Edit without act")
 
 
 @pytest.mark.parametrize("family", FAMILIES)

@@ -28,7 +28,9 @@ from .source import parsed
 @dataclass(frozen=True)
 class Edit:
     """Replace `count` top-level statements of forward from `index` (docstring not counted) by
-    `target = self._torch_ext_<helper>(self.<attrs[0]>, self.<attrs[1]>, <x>, *consts)`."""
+    `target = self._torch_ext_<helper>(self.<attrs[0]>, self.<attrs[1]>, <x>, *consts, act=self.<act>)`,
+    the helper bound to act_type: the activation module's type when fused (act None: an Edit
+    pickled before the activation was recorded)."""
 
     index: int
     count: int
@@ -37,6 +39,8 @@ class Edit:
     attrs: Tuple[str, ...]
     x: str
     consts: Tuple = ()
+    act: Optional[str] = None
+    act_type: Optional[type] = None
 
 
 def as_found(*modules, transposed: bool = False) -> bool:
@@ -89,25 +93,35 @@ def _rebuild_gated(cls, gate, up, down, kind, *rest):
     return rebuilt(gated_class(cls, gate, up, down, kind, *act), state)
 
 
-def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str):
+def _act_changed(act: Optional[nn.Module], act_type: Optional[type]) -> bool:
+    """Whether the activation module of an edited forward was replaced or hooked since fuse()."""
+    return act is not None and not unchanged(act, act_type)
+
+
+def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str, act=None, act_type=None):
     """``act(gate(x)) * up(x)`` as one GEMM on [gate; up] and torch_ext's gated activation pass
     (mlp_act_fwd, differentiable), with the Linears' own Parameters (concatenated per call); through
-    the layers themselves where one was replaced or hooked since fuse() (as_found)."""
-    if not as_found(gate, up):
+    the layers themselves where one, or the activation module `act`, was replaced or hooked since
+    fuse() (as_found)."""
+    if not as_found(gate, up) or _act_changed(act, act_type):
         _unfused_because_changed("a gated activation's GEMM")
-        return _reference((GATED_ACTIVATIONS[kind], 0.01))(gate(x)) * up(x)
+        act = act if act is not None else _reference((GATED_ACTIVATIONS[kind], 0.01))
+        return act(gate(x)) * up(x)
     bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
     pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
     return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
 
 
-def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False):
+def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False,
+        act=None, act_type=None):
     """``fc2(act(fc1(x)))`` as torch_ext.fused_mlp on the Linears' own Parameters (`transposed`:
     weights stored (in, out), as transformers' Conv1D: their .t() views); through the layers
-    themselves where one was replaced or hooked since fuse() (as_found)."""
-    if not as_found(fc1, fc2, transposed=transposed):
+    themselves where one, or the activation module `act`, was replaced or hooked since fuse()
+    (as_found)."""
+    if not as_found(fc1, fc2, transposed=transposed) or _act_changed(act, act_type):
         _unfused_because_changed("a fused_mlp")
-        return fc2(_reference((activation, negative_slope))(fc1(x)))
+        act = act if act is not None else _reference((activation, negative_slope))
+        return fc2(act(fc1(x)))
     w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
     return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)
 
@@ -123,7 +137,7 @@ def edited_class(cls, edit: Edit, build: bool = True):
         cls, f"{cls.__name__} with {', '.join(edit.attrs)} through torch_ext ({edit.helper}), by torch_ext.fuse.",
         _rebuild_edited, (edit,), _edited_forward(cls, edit) if build else None,
         build=lambda module: _edited_forward(cls, edit),
-        **{f"_torch_ext_{edit.helper}": staticmethod(_HELPERS[edit.helper])},
+        **{f"_torch_ext_{edit.helper}": staticmethod(functools.partial(_HELPERS[edit.helper], act_type=edit.act_type))},
     )
 
 
@@ -146,7 +160,7 @@ def _edited_forward(cls, edit: Edit):
     call = ast.Call(func=self_attr(f"_torch_ext_{edit.helper}"),
                     args=[self_attr(a) for a in edit.attrs] + [ast.Name(edit.x, ast.Load())]
                     + [ast.Constant(c) for c in edit.consts],
-                    keywords=[])
+                    keywords=[ast.keyword("act", self_attr(edit.act))] if edit.act else [])
     body[start:start + edit.count] = [ast.Assign(targets=[ast.Name(edit.target, ast.Store())], value=call)]
     fdef.decorator_list = []
     ast.fix_missing_locations(tree)

@@ -321,7 +321,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
             why = why or "a module of its gated product has hooks"
         if not why:
             kind = _GATED[spec[0]]
-            p.edit = Edit(index, 3, target, "gated_linear", (gate, up), x, (kind,))
+            p.edit = Edit(index, 3, target, "gated_linear", (gate, up), x, (kind,), act, type(r.sub(act)))
             p.edit_label = (f"{type(module).__name__}: {gate}, {up} + {type(r.sub(act)).__name__}) "
                             f"-> one GEMM + torch_ext's gated activation {kind} (in its forward)")
             _rest_not_fused(p, module, linear_ok, done=(gate, up))
@@ -337,7 +337,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
             why = why or "a module of its MLP has hooks"
         if not why:
             # Conv1D stores its weight (in, out): fused_mlp gets its transposed view (no copy).
-            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, type(r.sub(fc1)) is not nn.Linear))
+            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, type(r.sub(fc1)) is not nn.Linear), act,
+                          type(r.sub(act)))
             p.edit_label = (f"{type(module).__name__}: {fc1}, {fc2} + {type(r.sub(act)).__name__}) "
                             f"-> torch_ext.fused_mlp {_describe(spec)} (in its forward)")
             _rest_not_fused(p, module, linear_ok, done=(fc1, fc2))
