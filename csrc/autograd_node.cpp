@@ -251,7 +251,8 @@ void set_node_history(const at::Tensor& output, NodeSpec spec) {
 std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        c10::string_view reduction, double label_smoothing,
-                                                       double z_loss, double softcap, bool ignored_row_stats) {
+                                                       double z_loss, double softcap, bool ignored_row_stats,
+                                                       std::optional<at::ScalarType> loss_dtype) {
   static const auto forward =
       c10::Dispatcher::singleton()
           .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
@@ -267,7 +268,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
     BelowAutograd below_autograd;
     std::tie(loss, stats, grad_input, grad_target) =
         forward.call(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, mask, softcap,
-                     ignored_row_stats, std::nullopt);
+                     ignored_row_stats, loss_dtype);
   }
   if (!any_of(wanted)) return {loss, stats};
   set_node_history(loss, {"CrossEntropyBackward",

@@ -49,7 +49,8 @@ void set_node_history(const at::Tensor& output, NodeSpec spec);
 std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, const at::Tensor& target,
                                                        const std::optional<at::Tensor>& weight, int64_t ignore_index,
                                                        c10::string_view reduction, double label_smoothing,
-                                                       double z_loss, double softcap, bool ignored_row_stats);
+                                                       double z_loss, double softcap, bool ignored_row_stats,
+                                                       std::optional<at::ScalarType> loss_dtype);
 at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
                                  c10::string_view reduction);

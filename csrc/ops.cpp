@@ -282,23 +282,24 @@ static PyObject* run_without_gil_with_stats(bool return_stats, Path&& path) {
 }
 
 // _cross_entropy_eager(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
-// softcap, ignored_row_stats, return_stats)
+// softcap, ignored_row_stats, return_stats, float32_loss); float32_loss: loss_dtype float32 (autocast)
 static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *target_obj, *weight_obj;
   long long ignore_index;
   const char* reduction;
   double label_smoothing, z_loss, softcap;
-  int ignored_row_stats, return_stats;
+  int ignored_row_stats, return_stats, float32_loss;
   std::optional<at::Tensor> input, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOLsdddpp", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
-                        &label_smoothing, &z_loss, &softcap, &ignored_row_stats, &return_stats) ||
+  if (!PyArg_ParseTuple(args, "OOOLsdddppp", &input_obj, &target_obj, &weight_obj, &ignore_index, &reduction,
+                        &label_smoothing, &z_loss, &softcap, &ignored_row_stats, &return_stats, &float32_loss) ||
       !unpack_tensors({{input_obj, "input", false, &input},
                        {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
     return torch_ext::cross_entropy_eager(*input, *target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                                          softcap, ignored_row_stats != 0);
+                                          softcap, ignored_row_stats != 0,
+                                          float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
   });
 }
 

@@ -55,6 +55,15 @@ def _autocast_off() -> bool:
     return not torch.compiler.is_compiling() and not torch._C._is_any_autocast_enabled()
 
 
+def autocast_enabled_on(tensor: Tensor) -> bool:
+    """Whether autocast is enabled on the tensor's device."""
+    if _autocast_off():
+        return False
+    device_type = tensor.device.type
+    # "meta" and other devices without autocast raise in is_autocast_enabled.
+    return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
+
+
 def autocast_to_lower_precision(*tensors: Optional[Tensor]):
     """Cast as autocast casts the inputs of F.linear: floating tensors other than float64 go to
     the autocast dtype of their device when autocast is enabled there; others pass unchanged."""

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    autocast_enabled_on,
     autocast_to_float32,
     check_reduction,
     check_reduction_with_grad_in_forward,
@@ -264,6 +265,17 @@ def check_accuracy_target(op: str, target: Tensor, return_accuracy: bool) -> Non
                          f"floating-point target of class probabilities")
 
 
+def _autocast_inputs(input: Tensor, target: Tensor, weight: Optional[Tensor]):
+    """(input, target, weight, loss_dtype) as autocast gives F.cross_entropy its inputs (float32),
+    except that 16-bit logits with class-index targets stay as they are: the kernels compute in
+    float32 from them and return the loss in float32 (loss_dtype), unrounded, so the float32 copy
+    of the logits and of their gradient (8 bytes per logit) is not made. Probability targets are
+    cast with the logits (the kernels take them in the logits' dtype)."""
+    if input.dtype in (torch.float16, torch.bfloat16) and not target.is_floating_point() and autocast_enabled_on(input):
+        return input, target, None if weight is None else weight.float(), torch.float32
+    return (*autocast_to_float32(input, target, weight), None)
+
+
 def _takes_eager_node(input: Tensor, target: Tensor) -> bool:
     """Whether an eager call records the C++ node of _C._cross_entropy_eager (see
     GRAD_IN_FORWARD_DEVICES); a target requiring grad takes CrossEntropyFunction."""
@@ -297,7 +309,8 @@ def cross_entropy(
     and reduced like it. ``softcap`` (keyword-only; None: off): every logit x is taken as
     ``softcap * tanh(x / softcap)`` first (Gemma 2's final_logit_softcapping), for the loss,
     z_loss and the extra outputs, with gradients through the tanh. Under ``torch.autocast`` it
-    computes in float32, as PyTorch's losses do.
+    computes in float32 and returns float32, as PyTorch's losses do, reading 16-bit logits with
+    class-index targets without a float32 copy (their gradient is written in their dtype).
 
     ``return_lse`` / ``return_accuracy`` (keyword-only): the result is then a tuple ``(loss,
     lse)``, ``(loss, accuracy)`` or ``(loss, lse, accuracy)``, both formed in the loss's own pass
@@ -335,7 +348,7 @@ def cross_entropy(
             _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap),
             num_items_in_batch,
         )
-    input, target, weight = autocast_to_float32(input, target, weight)
+    input, target, weight, _ = _autocast_inputs(input, target, weight)
     loss, stats = _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, cap,
                                  return_stats=True, ignored_row_stats=return_lse)
     lse = None
@@ -355,14 +368,14 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
-    input, target, weight = autocast_to_float32(input, target, weight)
+    input, target, weight, loss_dtype = _autocast_inputs(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     if _takes_eager_node(input, target) or eager_without_autograd(input, target):
-        return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats)
+        return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats, loss_dtype is not None)
     if not needs_autograd(input, target):  # compiled
-        out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats)
+        out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats, loss_dtype)
     else:
-        out = CrossEntropyFunction.apply(*args, NO_GRADS, softcap, ignored_row_stats)
+        out = CrossEntropyFunction.apply(*args, NO_GRADS, softcap, ignored_row_stats, loss_dtype)
     return out[:2] if return_stats else out[0]
 
 
