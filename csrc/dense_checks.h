@@ -9,6 +9,7 @@
 #include <utility>
 
 #include "activation.h"
+#include "allocation.h"
 #include "checks.h"
 #include "shapes.h"
 
@@ -56,6 +57,21 @@ inline std::pair<at::Tensor, at::Tensor> saved_for_linear_act_bwd(const char* op
     default: break;
   }
   return {mask2d, saved2d};
+}
+
+// Where linear_act_bwd forms grad_output * act'(pre): in a tensor the op holds alone (held_alone:
+// no caller can see the write), grad_output first (the C++ autograd node moves the engine's
+// gradient in; FusedMLP's backward passes a temporary of its own), else the saved pre-activation
+// (the node hands it over when the graph is not retained); else (None) in a buffer of its own.
+// That saves an (m, n) buffer at the step's peak, where eager PyTorch has freed grad_output, or its
+// saved pre-activation, by the time its GEMMs run. Call it before any view adds a reference.
+enum class GradPreIn { None, GradOutput, Saved };
+inline GradPreIn grad_pre_in(Activation act, const at::Tensor& grad_output, const at::Tensor& saved, int64_t m,
+                             int64_t n) {
+  if (m == 0 || n == 0) return GradPreIn::None;
+  if (held_alone(grad_output)) return GradPreIn::GradOutput;
+  if (saved_for_backward(act) == SavedForBackward::PreActivation && held_alone(saved)) return GradPreIn::Saved;
+  return GradPreIn::None;
 }
 
 // Output columns of the MLP activation over `input`: its width, or half of it when gated.

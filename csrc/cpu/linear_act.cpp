@@ -217,15 +217,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   check_same_dtype(op, input, "input", grad_output, "grad_output");
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op, ": grad_output must have shape ",
               at::IntArrayRef(with_last_dim(input, n)), ", got ", grad_output.sizes());
-  // grad_output * act'(pre) is formed in a buffer no caller can see, when the op holds one: the only
-  // reference to it and to its memory. First grad_output (the C++ autograd node moves the engine's
-  // gradient in; FusedMLP's backward passes a temporary of its own), else the saved pre-activation
-  // (the node hands it over when the graph is not retained). That saves a (rows, N) buffer at the
-  // step's peak, where eager PyTorch has freed grad_output, or its saved pre-activation, by the time
-  // its GEMMs run. (Checked before any view below adds a reference.)
-  const bool own_grad_output = m > 0 && n > 0 && held_alone(grad_output);
-  const bool own_saved = m > 0 && n > 0 && !own_grad_output &&
-                         saved_for_backward(act) == SavedForBackward::PreActivation && held_alone(saved);
+  const GradPreIn grad_pre_at = grad_pre_in(act, grad_output, saved, m, n);  // before any view below
   const auto saved_views = saved_for_linear_act_bwd(op, act, saved, input, grad_output, m, n);
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
@@ -241,7 +233,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cpu(const Tensor& grad_output,
   Tensor grad_weight = output_mask[1] ? cpu::empty_cpu_output({n, k}, options) : Tensor();
   Tensor bias_grad = output_mask[2] ? at::zeros({n}, options.dtype(acc_dtype)) : Tensor();
   if (m == 0 && grad_weight.defined()) grad_weight.zero_();
-  const Tensor own2d = own_grad_output ? g2d : own_saved ? saved2d : Tensor();
+  const Tensor own2d = grad_pre_at == GradPreIn::GradOutput ? g2d
+                       : grad_pre_at == GradPreIn::Saved    ? saved2d
+                                                            : Tensor();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kBFloat16, at::kHalf, input.scalar_type(), "backward_panels", [&] {
     backward_panels<scalar_t>(act, negative_slope, g2d, x2d, weight, saved2d, mask2d, grad_input, grad_weight,
                               bias_grad, own2d);

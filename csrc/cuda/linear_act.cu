@@ -258,11 +258,7 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   check_same_dtype(op, input, "input", grad_output, "grad_output");
   TORCH_CHECK(grad_output.sizes() == at::IntArrayRef(with_last_dim(input, n)), op, ": grad_output must have shape ",
               at::IntArrayRef(with_last_dim(input, n)), ", got ", grad_output.sizes());
-  // grad_output * act'(pre) is formed in grad_output, else in the saved pre-activation, when the op
-  // holds it alone (as on CPU: csrc/cpu/linear_act.cpp); checked before any view adds a reference.
-  const bool own_grad_output = m > 0 && n > 0 && held_alone(grad_output);
-  const bool own_saved = m > 0 && n > 0 && !own_grad_output &&
-                         saved_for_backward(act) == SavedForBackward::PreActivation && held_alone(saved);
+  const GradPreIn grad_pre_at = grad_pre_in(act, grad_output, saved, m, n);  // before any view below
   const auto saved_views = saved_for_linear_act_bwd(op, act, saved, input, grad_output, m, n);
   const Tensor& mask2d = saved_views.first;
   const Tensor& saved2d = saved_views.second;
@@ -272,7 +268,9 @@ std::tuple<Tensor, Tensor, Tensor> linear_act_bwd_cuda(const Tensor& grad_output
   if (x2d.stride(0) != 1 && x2d.stride(1) != 1) x2d = x2d.contiguous();
   Tensor g2d = grad_output.reshape({m, n});
   if (n > 1 && g2d.stride(1) != 1) g2d = g2d.contiguous();
-  Tensor grad_pre = own_grad_output ? g2d : own_saved ? saved2d : at::empty({m, n}, options);
+  Tensor grad_pre = grad_pre_at == GradPreIn::GradOutput ? g2d
+                    : grad_pre_at == GradPreIn::Saved    ? saved2d
+                                                         : at::empty({m, n}, options);
   if (m * n > 0) {
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "linear_act_bwd_cuda", [&] {
       PrologueArgs<scalar_t> a{m,
