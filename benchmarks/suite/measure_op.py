@@ -178,7 +178,7 @@ def run_case(case: Case, cfg, machine: dict, progress) -> dict:
         n, d = case.params
         record["notes"].append(
             f"ours forms {spec.held} in the forward pass and holds it until backward "
-            f"({n * d * dtype.itemsize / 2**20:.1f} MB), as a saved tensor: 'saved' counts it"
+            f"({n * d * wl.requires[0].dtype.itemsize / 2**20:.1f} MB), as a saved tensor: 'saved' counts it"
         )
     del wl, fns, candidates, samples  # (main._guarded then collects them)
     return record

@@ -13,9 +13,9 @@ from .spec import OpSpec
 
 FAMILIES = (linear_act, mlp, losses, linear_cross_entropy)  # table order
 OPS: Dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
-# smooth_l1 is huber / beta: same kernel; cross_entropy_capped is cross_entropy with options, run
-# on request beside it.
-DEFAULT_OPS = [op for op in OPS if op not in ("smooth_l1", "cross_entropy_capped")]
+# smooth_l1 is huber / beta: same kernel; cross_entropy_capped (with options) and
+# cross_entropy_autocast (bfloat16 logits under autocast) are cross_entropy, run on request.
+DEFAULT_OPS = [op for op in OPS if op not in ("smooth_l1", "cross_entropy_capped", "cross_entropy_autocast")]
 ALIASES = {alias: spec.name for spec in OPS.values() for alias in spec.aliases}
 SCENARIO_NAMES = ("cnn", "rnn", "ffn", "llm", "quick", "tiny")
 

@@ -38,12 +38,26 @@ def _capped_ours(x, t):
     return loss
 
 
+def _under_autocast(loss: Callable) -> Callable:
+    """`loss` under bfloat16 autocast, as a mixed-precision training step computes it: the logits
+    (bfloat16, from an autocast Linear) go to the loss, which autocast runs in float32."""
+
+    def run(x, t):
+        with torch.autocast(x.device.type, dtype=torch.bfloat16):
+            return loss(x, t)
+
+    return run
+
+
 # op: (eager, ours)
 FUNCTIONS: Dict[str, Tuple[Callable, Callable]] = {
     "cross_entropy": (lambda x, t: F.cross_entropy(x, t), lambda x, t: torch_ext.cross_entropy(x, t)),
     # softcap 30 plus the lse and accuracy outputs: what they add to the step (run it beside
     # cross_entropy: `--ops cross_entropy,cross_entropy_capped --sizes llm`)
     "cross_entropy_capped": (_capped_eager, _capped_ours),
+    # bfloat16 logits under autocast (whatever --dtype): F.cross_entropy makes a float32 copy of
+    # them; ours reads them as they are (`--ops cross_entropy_autocast --sizes llm`)
+    "cross_entropy_autocast": (_under_autocast(F.cross_entropy), _under_autocast(torch_ext.cross_entropy)),
     "mse": (lambda x, y: F.mse_loss(x, y), lambda x, y: torch_ext.mse_loss(x, y)),
     "huber": (lambda x, y: F.huber_loss(x, y), lambda x, y: torch_ext.huber_loss(x, y)),
     "smooth_l1": (lambda x, y: F.smooth_l1_loss(x, y), lambda x, y: torch_ext.smooth_l1_loss(x, y)),
@@ -67,6 +81,7 @@ _CROSS_ENTROPY_SCENARIOS = {
 SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
     "cross_entropy": _CROSS_ENTROPY_SCENARIOS,
     "cross_entropy_capped": _CROSS_ENTROPY_SCENARIOS,
+    "cross_entropy_autocast": _CROSS_ENTROPY_SCENARIOS,
     "mse": REGRESSION_SCENARIOS,
     "huber": REGRESSION_SCENARIOS,
     "smooth_l1": REGRESSION_SCENARIOS,
@@ -81,6 +96,8 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
 def make_inputs(op: str, n: int, d: int, dtype: torch.dtype, device: str):
     """(all inputs, those that require grad), seeded."""
     torch.manual_seed(0)
+    if op == "cross_entropy_autocast":
+        dtype = torch.bfloat16
     if op.startswith("cross_entropy"):
         logits = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
         target = torch.randint(0, d, (n,), dtype=torch.int64, device=device)
@@ -119,8 +136,9 @@ def make_workload(op: str, n: int, d: int, dtype: torch.dtype = torch.float32, d
     require grad, floor = bytes that must move / copy bandwidth."""
     eager, ours = FUNCTIONS[op]
     inputs, requires = make_inputs(op, n, d, dtype, device)
+    dtype = inputs[0].dtype
     return Workload(
-        label=f"{n}x{d}",
+        label=f"{n}x{d} bf16 autocast" if op == "cross_entropy_autocast" else f"{n}x{d}",
         inputs=inputs,
         requires=requires,
         exclude=inputs,
@@ -141,6 +159,7 @@ def _spec(op: str, kernel: str, defaults: Tuple[str, ...], aliases: Tuple[str, .
 SPECS = [
     _spec("cross_entropy", "cross_entropy_fwd", ("tiny", "cnn", "rnn", "llm"), ()),
     _spec("cross_entropy_capped", "cross_entropy_fwd", (), ("ce_capped",)),
+    _spec("cross_entropy_autocast", "cross_entropy_fwd", (), ("ce_autocast",)),
     _spec("mse", "regression_loss_fwd", ("tiny", "ffn"), ("mse_loss",)),
     _spec("huber", "regression_loss_fwd", ("tiny", "ffn"), ("huber_loss",)),
     _spec("smooth_l1", "regression_loss_fwd", ("ffn",), ("smooth_l1_loss",)),
