@@ -97,18 +97,23 @@ class _RecordOps(TorchDispatchMode):
         return func(*args, **kwargs)
 
 
-@pytest.mark.parametrize("case", CASES, ids=_case_id)
-@pytest.mark.parametrize("device", DEVICES)
-def test_opcheck_every_op_called(device, case):
-    # The ops a sample's eager forward and backward call, each through torch.library.opcheck
-    # (schema, fake kernel, autograd registration, aot_dispatch) with the arguments it got.
-    s = sample(*case, device, torch.float32)
+def _opcheck_each_op_of(run) -> None:
+    """torch.library.opcheck (schema, fake kernel, autograd registration, aot_dispatch) of every
+    torch_ext op `run()` calls, with the arguments it got."""
     recorder = _RecordOps()
     with recorder:
-        _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+        run()
     assert recorder.calls, "the sample called no torch_ext op"
     for func, args, kwargs in recorder.calls:
         torch.library.opcheck(func, args, kwargs)
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_opcheck_every_op_called(device, case):
+    # The ops a sample's eager forward and backward call.
+    s = sample(*case, device, torch.float32)
+    _opcheck_each_op_of(lambda: _forward_backward(s.fn, s.inputs, fixed=s.fixed))
 
 
 @pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
@@ -117,12 +122,12 @@ def test_opcheck_every_op_called_under_autocast(device, case):
     # Under bfloat16 autocast the ops get 16-bit operands and, for the losses over 16-bit
     # logits, a float32 loss_dtype: the fake kernels must give the same dtypes.
     s = sample(*case, device, torch.float32)
-    recorder = _RecordOps()
-    with recorder, torch.autocast(device, dtype=torch.bfloat16):
-        _forward_backward(s.fn, s.inputs, fixed=s.fixed)
-    assert recorder.calls, "the sample called no torch_ext op"
-    for func, args, kwargs in recorder.calls:
-        torch.library.opcheck(func, args, kwargs)
+
+    def run():
+        with torch.autocast(device, dtype=torch.bfloat16):
+            _forward_backward(s.fn, s.inputs, fixed=s.fixed)
+
+    _opcheck_each_op_of(run)
 
 
 @pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
@@ -130,12 +135,12 @@ def test_opcheck_every_op_called_under_autocast(device, case):
 def test_opcheck_every_op_called_in_inference(device, case):
     # The same under no_grad, where the ops are called with nothing asked for backward.
     s = sample(*case, device, torch.float32)
-    recorder = _RecordOps()
-    with recorder, torch.no_grad():
-        s.fn(*s.inputs)
-    assert recorder.calls, "the sample called no torch_ext op"
-    for func, args, kwargs in recorder.calls:
-        torch.library.opcheck(func, args, kwargs)
+
+    def run():
+        with torch.no_grad():
+            s.fn(*s.inputs)
+
+    _opcheck_each_op_of(run)
 
 
 @pytest.mark.parametrize("backend", ["aot_eager", "inductor"])
