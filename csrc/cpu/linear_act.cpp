@@ -192,6 +192,9 @@ void backward_panels(Activation act, double negative_slope, const Tensor& g2d, c
       const Acc* part = partials.const_data_ptr<Acc>();
       for (int64_t b = 0; b < blocks; ++b)
         for (int64_t j = 0; j < n; ++j) acc[j] += part[b * n + j];
+      // Given back before the last panel's GEMMs, which write the weight and input gradients: held
+      // through them, the partials would add to the step's peak (one panel: every step of a small layer).
+      if (r0 + rows >= m) partials.reset();
     }
     const Tensor panel_grad = grad_pre.narrow(0, in_place ? r0 : 0, rows);
     if (grad_input.defined()) {
