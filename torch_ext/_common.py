@@ -48,7 +48,7 @@ def eager_without_autograd(*tensors: Optional[Tensor]) -> bool:
     return not needs_autograd(*tensors) and not torch.compiler.is_compiling()
 
 
-def _autocast_off() -> bool:
+def autocast_off() -> bool:
     """True when no device has autocast on: one call, where the per-device checks below cost a
     noticeable share of a small op's whole Python path. Compiled code takes the per-device
     checks, which dynamo knows."""
@@ -57,7 +57,7 @@ def _autocast_off() -> bool:
 
 def autocast_enabled_on(tensor: Tensor) -> bool:
     """Whether autocast is enabled on the tensor's device."""
-    if _autocast_off():
+    if autocast_off():
         return False
     device_type = tensor.device.type
     # "meta" and other devices without autocast raise in is_autocast_enabled.
@@ -67,7 +67,7 @@ def autocast_enabled_on(tensor: Tensor) -> bool:
 def autocast_to_lower_precision(*tensors: Optional[Tensor]):
     """Cast as autocast casts the inputs of F.linear: floating tensors other than float64 go to
     the autocast dtype of their device when autocast is enabled there; others pass unchanged."""
-    if _autocast_off():
+    if autocast_off():
         return tensors
     first = next((t for t in tensors if t is not None), None)
     if first is None:
@@ -86,7 +86,7 @@ def autocast_to_lower_precision(*tensors: Optional[Tensor]):
 def autocast_to_float32(*tensors: Optional[Tensor]):
     """Cast as autocast casts the inputs of PyTorch's losses (its float32 list): when autocast is
     enabled on their device, floating tensors of a lower precision go to float32."""
-    if _autocast_off():
+    if autocast_off():
         return tensors
     first = next((t for t in tensors if t is not None), None)
     if first is None:

@@ -16,6 +16,7 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_enabled_on,
+    autocast_off,
     autocast_to_float32,
     check_reduction,
     check_reduction_with_grad_in_forward,
@@ -368,7 +369,9 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
-    input, target, weight, loss_dtype = _autocast_inputs(input, target, weight)
+    loss_dtype = None
+    if not autocast_off():  # (checked here first: the per-call cost of a small head's loss)
+        input, target, weight, loss_dtype = _autocast_inputs(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
     if _takes_eager_node(input, target) or eager_without_autograd(input, target):
         return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats, loss_dtype is not None)
