@@ -313,19 +313,21 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
 }
 
 at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
-                                     double margin, double p, double eps, bool swap, c10::string_view reduction) {
+                                     double margin, double p, double eps, bool swap, c10::string_view reduction,
+                                     std::optional<at::ScalarType> loss_dtype) {
   using Outputs = std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor>;
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd", "")
-                                  .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double,
-                                                 double, double, bool, c10::string_view, std::array<bool, 3>)>();
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::triplet_margin_loss_fwd", "")
+          .typed<Outputs(const at::Tensor&, const at::Tensor&, const at::Tensor&, double, double, double, bool,
+                         c10::string_view, std::array<bool, 3>, std::optional<at::ScalarType>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::triplet_margin_loss_bwd", "");
   const std::array<bool, 3> mask = {takes_grad(anchor), takes_grad(positive), takes_grad(negative)};
   at::Tensor loss, dist, grad_anchor, grad_positive, grad_negative;
   {
     BelowAutograd below_autograd;
     std::tie(loss, dist, grad_anchor, grad_positive, grad_negative) =
-        forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask);
+        forward.call(anchor, positive, negative, margin, p, eps, swap, reduction, mask, loss_dtype);
   }
   if (!any_of(mask)) return loss;
   set_node_history(loss, {"TripletMarginLossBackward",

@@ -55,7 +55,8 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
                                  const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
                                  c10::string_view reduction);
 at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
-                                     double margin, double p, double eps, bool swap, c10::string_view reduction);
+                                     double margin, double p, double eps, bool swap, c10::string_view reduction,
+                                     std::optional<at::ScalarType> loss_dtype);
 std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
     const at::Tensor& input, const at::Tensor& linear_weight, const std::optional<at::Tensor>& linear_bias,
     const at::Tensor& target, const std::optional<at::Tensor>& weight, int64_t ignore_index, c10::string_view reduction,

@@ -122,10 +122,11 @@ TORCH_LIBRARY(torch_ext, m) {
   // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist, grad_anchor,
   // grad_positive, grad_negative); dist (rows, 3) holds d(a, p), d(a, n) and d(p, n) (0 without
   // swap) in float32 (float64 for float64 input). grad_mask: (anchor, positive, negative), formed
-  // in the same pass over the inputs.
+  // in the same pass over the inputs. loss_dtype as cross_entropy_fwd's.
   m.def(
       "triplet_margin_loss_fwd(Tensor anchor, Tensor positive, Tensor negative, float margin, float p, "
-      "float eps, bool swap, str reduction, bool[3] grad_mask) -> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      "float eps, bool swap, str reduction, bool[3] grad_mask, ScalarType? loss_dtype=None) "
+      "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "triplet_margin_loss_bwd(Tensor grad_loss, Tensor anchor, Tensor positive, Tensor negative, "
@@ -318,21 +319,23 @@ static PyObject* regression_loss_eager(PyObject*, PyObject* args) {
       [&] { return torch_ext::regression_loss_eager(*input, *target, weight, loss, param, reduction); });
 }
 
-// _triplet_margin_loss_eager(anchor, positive, negative, margin, p, eps, swap, reduction)
+// _triplet_margin_loss_eager(anchor, positive, negative, margin, p, eps, swap, reduction,
+// float32_loss); float32_loss: loss_dtype float32 (autocast)
 static PyObject* triplet_margin_loss_eager(PyObject*, PyObject* args) {
   PyObject *anchor_obj, *positive_obj, *negative_obj;
   double margin, p, eps;
-  int swap;
+  int swap, float32_loss;
   const char* reduction;
   std::optional<at::Tensor> anchor, positive, negative;
-  if (!PyArg_ParseTuple(args, "OOOdddps", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
-                        &reduction) ||
+  if (!PyArg_ParseTuple(args, "OOOdddpsp", &anchor_obj, &positive_obj, &negative_obj, &margin, &p, &eps, &swap,
+                        &reduction, &float32_loss) ||
       !unpack_tensors({{anchor_obj, "anchor", false, &anchor},
                        {positive_obj, "positive", false, &positive},
                        {negative_obj, "negative", false, &negative}}))
     return nullptr;
   return run_without_gil([&] {
-    return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0, reduction);
+    return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0, reduction,
+                                                float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
   });
 }
 

@@ -15,6 +15,8 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     any_requires_grad,
+    autocast_enabled_on,
+    autocast_off,
     autocast_to_float32,
     check_reduction,
     direct_when_no_grad,
@@ -24,6 +26,7 @@ from ._common import (
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
+    loss_dtype_or_input,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -63,13 +66,15 @@ def _check_args(op, anchor, positive, negative, p, reduction):
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_fwd")
-def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask):
-    _check_args("torch_ext.triplet_margin_loss", anchor, positive, negative, p, reduction)
+def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask, loss_dtype=None):
+    op = "torch_ext.triplet_margin_loss"
+    _check_args(op, anchor, positive, negative, p, reduction)
     rows = anchor.shape[0] if anchor.dim() == 2 else 1
     loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
     acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
     grads = tuple(anchor.new_empty(anchor.shape) if m else None for m in grad_mask)
-    return (anchor.new_empty(loss_shape), anchor.new_empty((rows, 3), dtype=acc)) + grads
+    loss = anchor.new_empty(loss_shape, dtype=loss_dtype_or_input(op, anchor, loss_dtype))
+    return (loss, anchor.new_empty((rows, 3), dtype=acc)) + grads
 
 
 @torch.library.register_fake("torch_ext::triplet_margin_loss_bwd")
@@ -78,13 +83,14 @@ def _triplet_bwd_fake(grad_loss, anchor, positive, negative, dist, margin, p, ep
     return fake_grads(anchor, output_mask, (anchor.shape,) * 3)
 
 
-# The forward op's arguments: (anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask).
-_N_INPUTS = 9
+# The forward op's arguments: (anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask,
+# loss_dtype).
+_N_INPUTS = 10
 NO_GRADS = (False, False, False)  # the grad_mask of a forward that forms no gradient
 
 
 def _setup_context(ctx, inputs, output):
-    anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask = inputs
+    anchor, positive, negative, margin, p, eps, swap, reduction, grad_mask = inputs[:9]
     ctx.options = (margin, p, eps, swap, reduction)
     # Formed for a loss gradient of 1 per row with reduction none (each row's loss depends on its
     # own inputs only), else for grad_loss = 1.
@@ -172,17 +178,30 @@ def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduc
     if margin <= 0:  # as F.triplet_margin_loss (the raw op takes any margin)
         raise ValueError(f"margin must be greater than 0, got {margin}")
     _check_p("torch_ext.triplet_margin_loss", p)
-    anchor, positive, negative = autocast_to_float32(anchor, positive, negative)
+    loss_dtype = None
+    if not autocast_off():
+        anchor, positive, negative, loss_dtype = _autocast_inputs(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
     if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)) or eager_without_autograd(
         anchor, positive, negative
     ):
         # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h);
         # without autograd, the forward op alone.
-        return _C._triplet_margin_loss_eager(*args)
+        return _C._triplet_margin_loss_eager(*args, loss_dtype is not None)
     if not needs_autograd(anchor, positive, negative):  # compiled
-        return _fwd_op(*args, NO_GRADS)[0]
-    return TripletMarginLossFunction.apply(*args, NO_GRADS)[0]
+        return _fwd_op(*args, NO_GRADS, loss_dtype)[0]
+    return TripletMarginLossFunction.apply(*args, NO_GRADS, loss_dtype)[0]
+
+
+def _autocast_inputs(anchor, positive, negative):
+    """(anchor, positive, negative, loss_dtype) as autocast gives F.triplet_margin_loss its inputs
+    (float32), except that three 16-bit inputs of one dtype (one network's embeddings) stay as they
+    are: the kernels compute in float32 from them and return the loss in float32 (loss_dtype), so
+    no float32 copies of the inputs and their gradients are made."""
+    low = anchor.dtype in (torch.float16, torch.bfloat16) and anchor.dtype == positive.dtype == negative.dtype
+    if low and autocast_enabled_on(anchor):
+        return anchor, positive, negative, torch.float32
+    return (*autocast_to_float32(anchor, positive, negative), None)
 
 
 class TripletMarginLoss(nn.TripletMarginLoss):

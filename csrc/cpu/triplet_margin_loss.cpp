@@ -79,9 +79,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                                 const Tensor& positive, const Tensor& negative,
                                                                 double margin, double p, double eps, bool swap,
                                                                 c10::string_view reduction,
-                                                                std::array<bool, 3> grad_mask) {
+                                                                std::array<bool, 3> grad_mask,
+                                                                std::optional<at::ScalarType> loss_dtype) {
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p);
+  const at::ScalarType dtype = loss_dtype_or_input(op, anchor, loss_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
   const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
@@ -100,18 +102,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                              : sum_in_order(row_loss.const_data_ptr<float>(), rows);
   Tensor loss;
   switch (red) {
-    case Reduction::None: loss = row_loss.to(anchor.scalar_type()).view(loss_shape(anchor)); break;
-    case Reduction::Sum: loss = at::scalar_tensor(total, anchor.options()); break;
-    case Reduction::Mean: loss = at::scalar_tensor(total / double(rows), anchor.options()); break;
+    case Reduction::None: loss = row_loss.to(dtype).view(loss_shape(anchor)); break;
+    case Reduction::Sum: loss = at::scalar_tensor(total, anchor.options().dtype(dtype)); break;
+    case Reduction::Mean: loss = at::scalar_tensor(total / double(rows), anchor.options().dtype(dtype)); break;
   }
   return {loss, dist, grads[0], grads[1], grads[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_cpu(
     const Tensor& anchor, const Tensor& positive, const Tensor& negative, double margin, double p, double eps,
-    bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask) {
+    bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask, std::optional<at::ScalarType> loss_dtype) {
   return forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
-                      grad_mask);
+                      grad_mask, loss_dtype);
 }
 
 std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& grad_loss, const Tensor& anchor,

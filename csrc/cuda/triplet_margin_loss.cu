@@ -206,10 +206,12 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
                                                                 const Tensor& positive, const Tensor& negative,
                                                                 double margin, double p, double eps, bool swap,
                                                                 c10::string_view reduction,
-                                                                std::array<bool, 3> grad_mask) {
+                                                                std::array<bool, 3> grad_mask,
+                                                                std::optional<at::ScalarType> loss_dtype) {
   const c10::cuda::CUDAGuard guard(anchor.device());
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p);
+  const at::ScalarType dtype = loss_dtype_or_input(op, anchor, loss_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
   const auto acc_options = anchor.options().dtype(acc_dtype(anchor));
@@ -232,18 +234,18 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   }
   Tensor loss;
   switch (red) {
-    case Reduction::None: loss = row_loss.to(anchor.scalar_type()).view(loss_shape(anchor)); break;
-    case Reduction::Sum: loss = row_loss.sum().to(anchor.scalar_type()); break;
-    case Reduction::Mean: loss = row_loss.sum().div(double(rows)).to(anchor.scalar_type()); break;
+    case Reduction::None: loss = row_loss.to(dtype).view(loss_shape(anchor)); break;
+    case Reduction::Sum: loss = row_loss.sum().to(dtype); break;
+    case Reduction::Mean: loss = row_loss.sum().div(double(rows)).to(dtype); break;
   }
   return {loss, dist, grads[0], grads[1], grads[2]};
 }
 
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> triplet_margin_loss_fwd_cuda(
     const Tensor& anchor, const Tensor& positive, const Tensor& negative, double margin, double p, double eps,
-    bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask) {
+    bool swap, c10::string_view reduction, std::array<bool, 3> grad_mask, std::optional<at::ScalarType> loss_dtype) {
   return forward_impl("torch_ext.triplet_margin_loss", anchor, positive, negative, margin, p, eps, swap, reduction,
-                      grad_mask);
+                      grad_mask, loss_dtype);
 }
 
 std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& anchor,
