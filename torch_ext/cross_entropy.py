@@ -273,7 +273,7 @@ def _autocast_inputs(input: Tensor, target: Tensor, weight: Optional[Tensor]):
     of the logits and of their gradient (8 bytes per logit) is not made. Probability targets are
     cast with the logits (the kernels take them in the logits' dtype)."""
     if input.dtype in (torch.float16, torch.bfloat16) and not target.is_floating_point() and autocast_enabled_on(input):
-        return input, target, None if weight is None else weight.float(), torch.float32
+        return (input, target, *autocast_to_float32(weight), torch.float32)  # (a float64 weight stays)
     return (*autocast_to_float32(input, target, weight), None)
 
 
