@@ -429,3 +429,40 @@ def test_fused_model_matches_the_model(device, dtype, name):
     for n, g in grads.items():
         assert g.dtype == dtype, n
         assert_close(g, ref_grads[n], rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient of {n}")
+
+
+def _loss_ops(device):
+    """(name, call(loss_dtype)) of the forward ops that take loss_dtype, on small 16-bit inputs."""
+    x = torch.randn(6, 10, device=device).bfloat16()
+    t = torch.randint(0, 10, (6,), device=device)
+    h, w = torch.randn(6, 4, device=device).bfloat16(), torch.randn(10, 4, device=device).bfloat16()
+    ops = torch.ops.torch_ext
+    return [
+        ("cross_entropy_fwd", lambda d: ops.cross_entropy_fwd(x, t, None, -100, "mean", 0.0, 0.0, [False, False],
+                                                              loss_dtype=d)[0]),
+        ("linear_cross_entropy_fwd", lambda d: ops.linear_cross_entropy_fwd(
+            h, w, None, t, None, -100, "sum", 0.0, 0.0, 4, [False, False, False], loss_dtype=d)[0]),
+        ("triplet_margin_loss_fwd", lambda d: ops.triplet_margin_loss_fwd(
+            x, x.flip(0), x.roll(1, 0), 10.0, 2.0, 1e-6, False, "none", [False, False, False], loss_dtype=d)[0]),
+    ]
+
+
+@pytest.mark.parametrize("op_index", range(3))
+@pytest.mark.parametrize("device", DEVICES)
+def test_loss_dtype(device, op_index):
+    # The losses' loss_dtype: None gives the input's dtype; float32 the loss as computed, which
+    # rounded to bfloat16 is the None result (to one bfloat16 rounding: a float64 sum rounded
+    # through float32 may round once more); a non-floating dtype is refused, naming the argument,
+    # by the kernel and by the fake kernel alike.
+    name, call = _loss_ops(device)[op_index]
+    plain, wide = call(None), call(torch.float32)
+    assert plain.dtype == torch.bfloat16 and wide.dtype == torch.float32, name
+    assert not torch.equal(wide, plain.float()), f"{name}: the float32 loss is the rounded one"
+    assert_close(plain, wide, dtype=torch.bfloat16, check_dtype=False, msg=name)
+    for mode in ("real", "fake"):
+        with pytest.raises(ValueError, match="loss_dtype must be a floating-point dtype"):
+            if mode == "real":
+                call(torch.int64)
+            else:
+                with torch._subclasses.fake_tensor.FakeTensorMode(allow_non_fake_inputs=True):
+                    call(torch.int64)
