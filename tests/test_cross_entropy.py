@@ -44,6 +44,7 @@ from torch_ext import CrossEntropyLoss, cross_entropy
 from utils import (
     SavedTensorBytes,
     assert_close,
+    check_reads_16_bit_under_autocast,
     cpu_supports,
     default_device_type,
     leaf,
@@ -1176,21 +1177,6 @@ def test_autocast_bfloat16(reduction, prob):
         assert_close(xl.grad, xr.grad, dtype=in_dtype, msg=f"autocast grad {in_dtype}")
 
 
-class _ForwardCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records (input dtype, loss_dtype) of each torch_ext::cross_entropy_fwd call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.name() == "torch_ext::cross_entropy_fwd":
-            loss_dtype = args[10] if len(args) > 10 else kwargs.get("loss_dtype")
-            self.calls.append((args[0].dtype, loss_dtype))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("path", ["eager", "no_grad", "lse", "compiled"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_autocast_reads_16_bit_logits_as_they_are(dynamo_reset, reduction, path):
@@ -1206,28 +1192,8 @@ def test_autocast_reads_16_bit_logits_as_they_are(dynamo_reset, reduction, path)
     fn = cross_entropy
     if path == "lse":
         fn = lambda *a, **k: cross_entropy(*a, return_lse=True, **k)[0]  # noqa: E731
-    elif path == "compiled":
-        fn = torch.compile(cross_entropy, fullgraph=True, backend="aot_eager")
-    recorder = _ForwardCalls()
-    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
-        with torch.no_grad() if path == "no_grad" else contextlib.nullcontext():
-            if path == "compiled":
-                y = fn(xl, t, **opts)
-            else:
-                with recorder:
-                    y = fn(xl, t, **opts)
-        y_ref = F.cross_entropy(xr, t, **opts)
-    if path != "compiled":
-        assert recorder.calls == [(torch.bfloat16, torch.float32)], recorder.calls
-    assert y.dtype == y_ref.dtype == torch.float32
-    assert_close(y, y_ref, msg=f"{path}: autocast loss")
-    if path == "no_grad":
-        return
-    g = torch.rand(y.shape) + 0.5
-    y.backward(g)
-    y_ref.backward(g)
-    assert xl.grad.dtype == xr.grad.dtype == torch.bfloat16
-    assert_close(xl.grad, xr.grad, dtype=torch.bfloat16, msg=f"{path}: autocast grad")
+    check_reads_16_bit_under_autocast("cross_entropy_fwd", 10, path, fn, F.cross_entropy, (xl, t), (xr, t), [xl],
+                                      [xr], **opts)
 
 
 def test_autocast_after_linear():

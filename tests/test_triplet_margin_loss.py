@@ -21,7 +21,6 @@ for the raw op. Covered:
 """
 from __future__ import annotations
 
-import contextlib
 import itertools
 import math
 import warnings
@@ -32,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from torch_ext import TripletMarginLoss, triplet_margin_loss
-from utils import assert_close, default_device_type, leaf, reference_dtype
+from utils import assert_close, check_reads_16_bit_under_autocast, default_device_type, leaf, reference_dtype
 
 # Every test on every device (tests/devices.py).
 pytestmark = pytest.mark.every_device
@@ -680,20 +679,6 @@ def test_autocast_bfloat16_computes_in_float32(reduction, dtypes):
         assert_close(a.grad, r.grad, dtype=dt, msg=f"autocast grad_{name}")
 
 
-class _ForwardCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """Records (anchor dtype, loss_dtype) of each torch_ext::triplet_margin_loss_fwd call."""
-
-    def __init__(self):
-        super().__init__()
-        self.calls = []
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        kwargs = kwargs or {}
-        if func.name() == "torch_ext::triplet_margin_loss_fwd":
-            self.calls.append((args[0].dtype, args[9] if len(args) > 9 else kwargs.get("loss_dtype")))
-        return func(*args, **kwargs)
-
-
 @pytest.mark.parametrize("path", ["eager", "no_grad", "compiled"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 def test_autocast_reads_16_bit_inputs_as_they_are(dynamo_reset, reduction, path):
@@ -703,27 +688,8 @@ def test_autocast_reads_16_bit_inputs_as_they_are(dynamo_reset, reduction, path)
     tensors = [v.bfloat16() for v in make_triplet((6, 17))]
     ours_leaves = [leaf(v) for v in tensors]
     ref_leaves = [leaf(v) for v in tensors]
-    fn = torch.compile(ours, fullgraph=True, backend="aot_eager") if path == "compiled" else ours
-    recorder = _ForwardCalls()
-    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
-        if path == "compiled":
-            y = fn(*ours_leaves, swap=True, reduction=reduction)
-        else:
-            with recorder, torch.no_grad() if path == "no_grad" else contextlib.nullcontext():
-                y = fn(*ours_leaves, swap=True, reduction=reduction)
-        y_ref = reference(*ref_leaves, swap=True, reduction=reduction)
-    if path != "compiled":
-        assert recorder.calls == [(torch.bfloat16, torch.float32)], recorder.calls
-    assert y.dtype == y_ref.dtype == torch.float32
-    assert_close(y, y_ref, msg=f"{path}: autocast loss")
-    if path == "no_grad":
-        return
-    g = torch.rand(y.shape) + 0.5
-    y.backward(g)
-    y_ref.backward(g)
-    for name, a, r in zip(NAMES, ours_leaves, ref_leaves):
-        assert a.grad.dtype == torch.bfloat16, name
-        assert_close(a.grad, r.grad, dtype=torch.bfloat16, msg=f"{path}: autocast grad_{name}")
+    check_reads_16_bit_under_autocast("triplet_margin_loss_fwd", 9, path, ours, reference, ours_leaves, ref_leaves,
+                                      ours_leaves, ref_leaves, swap=True, reduction=reduction)
 
 
 # ----------------------------------------------------------------------------------------------

@@ -3,6 +3,7 @@ applies them, a recorder of the bytes autograd saves, and a runner for subproces
 each ``ATEN_CPU_CAPABILITY``."""
 from __future__ import annotations
 
+import contextlib
 import os
 import subprocess
 import sys
@@ -213,3 +214,52 @@ class BackwardOpMasks(torch.utils._python_dispatch.TorchDispatchMode):
         if func is self.op:
             self.masks.append(list(args[-1]))
         return func(*args, **(kwargs or {}))
+
+
+class LossDtypeCalls(torch.utils._python_dispatch.TorchDispatchMode):
+    """``with LossDtypeCalls(op, position) as calls:`` records (first input's dtype, loss_dtype) of
+    each call of the torch_ext op `op` (e.g. "cross_entropy_fwd"), whose loss_dtype is positional
+    argument `position` or a keyword."""
+
+    def __init__(self, op: str, position: int):
+        super().__init__()
+        self.op, self.position, self.calls = f"torch_ext::{op}", position, []
+
+    def __enter__(self):
+        super().__enter__()
+        return self.calls
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if func.name() == self.op:
+            loss_dtype = args[self.position] if len(args) > self.position else kwargs.get("loss_dtype")
+            self.calls.append((args[0].dtype, loss_dtype))
+        return func(*args, **kwargs)
+
+
+def check_reads_16_bit_under_autocast(op: str, position: int, path: str, fn, reference, args, ref_args, leaves,
+                                      ref_leaves, **kwargs) -> None:
+    """A loss under bfloat16 autocast, given bfloat16 inputs: ``fn(*args, **kwargs)`` (path
+    "compiled": through torch.compile; else recorded, "no_grad" under no_grad) must call the op
+    `op` once with them as they are and loss_dtype float32 (argument `position`), and return
+    ``reference(*ref_args, **kwargs)``'s float32 loss to float32 rounding; then (but for no_grad)
+    the gradients of `leaves`, bfloat16, those of `ref_leaves` within a bfloat16 ulp."""
+    recorder = LossDtypeCalls(op, position)
+    run = torch.compile(fn, fullgraph=True, backend="aot_eager") if path == "compiled" else fn
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
+        if path == "compiled":
+            y = run(*args, **kwargs)
+        else:
+            with recorder, torch.no_grad() if path == "no_grad" else contextlib.nullcontext():
+                y = run(*args, **kwargs)
+        y_ref = reference(*ref_args, **kwargs)
+    if path != "compiled":
+        assert recorder.calls == [(torch.bfloat16, torch.float32)], recorder.calls
+    assert y.dtype == y_ref.dtype == torch.float32
+    assert_close(y, y_ref, msg=f"{path}: autocast loss")
+    if path == "no_grad":
+        return
+    g = torch.rand(y.shape) + 0.5
+    for i, (got, want) in enumerate(zip(torch.autograd.grad(y, leaves, g), torch.autograd.grad(y_ref, ref_leaves, g))):
+        assert got.dtype == want.dtype == torch.bfloat16, i
+        assert_close(got, want, dtype=torch.bfloat16, msg=f"{path}: autocast gradient {i}")
