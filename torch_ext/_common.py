@@ -64,6 +64,16 @@ def autocast_enabled_on(tensor: Tensor) -> bool:
     return torch.amp.is_autocast_available(device_type) and torch.is_autocast_enabled(device_type)
 
 
+def float32_loss_of_16_bit(*tensors: Tensor) -> bool:
+    """Whether a loss over these inputs (as autocast cast them) returns float32 computed from their
+    16-bit values (loss_dtype float32): autocast is enabled on their device and they share one
+    16-bit dtype. PyTorch's autocast returns such a loss in float32; the ops compute in float32
+    from 16-bit inputs, so they need no float32 copy of them, and the loss is not rounded."""
+    first = tensors[0]
+    return (first.dtype in (torch.float16, torch.bfloat16) and all(t.dtype == first.dtype for t in tensors[1:])
+            and autocast_enabled_on(first))
+
+
 def autocast_to_lower_precision(*tensors: Optional[Tensor]):
     """Cast as autocast casts the inputs of F.linear: floating tensors other than float64 go to
     the autocast dtype of their device when autocast is enabled there; others pass unchanged."""

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
-    autocast_enabled_on,
     autocast_off,
     autocast_to_float32,
     check_reduction,
@@ -24,6 +23,7 @@ from ._common import (
     divide_by_items,
     eager_without_autograd,
     fake_grads,
+    float32_loss_of_16_bit,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -272,7 +272,7 @@ def _autocast_inputs(input: Tensor, target: Tensor, weight: Optional[Tensor]):
     float32 from them and return the loss in float32 (loss_dtype), unrounded, so the float32 copy
     of the logits and of their gradient (8 bytes per logit) is not made. Probability targets are
     cast with the logits (the kernels take them in the logits' dtype)."""
-    if input.dtype in (torch.float16, torch.bfloat16) and not target.is_floating_point() and autocast_enabled_on(input):
+    if not target.is_floating_point() and float32_loss_of_16_bit(input):
         return (input, target, *autocast_to_float32(weight), torch.float32)  # (a float64 weight stays)
     return (*autocast_to_float32(input, target, weight), None)
 

@@ -23,6 +23,7 @@ from ._common import (
     divide_by_items,
     eager_without_autograd,
     fake_grads,
+    float32_loss_of_16_bit,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -386,9 +387,8 @@ def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    autocast = torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
-    loss_dtype = torch.float32 if autocast and input.dtype in (torch.float16, torch.bfloat16) else input.dtype
+    loss_dtype = torch.float32 if float32_loss_of_16_bit(input) else input.dtype
     return vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
                                                ignore_index, label_smoothing, z_loss, chunk_size, softcap,
                                                process_group, return_lse, return_accuracy, loss_dtype)
@@ -411,15 +411,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
         )
     elif chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
-    autocast = (
-        input.device.type
-        if torch.amp.is_autocast_available(input.device.type) and torch.is_autocast_enabled(input.device.type)
-        else None
-    )
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
     # Under autocast the loss is float32, as F.cross_entropy's of 16-bit logits: the op writes the
     # loss it computed in float32 as it is, not rounded to the logits' dtype first.
-    float32_loss = autocast is not None and input.dtype in (torch.float16, torch.bfloat16)
+    float32_loss = float32_loss_of_16_bit(input)
     loss_dtype = torch.float32 if float32_loss else None
     if target.is_floating_point():
         target = target.to(input.dtype)

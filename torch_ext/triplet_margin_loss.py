@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     any_requires_grad,
-    autocast_enabled_on,
     autocast_off,
     autocast_to_float32,
     check_reduction,
@@ -23,6 +22,7 @@ from ._common import (
     divide_by_items,
     eager_without_autograd,
     fake_grads,
+    float32_loss_of_16_bit,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -198,8 +198,7 @@ def _autocast_inputs(anchor, positive, negative):
     (float32), except that three 16-bit inputs of one dtype (one network's embeddings) stay as they
     are: the kernels compute in float32 from them and return the loss in float32 (loss_dtype), so
     no float32 copies of the inputs and their gradients are made."""
-    low = anchor.dtype in (torch.float16, torch.bfloat16) and anchor.dtype == positive.dtype == negative.dtype
-    if low and autocast_enabled_on(anchor):
+    if float32_loss_of_16_bit(anchor, positive, negative):
         return anchor, positive, negative, torch.float32
     return (*autocast_to_float32(anchor, positive, negative), None)
 
