@@ -24,7 +24,8 @@ from torch import nn
 from transformers.pytorch_utils import Conv1D
 
 from .._common import divide_by_items
-from ..fuse.rewrite import _has_hooks, fused_subclass, rebuilt
+from ..fuse.forwards import unchanged
+from ..fuse.rewrite import fused_subclass, rebuilt
 from ..linear_act import fused_linear
 from ..linear_cross_entropy import linear_cross_entropy
 
@@ -232,7 +233,7 @@ def _causal_lm_class(cls):
         # the original forward: deferring would hand its hooks the hidden states.
         if labels is None or return_logits:
             return super(fused_cls, self).forward(*args, **kwargs)
-        if not isinstance(head, CausalLMHead) or _has_hooks(head):
+        if not unchanged(head, CausalLMHead):
             warnings.warn(f"torch_ext.fuse: {cls.__name__}.lm_head was replaced or hooked after fuse(); the loss comes "
                           "from its logits, unfused (apply such changes before fuse(), which then leaves the head "
                           "alone)", stacklevel=2)
