@@ -282,6 +282,12 @@ static PyObject* run_without_gil_with_stats(bool return_stats, Path&& path) {
   END_HANDLE_TH_ERRORS
 }
 
+// The loss_dtype of a loss's eager entry point given its float32_loss flag: float32 (autocast, for
+// 16-bit inputs), else None (the input's dtype).
+static std::optional<at::ScalarType> loss_dtype_from_flag(int float32_loss) {
+  return float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt;
+}
+
 // _cross_entropy_eager(input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
 // softcap, ignored_row_stats, return_stats, float32_loss); float32_loss: loss_dtype float32 (autocast)
 static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
@@ -299,8 +305,7 @@ static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
     return torch_ext::cross_entropy_eager(*input, *target, weight, ignore_index, reduction, label_smoothing, z_loss,
-                                          softcap, ignored_row_stats != 0,
-                                          float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
+                                          softcap, ignored_row_stats != 0, loss_dtype_from_flag(float32_loss));
   });
 }
 
@@ -335,7 +340,7 @@ static PyObject* triplet_margin_loss_eager(PyObject*, PyObject* args) {
     return nullptr;
   return run_without_gil([&] {
     return torch_ext::triplet_margin_loss_eager(*anchor, *positive, *negative, margin, p, eps, swap != 0, reduction,
-                                                float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
+                                                loss_dtype_from_flag(float32_loss));
   });
 }
 
@@ -395,9 +400,9 @@ static PyObject* linear_cross_entropy_eager(PyObject*, PyObject* args) {
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
   return run_without_gil_with_stats(return_stats != 0, [&] {
-    return torch_ext::linear_cross_entropy_eager(
-        *input, *linear_weight, linear_bias, *target, weight, ignore_index, reduction, label_smoothing, z_loss,
-        chunk_size, softcap, ignored_row_stats != 0, float32_loss != 0 ? std::optional(at::kFloat) : std::nullopt);
+    return torch_ext::linear_cross_entropy_eager(*input, *linear_weight, linear_bias, *target, weight, ignore_index,
+                                                 reduction, label_smoothing, z_loss, chunk_size, softcap,
+                                                 ignored_row_stats != 0, loss_dtype_from_flag(float32_loss));
   });
 }
 
