@@ -217,17 +217,13 @@ class BackwardOpMasks(torch.utils._python_dispatch.TorchDispatchMode):
 
 
 class LossDtypeCalls(torch.utils._python_dispatch.TorchDispatchMode):
-    """``with LossDtypeCalls(op, position) as calls:`` records (first input's dtype, loss_dtype) of
-    each call of the torch_ext op `op` (e.g. "cross_entropy_fwd"), whose loss_dtype is positional
-    argument `position` or a keyword."""
+    """Within ``with LossDtypeCalls(op, position) as recorder:``, ``recorder.calls`` gets (first
+    input's dtype, loss_dtype) of each call of the torch_ext op `op` (e.g. "cross_entropy_fwd"),
+    whose loss_dtype is positional argument `position` or a keyword."""
 
     def __init__(self, op: str, position: int):
         super().__init__()
         self.op, self.position, self.calls = f"torch_ext::{op}", position, []
-
-    def __enter__(self):
-        super().__enter__()
-        return self.calls
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
