@@ -4,7 +4,8 @@ Over the samples of tests/op_samples.py (each public op, several shapes and opti
 result and gradients match PyTorch's own ops in every dtype the device takes; gradcheck in
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
-retained graph's second backward gives the same gradients; saved-tensor hooks (save_on_cpu,
+retained graph's second backward gives the same gradients; torch.func's vjp and per-sample
+gradients (vmap of grad) give PyTorch's, and its second derivative raises; saved-tensor hooks (save_on_cpu,
 activation offloading) see every tensor held for backward; activation checkpointing (both
 torch.utils.checkpoint variants) gives the same bits; non-contiguous inputs; torch.autocast (bfloat16
 and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
@@ -16,6 +17,7 @@ from __future__ import annotations
 
 import copy
 import gc
+import warnings
 import weakref
 
 import pytest
@@ -278,6 +280,73 @@ def test_double_backward_raises(device, case, grad_in_forward):
     assert all(g.requires_grad for g in grads)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+
+
+def _functional(fn, inputs, fixed):
+    """(f, the differentiable inputs): f(*differentiable) = fn(*inputs) with the inputs not
+    differentiated (class indices, class weights) bound, as torch.func takes a function."""
+    wrt = [i for i, t in enumerate(inputs) if t.is_floating_point() and i not in fixed]
+
+    def f(*values):
+        args = list(inputs)
+        for i, v in zip(wrt, values):
+            args[i] = v
+        return fn(*args)
+
+    return f, [inputs[i] for i in wrt]
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_vjp_matches_pytorch(device, case):
+    # torch.func.vjp (what torch.func.grad and functional training loops use) gives PyTorch's
+    # result and gradients, in float64.
+    s = sample(*case, device, torch.float64)
+    f, values = _functional(s.fn, s.inputs, s.fixed)
+    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
+    out, vjp = torch.func.vjp(f, *values)
+    ref, ref_vjp = torch.func.vjp(ref_f, *values)
+    grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(device)
+    assert_close(out, ref, msg="result")
+    for i, (g, r) in enumerate(zip(vjp(grad_output), ref_vjp(grad_output))):
+        assert_close(g, r, msg=f"gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_per_sample_gradients(device, case):
+    # vmap over torch.func.grad (per-sample gradients, jacrev's pattern): a batch of three samples
+    # of every differentiable input, each sample's gradient PyTorch's for that sample. The ops have
+    # no batching rule: vmap runs them through PyTorch's fallback, a loop over the samples.
+    s = sample(*case, device, torch.float64)
+    f, values = _functional(s.fn, s.inputs, s.fixed)
+    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
+    gen = torch.Generator().manual_seed(3)
+    batched = [torch.stack([v, v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(device), -v])
+               for v in values]
+    argnums = tuple(range(len(values)))
+
+    def scalar(fn):
+        return lambda *v: fn(*v).sum()
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
+        got = torch.vmap(torch.func.grad(scalar(f), argnums=argnums))(*batched)
+    want = torch.vmap(torch.func.grad(scalar(ref_f), argnums=argnums))(*batched)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert g.shape == r.shape == batched[i].shape
+        assert_close(g, r, msg=f"per-sample gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_second_derivative_raises(device, case):
+    # torch.func.grad of torch.func.grad: the same clear error as double backward outside torch.func.
+    s = sample(*case, device, torch.float64)
+    f, values = _functional(s.fn, s.inputs, s.fixed)
+    first = torch.func.grad(lambda v: f(v, *values[1:]).sum())
+    with pytest.raises(RuntimeError, match="double backward"):
+        torch.func.grad(lambda v: first(v).square().sum())(values[0])
 
 
 def _non_contiguous(t):

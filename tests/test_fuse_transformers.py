@@ -234,6 +234,31 @@ def test_same_loss_logits_and_gradients(family, training, fused_models):
             assert_close(fused(input_ids=ids).logits, ref(input_ids=ids).logits, msg=f"{family}: logits without labels")
 
 
+@pytest.mark.parametrize("family", FAMILIES)
+def test_torch_func_functional_call_grad(family, fused_models):
+    # torch.func.grad over torch.func.functional_call (functional training loops, meta-learning):
+    # the fused model's loss gradients by name are the ones its plain backward gives, bit for bit,
+    # and the unfused model's under torch.func to rounding.
+    ref, fused, _ = fused_models[family]
+    ref.train()
+    fused.train()
+    inputs = batch(family)
+
+    def loss_grads(model):
+        params = {n: p.detach() for n, p in model.named_parameters()}
+        return torch.func.grad(lambda p: torch.func.functional_call(model, p, (), inputs).loss)(params)
+
+    grads, ref_grads = loss_grads(fused), loss_grads(ref)
+    _, _, plain = step(fused, inputs)
+    assert sorted(grads) == sorted(ref_grads) == sorted(plain)
+    for name, g in grads.items():
+        if plain[name] is None:  # a parameter the loss does not reach: torch.func gives zeros
+            assert not g.any(), f"{family}: {name}"
+            continue
+        assert torch.equal(g, plain[name]), f"{family}: gradient of {name} differs from the plain backward's"
+        assert_close(g, ref_grads[name], msg=f"{family}: gradient of {name}")
+
+
 @pytest.mark.parametrize("use_reentrant", [False, True], ids=["non_reentrant", "reentrant"])
 @pytest.mark.parametrize("family", FAMILIES)
 def test_gradient_checkpointing(family, use_reentrant):

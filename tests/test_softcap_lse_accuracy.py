@@ -32,6 +32,7 @@ argument errors; the modules against the functionals.
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -712,6 +713,29 @@ def test_backward_loss_plus_lse(reduction, grad_in_forward):
     lr = torch.logsumexp(cap(xr, 2.0), 1)
     (yr.sum() + 0.3 * (lr ** 2).sum()).backward()
     assert_close(xl.grad, xr.grad, msg=reduction)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_loss_plus_lse_under_torch_func(reduction):
+    # torch.func.grad, and vmap of it over three samples, of loss + (lse**2).sum(): the lse's own
+    # Function (its for_transforms variant) as the loss's.
+    x = make_input((6, 8), scale=3.0)
+    t = class_target(x.shape, 8, "some", -100)
+
+    def ours(x):
+        loss, lse = cross_entropy(x, t, softcap=2.0, reduction=reduction, z_loss=1e-3, return_lse=True)
+        return loss.sum() + 0.3 * (lse ** 2).sum()
+
+    def ref(x):
+        return ce_ref(x, t, None, 2.0, reduction=reduction, z_loss=1e-3).sum() + 0.3 * (
+            torch.logsumexp(cap(x, 2.0), 1) ** 2).sum()
+
+    assert_close(torch.func.grad(ours)(x), torch.func.grad(ref)(x), msg="grad")
+    samples = torch.stack([x, 2 * x, -x])
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
+        got = torch.vmap(torch.func.grad(ours))(samples)
+    assert_close(got, torch.vmap(torch.func.grad(ref))(samples), msg="vmap of grad")
 
 
 @pytest.mark.parametrize("prob", [False, True], ids=["class", "prob"])

@@ -232,6 +232,13 @@ def test_sharded_equals_unsharded(tmp_path, world):
                 assert ref["grad_w"][lo:hi].abs().max() > 0, f"{what}: the check is empty"
 
 
+def test_process_group_under_torch_func_is_refused():
+    x = torch.randn(3, 4)
+    with pytest.raises(RuntimeError, match="with process_group, torch.func transforms"):
+        torch.func.grad(lambda x: torch_ext.linear_cross_entropy(x, torch.randn(5, 4), torch.tensor([0, 1, 2]),
+                                                                 process_group=object()))(x)
+
+
 def test_process_group_needs_an_initialized_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         torch_ext.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),

@@ -9,6 +9,7 @@ from torch import Tensor
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it (any_requires_grad can)
+_functorch_transforms_active = torch._C._are_functorch_transforms_active  # dynamo folds it to a constant
 
 
 def any_requires_grad(*tensors: Optional[Tensor]) -> bool:
@@ -192,12 +193,19 @@ def _double_backward_error(public_name: str) -> RuntimeError:
 
 
 class _NoDoubleBackward(torch.autograd.Function):
-    """Identity on a gradient whose own backward raises (differentiable_once)."""
+    """Identity on a gradient whose own backward raises (differentiable_once). In the setup_context
+    style, which torch.func's transforms take (it runs only with create_graph, where the per-call
+    cost of that style does not matter)."""
+
+    generate_vmap_rule = True
 
     @staticmethod
-    def forward(ctx, public_name, grad, *sources):
-        ctx.public_name = public_name
+    def forward(public_name, grad, *sources):
         return grad.clone()
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        ctx.public_name = inputs[0]
 
     @staticmethod
     def backward(ctx, *grads):
@@ -296,6 +304,45 @@ def non_differentiable(output):
     """A forward op's outputs after the loss that are tensors: the gradients its grad_mask did not
     ask for are None."""
     return [o for o in output[1:] if o is not None]
+
+
+def transforms_active() -> bool:
+    """Whether a torch.func transform (grad, vmap, jacrev, functional per-sample gradients) is
+    running: the public functions then take their Function's for_transforms variant (one C call
+    per op call to find out; compiled code keeps its own path)."""
+    return _functorch_transforms_active() and not torch.compiler.is_compiling()
+
+
+def for_transforms(function, op, setup_context, public_name: str):
+    """`function` (an autograd.Function over `op` whose forward is forward_with_ctx(op,
+    setup_context)) as torch.func's transforms take one: in the setup_context style, with
+    generate_vmap_rule (under vmap the op runs through PyTorch's batching fallback, a loop over the
+    batch). The public functions call it with a grad_mask that forms no gradient in forward (the
+    backward op forms them). torch.func differentiates with create_graph on: the backward runs
+    with grad mode off (the backward ops' own autograd kernels are not of this style) and ties its
+    gradients to what it read through differentiable_once, so a second derivative (torch.func.hessian)
+    raises as it does outside torch.func. Forward-mode AD (torch.func.jvp) is not supported."""
+
+    def forward(*inputs):
+        return op(*inputs)
+
+    def backward(ctx, *grads):
+        with torch.no_grad():
+            result = function.backward(ctx, *grads)
+        return differentiable_once(public_name, result, (*ctx.saved_tensors, *grads))
+
+    return type(
+        f"{function.__name__}ForTransforms",
+        (torch.autograd.Function,),
+        {
+            "__doc__": f"{function.__name__} in the setup_context style, for torch.func's transforms (for_transforms).",
+            "__module__": function.__module__,
+            "generate_vmap_rule": True,
+            "forward": staticmethod(forward),
+            "setup_context": staticmethod(setup_context),
+            "backward": staticmethod(backward),
+        },
+    )
 
 
 def forward_with_ctx(op, setup_context):

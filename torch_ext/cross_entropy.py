@@ -24,6 +24,7 @@ from ._common import (
     eager_without_autograd,
     fake_grads,
     float32_loss_of_16_bit,
+    for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -33,6 +34,7 @@ from ._common import (
     register_no_double_backward,
     resolve_reduction,
     save_with_formed_grads,
+    transforms_active,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_fwd.default)
@@ -220,28 +222,42 @@ class CrossEntropyFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+_CrossEntropyForTransforms = for_transforms(CrossEntropyFunction, _fwd_op, _setup_context, "torch_ext.cross_entropy")
+
+
+def _lse_of_stats(input, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, shape):
+    return (stats[:, 0] + stats[:, 1]).reshape(shape)
+
+
+def _lse_setup_context(ctx, inputs, output):
+    input, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, _ = inputs
+    ctx.options = (ignore_index, "sum", label_smoothing, z_loss)
+    ctx.softcap = softcap
+    ctx.save_for_backward(input, target, weight, stats)
+
+
+def _lse_backward(ctx, grad_lse):
+    input, target, weight, stats = ctx.saved_tensors
+    grad_input = None
+    if ctx.needs_input_grad[0]:
+        no_loss_grad = torch.zeros((), dtype=stats.dtype, device=stats.device)
+        grad_input = _bwd_op(no_loss_grad, input, target, weight, stats, *ctx.options, [True, False], ctx.softcap,
+                             grad_lse.reshape(-1))[0]
+    return (grad_input,) + (None,) * 8
+
+
 class _LogSumExpFunction(torch.autograd.Function):
     """The rows' logsumexp from the forward's stats (max + log-sum, which it formed in its pass),
     differentiable: backward is the backward op with a zero loss gradient and ``grad_lse``, one pass
     over the logits (grad_lse * softmax, through the softcap). ``apply(input, target, weight, stats,
     ignore_index, label_smoothing, z_loss, softcap, shape) -> lse``."""
 
-    @staticmethod
-    def forward(ctx, input, target, weight, stats, ignore_index, label_smoothing, z_loss, softcap, shape):
-        ctx.options = (ignore_index, "sum", label_smoothing, z_loss)
-        ctx.softcap = softcap
-        ctx.save_for_backward(input, target, weight, stats)
-        return (stats[:, 0] + stats[:, 1]).reshape(shape)
+    forward = forward_with_ctx(_lse_of_stats, _lse_setup_context)
+    backward = staticmethod(_lse_backward)
 
-    @staticmethod
-    def backward(ctx, grad_lse):
-        input, target, weight, stats = ctx.saved_tensors
-        grad_input = None
-        if ctx.needs_input_grad[0]:
-            no_loss_grad = torch.zeros((), dtype=stats.dtype, device=stats.device)
-            grad_input = _bwd_op(no_loss_grad, input, target, weight, stats, *ctx.options, [True, False], ctx.softcap,
-                                 grad_lse.reshape(-1))[0]
-        return (grad_input,) + (None,) * 8
+
+_LogSumExpForTransforms = for_transforms(_LogSumExpFunction, _lse_of_stats, _lse_setup_context,
+                                         "torch_ext.cross_entropy")
 
 
 def extra_outputs(loss: Tensor, stats: Tensor, target: Tensor, ignore_index: int, return_lse: bool,
@@ -356,8 +372,9 @@ def cross_entropy(
     class_dim = 0 if input.dim() == 1 else 1
     lse_shape = [s for d, s in enumerate(input.shape) if d != class_dim]
     if return_lse and torch.is_grad_enabled() and input.requires_grad:
-        lse = _LogSumExpFunction.apply(input, target, weight, stats, int(ignore_index), float(label_smoothing),
-                                       float(z_loss), cap, lse_shape)
+        function = _LogSumExpForTransforms if transforms_active() else _LogSumExpFunction
+        lse = function.apply(input, target, weight, stats, int(ignore_index), float(label_smoothing), float(z_loss),
+                             cap, lse_shape)
     return extra_outputs(divide_by_items(loss, num_items_in_batch), stats, target, ignore_index, return_lse,
                          return_accuracy, lse_shape, lse)
 
@@ -365,7 +382,8 @@ def cross_entropy(
 def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap,
                    return_stats=False, ignored_row_stats=False):
     """The loss (and with return_stats, (loss, stats)) by the path that applies: the C++ node that
-    forms the gradient in forward, the op alone without autograd, or CrossEntropyFunction."""
+    forms the gradient in forward, the op alone without autograd, CrossEntropyFunction, or under
+    torch.func its for_transforms variant."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         # As F.cross_entropy: class weights are not differentiated.
         raise RuntimeError("torch_ext.cross_entropy is not differentiable with respect to weight; pass weight.detach()")
@@ -373,9 +391,11 @@ def _cross_entropy(input, target, weight, ignore_index, reduction, label_smoothi
     if not autocast_off():  # (checked here first: the per-call cost of a small head's loss)
         input, target, weight, loss_dtype = _autocast_inputs(input, target, weight)
     args = (input, target, weight, int(ignore_index), reduction, float(label_smoothing), float(z_loss))
-    if _takes_eager_node(input, target) or eager_without_autograd(input, target):
+    if transforms_active():  # torch.func
+        out = _CrossEntropyForTransforms.apply(*args, NO_GRADS, softcap, ignored_row_stats, loss_dtype)
+    elif _takes_eager_node(input, target) or eager_without_autograd(input, target):
         return _C._cross_entropy_eager(*args, softcap, ignored_row_stats, return_stats, loss_dtype is not None)
-    if not needs_autograd(input, target):  # compiled
+    elif not needs_autograd(input, target):  # compiled
         out = _fwd_op(*args, NO_GRADS, softcap, ignored_row_stats, loss_dtype)
     else:
         out = CrossEntropyFunction.apply(*args, NO_GRADS, softcap, ignored_row_stats, loss_dtype)

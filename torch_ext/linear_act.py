@@ -17,9 +17,11 @@ from ._common import (
     differentiable_once,
     direct_when_no_grad,
     fake_grads,
+    for_transforms,
     forward_with_ctx,
     needs_autograd,
     register_no_double_backward,
+    transforms_active,
 )
 
 ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
@@ -154,6 +156,9 @@ class FusedLinearFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+_FusedLinearForTransforms = for_transforms(FusedLinearFunction, _fwd_op, _setup_context, "torch_ext.fused_linear")
+
+
 def fused_linear(
     input: Tensor,
     weight: Tensor,
@@ -177,6 +182,8 @@ def fused_linear(
     """
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
+    if transforms_active():  # torch.func
+        return _FusedLinearForTransforms.apply(input, weight, bias, activation, float(negative_slope))[0]
     if torch.compiler.is_compiling():
         if not needs_autograd(input, weight, bias):  # inference: nothing kept for a backward
             return _fwd_op(input, weight, bias, activation, float(negative_slope), False)[0]

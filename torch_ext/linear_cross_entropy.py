@@ -24,6 +24,7 @@ from ._common import (
     eager_without_autograd,
     fake_grads,
     float32_loss_of_16_bit,
+    for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -33,6 +34,7 @@ from ._common import (
     register_no_double_backward,
     resolve_reduction,
     save_with_formed_grads,
+    transforms_active,
 )
 from .cross_entropy import check_accuracy_target, extra_outputs, softcap_value
 
@@ -246,6 +248,10 @@ class LinearCrossEntropyFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+_LinearCrossEntropyForTransforms = for_transforms(LinearCrossEntropyFunction, _fwd_op, _setup_context,
+                                                  "torch_ext.linear_cross_entropy")
+
+
 def linear_cross_entropy(
     input: Tensor,
     linear_weight: Tensor,
@@ -423,7 +429,10 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     no_grads = [False, False, False]
     wanted = [input.requires_grad, linear_weight.requires_grad, linear_bias is not None and linear_bias.requires_grad]
     eager_training = forms_grad_in_forward(any_requires_grad(input, linear_weight, linear_bias))
-    if (eager_training and not target.requires_grad) or eager_without_autograd(
+    if transforms_active():  # torch.func: the backward op forms the gradients
+        loss, stats, *_ = _LinearCrossEntropyForTransforms.apply(*args, no_grads, softcap, ignored_row_stats,
+                                                                 loss_dtype)
+    elif (eager_training and not target.requires_grad) or eager_without_autograd(
         input, linear_weight, linear_bias, target
     ):
         # The gradients formed chunk by chunk in the forward and handed over by a C++ node

@@ -21,6 +21,7 @@ from ._common import (
     divide_by_items,
     eager_without_autograd,
     fake_grads,
+    for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -29,6 +30,7 @@ from ._common import (
     register_no_double_backward,
     resolve_reduction,
     save_with_formed_grads,
+    transforms_active,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.regression_loss_fwd.default)
@@ -147,6 +149,10 @@ class RegressionLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+_RegressionLossForTransforms = for_transforms(RegressionLossFunction, _fwd_op, _setup_context,
+                                              "torch_ext.regression_loss")
+
+
 def _regression_loss(name, input, target, weight, loss, param, reduction, num_items_in_batch=None):
     reduction = reduction_for_items(num_items_in_batch, reduction, name)
     return divide_by_items(
@@ -185,7 +191,9 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
     if weight is not None and weight.dtype != input.dtype:
         weight = weight.to(input.dtype)
     args = (input, target, weight, loss, float(param), reduction)
-    if (
+    if transforms_active():  # torch.func
+        out = _RegressionLossForTransforms.apply(*args, NO_GRADS)[0]
+    elif (
         input.device.type in GRAD_IN_FORWARD_DEVICES
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ) or eager_without_autograd(input, target, weight):

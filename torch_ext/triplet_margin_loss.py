@@ -23,6 +23,7 @@ from ._common import (
     eager_without_autograd,
     fake_grads,
     float32_loss_of_16_bit,
+    for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
@@ -32,6 +33,7 @@ from ._common import (
     register_no_double_backward,
     resolve_reduction,
     save_with_formed_grads,
+    transforms_active,
 )
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.triplet_margin_loss_fwd.default)
@@ -142,6 +144,10 @@ class TripletMarginLossFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
+_TripletMarginLossForTransforms = for_transforms(TripletMarginLossFunction, _fwd_op, _setup_context,
+                                                 "torch_ext.triplet_margin_loss")
+
+
 def triplet_margin_loss(
     anchor: Tensor,
     positive: Tensor,
@@ -182,6 +188,8 @@ def _triplet_margin_loss(anchor, positive, negative, margin, p, eps, swap, reduc
     if not autocast_off():
         anchor, positive, negative, loss_dtype = _autocast_inputs(anchor, positive, negative)
     args = (anchor, positive, negative, float(margin), float(p), float(eps), bool(swap), reduction)
+    if transforms_active():  # torch.func
+        return _TripletMarginLossForTransforms.apply(*args, NO_GRADS, loss_dtype)[0]
     if forms_grad_in_forward(any_requires_grad(anchor, positive, negative)) or eager_without_autograd(
         anchor, positive, negative
     ):

@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import hand_over_unit_grads
+from ._common import hand_over_unit_grads, transforms_active
 
 _OP = "torch_ext.linear_cross_entropy"
 
@@ -251,6 +251,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     returned in loss_dtype (input's, or float32 under autocast: computed in float32, not rounded)."""
     from .linear_cross_entropy import default_chunk_size
 
+    if transforms_active():
+        raise RuntimeError(f"{_OP}: with process_group, torch.func transforms (grad, vmap, ...) are not supported: the "
+                           "path checks targets on the host and runs collectives; use torch.autograd")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{_OP}: process_group was given but torch.distributed is not initialized")
     if linear_weight.dim() != 2:

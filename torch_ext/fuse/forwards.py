@@ -19,7 +19,7 @@ import torch
 from torch import nn
 
 from ..linear_act import fused_linear
-from ..mlp import GATED_ACTIVATIONS, fused_mlp
+from ..mlp import GATED_ACTIVATIONS, fused_mlp, gated_activation
 from .activations import _reference
 from .rewrite import _has_hooks, fused_subclass, rebuilt
 from .source import parsed
@@ -109,7 +109,7 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str, act=None, act_typ
         return act(gate(x)) * up(x)
     bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
     pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
-    return torch.ops.torch_ext.mlp_act_fwd(pre, GATED_ACTIVATIONS[kind], 0.01, True)
+    return gated_activation(pre, GATED_ACTIVATIONS[kind])
 
 
 def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: float, transposed: bool = False,
