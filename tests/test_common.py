@@ -500,6 +500,37 @@ def test_fused_model_matches_the_model(device, dtype, name):
         assert_close(g, ref_grads[n], rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient of {n}")
 
 
+@pytest.mark.parametrize("name", FUSE_MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_per_sample_gradients(device, name):
+    # Per-sample gradients as torch.func computes them (vmap of grad of functional_call, each
+    # sample a batch of one): the fused model's are the model's as written, in float64.
+    make_model, make_inputs, _ = FUSE_MODELS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device=device, dtype=torch.float64)
+    fused = torch_ext.fuse(copy.deepcopy(model))
+    x, target = make_inputs(torch.Generator().manual_seed(0))
+    x = x.to(device=device, dtype=torch.float64)
+    target = target.to(device=device, dtype=torch.float64 if target.is_floating_point() else None)
+
+    def per_sample(m):
+        params = {n: p.detach() for n, p in m.named_parameters()}
+
+        def loss(p, xi, ti):
+            return torch.func.functional_call(m, p, (xi[None], ti[None]))
+
+        with warnings.catch_warnings():
+            warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
+            return torch.vmap(torch.func.grad(loss), in_dims=(None, 0, 0))(params, x, target)
+
+    got, want = per_sample(fused), per_sample(model)
+    assert got.keys() == want.keys()
+    for n, g in want.items():
+        assert got[n].shape == g.shape == (x.shape[0], *dict(model.named_parameters())[n].shape), n
+        assert g.abs().max() > 0, f"{n}: the check is empty"
+        assert_close(got[n], g, msg=f"per-sample gradient of {n}")
+
+
 def _loss_ops(device):
     """(name, call(loss_dtype)) of the forward ops that take loss_dtype, on small 16-bit inputs."""
     x = torch.randn(6, 10, device=device).bfloat16()
