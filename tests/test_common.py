@@ -338,6 +338,21 @@ def test_torch_func_per_sample_gradients(device, case):
         assert_close(g, r, msg=f"per-sample gradient {i}")
 
 
+@pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_torch_func_under_torch_compile(dynamo_reset, device, case):
+    # torch.compile of torch.func.grad: the transform runs eagerly (a graph break at the op), with
+    # PyTorch's gradients.
+    s = sample(*case, device, torch.float64)
+    f, values = _functional(s.fn, s.inputs, s.fixed)
+    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
+    argnums = tuple(range(len(values)))
+    got = torch.compile(torch.func.grad(lambda *v: f(*v).sum(), argnums=argnums), backend="aot_eager")(*values)
+    want = torch.func.grad(lambda *v: ref_f(*v).sum(), argnums=argnums)(*values)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(g, r, msg=f"gradient {i}")
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_func_second_derivative_raises(device, case):

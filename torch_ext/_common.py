@@ -309,8 +309,13 @@ def non_differentiable(output):
 def transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, functional per-sample gradients) is
     running: the public functions then take their Function's for_transforms variant (one C call
-    per op call to find out; compiled code keeps its own path)."""
-    return _functorch_transforms_active() and not torch.compiler.is_compiling()
+    per op call to find out). Dynamo fails tracing these Functions inside a transform (an internal
+    error in torch 2.13), so a compiled transform breaks the graph here and runs eagerly."""
+    if not _functorch_transforms_active():  # (dynamo folds it to a constant)
+        return False
+    if torch.compiler.is_compiling():
+        torch._dynamo.graph_break()
+    return True
 
 
 def for_transforms(function, op, setup_context, public_name: str):
