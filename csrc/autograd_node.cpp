@@ -50,6 +50,11 @@ struct BelowAutograd : c10::impl::ExcludeDispatchKeyGuard {
   BelowAutograd() : ExcludeDispatchKeyGuard(c10::autograd_dispatch_keyset_with_ADInplaceOrView) {}
 };
 
+// The keys of a tensor batched by vmap (functorch's, or the older one autograd.grad's
+// is_grads_batched uses) or wrapped by a functorch transform: no value to read.
+const c10::DispatchKeySet kBatchedOrWrapped({c10::DispatchKey::Batched, c10::DispatchKey::FuncTorchBatched,
+                                             c10::DispatchKey::FuncTorchGradWrapper});
+
 // With create_graph, each gradient leaves backward through this node, which raises if it is
 // differentiated. Its edges reach every input of the op's node besides the gradient's own
 // history: a gradient can depend on an input the backward op never reads (fc1's bias shapes fc2's
@@ -142,14 +147,17 @@ class OpNode final : public Node {
     } else {  // a retained graph's later backward: the same bits as the first
       unit = below_autograd_backward(at::ones_like(grad));
     }
-    // Reading the value on another device would wait for it: scaling costs less there.
+    // Reading the value on another device would wait for it: scaling costs less there. A gradient
+    // batched by functorch (autograd.grad's is_grads_batched, jacobian's vectorize) has no value to
+    // read, and scales out of place: the product is batched, the unit gradient is not.
     const bool scalar = grad.dim() == 0;
-    const bool unit_scale = scalar && grad.is_cpu() && grad.item<double>() == 1.0;
+    const bool batched = grad.key_set().has_any(kBatchedOrWrapped);
+    const bool unit_scale = scalar && !batched && grad.is_cpu() && grad.item<double>() == 1.0;
     const at::Tensor scale = scalar ? grad : grad.reshape({-1, 1});  // a loss per row (triplet)
     variable_list result(num_outputs());
     for (size_t i = 0; i < mask_.size(); ++i) {
       if (!mask_[i] || !should_compute_output(i) || !unit[i].defined()) continue;
-      result[i] = unit_scale ? unit[i] : unit[i].mul_(scale);
+      result[i] = unit_scale ? unit[i] : batched ? unit[i].mul(scale) : unit[i].mul_(scale);
     }
     return result;
   }

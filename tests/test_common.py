@@ -271,6 +271,29 @@ def test_retain_graph_backward_twice(device, case, grad_in_forward):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
+def test_batched_grad_outputs(device, case, grad_in_forward):
+    # torch.autograd.grad(..., is_grads_batched=True) (what jacobian(vectorize=True) uses): three
+    # grad_outputs at once, each giving PyTorch's gradients, on a retained graph twice (the second
+    # backward forms what the first handed over).
+    s = sample(*case, device, torch.float64)
+    leaves = _differentiable(s.inputs, s.fixed)
+    out = s.fn(*leaves)
+    wrt = [t for t in leaves if t.requires_grad]
+    gen = torch.Generator().manual_seed(4)
+    grad_outputs = torch.randn((3, *out.shape), generator=gen, dtype=out.dtype).to(device)
+    ref_leaves = _differentiable(s.inputs, s.fixed)
+    ref_out = s.reference(*ref_leaves)
+    ref_wrt = [t for t in ref_leaves if t.requires_grad]
+    want = torch.autograd.grad(ref_out, ref_wrt, grad_outputs, is_grads_batched=True)
+    for attempt in ("first", "second"):
+        got = torch.autograd.grad(out, wrt, grad_outputs, is_grads_batched=True, retain_graph=True)
+        for i, (g, r) in enumerate(zip(got, want)):
+            assert g.shape == r.shape == (3, *wrt[i].shape)
+            assert_close(g, r, msg=f"{attempt} backward, gradient {i}")
+
+
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
 def test_double_backward_raises(device, case, grad_in_forward):
     # The gradients (create_graph=True) can be used, but differentiating them again raises.
     s = sample(*case, device, torch.float32)

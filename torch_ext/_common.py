@@ -12,6 +12,15 @@ _any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it 
 _functorch_transforms_active = torch._C._are_functorch_transforms_active  # dynamo folds it to a constant
 
 
+def batched_or_wrapped(t: Tensor) -> bool:
+    """Whether t is batched by vmap (functorch's, or the older one of autograd.grad's
+    is_grads_batched) or wrapped by a functorch transform: it has no value to read, and a plain
+    tensor cannot take its values in place. False while compiling (dynamo cannot trace the check)."""
+    if torch.compiler.is_compiling():
+        return False
+    return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
+
+
 def any_requires_grad(*tensors: Optional[Tensor]) -> bool:
     """Whether a tensor among `tensors` (None skipped) requires grad."""
     return any(t is not None and t.requires_grad for t in tensors)
@@ -254,10 +263,11 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     must still hold grad_output = 1's values (the cost: one gradient-sized buffer while
     grad_output != 1). Without retain_graph the engine frees the saved tensors before
     the gradients are accumulated, so a leaf's first .grad takes them without a copy. While traced
-    (torch.compile, opcheck's aot_dispatch: a tensor subclass) grad_loss has no value to read: scaled."""
+    (torch.compile, opcheck's aot_dispatch: a tensor subclass) or batched by functorch
+    (autograd.grad's is_grads_batched) grad_loss has no value to read: scaled."""
     unit_grads = [g if m else None for g, m in zip(unit_grads, mask)]
     if (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-            and grad_loss.numel() == 1 and grad_loss.item() == 1.0):
+            and grad_loss.numel() == 1 and not batched_or_wrapped(grad_loss) and grad_loss.item() == 1.0):
         return unit_grads
     scale = grad_loss.reshape(()) if grad_loss.numel() == 1 else grad_loss  # else a scale per row, (rows, 1)
     return [None if g is None else g.mul(scale) for g in unit_grads]

@@ -18,6 +18,7 @@ from . import _C
 from ._common import (
     any_requires_grad,
     autocast_to_lower_precision,
+    batched_or_wrapped,
     check_reduction,
     direct_when_no_grad,
     divide_by_items,
@@ -155,24 +156,32 @@ def _probability_target_grad(grad_loss, saved, options):
     vocab = linear_weight.shape[0]
     x = input.reshape(-1, input.shape[-1])
     rows = x.shape[0]
-    out = target.new_empty((rows, vocab))
+    dtype = target.dtype
     if reduction == "none":
-        row_scale = grad_loss.reshape(-1, 1).to(out.dtype) * -(1.0 - label_smoothing)
+        row_scale = grad_loss.reshape(-1, 1).to(dtype) * -(1.0 - label_smoothing)
     else:
-        row_scale = grad_loss.reshape(()).to(out.dtype) * -(1.0 - label_smoothing)
+        row_scale = grad_loss.reshape(()).to(dtype) * -(1.0 - label_smoothing)
         if reduction == "mean":
             row_scale = row_scale / max(rows, 1)
-    class_weight = None if weight is None else weight.to(out.dtype)
+    class_weight = None if weight is None else weight.to(dtype)
+    # A batched grad_loss (is_grads_batched, torch.func) makes batched chunks, which a plain result
+    # cannot take in place: they are concatenated instead (twice the result's memory, briefly).
+    pieces = [] if batched_or_wrapped(grad_loss) else None
+    out = target.new_empty((rows, vocab)) if pieces is None else None
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
         logits = F.linear(x[start:stop], linear_weight, linear_bias)
         if softcap:
             logits = softcap * torch.tanh(logits / softcap)
-        log_prob = torch.log_softmax(logits, -1).to(out.dtype)
+        log_prob = torch.log_softmax(logits, -1).to(dtype)
         if class_weight is not None:
             log_prob = log_prob * class_weight
-        out[start:stop] = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
-    return out.reshape(target.shape)
+        piece = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
+        if pieces is None:
+            out[start:stop] = piece
+        else:
+            pieces.append(piece)
+    return (out if pieces is None else torch.cat(pieces)).reshape(target.shape)
 
 
 def _output_mask(ctx):
