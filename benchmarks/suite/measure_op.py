@@ -88,6 +88,8 @@ def run_case(case: Case, cfg, machine: dict, progress) -> dict:
 
     torch._dynamo.reset()  # each case compiles afresh, statically for its shapes
     wl = build_workload(case.op, case.params, dtype, device)
+    # The inputs' own dtype where a case fixes it (cross_entropy_autocast's bfloat16 logits).
+    record["dtype"] = str(wl.requires[0].dtype).removeprefix("torch.")
     fns = candidate_fns(wl, cfg.compile)
     first: Dict[str, Tuple[float, float]] = {}
     saved: Dict[str, Optional[int]] = {}
