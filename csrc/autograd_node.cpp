@@ -2,6 +2,7 @@
 #include "autograd_node.h"
 #include "activation.h"
 #include "matmul.h"
+#include "op_handles.h"
 
 #include <ATen/core/grad_mode.h>
 #include <ATen/core/stack.h>
@@ -261,12 +262,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                                                        c10::string_view reduction, double label_smoothing,
                                                        double z_loss, double softcap, bool ignored_row_stats,
                                                        std::optional<at::ScalarType> loss_dtype) {
-  static const auto forward =
-      c10::Dispatcher::singleton()
-          .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
-          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor>(
-              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, int64_t, c10::string_view, double,
-              double, std::array<bool, 2>, double, bool, std::optional<at::ScalarType>)>();
+  const auto& forward = cross_entropy_fwd_op();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
   // The input's gradient only: the Python layer takes another path when a target requires grad.
   const std::array<bool, 2> wanted = {takes_grad(input), false};

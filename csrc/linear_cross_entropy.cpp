@@ -34,6 +34,7 @@
 #include "checks.h"
 #include "cpu/cross_entropy_targets.h"
 #include "cpu/runtime/gemm.h"
+#include "op_handles.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cross_entropy_targets.h"
 #include "cuda/cublaslt_gemm.h"
@@ -60,14 +61,9 @@ struct LossOptions {
 std::tuple<Tensor, Tensor> cross_entropy_fwd(const Tensor& logits, const Tensor& target,
                                              const std::optional<Tensor>& weight, c10::string_view reduction,
                                              const LossOptions& o) {
-  static const auto op = c10::Dispatcher::singleton()
-                             .findSchemaOrThrow("torch_ext::cross_entropy_fwd", "")
-                             .typed<std::tuple<Tensor, Tensor, Tensor, Tensor>(
-                                 const Tensor&, const Tensor&, const std::optional<Tensor>&, int64_t, c10::string_view,
-                                 double, double, std::array<bool, 2>, double, bool, std::optional<at::ScalarType>)>();
   auto [loss, stats, no_input_grad, no_target_grad] =
-      op.call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss, {false, false}, o.softcap,
-              o.ignored_row_stats, o.loss_dtype);
+      cross_entropy_fwd_op().call(logits, target, weight, o.ignore_index, reduction, o.label_smoothing, o.z_loss,
+                                  {false, false}, o.softcap, o.ignored_row_stats, o.loss_dtype);
   return {loss, stats};
 }
 
