@@ -335,8 +335,9 @@ def for_transforms(function, op, setup_context, public_name: str):
     batch). The public functions call it with a grad_mask that forms no gradient in forward (the
     backward op forms them). torch.func differentiates with create_graph on: the backward runs
     with grad mode off (the backward ops' own autograd kernels are not of this style) and ties its
-    gradients to what it read through differentiable_once, so a second derivative (torch.func.hessian)
-    raises as it does outside torch.func. Forward-mode AD (torch.func.jvp) is not supported."""
+    gradients to what it read through differentiable_once, so a second derivative (torch.func.grad
+    of torch.func.grad) raises as double backward does outside torch.func. Forward-mode AD
+    (torch.func.jvp, jacfwd, hessian) is not supported."""
 
     def forward(*inputs):
         return op(*inputs)
@@ -364,7 +365,8 @@ def forward_with_ctx(op, setup_context):
     """An autograd.Function forward in the ctx style: forward(ctx, *inputs) runs `op` and then
     `setup_context` (the one the op's own register_autograd uses). Why not the setup_context
     style: Function.apply binds that style's signature with inspect.signature on every call,
-    which is most of the Python cost of a small op (a CNN's cross-entropy head)."""
+    which is most of the Python cost of a small op (a CNN's cross-entropy head). torch.func's
+    transforms accept only that style: they take for_transforms' variant."""
 
     def forward(ctx, *inputs):
         output = op(*inputs)
