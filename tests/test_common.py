@@ -45,6 +45,12 @@ def _differentiable(inputs, fixed=frozenset()):
     ]
 
 
+def _recorded(fn, inputs, fixed=frozenset()):
+    """(fn's output on the inputs as leaves, the leaves that require grad)."""
+    leaves = _differentiable(inputs, fixed)
+    return fn(*leaves), [t for t in leaves if t.requires_grad]
+
+
 def _forward_backward(fn, inputs, grad_output=None, fixed=frozenset(), **grad_kwargs):
     """fn's output and the gradients of its differentiable inputs for grad_output (default: a
     seeded random one, of the output's dtype)."""
@@ -249,9 +255,7 @@ def test_retain_graph_backward_twice(device, case, grad_in_forward):
     # grad_output on the same graph (nothing kept from an earlier backward), and .backward()
     # twice accumulating twice the first.
     s = sample(*case, device, torch.float64)
-    leaves = _differentiable(s.inputs, s.fixed)
-    out = s.fn(*leaves)
-    wrt = [t for t in leaves if t.requires_grad]
+    out, wrt = _recorded(s.fn, s.inputs, s.fixed)
     gen = torch.Generator().manual_seed(2)
     g1, g2 = (torch.randn(out.shape, generator=gen, dtype=out.dtype).to(out.device) for _ in range(2))
     first = torch.autograd.grad(out, wrt, g1, retain_graph=True)
@@ -276,14 +280,10 @@ def test_batched_grad_outputs(device, case, grad_in_forward):
     # grad_outputs at once, each giving PyTorch's gradients, on a retained graph twice (the second
     # backward forms what the first handed over).
     s = sample(*case, device, torch.float64)
-    leaves = _differentiable(s.inputs, s.fixed)
-    out = s.fn(*leaves)
-    wrt = [t for t in leaves if t.requires_grad]
+    out, wrt = _recorded(s.fn, s.inputs, s.fixed)
     gen = torch.Generator().manual_seed(4)
     grad_outputs = torch.randn((3, *out.shape), generator=gen, dtype=out.dtype).to(device)
-    ref_leaves = _differentiable(s.inputs, s.fixed)
-    ref_out = s.reference(*ref_leaves)
-    ref_wrt = [t for t in ref_leaves if t.requires_grad]
+    ref_out, ref_wrt = _recorded(s.reference, s.inputs, s.fixed)
     want = torch.autograd.grad(ref_out, ref_wrt, grad_outputs, is_grads_batched=True)
     for attempt in ("first", "second"):
         got = torch.autograd.grad(out, wrt, grad_outputs, is_grads_batched=True, retain_graph=True)
@@ -319,14 +319,24 @@ def _functional(fn, inputs, fixed):
     return f, [inputs[i] for i in wrt]
 
 
+def _functional_pair(s):
+    """(ours, PyTorch's, the differentiable inputs) of a sample, as _functional makes them."""
+    f, values = _functional(s.fn, s.inputs, s.fixed)
+    return f, _functional(s.reference, s.inputs, s.fixed)[0], values
+
+
+def _grad_of_sum(fn, count: int):
+    """torch.func.grad of fn(*values).sum() in each of its `count` arguments."""
+    return torch.func.grad(lambda *v: fn(*v).sum(), argnums=tuple(range(count)))
+
+
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_func_vjp_matches_pytorch(device, case):
     # torch.func.vjp (what torch.func.grad and functional training loops use) gives PyTorch's
     # result and gradients, in float64.
     s = sample(*case, device, torch.float64)
-    f, values = _functional(s.fn, s.inputs, s.fixed)
-    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
+    f, ref_f, values = _functional_pair(s)
     out, vjp = torch.func.vjp(f, *values)
     ref, ref_vjp = torch.func.vjp(ref_f, *values)
     grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1), dtype=out.dtype).to(device)
@@ -342,20 +352,14 @@ def test_torch_func_per_sample_gradients(device, case):
     # of every differentiable input, each sample's gradient PyTorch's for that sample. The ops have
     # no batching rule: vmap runs them through PyTorch's fallback, a loop over the samples.
     s = sample(*case, device, torch.float64)
-    f, values = _functional(s.fn, s.inputs, s.fixed)
-    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
+    f, ref_f, values = _functional_pair(s)
     gen = torch.Generator().manual_seed(3)
     batched = [torch.stack([v, v + 0.1 * torch.randn(v.shape, generator=gen, dtype=v.dtype).to(device), -v])
                for v in values]
-    argnums = tuple(range(len(values)))
-
-    def scalar(fn):
-        return lambda *v: fn(*v).sum()
-
     with warnings.catch_warnings():
         warnings.filterwarnings("ignore", "There is a performance drop because we have not yet implemented")
-        got = torch.vmap(torch.func.grad(scalar(f), argnums=argnums))(*batched)
-    want = torch.vmap(torch.func.grad(scalar(ref_f), argnums=argnums))(*batched)
+        got = torch.vmap(_grad_of_sum(f, len(values)))(*batched)
+    want = torch.vmap(_grad_of_sum(ref_f, len(values)))(*batched)
     for i, (g, r) in enumerate(zip(got, want)):
         assert g.shape == r.shape == batched[i].shape
         assert_close(g, r, msg=f"per-sample gradient {i}")
@@ -367,11 +371,9 @@ def test_torch_func_under_torch_compile(dynamo_reset, device, case):
     # torch.compile of torch.func.grad: the transform runs eagerly (a graph break at the op), with
     # PyTorch's gradients.
     s = sample(*case, device, torch.float64)
-    f, values = _functional(s.fn, s.inputs, s.fixed)
-    ref_f, _ = _functional(s.reference, s.inputs, s.fixed)
-    argnums = tuple(range(len(values)))
-    got = torch.compile(torch.func.grad(lambda *v: f(*v).sum(), argnums=argnums), backend="aot_eager")(*values)
-    want = torch.func.grad(lambda *v: ref_f(*v).sum(), argnums=argnums)(*values)
+    f, ref_f, values = _functional_pair(s)
+    got = torch.compile(_grad_of_sum(f, len(values)), backend="aot_eager")(*values)
+    want = _grad_of_sum(ref_f, len(values))(*values)
     for i, (g, r) in enumerate(zip(got, want)):
         assert_close(g, r, msg=f"gradient {i}")
 
