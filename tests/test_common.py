@@ -5,7 +5,7 @@ result and gradients match PyTorch's own ops in every dtype the device takes; gr
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
 retained graph's second backward gives the same gradients; torch.func's vjp and per-sample
-gradients (vmap of grad) give PyTorch's, and its second derivative raises; saved-tensor hooks (save_on_cpu,
+gradients (vmap of grad) give PyTorch's, and a loss's second derivative raises; saved-tensor hooks (save_on_cpu,
 activation offloading) see every tensor held for backward; activation checkpointing (both
 torch.utils.checkpoint variants) gives the same bits; non-contiguous inputs; torch.autocast (bfloat16
 and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
@@ -32,6 +32,7 @@ from op_samples import CASES, FIRST_CASES, sample
 from utils import assert_close, reference_dtype, tolerance
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
+DENSE_FAMILIES = ("fused_linear", "fused_mlp")  # PyTorch's ops under torch.func (docs/api.md)
 
 
 def _case_id(case):
@@ -380,13 +381,21 @@ def test_torch_func_under_torch_compile(dynamo_reset, device, case):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_torch_func_second_derivative_raises(device, case):
-    # torch.func.grad of torch.func.grad: the same clear error as double backward outside torch.func.
+def test_torch_func_second_derivative(device, case):
+    # torch.func.grad of torch.func.grad: the dense layers run PyTorch's ops under torch.func, so
+    # theirs is PyTorch's; the losses raise the same clear error as double backward outside it.
     s = sample(*case, device, torch.float64)
-    f, values = _functional(s.fn, s.inputs, s.fixed)
-    first = torch.func.grad(lambda v: f(v, *values[1:]).sum())
+    f, ref_f, values = _functional_pair(s)
+
+    def second(fn):
+        first = torch.func.grad(lambda v: fn(v, *values[1:]).sum())
+        return torch.func.grad(lambda v: first(v).square().sum())(values[0])
+
+    if case[0] in DENSE_FAMILIES:
+        assert_close(second(f), second(ref_f), msg="second derivative")
+        return
     with pytest.raises(RuntimeError, match="double backward"):
-        torch.func.grad(lambda v: first(v).square().sum())(values[0])
+        second(f)
 
 
 def _non_contiguous(t):

@@ -237,8 +237,8 @@ def test_same_loss_logits_and_gradients(family, training, fused_models):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_torch_func_functional_call_grad(family, fused_models):
     # torch.func.grad over torch.func.functional_call (functional training loops, meta-learning):
-    # the fused model's loss gradients by name are the ones its plain backward gives, bit for bit,
-    # and the unfused model's under torch.func to rounding.
+    # the fused model's loss gradients by name are the unfused model's under torch.func, and its
+    # own plain backward's, to rounding (its MLPs run PyTorch's ops under torch.func).
     ref, fused, _ = fused_models[family]
     ref.train()
     fused.train()
@@ -255,7 +255,7 @@ def test_torch_func_functional_call_grad(family, fused_models):
         if plain[name] is None:  # a parameter the loss does not reach: torch.func gives zeros
             assert not g.any(), f"{family}: {name}"
             continue
-        assert torch.equal(g, plain[name]), f"{family}: gradient of {name} differs from the plain backward's"
+        assert_close(g, plain[name], msg=f"{family}: gradient of {name} against the plain backward's")
         assert_close(g, ref_grads[name], msg=f"{family}: gradient of {name}")
 
 

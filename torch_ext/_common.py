@@ -318,9 +318,10 @@ def non_differentiable(output):
 
 def transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, functional per-sample gradients) is
-    running: the public functions then take their Function's for_transforms variant (one C call
-    per op call to find out). Dynamo fails tracing these Functions inside a transform (an internal
-    error in torch 2.13), so a compiled transform breaks the graph here and runs eagerly."""
+    running: the losses then take their Function's for_transforms variant and the dense layers
+    PyTorch's ops (one C call per op call to find out). Dynamo fails tracing these Functions
+    inside a transform (an internal error in torch 2.13), so a compiled transform breaks the graph
+    here and runs eagerly."""
     if not _functorch_transforms_active():  # (dynamo folds it to a constant)
         return False
     if torch.compiler.is_compiling():

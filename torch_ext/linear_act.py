@@ -9,6 +9,7 @@ from __future__ import annotations
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
@@ -17,7 +18,6 @@ from ._common import (
     differentiable_once,
     direct_when_no_grad,
     fake_grads,
-    for_transforms,
     forward_with_ctx,
     needs_autograd,
     register_no_double_backward,
@@ -37,6 +37,15 @@ _bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
 def _check_activation(activation) -> None:
     if activation not in ACTIVATIONS:
         raise ValueError(f"activation must be one of {', '.join(ACTIVATIONS)}; got {activation!r}")
+
+
+def activation_function(activation: str, negative_slope: float = 0.01):
+    """PyTorch's own function of an activation: what the fused kernels compute."""
+    return {
+        "none": lambda x: x, "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
+        "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+        "leaky_relu": lambda x: F.leaky_relu(x, negative_slope),
+    }[activation]
 
 
 def _check_linear_args(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -156,9 +165,6 @@ class FusedLinearFunction(torch.autograd.Function):
     backward = staticmethod(_backward)
 
 
-_FusedLinearForTransforms = for_transforms(FusedLinearFunction, _fwd_op, _setup_context, "torch_ext.fused_linear")
-
-
 def fused_linear(
     input: Tensor,
     weight: Tensor,
@@ -182,8 +188,8 @@ def fused_linear(
     """
     _check_activation(activation)
     input, weight, bias = autocast_to_lower_precision(input, weight, bias)
-    if transforms_active():  # torch.func
-        return _FusedLinearForTransforms.apply(input, weight, bias, activation, float(negative_slope))[0]
+    if transforms_active():  # torch.func: PyTorch's ops, which its transforms batch (docs/api.md)
+        return activation_function(activation, negative_slope)(F.linear(input, weight, bias))
     if torch.compiler.is_compiling():
         if not needs_autograd(input, weight, bias):  # inference: nothing kept for a backward
             return _fwd_op(input, weight, bias, activation, float(negative_slope), False)[0]

@@ -29,13 +29,12 @@ from ._common import (
     differentiable_once,
     direct_when_no_grad,
     fake_grads,
-    for_transforms,
     forward_with_ctx,
     needs_autograd,
     register_no_double_backward,
     transforms_active,
 )
-from .linear_act import _SAVES_OUTPUT, _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation
+from .linear_act import _SAVES_OUTPUT, _SAVES_PRE_ACTIVATION, ACTIVATIONS, _check_activation, activation_function
 
 # Gated activations: name -> the activation applied to the gate half.
 GATED_ACTIVATIONS = {"swiglu": "silu", "geglu": "gelu", "geglu_tanh": "gelu_tanh"}
@@ -104,23 +103,18 @@ register_no_double_backward("torch_ext::mlp_act_bwd", "torch_ext.FusedMLP")
 register_no_double_backward("torch_ext::mlp_bwd", "torch_ext.FusedMLP")
 
 
-class _MlpActFunction(torch.autograd.Function):
-    """The activation pass alone, ``apply(input, activation, negative_slope, gated)``: what the op's
-    registered autograd does, as a Function, for its for_transforms variant."""
-
-    forward = forward_with_ctx(_act_fwd, _act_setup_context)
-    backward = staticmethod(_act_backward)
-
-
-_MlpActForTransforms = for_transforms(_MlpActFunction, _act_fwd, _act_setup_context, "torch_ext.FusedMLP")
+def _gated_by_pytorch(pre: Tensor, activation: str) -> Tensor:
+    """act(u) * v of pre = [u, v] in PyTorch's ops (what mlp_act_fwd computes)."""
+    gate, value = pre.chunk(2, -1)
+    return activation_function(activation)(gate) * value
 
 
 def gated_activation(pre: Tensor, activation: str) -> Tensor:
     """``act(u) * v`` of ``pre = [u, v]`` (the halves of its last dimension), ``activation`` the
-    gate's (silu, gelu, gelu_tanh): the op mlp_act_fwd, differentiable (its registered autograd, or
-    under torch.func its for_transforms variant). fuse()'s gated GEMM forward calls it."""
+    gate's (silu, gelu, gelu_tanh): the op mlp_act_fwd, differentiable through its registered
+    autograd; under torch.func PyTorch's ops (docs/api.md). fuse()'s gated GEMM forward calls it."""
     if transforms_active():
-        return _MlpActForTransforms.apply(pre, activation, 0.01, True)
+        return _gated_by_pytorch(pre, activation)
     return torch.ops.torch_ext.mlp_act_fwd(pre, activation, 0.01, True)
 
 
@@ -239,9 +233,6 @@ class FusedMLPFunction(torch.autograd.Function):
         return (*grads, None, None, None)
 
 
-_FusedMLPForTransforms = for_transforms(FusedMLPFunction, _mlp_forward, _mlp_setup_context, "torch_ext.FusedMLP")
-
-
 def fused_mlp(
     input: Tensor,
     fc1_weight: Tensor,
@@ -270,8 +261,12 @@ def fused_mlp(
         input, fc1_weight, fc1_bias, fc2_weight, fc2_bias
     )
     args = (input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, float(negative_slope), bool(recompute))
-    if transforms_active():  # torch.func
-        return _FusedMLPForTransforms.apply(*args)[0]
+    if transforms_active():  # torch.func: PyTorch's ops, which its transforms batch (docs/api.md)
+        if activation in GATED_ACTIVATIONS:
+            hidden = _gated_by_pytorch(F.linear(input, fc1_weight, fc1_bias), GATED_ACTIVATIONS[activation])
+        else:
+            hidden = activation_function(activation, negative_slope)(F.linear(input, fc1_weight, fc1_bias))
+        return F.linear(hidden, fc2_weight, fc2_bias)
     if torch.compiler.is_compiling():
         if not needs_autograd(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias):  # inference
             return _mlp_forward(*args, for_backward=False)[0]

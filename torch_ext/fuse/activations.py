@@ -9,6 +9,8 @@ import torch.fx
 import torch.nn.functional as F
 from torch import nn
 
+from ..linear_act import activation_function
+
 Spec = Tuple[str, float]  # (FusedLinear activation, negative_slope)
 _DEFAULT_SLOPE = 0.01
 
@@ -87,15 +89,6 @@ def _describe(spec: Spec) -> str:
 
 # --- other libraries' activation modules ------------------------------------------------------
 
-def _reference(spec: Spec):
-    name, slope = spec
-    return {
-        "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh, "gelu": F.gelu,
-        "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
-        "leaky_relu": lambda x: F.leaky_relu(x, slope),
-    }[name]
-
-
 def computes(module: nn.Module, spec: Spec) -> bool:
     """Whether `module` gives what FusedLinear's `spec` activation gives, to float32 rounding, on
     probe inputs (large and negative values, two shapes): a library class is taken by its name
@@ -111,7 +104,7 @@ def computes(module: nn.Module, spec: Spec) -> bool:
                 got = module(x.clone())
                 if not (isinstance(got, torch.Tensor) and got.shape == x.shape and got.dtype == x.dtype):
                     return False
-                if not torch.allclose(got, _reference(spec)(x), rtol=1e-5, atol=1e-6):
+                if not torch.allclose(got, activation_function(*spec)(x), rtol=1e-5, atol=1e-6):
                     return False
     except Exception:  # noqa: BLE001 (a module that cannot run on a CPU float tensor is not ours)
         return False

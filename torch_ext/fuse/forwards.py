@@ -18,9 +18,8 @@ from typing import Optional, Tuple
 import torch
 from torch import nn
 
-from ..linear_act import fused_linear
+from ..linear_act import activation_function, fused_linear
 from ..mlp import GATED_ACTIVATIONS, fused_mlp, gated_activation
-from .activations import _reference
 from .rewrite import _has_hooks, fused_subclass, rebuilt
 from .source import parsed
 
@@ -105,7 +104,7 @@ def gated_linear(gate: nn.Linear, up: nn.Linear, x, kind: str, act=None, act_typ
     fuse() (as_found)."""
     if not as_found(gate, up) or _act_changed(act, act_type):
         _unfused_because_changed("a gated activation's GEMM")
-        act = act if act is not None else _reference((GATED_ACTIVATIONS[kind], 0.01))
+        act = act if act is not None else activation_function(GATED_ACTIVATIONS[kind])
         return act(gate(x)) * up(x)
     bias = None if gate.bias is None else torch.cat([gate.bias, up.bias])
     pre = fused_linear(x, torch.cat([gate.weight, up.weight]), bias, activation="none")
@@ -120,7 +119,7 @@ def mlp(fc1: nn.Module, fc2: nn.Module, x, activation: str, negative_slope: floa
     (as_found)."""
     if not as_found(fc1, fc2, transposed=transposed) or _act_changed(act, act_type):
         _unfused_because_changed("a fused_mlp")
-        act = act if act is not None else _reference((activation, negative_slope))
+        act = act if act is not None else activation_function(activation, negative_slope)
         return fc2(act(fc1(x)))
     w1, w2 = (fc1.weight.t(), fc2.weight.t()) if transposed else (fc1.weight, fc2.weight)
     return fused_mlp(x, w1, fc1.bias, w2, fc2.bias, activation, negative_slope)
