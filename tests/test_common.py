@@ -350,8 +350,8 @@ def test_torch_func_vjp_matches_pytorch(device, case):
 @pytest.mark.parametrize("device", DEVICES)
 def test_torch_func_per_sample_gradients(device, case):
     # vmap over torch.func.grad (per-sample gradients, jacrev's pattern): a batch of three samples
-    # of every differentiable input, each sample's gradient PyTorch's for that sample. The ops have
-    # no batching rule: vmap runs them through PyTorch's fallback, a loop over the samples.
+    # of every differentiable input, each sample's gradient PyTorch's for that sample. The loss ops
+    # have no batching rule: vmap runs them through PyTorch's fallback, a loop over the samples.
     s = sample(*case, device, torch.float64)
     f, ref_f, values = _functional_pair(s)
     gen = torch.Generator().manual_seed(3)
