@@ -150,7 +150,7 @@ class RegressionLossFunction(torch.autograd.Function):
 
 
 _RegressionLossForTransforms = for_transforms(RegressionLossFunction, _fwd_op, _setup_context,
-                                              "torch_ext.regression_loss")
+                                              "torch_ext's regression losses")
 
 
 def _regression_loss(name, input, target, weight, loss, param, reduction, num_items_in_batch=None):
