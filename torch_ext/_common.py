@@ -12,12 +12,10 @@ _any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it 
 _functorch_transforms_active = torch._C._are_functorch_transforms_active  # dynamo folds it to a constant
 
 
-def batched_or_wrapped(t: Tensor) -> bool:
+def _batched_or_wrapped(t: Tensor) -> bool:
     """Whether t is batched by vmap (functorch's, or the older one of autograd.grad's
-    is_grads_batched) or wrapped by a functorch transform: it has no value to read, and a plain
-    tensor cannot take its values in place. False while compiling (dynamo cannot trace the check)."""
-    if torch.compiler.is_compiling():
-        return False
+    is_grads_batched) or wrapped by a functorch transform: it has no value to read. Not for
+    compiled code (dynamo cannot trace the check)."""
     return torch._C._functorch.is_functorch_wrapped_tensor(t) or torch._C._functorch.is_legacy_batchedtensor(t)
 
 
@@ -267,7 +265,7 @@ def hand_over_unit_grads(unit_grads, mask, grad_loss):
     (autograd.grad's is_grads_batched) grad_loss has no value to read: scaled."""
     unit_grads = [g if m else None for g, m in zip(unit_grads, mask)]
     if (type(grad_loss) is torch.Tensor and not torch.compiler.is_compiling() and grad_loss.device.type == "cpu"
-            and grad_loss.numel() == 1 and not batched_or_wrapped(grad_loss) and grad_loss.item() == 1.0):
+            and grad_loss.numel() == 1 and not _batched_or_wrapped(grad_loss) and grad_loss.item() == 1.0):
         return unit_grads
     scale = grad_loss.reshape(()) if grad_loss.numel() == 1 else grad_loss  # else a scale per row, (rows, 1)
     return [None if g is None else g.mul(scale) for g in unit_grads]

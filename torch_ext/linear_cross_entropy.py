@@ -18,7 +18,6 @@ from . import _C
 from ._common import (
     any_requires_grad,
     autocast_to_lower_precision,
-    batched_or_wrapped,
     check_reduction,
     direct_when_no_grad,
     divide_by_items,
@@ -164,10 +163,9 @@ def _probability_target_grad(grad_loss, saved, options):
         if reduction == "mean":
             row_scale = row_scale / max(rows, 1)
     class_weight = None if weight is None else weight.to(dtype)
-    # A batched grad_loss (is_grads_batched, torch.func) makes batched chunks, which a plain result
-    # cannot take in place: they are concatenated instead (twice the result's memory, briefly).
-    pieces = [] if batched_or_wrapped(grad_loss) else None
-    out = target.new_empty((rows, vocab)) if pieces is None else None
+    # From grad_loss: batched by vmap (is_grads_batched, torch.func) the result is batched too, and
+    # takes the chunks' batched values in place.
+    out = grad_loss.new_empty((rows, vocab), dtype=dtype)
     for start in range(0, rows, chunk_size):
         stop = min(start + chunk_size, rows)
         logits = F.linear(x[start:stop], linear_weight, linear_bias)
@@ -176,12 +174,8 @@ def _probability_target_grad(grad_loss, saved, options):
         log_prob = torch.log_softmax(logits, -1).to(dtype)
         if class_weight is not None:
             log_prob = log_prob * class_weight
-        piece = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
-        if pieces is None:
-            out[start:stop] = piece
-        else:
-            pieces.append(piece)
-    return (out if pieces is None else torch.cat(pieces)).reshape(target.shape)
+        out[start:stop] = log_prob * (row_scale[start:stop] if reduction == "none" else row_scale)
+    return out.reshape(target.shape)
 
 
 def _output_mask(ctx):
