@@ -55,11 +55,9 @@ def _recorded(fn, inputs, fixed=frozenset()):
 def _forward_backward(fn, inputs, grad_output=None, fixed=frozenset(), **grad_kwargs):
     """fn's output and the gradients of its differentiable inputs for grad_output (default: a
     seeded random one, of the output's dtype)."""
-    leaves = _differentiable(inputs, fixed)
-    out = fn(*leaves)
+    out, wrt = _recorded(fn, inputs, fixed)
     if grad_output is None:
         grad_output = torch.randn(out.shape, generator=torch.Generator().manual_seed(1)).to(out)
-    wrt = [t for t in leaves if t.requires_grad]
     return out, torch.autograd.grad(out, wrt, grad_output, **grad_kwargs), grad_output
 
 
@@ -298,9 +296,8 @@ def test_batched_grad_outputs(device, case, grad_in_forward):
 def test_double_backward_raises(device, case, grad_in_forward):
     # The gradients (create_graph=True) can be used, but differentiating them again raises.
     s = sample(*case, device, torch.float32)
-    leaves = _differentiable(s.inputs, s.fixed)
-    wrt = [t for t in leaves if t.requires_grad]
-    grads = torch.autograd.grad(s.fn(*leaves).sum(), wrt, create_graph=True)
+    out, wrt = _recorded(s.fn, s.inputs, s.fixed)
+    grads = torch.autograd.grad(out.sum(), wrt, create_graph=True)
     assert all(g.requires_grad for g in grads)
     with pytest.raises(RuntimeError, match="double backward"):
         torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
