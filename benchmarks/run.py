@@ -42,7 +42,8 @@ Sizes (--sizes NAME picks it for every op that has it; default: the starred ones
   cross_entropy         cnn* 256x1000, rnn* 2048x10000, llm* 4096x32000
                         (the same sizes for cross_entropy_capped: softcap, lse and accuracy, and
                         cross_entropy_autocast: bfloat16 logits under autocast; only when named in --ops)
-  mse, huber, smooth_l1 cnn 32x150528, ffn* 4096x4096   (smooth_l1 only when named in --ops)
+  mse, huber, smooth_l1 cnn 32x150528, ffn* 4096x4096   (smooth_l1 only when named in --ops; the
+                        same sizes for mse_autocast: bfloat16 inputs under autocast, when named)
   triplet               cnn* 8192x512
   linear_cross_entropy  rnn 2048x512->10000, llm* 4096x512->32000   (N x H -> vocabulary V)
   mlp                   ffn* 4096x256->1024 gelu, llm* 2048x512->1376 swiglu   (M x K -> hidden H)

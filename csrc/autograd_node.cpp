@@ -290,19 +290,21 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
 
 at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
-                                 c10::string_view reduction) {
-  static const auto forward = c10::Dispatcher::singleton()
-                                  .findSchemaOrThrow("torch_ext::regression_loss_fwd", "")
-                                  .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
-                                      const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&,
-                                      c10::string_view, double, c10::string_view, std::array<bool, 2>)>();
+                                 c10::string_view reduction, std::optional<at::ScalarType> loss_dtype) {
+  static const auto forward =
+      c10::Dispatcher::singleton()
+          .findSchemaOrThrow("torch_ext::regression_loss_fwd", "")
+          .typed<std::tuple<at::Tensor, at::Tensor, at::Tensor>(
+              const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view, double,
+              c10::string_view, std::array<bool, 2>, std::optional<at::ScalarType>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
   const std::array<bool, 2> wanted = {takes_grad(input), takes_grad(target)};
   const std::array<bool, 2> mask = formed_in_forward(wanted, reduction);
   at::Tensor value, grad_input, grad_target;
   {
     BelowAutograd below_autograd;
-    std::tie(value, grad_input, grad_target) = forward.call(input, target, weight, loss, param, reduction, mask);
+    std::tie(value, grad_input, grad_target) =
+        forward.call(input, target, weight, loss, param, reduction, mask, loss_dtype);
   }
   if (!any_of(wanted)) return value;
   set_node_history(value, {"RegressionLossBackward",

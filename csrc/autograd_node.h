@@ -53,7 +53,7 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                                                        std::optional<at::ScalarType> loss_dtype);
 at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& target,
                                  const std::optional<at::Tensor>& weight, c10::string_view loss, double param,
-                                 c10::string_view reduction);
+                                 c10::string_view reduction, std::optional<at::ScalarType> loss_dtype);
 at::Tensor triplet_margin_loss_eager(const at::Tensor& anchor, const at::Tensor& positive, const at::Tensor& negative,
                                      double margin, double p, double eps, bool swap, c10::string_view reduction,
                                      std::optional<at::ScalarType> loss_dtype);

@@ -247,10 +247,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   Tensor loss_rows =
       chunked_forward && reduction == Reduction::None ? at::empty({s.rows}, options.dtype(loss_dtype)) : Tensor();
   // The rows' stats as cross_entropy_fwd's (each chunk's copied in; rows x 3 numbers).
-  Tensor row_stats =
-      chunked_forward
-          ? at::zeros({s.rows, 3}, options.dtype(input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat))
-          : Tensor();
+  Tensor row_stats = chunked_forward ? at::zeros({s.rows, 3}, options.dtype(accumulate_dtype(input))) : Tensor();
   // Summed in float64 where the chunks' losses are (no host synchronization per chunk on CUDA).
   Tensor loss_sum =
       chunked_forward && reduction != Reduction::None ? at::zeros({}, options.dtype(at::kDouble)) : Tensor();

@@ -28,6 +28,11 @@ inline Reduction check_reduction_with_grad_in_forward(const char* op, c10::strin
   return red;
 }
 
+// The dtype the kernels accumulate an input's values in: float64 for float64, else float32.
+inline at::ScalarType accumulate_dtype(const at::Tensor& input) {
+  return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+}
+
 // The dtype a loss op returns its loss in: loss_dtype (a floating dtype), or the input's.
 inline at::ScalarType loss_dtype_or_input(const char* op, const at::Tensor& input,
                                           std::optional<at::ScalarType> loss_dtype) {

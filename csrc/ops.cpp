@@ -109,10 +109,11 @@ TORCH_LIBRARY(torch_ext, m) {
   // beta); input, target and the optional elementwise weight of one shape (the Python functions
   // broadcast). Weighted mse's mean divides by the sum of the weights, the others' by numel.
   // Returns (loss, grad_input, grad_target): nothing is saved but the inputs. grad_mask: (input,
-  // target), formed in the same pass that reads them for the loss.
+  // target), formed in the same pass that reads them for the loss. loss_dtype as
+  // cross_entropy_fwd's. The backward reads a float32 grad_loss of 16-bit inputs as it is.
   m.def(
       "regression_loss_fwd(Tensor input, Tensor target, Tensor? weight, str loss, float param, "
-      "str reduction, bool[2] grad_mask) -> (Tensor, Tensor, Tensor)",
+      "str reduction, bool[2] grad_mask, ScalarType? loss_dtype=None) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
   m.def(
       "regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
@@ -309,19 +310,24 @@ static PyObject* cross_entropy_eager(PyObject*, PyObject* args) {
   });
 }
 
-// _regression_loss_eager(input, target, weight, loss, param, reduction): mse, huber, smooth_l1
+// _regression_loss_eager(input, target, weight, loss, param, reduction, float32_loss): mse, huber,
+// smooth_l1; float32_loss: loss_dtype float32 (autocast)
 static PyObject* regression_loss_eager(PyObject*, PyObject* args) {
   PyObject *input_obj, *target_obj, *weight_obj;
   const char *loss, *reduction;
   double param;
+  int float32_loss;
   std::optional<at::Tensor> input, target, weight;
-  if (!PyArg_ParseTuple(args, "OOOsds", &input_obj, &target_obj, &weight_obj, &loss, &param, &reduction) ||
+  if (!PyArg_ParseTuple(args, "OOOsdsp", &input_obj, &target_obj, &weight_obj, &loss, &param, &reduction,
+                        &float32_loss) ||
       !unpack_tensors({{input_obj, "input", false, &input},
                        {target_obj, "target", false, &target},
                        {weight_obj, "weight", true, &weight}}))
     return nullptr;
-  return run_without_gil(
-      [&] { return torch_ext::regression_loss_eager(*input, *target, weight, loss, param, reduction); });
+  return run_without_gil([&] {
+    return torch_ext::regression_loss_eager(*input, *target, weight, loss, param, reduction,
+                                            loss_dtype_from_flag(float32_loss));
+  });
 }
 
 // _triplet_margin_loss_eager(anchor, positive, negative, margin, p, eps, swap, reduction,

@@ -590,10 +590,12 @@ def _loss_ops(device):
             h, w, None, t, None, -100, "sum", 0.0, 0.0, 4, [False, False, False], loss_dtype=d)[0]),
         ("triplet_margin_loss_fwd", lambda d: ops.triplet_margin_loss_fwd(
             x, x.flip(0), x.roll(1, 0), 10.0, 2.0, 1e-6, False, "none", [False, False, False], loss_dtype=d)[0]),
+        ("regression_loss_fwd", lambda d: ops.regression_loss_fwd(
+            x, x.roll(1, 0), None, "huber", 0.5, "none", [False, False], loss_dtype=d)[0]),
     ]
 
 
-@pytest.mark.parametrize("op_index", range(3))
+@pytest.mark.parametrize("op_index", range(4))
 @pytest.mark.parametrize("device", DEVICES)
 def test_loss_dtype(device, op_index):
     # The losses' loss_dtype: None gives the input's dtype; float32 the loss as computed, which

@@ -31,7 +31,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import torch_ext
-from utils import assert_close, default_device_type, leaf, reference_dtype
+from utils import assert_close, check_reads_16_bit_under_autocast, default_device_type, leaf, reference_dtype
 
 # Every test on every device (tests/devices.py).
 pytestmark = pytest.mark.every_device
@@ -674,6 +674,83 @@ def test_autocast_with_weight(loss):
     y.backward()
     y_ref.backward()
     assert_close(xl.grad, xr.grad)
+
+
+@pytest.mark.parametrize("case", ["plain", "weighted", "broadcast"])
+@pytest.mark.parametrize("path", ["eager", "no_grad", "compiled"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss", LOSSES)
+def test_autocast_reads_16_bit_inputs_as_they_are(dynamo_reset, loss, reduction, path, case):
+    # Under bf16 autocast, bfloat16 input and target (and weight) reach the kernel as they are, not
+    # as float32 copies (8 bytes per element each, with their gradients): the op gets them with
+    # loss_dtype float32. The loss is PyTorch's (float32 from the same values); the gradients,
+    # formed in bfloat16, are eager's (float32, then rounded) within a bfloat16 ulp.
+    if case == "weighted" and loss not in WEIGHTED_LOSSES:
+        pytest.skip("smooth_l1_loss takes no weight")
+    x, t = (v.bfloat16() for v in make_pair((6, 17)))
+    if case == "broadcast":
+        t = t[:1].clone()
+    w = _weight((6, 17), torch.bfloat16, "positive") if case == "weighted" else None
+    param = None if loss == "mse" else 0.5
+    xl, tl, xr, tr = leaf(x), leaf(t), leaf(x), leaf(t)
+
+    def want(a, b, reduction):
+        if w is None:
+            return reference(loss, a, b, reduction, param)
+        # PyTorch's weighted mse_loss is a Python composition that autocast leaves in bfloat16;
+        # ours computes in float32 as unweighted: the reference is float32 from the same values.
+        return reference(loss, a.float(), b.float(), reduction, param, w.float())
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", UserWarning)  # broadcasting warning, tested on its own
+        check_reads_16_bit_under_autocast(
+            "regression_loss_fwd", 7, path, lambda a, b, reduction: ours(loss, a, b, reduction, param, w), want,
+            (xl, tl), (xr, tr), [xl, tl], [xr, tr], reduction=reduction)
+
+
+def test_autocast_mixed_16_bit_dtypes_compute_from_float32_copies():
+    # A float16 target with a bfloat16 input under autocast: no shared 16-bit dtype, so both go to
+    # float32 as autocast casts them for F.mse_loss (the op gets float32 and no loss_dtype).
+    x, t = make_pair((4, 9))
+    xl, xr = leaf(x.bfloat16()), leaf(x.bfloat16())
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
+        y = torch_ext.mse_loss(xl, t.half())
+        y_ref = F.mse_loss(xr, t.half())
+    assert y.dtype == y_ref.dtype == torch.float32
+    assert_close(y, y_ref)
+    y.backward()
+    y_ref.backward()
+    assert xl.grad.dtype == torch.bfloat16
+    assert_close(xl.grad, xr.grad, dtype=torch.bfloat16)
+
+
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_op_loss_dtype(reduction):
+    # The op's loss_dtype (tests/test_common.py checks None and refusals): the loss in that dtype,
+    # computed in float32 from the 16-bit inputs (reduction none: each element's loss unrounded);
+    # the gradients formed in the inputs' dtype.
+    x, t = (v.bfloat16() for v in make_pair((5, 11)))
+    mask = [False, False] if reduction == "none" else [True, True]
+    loss, gi, gt = FWD(x, t, None, "huber", 0.5, reduction, mask, torch.float32)
+    want = F.huber_loss(x.float(), t.float(), reduction=reduction, delta=0.5)
+    assert loss.dtype == torch.float32
+    assert_close(loss, want, dtype=torch.float32)
+    if reduction != "none":
+        xf = leaf(x.float())
+        F.huber_loss(xf, t.float(), reduction=reduction, delta=0.5).backward()
+        assert gi.dtype == gt.dtype == torch.bfloat16
+        assert_close(gi, xf.grad, dtype=torch.bfloat16)
+        assert_close(gt, -xf.grad, dtype=torch.bfloat16)
+    # Its backward op reads a float32 incoming gradient as it is (rounding the product once).
+    g = torch.rand(loss.shape) + 0.5
+    gi, gt = BWD(g, x, t, None, "huber", 0.5, reduction, [True, True])
+    xf = leaf(x.float())
+    want_grad = torch.autograd.grad(F.huber_loss(xf, t.float(), reduction=reduction, delta=0.5), xf, g)[0]
+    assert gi.dtype == gt.dtype == torch.bfloat16
+    if reduction == "none":  # one product per element, as eager's: the same bits
+        assert torch.equal(gi, want_grad.bfloat16()) and torch.equal(gt, (-want_grad).bfloat16())
+    assert_close(gi, want_grad, dtype=torch.bfloat16)
+    assert_close(gt, -want_grad, dtype=torch.bfloat16)
 
 
 # ----------------------------------------------------------------------------------------------

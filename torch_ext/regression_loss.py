@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    autocast_off,
     autocast_to_float32,
     check_reduction,
     check_reduction_with_grad_in_forward,
@@ -21,10 +22,12 @@ from ._common import (
     divide_by_items,
     eager_without_autograd,
     fake_grads,
+    float32_loss_of_16_bit,
     for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
     hand_over_formed,
+    loss_dtype_or_input,
     needs_autograd,
     reduction_for_items,
     register_no_double_backward,
@@ -78,12 +81,13 @@ def _check_param(op, loss, param):
 
 
 @torch.library.register_fake("torch_ext::regression_loss_fwd")
-def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction, grad_mask):
+def _regression_loss_fwd_fake(input, target, weight, loss, param, reduction, grad_mask, loss_dtype=None):
     op = "torch_ext.regression_loss"
     _check_args(op, input, target, weight, loss, param, reduction)
     if any(grad_mask):
         check_reduction_with_grad_in_forward(op, reduction)
-    value = input.new_empty(input.shape if reduction == "none" else ())
+    dtype = loss_dtype_or_input(op, input, loss_dtype)
+    value = input.new_empty(input.shape if reduction == "none" else (), dtype=dtype)
     return (value,) + tuple(input.new_empty(input.shape) if m else None for m in grad_mask)
 
 
@@ -93,13 +97,13 @@ def _regression_loss_bwd_fake(grad_loss, input, target, weight, loss, param, red
     return fake_grads(input, output_mask, (input.shape, input.shape))
 
 
-# The forward op's arguments: (input, target, weight, loss, param, reduction, grad_mask).
-_N_INPUTS = 7
+# The forward op's arguments: (input, target, weight, loss, param, reduction, grad_mask, loss_dtype).
+_N_INPUTS = 8
 NO_GRADS = (False, False)  # the grad_mask of a forward that forms no gradient
 
 
 def _setup_context(ctx, inputs, output):
-    input, target, weight, loss, param, reduction, grad_mask = inputs
+    input, target, weight, loss, param, reduction, grad_mask = inputs[:7]
     ctx.options = (loss, param, reduction)
     save_with_formed_grads(ctx, (input, target, weight), output, grad_mask, first_grad=1)
 
@@ -129,12 +133,13 @@ register_no_double_backward("torch_ext::regression_loss_bwd", "torch_ext's regre
 
 class RegressionLossFunction(torch.autograd.Function):
     """autograd.Function over the op pair, with the forward op's arguments: ``apply(input,
-    target, weight, loss, param, reduction, grad_mask) -> (loss, grad_input, grad_target)`` with
-    loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta); input, target and
-    weight (or None) of one shape. With grad_mask all False the backward op forms the gradients;
-    with grad_mask (reductions mean and sum) the forward forms them for grad_loss = 1 in its pass
-    and the backward scales them. The outputs after the loss are not differentiable; the
-    gradients not asked for are None.
+    target, weight, loss, param, reduction, grad_mask, loss_dtype=None) -> (loss, grad_input,
+    grad_target)`` with loss ``"mse"``, ``"huber"`` (param = delta) or ``"smooth_l1"`` (beta);
+    input, target and weight (or None) of one shape; loss_dtype None (the input's) or the dtype to
+    return the loss in (float32 for 16-bit inputs: unrounded, as under autocast). With grad_mask
+    all False the backward op forms the gradients; with grad_mask (reductions mean and sum) the
+    forward forms them for grad_loss = 1 in its pass and the backward scales them. The outputs
+    after the loss are not differentiable; the gradients not asked for are None.
 
     Example::
 
@@ -174,7 +179,9 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
         if weight.requires_grad and torch.is_grad_enabled():
             raise RuntimeError(f"{name}: the gradient with respect to weight is not implemented; pass weight.detach()")
     _check_param(name, loss, param)
-    input, target, weight = autocast_to_float32(input, target, weight)
+    loss_dtype = None
+    if not autocast_off():
+        input, target, weight, loss_dtype = _autocast_inputs(input, target, weight)
     weight_sum = None
     if target.shape != input.shape:
         # Expanded views: autograd's expand backward sums the gradients back to each shape.
@@ -192,19 +199,29 @@ def _regression_loss_value(name, input, target, weight, loss, param, reduction):
         weight = weight.to(input.dtype)
     args = (input, target, weight, loss, float(param), reduction)
     if transforms_active():  # torch.func
-        out = _RegressionLossForTransforms.apply(*args, NO_GRADS)[0]
+        out = _RegressionLossForTransforms.apply(*args, NO_GRADS, loss_dtype)[0]
     elif (
         input.device.type in GRAD_IN_FORWARD_DEVICES
         and forms_grad_in_forward(input.requires_grad or target.requires_grad)
     ) or eager_without_autograd(input, target, weight):
         # The loss and its gradients from one pass, handed over by a C++ node (csrc/autograd_node.h;
         # reduction none: the node calls the backward op); without autograd, the forward op alone.
-        out = _C._regression_loss_eager(*args)
+        out = _C._regression_loss_eager(*args, loss_dtype is not None)
     elif not needs_autograd(input, target, weight):  # compiled
-        out = _fwd_op(*args, NO_GRADS)[0]
+        out = _fwd_op(*args, NO_GRADS, loss_dtype)[0]
     else:
-        out = RegressionLossFunction.apply(*args, NO_GRADS)[0]
+        out = RegressionLossFunction.apply(*args, NO_GRADS, loss_dtype)[0]
     return out if weight_sum is None else out / weight_sum
+
+
+def _autocast_inputs(input: Tensor, target: Tensor, weight: Optional[Tensor]):
+    """(input, target, weight, loss_dtype) as autocast gives PyTorch's regression losses their
+    inputs (float32), except that 16-bit inputs of one dtype (with the weight, if any, in it too)
+    stay as they are: the kernels compute in float32 from them and return the loss in float32
+    (loss_dtype), so no float32 copies of the inputs and their gradients are made."""
+    if float32_loss_of_16_bit(input, target, *(() if weight is None else (weight,))):
+        return input, target, weight, torch.float32
+    return (*autocast_to_float32(input, target, weight), None)
 
 
 def mse_loss(

@@ -60,8 +60,6 @@ double check_targets(const char* op, const Tensor& target, int64_t classes, int6
   return denominator;
 }
 
-at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The inputs of both ops, prepared for the kernels: contiguous, targets as int64, weight in the
 // accumulation type, and the mean's denominator.
 struct CrossEntropyInputs {
@@ -78,7 +76,7 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
   in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   in.softcap = softcap;
   in.input = input.contiguous();
-  in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
+  in.weight = weight.has_value() ? weight->to(accumulate_dtype(input)).contiguous() : Tensor();
   if (in.layout.probabilities) {
     in.target = target.contiguous();
     in.denominator = double(in.layout.rows());
@@ -170,20 +168,20 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
-  check_row_stats(op, input, "input", stats, "stats", rows, acc_dtype(input), "cross_entropy_fwd");
+  check_row_stats(op, input, "input", stats, "stats", rows, accumulate_dtype(input), "cross_entropy_fwd");
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   Tensor row_scale;
   double scale = 0;
   check_grad_loss(op, grad_loss, red, reduction, at::IntArrayRef(in.layout.loss_shape));
   if (red == Reduction::None) {
-    row_scale = grad_loss.to(acc_dtype(input)).contiguous();
+    row_scale = grad_loss.to(accumulate_dtype(input)).contiguous();
   } else {
     scale = grad_loss.item<double>() / (red == Reduction::Mean ? in.denominator : 1.0);
   }
   Tensor lse_grad;
   if (grad_lse.has_value()) {
     check_grad_lse(op, input, *grad_lse, rows);
-    lse_grad = grad_lse->to(acc_dtype(input)).contiguous();
+    lse_grad = grad_lse->to(accumulate_dtype(input)).contiguous();
   }
   Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
@@ -236,7 +234,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cpu(
   TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
               ": grad_mask[1] asks for the target's gradient, which exists only for class-probability targets");
   const int64_t rows = in.layout.rows();
-  const auto acc_options = input.options().dtype(acc_dtype(input));
+  const auto acc_options = input.options().dtype(accumulate_dtype(input));
   Tensor stats = at::zeros({rows, 3}, acc_options);
   Tensor row_loss = at::zeros({rows}, acc_options);
   Tensor grad_input = grad_mask[0] ? cpu::empty_cpu_output(input.sizes(), input.options()) : Tensor();

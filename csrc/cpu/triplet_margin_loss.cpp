@@ -86,7 +86,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   const at::ScalarType dtype = loss_dtype_or_input(op, anchor, loss_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
-  const auto acc_options = anchor.options().dtype(anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat);
+  const auto acc_options = anchor.options().dtype(accumulate_dtype(anchor));
   Tensor dist = at::empty({rows, 3}, acc_options);
   Tensor row_loss = at::empty({rows}, acc_options);
   Tensor grads[3];
@@ -125,7 +125,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cpu(const Tensor& gra
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p);
   const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
-  const auto acc = anchor.scalar_type() == at::kDouble ? at::kDouble : at::kFloat;
+  const auto acc = accumulate_dtype(anchor);
   check_row_stats(op, anchor, "anchor", dist, "dist", rows, acc, "triplet_margin_loss_fwd");
   check_same_device(op, anchor, "anchor", grad_loss, "grad_loss");
   Tensor row_scale;

@@ -472,8 +472,6 @@ __global__ void backward_positions_kernel(CrossEntropyArgs<S> a) {
 
 // ---- host side -------------------------------------------------------------------------------
 
-at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 struct CrossEntropyInputs {
   CrossEntropyLayout layout;
   Tensor input, target, weight;
@@ -496,9 +494,9 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
   CrossEntropyInputs in;
   in.layout = check_cross_entropy_args(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap);
   in.softcap = softcap;
-  const auto acc = input.options().dtype(acc_dtype(input));
+  const auto acc = input.options().dtype(accumulate_dtype(input));
   in.input = input.contiguous();
-  in.weight = weight.has_value() ? weight->to(acc_dtype(input)).contiguous() : Tensor();
+  in.weight = weight.has_value() ? weight->to(accumulate_dtype(input)).contiguous() : Tensor();
   in.weight_sum = in.weight.defined() ? in.weight.sum() : at::scalar_tensor(double(in.layout.classes), acc);
   if (in.layout.probabilities) {
     in.target = target.contiguous();
@@ -514,9 +512,9 @@ CrossEntropyInputs prepare(const char* op, const Tensor& input, const Tensor& ta
     // Clamped: an unchecked bad index must not reach index_select's device-side assert.
     const Tensor safe =
         in.target.masked_fill(kept.logical_not(), 0).clamp(0, std::max<int64_t>(classes - 1, 0)).reshape(-1);
-    in.denominator = in.weight.index_select(0, safe).mul(kept.reshape(-1).to(acc_dtype(input))).sum();
+    in.denominator = in.weight.index_select(0, safe).mul(kept.reshape(-1).to(accumulate_dtype(input))).sum();
   } else {
-    in.denominator = kept.sum().to(acc_dtype(input));
+    in.denominator = kept.sum().to(accumulate_dtype(input));
   }
   return in;
 }
@@ -639,20 +637,20 @@ void backward_into(const char* op, const Tensor& grad_loss, const Tensor& input,
   const int64_t rows = in.layout.rows();
   TORCH_CHECK(!grad_target.defined() || in.layout.probabilities, op,
               ": output_mask[1] asks for the target's gradient, which exists only for class-probability targets");
-  check_row_stats(op, input, "input", stats, "stats", rows, acc_dtype(input), "cross_entropy_fwd");
+  check_row_stats(op, input, "input", stats, "stats", rows, accumulate_dtype(input), "cross_entropy_fwd");
   check_same_device(op, input, "input", grad_loss, "grad_loss");
   Tensor row_scale, scale;
   check_grad_loss(op, grad_loss, red, reduction, at::IntArrayRef(in.layout.loss_shape));
   if (red == Reduction::None) {
-    row_scale = grad_loss.to(acc_dtype(input)).contiguous();
+    row_scale = grad_loss.to(accumulate_dtype(input)).contiguous();
   } else {
-    scale = grad_loss.reshape({}).to(acc_dtype(input));
+    scale = grad_loss.reshape({}).to(accumulate_dtype(input));
     if (red == Reduction::Mean) scale = scale.div(in.denominator);
   }
   Tensor lse_grad;
   if (grad_lse.has_value()) {
     check_grad_lse(op, input, *grad_lse, rows);
-    lse_grad = grad_lse->to(acc_dtype(input)).contiguous();
+    lse_grad = grad_lse->to(accumulate_dtype(input)).contiguous();
   }
   const Tensor stats_c = stats.contiguous();
   if (rows > 0 && in.layout.classes > 0 && (grad_input.defined() || grad_target.defined())) {
@@ -713,7 +711,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor> cross_entropy_fwd_cuda(
       prepare(op, input, target, weight, ignore_index, label_smoothing, z_loss, softcap, TargetCheck::Forward);
   TORCH_CHECK(!grad_mask[1] || in.layout.probabilities, op,
               ": grad_mask[1] asks for the target's gradient, which exists only for class-probability targets");
-  const auto acc_options = input.options().dtype(acc_dtype(input));
+  const auto acc_options = input.options().dtype(accumulate_dtype(input));
   Tensor stats = at::zeros({in.layout.rows(), 3}, acc_options);
   Tensor row_loss = at::zeros({in.layout.rows()}, acc_options);
   Tensor grad_input, scale;

@@ -7,6 +7,8 @@
 //   forward with gradients (regression_loss_fwd's grad_mask, the eager path for reductions mean and
 //             sum): the forward kernel also writes the gradients for grad_loss = 1, so a
 //             training step reads input and target once; the backward hands them over.
+//   loss_dtype float32 for 16-bit inputs (autocast): the loss is computed in float32 as always
+//             and returned unrounded; the gradients stay in the inputs' dtype.
 #include <ATen/AccumulateType.h>
 #include <ATen/Dispatch.h>
 #include <ATen/core/Tensor.h>
@@ -42,13 +44,15 @@ struct RegressionLossArgs {
   const S* weight;  // or nullptr
   RegressionLoss loss;
   A param;
-  S* out;              // forward, reduction none
-  A* loss_partials;    // forward, reductions: one per block
-  A* weight_partials;  // weighted mse mean, or nullptr
-  const S* grad_loss;  // backward, reduction none: per element, or
-  const A* scale;      // a device scalar for every element
-  S* grad_input;       // or nullptr
-  S* grad_target;      // or nullptr
+  S* out;                  // forward, reduction none: in S, or
+  A* out_acc;              // in A (autocast's float32 loss of 16-bit inputs, unrounded)
+  A* loss_partials;        // forward, reductions: one per block
+  A* weight_partials;      // weighted mse mean, or nullptr
+  const S* grad_loss;      // backward, reduction none: per element in S, or
+  const A* grad_loss_acc;  // in A (the gradient of a float32 loss of 16-bit inputs), or
+  const A* scale;          // a device scalar for every element
+  S* grad_input;           // or nullptr
+  S* grad_target;          // or nullptr
 };
 
 // Block b covers elements [b * kElementsPerBlock, (b + 1) * kElementsPerBlock), read with unit
@@ -82,7 +86,9 @@ __global__ void forward_kernel(RegressionLossArgs<S> a) {
       if (a.grad_input != nullptr) a.grad_input[i] = S(g);
       if (a.grad_target != nullptr) a.grad_target[i] = S(-g);
     }
-    if (a.out != nullptr) {
+    if (a.out_acc != nullptr) {
+      a.out_acc[i] = l;
+    } else if (a.out != nullptr) {
       a.out[i] = S(l);
     } else {
       loss_sum += l;
@@ -103,7 +109,7 @@ __global__ void backward_kernel(RegressionLossArgs<S> a) {
   const A scale = a.scale != nullptr ? *a.scale : A(0);
   for (int64_t i = int64_t(blockIdx.x) * blockDim.x + threadIdx.x; i < a.numel; i += int64_t(gridDim.x) * blockDim.x) {
     A g = regression_loss_derivative<A>(a.loss, A(a.input[i]) - A(a.target[i]), a.param);
-    g *= a.grad_loss != nullptr ? A(a.grad_loss[i]) : scale;
+    g *= a.grad_loss_acc != nullptr ? a.grad_loss_acc[i] : a.grad_loss != nullptr ? A(a.grad_loss[i]) : scale;
     if (a.weight != nullptr) g *= A(a.weight[i]);
     if (a.grad_input != nullptr) a.grad_input[i] = S(g);
     if (a.grad_target != nullptr) a.grad_target[i] = S(-g);
@@ -123,10 +129,9 @@ RegressionLossArgs<S> kernel_args(RegressionLoss kind, double param, const Tenso
   return a;
 }
 
-at::ScalarType acc_dtype(const Tensor& input) { return input.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 // The forward kernel; given `scale` (a device scalar), it also writes the defined ones of
-// grad_input / grad_target for d(loss)/d(element loss) = scale in the same pass.
+// grad_input / grad_target for d(loss)/d(element loss) = scale in the same pass. A defined `out`
+// holds the per-element loss in the input's dtype or in its accumulation dtype.
 void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tensor& t, const Tensor& w,
                  const Tensor& out, const Tensor& loss_partials, const Tensor& weight_partials,
                  const Tensor& scale = Tensor(), const Tensor& grad_input = Tensor(),
@@ -136,7 +141,9 @@ void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tenso
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "regression_loss_fwd_cuda", [&] {
     using A = at::acc_type<scalar_t, true>;
     auto a = kernel_args<scalar_t>(kind, param, x, t, w);
-    a.out = out.defined() ? out.data_ptr<scalar_t>() : nullptr;
+    const bool out_in_input_dtype = out.defined() && out.scalar_type() == x.scalar_type();
+    a.out = out_in_input_dtype ? out.data_ptr<scalar_t>() : nullptr;
+    a.out_acc = out.defined() && !out_in_input_dtype ? out.data_ptr<A>() : nullptr;
     a.loss_partials = loss_partials.defined() ? loss_partials.data_ptr<A>() : nullptr;
     a.weight_partials = weight_partials.defined() ? weight_partials.data_ptr<A>() : nullptr;
     const auto stream = c10::cuda::getCurrentCUDAStream();
@@ -154,10 +161,10 @@ void run_forward(RegressionLoss kind, double param, const Tensor& x, const Tenso
 
 // The sum of the block partials, divided for the mean by weight_sum (weighted mse) or numel.
 Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& weight_sum, int64_t numel,
-                    const Tensor& input) {
+                    at::ScalarType loss_dtype) {
   Tensor total = loss_partials.sum();
   if (red == Reduction::Mean) total = weight_sum.defined() ? total.div(weight_sum) : total.div(double(numel));
-  return total.to(input.scalar_type());
+  return total.to(loss_dtype);
 }
 
 // The loss in one kernel; with grad_mask, the same kernel writes the gradients for grad_loss = 1:
@@ -166,37 +173,41 @@ Tensor reduced_loss(Reduction red, const Tensor& loss_partials, const Tensor& we
 std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input, const Tensor& target,
                                                             const std::optional<Tensor>& weight, c10::string_view loss,
                                                             double param, c10::string_view reduction,
-                                                            std::array<bool, 2> grad_mask) {
+                                                            std::array<bool, 2> grad_mask,
+                                                            std::optional<at::ScalarType> loss_dtype) {
   constexpr const char* op = "torch_ext.regression_loss";
   const c10::cuda::CUDAGuard guard(input.device());
   const bool any_grad = grad_mask[0] || grad_mask[1];
   const Reduction red = any_grad ? check_reduction_with_grad_in_forward(op, reduction)
                                  : parse_reduction(std::string_view(reduction.data(), reduction.size()));
   const RegressionLoss kind = check_regression_args(op, input, target, weight, loss, param);
+  const at::ScalarType out_dtype = loss_dtype_or_input(op, input, loss_dtype);
   const Tensor x = input.contiguous(), t = target.contiguous();
   const Tensor w = weight.has_value() ? weight->contiguous() : Tensor();
   const int64_t blocks = (x.numel() + kElementsPerBlock - 1) / kElementsPerBlock;
-  const auto acc = input.options().dtype(acc_dtype(input));
+  const auto acc = input.options().dtype(accumulate_dtype(input));
   const Tensor empty;  // the gradients not asked for: undefined (None in Python)
   if (!any_grad) {
     Tensor out, loss_partials, weight_partials;
     if (red == Reduction::None) {
-      out = at::empty(input.sizes(), input.options());
+      // In the input's dtype or, for another loss_dtype, in the accumulation dtype the kernel
+      // computes in (converted below where that is not loss_dtype either).
+      out = at::empty(input.sizes(), out_dtype == input.scalar_type() ? input.options() : acc);
     } else {
       loss_partials = at::empty({blocks}, acc);
       if (red == Reduction::Mean && divides_by_weight_sum(kind, weight)) weight_partials = at::empty({blocks}, acc);
     }
     run_forward(kind, param, x, t, w, out, loss_partials, weight_partials);
-    if (red == Reduction::None) return {out, empty, empty};
+    if (red == Reduction::None) return {out.to(out_dtype), empty, empty};
     return {reduced_loss(red, loss_partials, weight_partials.defined() ? weight_partials.sum() : Tensor(), x.numel(),
-                         input),
+                         out_dtype),
             empty, empty};
   }
   Tensor loss_partials = at::empty({blocks}, acc);
   // d(loss)/d(element loss): 1 for sum; for mean 1 / numel, or 1 / sum(weight) for weighted mse
   // (taken before the pass, which needs it).
   const Tensor weight_sum =
-      red == Reduction::Mean && divides_by_weight_sum(kind, weight) ? w.sum(acc_dtype(input)) : Tensor();
+      red == Reduction::Mean && divides_by_weight_sum(kind, weight) ? w.sum(accumulate_dtype(input)) : Tensor();
   const Tensor scale =
       weight_sum.defined()
           ? weight_sum.reciprocal()
@@ -204,7 +215,7 @@ std::tuple<Tensor, Tensor, Tensor> regression_loss_fwd_cuda(const Tensor& input,
   Tensor grad_input = grad_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
   Tensor grad_target = grad_mask[1] ? at::empty(input.sizes(), input.options()) : Tensor();
   run_forward(kind, param, x, t, w, Tensor(), loss_partials, Tensor(), scale, grad_input, grad_target);
-  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), input), grad_input, grad_target};
+  return {reduced_loss(red, loss_partials, weight_sum, x.numel(), out_dtype), grad_input, grad_target};
 }
 
 std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, const Tensor& input, const Tensor& target,
@@ -221,11 +232,15 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
   Tensor grad, scale;
   check_grad_loss(op, grad_loss, red, reduction, input.sizes());
   if (red == Reduction::None) {
-    grad = grad_loss.to(input.scalar_type()).contiguous();
+    // A float32 incoming gradient of 16-bit inputs (a float32 loss under autocast) is read as it
+    // is, so the product is rounded once, as autocast's float32 gradient is.
+    grad = (grad_loss.scalar_type() == accumulate_dtype(input) ? grad_loss : grad_loss.to(input.scalar_type()))
+               .contiguous();
   } else {
-    scale = grad_loss.reshape({}).to(acc_dtype(input));
+    scale = grad_loss.reshape({}).to(accumulate_dtype(input));
     if (red == Reduction::Mean) {
-      scale = divides_by_weight_sum(kind, weight) ? scale.div(w.sum(acc_dtype(input))) : scale.div(double(x.numel()));
+      scale = divides_by_weight_sum(kind, weight) ? scale.div(w.sum(accumulate_dtype(input)))
+                                                  : scale.div(double(x.numel()));
     }
   }
   Tensor grad_input = output_mask[0] ? at::empty(input.sizes(), input.options()) : Tensor();
@@ -234,7 +249,9 @@ std::tuple<Tensor, Tensor> regression_loss_bwd_cuda(const Tensor& grad_loss, con
     AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, input.scalar_type(), "regression_loss_bwd_cuda", [&] {
       using A = at::acc_type<scalar_t, true>;
       auto a = kernel_args<scalar_t>(kind, param, x, t, w);
-      a.grad_loss = grad.defined() ? grad.const_data_ptr<scalar_t>() : nullptr;
+      const bool grad_in_input_dtype = grad.defined() && grad.scalar_type() == x.scalar_type();
+      a.grad_loss = grad_in_input_dtype ? grad.const_data_ptr<scalar_t>() : nullptr;
+      a.grad_loss_acc = grad.defined() && !grad_in_input_dtype ? grad.const_data_ptr<A>() : nullptr;
       a.scale = scale.defined() ? scale.const_data_ptr<A>() : nullptr;
       a.grad_input = grad_input.defined() ? grad_input.data_ptr<scalar_t>() : nullptr;
       a.grad_target = grad_target.defined() ? grad_target.data_ptr<scalar_t>() : nullptr;

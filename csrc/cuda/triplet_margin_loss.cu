@@ -167,8 +167,6 @@ __global__ void backward_kernel(TripletArgs<S> a) {
 
 // ---- host side -------------------------------------------------------------------------------
 
-at::ScalarType acc_dtype(const Tensor& t) { return t.scalar_type() == at::kDouble ? at::kDouble : at::kFloat; }
-
 std::vector<int64_t> loss_shape(const Tensor& anchor) {
   return anchor.dim() == 2 ? std::vector<int64_t>{anchor.size(0)} : std::vector<int64_t>{};
 }
@@ -214,7 +212,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> forward_impl(const char* op, 
   const at::ScalarType dtype = loss_dtype_or_input(op, anchor, loss_dtype);
   const Tensor a = anchor.contiguous(), pos = positive.contiguous(), neg = negative.contiguous();
   const int64_t rows = a.dim() == 2 ? a.size(0) : 1;
-  const auto acc_options = anchor.options().dtype(acc_dtype(anchor));
+  const auto acc_options = anchor.options().dtype(accumulate_dtype(anchor));
   Tensor dist = at::empty({rows, 3}, acc_options);
   Tensor row_loss = at::empty({rows}, acc_options);
   Tensor grads[3];
@@ -258,7 +256,7 @@ std::tuple<Tensor, Tensor, Tensor> triplet_margin_loss_bwd_cuda(const Tensor& gr
   const Reduction red = parse_reduction(std::string_view(reduction.data(), reduction.size()));
   check_triplet_args(op, anchor, positive, negative, p);
   const int64_t rows = anchor.dim() == 2 ? anchor.size(0) : 1;
-  const auto acc = acc_dtype(anchor);
+  const auto acc = accumulate_dtype(anchor);
   check_row_stats(op, anchor, "anchor", dist, "dist", rows, acc, "triplet_margin_loss_fwd");
   check_same_device(op, anchor, "anchor", grad_loss, "grad_loss");
   Tensor row_scale, scale;

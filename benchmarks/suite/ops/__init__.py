@@ -13,9 +13,11 @@ from .spec import OpSpec
 
 FAMILIES = (linear_act, mlp, losses, linear_cross_entropy)  # table order
 OPS: Dict[str, OpSpec] = {spec.name: spec for family in FAMILIES for spec in family.SPECS}
-# smooth_l1 is huber / beta: same kernel; cross_entropy_capped (with options) and
-# cross_entropy_autocast (bfloat16 logits under autocast) are cross_entropy, run on request.
-DEFAULT_OPS = [op for op in OPS if op not in ("smooth_l1", "cross_entropy_capped", "cross_entropy_autocast")]
+# smooth_l1 is huber / beta: same kernel; cross_entropy_capped (with options),
+# cross_entropy_autocast and mse_autocast (bfloat16 inputs under autocast) are cross_entropy's and
+# mse's kernels, run on request.
+ON_REQUEST = ("smooth_l1", "cross_entropy_capped", "cross_entropy_autocast", "mse_autocast")
+DEFAULT_OPS = [op for op in OPS if op not in ON_REQUEST]
 ALIASES = {alias: spec.name for spec in OPS.values() for alias in spec.aliases}
 SCENARIO_NAMES = ("cnn", "rnn", "ffn", "llm", "quick", "tiny")
 

@@ -39,8 +39,8 @@ def _capped_ours(x, t):
 
 
 def _under_autocast(loss: Callable) -> Callable:
-    """`loss` under bfloat16 autocast, as a mixed-precision training step computes it: the logits
-    (bfloat16, from an autocast Linear) go to the loss, which autocast runs in float32."""
+    """`loss` under bfloat16 autocast, as a mixed-precision training step computes it: bfloat16
+    logits or predictions (from autocast layers) go to the loss, which autocast runs in float32."""
 
     def run(x, t):
         with torch.autocast(x.device.type, dtype=torch.bfloat16):
@@ -59,6 +59,9 @@ FUNCTIONS: Dict[str, Tuple[Callable, Callable]] = {
     # them; ours reads them as they are (`--ops cross_entropy_autocast --sizes llm`)
     "cross_entropy_autocast": (_under_autocast(F.cross_entropy), _under_autocast(torch_ext.cross_entropy)),
     "mse": (lambda x, y: F.mse_loss(x, y), lambda x, y: torch_ext.mse_loss(x, y)),
+    # bfloat16 prediction and target under autocast (a diffusion model's noise prediction): F.mse_loss
+    # makes float32 copies of both; ours reads them as they are (`--ops mse_autocast`)
+    "mse_autocast": (_under_autocast(F.mse_loss), _under_autocast(torch_ext.mse_loss)),
     "huber": (lambda x, y: F.huber_loss(x, y), lambda x, y: torch_ext.huber_loss(x, y)),
     "smooth_l1": (lambda x, y: F.smooth_l1_loss(x, y), lambda x, y: torch_ext.smooth_l1_loss(x, y)),
     "triplet": (lambda a, p, n: F.triplet_margin_loss(a, p, n), lambda a, p, n: torch_ext.triplet_margin_loss(a, p, n)),
@@ -83,6 +86,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
     "cross_entropy_capped": _CROSS_ENTROPY_SCENARIOS,
     "cross_entropy_autocast": _CROSS_ENTROPY_SCENARIOS,
     "mse": REGRESSION_SCENARIOS,
+    "mse_autocast": REGRESSION_SCENARIOS,
     "huber": REGRESSION_SCENARIOS,
     "smooth_l1": REGRESSION_SCENARIOS,
     "triplet": {
@@ -96,7 +100,7 @@ SCENARIOS: Dict[str, Dict[str, Tuple[int, int]]] = {
 def make_inputs(op: str, n: int, d: int, dtype: torch.dtype, device: str):
     """(all inputs, those that require grad), seeded."""
     torch.manual_seed(0)
-    if op == "cross_entropy_autocast":
+    if op.endswith("_autocast"):
         dtype = torch.bfloat16
     if op.startswith("cross_entropy"):
         logits = torch.randn(n, d, dtype=dtype, device=device, requires_grad=True)
@@ -138,7 +142,7 @@ def make_workload(op: str, n: int, d: int, dtype: torch.dtype = torch.float32, d
     inputs, requires = make_inputs(op, n, d, dtype, device)
     dtype = inputs[0].dtype
     return Workload(
-        label=f"{n}x{d} bf16 autocast" if op == "cross_entropy_autocast" else f"{n}x{d}",
+        label=f"{n}x{d} bf16 autocast" if op.endswith("_autocast") else f"{n}x{d}",
         inputs=inputs,
         requires=requires,
         exclude=inputs,
@@ -161,6 +165,7 @@ SPECS = [
     _spec("cross_entropy_capped", "cross_entropy_fwd", (), ("ce_capped",)),
     _spec("cross_entropy_autocast", "cross_entropy_fwd", (), ("ce_autocast",)),
     _spec("mse", "regression_loss_fwd", ("tiny", "ffn"), ("mse_loss",)),
+    _spec("mse_autocast", "regression_loss_fwd", (), ()),
     _spec("huber", "regression_loss_fwd", ("tiny", "ffn"), ("huber_loss",)),
     _spec("smooth_l1", "regression_loss_fwd", ("ffn",), ("smooth_l1_loss",)),
     _spec("triplet", "triplet_margin_loss_fwd", ("tiny", "cnn"), ("triplet_margin_loss",)),

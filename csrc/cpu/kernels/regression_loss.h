@@ -84,7 +84,9 @@ void forward(const RegressionLossArgs<S>& a) {
         const A* t = as_math<S, A>(a.target + c, n, tb);
         const A* w = a.weight ? as_math<S, A>(a.weight + c, n, wb) : nullptr;
         A* o = nullptr;
-        if (a.out != nullptr) {
+        if (a.out_acc != nullptr) {
+          o = a.out_acc + c;
+        } else if (a.out != nullptr) {
           if constexpr (std::is_same_v<S, A>)
             o = a.out + c;
           else
@@ -143,7 +145,9 @@ void backward(const RegressionLossArgs<S>& a) {
       const A* x = as_math<S, A>(a.input + c, n, xb);
       const A* t = as_math<S, A>(a.target + c, n, tb);
       const A* w = a.weight ? as_math<S, A>(a.weight + c, n, wb) : nullptr;
-      const A* g = a.grad_loss ? as_math<S, A>(a.grad_loss + c, n, gb) : nullptr;
+      const A* g = a.grad_loss_acc ? a.grad_loss_acc + c
+                   : a.grad_loss   ? as_math<S, A>(a.grad_loss + c, n, gb)
+                                   : nullptr;
       A* gi = ib;
       A* gt = jb;
       if constexpr (std::is_same_v<S, A>) {

@@ -108,13 +108,17 @@ struct RegressionLossArgs {
   const S* weight;  // elementwise, or nullptr
   RegressionLoss loss;
   A param;  // delta (huber) or beta (smooth_l1)
-  // forward: the per-element loss (reduction none), or per-block partial sums
+  // forward: the per-element loss (reduction none) in S (out) or in A (out_acc: autocast's float32
+  // loss of 16-bit inputs, unrounded), or per-block partial sums
   S* out;
+  A* out_acc;
   A* loss_partials;
   A* weight_partials;  // sum of weight per block (weighted mean), or nullptr
-  // backward: the incoming gradient per element (reduction none), or `scale` for all. The
+  // backward: the incoming gradient per element (reduction none) in S (grad_loss) or in A
+  // (grad_loss_acc: the gradient of a float32 loss of 16-bit inputs), or `scale` for all. The
   // forward kernel also writes grad_input / grad_target when given (for `scale`).
   const S* grad_loss;
+  const A* grad_loss_acc;
   A scale;
   S* grad_input;   // or nullptr
   S* grad_target;  // or nullptr
