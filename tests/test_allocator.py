@@ -3,8 +3,12 @@ bounded cache of freed huge-page blocks, which torch_ext.empty_cache() releases 
 TORCH_EXT_CPU_CACHE_BYTES bounds (0 disables)."""
 from __future__ import annotations
 
+import os
+import re
+import sys
 import textwrap
 
+import pytest
 import torch
 import torch.nn.functional as F
 
@@ -38,6 +42,43 @@ def test_freed_output_is_reused_and_released():
     del g2
     released = torch_ext.empty_cache()
     assert released >= x.numel() * 4 and torch_ext.cached_bytes() == 0
+
+
+def _mappings(ptr: int, end: int):
+    """[start, end, VmFlags] of this process's mappings that overlap [ptr, end), from /proc/self/smaps."""
+    found, current = [], None
+    with open("/proc/self/smaps") as f:
+        for line in f:
+            first = line.split(maxsplit=1)[0] if line.strip() else ""
+            if re.fullmatch(r"[0-9a-f]+-[0-9a-f]+", first):
+                lo, hi = (int(v, 16) for v in first.split("-"))
+                current = [lo, hi, set()] if lo < end and hi > ptr else None
+                if current is not None:
+                    found.append(current)
+            elif current is not None and line.startswith("VmFlags:"):
+                current[2] = set(line.split()[1:])
+    return found
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux") or not os.path.exists("/proc/self/smaps"),
+                    reason="Linux's /proc/self/smaps")
+def test_last_partly_filled_huge_page_is_not_advised():
+    # A 78.125 MiB output (cross_entropy 2048x10000's gradient) gets a block of 80 MiB: huge pages
+    # for its first 78 MiB, 4 KiB pages past them, so that no more is resident than is used (a huge
+    # page there would make it up to 2 MiB more than the tensor, and than PyTorch's allocator).
+    torch_ext.empty_cache()
+    mib = 1 << 20
+    out = torch_ext.mse_loss(torch.randn(2048, 10000), torch.zeros(2048, 10000), reduction="none")
+    ptr = out.data_ptr()
+    assert ptr % (2 * mib) == 0
+    maps = _mappings(ptr, ptr + 80 * mib)
+    head = [m for m in maps if m[0] <= ptr < m[1]]
+    tail = [m for m in maps if m[0] <= ptr + 78 * mib < m[1]]
+    assert head and tail, maps
+    assert "hg" in head[0][2] and head[0][1] == ptr + 78 * mib, maps
+    assert "nh" in tail[0][2] and tail[0][0] == ptr + 78 * mib and tail[0][1] >= ptr + 80 * mib, maps
+    del out
+    torch_ext.empty_cache()
 
 
 def test_small_outputs_do_not_use_the_cache():

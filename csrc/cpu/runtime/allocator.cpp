@@ -31,21 +31,34 @@ struct Block {
 
 size_t whole_huge_pages(size_t nbytes) { return (nbytes + kHugePage - 1) / kHugePage * kHugePage; }
 
-void* allocate_huge(size_t capacity) {
+// Huge pages for the whole 2 MiB pages that the first `nbytes` of a new block fill, 4 KiB pages
+// past them: a last, partly filled huge page would be resident whole once touched (up to 2 MiB
+// more than the tensor), where PyTorch's allocator maps only the pages its tensor touches.
+// Advice only: without THP the pages stay 4 KiB.
+void advise_pages(void* ptr, size_t capacity, size_t nbytes) {
+#if defined(__linux__) && defined(MADV_HUGEPAGE)
+  const size_t huge = nbytes / kHugePage * kHugePage;
+  if (huge > 0) madvise(ptr, huge, MADV_HUGEPAGE);
+  if (capacity > huge) madvise(static_cast<char*>(ptr) + huge, capacity - huge, MADV_NOHUGEPAGE);
+#endif
+}
+
+// A block of whole huge pages for nbytes.
+Block allocate_huge(size_t nbytes) {
+  const size_t capacity = whole_huge_pages(nbytes);
   void* ptr = nullptr;
   TORCH_CHECK(posix_memalign(&ptr, kHugePage, capacity) == 0 && ptr != nullptr, "torch_ext: out of memory allocating ",
               capacity, " bytes");
-#if defined(__linux__) && defined(MADV_HUGEPAGE)
-  madvise(ptr, capacity, MADV_HUGEPAGE);  // advice only: without THP the pages stay 4 KiB
-#endif
-  return ptr;
+  advise_pages(ptr, capacity, nbytes);
+  return {ptr, capacity};
 }
 
 // Freed large blocks, most recent last. Leaked on purpose (never destroyed), so tensors that
 // outlive static destruction at exit can still return their blocks.
 class BlockCache {
  public:
-  Block take(size_t capacity) {
+  Block take(size_t nbytes) {
+    const size_t capacity = whole_huge_pages(nbytes);
     {
       std::lock_guard<std::mutex> lock(mutex_);
       // The smallest cached block that fits without wasting more than a quarter of it.
@@ -62,7 +75,7 @@ class BlockCache {
         return block;
       }
     }
-    return {allocate_huge(capacity), capacity};
+    return allocate_huge(nbytes);
   }
 
   void give_back(Block block) {
@@ -134,18 +147,18 @@ BlockCache& cache() {
 }
 
 // Both allocators below: requests under `min_bytes` (e.g. a storage resized to small) go to
-// PyTorch's CPU allocator, larger ones get a block of whole huge pages from `acquire`, handed
-// back through `release`. Each DataPtr carries its own deleter, so the kinds mix freely.
+// PyTorch's CPU allocator, larger ones get a block of whole huge pages from `acquire(nbytes)`,
+// handed back through `release`. Each DataPtr carries its own deleter, so the kinds mix freely.
 class HugePageAllocator final : public c10::Allocator {
  public:
-  HugePageAllocator(size_t min_bytes, Block (*acquire)(size_t capacity), c10::DeleterFnPtr release)
+  HugePageAllocator(size_t min_bytes, Block (*acquire)(size_t nbytes), c10::DeleterFnPtr release)
       : min_bytes_(min_bytes), acquire_(acquire), release_(release) {}
 
   size_t min_bytes() const { return min_bytes_; }
 
   c10::DataPtr allocate(size_t nbytes) override {
     if (nbytes < min_bytes_) return c10::GetDefaultCPUAllocator()->allocate(nbytes);
-    Block* block = new Block(acquire_(whole_huge_pages(nbytes)));
+    Block* block = new Block(acquire_(nbytes));
     return {block->ptr, block, release_, c10::Device(c10::DeviceType::CPU)};
   }
 
@@ -158,7 +171,7 @@ class HugePageAllocator final : public c10::Allocator {
 };
 
 // Outputs: from the cache, back to it when freed.
-Block take_cached(size_t capacity) { return cache().take(capacity); }
+Block take_cached(size_t nbytes) { return cache().take(nbytes); }
 
 void release_to_cache(void* ctx) {
   Block* block = static_cast<Block*>(ctx);
@@ -169,7 +182,8 @@ void release_to_cache(void* ctx) {
 #if defined(__linux__)
 // Scratch: mapped on its own (2 MiB-aligned inside a slightly larger mapping) and unmapped when
 // freed, so the memory goes back to the system at once whatever malloc's thresholds are.
-Block map_block(size_t capacity) {
+Block map_block(size_t nbytes) {
+  const size_t capacity = whole_huge_pages(nbytes);
   const size_t mapped = capacity + kHugePage;
   void* base = mmap(nullptr, mapped, PROT_READ | PROT_WRITE, MAP_PRIVATE | MAP_ANONYMOUS, -1, 0);
   TORCH_CHECK(base != MAP_FAILED, "torch_ext: out of memory allocating ", capacity, " bytes");
@@ -179,9 +193,7 @@ Block map_block(size_t capacity) {
   const uintptr_t end = start + mapped;
   if (end > aligned + capacity) munmap(reinterpret_cast<void*>(aligned + capacity), end - aligned - capacity);
   void* ptr = reinterpret_cast<void*>(aligned);
-#if defined(MADV_HUGEPAGE)
-  madvise(ptr, capacity, MADV_HUGEPAGE);
-#endif
+  advise_pages(ptr, capacity, nbytes);
   return {ptr, capacity};
 }
 

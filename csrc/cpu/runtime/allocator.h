@@ -10,7 +10,8 @@
 // that: a cross-entropy's 24 MiB gradient from at::empty took markedly longer than a cached one,
 // an 8 MiB one the same time. So outputs of kCachedOutputMinBytes or more
 //   - are 2 MiB-aligned with MADV_HUGEPAGE (transparent huge pages: 512x fewer faults), as
-//     PyTorch's own allocator does for all tensors when THP_MEM_ALLOC_ENABLE=1 is set, and
+//     PyTorch's own allocator does for all tensors when THP_MEM_ALLOC_ENABLE=1 is set (the last,
+//     partly filled 2 MiB of a block in 4 KiB pages, so that no more is resident than is used), and
 //   - are kept when freed, up to a bounded total (the config's cpu_cache_bytes, csrc/runtime_config.h:
 //     TORCH_EXT_CPU_CACHE_BYTES or torch_ext.set_config; default 2 GiB, 0 disables), and handed to the next request of
 //     about the same size: a training loop reuses the same gradient buffers each step, as PyTorch's CUDA caching
