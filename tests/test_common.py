@@ -22,6 +22,7 @@ import weakref
 
 import pytest
 import torch
+import torch.autograd.forward_ad as fwAD
 from torch import nn
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils._pytree import tree_map
@@ -393,6 +394,53 @@ def test_torch_func_second_derivative(device, case):
         return
     with pytest.raises(RuntimeError, match="double backward"):
         second(f)
+
+
+@pytest.mark.parametrize("api", ["dual_tensors", "torch_func_jvp"])
+@pytest.mark.parametrize("case", CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_forward_mode_ad(device, case, api):
+    # Forward-mode AD (torch.autograd.forward_ad's dual tensors, torch.func.jvp): the dense layers
+    # run PyTorch's ops there, so their tangent is PyTorch's; the losses raise, naming the
+    # function (their kernels form reverse-mode gradients only). A tangent was silently dropped
+    # before (the output of a dual input had none).
+    s = sample(*case, device, torch.float64)
+    f, ref_f, values = _functional_pair(s)
+    gen = torch.Generator().manual_seed(4)
+    tangents = [torch.randn(v.shape, generator=gen, dtype=v.dtype).to(device) for v in values]
+
+    def jvp(fn):
+        if api == "torch_func_jvp":
+            return torch.func.jvp(fn, tuple(values), tuple(tangents))
+        with fwAD.dual_level():
+            out = fn(*(fwAD.make_dual(v, t) for v, t in zip(values, tangents)))
+            primal, tangent = fwAD.unpack_dual(out)
+            return primal, tangent
+
+    if case[0] in DENSE_FAMILIES:
+        (out, tangent), (ref, ref_tangent) = jvp(f), jvp(ref_f)
+        assert tangent is not None and ref_tangent is not None
+        assert_close(out, ref, msg="result")
+        assert_close(tangent, ref_tangent, msg="tangent")
+        return
+    with pytest.raises(NotImplementedError, match=r"forward-mode AD .* is not supported"):
+        jvp(f)
+
+
+@pytest.mark.parametrize("case", FIRST_CASES, ids=_case_id)
+@pytest.mark.parametrize("device", DEVICES)
+def test_inputs_without_tangents_under_a_dual_level(device, case):
+    # Inside a forward-AD level, ops over plain tensors (no tangent) compute and differentiate as
+    # outside it.
+    s = sample(*case, device, torch.float64)
+    out, wrt = _recorded(s.fn, s.inputs, s.fixed)
+    grads = torch.autograd.grad(out.sum(), wrt)
+    with fwAD.dual_level():
+        out2, wrt2 = _recorded(s.fn, s.inputs, s.fixed)
+        grads2 = torch.autograd.grad(out2.sum(), wrt2)
+    assert_close(out2, out, msg="result")
+    for i, (g2, g) in enumerate(zip(grads2, grads)):
+        assert_close(g2, g, msg=f"gradient {i}")
 
 
 def _non_contiguous(t):

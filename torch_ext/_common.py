@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 from torch import Tensor
+from torch.autograd import forward_ad as _forward_ad
 
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
@@ -316,11 +317,13 @@ def non_differentiable(output):
 
 def transforms_active() -> bool:
     """Whether a torch.func transform (grad, vmap, jacrev, functional per-sample gradients) is
-    running: the losses then take their Function's for_transforms variant and the dense layers
-    PyTorch's ops (one C call per op call to find out). Dynamo fails tracing these Functions
-    inside a transform (an internal error in torch 2.13), so a compiled transform breaks the graph
-    here and runs eagerly."""
-    if not _functorch_transforms_active():  # (dynamo folds it to a constant)
+    running, or a forward-mode AD level (torch.autograd.forward_ad.dual_level) is open: the losses
+    then take their Function's for_transforms variant and the dense layers PyTorch's ops, which
+    carry tangents (one C call and a module attribute per op call to find out; the C++ eager
+    nodes would drop a dual input's tangent). Dynamo fails tracing these Functions inside a
+    transform (an internal error in torch 2.13), so a compiled transform breaks the graph here and
+    runs eagerly."""
+    if not _functorch_transforms_active() and _forward_ad._current_level < 0:  # (dynamo folds both)
         return False
     if torch.compiler.is_compiling():
         torch._dynamo.graph_break()
@@ -336,10 +339,17 @@ def for_transforms(function, op, setup_context, public_name: str):
     with grad mode off (the backward ops' own autograd kernels are not of this style) and ties its
     gradients to what it read through differentiable_once, so a second derivative (torch.func.grad
     of torch.func.grad) raises as double backward does outside torch.func. Forward-mode AD
-    (torch.func.jvp, jacfwd, hessian) is not supported."""
+    (torch.func.jvp, jacfwd, hessian; torch.autograd.forward_ad's dual tensors) raises, naming
+    the function: the kernels form reverse-mode gradients only."""
 
     def forward(*inputs):
         return op(*inputs)
+
+    def jvp(ctx, *tangents):
+        raise NotImplementedError(
+            f"{public_name}: forward-mode AD (torch.func.jvp, jacfwd, hessian, torch.autograd.forward_ad) is not "
+            "supported (the kernels form reverse-mode gradients only); use torch.nn.functional's loss there"
+        )
 
     def backward(ctx, *grads):
         with torch.no_grad():
@@ -356,6 +366,7 @@ def for_transforms(function, op, setup_context, public_name: str):
             "forward": staticmethod(forward),
             "setup_context": staticmethod(setup_context),
             "backward": staticmethod(backward),
+            "jvp": staticmethod(jvp),
         },
     )
 

@@ -252,8 +252,9 @@ def vocab_parallel_linear_cross_entropy(input: Tensor, linear_weight: Tensor, ta
     from .linear_cross_entropy import default_chunk_size
 
     if transforms_active():
-        raise RuntimeError(f"{_OP}: with process_group, torch.func transforms (grad, vmap, ...) are not supported: the "
-                           "path checks targets on the host and runs collectives; use torch.autograd")
+        raise RuntimeError(f"{_OP}: with process_group, torch.func transforms (grad, vmap, ...) and forward-mode AD "
+                           "are not supported: the path checks targets on the host and runs collectives; use "
+                           "torch.autograd")
     if not dist.is_available() or not dist.is_initialized():
         raise RuntimeError(f"{_OP}: process_group was given but torch.distributed is not initialized")
     if linear_weight.dim() != 2:
