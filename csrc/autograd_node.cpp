@@ -99,7 +99,9 @@ class OpNode final : public Node {
         backward_(spec.backward),
         mask_(spec.mask),
         options_(std::move(spec.options)),
-        after_mask_(std::move(spec.after_mask)) {}
+        after_mask_(std::move(spec.after_mask)),
+        graph_backward_(std::move(spec.graph_backward)),
+        graph_args_(std::move(spec.graph_args)) {}
 
   // After the output's history is set: a saved output is then known as this node's own and held
   // without its grad_fn (no reference cycle output -> node -> output).
@@ -107,6 +109,7 @@ class OpNode final : public Node {
     for (const at::Tensor& g : spec.unit_grads) unit_grads_.emplace_back(g, /*is_output=*/false);
     for (size_t i = 0; i < spec.saved.size(); ++i)
       saved_.emplace_back(spec.saved[i], /*is_output=*/int(i) == spec.saved_output);
+    for (const at::Tensor& t : spec.graph_saved) graph_saved_.emplace_back(t, /*is_output=*/false);
   }
 
   std::string name() const override { return name_; }
@@ -114,6 +117,7 @@ class OpNode final : public Node {
   void release_variables() override {
     for (SavedVariable& s : unit_grads_) s.reset_data();
     for (SavedVariable& s : saved_) s.reset_data();
+    for (SavedVariable& s : graph_saved_) s.reset_data();
   }
 
   // The engine calls this before apply when the graph is not retained: call_backward then lets go
@@ -124,6 +128,7 @@ class OpNode final : public Node {
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return variable_list(num_outputs());
+    if (at::GradMode::is_enabled() && graph_backward_.has_value()) return call_graph_backward(grad);
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable once (NoDoubleBackward)
       drop_unit_grads();
       variable_list result = call_backward(grad);
@@ -207,6 +212,31 @@ class OpNode final : public Node {
     return grads;
   }
 
+  // create_graph on a dense layer's node: graph_backward(grad, *args, *options, output_mask), with
+  // autograd recording (its gradients are differentiable again).
+  variable_list call_graph_backward(const at::Tensor& grad) {
+    torch::jit::Stack stack;
+    stack.reserve(2 + graph_args_.size() + options_.size());
+    stack.emplace_back(grad);
+    for (int i : graph_args_) {
+      const bool in_saved = size_t(i) < saved_.size();
+      at::Tensor t = in_saved ? saved_[i].unpack(owning_ptr<Node>(this)) : graph_saved_[i - saved_.size()].unpack();
+      if (t.defined())
+        stack.emplace_back(std::move(t));
+      else
+        stack.emplace_back();
+    }
+    for (const c10::IValue& o : options_) stack.push_back(o);
+    c10::List<bool> mask;
+    for (size_t i = 0; i < mask_.size(); ++i) mask.push_back(mask_[i] && should_compute_output(i));
+    stack.emplace_back(mask);
+    graph_backward_->callBoxed(stack);
+    variable_list grads(num_outputs());
+    for (size_t i = 0; i < mask.size() && i < stack.size(); ++i)
+      if (mask[i] && !stack[i].isNone()) grads[i] = stack[i].toTensor();
+    return grads;
+  }
+
   std::string name_;
   c10::OperatorHandle backward_;
   std::vector<bool> mask_;
@@ -214,6 +244,9 @@ class OpNode final : public Node {
   std::vector<c10::IValue> after_mask_;
   std::vector<SavedVariable> unit_grads_;
   std::vector<SavedVariable> saved_;
+  std::optional<c10::OperatorHandle> graph_backward_;
+  std::vector<SavedVariable> graph_saved_;
+  std::vector<int> graph_args_;
   bool handed_over_ = false;
   bool hand_over_saved_ = false;
 };
@@ -389,6 +422,8 @@ std::tuple<at::Tensor, at::Tensor> linear_cross_entropy_eager(
 at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, const std::optional<at::Tensor>& bias,
                             c10::string_view activation, double negative_slope) {
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd", "");
+  static const auto graph_backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::linear_act_bwd_composite", "");
   const at::Tensor b = bias.value_or(at::Tensor());
   const bool autograd = takes_grad(input) || takes_grad(weight) || takes_grad(b);
   at::Tensor out, saved;
@@ -405,7 +440,11 @@ at::Tensor linear_act_eager(const at::Tensor& input, const at::Tensor& weight, c
                          {},
                          {input, weight, from_output ? out : saved},
                          from_output ? 2 : -1,
-                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope)}});
+                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope)},
+                         {},
+                         graph_backward,
+                         {b},
+                         {0, 1, 3}});  // input, weight, bias
   return out;
 }
 
@@ -417,6 +456,7 @@ at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, cons
                                   .findSchemaOrThrow("torch_ext::mlp_act_fwd", "")
                                   .typed<at::Tensor(const at::Tensor&, c10::string_view, double, bool)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::mlp_bwd", "");
+  static const auto graph_backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::mlp_bwd_composite", "");
   const at::Tensor b1 = fc1_bias.value_or(at::Tensor()), b2 = fc2_bias.value_or(at::Tensor());
   const bool autograd =
       takes_grad(input) || takes_grad(fc1_weight) || takes_grad(b1) || takes_grad(fc2_weight) || takes_grad(b2);
@@ -441,7 +481,11 @@ at::Tensor mlp_eager(const at::Tensor& input, const at::Tensor& fc1_weight, cons
                          {},
                          {input, fc1_weight, fc2_weight, saved, recompute ? at::Tensor() : hidden},
                          -1,
-                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope), c10::IValue(gated)}});
+                         {c10::IValue(std::string(activation)), c10::IValue(negative_slope), c10::IValue(gated)},
+                         {},
+                         graph_backward,
+                         {b1},
+                         {0, 1, 5, 2}});  // input, fc1_weight, fc1_bias, fc2_weight
   return out;
 }
 

@@ -12,13 +12,16 @@
 //     see them). The first backward hands them over, scaled in place by grad_loss (row by row for
 //     a loss per row) unless it is the CPU scalar 1; a later one (of a retained graph) recomputes
 //     them with the backward op for grad_loss = 1 first, so both give the same bits.
-// With create_graph, both call the backward op through autograd, which refuses a second derivative
-// with a clear error (torch_ext/_common.py's register_no_double_backward).
+// With create_graph, the dense layers' nodes call their graph_backward op (PyTorch's differentiable
+// ops: gradients of any order are PyTorch's); the others call the backward op through autograd,
+// which refuses a second derivative with a clear error (torch_ext/_common.py's
+// register_no_double_backward).
 #pragma once
 
 #include <ATen/core/Tensor.h>
 #include <ATen/core/dispatch/Dispatcher.h>
 
+#include <optional>
 #include <vector>
 
 namespace torch_ext {
@@ -35,6 +38,13 @@ struct NodeSpec {
   int saved_output = -1;                // index in `saved` of the node's output, if saved
   std::vector<c10::IValue> options;     // the backward op's other arguments
   std::vector<c10::IValue> after_mask;  // its arguments after output_mask, if any
+  // For a backward that records a graph (create_graph): an op forming the gradients with PyTorch's
+  // differentiable ops (the dense layers'), called as graph_backward(grad, *args, *options,
+  // output_mask), args picked by graph_args from `saved` followed by `graph_saved`. Without one,
+  // such gradients refuse a second derivative (NoDoubleBackward).
+  std::optional<c10::OperatorHandle> graph_backward;
+  std::vector<at::Tensor> graph_saved;
+  std::vector<int> graph_args;
 };
 
 // Makes `output` the output of a node as `spec` says.

@@ -49,6 +49,15 @@ TORCH_LIBRARY(torch_ext, m) {
       "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 
+  // The same gradients as linear_act_bwd, written with PyTorch's differentiable ops
+  // (CompositeImplicitAutograd, csrc/dense_backward_composite.cpp): for a backward that records a
+  // graph (create_graph=True), so gradients of gradients are PyTorch's. Forms the pre-activation
+  // again from input, weight and bias instead of reading what the forward saved.
+  m.def(
+      "linear_act_bwd_composite(Tensor grad_output, Tensor input, Tensor weight, Tensor? bias, "
+      "str activation, float negative_slope, bool[3] output_mask) -> (Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+
   // The activation of an MLP on its own: act(input) over (*, n), or gated (GLU family: swiglu =
   // silu, geglu = gelu): act(input[..., :n]) * input[..., n:] over (*, 2n).
   m.def("mlp_act_fwd(Tensor input, str activation, float negative_slope, bool gated) -> Tensor",
@@ -60,6 +69,12 @@ TORCH_LIBRARY(torch_ext, m) {
       "bool[2] output_mask) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
 
+  // mlp_act_bwd's input gradient with PyTorch's differentiable ops, as linear_act_bwd_composite's.
+  m.def(
+      "mlp_act_bwd_composite(Tensor grad_output, Tensor input, str activation, float negative_slope, bool gated) "
+      "-> Tensor",
+      {at::Tag::pt2_compliant_tag});
+
   // The backward of the whole block fc2(act(fc1(input))) (csrc/mlp.cpp): gradients for (input,
   // fc1_weight, fc1_bias, fc2_weight, fc2_bias), those not in output_mask undefined. activation: the
   // (gate's) activation; saved: fc1's, as linear_act_fwd returns it (gated: fc1's output);
@@ -68,6 +83,13 @@ TORCH_LIBRARY(torch_ext, m) {
       "mlp_bwd(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor fc2_weight, Tensor saved, "
       "Tensor? hidden, str activation, float negative_slope, bool gated, bool[5] output_mask) "
       "-> (Tensor, Tensor, Tensor, Tensor, Tensor)",
+      {at::Tag::pt2_compliant_tag});
+  // mlp_bwd's gradients with PyTorch's differentiable ops, as linear_act_bwd_composite's (fc2's
+  // bias shapes no gradient but its own, so it is not an argument).
+  m.def(
+      "mlp_bwd_composite(Tensor grad_output, Tensor input, Tensor fc1_weight, Tensor? fc1_bias, Tensor fc2_weight, "
+      "str activation, float negative_slope, bool gated, bool[5] output_mask) -> (Tensor, Tensor, Tensor, Tensor, "
+      "Tensor)",
       {at::Tag::pt2_compliant_tag});
 
   // Cross-entropy with every option of F.cross_entropy, plus z_loss (z_loss * logsumexp^2 per

@@ -5,12 +5,13 @@ result and gradients match PyTorch's own ops in every dtype the device takes; gr
 float64; torch.library.opcheck of every torch_ext op a sample's forward and backward call (and
 its forward under no_grad); torch.compile (fullgraph, aot_eager and inductor) matches eager; a
 retained graph's second backward gives the same gradients; torch.func's vjp and per-sample
-gradients (vmap of grad) give PyTorch's, and a loss's second derivative raises; saved-tensor hooks (save_on_cpu,
-activation offloading) see every tensor held for backward; activation checkpointing (both
+gradients (vmap of grad) give PyTorch's, and a loss's second derivative raises; saved-tensor hooks
+(save_on_cpu, activation offloading) see every tensor held for backward; activation checkpointing (both
 torch.utils.checkpoint variants) gives the same bits; non-contiguous inputs; torch.autocast (bfloat16
-and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward raises a clear
-error; an integer input (and, on a GPU, an input on another device) is refused with an error
-naming the argument; torch_ext.fuse of a model with each kind of replaceable module matches the
+and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward gives
+PyTorch's second derivatives through the dense layers and raises a clear error through a loss;
+an integer input (and, on a GPU, an input on another device) is refused with an error naming the
+argument; torch_ext.fuse of a model with each kind of replaceable module matches the
 model as written. When a GPU is present, every check runs on it too.
 """
 from __future__ import annotations
@@ -294,14 +295,26 @@ def test_batched_grad_outputs(device, case, grad_in_forward):
 
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
-def test_double_backward_raises(device, case, grad_in_forward):
-    # The gradients (create_graph=True) can be used, but differentiating them again raises.
-    s = sample(*case, device, torch.float32)
+def test_double_backward(device, case, grad_in_forward):
+    # Gradients of gradients (create_graph=True, as a gradient penalty takes them): the dense layers
+    # form them with PyTorch's differentiable ops, so their second derivatives are PyTorch's; a
+    # loss's gradients can be used, but differentiating them again raises a clear error.
+    s = sample(*case, device, torch.float64)
     out, wrt = _recorded(s.fn, s.inputs, s.fixed)
     grads = torch.autograd.grad(out.sum(), wrt, create_graph=True)
-    assert all(g.requires_grad for g in grads)
-    with pytest.raises(RuntimeError, match="double backward"):
-        torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+    if case[0] not in DENSE_FAMILIES:
+        assert all(g.requires_grad for g in grads)
+        with pytest.raises(RuntimeError, match="double backward"):
+            torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)
+        return
+    ref_out, ref_wrt = _recorded(s.reference, s.inputs, s.fixed)
+    ref_grads = torch.autograd.grad(ref_out.sum(), ref_wrt, create_graph=True)
+    # (A bias's gradient for out.sum() is a constant, in PyTorch too.)
+    assert [g.requires_grad for g in grads] == [r.requires_grad for r in ref_grads]
+    got = torch.autograd.grad(sum((g * g).sum() for g in grads), wrt, materialize_grads=True)
+    want = torch.autograd.grad(sum((g * g).sum() for g in ref_grads), ref_wrt, materialize_grads=True)
+    for i, (g, r) in enumerate(zip(got, want)):
+        assert_close(g, r, msg=f"second-order gradient {i}")
 
 
 def _functional(fn, inputs, fixed):
@@ -623,6 +636,57 @@ def test_fused_model_per_sample_gradients(device, name):
         assert got[n].shape == g.shape == (x.shape[0], *dict(model.named_parameters())[n].shape), n
         assert g.abs().max() > 0, f"{n}: the check is empty"
         assert_close(got[n], g, msg=f"per-sample gradient of {n}")
+
+
+def _pinn_residual(model, x):
+    """A physics-informed loss: mean((laplacian of u(x) + u(x))^2), the laplacian by two rounds of
+    autograd.grad with create_graph (gradients of gradients through every layer)."""
+    u = model(x)
+    (du,) = torch.autograd.grad(u.sum(), x, create_graph=True)
+    laplacian = sum(torch.autograd.grad(du[:, i].sum(), x, create_graph=True)[0][:, i] for i in range(x.shape[1]))
+    return (laplacian + u.squeeze(-1)).square().mean()
+
+
+def _gradient_penalty(model, x):
+    """WGAN-GP's penalty: mean((|d critic / d x| - 1)^2) plus the critic's mean output."""
+    out = model(x)
+    (grad,) = torch.autograd.grad(out.sum(), x, create_graph=True)
+    return out.mean() + (grad.flatten(1).norm(dim=1) - 1).square().mean()
+
+
+HIGHER_ORDER_MODELS = {
+    # name -> (model, loss of (model, x) that differentiates the model twice, input shape)
+    "pinn_tanh_mlp": (lambda: nn.Sequential(nn.Linear(2, 16), nn.Tanh(), nn.Linear(16, 16), nn.Tanh(),
+                                            nn.Linear(16, 1)), _pinn_residual, (9, 2)),
+    "wgan_gp_critic": (lambda: nn.Sequential(nn.Linear(6, 16), nn.LeakyReLU(0.2), nn.Linear(16, 16),
+                                             nn.LeakyReLU(0.2), nn.Linear(16, 1)), _gradient_penalty, (7, 6)),
+    "gelu_mlp_block": (lambda: nn.Sequential(nn.Linear(3, 12), nn.GELU(), nn.Linear(12, 3)), _gradient_penalty,
+                       (5, 3)),
+}
+
+
+@pytest.mark.parametrize("name", HIGHER_ORDER_MODELS)
+@pytest.mark.parametrize("device", DEVICES)
+def test_fused_model_higher_order_gradients(device, name):
+    # Losses that differentiate the model twice (a PDE residual's laplacian, a gradient penalty):
+    # the fused model's loss and parameter gradients are the model's as written, in float64.
+    make_model, loss_of, shape = HIGHER_ORDER_MODELS[name]
+    torch.manual_seed(0)
+    model = make_model().to(device=device, dtype=torch.float64)
+    fused, report = torch_ext.fuse(copy.deepcopy(model), return_report=True)
+    assert report.replaced, str(report)
+    x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
+    results = []
+    for m in (fused, model):
+        loss = loss_of(m, x.clone().requires_grad_())
+        loss.backward()
+        results.append((loss, {n: p.grad for n, p in m.named_parameters()}))
+    (loss, grads), (ref_loss, ref_grads) = results
+    assert_close(loss, ref_loss, msg="loss")
+    assert grads.keys() == ref_grads.keys()
+    for n, g in ref_grads.items():
+        assert g.abs().max() > 0, f"{n}: the check is empty"
+        assert_close(grads[n], g, msg=f"gradient of {n}")
 
 
 def _loss_ops(device):

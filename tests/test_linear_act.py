@@ -829,6 +829,25 @@ def test_opcheck_bwd(activation, sample, requires_grad):
         torch.library.opcheck(BWD, args, test_utils="test_aot_dispatch_dynamic")
 
 
+@pytest.mark.parametrize("requires_grad", [False, True], ids=["nograd", "grad"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_opcheck_bwd_composite(activation, requires_grad):
+    # linear_act_bwd_composite (create_graph's backward): every opcheck utility, differentiating
+    # through it included; its gradients are linear_act_bwd's.
+    x, w, b = _gradcheck_args((2, 3, 5), 4, True)
+    g = torch.randn(2, 3, 4, dtype=torch.float64)
+    if requires_grad:
+        g, x, w, b = (leaf(t) for t in (g, x, w, b))
+    args = (g, x, w, b, activation, 0.1, [True, True, True])
+    torch.library.opcheck(torch.ops.torch_ext.linear_act_bwd_composite.default, args)
+    out, saved = FWD(x.detach(), w.detach(), b.detach(), activation, 0.1)
+    saved = out if activation in ("sigmoid", "tanh") else saved
+    want = BWD(g.detach(), x.detach(), w.detach(), saved, activation, 0.1, [True, True, True])
+    got = torch.ops.torch_ext.linear_act_bwd_composite(*args)
+    for name, a, e in zip(("input", "weight", "bias"), got, want):
+        assert_close(a, e, msg=f"grad_{name}")
+
+
 @pytest.mark.parametrize("activation", ACTIVATIONS)
 def test_bwd_op_matches_autograd(activation):
     # The raw backward op, called directly, gives eager autograd's gradients; and gradients not
@@ -1108,21 +1127,39 @@ def test_bwd_op_bad_arguments(case):
 # ----------------------------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("bias", [True, False], ids=["bias", "no_bias"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck(activation, path, bias):
+    # Gradients of gradients (create_graph=True: gradient penalties, physics-informed losses):
+    # a backward that records a graph forms the gradients with PyTorch's differentiable ops
+    # (linear_act_bwd_composite), so second derivatives in every input and in grad_output are
+    # PyTorch's. (Before: a clear "does not support double backward" error.)
+    x, w, b = (leaf(t) for t in _gradcheck_args((2, 3, 5), 4, bias))
+    inputs = (x, w) if b is None else (x, w, b)
+    assert torch.autograd.gradgradcheck(lambda *a: call(path, a[0], a[1], a[2] if bias else None, activation, 0.2),
+                                        inputs)
+
+
 @pytest.mark.parametrize("grad_requires_grad", [False, True], ids=["plain_grad", "grad_requires_grad"])
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("activation", ["relu", "gelu", "tanh"])
-def test_double_backward_raises(activation, path, grad_requires_grad):
-    # Second-order gradients are not implemented: asking for them must fail loudly and say so,
-    # whether or not grad_output itself requires grad (y.sum()'s does not).
-    x, w, b = (leaf(t) for t in make_args((3, 5), 4, torch.float64))
-    y = call(path, x, w, b, activation)
-    with pytest.raises(RuntimeError, match=r"double backward|create_graph"):
+def test_gradient_penalty_matches_pytorch(activation, path, grad_requires_grad):
+    # A gradient penalty's second backward, whether or not grad_output itself requires grad
+    # (y.sum()'s does not), gives PyTorch's gradients.
+    x, w, b = _gradcheck_args((3, 5), 4, True)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: call(path, *a, activation), lambda *a: reference(*a, activation)):
+        xl, wl, bl = leaf(x), leaf(w), leaf(b)
+        y = fn(xl, wl, bl)
         if grad_requires_grad:
-            g = torch.randn_like(y).requires_grad_()
-            gx, gw, gb = torch.autograd.grad(y, (x, w, b), g, create_graph=True)
-        else:  # e.g. a gradient penalty: grad of y.sum(), whose grad_output needs no grad
-            gx, gw, gb = torch.autograd.grad(y.sum(), (x, w, b), create_graph=True)
-        torch.autograd.grad((gx.sum() + gw.sum() + gb.sum()), (x, w, b), allow_unused=True)
+            grads = torch.autograd.grad(y, (xl, wl, bl), leaf(g), create_graph=True)
+        else:
+            grads = torch.autograd.grad(y.sum(), (xl, wl, bl), create_graph=True)
+        results.append(torch.autograd.grad(sum(t.square().sum() for t in grads), (xl, wl, bl)))
+    for name, got, want in zip(("input", "weight", "bias"), *results):
+        assert_close(got, want, msg=f"second-order gradient of {name}")
 
 
 @pytest.mark.parametrize("path", PATHS)
@@ -1402,14 +1439,17 @@ def test_eager_autograd_node_does_not_keep_its_output_alive(activation):
 
 @pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("activation", ["gelu", "silu"])
-def test_second_order_through_the_bias_raises(activation, path):
-    """The weight's gradient depends on the bias through the saved pre-activation, though backward
-    never reads the bias: with create_graph, its derivative through the bias must raise the clear
-    error, not come back None (allow_unused)."""
-    x, w, b = (leaf(t) for t in _gradcheck_args((3, 5), 4, True))
-    y = call(path, x, w, b, activation)
-    g = torch.randn_like(y).requires_grad_()
-    _, grad_w, _ = torch.autograd.grad(y, (x, w, b), g, create_graph=True)
-    with pytest.raises(RuntimeError, match="does not support double backward"):
-        torch.autograd.grad(grad_w.pow(2).sum(), b, allow_unused=True)
+def test_second_order_through_the_bias(activation, path):
+    """The weight's gradient depends on the bias through the pre-activation, though the fused
+    backward never reads the bias: with create_graph, its derivative through the bias is PyTorch's,
+    not None (allow_unused)."""
+    x, w, b = _gradcheck_args((3, 5), 4, True)
+    g = torch.randn(3, 4, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: call(path, *a, activation), lambda *a: reference(*a, activation)):
+        xl, wl, bl = leaf(x), leaf(w), leaf(b)
+        _, grad_w, _ = torch.autograd.grad(fn(xl, wl, bl), (xl, wl, bl), leaf(g), create_graph=True)
+        results.append(torch.autograd.grad(grad_w.pow(2).sum(), bl, allow_unused=True)[0])
+    assert results[0] is not None
+    assert_close(results[0], results[1], msg="d(|grad_weight|^2)/d(bias)")
 

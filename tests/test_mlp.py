@@ -681,6 +681,29 @@ MLP_BWD_MASKS = {"all": [True] * 5, "fc2_only": [False, False, False, True, True
 
 
 @pytest.mark.parametrize("mask", list(MLP_BWD_MASKS))
+@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "swiglu"])
+def test_opcheck_bwd_composites(activation, mask):
+    # mlp_bwd_composite and mlp_act_bwd_composite (create_graph's backward): every opcheck utility,
+    # differentiating through them included; their gradients are mlp_bwd's and mlp_act_bwd's.
+    (g, x, w1, w2, saved, hidden, act, slope, gated, m), (_, _, b1, _, _) = _mlp_bwd_args(
+        activation, False, MLP_BWD_MASKS[mask], dtype=torch.float64)
+    g, x, w1, b1, w2 = (leaf(t) for t in (g, x, w1, b1, w2))
+    args = (g, x, w1, b1, w2, act, slope, gated, m)
+    torch.library.opcheck(torch.ops.torch_ext.mlp_bwd_composite.default, args)
+    want = MLP_BWD(g.detach(), x.detach(), w1.detach(), w2.detach(), saved, hidden, act, slope, gated, m)
+    for name, a, e in zip(NAMES, torch.ops.torch_ext.mlp_bwd_composite(*args), want):
+        assert (a is None) == (e is None), name
+        if e is not None:
+            assert_close(a, e, msg=f"grad_{name}")
+    pre = leaf(LINEAR_FWD(x.detach(), w1.detach(), b1.detach(), "none", 0.0)[0])
+    grad_hidden = leaf(torch.randn(*pre.shape[:-1], pre.shape[-1] // 2 if gated else pre.shape[-1], dtype=pre.dtype))
+    act_args = (grad_hidden, pre, act, slope, gated)
+    torch.library.opcheck(torch.ops.torch_ext.mlp_act_bwd_composite.default, act_args)
+    assert_close(torch.ops.torch_ext.mlp_act_bwd_composite(*act_args),
+                 ACT_BWD(grad_hidden.detach(), pre.detach(), act, slope, gated, [True, False])[0], msg="mlp_act")
+
+
+@pytest.mark.parametrize("mask", list(MLP_BWD_MASKS))
 @pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
 @pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
 def test_opcheck_mlp_bwd(activation, recompute, mask):
@@ -959,24 +982,30 @@ def test_retain_graph_backward_twice(activation, recompute):
         assert_close(t.grad, 2 * a)
 
 
-DOUBLE_BACKWARD = r"does not support double backward|marked with @once_differentiable"
+@pytest.mark.parametrize("recompute", [True, False], ids=["recompute", "save"])
+@pytest.mark.parametrize("path", PATHS)
+@pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
+def test_gradgradcheck(activation, path, recompute):
+    # Gradients of gradients (create_graph=True): a backward that records a graph forms the block's
+    # gradients with PyTorch's differentiable ops (mlp_bwd_composite), so every second derivative
+    # (in each tensor and in grad_output) is PyTorch's. (Before: "does not support double backward".)
+    tensors = [leaf(t) for t in _gradcheck_mlp_args((2, 3, 4), 3, 2, activation, True)]
+    assert torch.autograd.gradgradcheck(lambda *a: call_mlp(path, *a, activation, SLOPE, recompute), tensors)
 
 
-@pytest.mark.parametrize("grad_requires_grad", [False, True], ids=["plain_grad", "grad_requires_grad"])
-@pytest.mark.parametrize("activation", ["relu", "gelu", "tanh", "swiglu"])
-def test_double_backward_raises(activation, grad_requires_grad):
-    tensors = [leaf(t) for t in make_mlp_args((3, 5), 4, 3, activation, torch.float64)]
-    y = fused_mlp(*tensors, activation=activation)
-    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
-        if grad_requires_grad:
-            grads = torch.autograd.grad(y, tensors, torch.randn_like(y).requires_grad_(), create_graph=True)
-        else:
-            grads = torch.autograd.grad(y.sum(), tensors, create_graph=True)
-        torch.autograd.grad(sum(t.sum() for t in grads), tensors, allow_unused=True)
+@pytest.mark.parametrize("gated", [False, True], ids=["plain", "gated"])
+@pytest.mark.parametrize("activation", ACTIVATIONS)
+def test_gradgradcheck_act_op(activation, gated):
+    # The activation op alone (fuse()'s gated MLPs call it): mlp_act_bwd_composite under create_graph.
+    x = torch.randn(2, 3, 8 if gated else 5, dtype=torch.float64)
+    x = torch.where(x.abs() < 0.05, x + 0.1, x)  # away from the kink
+    assert torch.autograd.gradgradcheck(lambda t: torch.ops.torch_ext.mlp_act_fwd(t, activation, SLOPE, gated),
+                                        (leaf(x),))
 
 
-# Second-order gradients through one first-order gradient w.r.t. the tensors it depends on:
-# they must raise the clear error too, not come back None (allow_unused) or without a term.
+# Second-order gradients through one first-order gradient w.r.t. the tensors it depends on,
+# including those the fused backward never reads (fc1's bias shapes fc2's weight gradient through
+# the hidden activation): PyTorch's, not None (allow_unused) or without a term.
 SECOND_ORDER_CASES = [
     ("gelu", "fc2_weight", "input"),
     ("gelu", "fc2_weight", "fc1_weight"),
@@ -992,23 +1021,17 @@ SECOND_ORDER_CASES = [
     "activation,first,second", SECOND_ORDER_CASES, ids=["-".join(c) for c in SECOND_ORDER_CASES]
 )
 @pytest.mark.parametrize("path", PATHS)
-def test_second_order_through_one_gradient_raises(path, activation, first, second, recompute):
-    tensors = [leaf(t) for t in make_mlp_args((3, 5), 4, 3, activation, torch.float64)]
-    y = call_mlp(path, *tensors, activation, SLOPE, recompute)
-    g = torch.randn_like(y).requires_grad_()
-    grads = dict(zip(NAMES, torch.autograd.grad(y, tensors, g, create_graph=True)))
-    with pytest.raises(RuntimeError, match=DOUBLE_BACKWARD):
-        result = torch.autograd.grad(grads[first].pow(2).sum(), tensors[NAMES.index(second)], allow_unused=True)
-        # (What eager PyTorch gives, for the report when this is silently wrong.)
-        e_t = [leaf(t) for t in tensors]
-        e_grads = dict(zip(NAMES, torch.autograd.grad(reference_mlp(*e_t, activation, SLOPE), e_t, g,
-                                                      create_graph=True)))
-        (want,) = torch.autograd.grad(e_grads[first].pow(2).sum(), e_t[NAMES.index(second)])
-        got = result[0]
-        raise AssertionError(
-            f"no error; d(grad {first})/d({second}) = {None if got is None else got.norm().item()}, "
-            f"eager PyTorch: {want.norm().item()}"
-        )
+def test_second_order_through_one_gradient(path, activation, first, second, recompute):
+    tensors = make_mlp_args((3, 5), 4, 3, activation, torch.float64)
+    g = torch.randn(3, 3, dtype=torch.float64)
+    results = []
+    for fn in (lambda *a: call_mlp(path, *a, activation, SLOPE, recompute),
+               lambda *a: reference_mlp(*a, activation, SLOPE)):
+        t = [leaf(v) for v in tensors]
+        grads = dict(zip(NAMES, torch.autograd.grad(fn(*t), t, leaf(g), create_graph=True)))
+        results.append(torch.autograd.grad(grads[first].pow(2).sum(), t[NAMES.index(second)], allow_unused=True)[0])
+    assert results[0] is not None
+    assert_close(results[0], results[1], msg=f"d(|grad {first}|^2)/d({second})")
 
 
 # ----------------------------------------------------------------------------------------------

@@ -15,7 +15,6 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_to_lower_precision,
-    differentiable_once,
     direct_when_no_grad,
     fake_grads,
     forward_with_ctx,
@@ -111,7 +110,7 @@ def _setup_context(ctx, inputs, output):
     ctx.negative_slope = negative_slope
     ctx.has_bias = bias is not None
     # sigmoid/tanh derive their gradient from the output; the others from the op's `saved`.
-    # The bias (a parameter: no extra memory) for differentiable_once's edges only.
+    # The bias (a parameter: no extra memory) for create_graph's backward (linear_act_bwd_composite).
     ctx.save_for_backward(input, weight, out if activation in _SAVES_OUTPUT else saved, bias)
     if saved is not None:
         ctx.mark_non_differentiable(saved)
@@ -134,10 +133,11 @@ def _backward(ctx, grad_out, _grad_saved):
                 f"{ctx.activation} backward; call it with for_backward=True (the default) to differentiate it"
             )
         saved = input.new_empty((0,))  # none's backward needs nothing
-    grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
-    # With create_graph the gradients refuse a second derivative, through the bias too (gelu's
-    # weight gradient depends on it through the saved pre-activation).
-    grads = differentiable_once("torch_ext.fused_linear", grads, (grad_out, input, weight, bias))
+    if torch.is_grad_enabled():  # create_graph: PyTorch's differentiable ops (any order)
+        grads = torch.ops.torch_ext.linear_act_bwd_composite(grad_out, input, weight, bias, ctx.activation,
+                                                             ctx.negative_slope, mask)
+    else:
+        grads = _bwd_op(grad_out, input, weight, saved, ctx.activation, ctx.negative_slope, mask)
     return (*grads, *options)
 
 

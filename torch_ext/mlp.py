@@ -26,7 +26,6 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_to_lower_precision,
-    differentiable_once,
     direct_when_no_grad,
     fake_grads,
     forward_with_ctx,
@@ -94,6 +93,8 @@ def _act_backward(ctx, grad_out):
     (input,) = ctx.saved_tensors
     if not ctx.needs_input_grad[0]:
         return None, None, None, None
+    if torch.is_grad_enabled():  # create_graph: PyTorch's differentiable ops (any order)
+        return torch.ops.torch_ext.mlp_act_bwd_composite(grad_out, input, *ctx.args), None, None, None
     return _act_bwd(grad_out, input, *ctx.args, [True, False])[0], None, None, None
 
 
@@ -195,7 +196,7 @@ def _mlp_setup_context(ctx, inputs, output):
     recompute = _recomputes(activation, recompute)
     if activation in _SAVES_OUTPUT:
         saved = hidden  # their derivative is a function of the output (see linear_act.py)
-    # fc1's bias (a parameter: no extra memory) for differentiable_once's edges only.
+    # fc1's bias (a parameter: no extra memory) for create_graph's backward (mlp_bwd_composite).
     ctx.save_for_backward(input, fc1_weight, fc2_weight, saved, None if recompute else hidden, fc1_bias)
     ctx.mark_non_differentiable(hidden, saved)
     ctx.set_materialize_grads(False)  # no zero-filled (M, hidden) gradients for them in backward
@@ -221,15 +222,18 @@ class FusedMLPFunction(torch.autograd.Function):
     def backward(ctx, grad_out, _grad_hidden, _grad_saved):
         if grad_out is None:  # only hidden / saved reached backward (materialize_grads is off)
             return (None,) * 8
-        # One op (csrc/mlp.cpp), as the eager C++ node calls it; with create_graph the gradients
-        # refuse a second derivative (differentiable_once).
+        # One op (csrc/mlp.cpp), as the eager C++ node calls it; with create_graph, its form in
+        # PyTorch's differentiable ops (gradients of any order are PyTorch's).
         input, fc1_weight, fc2_weight, saved, hidden, fc1_bias = ctx.saved_tensors
         needs = ctx.needs_input_grad
         mask = [bool(needs[0]), bool(needs[1]), bool(ctx.has_bias[0] and needs[2]), bool(needs[3]),
                 bool(ctx.has_bias[1] and needs[4])]
-        grads = _mlp_bwd(grad_out, input, fc1_weight, fc2_weight, saved, hidden, ctx.activation,
-                         ctx.negative_slope, ctx.gated, mask)
-        grads = differentiable_once("torch_ext.FusedMLP", grads, (grad_out, input, fc1_weight, fc1_bias, fc2_weight))
+        if torch.is_grad_enabled():
+            grads = torch.ops.torch_ext.mlp_bwd_composite(grad_out, input, fc1_weight, fc1_bias, fc2_weight,
+                                                          ctx.activation, ctx.negative_slope, ctx.gated, mask)
+        else:
+            grads = _mlp_bwd(grad_out, input, fc1_weight, fc2_weight, saved, hidden, ctx.activation,
+                             ctx.negative_slope, ctx.gated, mask)
         return (*grads, None, None, None)
 
 
