@@ -607,15 +607,21 @@ def test_fused_model_matches_the_model(device, dtype, name):
         assert_close(g, ref_grads[n], rtol=2 * rtol, atol=2 * atol, check_dtype=False, msg=f"gradient of {n}")
 
 
+def _float64_model_and_fused(make_model, device):
+    """(a seeded float64 model on device, torch_ext.fuse of a copy of it, fuse's report)."""
+    torch.manual_seed(0)
+    model = make_model().to(device=device, dtype=torch.float64)
+    fused, report = torch_ext.fuse(copy.deepcopy(model), return_report=True)
+    return model, fused, report
+
+
 @pytest.mark.parametrize("name", FUSE_MODELS)
 @pytest.mark.parametrize("device", DEVICES)
 def test_fused_model_per_sample_gradients(device, name):
     # Per-sample gradients as torch.func computes them (vmap of grad of functional_call, each
     # sample a batch of one): the fused model's are the model's as written, in float64.
     make_model, make_inputs, _ = FUSE_MODELS[name]
-    torch.manual_seed(0)
-    model = make_model().to(device=device, dtype=torch.float64)
-    fused = torch_ext.fuse(copy.deepcopy(model))
+    model, fused, _ = _float64_model_and_fused(make_model, device)
     x, target = make_inputs(torch.Generator().manual_seed(0))
     x = x.to(device=device, dtype=torch.float64)
     target = target.to(device=device, dtype=torch.float64 if target.is_floating_point() else None)
@@ -671,9 +677,7 @@ def test_fused_model_higher_order_gradients(device, name):
     # Losses that differentiate the model twice (a PDE residual's laplacian, a gradient penalty):
     # the fused model's loss and parameter gradients are the model's as written, in float64.
     make_model, loss_of, shape = HIGHER_ORDER_MODELS[name]
-    torch.manual_seed(0)
-    model = make_model().to(device=device, dtype=torch.float64)
-    fused, report = torch_ext.fuse(copy.deepcopy(model), return_report=True)
+    model, fused, report = _float64_model_and_fused(make_model, device)
     assert report.replaced, str(report)
     x = torch.randn(shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).to(device)
     results = []
