@@ -230,6 +230,7 @@ class OpNode final : public Node {
     c10::List<bool> mask;
     for (size_t i = 0; i < mask_.size(); ++i) mask.push_back(mask_[i] && should_compute_output(i));
     stack.emplace_back(mask);
+    for (const c10::IValue& o : after_mask_) stack.push_back(o);
     graph_backward_->callBoxed(stack);
     variable_list grads(num_outputs());
     for (size_t i = 0; i < mask.size() && i < stack.size(); ++i)
@@ -297,6 +298,8 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                                                        std::optional<at::ScalarType> loss_dtype) {
   const auto& forward = cross_entropy_fwd_op();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd", "");
+  static const auto graph_backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::cross_entropy_bwd_composite", "");
   // The input's gradient only: the Python layer takes another path when a target requires grad.
   const std::array<bool, 2> wanted = {takes_grad(input), false};
   const std::array<bool, 2> mask = formed_in_forward(wanted, reduction);
@@ -317,7 +320,10 @@ std::tuple<at::Tensor, at::Tensor> cross_entropy_eager(const at::Tensor& input, 
                           -1,
                           {c10::IValue(ignore_index), c10::IValue(std::string(reduction)), c10::IValue(label_smoothing),
                            c10::IValue(z_loss)},
-                          {c10::IValue(softcap), c10::IValue()}});
+                          {c10::IValue(softcap), c10::IValue()},
+                          graph_backward,
+                          {},
+                          {0, 1, 2}});  // input, target, weight
   return {loss, stats};
 }
 
@@ -331,6 +337,8 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
               const at::Tensor&, const at::Tensor&, const std::optional<at::Tensor>&, c10::string_view, double,
               c10::string_view, std::array<bool, 2>, std::optional<at::ScalarType>)>();
   static const auto backward = c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd", "");
+  static const auto graph_backward =
+      c10::Dispatcher::singleton().findSchemaOrThrow("torch_ext::regression_loss_bwd_composite", "");
   const std::array<bool, 2> wanted = {takes_grad(input), takes_grad(target)};
   const std::array<bool, 2> mask = formed_in_forward(wanted, reduction);
   at::Tensor value, grad_input, grad_target;
@@ -347,7 +355,11 @@ at::Tensor regression_loss_eager(const at::Tensor& input, const at::Tensor& targ
                            masked<2>({grad_input, grad_target}, mask),
                            {input, target, weight.value_or(at::Tensor())},
                            -1,
-                           {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))}});
+                           {c10::IValue(std::string(loss)), c10::IValue(param), c10::IValue(std::string(reduction))},
+                           {},
+                           graph_backward,
+                           {},
+                           {0, 1, 2}});  // input, target, weight
   return value;
 }
 

@@ -12,10 +12,10 @@
 //     see them). The first backward hands them over, scaled in place by grad_loss (row by row for
 //     a loss per row) unless it is the CPU scalar 1; a later one (of a retained graph) recomputes
 //     them with the backward op for grad_loss = 1 first, so both give the same bits.
-// With create_graph, the dense layers' nodes call their graph_backward op (PyTorch's differentiable
-// ops: gradients of any order are PyTorch's); the others call the backward op through autograd,
-// which refuses a second derivative with a clear error (torch_ext/_common.py's
-// register_no_double_backward).
+// With create_graph, the dense layers', cross-entropy's and the regression losses' nodes call their
+// graph_backward op (PyTorch's differentiable ops: gradients of any order are PyTorch's); the
+// others call the backward op through autograd, which refuses a second derivative with a clear
+// error (torch_ext/_common.py's register_no_double_backward).
 #pragma once
 
 #include <ATen/core/Tensor.h>
@@ -39,9 +39,9 @@ struct NodeSpec {
   std::vector<c10::IValue> options;     // the backward op's other arguments
   std::vector<c10::IValue> after_mask;  // its arguments after output_mask, if any
   // For a backward that records a graph (create_graph): an op forming the gradients with PyTorch's
-  // differentiable ops (the dense layers'), called as graph_backward(grad, *args, *options,
-  // output_mask), args picked by graph_args from `saved` followed by `graph_saved`. Without one,
-  // such gradients refuse a second derivative (NoDoubleBackward).
+  // differentiable ops, called as graph_backward(grad, *args, *options, output_mask, *after_mask),
+  // args picked by graph_args from `saved` followed by `graph_saved`. Without one, such gradients
+  // refuse a second derivative (NoDoubleBackward).
   std::optional<c10::OperatorHandle> graph_backward;
   std::vector<at::Tensor> graph_saved;
   std::vector<int> graph_args;

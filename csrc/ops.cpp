@@ -120,6 +120,13 @@ TORCH_LIBRARY(torch_ext, m) {
       "int ignore_index, str reduction, float label_smoothing, float z_loss, bool[2] output_mask, "
       "float softcap=0., Tensor? grad_lse=None) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // cross_entropy_bwd's gradients by differentiating the loss written in PyTorch's ops (a
+  // CompositeImplicitAutograd kernel, torch_ext/cross_entropy.py): for a backward that records a
+  // graph (create_graph=True), so gradients of gradients are PyTorch's. grad_lse is refused.
+  m.def(
+      "cross_entropy_bwd_composite(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, int ignore_index, "
+      "str reduction, float label_smoothing, float z_loss, bool[2] output_mask, float softcap=0., "
+      "Tensor? grad_lse=None) -> (Tensor?, Tensor?)");
   // The input's gradient written over the input (contiguous), for callers that no longer need the
   // logits (linear_cross_entropy's chunks).
   m.def(
@@ -141,6 +148,10 @@ TORCH_LIBRARY(torch_ext, m) {
       "regression_loss_bwd(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
       "float param, str reduction, bool[2] output_mask) -> (Tensor, Tensor)",
       {at::Tag::pt2_compliant_tag});
+  // regression_loss_bwd's gradients as cross_entropy_bwd_composite's (torch_ext/regression_loss.py).
+  m.def(
+      "regression_loss_bwd_composite(Tensor grad_loss, Tensor input, Tensor target, Tensor? weight, str loss, "
+      "float param, str reduction, bool[2] output_mask) -> (Tensor?, Tensor?)");
 
   // Triplet margin loss over (D) or (N, D) inputs. Returns (loss, dist, grad_anchor,
   // grad_positive, grad_negative); dist (rows, 3) holds d(a, p), d(a, n) and d(p, n) (0 without

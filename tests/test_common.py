@@ -35,6 +35,8 @@ from utils import assert_close, reference_dtype, tolerance
 
 AUTOCAST_DTYPES = [torch.bfloat16, torch.float16]
 DENSE_FAMILIES = ("fused_linear", "fused_mlp")  # PyTorch's ops under torch.func (docs/api.md)
+# Differentiable twice (create_graph's backward in PyTorch's ops, docs/api.md).
+TWICE_DIFFERENTIABLE = DENSE_FAMILIES + ("cross_entropy", "regression_loss")
 
 
 def _case_id(case):
@@ -296,13 +298,14 @@ def test_batched_grad_outputs(device, case, grad_in_forward):
 @pytest.mark.parametrize("case", CASES, ids=_case_id)
 @pytest.mark.parametrize("device", DEVICES)
 def test_double_backward(device, case, grad_in_forward):
-    # Gradients of gradients (create_graph=True, as a gradient penalty takes them): the dense layers
-    # form them with PyTorch's differentiable ops, so their second derivatives are PyTorch's; a
-    # loss's gradients can be used, but differentiating them again raises a clear error.
+    # Gradients of gradients (create_graph=True, as a gradient penalty or second-order MAML takes
+    # them): the dense layers, cross_entropy and the regression losses form them with PyTorch's
+    # differentiable ops, so their second derivatives are PyTorch's; the other losses' gradients can
+    # be used, but differentiating them again raises a clear error.
     s = sample(*case, device, torch.float64)
     out, wrt = _recorded(s.fn, s.inputs, s.fixed)
     grads = torch.autograd.grad(out.sum(), wrt, create_graph=True)
-    if case[0] not in DENSE_FAMILIES:
+    if case[0] not in TWICE_DIFFERENTIABLE:
         assert all(g.requires_grad for g in grads)
         with pytest.raises(RuntimeError, match="double backward"):
             torch.autograd.grad(sum((g * g).sum() for g in grads), wrt)

@@ -895,6 +895,47 @@ def test_opcheck_bwd(sample, requires_grad):
         torch.library.opcheck(BWD, args, test_utils="test_aot_dispatch_dynamic")
 
 
+@pytest.mark.parametrize("softcap", [0.0, 3.0], ids=["uncapped", "softcap"])
+@pytest.mark.parametrize("sample", BWD_SAMPLES, ids=[s[0] for s in BWD_SAMPLES])
+def test_bwd_composite_matches_bwd_op(sample, softcap):
+    # cross_entropy_bwd_composite (create_graph's backward: the loss in PyTorch's ops, differentiated)
+    # gives cross_entropy_bwd's gradients, with every option; every opcheck utility passes on it,
+    # differentiating through it included.
+    _, shape, kind, reduction, mask = sample
+    c = shape[class_dim(torch.empty(shape))]
+    x = make_input(shape, torch.float64, scale=3.0)
+    w = make_weight(c, torch.float64)
+    t = prob_target(shape, dtype=torch.float64) if kind == "prob" else class_target(shape, c, "some", -100)
+    loss, stats, *_ = FWD(x, t, w, -100, reduction, 0.1, 1e-2, NO_GRADS, softcap)
+    g = torch.randn(loss.shape, dtype=torch.float64)
+    want = BWD(g, x, t, w, stats, -100, reduction, 0.1, 1e-2, mask, softcap)
+    args = (leaf(g), leaf(x), leaf(t) if kind == "prob" else t, w, -100, reduction, 0.1, 1e-2, mask, softcap)
+    got = torch.ops.torch_ext.cross_entropy_bwd_composite(*args)
+    for name, a, e, m in zip(("input", "target"), got, want, mask):
+        assert (a is None) == (not m), name
+        if m:
+            assert_close(a, e, msg=f"grad_{name}")
+    torch.library.opcheck(torch.ops.torch_ext.cross_entropy_bwd_composite.default, args)
+
+
+@pytest.mark.parametrize("kind", ["class", "prob"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_gradgradcheck(kind, reduction):
+    # Second derivatives through the loss with every option at once (softcap, z_loss, label
+    # smoothing, class weights, ignored rows): gradgradcheck in float64.
+    x = make_input((4, 6), torch.float64)
+    t = prob_target((4, 6), dtype=torch.float64) if kind == "prob" else class_target((4, 6), 6, "some", -100)
+    w = make_weight(6, torch.float64)
+    xl = leaf(x)
+    inputs = (xl, leaf(t)) if kind == "prob" else (xl,)
+
+    def fn(*a):
+        return cross_entropy(a[0], a[1] if kind == "prob" else t, w, reduction=reduction, label_smoothing=0.1,
+                             z_loss=1e-2, softcap=3.0)
+
+    assert torch.autograd.gradgradcheck(fn, inputs)
+
+
 @pytest.mark.parametrize("kind", ["class", "prob"])
 @pytest.mark.parametrize("reduction", REDUCTIONS)
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)

@@ -753,6 +753,28 @@ def test_op_loss_dtype(reduction):
     assert_close(gt, -want_grad, dtype=torch.bfloat16)
 
 
+@pytest.mark.parametrize("weighted", [False, True], ids=["unweighted", "weighted"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+@pytest.mark.parametrize("loss,param", [("mse", 0.0), ("huber", 0.5), ("smooth_l1", 0.7), ("smooth_l1", 0.0)])
+def test_bwd_composite_and_gradgradcheck(loss, param, reduction, weighted):
+    # regression_loss_bwd_composite (create_graph's backward: the loss in PyTorch's ops,
+    # differentiated) gives regression_loss_bwd's gradients, passes every opcheck utility, and
+    # second derivatives through the public loss pass gradgradcheck (float64).
+    if weighted and loss == "smooth_l1":
+        pytest.skip("smooth_l1_loss takes no weight")
+    x, t = away_from_kinks((3, 5), param or 1.0, loss)
+    w = _weight((3, 5), torch.float64, "positive") if weighted else None
+    g = torch.randn(x.shape if reduction == "none" else (), dtype=torch.float64)
+    want = BWD(g, x, t, w, loss, param, reduction, [True, True])
+    args = (leaf(g), leaf(x), leaf(t), w, loss, param, reduction, [True, True])
+    got = torch.ops.torch_ext.regression_loss_bwd_composite(*args)
+    assert_close(got[0], want[0], msg="grad_input")
+    assert_close(got[1], want[1], msg="grad_target")
+    torch.library.opcheck(torch.ops.torch_ext.regression_loss_bwd_composite.default, args)
+    public = {"mse": None, "huber": param, "smooth_l1": param}[loss]
+    assert torch.autograd.gradgradcheck(lambda a, b: ours(loss, a, b, reduction, public, w), (leaf(x), leaf(t)))
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. gradcheck (retain_graph, double backward: tests/test_common.py)
 # ----------------------------------------------------------------------------------------------

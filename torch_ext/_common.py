@@ -371,6 +371,23 @@ def for_transforms(function, op, setup_context, public_name: str):
     )
 
 
+def grads_of_composite(loss_of, grad_loss: Tensor, inputs, output_mask):
+    """The gradients of loss_of(*inputs) (a loss written in PyTorch's differentiable ops) for
+    grad_loss, for the inputs output_mask asks for (None for the others): a loss's
+    CompositeImplicitAutograd backward for a backward that records a graph (create_graph), whose
+    gradients autograd can differentiate again. An input that does not require grad (a direct call
+    of the op) is differentiated as a detached copy."""
+    recording = torch.is_grad_enabled()
+    with torch.enable_grad():
+        leaves = [t if not m or t.requires_grad else t.detach().requires_grad_() for t, m in zip(inputs, output_mask)]
+        wanted = [t for t, m in zip(leaves, output_mask) if m]
+        if not wanted:
+            return (None,) * len(output_mask)
+        loss = loss_of(*leaves)
+        grads = iter(torch.autograd.grad(loss, wanted, grad_loss, create_graph=recording))
+    return tuple(next(grads) if m else None for m in output_mask)
+
+
 def forward_with_ctx(op, setup_context):
     """An autograd.Function forward in the ctx style: forward(ctx, *inputs) runs `op` and then
     `setup_context` (the one the op's own register_autograd uses). Why not the setup_context

@@ -11,6 +11,7 @@ import math
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
@@ -27,6 +28,7 @@ from ._common import (
     for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
+    grads_of_composite,
     hand_over_formed,
     loss_dtype_or_input,
     needs_autograd,
@@ -176,15 +178,65 @@ def _setup_context(ctx, inputs, output):
     save_with_formed_grads(ctx, (input, target, weight, output[1]), output, grad_mask, first_grad=2)
 
 
+def _loss_in_pytorch_ops(input, target, weight, ignore_index, reduction, label_smoothing, z_loss, softcap):
+    """The loss the kernels compute, written in PyTorch's differentiable ops, in float32 (float64
+    for float64 input): the logits capped (softcap * tanh(x / softcap)), F.cross_entropy, plus
+    z_loss * logsumexp^2 per row weighted (class weight of the target, 0 for ignored rows; 1 for
+    probability targets) and reduced like the loss."""
+    x = input if input.dtype == torch.float64 else input.float()
+    if softcap:
+        x = softcap * torch.tanh(x / softcap)
+    probabilities = target.is_floating_point()
+    t = target.to(x.dtype) if probabilities else target.long()
+    w = None if weight is None else weight.to(x.dtype)
+    loss = F.cross_entropy(x, t, w, ignore_index=ignore_index, reduction=reduction, label_smoothing=label_smoothing)
+    if not z_loss:
+        return loss
+    lse = torch.logsumexp(x, 0 if x.dim() == 1 else 1)
+    if probabilities:
+        row_weight = torch.ones_like(lse)
+    else:
+        valid = t != ignore_index
+        kept = t.masked_fill(~valid, 0)
+        row_weight = valid.to(x.dtype) if w is None else torch.where(valid, w[kept], 0.0)
+    z = z_loss * row_weight * lse.square()
+    if reduction == "none":
+        return loss + z
+    if reduction == "sum":
+        return loss + z.sum()
+    denominator = lse.new_tensor(float(lse.numel())) if probabilities else row_weight.sum()
+    # No rows, or all ignored: the loss is F.cross_entropy's NaN; the z term adds 0 (not 0/0).
+    return loss + z.sum() / torch.where(denominator == 0, torch.ones_like(denominator), denominator)
+
+
+@torch.library.impl("torch_ext::cross_entropy_bwd_composite", "CompositeImplicitAutograd")
+def _cross_entropy_bwd_composite(grad_loss, input, target, weight, ignore_index, reduction, label_smoothing, z_loss,
+                                 output_mask, softcap=0.0, grad_lse=None):
+    """cross_entropy_bwd's gradients, by differentiating _loss_in_pytorch_ops: the backward that
+    records a graph (create_graph), so gradients of gradients are PyTorch's (csrc/ops.cpp)."""
+    if grad_lse is not None:
+        raise NotImplementedError("torch_ext.cross_entropy: a second derivative through the lse output is not "
+                                  "supported; use torch.logsumexp for it")
+
+    def loss_of(x, t):
+        return _loss_in_pytorch_ops(x, t, weight, ignore_index, reduction, label_smoothing, z_loss, softcap)
+
+    return grads_of_composite(loss_of, grad_loss, (input, target), output_mask)
+
+
 def _backward(ctx, grad_loss, *_unused):
-    """The gradients the forward formed, scaled by grad_loss (create_graph takes the backward op:
-    differentiable once), and the backward op for those it did not form."""
+    """The gradients the forward formed, scaled by grad_loss, and the backward op for those it did
+    not form; with create_graph, cross_entropy_bwd_composite (differentiable again)."""
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
     input, target, weight, stats, *unit_grads = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wanted = [bool(needs[0]), bool(ctx.probabilities and needs[1])]
     grads = [None] * _N_INPUTS
+    if torch.is_grad_enabled():
+        grads[:2] = torch.ops.torch_ext.cross_entropy_bwd_composite(grad_loss, input, target, weight, *ctx.options,
+                                                                    wanted, ctx.softcap)
+        return tuple(grads)
     grads[:2], missing = hand_over_formed(ctx, wanted, unit_grads, grad_loss)
     if any(missing):
         computed = _bwd_op(grad_loss, input, target, weight, stats, *ctx.options, missing, ctx.softcap)

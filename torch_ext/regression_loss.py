@@ -10,6 +10,7 @@ import warnings
 from typing import Optional
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from . import _C
@@ -26,6 +27,7 @@ from ._common import (
     for_transforms,
     forms_grad_in_forward,
     forward_with_ctx,
+    grads_of_composite,
     hand_over_formed,
     loss_dtype_or_input,
     needs_autograd,
@@ -108,15 +110,53 @@ def _setup_context(ctx, inputs, output):
     save_with_formed_grads(ctx, (input, target, weight), output, grad_mask, first_grad=1)
 
 
+def _loss_in_pytorch_ops(input, target, weight, loss, param, reduction):
+    """The loss the kernels compute, written in PyTorch's differentiable ops, in float32 (float64
+    for float64 input): elementwise, times the weight, reduced (a weighted mse's mean divides by the
+    weights' sum, the others' by the element count)."""
+    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    x, t = input.to(dtype), target.to(dtype)
+    if loss == "mse":
+        value = (x - t).square()
+    elif loss == "huber":
+        value = F.huber_loss(x, t, reduction="none", delta=param)
+    else:
+        value = F.smooth_l1_loss(x, t, reduction="none", beta=param)
+    if weight is not None:
+        value = value * weight.to(dtype)
+    if reduction == "none":
+        return value
+    if reduction == "sum":
+        return value.sum()
+    if weight is not None and loss == "mse":
+        return value.sum() / weight.to(dtype).sum()
+    return value.mean()
+
+
+@torch.library.impl("torch_ext::regression_loss_bwd_composite", "CompositeImplicitAutograd")
+def _regression_loss_bwd_composite(grad_loss, input, target, weight, loss, param, reduction, output_mask):
+    """regression_loss_bwd's gradients, by differentiating _loss_in_pytorch_ops: the backward that
+    records a graph (create_graph), so gradients of gradients are PyTorch's (csrc/ops.cpp)."""
+
+    def loss_of(x, t):
+        return _loss_in_pytorch_ops(x, t, weight, loss, param, reduction)
+
+    return grads_of_composite(loss_of, grad_loss, (input, target), output_mask)
+
+
 def _backward(ctx, grad_loss, *_unused):
-    """The gradients the forward formed, scaled by grad_loss (create_graph takes the backward op:
-    differentiable once), and the backward op for those it did not form."""
+    """The gradients the forward formed, scaled by grad_loss, and the backward op for those it did
+    not form; with create_graph, regression_loss_bwd_composite (differentiable again)."""
     if grad_loss is None:  # only the non-differentiable outputs reached backward
         return (None,) * _N_INPUTS
     input, target, weight, *unit_grads = ctx.saved_tensors
     needs = ctx.needs_input_grad
     wanted = [bool(needs[0]), bool(needs[1])]
     grads = [None] * _N_INPUTS
+    if torch.is_grad_enabled():
+        grads[:2] = torch.ops.torch_ext.regression_loss_bwd_composite(grad_loss, input, target, weight, *ctx.options,
+                                                                      wanted)
+        return tuple(grads)
     grads[:2], missing = hand_over_formed(ctx, wanted, unit_grads, grad_loss)
     if any(missing):
         computed = _bwd_op(grad_loss, input, target, weight, *ctx.options, missing)
