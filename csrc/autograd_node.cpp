@@ -128,7 +128,10 @@ class OpNode final : public Node {
   variable_list apply(variable_list&& grads) override {
     const at::Tensor& grad = grads[0];
     if (!grad.defined()) return variable_list(num_outputs());
-    if (at::GradMode::is_enabled() && graph_backward_.has_value()) return call_graph_backward(grad);
+    if (at::GradMode::is_enabled() && graph_backward_.has_value()) {  // create_graph: differentiable again
+      drop_unit_grads();  // (a later plain backward of a retained graph forms them again)
+      return call_graph_backward(grad);
+    }
     if (at::GradMode::is_enabled()) {  // create_graph: differentiable once (NoDoubleBackward)
       drop_unit_grads();
       variable_list result = call_backward(grad);
@@ -212,11 +215,12 @@ class OpNode final : public Node {
     return grads;
   }
 
-  // create_graph on a dense layer's node: graph_backward(grad, *args, *options, output_mask), with
-  // autograd recording (its gradients are differentiable again).
+  // create_graph on a node that has a graph_backward (the dense layers', cross_entropy's, the
+  // regression losses'): graph_backward(grad, *args, *options, output_mask, *after_mask), with
+  // autograd recording, so its gradients are differentiable again.
   variable_list call_graph_backward(const at::Tensor& grad) {
     torch::jit::Stack stack;
-    stack.reserve(2 + graph_args_.size() + options_.size());
+    stack.reserve(2 + graph_args_.size() + options_.size() + after_mask_.size());
     stack.emplace_back(grad);
     for (int i : graph_args_) {
       const bool in_saved = size_t(i) < saved_.size();
