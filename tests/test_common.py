@@ -9,7 +9,8 @@ gradients (vmap of grad) give PyTorch's, and a loss's second derivative raises; 
 (save_on_cpu, activation offloading) see every tensor held for backward; activation checkpointing (both
 torch.utils.checkpoint variants) gives the same bits; non-contiguous inputs; torch.autocast (bfloat16
 and float16) gives PyTorch's dtypes and values, and leaves float64 alone; double backward gives
-PyTorch's second derivatives through the dense layers and raises a clear error through a loss;
+PyTorch's second derivatives through the dense layers, cross_entropy and the regression losses, and
+raises a clear error through the other losses;
 an integer input (and, on a GPU, an input on another device) is refused with an error naming the
 argument; torch_ext.fuse of a model with each kind of replaceable module matches the
 model as written. When a GPU is present, every check runs on it too.

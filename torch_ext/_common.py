@@ -118,6 +118,12 @@ def autocast_to_float32(*tensors: Optional[Tensor]):
     )
 
 
+def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the kernels accumulate `dtype`'s values in: float64 for float64, else float32
+    (csrc/loss_checks.h's accumulate_dtype)."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
 REDUCTIONS = ("mean", "sum", "none")
 
 

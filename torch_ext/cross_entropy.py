@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    accumulation_dtype,
     autocast_off,
     autocast_to_float32,
     check_reduction,
@@ -46,10 +47,6 @@ _bwd_op = direct_when_no_grad(torch.ops.torch_ext.cross_entropy_bwd.default)
 # input's gradient in the forward kernel (reductions mean and sum; reduction none: the node calls
 # the backward op): all that have the kernels.
 GRAD_IN_FORWARD_DEVICES = frozenset({"cpu", "cuda"})
-
-
-def _accumulation_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def softcap_value(op: str, softcap) -> float:
@@ -129,7 +126,7 @@ def _cross_entropy_fwd_fake(input, target, weight, ignore_index, reduction, labe
         lambda: f"{op}: grad_mask[1] asks for the target's gradient, which exists only for class-probability targets",
     )
     loss = input.new_empty(loss_shape if reduction == "none" else (), dtype=loss_dtype_or_input(op, input, loss_dtype))
-    stats = input.new_empty((rows, 3), dtype=_accumulation_dtype(input.dtype))
+    stats = input.new_empty((rows, 3), dtype=accumulation_dtype(input.dtype))
     return (loss, stats) + fake_grads(input, grad_mask, (input.shape, input.shape))
 
 
@@ -183,7 +180,7 @@ def _loss_in_pytorch_ops(input, target, weight, ignore_index, reduction, label_s
     for float64 input): the logits capped (softcap * tanh(x / softcap)), F.cross_entropy, plus
     z_loss * logsumexp^2 per row weighted (class weight of the target, 0 for ignored rows; 1 for
     probability targets) and reduced like the loss."""
-    x = input if input.dtype == torch.float64 else input.float()
+    x = input.to(accumulation_dtype(input.dtype))
     if softcap:
         x = softcap * torch.tanh(x / softcap)
     probabilities = target.is_floating_point()

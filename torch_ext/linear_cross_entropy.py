@@ -16,6 +16,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    accumulation_dtype,
     any_requires_grad,
     autocast_to_lower_precision,
     check_reduction,
@@ -129,7 +130,7 @@ def _lce_fwd_fake(input, linear_weight, linear_bias, target, weight, ignore_inde
     _check_softcap(op, softcap)
     loss = input.new_empty(lead if reduction == "none" else (), dtype=loss_dtype_or_input(op, input, loss_dtype))
     rows = math.prod(lead)
-    stats = input.new_empty((rows, 3), dtype=torch.float64 if input.dtype == torch.float64 else torch.float32)
+    stats = input.new_empty((rows, 3), dtype=accumulation_dtype(input.dtype))
     return (loss, stats) + _grads_like(grad_mask, input, linear_weight, linear_bias)
 
 

@@ -15,6 +15,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    accumulation_dtype,
     autocast_off,
     autocast_to_float32,
     check_reduction,
@@ -114,7 +115,7 @@ def _loss_in_pytorch_ops(input, target, weight, loss, param, reduction):
     """The loss the kernels compute, written in PyTorch's differentiable ops, in float32 (float64
     for float64 input): elementwise, times the weight, reduced (a weighted mse's mean divides by the
     weights' sum, the others' by the element count)."""
-    dtype = torch.float64 if input.dtype == torch.float64 else torch.float32
+    dtype = accumulation_dtype(input.dtype)
     x, t = input.to(dtype), target.to(dtype)
     if loss == "mse":
         value = (x - t).square()

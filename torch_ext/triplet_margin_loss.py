@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from . import _C
 from ._common import (
+    accumulation_dtype,
     any_requires_grad,
     autocast_off,
     autocast_to_float32,
@@ -73,7 +74,7 @@ def _triplet_fwd_fake(anchor, positive, negative, margin, p, eps, swap, reductio
     _check_args(op, anchor, positive, negative, p, reduction)
     rows = anchor.shape[0] if anchor.dim() == 2 else 1
     loss_shape = (anchor.shape[0],) if anchor.dim() == 2 and reduction == "none" else ()
-    acc = torch.float64 if anchor.dtype == torch.float64 else torch.float32
+    acc = accumulation_dtype(anchor.dtype)
     grads = tuple(anchor.new_empty(anchor.shape) if m else None for m in grad_mask)
     loss = anchor.new_empty(loss_shape, dtype=loss_dtype_or_input(op, anchor, loss_dtype))
     return (loss, anchor.new_empty((rows, 3), dtype=acc)) + grads

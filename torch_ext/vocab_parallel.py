@@ -26,7 +26,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor
 
-from ._common import hand_over_unit_grads, transforms_active
+from ._common import accumulation_dtype, hand_over_unit_grads, transforms_active
 
 _OP = "torch_ext.linear_cross_entropy"
 
@@ -50,15 +50,10 @@ class _Options:
         self.chunk_size, self.group, self.offset, self.vocab = chunk_size, group, offset, vocab
 
 
-def _acc(dtype: torch.dtype) -> torch.dtype:
-    """The dtype the arithmetic runs in: float64 for float64 inputs, else float32."""
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _chunk_logits(x: Tensor, w: Tensor, b: Optional[Tensor], o: _Options) -> Tuple[Tensor, Optional[Tensor]]:
     """The chunk's logits of this shard in the accumulation dtype (capped when softcap > 0), and
     the derivative of the cap (1 - (capped / softcap)^2) or None."""
-    logits = F.linear(x, w, b).to(_acc(x.dtype))
+    logits = F.linear(x, w, b).to(accumulation_dtype(x.dtype))
     if not o.softcap:
         return logits, None
     capped = logits.div_(o.softcap).tanh_().mul_(o.softcap)
@@ -70,7 +65,7 @@ class _Shard:
     weights (rw: weight[target], 0 for ignored rows), in the accumulation dtype."""
 
     def __init__(self, x: Tensor, w: Tensor, t: Tensor, class_weight: Optional[Tensor], o: _Options):
-        self.o, self.acc, self.local_vocab = o, _acc(x.dtype), w.shape[0]
+        self.o, self.acc, self.local_vocab = o, accumulation_dtype(x.dtype), w.shape[0]
         self.kept = t != o.ignore_index
         cw = None if class_weight is None else class_weight.to(self.acc)
         self.local_w = None if cw is None else cw[o.offset:o.offset + self.local_vocab]
@@ -205,10 +200,10 @@ class _VocabParallelLinearCrossEntropy(torch.autograd.Function):
         kept = t != o.ignore_index
         denominator = None
         if o.reduction == "mean":
-            rw = kept.to(_acc(x.dtype)) if class_weight is None else (
-                class_weight.to(_acc(x.dtype))[t.masked_fill(~kept, 0)] * kept)
+            rw = kept.to(accumulation_dtype(x.dtype)) if class_weight is None else (
+                class_weight.to(accumulation_dtype(x.dtype))[t.masked_fill(~kept, 0)] * kept)
             denominator = rw.sum()
-        per_row = torch.ones(x.shape[0], dtype=_acc(x.dtype), device=x.device)
+        per_row = torch.ones(x.shape[0], dtype=accumulation_dtype(x.dtype), device=x.device)
         if denominator is not None:
             per_row = per_row / denominator  # d(loss)/d(row loss)
         form = o.reduction != "none" and any(needs)
