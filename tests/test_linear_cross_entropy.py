@@ -376,6 +376,35 @@ def test_default_chunk_size_rule():
     assert rule(10, 2 << 20, torch.float32) == 4  # under 8: not rounded
     assert rule(0, 32000, torch.float32) == 1
     assert rule(4096, 32000, torch.float32, "mps") == 256  # other devices: the CPU budget
+    # bfloat16/float16 on CPU: at least MIN_ROWS_16_BIT_CPU rows (each chunk adds its weight
+    # gradient into a float32 sum, a pass whatever the chunk's rows), at most the rows.
+    assert lce.MIN_ROWS_16_BIT_CPU == 1024
+    assert rule(4096, 32000, torch.bfloat16) == 1024  # 32 MiB alone would give 520
+    assert rule(4096, 128256, torch.float16, "cpu") == 1024
+    assert rule(600, 32000, torch.bfloat16) == 600
+    assert rule(1 << 20, 1000, torch.bfloat16) == 16776  # above the floor: the bytes rule
+    assert rule(4096, 32000, torch.bfloat16, "mps") == 520
+    assert rule(4096, 32000, torch.float64) == 128
+
+
+@pytest.mark.cpu_only("CPU autocast")
+def test_default_chunk_size_follows_autocast_dtype(monkeypatch):
+    """Under autocast the rule sees the dtype the GEMMs run in (bfloat16), not the float32 input's."""
+    import sys
+
+    lce = sys.modules["torch_ext.linear_cross_entropy"]
+    seen = []
+    rule = lce.default_chunk_size
+    monkeypatch.setattr(lce, "default_chunk_size", lambda *a: seen.append(a[2]) or rule(*a))
+    x = torch.randn(12, 8, requires_grad=True)
+    w = torch.randn(10, 8, requires_grad=True)
+    t = torch.randint(0, 10, (12,))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = torch_ext.linear_cross_entropy(x, w, t)
+    expected = F.cross_entropy(F.linear(x.bfloat16(), w.bfloat16()).float(), t)
+    torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
+    torch_ext.linear_cross_entropy(x, w, t)
+    assert seen == [torch.bfloat16, torch.float32]
 
 
 INPUT_SHAPES = [
