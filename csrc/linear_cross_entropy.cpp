@@ -34,6 +34,7 @@
 #include "checks.h"
 #include "cpu/cross_entropy_targets.h"
 #include "cpu/runtime/gemm.h"
+#include "cpu/runtime/kernel_table.h"
 #include "op_handles.h"
 #ifdef TORCH_EXT_WITH_CUDA
 #include "cuda/cross_entropy_targets.h"
@@ -136,6 +137,20 @@ Tensor mean_denominator(const Shapes& s, const Tensor& target, const std::option
   return (weight->to(at::kDouble).index_select(0, safe.reshape(-1)) * kept.reshape(-1)).sum();
 }
 
+// acc (float32) += src (bfloat16 or float16), both contiguous, in one pass of our CPU kernel
+// (csrc/cpu/kernels/linear_cross_entropy.h says why not ATen's add_).
+void add_widened_cpu(Tensor& acc, const Tensor& src) {
+  TORCH_INTERNAL_ASSERT(acc.scalar_type() == at::kFloat && acc.is_contiguous() && src.is_contiguous() &&
+                        acc.numel() == src.numel());
+  const cpu::CpuKernels& k = cpu::cpu_kernels();
+  if (src.scalar_type() == at::kBFloat16) {
+    k.add_widened_bf16(acc.data_ptr<float>(), src.const_data_ptr<c10::BFloat16>(), acc.numel());
+  } else {
+    TORCH_INTERNAL_ASSERT(src.scalar_type() == at::kHalf);
+    k.add_widened_f16(acc.data_ptr<float>(), src.const_data_ptr<c10::Half>(), acc.numel());
+  }
+}
+
 // acc (V, H) = dlogits.T @ xc (first chunk) or += it (the others). For bfloat16/float16 acc is
 // float32: on CUDA one cuBLASLt GEMM takes the 16-bit operands at tensor-core rate and adds into
 // the float32 sum. On CPU the chunk's product runs as one 16-bit GEMM (ATen's, accumulating in
@@ -143,7 +158,9 @@ Tensor mean_denominator(const Shapes& s, const Tensor& target, const std::option
 // float32 GEMM's rate where the CPU has bfloat16 dot products) and is added into the float32 sum;
 // widening the operands first cost about twice as much. Elsewhere (and on CUDA with
 // TORCH_EXT_CUBLASLT=0) the operands are widened first.
-void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc, bool first) {
+// product: the CPU 16-bit path's buffer for the chunk's product, allocated by the first chunk and
+// reused by the others (fresh 16-bit V x H tensors, new pages each chunk, made some steps slower).
+void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc, bool first, Tensor& product) {
   const bool widen = acc.scalar_type() != dlogits.scalar_type();
 #ifdef TORCH_EXT_WITH_CUDA
   if (widen && acc.is_cuda() && acc.numel() > 0 && cuda::cublaslt_enabled()) {
@@ -159,11 +176,12 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
 #endif
   // (Where ATen's 16-bit GEMM is slow, the float32 product below: csrc/matmul.h.)
   if (widen && acc.is_cpu() && !cpu::aten_reduced_gemm_is_slow(dlogits.scalar_type())) {
-    const Tensor chunk_product = at::mm(dlogits.t(), xc);
+    if (!product.defined()) product = empty_scratch(acc.sizes(), dlogits.options());
+    at::mm_out(product, dlogits.t(), xc);
     if (first) {
-      acc.copy_(chunk_product);
+      acc.copy_(product);
     } else {
-      acc.add_(chunk_product);
+      add_widened_cpu(acc, product);
     }
     return;
   }
@@ -259,6 +277,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   // returns (not cached): this op exists to save memory, and a cached block would stay resident
   // through the rest of the training step. Page faults cost little next to the chunk's GEMMs.
   Tensor logits_buffer = empty_scratch({std::min(chunk_size, s.rows), s.vocab}, options);
+  Tensor weight_product;  // (accumulate_weight_grad's)
   for (int64_t r0 = 0; r0 < s.rows; r0 += chunk_size) {
     const int64_t n = std::min(chunk_size, s.rows - r0);
     const Tensor xc = x.narrow(0, r0, n);
@@ -292,7 +311,7 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
       Tensor rows = g.input.narrow(0, r0, n);
       matmul_into(rows, dlogits, linear_weight, /*accumulate=*/false);
     }
-    if (g.weight.defined()) accumulate_weight_grad(g.weight, dlogits, xc, /*first=*/r0 == 0);
+    if (g.weight.defined()) accumulate_weight_grad(g.weight, dlogits, xc, /*first=*/r0 == 0, weight_product);
     if (g.bias.defined()) g.bias.add_(dlogits.sum(0, /*keepdim=*/false, g.bias.scalar_type()));
   }
 

@@ -387,6 +387,39 @@ def test_default_chunk_size_rule():
     assert rule(4096, 32000, torch.float64) == 128
 
 
+@pytest.mark.cpu_only("the CPU 16-bit GEMM path")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+@pytest.mark.parametrize("shape", [(37, 13, 29, 8), (300, 40, 1003, 64)], ids=["odd", "wide"])
+def test_16_bit_weight_grad_sums_chunk_products_in_float32(dtype, shape):
+    """Over several chunks, the 16-bit weight gradient is the chunks' products (each one 16-bit
+    GEMM, or a float32 one of the widened operands where ATen's is slow) summed in float32 and
+    rounded once: bit for bit what that sum written with PyTorch's ops gives where the products
+    are ATen's 16-bit GEMMs (V x H odd, so the widening add's vector loop and its tail both run)."""
+    from torch_ext import _C
+
+    rows, hidden, vocab, chunk = shape
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(rows, hidden, generator=gen).to(dtype).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=gen).to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), generator=gen)
+    torch_ext.linear_cross_entropy(x, w, t, chunk_size=chunk, reduction="sum").backward()
+    widened = _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"
+    total = torch.zeros(vocab, hidden)
+    for r0 in range(0, rows, chunk):
+        xc = x.detach()[r0:r0 + chunk]
+        logits = (xc.float() @ w.detach().float().t()).to(dtype) if widened else xc @ w.detach().t()
+        logits.requires_grad_()
+        torch_ext.cross_entropy(logits, t[r0:r0 + chunk], reduction="sum").backward()
+        if widened:
+            total.addmm_(logits.grad.t().float(), xc.float())
+        else:
+            total.add_(logits.grad.t() @ xc)
+    if widened:  # float32 GEMMs (ours or ATen's, by CPU and size) may sum in another order: an ulp
+        torch.testing.assert_close(w.grad, total.to(dtype), rtol=2**-7, atol=1e-6)
+    else:
+        assert torch.equal(w.grad, total.to(dtype))
+
+
 @pytest.mark.cpu_only("CPU autocast")
 def test_default_chunk_size_follows_autocast_dtype(monkeypatch):
     """Under autocast the rule sees the dtype the GEMMs run in (bfloat16), not the float32 input's."""

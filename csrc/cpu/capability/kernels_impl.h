@@ -12,6 +12,7 @@
 #include "cpu/kernels/cross_entropy.h"
 #include "cpu/kernels/gemm.h"
 #include "cpu/kernels/linear_act.h"
+#include "cpu/kernels/linear_cross_entropy.h"
 #include "cpu/kernels/mlp_act.h"
 #include "cpu/kernels/regression_loss.h"
 #include "cpu/kernels/triplet_margin_loss.h"
@@ -72,6 +73,8 @@ const CpuKernels& kernels() {
       .triplet_margin_backward_f64 = &triplet_margin_backward<double>,
       .triplet_margin_backward_bf16 = &triplet_margin_backward<c10::BFloat16>,
       .triplet_margin_backward_f16 = &triplet_margin_backward<c10::Half>,
+      .add_widened_bf16 = &add_widened<c10::BFloat16>,
+      .add_widened_f16 = &add_widened<c10::Half>,
   };
   return table;
 }

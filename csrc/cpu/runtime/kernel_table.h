@@ -204,6 +204,9 @@ struct CpuKernels {
   void (*triplet_margin_backward_f64)(const TripletMarginArgs<double>&);
   void (*triplet_margin_backward_bf16)(const TripletMarginArgs<c10::BFloat16>&);
   void (*triplet_margin_backward_f16)(const TripletMarginArgs<c10::Half>&);
+  // acc (float32) += src (16-bit), n elements (linear_cross_entropy's weight-gradient sum).
+  void (*add_widened_bf16)(float* acc, const c10::BFloat16* src, int64_t n);
+  void (*add_widened_f16)(float* acc, const c10::Half* src, int64_t n);
 };
 
 // Typed access to the table, so op code can be written once over its scalar type: each accessor
