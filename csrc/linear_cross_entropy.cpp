@@ -232,6 +232,17 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   const bool reduced =
       (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf) && s.rows > chunk_size;
   const auto acc_options = reduced ? options.dtype(at::kFloat) : options;
+  // float32 class probabilities with 16-bit input (autocast: F.cross_entropy takes the 16-bit
+  // logits widened to float32 and the targets as they are): each chunk's logits are widened into
+  // a float32 buffer and the loss and its gradient taken there, as the reference does, not
+  // against targets rounded to 16 bits (off by up to 2^-9 of each probability, which distillation
+  // gradients p - t would inherit); the gradient is rounded into the chunk's 16-bit buffer for
+  // the GEMMs, as autocast rounds it for F.linear's backward.
+  const bool widened_loss = s.probabilities && target.scalar_type() != input.scalar_type();
+  TORCH_CHECK(!widened_loss || (target.scalar_type() == at::kFloat &&
+                                (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf)),
+              op, ": class probabilities must have input's dtype (or float32 with bfloat16/float16 input), got ",
+              target.scalar_type(), " with input ", input.scalar_type());
 
   // One chunk (every row at once, as in most steps of a small head): its cross-entropy takes the
   // reduction itself, so the mean's denominator, the float64 loss sum and the stats' copy, a dozen
@@ -278,6 +289,10 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   // through the rest of the training step. Page faults cost little next to the chunk's GEMMs.
   Tensor logits_buffer = empty_scratch({std::min(chunk_size, s.rows), s.vocab}, options);
   Tensor weight_product;  // (accumulate_weight_grad's)
+  Tensor wide_buffer =
+      widened_loss ? empty_scratch({std::min(chunk_size, s.rows), s.vocab}, options.dtype(at::kFloat)) : Tensor();
+  LossOptions loss_options = o;  // the chunks' loss in loss_dtype, as the 16-bit logits' would be
+  if (widened_loss) loss_options.loss_dtype = loss_dtype;
   for (int64_t r0 = 0; r0 < s.rows; r0 += chunk_size) {
     const int64_t n = std::min(chunk_size, s.rows - r0);
     const Tensor xc = x.narrow(0, r0, n);
@@ -288,7 +303,11 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     } else {
       matmul_into(logits, xc, w_t, /*accumulate=*/false);
     }
-    auto [chunk_loss, stats] = cross_entropy_fwd(logits, tc, weight, forward ? chunk_reduction : "sum", o);
+    // The logits the loss reads (and its gradient is written over): float32 for widened_loss.
+    Tensor loss_logits = logits;
+    if (widened_loss) loss_logits = wide_buffer.narrow(0, 0, n).copy_(logits);
+    auto [chunk_loss, stats] =
+        cross_entropy_fwd(loss_logits, tc, weight, forward ? chunk_reduction : "sum", loss_options);
     if (forward && one_chunk) {
       row_stats = stats;
       loss = reduction == Reduction::None ? chunk_loss.view(s.loss_shape) : chunk_loss;
@@ -302,10 +321,11 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
     }
     if (!any_grad) continue;
     if (grad_rows.defined()) {
-      cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), logits, tc, weight, stats, "none", o);
+      cross_entropy_grad_in_place(grad_rows.narrow(0, r0, n), loss_logits, tc, weight, stats, "none", o);
     } else {
-      cross_entropy_grad_in_place(grad_scalar, logits, tc, weight, stats, grad_reduction, o);
+      cross_entropy_grad_in_place(grad_scalar, loss_logits, tc, weight, stats, grad_reduction, o);
     }
+    if (widened_loss) logits.copy_(loss_logits);
     const Tensor& dlogits = logits;  // now holds the logits' gradient
     if (g.input.defined()) {
       Tensor rows = g.input.narrow(0, r0, n);

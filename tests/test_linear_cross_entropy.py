@@ -1401,6 +1401,44 @@ def test_autocast_loss_not_rounded_to_16_bits(dynamo_reset, reduction, chunk_siz
         assert x.grad.dtype == torch.float32
 
 
+@pytest.mark.parametrize("path", ["eager", "no_grad", "target_grad", "compiled"])
+@pytest.mark.parametrize("chunk_size", [3, 1000], ids=["chunks", "one_chunk"])
+@pytest.mark.parametrize("reduction", REDUCTIONS)
+def test_autocast_probabilities_not_rounded_to_16_bits(dynamo_reset, reduction, chunk_size, path):
+    # Under bf16 autocast F.cross_entropy reads float32 class probabilities as they are (with the
+    # bf16 logits widened): so must the op, not probabilities rounded to bfloat16 (off by up to
+    # 2^-9 of each, which the loss and a distillation gradient p - t inherit: ~3e-4 here).
+    # Integer operands make the logits exact in bfloat16, so the losses agree to float32 rounding.
+    lead, hidden, vocab = (14,), 16, 50
+    x, w, b = (torch.randint(-2, 3, shape).float() for shape in ((*lead, hidden), (vocab, hidden), (vocab,)))
+    t = torch.softmax(torch.randn(*lead, vocab) * 2, -1)
+    assert not torch.equal(t, t.bfloat16().float())
+    opts = dict(reduction=reduction, label_smoothing=0.1, weight=make_weight(vocab))
+    if path == "target_grad":
+        t.requires_grad_()
+    if path != "no_grad":
+        x.requires_grad_()
+
+    def fn(x, w, b, t):
+        return linear_cross_entropy(x, w, t, linear_bias=b, chunk_size=chunk_size, **opts)
+
+    run = torch.compile(fn, fullgraph=True, backend="aot_eager") if path == "compiled" else fn
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
+        y = run(x, w, b, t)
+        logits = F.linear(x, w, b)
+        yr = F.cross_entropy(logits, t, **opts)
+    assert torch.equal(logits.float(), F.linear(x, w, b).float()), "the logits are not exact in bfloat16"
+    assert y.dtype == torch.float32
+    # float32 rounding (the rounded probabilities' error is ~3e-5 of the summed loss)
+    assert_close(y, yr, rtol=2e-6, atol=1e-6, msg=f"{path}: autocast loss")
+    if path != "no_grad":
+        g = torch.randn(y.shape)
+        inputs = (x, t) if path == "target_grad" else (x,)
+        for name, got, want in zip(("x", "t"), torch.autograd.grad(y, inputs, g), torch.autograd.grad(yr, inputs, g)):
+            assert got.dtype == want.dtype == torch.float32
+            assert_close(got, want, dtype=torch.bfloat16, check_dtype=False, msg=f"{path}: grad of {name}")
+
+
 # ----------------------------------------------------------------------------------------------
 # 10. The LinearCrossEntropyLoss module
 # ----------------------------------------------------------------------------------------------

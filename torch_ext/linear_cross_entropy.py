@@ -435,8 +435,8 @@ def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, red
     # loss it computed in float32 as it is, not rounded to the logits' dtype first.
     float32_loss = float32_loss_of_16_bit(input)
     loss_dtype = torch.float32 if float32_loss else None
-    if target.is_floating_point():
-        target = target.to(input.dtype)
+    if target.is_floating_point():  # under autocast float32, as F.cross_entropy reads it (the op widens the logits)
+        target = target.to(torch.float32 if float32_loss else input.dtype)
     args = (input, linear_weight, linear_bias, target, weight, int(ignore_index), reduction, float(label_smoothing),
             float(z_loss), int(chunk_size))
     no_grads = [False, False, False]
