@@ -35,7 +35,7 @@ from utils import SavedTensorBytes, assert_close  # noqa: E402
 pytestmark = pytest.mark.every_device
 
 tf = transformers
-CAUSAL = ("gpt2", "llama", "mistral", "qwen2")
+CAUSAL = ("gpt2", "llama", "mistral", "qwen2", "phi3")
 
 
 def build(family: str, seed: int = 0) -> nn.Module:
@@ -66,6 +66,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.MistralForCausalLM(tf.MistralConfig(**decoder))
         if family == "qwen2":
             return tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+        if family == "phi3":  # its MLP's gate_up_proj holds [gate; up]
+            return tf.Phi3ForCausalLM(tf.Phi3Config(**decoder, pad_token_id=0, bos_token_id=0, eos_token_id=0))
         if family == "opt":  # (not one of the docstring's families: its lm_head(h).contiguous())
             return tf.OPTForCausalLM(tf.OPTConfig(vocab_size=100, hidden_size=32, ffn_dim=64, num_hidden_layers=2,
                                                   num_attention_heads=2, word_embed_proj_dim=32, dropout=0.0))
@@ -76,7 +78,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "vit", "gpt2", "llama", "mistral", "qwen2", "t5", "t5-gated"]
+FAMILIES = ["bert", "roberta", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5", "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
@@ -91,6 +93,8 @@ MLP_LINES = {
                 "-> torch_ext.fused_mlp swiglu"],
     "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) "
               "-> torch_ext.fused_mlp swiglu"],
+    "phi3": ["model.layers.{i}.mlp (Phi3MLP: gate_up_proj [gate; up], down_proj + SiLUActivation) "
+             "-> torch_ext.fused_mlp swiglu"],
     "t5": ["encoder.block.{i}.layer.1.DenseReluDense.wi (Linear 32->64) + relu",
            "decoder.block.{i}.layer.2.DenseReluDense.wi (Linear 32->64) + relu"],
     "t5-gated": ["encoder.block.{i}.layer.1.DenseReluDense (T5DenseGatedActDense: wi_0, wi_1 + NewGELUActivation) "
@@ -100,7 +104,7 @@ MLP_LINES = {
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
-                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "t5": "DenseReluDense.wi ",
+                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "t5": "DenseReluDense.wi ",
                      "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
@@ -204,6 +208,10 @@ def test_report_lists_every_mlp_block(family, fused_models):
         mlp = fused.model.layers[0].mlp
         assert type(mlp).forward is not type(mlp).__mro__[1].forward
         assert isinstance(mlp, type(mlp).__mro__[1]) and type(mlp.gate_proj) is nn.Linear
+    elif family == "phi3":
+        mlp = fused.model.layers[0].mlp
+        assert isinstance(mlp, tf.models.phi3.modeling_phi3.Phi3MLP) and type(mlp.gate_up_proj) is nn.Linear
+        assert type(mlp).forward is not tf.models.phi3.modeling_phi3.Phi3MLP.forward
     elif family == "gpt2":
         mlp = fused.transformer.h[0].mlp
         assert type(mlp.c_fc) is type(mlp.c_proj) is tf.pytorch_utils.Conv1D
@@ -657,6 +665,85 @@ def test_gated_mlp_keeps_parameter_objects():
     assert {n: p for n, p in mlp.named_parameters()} == params
     assert list(mlp.state_dict()) == ["gate_proj.weight", "up_proj.weight", "down_proj.weight"]
     assert isinstance(mlp, tf.models.llama.modeling_llama.LlamaMLP)
+
+
+def test_chunked_gated_mlp_keeps_parameter_objects():
+    """Phi-3's MLP runs fused_mlp on its gate_up_proj weight as it is: the same Parameters, no copy."""
+    model = build("phi3")
+    mlp = model.model.layers[0].mlp
+    params = {n: (p, p.data_ptr()) for n, p in mlp.named_parameters()}
+    fuse(model, inplace=True)
+    assert {n: (p, p.data_ptr()) for n, p in mlp.named_parameters()} == params
+    assert list(mlp.state_dict()) == ["gate_up_proj.weight", "down_proj.weight"]
+
+
+class _ChunkedGated(nn.Module):
+    """A library's gated MLP whose first Linear holds [gate; up]; `variant` picks its forward."""
+
+    def __init__(self, act, bias=False):
+        super().__init__()
+        self.gate_up_proj = nn.Linear(8, 32, bias=bias)
+        self.down_proj = nn.Linear(16, 8, bias=bias)
+        self.act_fn = act
+
+
+_CHUNKED_GATED_FORWARDS = {
+    # fused: Phi3MLP's own body, positional chunk arguments, the product inside the return
+    "phi3": ("fused", "h = self.gate_up_proj(x)\n    gate, h = h.chunk(2, dim=-1)\n    h = h * self.act_fn(gate)\n"
+                      "    return self.down_proj(h)"),
+    "positional": ("fused", "h = self.gate_up_proj(x)\n    a, b = h.chunk(2, -1)\n    c = self.act_fn(a) * b\n"
+                            "    return self.down_proj(c)"),
+    "in_return": ("fused", "h = self.gate_up_proj(x)\n    a, b = h.chunk(2, dim=-1)\n"
+                           "    return self.down_proj(self.act_fn(a) * b)"),
+    # left alone: [up; gate], split (not read as chunk), h read again, an extra statement
+    "up_first": ("left", "h = self.gate_up_proj(x)\n    up, gate = h.chunk(2, dim=-1)\n"
+                         "    return self.down_proj(up * self.act_fn(gate))"),
+    "split": ("left", "h = self.gate_up_proj(x)\n    a, b = h.split(16, dim=-1)\n"
+                      "    return self.down_proj(self.act_fn(a) * b)"),
+    "h_again": ("left", "h = self.gate_up_proj(x)\n    a, b = h.chunk(2, dim=-1)\n    c = self.act_fn(a) * b\n"
+                        "    return self.down_proj(c) + h.sum()"),
+    "extra": ("left", "h = self.gate_up_proj(x)\n    a, b = h.chunk(2, dim=-1)\n    b = b * 2\n"
+                      "    return self.down_proj(self.act_fn(a) * b)"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_CHUNKED_GATED_FORWARDS))
+@pytest.mark.parametrize("act", ["silu", "gelu_tanh"])
+def test_chunked_gated_mlp_forms(variant, act, tmp_path):
+    """fuse() takes the [gate; up] gated MLP in the forms that mean act(first half) * second half,
+    and leaves every other form alone; either way the numbers are the module's own."""
+    import importlib.util
+
+    expect, body = _CHUNKED_GATED_FORWARDS[variant]
+    # A real source file (fuse() reads forward's source), named as a transformers module.
+    path = tmp_path / f"chunked_{variant}_{act}.py"
+    path.write_text(f"def forward(self, x):\n    {body}\n")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cls = type(f"ChunkedGated_{variant}", (_ChunkedGated,), {"forward": mod.forward})
+    cls.__module__ = "transformers.models.fake.modeling_fake"
+    activation = tf.activations.ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
+    torch.manual_seed(0)
+    model = cls(activation, bias=act != "silu")
+    ref = copy.deepcopy(model)
+    fused, report = fuse(model)
+    kind = "swiglu" if act == "silu" else "geglu_tanh"
+    replaced = [r for r in report.replaced if "gate_up_proj [gate; up], down_proj" in r]
+    if expect == "fused":
+        assert replaced and replaced[0].endswith(f"torch_ext.fused_mlp {kind}"), str(report)
+    else:
+        assert not report.replaced, str(report)
+    x = torch.randn(3, 5, 8)
+    xr = x.clone().requires_grad_()
+    x.requires_grad_()
+    y, yr = fused(x), ref(xr)
+    assert_close(y, yr, msg=variant)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    assert_close(x.grad, xr.grad, msg=f"{variant}: input gradient")
+    for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
+        assert_close(p.grad, pr.grad, msg=f"{variant}: gradient of {name}")
 
 
 def test_conv1d_weight_is_not_copied():

@@ -15,10 +15,11 @@ What it replaces:
     module whose own forward it cannot trace), in that module on its own, read from its
     forward's source (local.py): a Linear -> activation module pair (FusedLinear, the activation
     nn.Identity); ``fc1 -> act -> fc2`` statements (``fused_mlp``); a gated MLP
-    ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh) or gated product
-    (one GEMM and the gated activation). This is how it reaches Hugging Face models
-    (BertIntermediate, ViTMLP, LlamaMLP, T5DenseActDense, T5DenseGatedActDense, GPT2MLP with its
-    Conv1D). Something is rewritten there only if no method of the module or of any module above
+    ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh), its variant on one
+    [gate; up] Linear (``gate, up = self.gate_up(x).chunk(2, dim=-1)``) or gated product (one
+    GEMM and the gated activation). This is how it reaches Hugging Face models
+    (BertIntermediate, ViTMLP, LlamaMLP, Phi3MLP, T5DenseActDense, T5DenseGatedActDense, GPT2MLP
+    with its Conv1D). Something is rewritten there only if no method of the module or of any module above
     it names it (an attribute chain or a string), so no other code can call it directly; where a
     source cannot be read, it is left alone.
 - activations of other libraries (transformers.activations' GELUActivation, NewGELUActivation,

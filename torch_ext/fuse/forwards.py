@@ -1,6 +1,7 @@
 """The forwards fuse() gives a module it rewrites on its own (local.py decides where): a subclass
 of the module's class (isinstance, its other methods and state_dict stay) whose forward is
-- ``fused_mlp`` on its gate / up / down Linears (gated_class), or
+- ``fused_mlp`` on its gate / up / down Linears (gated_class) or on its [gate; up] and down
+  Linears (chunked_gated_class), or
 - its own forward source with three statements replaced by one call (edited_class, Edit):
   ``gated_linear`` (one GEMM on [gate; up] and the gated activation) or ``mlp`` (fused_mlp).
 Each pickles as the original class plus what was changed (rewrite.fused_subclass).
@@ -90,6 +91,28 @@ def _rebuild_gated(cls, gate, up, down, kind, *rest):
     """rest: (act, act_type, state), or (state,) from a pickle that did not record the activation."""
     *act, state = rest
     return rebuilt(gated_class(cls, gate, up, down, kind, *act), state)
+
+
+def chunked_gated_class(cls, gate_up: str, down: str, kind: str, act: str, act_type):
+    """A subclass of cls whose forward is fused_mlp on its gate_up / down Linears, for the gated MLP
+    whose first Linear already holds [gate; up] (Phi-3, GLM: ``gate, up = self.gate_up_proj(x).chunk(2,
+    dim=-1)``): that weight is fused_mlp's first one as it is (no copy). Where a Linear or the
+    activation module `act` was replaced or hooked since (as_found), the class's own forward runs."""
+
+    def forward(self, x):
+        gu, d = self._modules[gate_up], self._modules[down]
+        if not as_found(gu, d) or not unchanged(self._modules.get(act), act_type):
+            _unfused_because_changed(f"{cls.__name__}'s fused_mlp")
+            return cls.forward(self, x)
+        return fused_mlp(x, gu.weight, gu.bias, d.weight, d.bias, kind)
+
+    return fused_subclass(
+        cls, f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
+        _rebuild_chunked_gated, (gate_up, down, kind, act, act_type), forward)
+
+
+def _rebuild_chunked_gated(cls, gate_up, down, kind, act, act_type, state):
+    return rebuilt(chunked_gated_class(cls, gate_up, down, kind, act, act_type), state)
 
 
 def _act_changed(act: Optional[nn.Module], act_type: Optional[type]) -> bool:

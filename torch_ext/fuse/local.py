@@ -8,6 +8,9 @@ What is read, in the module's forward (no trace), first match wins:
    (Llama, Mistral, Qwen2, Gemma) with silu / gelu / gelu_tanh: its class becomes a subclass
    whose forward is ``fused_mlp`` (swiglu / geglu / geglu_tanh) on the same Parameters
    (forwards.py gated_class).
+   Or its variant whose first Linear holds [gate; up]: ``h = self.gate_up(x); a, b =
+   h.chunk(2, dim=-1); c = b * self.act(a); return self.down(c)`` (Phi3MLP, GlmMLP): fused_mlp on
+   that weight as it is (forwards.py chunked_gated_class).
 2. a gated product inside a longer forward: ``a = self.act(self.gate(x)); b = self.up(x);
    h = a * b`` (T5DenseGatedActDense) -> ``h = gated_linear(...)``: one GEMM and the gated
    activation pass (an Edit of its source, forwards.py edited_class).
@@ -53,6 +56,7 @@ class Plan:
     # linear -> (spec, activation module name)
     pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)
     gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
+    chunked_gated: Optional[Tuple[str, str, str, str]] = None  # (gate_up, down, activation, gated kind)
     # Three statements of a longer forward replaced by one call (see Edit); with its report text.
     edit: Optional[Edit] = None
     edit_label: str = ""
@@ -186,6 +190,74 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, st
     return None
 
 
+def _chunked_gated(r: _Reader, body: List[ast.stmt]):
+    """The gated MLP whose first Linear holds [gate; up] (Phi3MLP, GlmMLP): a forward that is exactly
+    `h = self.gate_up(x)`, `a, b = h.chunk(2, dim=-1)`, `c = b * self.act(a)` (either order) and
+    `return self.down(c)` (or the product inside the return), names reused or not: (the gate_up, act
+    and down call nodes, gate_up, down, act, spec), or None."""
+    args = r.tree.body[0].args
+    if len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.defaults or args.posonlyargs:
+        return None
+    x = args.args[1].arg
+
+    def assigned(stmt):
+        ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+        return stmt.targets[0].id if ok else None
+
+    if len(body) == 4 and assigned(body[2]) and isinstance(body[3], ast.Return):
+        s1, s2, product, ret = body[0], body[1], body[2].value, body[3].value
+        down_call = ret if r.linear(ret) and isinstance(ret.args[0], ast.Name) and ret.args[0].id == assigned(body[2]) \
+            else None
+    elif len(body) == 3 and isinstance(body[2], ast.Return) and r.linear(body[2].value):
+        s1, s2, down_call = body[0], body[1], body[2].value
+        product = down_call.args[0]
+    else:
+        return None
+    h = assigned(s1)
+    if down_call is None or h is None or not r.linear(s1.value):
+        return None
+    gate_up_call = s1.value
+    if not (isinstance(gate_up_call.args[0], ast.Name) and gate_up_call.args[0].id == x):
+        return None
+    # a, b = h.chunk(2, dim=-1)
+    if not (isinstance(s2, ast.Assign) and len(s2.targets) == 1 and isinstance(s2.targets[0], ast.Tuple)
+            and len(s2.targets[0].elts) == 2 and all(isinstance(e, ast.Name) for e in s2.targets[0].elts)):
+        return None
+    a, b = (e.id for e in s2.targets[0].elts)
+    chunk = s2.value
+    if not (isinstance(chunk, ast.Call) and isinstance(chunk.func, ast.Attribute) and chunk.func.attr == "chunk"
+            and isinstance(chunk.func.value, ast.Name) and chunk.func.value.id == h):
+        return None
+    values = list(chunk.args) + [k.value for k in chunk.keywords]
+    names = [None] * len(chunk.args) + [k.arg for k in chunk.keywords]
+    if not (len(values) == 2 and names[1] in (None, "dim") and names[0] in (None, "chunks")
+            and all(isinstance(v, (ast.Constant, ast.UnaryOp)) for v in values)):
+        return None
+    try:
+        n_chunks, dim = (ast.literal_eval(v) for v in values)
+    except ValueError:
+        return None
+    if (n_chunks, dim) != (2, -1) or a == b:
+        return None
+    if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
+        return None
+    for act_call, other in ((product.left, product.right), (product.right, product.left)):
+        act = r.activation(act_call)
+        if act is None or act[1] is None or act[0][0] not in _GATED:
+            continue
+        if not (isinstance(act_call.args[0], ast.Name) and act_call.args[0].id == a
+                and isinstance(other, ast.Name) and other.id == b):
+            continue
+        # (The forward is exactly these statements, each matched whole: h, a and b are read
+        # nowhere else, whatever names they reuse, as Phi3MLP's up_states does.)
+        gate_up, down = r.linear(gate_up_call), r.linear(down_call)
+        gu, d = r.sub(gate_up), r.sub(down)
+        if gate_up == down or not type(gu) is type(d) is nn.Linear or gu.out_features != 2 * d.in_features:
+            return None
+        return (gate_up_call, act_call, down_call), gate_up, down, act[1], act[0]
+    return None
+
+
 def _gated_product(r: _Reader, body: List[ast.stmt]):
     """Three consecutive statements `a = self.act(self.gate(x))`, `b = self.up(x)` (either order),
     `h = a * b` (T5DenseGatedActDense), `a` and `b` read nowhere else: (index of the first, the
@@ -310,7 +382,20 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate, up, down):
             p.why_not[name] = why
 
-    gp = _gated_product(r, body) if g is None else None
+    cg = _chunked_gated(r, body) if g is None and not r.tree.body[0].decorator_list else None
+    if cg is not None:
+        calls, gate_up, down, act, spec = cg
+        why = elsewhere({gate_up, down, act}, list(calls))
+        if any(_has_hooks(r.sub(n)) for n in (gate_up, down, act)):
+            why = why or "a module of its gated MLP has hooks"
+        if not why:
+            p.chunked_gated = (gate_up, down, act, _GATED[spec[0]])
+            _rest_not_fused(p, module, linear_ok, done=(gate_up, down))
+            return p
+        for name in (gate_up, down):
+            p.why_not[name] = why
+
+    gp = _gated_product(r, body) if g is None and cg is None else None
     fn = type(module).forward
     if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, gate, up, act, spec, x, target = gp
@@ -329,7 +414,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate, up):
             p.why_not[name] = why
 
-    seq = _mlp_sequence(r, body) if g is None and gp is None else None
+    seq = _mlp_sequence(r, body) if g is None and cg is None and gp is None else None
     if seq is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, fc1, fc2, act, spec, x, target = seq
         why = elsewhere({fc1, fc2, act}, list(calls))
