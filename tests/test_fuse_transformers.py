@@ -66,6 +66,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.MistralForCausalLM(tf.MistralConfig(**decoder))
         if family == "qwen2":
             return tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+        if family == "modernbert":  # its MLP's Wi holds [gate; up], with a dropout before Wo
+            return tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
+                vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
+                num_labels=3, pad_token_id=0, bos_token_id=0, eos_token_id=0, cls_token_id=0, sep_token_id=0))
         if family == "phi3":  # its MLP's gate_up_proj holds [gate; up]
             return tf.Phi3ForCausalLM(tf.Phi3Config(**decoder, pad_token_id=0, bos_token_id=0, eos_token_id=0))
         if family == "opt":  # (not one of the docstring's families: its lm_head(h).contiguous())
@@ -78,7 +82,7 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5", "t5-gated"]
+FAMILIES = ["bert", "roberta", "modernbert", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5", "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
@@ -93,6 +97,8 @@ MLP_LINES = {
                 "-> torch_ext.fused_mlp swiglu"],
     "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) "
               "-> torch_ext.fused_mlp swiglu"],
+    "modernbert": ["model.layers.{i}.mlp (ModernBertMLP: Wi [gate; up], Wo + GELUActivation) "
+                   "-> torch_ext.fused_mlp geglu (unfused while its dropout self.drop is active"],
     "phi3": ["model.layers.{i}.mlp (Phi3MLP: gate_up_proj [gate; up], down_proj + SiLUActivation) "
              "-> torch_ext.fused_mlp swiglu"],
     "t5": ["encoder.block.{i}.layer.1.DenseReluDense.wi (Linear 32->64) + relu",
@@ -104,7 +110,8 @@ MLP_LINES = {
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
-                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "t5": "DenseReluDense.wi ",
+                     "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "modernbert": "mlp.",
+                     "t5": "DenseReluDense.wi ",
                      "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
 
@@ -128,7 +135,7 @@ def batch(family: str, seed: int = 0) -> dict:
         out = dict(pixel_values=images, labels=torch.tensor([0, 2], device="cpu"))
     else:
         ids = torch.randint(0, 100, (2, 7), generator=g, device="cpu")
-        if family in ("bert", "roberta"):
+        if family in ("bert", "roberta", "modernbert"):
             out = dict(input_ids=ids, labels=torch.tensor([0, 2], device="cpu"))
         elif family.startswith("t5"):
             out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, device="cpu"))
@@ -208,6 +215,10 @@ def test_report_lists_every_mlp_block(family, fused_models):
         mlp = fused.model.layers[0].mlp
         assert type(mlp).forward is not type(mlp).__mro__[1].forward
         assert isinstance(mlp, type(mlp).__mro__[1]) and type(mlp.gate_proj) is nn.Linear
+    elif family == "modernbert":
+        mlp = fused.model.layers[0].mlp
+        assert isinstance(mlp, tf.models.modernbert.modeling_modernbert.ModernBertMLP) and type(mlp.Wi) is nn.Linear
+        assert type(mlp).forward is not tf.models.modernbert.modeling_modernbert.ModernBertMLP.forward
     elif family == "phi3":
         mlp = fused.model.layers[0].mlp
         assert isinstance(mlp, tf.models.phi3.modeling_phi3.Phi3MLP) and type(mlp.gate_up_proj) is nn.Linear
@@ -680,11 +691,12 @@ def test_chunked_gated_mlp_keeps_parameter_objects():
 class _ChunkedGated(nn.Module):
     """A library's gated MLP whose first Linear holds [gate; up]; `variant` picks its forward."""
 
-    def __init__(self, act, bias=False):
+    def __init__(self, act, bias=False, dropout=0.0):
         super().__init__()
         self.gate_up_proj = nn.Linear(8, 32, bias=bias)
         self.down_proj = nn.Linear(16, 8, bias=bias)
         self.act_fn = act
+        self.drop = nn.Dropout(dropout)
 
 
 _CHUNKED_GATED_FORWARDS = {
@@ -695,6 +707,11 @@ _CHUNKED_GATED_FORWARDS = {
                             "    return self.down_proj(c)"),
     "in_return": ("fused", "h = self.gate_up_proj(x)\n    a, b = h.chunk(2, dim=-1)\n"
                            "    return self.down_proj(self.act_fn(a) * b)"),
+    # ModernBertMLP's: the chunk of the call itself, a dropout before down (p 0, or active: unfused then)
+    "modernbert": ("fused", "a, b = self.gate_up_proj(x).chunk(2, dim=-1)\n"
+                            "    return self.down_proj(self.drop(self.act_fn(a) * b))"),
+    "dropout_active": ("fused", "a, b = self.gate_up_proj(x).chunk(2, dim=-1)\n"
+                                "    return self.down_proj(self.drop(self.act_fn(a) * b))"),
     # left alone: [up; gate], split (not read as chunk), h read again, an extra statement
     "up_first": ("left", "h = self.gate_up_proj(x)\n    up, gate = h.chunk(2, dim=-1)\n"
                          "    return self.down_proj(up * self.act_fn(gate))"),
@@ -725,25 +742,40 @@ def test_chunked_gated_mlp_forms(variant, act, tmp_path):
     cls.__module__ = "transformers.models.fake.modeling_fake"
     activation = tf.activations.ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
     torch.manual_seed(0)
-    model = cls(activation, bias=act != "silu")
+    model = cls(activation, bias=act != "silu", dropout=0.5 if variant == "dropout_active" else 0.0)
     ref = copy.deepcopy(model)
     fused, report = fuse(model)
     kind = "swiglu" if act == "silu" else "geglu_tanh"
     replaced = [r for r in report.replaced if "gate_up_proj [gate; up], down_proj" in r]
     if expect == "fused":
-        assert replaced and replaced[0].endswith(f"torch_ext.fused_mlp {kind}"), str(report)
+        assert replaced and f"-> torch_ext.fused_mlp {kind}" in replaced[0], str(report)
+        assert ("dropout self.drop" in replaced[0]) == ("self.drop(" in body), str(report)
     else:
         assert not report.replaced, str(report)
     x = torch.randn(3, 5, 8)
     xr = x.clone().requires_grad_()
     x.requires_grad_()
-    y, yr = fused(x), ref(xr)
+    torch.manual_seed(1)  # an active dropout: the fused module runs its own forward, the same draws
+    y = fused(x)
+    torch.manual_seed(1)
+    yr = ref(xr)
     assert_close(y, yr, msg=variant)
     y.square().sum().backward()
     yr.square().sum().backward()
     assert_close(x.grad, xr.grad, msg=f"{variant}: input gradient")
     for (name, p), (_, pr) in zip(fused.named_parameters(), ref.named_parameters()):
         assert_close(p.grad, pr.grad, msg=f"{variant}: gradient of {name}")
+    if variant == "dropout_active":  # in eval mode the fused path runs: the module's own numbers still
+        fused.eval()
+        ref.eval()
+        with TorchExtOps() as calls:
+            y = fused(x)
+        assert any("mlp" in name for name in calls), calls
+        assert_close(y, ref(x), msg=f"{variant}: eval")
+        fused.train()
+        with TorchExtOps() as calls:
+            fused(x)
+        assert not calls, calls  # training with p > 0: the module's own forward, as the report says
 
 
 def test_conv1d_weight_is_not_copied():

@@ -170,15 +170,16 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
                 f"-> torch_ext.fused_mlp {kind}")
             continue
         if p.chunked_gated is not None:
-            gate_up, down, act, kind = p.chunked_gated
+            gate_up, down, act, kind, drop = p.chunked_gated
             parent.__class__ = forwards.chunked_gated_class(type(parent), gate_up, down, kind, act,
-                                                            type(parent._modules[act]))
+                                                            type(parent._modules[act]), drop)
             for name in (gate_up, down):
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""
             report.replaced.append(
                 f"{where} ({type(parent).__name__}: {gate_up} [gate; up], {down} + "
-                f"{type(parent._modules[act]).__name__}) -> torch_ext.fused_mlp {kind}")
+                f"{type(parent._modules[act]).__name__}) -> torch_ext.fused_mlp {kind}"
+                + (f" (unfused while its dropout self.{drop} is active: training with p > 0)" if drop else ""))
             continue
         if p.edit is not None:
             parent.__class__ = forwards.edited_class(type(parent), p.edit)

@@ -93,26 +93,31 @@ def _rebuild_gated(cls, gate, up, down, kind, *rest):
     return rebuilt(gated_class(cls, gate, up, down, kind, *act), state)
 
 
-def chunked_gated_class(cls, gate_up: str, down: str, kind: str, act: str, act_type):
+def chunked_gated_class(cls, gate_up: str, down: str, kind: str, act: str, act_type, drop: Optional[str] = None):
     """A subclass of cls whose forward is fused_mlp on its gate_up / down Linears, for the gated MLP
-    whose first Linear already holds [gate; up] (Phi-3, GLM: ``gate, up = self.gate_up_proj(x).chunk(2,
-    dim=-1)``): that weight is fused_mlp's first one as it is (no copy). Where a Linear or the
-    activation module `act` was replaced or hooked since (as_found), the class's own forward runs."""
+    whose first Linear already holds [gate; up] (Phi-3, GLM, ModernBERT: ``gate, up =
+    self.gate_up_proj(x).chunk(2, dim=-1)``): that weight is fused_mlp's first one as it is (no
+    copy). Where a Linear or the activation module `act` was replaced or hooked since (as_found),
+    or the nn.Dropout `drop` between the product and down is active (training with p > 0:
+    fused_mlp has no dropout there), the class's own forward runs."""
 
     def forward(self, x):
         gu, d = self._modules[gate_up], self._modules[down]
-        if not as_found(gu, d) or not unchanged(self._modules.get(act), act_type):
+        if not as_found(gu, d) or not unchanged(self._modules.get(act), act_type) or (
+                drop is not None and not unchanged(self._modules.get(drop), nn.Dropout)):
             _unfused_because_changed(f"{cls.__name__}'s fused_mlp")
             return cls.forward(self, x)
+        if drop is not None and self._modules[drop].training and self._modules[drop].p > 0:
+            return cls.forward(self, x)  # (documented: the report names the dropout)
         return fused_mlp(x, gu.weight, gu.bias, d.weight, d.bias, kind)
 
     return fused_subclass(
         cls, f"{cls.__name__} with its forward as torch_ext.fused_mlp ({kind}), by torch_ext.fuse.",
-        _rebuild_chunked_gated, (gate_up, down, kind, act, act_type), forward)
+        _rebuild_chunked_gated, (gate_up, down, kind, act, act_type, drop), forward)
 
 
-def _rebuild_chunked_gated(cls, gate_up, down, kind, act, act_type, state):
-    return rebuilt(chunked_gated_class(cls, gate_up, down, kind, act, act_type), state)
+def _rebuild_chunked_gated(cls, gate_up, down, kind, act, act_type, drop, state):
+    return rebuilt(chunked_gated_class(cls, gate_up, down, kind, act, act_type, drop), state)
 
 
 def _act_changed(act: Optional[nn.Module], act_type: Optional[type]) -> bool:

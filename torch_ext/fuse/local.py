@@ -9,8 +9,8 @@ What is read, in the module's forward (no trace), first match wins:
    whose forward is ``fused_mlp`` (swiglu / geglu / geglu_tanh) on the same Parameters
    (forwards.py gated_class).
    Or its variant whose first Linear holds [gate; up]: ``h = self.gate_up(x); a, b =
-   h.chunk(2, dim=-1); c = b * self.act(a); return self.down(c)`` (Phi3MLP, GlmMLP): fused_mlp on
-   that weight as it is (forwards.py chunked_gated_class).
+   h.chunk(2, dim=-1); c = b * self.act(a); return self.down(c)`` (Phi3MLP, GlmMLP; ModernBertMLP
+   with a dropout before down): fused_mlp on that weight as it is (forwards.py chunked_gated_class).
 2. a gated product inside a longer forward: ``a = self.act(self.gate(x)); b = self.up(x);
    h = a * b`` (T5DenseGatedActDense) -> ``h = gated_linear(...)``: one GEMM and the gated
    activation pass (an Edit of its source, forwards.py edited_class).
@@ -25,8 +25,8 @@ An Edit compiles the module's own forward source with three statements replaced 
 changes: dropout, casts and branches around them stay); it is not done for a forward with
 decorators or closures (super()), whose source alone is not the whole function.
 
-"Could other code call them directly?": the attribute names of what is swapped must appear
-nowhere else in the module's methods, nor in any method of any module above it (an attribute
+"Could other code call them directly?": for 2. to 4., the attribute names of what is swapped or
+edited must appear nowhere else in the module's methods, nor in any method of any module above it (an attribute
 chain or a getattr string naming them; reading their .weight / .bias does not count). Where a
 source cannot be read, nothing is done and the report says so.
 """
@@ -56,7 +56,8 @@ class Plan:
     # linear -> (spec, activation module name)
     pairs: Dict[str, Tuple[Spec, Optional[str]]] = field(default_factory=dict)
     gated: Optional[Tuple[str, str, str, str, str]] = None  # (gate, up, down, activation, gated kind)
-    chunked_gated: Optional[Tuple[str, str, str, str]] = None  # (gate_up, down, activation, gated kind)
+    # (gate_up, down, activation, gated kind, dropout before down or None)
+    chunked_gated: Optional[Tuple[str, str, str, str, Optional[str]]] = None
     # Three statements of a longer forward replaced by one call (see Edit); with its report text.
     edit: Optional[Edit] = None
     edit_label: str = ""
@@ -191,10 +192,12 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, st
 
 
 def _chunked_gated(r: _Reader, body: List[ast.stmt]):
-    """The gated MLP whose first Linear holds [gate; up] (Phi3MLP, GlmMLP): a forward that is exactly
-    `h = self.gate_up(x)`, `a, b = h.chunk(2, dim=-1)`, `c = b * self.act(a)` (either order) and
-    `return self.down(c)` (or the product inside the return), names reused or not: (the gate_up, act
-    and down call nodes, gate_up, down, act, spec), or None."""
+    """The gated MLP whose first Linear holds [gate; up] (Phi3MLP, GlmMLP, ModernBertMLP): a forward
+    that is exactly `h = self.gate_up(x)`, `a, b = h.chunk(2, dim=-1)` (or `a, b =
+    self.gate_up(x).chunk(2, dim=-1)`), `c = b * self.act(a)` (either order; or the product inside
+    the return) and `return self.down(c)`, optionally `self.down(self.drop(c))` with drop an
+    nn.Dropout; names reused or not: (the gate_up, act and down call nodes, gate_up, down, act,
+    spec, drop or None), or None."""
     args = r.tree.body[0].args
     if len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.defaults or args.posonlyargs:
         return None
@@ -204,29 +207,35 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
         ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
         return stmt.targets[0].id if ok else None
 
-    if len(body) == 4 and assigned(body[2]) and isinstance(body[3], ast.Return):
-        s1, s2, product, ret = body[0], body[1], body[2].value, body[3].value
-        down_call = ret if r.linear(ret) and isinstance(ret.args[0], ast.Name) and ret.args[0].id == assigned(body[2]) \
-            else None
-    elif len(body) == 3 and isinstance(body[2], ast.Return) and r.linear(body[2].value):
-        s1, s2, down_call = body[0], body[1], body[2].value
-        product = down_call.args[0]
+    if not body or not isinstance(body[-1], ast.Return):
+        return None
+    down_call, rest = body[-1].value, list(body[:-1])
+    if not r.linear(down_call):
+        return None
+    inner, drop = down_call.args[0], None
+    if _one_arg_call(inner) and type(r.sub(_self_attr(inner.func))) is nn.Dropout:
+        drop, inner = _self_attr(inner.func), inner.args[0]
+    product = inner
+    if isinstance(inner, ast.Name) and rest and assigned(rest[-1]) == inner.id:
+        product = rest.pop().value
+    # a, b = <h or self.gate_up(x)>.chunk(2, dim=-1)
+    if not (rest and isinstance(rest[-1], ast.Assign) and len(rest[-1].targets) == 1
+            and isinstance(rest[-1].targets[0], ast.Tuple) and len(rest[-1].targets[0].elts) == 2
+            and all(isinstance(e, ast.Name) for e in rest[-1].targets[0].elts)):
+        return None
+    split = rest.pop()
+    a, b = (e.id for e in split.targets[0].elts)
+    chunk = split.value
+    if not (isinstance(chunk, ast.Call) and isinstance(chunk.func, ast.Attribute) and chunk.func.attr == "chunk"):
+        return None
+    source = chunk.func.value
+    if isinstance(source, ast.Name) and len(rest) == 1 and assigned(rest[0]) == source.id:
+        gate_up_call = rest.pop().value
     else:
+        gate_up_call = source
+    if rest or not r.linear(gate_up_call):
         return None
-    h = assigned(s1)
-    if down_call is None or h is None or not r.linear(s1.value):
-        return None
-    gate_up_call = s1.value
     if not (isinstance(gate_up_call.args[0], ast.Name) and gate_up_call.args[0].id == x):
-        return None
-    # a, b = h.chunk(2, dim=-1)
-    if not (isinstance(s2, ast.Assign) and len(s2.targets) == 1 and isinstance(s2.targets[0], ast.Tuple)
-            and len(s2.targets[0].elts) == 2 and all(isinstance(e, ast.Name) for e in s2.targets[0].elts)):
-        return None
-    a, b = (e.id for e in s2.targets[0].elts)
-    chunk = s2.value
-    if not (isinstance(chunk, ast.Call) and isinstance(chunk.func, ast.Attribute) and chunk.func.attr == "chunk"
-            and isinstance(chunk.func.value, ast.Name) and chunk.func.value.id == h):
         return None
     values = list(chunk.args) + [k.value for k in chunk.keywords]
     names = [None] * len(chunk.args) + [k.arg for k in chunk.keywords]
@@ -254,7 +263,8 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
         gu, d = r.sub(gate_up), r.sub(down)
         if gate_up == down or not type(gu) is type(d) is nn.Linear or gu.out_features != 2 * d.in_features:
             return None
-        return (gate_up_call, act_call, down_call), gate_up, down, act[1], act[0]
+        calls = (gate_up_call, act_call, down_call) + ((down_call.args[0],) if drop else ())
+        return calls, gate_up, down, act[1], act[0], drop
     return None
 
 
@@ -368,9 +378,9 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     if g is not None:
         expr, gate, up, down, act, spec = g
         subs = [r.sub(n) for n in (gate, up, down, act)]
-        why = elsewhere({gate, up, down, act}, [expr, expr.args[0].left, expr.args[0].right]
-                        + [c.args[0] for c in (expr.args[0].left, expr.args[0].right)
-                           if isinstance(c.args[0], ast.Call)])
+        # (No `elsewhere` check: the forward is replaced whole and no module is swapped, so code
+        # above that names the Linears, such as an _init_weights, still finds them as they were.)
+        why = ""
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
             why = why or "only one of its gate and up projections has a bias"
         if any(_has_hooks(s) for s in subs):
@@ -384,12 +394,13 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
 
     cg = _chunked_gated(r, body) if g is None and not r.tree.body[0].decorator_list else None
     if cg is not None:
-        calls, gate_up, down, act, spec = cg
-        why = elsewhere({gate_up, down, act}, list(calls))
-        if any(_has_hooks(r.sub(n)) for n in (gate_up, down, act)):
+        calls, gate_up, down, act, spec, drop = cg
+        modules = (gate_up, down, act) + ((drop,) if drop else ())
+        why = ""  # (no `elsewhere` check, as for the gated MLP above)
+        if any(_has_hooks(r.sub(n)) for n in modules):
             why = why or "a module of its gated MLP has hooks"
         if not why:
-            p.chunked_gated = (gate_up, down, act, _GATED[spec[0]])
+            p.chunked_gated = (gate_up, down, act, _GATED[spec[0]], drop)
             _rest_not_fused(p, module, linear_ok, done=(gate_up, down))
             return p
         for name in (gate_up, down):
