@@ -399,9 +399,9 @@ def test_16_bit_weight_grad_sums_chunk_products_in_float32(dtype, shape):
 
     rows, hidden, vocab, chunk = shape
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(rows, hidden, generator=gen).to(dtype).requires_grad_()
-    w = torch.randn(vocab, hidden, generator=gen).to(dtype).requires_grad_()
-    t = torch.randint(0, vocab, (rows,), generator=gen)
+    x = torch.randn(rows, hidden, generator=gen, device="cpu").to(dtype).requires_grad_()
+    w = torch.randn(vocab, hidden, generator=gen, device="cpu").to(dtype).requires_grad_()
+    t = torch.randint(0, vocab, (rows,), generator=gen, device="cpu")
     torch_ext.linear_cross_entropy(x, w, t, chunk_size=chunk, reduction="sum").backward()
     widened = _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"
     total = torch.zeros(vocab, hidden)
@@ -432,7 +432,7 @@ def test_default_chunk_size_follows_autocast_dtype(monkeypatch):
     x = torch.randn(12, 8, requires_grad=True)
     w = torch.randn(10, 8, requires_grad=True)
     t = torch.randint(0, 10, (12,))
-    with torch.autocast("cpu", dtype=torch.bfloat16):
+    with torch.autocast(default_device_type(), dtype=torch.bfloat16):
         loss = torch_ext.linear_cross_entropy(x, w, t)
     expected = F.cross_entropy(F.linear(x.bfloat16(), w.bfloat16()).float(), t)
     torch.testing.assert_close(loss, expected, rtol=2e-2, atol=2e-2)
