@@ -160,12 +160,37 @@ def _pairs(r: _Reader, body: List[ast.stmt],
     return found
 
 
-def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, str, str, str, Spec]]:
-    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, or None."""
+def _only_argument(r: _Reader) -> Optional[str]:
+    """The name of forward's one argument besides self (no defaults, *args, **kwargs), or None."""
     args = r.tree.body[0].args
     if len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.defaults or args.posonlyargs:
         return None
-    x = args.args[1].arg
+    return args.args[1].arg
+
+
+def _assigned(stmt) -> Optional[str]:
+    """'h' for the statement `h = ...` (one name), else None."""
+    ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
+    return stmt.targets[0].id if ok else None
+
+
+def _gated_factors(r: _Reader, product):
+    """(activation call, other factor, (spec, activation module name)) for each order of the
+    product `self.act(...) * other` whose activation module is a gated one's (silu, gelu,
+    gelu_tanh); nothing when `product` is not such a product."""
+    if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
+        return
+    for act_call, other in ((product.left, product.right), (product.right, product.left)):
+        act = r.activation(act_call)
+        if act is not None and act[1] is not None and act[0][0] in _GATED:
+            yield act_call, other, act
+
+
+def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, str, str, str, Spec]]:
+    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, or None."""
+    x = _only_argument(r)
+    if x is None:
+        return None
     if len(body) == 1 and isinstance(body[0], ast.Return):
         expr = body[0].value
     elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
@@ -177,13 +202,7 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, st
     down = r.linear(expr)
     if down is None or type(r.sub(down)) is not nn.Linear:
         return None
-    product = expr.args[0]
-    if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
-        return None
-    for act_call, up_call in ((product.left, product.right), (product.right, product.left)):
-        act = r.activation(act_call)
-        if act is None or act[1] is None or act[0][0] not in _GATED:
-            continue
+    for act_call, up_call, act in _gated_factors(r, expr.args[0]):
         gate, up = r.linear(act_call.args[0]), r.linear(up_call)
         on_x = all(isinstance(c.args[0], ast.Name) and c.args[0].id == x for c in (act_call.args[0], up_call))
         if gate and up and on_x and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear:
@@ -198,14 +217,9 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
     the return) and `return self.down(c)`, optionally `self.down(self.drop(c))` with drop an
     nn.Dropout; names reused or not: (the gate_up, act and down call nodes, gate_up, down, act,
     spec, drop or None), or None."""
-    args = r.tree.body[0].args
-    if len(args.args) != 2 or args.vararg or args.kwarg or args.kwonlyargs or args.defaults or args.posonlyargs:
+    x = _only_argument(r)
+    if x is None:
         return None
-    x = args.args[1].arg
-
-    def assigned(stmt):
-        ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-        return stmt.targets[0].id if ok else None
 
     if not body or not isinstance(body[-1], ast.Return):
         return None
@@ -216,7 +230,7 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
     if _one_arg_call(inner) and type(r.sub(_self_attr(inner.func))) is nn.Dropout:
         drop, inner = _self_attr(inner.func), inner.args[0]
     product = inner
-    if isinstance(inner, ast.Name) and rest and assigned(rest[-1]) == inner.id:
+    if isinstance(inner, ast.Name) and rest and _assigned(rest[-1]) == inner.id:
         product = rest.pop().value
     # a, b = <h or self.gate_up(x)>.chunk(2, dim=-1)
     if not (rest and isinstance(rest[-1], ast.Assign) and len(rest[-1].targets) == 1
@@ -229,7 +243,7 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
     if not (isinstance(chunk, ast.Call) and isinstance(chunk.func, ast.Attribute) and chunk.func.attr == "chunk"):
         return None
     source = chunk.func.value
-    if isinstance(source, ast.Name) and len(rest) == 1 and assigned(rest[0]) == source.id:
+    if isinstance(source, ast.Name) and len(rest) == 1 and _assigned(rest[0]) == source.id:
         gate_up_call = rest.pop().value
     else:
         gate_up_call = source
@@ -248,12 +262,7 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
         return None
     if (n_chunks, dim) != (2, -1) or a == b:
         return None
-    if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
-        return None
-    for act_call, other in ((product.left, product.right), (product.right, product.left)):
-        act = r.activation(act_call)
-        if act is None or act[1] is None or act[0][0] not in _GATED:
-            continue
+    for act_call, other, act in _gated_factors(r, product):
         if not (isinstance(act_call.args[0], ast.Name) and act_call.args[0].id == a
                 and isinstance(other, ast.Name) and other.id == b):
             continue
@@ -272,13 +281,9 @@ def _gated_product(r: _Reader, body: List[ast.stmt]):
     """Three consecutive statements `a = self.act(self.gate(x))`, `b = self.up(x)` (either order),
     `h = a * b` (T5DenseGatedActDense), `a` and `b` read nowhere else: (index of the first, the
     three call nodes, gate, up, act, spec, x, h), or None."""
-    def assigned(stmt):
-        ok = isinstance(stmt, ast.Assign) and len(stmt.targets) == 1 and isinstance(stmt.targets[0], ast.Name)
-        return stmt.targets[0].id if ok else None
-
     for i in range(len(body) - 2):
         s1, s2, s3 = body[i:i + 3]
-        names = [assigned(s) for s in (s1, s2, s3)]
+        names = [_assigned(s) for s in (s1, s2, s3)]
         if None in names:
             continue
         for (sa, a), (sb, b) in (((s1, names[0]), (s2, names[1])), ((s2, names[1]), (s1, names[0]))):
