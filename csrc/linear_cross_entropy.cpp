@@ -241,8 +241,8 @@ std::tuple<Tensor, Tensor, Gradients> chunk_loop(const char* op, const Tensor& i
   const bool widened_loss = s.probabilities && target.scalar_type() != input.scalar_type();
   TORCH_CHECK(!widened_loss || (target.scalar_type() == at::kFloat &&
                                 (input.scalar_type() == at::kBFloat16 || input.scalar_type() == at::kHalf)),
-              op, ": class probabilities must have input's dtype (or float32 with bfloat16/float16 input), got ",
-              target.scalar_type(), " with input ", input.scalar_type());
+              op, ": target (class probabilities) must have input's dtype, or float32 with bfloat16/float16 input; ",
+              "got target ", target.scalar_type(), " with input ", input.scalar_type());
 
   // One chunk (every row at once, as in most steps of a small head): its cross-entropy takes the
   // reduction itself, so the mean's denominator, the float64 loss sum and the stats' copy, a dozen

@@ -1217,6 +1217,25 @@ def test_ops_reject_chunk_size_below_one():
             BWD(torch.tensor(1.0), x, w, b, t, cw, -100, "mean", 0.0, 0.0, chunk, [True, True, True])
 
 
+def test_ops_take_float32_probabilities_with_16_bit_input_only():
+    """The ops read class probabilities in input's dtype, or in float32 with bfloat16/float16 input
+    (autocast's targets: checked against F.cross_entropy in test_autocast_loss_not_rounded_to_16_bits);
+    any other pair is refused, naming target."""
+    x, w, b, t, cw = _op_args(4, "prob", True, False, -100, dtype=torch.bfloat16)
+    loss = FWD(x, w, b, t.float(), cw, -100, "sum", 0.0, 0.0, 3, NO_GRADS)[0]
+    rows = F.cross_entropy(F.linear(x, w, b).float(), t.float(), reduction="none")
+    assert loss.dtype == torch.bfloat16  # (no autocast: the loss in input's dtype)
+    assert_close(loss, rows.sum().to(loss.dtype), dtype=torch.bfloat16)
+    for input_dtype, target_dtype in ((torch.bfloat16, torch.float64), (torch.float64, torch.float32),
+                                      (torch.float32, torch.bfloat16)):
+        x, w, b, t, cw = _op_args(4, "prob", True, False, -100, dtype=input_dtype)
+        with pytest.raises(ERRORS, match="target"):
+            FWD(x, w, b, t.to(target_dtype), cw, -100, "mean", 0.0, 0.0, 3, NO_GRADS)
+        with pytest.raises(ERRORS, match="target"):
+            BWD(torch.tensor(1.0, dtype=input_dtype), x, w, b, t.to(target_dtype), cw, -100, "mean", 0.0, 0.0, 3,
+                [True, True, True])
+
+
 # ----------------------------------------------------------------------------------------------
 # 8. torch.compile
 # ----------------------------------------------------------------------------------------------
