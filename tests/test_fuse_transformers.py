@@ -66,6 +66,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.MistralForCausalLM(tf.MistralConfig(**decoder))
         if family == "qwen2":
             return tf.Qwen2ForCausalLM(tf.Qwen2Config(**decoder))
+        if family == "distilbert":  # its FFN's forward hands the pair to ff_chunk via apply_chunking_to_forward
+            return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
+                vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=2, dropout=0.0, attention_dropout=0.0,
+                seq_classif_dropout=0.0, num_labels=3))
         if family == "modernbert":  # its MLP's Wi holds [gate; up], with a dropout before Wo
             return tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
                 vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -82,7 +86,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "modernbert", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5", "t5-gated"]
+FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5",
+            "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
@@ -97,6 +102,8 @@ MLP_LINES = {
                 "-> torch_ext.fused_mlp swiglu"],
     "qwen2": ["model.layers.{i}.mlp (Qwen2MLP: gate_proj, up_proj, down_proj + SiLUActivation) "
               "-> torch_ext.fused_mlp swiglu"],
+    "distilbert": ["distilbert.transformer.layer.{i}.ffn.lin1 (Linear 32->64) + gelu (GELUActivation) -> FusedLinear "
+                   "(in FFN.ff_chunk, rewritten on its own)"],
     "modernbert": ["model.layers.{i}.mlp (ModernBertMLP: Wi [gate; up], Wo + GELUActivation) "
                    "-> torch_ext.fused_mlp geglu (unfused while its dropout self.drop is active"],
     "phi3": ["model.layers.{i}.mlp (Phi3MLP: gate_up_proj [gate; up], down_proj + SiLUActivation) "
@@ -111,6 +118,7 @@ MLP_LINES = {
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "modernbert": "mlp.",
+                     "distilbert": "ffn.lin1",
                      "t5": "DenseReluDense.wi ",
                      "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
@@ -135,7 +143,7 @@ def batch(family: str, seed: int = 0) -> dict:
         out = dict(pixel_values=images, labels=torch.tensor([0, 2], device="cpu"))
     else:
         ids = torch.randint(0, 100, (2, 7), generator=g, device="cpu")
-        if family in ("bert", "roberta", "modernbert"):
+        if family in ("bert", "roberta", "distilbert", "modernbert"):
             out = dict(input_ids=ids, labels=torch.tensor([0, 2], device="cpu"))
         elif family.startswith("t5"):
             out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, device="cpu"))
@@ -776,6 +784,56 @@ def test_chunked_gated_mlp_forms(variant, act, tmp_path):
         with TorchExtOps() as calls:
             fused(x)
         assert not calls, calls  # training with p > 0: the module's own forward, as the report says
+
+
+class _ChunkedFFN(nn.Module):
+    """DistilBERT's FFN shape: forward hands its input to ff_chunk through transformers'
+    apply_chunking_to_forward; `also_named` adds a method that names lin1 (other code might call it)."""
+
+    def __init__(self):
+        super().__init__()
+        self.lin1 = nn.Linear(8, 16)
+        self.activation = tf.activations.GELUActivation()
+        self.lin2 = nn.Linear(16, 8)
+
+    def forward(self, x):
+        return tf.pytorch_utils.apply_chunking_to_forward(self.ff_chunk, 2, 1, x)
+
+    def ff_chunk(self, x):
+        h = self.lin1(x)
+        h = self.activation(h)
+        return self.lin2(h)
+
+
+class _ChunkedFFNNamed(_ChunkedFFN):
+    def first_layer(self):
+        return self.lin1
+
+
+_ChunkedFFN.__module__ = _ChunkedFFNNamed.__module__ = "transformers.models.fake.modeling_fake"
+
+
+@pytest.mark.parametrize("cls", [_ChunkedFFN, _ChunkedFFNNamed], ids=["alone", "named_elsewhere"])
+def test_pairs_in_the_method_forward_hands_to_apply_chunking(cls):
+    """The pair in ff_chunk becomes a FusedLinear, chunked over the sequence as before; left alone
+    where another method names the Linear. The same numbers either way."""
+    torch.manual_seed(0)
+    model = cls()
+    ref = copy.deepcopy(model)
+    fused, report = fuse(model)
+    if cls is _ChunkedFFN:
+        assert type(fused.lin1) is FusedLinear and type(fused.activation) is nn.Identity, str(report)
+        assert any("(in _ChunkedFFN.ff_chunk, rewritten on its own)" in r for r in report.replaced), str(report)
+    else:
+        assert type(fused.lin1) is nn.Linear and not report.replaced, str(report)
+        assert any("first_layer names 'lin1'" in s for s in report.skipped), str(report)
+    x = torch.randn(3, 4, 8, requires_grad=True)
+    xr = x.detach().clone().requires_grad_()
+    y, yr = fused(x), ref(xr)
+    assert_close(y, yr)
+    y.square().sum().backward()
+    yr.square().sum().backward()
+    assert_close(x.grad, xr.grad)
 
 
 def test_conv1d_weight_is_not_copied():

@@ -197,7 +197,7 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
             what = type(parent._modules[act]).__name__ if act else "function"
             report.replaced.append(
                 f"{_label(linear, [prefix + name])} + {_describe(spec)} ({what}) -> {type(fused).__name__} "
-                f"(in {type(parent).__name__}.forward, rewritten on its own)")
+                f"(in {type(parent).__name__}.{p.method}, rewritten on its own)")
         for act in {a for _, a in p.pairs.values() if a}:
             setattr(parent, act, _identity_like(parent._modules[act]))
         for name, sub in children.items():

@@ -21,6 +21,8 @@ What is read, in the module's forward (no trace), first match wins:
    ``activation_spec``): the Linear becomes a FusedLinear (a Conv1D a FusedConv1D) with the same
    Parameters, the activation module nn.Identity; the forward is not touched. A function
    (torch.tanh) is recognised but stays, since swapping modules cannot remove it from the forward.
+A forward that only hands its input to transformers' ``apply_chunking_to_forward(self.ff_chunk, ...)``
+(DistilBERT's FFN) is read in that method instead, for 4. only.
 An Edit compiles the module's own forward source with three statements replaced (nothing else
 changes: dropout, casts and branches around them stay); it is not done for a forward with
 decorators or closures (super()), whose source alone is not the whole function.
@@ -63,6 +65,7 @@ class Plan:
     edit_label: str = ""
     why_not: Dict[str, str] = field(default_factory=dict)  # linear name -> reason
     problem: str = ""  # why nothing in this module can be rewritten
+    method: str = "forward"  # the method read: forward, or the one it hands its work to (_chunking_method)
 
 
 def _self_attr(node) -> Optional[str]:
@@ -94,10 +97,11 @@ def _resolve(node, scope) -> object:
 class _Reader:
     """One module's forward, as far as the local rewrite needs it."""
 
-    def __init__(self, module: nn.Module, linear_ok):
+    def __init__(self, module: nn.Module, linear_ok, method: str = "forward"):
         self.module = module
         self.linear_ok = linear_ok  # nn.Linear (exact) or a library's Linear variant
-        self.fn = type(module).forward
+        self.method = method  # the method read: forward, or the one forward hands all its work to
+        self.fn = getattr(type(module), method)
         self.tree = parsed(self.fn)
         self.scope = getattr(self.fn, "__globals__", {})
 
@@ -336,6 +340,33 @@ def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
     return None
 
 
+def _without_docstring(body: List[ast.stmt]) -> List[ast.stmt]:
+    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
+        return body[1:]
+    return body
+
+
+def _chunking_method(r: _Reader, body: List[ast.stmt], methods) -> Optional[str]:
+    """'ff_chunk' for a forward that is exactly `return apply_chunking_to_forward(self.ff_chunk, ...,
+    x)` with transformers' helper (known by name: this module does not import transformers), x its
+    one argument and ff_chunk an own method of the class; else None."""
+    x = _only_argument(r)
+    if x is None or len(body) != 1 or not isinstance(body[0], ast.Return):
+        return None
+    call = body[0].value
+    if not (isinstance(call, ast.Call) and call.args and not call.keywords):
+        return None
+    fn = _resolve(call.func, r.scope)
+    if not (callable(fn) and getattr(fn, "__name__", "") == "apply_chunking_to_forward"
+            and getattr(fn, "__module__", "").startswith("transformers.")):
+        return None
+    method = _self_attr(call.args[0])
+    last = call.args[-1]
+    if method is None or method == "forward" or method not in methods:
+        return None
+    return method if isinstance(last, ast.Name) and last.id == x else None
+
+
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     """What can be rewritten in `module` alone (see the module docstring); `ancestors`: every
     module above it, whose methods must not name what is swapped."""
@@ -348,9 +379,18 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     if r.tree is None or not isinstance(r.tree.body[0], ast.FunctionDef):
         p.problem = f"the source of {type(module).__name__}.forward is not available"
         return p
-    body = r.tree.body[0].body
-    if body and isinstance(body[0], ast.Expr) and isinstance(body[0].value, ast.Constant):
-        body = body[1:]  # the docstring
+    body = _without_docstring(r.tree.body[0].body)
+    # A forward that only hands its input to transformers' apply_chunking_to_forward(self.<method>,
+    # ...) (DistilBERT's FFN): its pairs are read in that method; only pairs are rewritten there
+    # (the other rewrites replace forward's own statements).
+    chunked = _chunking_method(r, body, methods)
+    if chunked is not None:
+        r = _Reader(module, linear_ok, chunked)
+        if r.tree is None or not isinstance(r.tree.body[0], ast.FunctionDef):
+            p.problem = f"the source of {type(module).__name__}.{chunked} is not available"
+            return p
+        body = _without_docstring(r.tree.body[0].body)
+        p.method = chunked
 
     # Mentions allowed: the calls being rewritten and reads of a Linear's weight/bias.
     allowed = set()
@@ -364,13 +404,13 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         ok = allowed | {id(c.func) for c in sites}
         for node in ast.walk(r.tree):
             if isinstance(node, ast.Attribute) and node.attr in names and id(node) not in ok:
-                return f"{type(module).__name__}.forward also uses self.{node.attr}"
+                return f"{type(module).__name__}.{r.method} also uses self.{node.attr}"
             if isinstance(node, ast.Constant) and node.value in names and isinstance(node.value, str):
-                return f"{type(module).__name__}.forward names {node.value!r}"
+                return f"{type(module).__name__}.{r.method} names {node.value!r}"
         for owner in [module] + ancestors:
             if type(owner).__module__.startswith("torch."):
                 continue  # torch.nn's containers: no code that names attributes of their children
-            found, unreadable = names_in_class(type(owner), ("forward",) if owner is module else ())
+            found, unreadable = names_in_class(type(owner), (r.method,) if owner is module else ())
             for name in names:
                 if name in found:
                     return f"{found[name]} names {name!r} (it may call it directly)"
@@ -379,7 +419,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         return ""
 
     # (A decorated forward, e.g. @torch.no_grad(), is more than its body: not replaced.)
-    g = _gated(r, body) if not r.tree.body[0].decorator_list else None
+    g = _gated(r, body) if not r.tree.body[0].decorator_list and chunked is None else None
     if g is not None:
         expr, gate, up, down, act, spec = g
         subs = [r.sub(n) for n in (gate, up, down, act)]
@@ -397,7 +437,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate, up, down):
             p.why_not[name] = why
 
-    cg = _chunked_gated(r, body) if g is None and not r.tree.body[0].decorator_list else None
+    cg = _chunked_gated(r, body) if g is None and not r.tree.body[0].decorator_list and chunked is None else None
     if cg is not None:
         calls, gate_up, down, act, spec, drop = cg
         modules = (gate_up, down, act) + ((drop,) if drop else ())
@@ -411,7 +451,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate_up, down):
             p.why_not[name] = why
 
-    gp = _gated_product(r, body) if g is None and cg is None else None
+    gp = _gated_product(r, body) if g is None and cg is None and chunked is None else None
     fn = type(module).forward
     if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, gate, up, act, spec, x, target = gp
@@ -430,7 +470,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate, up):
             p.why_not[name] = why
 
-    seq = _mlp_sequence(r, body) if g is None and cg is None and gp is None else None
+    seq = _mlp_sequence(r, body) if g is None and cg is None and gp is None and chunked is None else None
     if seq is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, fc1, fc2, act, spec, x, target = seq
         why = elsewhere({fc1, fc2, act}, list(calls))
@@ -451,10 +491,10 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     for site in _pairs(r, body):
         if site[4] is None:
             # Swapping modules cannot take a function call out of the forward.
-            p.why_not[site[2]] = (f"{type(module).__name__}.forward applies a function activation to it, "
+            p.why_not[site[2]] = (f"{type(module).__name__}.{r.method} applies a function activation to it, "
                                   "which only a traced forward can drop")
         elif id(site[1]) in in_with:
-            p.why_not[site[2]] = f"{type(module).__name__}.forward calls it inside a with-block"
+            p.why_not[site[2]] = f"{type(module).__name__}.{r.method} calls it inside a with-block"
         else:
             pairs.append(site)
     by_linear: Dict[str, list] = {}
@@ -474,7 +514,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         if _has_hooks(r.sub(name)):
             p.why_not[name] = "has hooks"
         elif calls != len(sites):
-            p.why_not[name] = f"{type(module).__name__}.forward also calls it without an activation after it"
+            p.why_not[name] = f"{type(module).__name__}.{r.method} also calls it without an activation after it"
         elif len({(s[3], s[4]) for s in sites}) > 1:
             p.why_not[name] = f"used {len(sites)} times with different activations"
         else:
@@ -514,11 +554,13 @@ def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done, r: Optional[_Re
             return ((None, 0.0), name) if sub is not None and not linear_ok(sub) else None
 
         others = {site[2]: site[4] for site in _pairs(r, body, any_module)}
+    method = r.method if r is not None else "forward"
     for name, sub in module._modules.items():
         if name not in done and name not in p.why_not and linear_ok(sub):
             if name in others:
                 act = type(module._modules[others[name]]).__name__
-                p.why_not[name] = (f"{type(module).__name__}.forward passes its output to self.{others[name]} ({act}), "
-                                   "not one of FusedLinear's activations (or it failed fuse's numerical check)")
+                p.why_not[name] = (f"{type(module).__name__}.{method} passes its output to self.{others[name]} "
+                                   f"({act}), not one of FusedLinear's activations (or it failed fuse's numerical "
+                                   "check)")
             else:
-                p.why_not[name] = f"{type(module).__name__}.forward does not pass its output to a supported activation"
+                p.why_not[name] = f"{type(module).__name__}.{method} does not pass its output to a supported activation"
