@@ -190,8 +190,9 @@ def _gated_factors(r: _Reader, product):
             yield act_call, other, act
 
 
-def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, str, str, str, Spec]]:
-    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, or None."""
+def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[str, str, str, str, Spec]]:
+    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`: (gate, up,
+    down, act, spec), or None."""
     x = _only_argument(r)
     if x is None:
         return None
@@ -210,7 +211,7 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[ast.Call, str, st
         gate, up = r.linear(act_call.args[0]), r.linear(up_call)
         on_x = all(isinstance(c.args[0], ast.Name) and c.args[0].id == x for c in (act_call.args[0], up_call))
         if gate and up and on_x and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear:
-            return expr, gate, up, down, act[1], act[0]
+            return gate, up, down, act[1], act[0]
     return None
 
 
@@ -219,8 +220,7 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
     that is exactly `h = self.gate_up(x)`, `a, b = h.chunk(2, dim=-1)` (or `a, b =
     self.gate_up(x).chunk(2, dim=-1)`), `c = b * self.act(a)` (either order; or the product inside
     the return) and `return self.down(c)`, optionally `self.down(self.drop(c))` with drop an
-    nn.Dropout; names reused or not: (the gate_up, act and down call nodes, gate_up, down, act,
-    spec, drop or None), or None."""
+    nn.Dropout; names reused or not: (gate_up, down, act, spec, drop or None), or None."""
     x = _only_argument(r)
     if x is None:
         return None
@@ -276,8 +276,7 @@ def _chunked_gated(r: _Reader, body: List[ast.stmt]):
         gu, d = r.sub(gate_up), r.sub(down)
         if gate_up == down or not type(gu) is type(d) is nn.Linear or gu.out_features != 2 * d.in_features:
             return None
-        calls = (gate_up_call, act_call, down_call) + ((down_call.args[0],) if drop else ())
-        return calls, gate_up, down, act[1], act[0], drop
+        return gate_up, down, act[1], act[0], drop
     return None
 
 
@@ -418,17 +417,18 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
                 return f"the source of {unreadable} is not available, so fuse() cannot tell whether it calls it"
         return ""
 
-    # (A decorated forward, e.g. @torch.no_grad(), is more than its body: not replaced.)
-    g = _gated(r, body) if not r.tree.body[0].decorator_list and chunked is None else None
+    # The gated MLPs replace forward whole: not a decorated one (e.g. @torch.no_grad(), more than
+    # its body), nor where forward hands its work to another method. No `elsewhere` check for
+    # them: no module is swapped, so code above that names the Linears, such as an _init_weights,
+    # still finds them as they were.
+    whole_forward = chunked is None and not r.tree.body[0].decorator_list
+    g = _gated(r, body) if whole_forward else None
     if g is not None:
-        expr, gate, up, down, act, spec = g
-        subs = [r.sub(n) for n in (gate, up, down, act)]
-        # (No `elsewhere` check: the forward is replaced whole and no module is swapped, so code
-        # above that names the Linears, such as an _init_weights, still finds them as they were.)
+        gate, up, down, act, spec = g
         why = ""
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
-            why = why or "only one of its gate and up projections has a bias"
-        if any(_has_hooks(s) for s in subs):
+            why = "only one of its gate and up projections has a bias"
+        if any(_has_hooks(r.sub(n)) for n in (gate, up, down, act)):
             why = why or "a module of its gated MLP has hooks"
         if not why:
             p.gated = (gate, up, down, act, _GATED[spec[0]])
@@ -437,13 +437,11 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         for name in (gate, up, down):
             p.why_not[name] = why
 
-    cg = _chunked_gated(r, body) if g is None and not r.tree.body[0].decorator_list and chunked is None else None
+    cg = _chunked_gated(r, body) if whole_forward and g is None else None
     if cg is not None:
-        calls, gate_up, down, act, spec, drop = cg
+        gate_up, down, act, spec, drop = cg
         modules = (gate_up, down, act) + ((drop,) if drop else ())
-        why = ""  # (no `elsewhere` check, as for the gated MLP above)
-        if any(_has_hooks(r.sub(n)) for n in modules):
-            why = why or "a module of its gated MLP has hooks"
+        why = "a module of its gated MLP has hooks" if any(_has_hooks(r.sub(n)) for n in modules) else ""
         if not why:
             p.chunked_gated = (gate_up, down, act, _GATED[spec[0]], drop)
             _rest_not_fused(p, module, linear_ok, done=(gate_up, down))
