@@ -22,6 +22,7 @@ enum class Activation : int8_t {
   Silu,
   Sigmoid,
   Tanh,
+  QuickGelu,  // x * sigmoid(1.702 x), CLIP's activation (transformers' and timm's QuickGELU)
 };
 
 // What the forward pass keeps for backward besides input and weight.
@@ -30,7 +31,7 @@ enum class SavedForBackward : int8_t {
   PositiveMask,   // relu, leaky_relu: 1 bit per element, set where the pre-activation > 0
                   // (for relu also where it is NaN, as ATen's relu backward passes NaN)
   Output,         // sigmoid, tanh: the derivative is a function of the output
-  PreActivation,  // gelu, gelu_tanh, silu
+  PreActivation,  // gelu, gelu_tanh, silu, quick_gelu
 };
 
 inline Activation parse_activation(std::string_view name) {
@@ -42,9 +43,10 @@ inline Activation parse_activation(std::string_view name) {
   if (name == "silu") return Activation::Silu;
   if (name == "sigmoid") return Activation::Sigmoid;
   if (name == "tanh") return Activation::Tanh;
+  if (name == "quick_gelu") return Activation::QuickGelu;
   TORCH_CHECK_VALUE(false,
                     "activation must be one of none, relu, leaky_relu, gelu, gelu_tanh, silu, "
-                    "sigmoid, tanh; got '",
+                    "sigmoid, tanh, quick_gelu; got '",
                     std::string(name), "'");
 }
 
@@ -72,6 +74,7 @@ inline void with_activation(Activation act, F&& f) {
     case Activation::Silu: return f(std::integral_constant<Activation, Activation::Silu>{});
     case Activation::Sigmoid: return f(std::integral_constant<Activation, Activation::Sigmoid>{});
     case Activation::Tanh: return f(std::integral_constant<Activation, Activation::Tanh>{});
+    case Activation::QuickGelu: return f(std::integral_constant<Activation, Activation::QuickGelu>{});
   }
 }
 
@@ -80,6 +83,8 @@ constexpr double kSqrt1_2 = 0.70710678118654752440;       // 1/sqrt(2)
 constexpr double kInvSqrt2Pi = 0.39894228040143267794;    // 1/sqrt(2*pi)
 constexpr double kGeluTanhBeta = 0.79788456080286535588;  // sqrt(2/pi)
 constexpr double kGeluTanhKappa = 0.044715;
+// QuickGELU's sigmoid scale, as transformers and timm (and OpenAI's CLIP) write it.
+constexpr double kQuickGeluScale = 1.702;
 
 // act(x) on one element. T is the math type (float for float/half/bfloat16, double for double).
 template <typename T>
@@ -98,11 +103,12 @@ C10_HOST_DEVICE inline T activation_forward(Activation act, T x, T negative_slop
     case Activation::Silu: return x / (T(1) + ::exp(-x));
     case Activation::Sigmoid: return T(1) / (T(1) + ::exp(-x));
     case Activation::Tanh: return ::tanh(x);
+    case Activation::QuickGelu: return x / (T(1) + ::exp(T(-kQuickGeluScale) * x));
   }
   return x;
 }
 
-// d act / d pre for activations that save the pre-activation x (gelu, gelu_tanh, silu).
+// d act / d pre for activations that save the pre-activation x (gelu, gelu_tanh, silu, quick_gelu).
 template <typename T>
 C10_HOST_DEVICE inline T activation_derivative_from_input(Activation act, T x) {
   switch (act) {
@@ -123,6 +129,10 @@ C10_HOST_DEVICE inline T activation_derivative_from_input(Activation act, T x) {
     case Activation::Silu: {
       const T s = T(1) / (T(1) + ::exp(-x));
       return s * (T(1) + x * (T(1) - s));
+    }
+    case Activation::QuickGelu: {  // d/dx [x s(kx)] = s + k x s (1 - s)
+      const T s = T(1) / (T(1) + ::exp(T(-kQuickGeluScale) * x));
+      return s * (T(1) + T(kQuickGeluScale) * x * (T(1) - s));
     }
     default: return T(1);
   }

@@ -34,6 +34,7 @@ Tensor apply_activation(const Tensor& pre, Activation act, double negative_slope
     case Activation::Silu: return at::silu(pre);
     case Activation::Sigmoid: return at::sigmoid(pre);
     case Activation::Tanh: return at::tanh(pre);
+    case Activation::QuickGelu: return pre * at::sigmoid(pre * kQuickGeluScale);
   }
   TORCH_CHECK(false, "unreachable");
 }
@@ -53,6 +54,10 @@ Tensor activation_backward(const Tensor& grad, const Tensor& pre, Activation act
     }
     case Activation::Sigmoid: return at::sigmoid_backward(grad, at::sigmoid(pre));
     case Activation::Tanh: return at::tanh_backward(grad, at::tanh(pre));
+    case Activation::QuickGelu: {  // as autograd differentiates x * sigmoid(k x)
+      const Tensor s = at::sigmoid(pre * kQuickGeluScale);
+      return grad * s * (1 + kQuickGeluScale * pre * (1 - s));
+    }
   }
   TORCH_CHECK(false, "unreachable");
 }

@@ -184,6 +184,7 @@ SAMPLES = {
         "silu_2d": _dense("silu", (6, 11)),
         "tanh_no_bias": _dense("tanh", (6, 11), bias=False),
         "none_1d": _dense("none", (11,)),
+        "quick_gelu_2d": _dense("quick_gelu", (6, 11)),
     },
     "fused_mlp": {
         "gelu": _mlp("gelu", gated=False),

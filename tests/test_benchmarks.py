@@ -12,6 +12,9 @@ import sys
 import pytest
 import torch
 
+import torch_ext
+from utils import assert_close
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 RUN = os.path.join(ROOT, "benchmarks", "run.py")
 PHASES = ("fwd", "bwd", "fwd+bwd")
@@ -173,6 +176,18 @@ def test_model_selection(run_module):
     assert select.resolve_models(None, None, ["tiny"])[0] == []
     assert select.resolve_models(["rnn,cnn"], ["mse"])[0] == ["rnn", "cnn"]
     assert select.resolve_models(["none"])[0] == []
+
+
+@pytest.mark.parametrize("op, activation", [("linear_act", a) for a in torch_ext.ACTIVATIONS]
+                         + [("mlp", a) for a in torch_ext.MLP_ACTIVATIONS])
+def test_every_activation_has_its_eager_baseline(run_module, op, activation):
+    # `--sizes MxKxN:<activation>` takes any of the op's activations; each has an eager function
+    # that gives what the fused op gives.
+    from suite.ops import linear_act, mlp
+
+    make = {"linear_act": linear_act.make_workload, "mlp": mlp.make_workload}[op]
+    work = make(6, 8, 10, activation, dtype=torch.float64)
+    assert_close(work.fns["eager"](*work.inputs), work.fns["ours"](*work.inputs))
 
 
 @pytest.mark.parametrize(

@@ -369,6 +369,7 @@ EAGER = {
     "silu": F.silu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
 }
 
 

@@ -60,7 +60,7 @@ from utils import (
 # Every test on every device (tests/devices.py).
 pytestmark = pytest.mark.every_device
 
-ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "quick_gelu")
 MASK_ACTIVATIONS = ("relu", "leaky_relu")
 DTYPES = (torch.float32, torch.float64, torch.bfloat16, torch.float16)
 FWD = torch.ops.torch_ext.linear_act_fwd.default
@@ -511,7 +511,7 @@ def test_saved_mask_bits(activation, dtype, n):
     assert not saved2.requires_grad
 
 
-@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu"])
+@pytest.mark.parametrize("activation", ["gelu", "gelu_tanh", "silu", "quick_gelu"])
 def test_saved_pre_activation(activation):
     x, w, b = make_args((2, 3, 6), 11)
     out, saved = FWD(x, w, b, activation, 0.01)

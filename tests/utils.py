@@ -181,7 +181,18 @@ def act_fn(activation: str, negative_slope: float = 0.01):
         "silu": F.silu,
         "sigmoid": torch.sigmoid,
         "tanh": torch.tanh,
+        "quick_gelu": quick_gelu,
     }[activation]
+
+
+def quick_gelu(t):
+    """CLIP's QuickGELU as transformers writes it (PyTorch has no op of its own for it)."""
+    return t * torch.sigmoid(1.702 * t)
+
+
+class QuickGELU(nn.Module):
+    def forward(self, t):
+        return quick_gelu(t)
 
 
 def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
@@ -195,6 +206,7 @@ def act_module(activation: str, negative_slope: float = 0.01) -> nn.Module:
         "silu": nn.SiLU(),
         "sigmoid": nn.Sigmoid(),
         "tanh": nn.Tanh(),
+        "quick_gelu": QuickGELU(),
     }[activation]
 
 

@@ -16,7 +16,7 @@ first half of fc1's output; the second half multiplies it); ``__version__``, thi
 Example::
 
     >>> torch_ext.ACTIVATIONS
-    ('none', 'relu', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'sigmoid', 'tanh')
+    ('none', 'relu', 'leaky_relu', 'gelu', 'gelu_tanh', 'silu', 'sigmoid', 'tanh', 'quick_gelu')
     >>> torch_ext.GATED_ACTIVATIONS
     {'swiglu': 'silu', 'geglu': 'gelu', 'geglu_tanh': 'gelu_tanh'}
     >>> torch_ext.MLP_ACTIVATIONS == torch_ext.ACTIVATIONS + tuple(torch_ext.GATED_ACTIVATIONS)

@@ -23,11 +23,11 @@ from ._common import (
     transforms_active,
 )
 
-ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh")
+ACTIVATIONS = ("none", "relu", "leaky_relu", "gelu", "gelu_tanh", "silu", "sigmoid", "tanh", "quick_gelu")
 # What the forward op saves for backward (besides input and weight); see csrc/activation.h.
 _SAVES_MASK = frozenset({"relu", "leaky_relu"})
 _SAVES_OUTPUT = frozenset({"sigmoid", "tanh"})
-_SAVES_PRE_ACTIVATION = frozenset({"gelu", "gelu_tanh", "silu"})
+_SAVES_PRE_ACTIVATION = frozenset({"gelu", "gelu_tanh", "silu", "quick_gelu"})
 
 _fwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_act_fwd.default)
 _bwd_op = direct_when_no_grad(torch.ops.torch_ext.linear_act_bwd.default)
@@ -44,7 +44,14 @@ def activation_function(activation: str, negative_slope: float = 0.01):
         "none": lambda x: x, "relu": F.relu, "silu": F.silu, "sigmoid": torch.sigmoid, "tanh": torch.tanh,
         "gelu": F.gelu, "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
         "leaky_relu": lambda x: F.leaky_relu(x, negative_slope),
+        "quick_gelu": quick_gelu,
     }[activation]
+
+
+def quick_gelu(x: Tensor) -> Tensor:
+    """CLIP's QuickGELU, ``x * sigmoid(1.702 * x)``, as transformers and timm write it (PyTorch has no
+    function of its own for it)."""
+    return x * torch.sigmoid(1.702 * x)
 
 
 def _check_linear_args(op: str, input: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
@@ -175,7 +182,8 @@ def fused_linear(
     """``act(F.linear(input, weight, bias))`` in one fused op.
 
     activation: none, relu, leaky_relu (with ``negative_slope``), gelu (exact erf), gelu_tanh
-    (``F.gelu(approximate="tanh")``), silu, sigmoid, tanh. Input ``(*, in_features)``, weight
+    (``F.gelu(approximate="tanh")``), silu, sigmoid, tanh, quick_gelu (CLIP's
+    ``x * sigmoid(1.702 * x)``). Input ``(*, in_features)``, weight
     ``(out_features, in_features)``, bias ``(out_features,)`` or None. Under ``torch.autocast``
     the tensors are cast as for ``F.linear``.
 

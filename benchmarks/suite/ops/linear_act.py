@@ -18,6 +18,7 @@ EAGER_ACT = {
     "silu": F.silu,
     "sigmoid": torch.sigmoid,
     "tanh": torch.tanh,
+    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),  # as transformers' QuickGELUActivation
 }
 
 # name -> (M rows, K in features, N out features, activation)

@@ -89,6 +89,8 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
     return x / (one + x.neg().exp());
   } else if constexpr (A == Activation::Sigmoid) {
     return one / (one + x.neg().exp());
+  } else if constexpr (A == Activation::QuickGelu) {
+    return x / (one + (Vec<T>(T(-kQuickGeluScale)) * x).exp());
   } else {
     return x.tanh();
   }
@@ -115,6 +117,11 @@ inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
     const Vec<T>& x = saved;
     const Vec<T> s = one / (one + x.neg().exp());
     return g * (s * (one + x * (one - s)));
+  } else if constexpr (A == Activation::QuickGelu) {
+    const Vec<T>& x = saved;
+    const Vec<T> k = Vec<T>(T(kQuickGeluScale));
+    const Vec<T> s = one / (one + (Vec<T>(T(-kQuickGeluScale)) * x).exp());
+    return g * (s * (one + k * x * (one - s)));
   } else if constexpr (A == Activation::Sigmoid) {
     return g * (one - saved) * saved;  // saved = output
   } else if constexpr (A == Activation::Tanh) {

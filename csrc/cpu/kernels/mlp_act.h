@@ -30,7 +30,7 @@ inline void act_value_and_grad(const Vec<T>& x, const Vec<T>& g, const Vec<T>& s
   } else if constexpr (A == Activation::Sigmoid || A == Activation::Tanh) {
     grad = act_backward<A, T>(g, value);  // their derivative is a function of the output
   } else {
-    grad = act_backward<A, T>(g, x);  // none, gelu, gelu_tanh, silu
+    grad = act_backward<A, T>(g, x);  // none, gelu, gelu_tanh, silu, quick_gelu
   }
 }
 
