@@ -56,6 +56,12 @@ def build(family: str, seed: int = 0) -> nn.Module:
         if family == "vit":
             cfg = {k: v for k, v in bert.items() if k != "vocab_size"}
             return tf.ViTForImageClassification(tf.ViTConfig(image_size=16, patch_size=8, **cfg))
+        if family == "clip":  # QuickGELU; its _init_weights names the MLP's fc1 and fc2
+            vision = dict(image_size=16, patch_size=8, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                          num_attention_heads=2)
+            text = dict(vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                        num_attention_heads=2, max_position_embeddings=16, bos_token_id=0, eos_token_id=0)
+            return tf.CLIPForImageClassification(tf.CLIPConfig(vision_config=vision, text_config=text, num_labels=3))
         if family == "gpt2":
             return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -86,14 +92,16 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "gpt2", "llama", "mistral", "qwen2", "phi3", "t5",
-            "t5-gated"]
+FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "clip", "gpt2", "llama", "mistral", "qwen2", "phi3",
+            "t5", "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
     "bert": ["bert.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "roberta": ["roberta.encoder.layer.{i}.intermediate.dense (Linear 32->64) + gelu"],
     "vit": ["vit.layers.{i}.mlp (ViTMLP: fc1, fc2 + GELUActivation) -> torch_ext.fused_mlp gelu (in its forward)"],
+    "clip": ["vision_model.encoder.layers.{i}.mlp (CLIPMLP: fc1, fc2 + QuickGELUActivation) "
+             "-> torch_ext.fused_mlp quick_gelu (in its forward)"],
     "gpt2": ["transformer.h.{i}.mlp (GPT2MLP: c_fc, c_proj + NewGELUActivation) "
              "-> torch_ext.fused_mlp gelu_tanh (in its forward)"],
     "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) "
@@ -116,7 +124,8 @@ MLP_LINES = {
                  "-> one GEMM + torch_ext's gated activation geglu_tanh"],
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
-MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "gpt2": "mlp.c_",
+MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "clip": "mlp.fc",
+                     "gpt2": "mlp.c_",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "modernbert": "mlp.",
                      "distilbert": "ffn.lin1",
                      "t5": "DenseReluDense.wi ",
@@ -138,7 +147,7 @@ def batch(family: str, seed: int = 0) -> dict:
     """A batch for `family`, the same numbers on every device (drawn on the CPU from `seed`), on
     the test's device."""
     g = torch.Generator().manual_seed(seed)
-    if family == "vit":
+    if family in ("vit", "clip"):
         images = torch.randn(2, 3, 16, 16, generator=g, device="cpu")
         out = dict(pixel_values=images, labels=torch.tensor([0, 2], device="cpu"))
     else:
@@ -239,6 +248,10 @@ def test_report_lists_every_mlp_block(family, fused_models):
         mlp = fused.vit.layers[0].mlp
         assert isinstance(mlp, tf.models.vit.modeling_vit.ViTMLP) and type(mlp.fc1) is type(mlp.fc2) is nn.Linear
         assert type(mlp).forward is not tf.models.vit.modeling_vit.ViTMLP.forward
+    elif family == "clip":
+        mlp = fused.vision_model.encoder.layers[0].mlp
+        assert isinstance(mlp, tf.models.clip.modeling_clip.CLIPMLP) and type(mlp.fc1) is type(mlp.fc2) is nn.Linear
+        assert type(mlp).forward is not tf.models.clip.modeling_clip.CLIPMLP.forward
     elif family == "t5-gated":
         ff = fused.encoder.block[0].layer[1].DenseReluDense
         assert isinstance(ff, tf.models.t5.modeling_t5.T5DenseGatedActDense) and type(ff.wi_0) is nn.Linear
@@ -292,9 +305,12 @@ def test_gradient_checkpointing(family, use_reentrant):
     # model.gradient_checkpointing_enable(), which trainers switch on to fit larger batches: each
     # layer's forward runs again in backward, fused blocks (and the causal LM's fused head) included.
     # The same loss and gradients as the unfused model with checkpointing, and every parameter
-    # gets its gradient (the reentrant variant silently gives none to a layer whose inputs need no
-    # gradient).
+    # the loss reaches without checkpointing gets its gradient (the reentrant variant silently
+    # gives none to a layer whose inputs need no gradient). (CLIPForImageClassification's loss
+    # does not reach its post_layernorm.)
     ref = build(family)
+    _, _, plain_grads = step(ref, batch(family))
+    unreached = sorted(name for name, g in plain_grads.items() if g is None)
     fused, report = fuse(ref)
     assert report.replaced, f"{family}: nothing fused"
     kwargs = {"use_reentrant": use_reentrant}
@@ -306,8 +322,8 @@ def test_gradient_checkpointing(family, use_reentrant):
         assert fused.is_gradient_checkpointing, family
         assert_same_step(fused, ref, batch(family), f"{family} (checkpointing, use_reentrant={use_reentrant})")
         _, _, grads = step(fused, batch(family))
-    missing = [name for name, g in grads.items() if g is None]
-    assert not missing, f"{family}: no gradient for {missing}"
+    missing = sorted(name for name, g in grads.items() if g is None)
+    assert missing == unreached, f"{family}: no gradient for {missing}"
 
 
 class _Adapter(nn.Module):
@@ -338,10 +354,12 @@ class _Adapter(nn.Module):
 # each rewritten MLP's activation module: case -> (family, module path).
 CHANGED_AFTER_FUSE = {
     "vit": ("vit", "vit.layers.0.mlp.fc1"), "gpt2": ("gpt2", "transformer.h.0.mlp.c_fc"),
+    "clip": ("clip", "vision_model.encoder.layers.0.mlp.fc2"),
     "llama": ("llama", "model.layers.0.mlp.up_proj"),
     "t5-gated": ("t5-gated", "encoder.block.0.layer.1.DenseReluDense.wi_1"),
     "llama-head": ("llama", "lm_head"),
     "vit-act": ("vit", "vit.layers.0.mlp.activation_fn"), "gpt2-act": ("gpt2", "transformer.h.0.mlp.act"),
+    "clip-act": ("clip", "vision_model.encoder.layers.0.mlp.activation_fn"),
     "llama-act": ("llama", "model.layers.0.mlp.act_fn"),
     "t5-gated-act": ("t5-gated", "encoder.block.0.layer.1.DenseReluDense.act"),
 }
@@ -891,7 +909,8 @@ ACT2FN_EXPECTED = {
     "gelu": "gelu", "gelu_python": "gelu", "gelu_new": "gelu_tanh", "gelu_pytorch_tanh": "gelu_tanh",
     "gelu_python_tanh": "gelu_tanh", "gelu_fast": "gelu_tanh", "gelu_accurate": "gelu_tanh", "silu": "silu",
     "swish": "silu", "relu": "relu", "sigmoid": "sigmoid", "tanh": "tanh", "leaky_relu": "leaky_relu",
-    "gelu_10": None, "quick_gelu": None, "mish": None, "relu2": None, "relu6": None, "linear": None, "laplace": None,
+    "quick_gelu": "quick_gelu", "gelu_10": None, "mish": None, "relu2": None, "relu6": None, "linear": None,
+    "laplace": None,
 }
 
 
@@ -937,6 +956,9 @@ Block.__module__ = "transformers.models.fake.modeling_fake"
     ("NewGELUActivation", lambda x: 0.5 * x * (1.0 + torch.tanh(0.7978845608028654 * (x + 0.05 * x ** 3))),
      None, "transformers.activations"),
     ("GELUActivation", lambda x: x * torch.sigmoid(1.702 * x), None, "transformers.activations"),  # quick_gelu as gelu
+    ("QuickGELUActivation", lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", "transformers.activations"),
+    ("QuickGELUActivation", lambda x: x * torch.sigmoid(1.7 * x), None, "transformers.activations"),
+    ("QuickGELU", lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", "timm.layers.activations"),
     ("SiLUActivation", lambda x: x * torch.sigmoid(x), "silu", "transformers.activations"),
     ("SiLUActivation", lambda x: x * torch.sigmoid(x) * 1.001, None, "transformers.activations"),
     ("GELUTanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), "gelu_tanh", "timm.layers.activations"),
@@ -975,6 +997,47 @@ def test_linear_named_by_code_above_is_left_alone():
     assert any("mlp.fc (Linear 8->16)" in s and "names 'fc'" in s for s in report.skipped), str(report)
     x = torch.randn(3, 8)
     assert_close(fused(x), model(x))
+
+
+def test_mlp_edited_in_its_forward_while_code_above_names_its_linears():
+    """An MLP whose forward is three statements (fc1, act, fc2) is edited in place (fused_mlp in
+    its forward), with its modules kept: a module above that calls or initializes its Linears
+    itself (CLIP's _init_weights names fc1 and fc2) still finds them as they were."""
+
+    class SeqMLP(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+
+        def forward(self, x):
+            h = self.fc1(x)
+            h = self.act(h)
+            h = self.fc2(h)
+            return h
+
+    class Outer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.mlp = SeqMLP()
+
+        def reset(self):
+            nn.init.zeros_(self.mlp.fc2.bias)
+
+        def forward(self, x, extra=None):
+            return self.mlp(x) + self.mlp.fc1(x)[..., :8]
+
+    model = Outer()
+    fused, report = fuse(model)
+    assert any("mlp (SeqMLP: fc1, fc2 + GELU) -> torch_ext.fused_mlp gelu (in its forward)" in r
+               for r in report.replaced), str(report)
+    assert type(fused.mlp.fc1) is nn.Linear and type(fused.mlp).forward is not SeqMLP.forward
+    x = torch.randn(3, 8, requires_grad=True)
+    assert_close(fused(x), model(x))
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
+    for a, b in zip(*grads):
+        assert_close(a, b)
+    fused.reset()
+    assert not fused.mlp.fc2.bias.any()
 
 
 def test_unreadable_source_above_is_left_alone():

@@ -19,10 +19,12 @@ What it replaces:
     [gate; up] Linear (``gate, up = self.gate_up(x).chunk(2, dim=-1)``) or gated product (one
     GEMM and the gated activation). This is how it reaches Hugging Face models
     (BertIntermediate, ViTMLP, LlamaMLP, Phi3MLP, ModernBertMLP, T5DenseActDense,
-    T5DenseGatedActDense, GPT2MLP with its Conv1D). Something is swapped or edited there only if
-    no method of the module or of any module above it names it (an attribute chain or a string),
-    so no other code can call it directly (the gated MLPs' whole forwards, which swap nothing, are
-    rewritten whatever names their layers); where a source cannot be read, it is left alone.
+    T5DenseGatedActDense, GPT2MLP with its Conv1D, CLIPMLP). A module is swapped there only if no
+    method of the module or of any module above it names it (an attribute chain or a string), so
+    no other code can call it directly. An edited or replaced forward swaps nothing: code above
+    that names its layers (CLIP's _init_weights) still finds them as they were, and only an edit
+    of three statements needs its class's other methods not to name them. Where a source cannot
+    be read, it is left alone.
 - activations of other libraries (transformers.activations' GELUActivation, NewGELUActivation,
   SiLUActivation..., timm's) are known by class name in torch_ext/integrations and accepted
   only if they also compute the activation numerically at fuse time (activations.computes).

@@ -398,15 +398,16 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
                 and r.linear_ok(r.sub(_self_attr(node.value)))):
             allowed.add(id(node.value))
 
-    def elsewhere(names, sites) -> str:
-        """Where code other than `sites` (call nodes) names one of `names` ("" if nowhere)."""
+    def elsewhere(names, sites, above: bool = True) -> str:
+        """Where code other than `sites` (call nodes) names one of `names` ("" if nowhere): in
+        this class's code, and with `above` in the classes of the modules above it."""
         ok = allowed | {id(c.func) for c in sites}
         for node in ast.walk(r.tree):
             if isinstance(node, ast.Attribute) and node.attr in names and id(node) not in ok:
                 return f"{type(module).__name__}.{r.method} also uses self.{node.attr}"
             if isinstance(node, ast.Constant) and node.value in names and isinstance(node.value, str):
                 return f"{type(module).__name__}.{r.method} names {node.value!r}"
-        for owner in [module] + ancestors:
+        for owner in [module] + (ancestors if above else []):
             if type(owner).__module__.startswith("torch."):
                 continue  # torch.nn's containers: no code that names attributes of their children
             found, unreadable = names_in_class(type(owner), (r.method,) if owner is module else ())
@@ -420,7 +421,8 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     # The gated MLPs replace forward whole: not a decorated one (e.g. @torch.no_grad(), more than
     # its body), nor where forward hands its work to another method. No `elsewhere` check for
     # them: no module is swapped, so code above that names the Linears, such as an _init_weights,
-    # still finds them as they were.
+    # still finds them as they were. The edits of three statements of forward below swap no
+    # module either: they check only this class's own code (which their edit could bypass).
     whole_forward = chunked is None and not r.tree.body[0].decorator_list
     g = _gated(r, body) if whole_forward else None
     if g is not None:
@@ -453,7 +455,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     fn = type(module).forward
     if gp is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, gate, up, act, spec, x, target = gp
-        why = elsewhere({gate, up, act}, [calls[0], calls[1], calls[2]])
+        why = elsewhere({gate, up, act}, [calls[0], calls[1], calls[2]], above=False)
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
             why = why or "only one of its gate and up projections has a bias"
         if any(_has_hooks(r.sub(n)) for n in (gate, up, act)):
@@ -471,7 +473,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     seq = _mlp_sequence(r, body) if g is None and cg is None and gp is None and chunked is None else None
     if seq is not None and not (fn.__code__.co_freevars or r.tree.body[0].decorator_list):
         index, calls, fc1, fc2, act, spec, x, target = seq
-        why = elsewhere({fc1, fc2, act}, list(calls))
+        why = elsewhere({fc1, fc2, act}, list(calls), above=False)
         if any(_has_hooks(r.sub(n)) for n in (fc1, fc2, act)):
             why = why or "a module of its MLP has hooks"
         if not why:
@@ -543,7 +545,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
 
 def _rest_not_fused(p: Plan, module: nn.Module, linear_ok, done, r: Optional[_Reader] = None, body=()) -> None:
     """Why the module's other Linears stay: what their output goes to, where that is a module
-    fuse() does not take as an activation (QuickGELU, say), else no activation at all."""
+    fuse() does not take as an activation (Mish, say), else no activation at all."""
     others = {}
     if r is not None:
         def any_module(node):

@@ -8,4 +8,5 @@ ACTIVATIONS = {
     "Swish": ("silu", 0.01),
     "Sigmoid": ("sigmoid", 0.01),
     "Tanh": ("tanh", 0.01),
+    "QuickGELU": ("quick_gelu", 0.01),  # the OpenAI CLIP ViTs' (vit_*_clip_quickgelu_*)
 }

@@ -40,6 +40,7 @@ ACTIVATIONS = {
     "FastGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_fast": fused only if it matches gelu_tanh
     "AccurateGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_accurate": the tanh formula, spelled out
     "SiLUActivation": ("silu", _SLOPE),  # "silu" (Llama, Mistral, Qwen2)
+    "QuickGELUActivation": ("quick_gelu", _SLOPE),  # "quick_gelu" (CLIP, X-CLIP, OWL-ViT, GroupViT)
 }
 # ("relu", "swish", "sigmoid", "tanh", "leaky_relu" give torch.nn's own classes: fuse's own table.)
 
