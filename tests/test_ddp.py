@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import contextlib
 import datetime
+import faulthandler
 import os
 import socket
 import sys
@@ -82,7 +83,10 @@ def _wrap(model: nn.Module, mode: str) -> nn.Module:
 @contextlib.contextmanager
 def gloo_worker(rank: int, port: int, directory: str, world_size: int):
     """A spawned rank's frame: one thread, the gloo group on the loopback interface (destroyed at
-    the end), and any failure's traceback written to rank<N>.err for run_workers to report."""
+    the end), and any failure's traceback written to rank<N>.err for run_workers to report. A
+    fatal signal (a C++ abort in gloo, say) leaves the Python stacks of every thread in
+    rank<N>.fault instead, which run_workers reports too."""
+    faulthandler.enable(open(os.path.join(directory, f"rank{rank}.fault"), "w"), all_threads=True)
     try:
         torch.set_num_threads(1)
         os.environ["MASTER_ADDR"] = "127.0.0.1"
@@ -148,10 +152,11 @@ def run_workers(directory: str, mode: str, worker=None, world_size: int = WORLD_
 
     errors = ""
     for rank in range(world_size):
-        path = os.path.join(directory, f"rank{rank}.err")
-        if os.path.exists(path):
-            with open(path) as f:
-                errors += f"\n--- rank {rank} ---\n{f.read()}"
+        for suffix in ("err", "fault"):
+            path = os.path.join(directory, f"rank{rank}.{suffix}")
+            if os.path.exists(path) and os.path.getsize(path):
+                with open(path) as f:
+                    errors += f"\n--- rank {rank} ({suffix}) ---\n{f.read()}"
     codes = [p.exitcode for p in procs]
     assert codes == [0] * world_size, (
         f"{mode} workers exited with codes {codes} (ranks {hung} were still running "
