@@ -41,6 +41,7 @@ ACTIVATIONS = {
     "AccurateGELUActivation": ("gelu_tanh", _SLOPE),  # "gelu_accurate": the tanh formula, spelled out
     "SiLUActivation": ("silu", _SLOPE),  # "silu" (Llama, Mistral, Qwen2)
     "QuickGELUActivation": ("quick_gelu", _SLOPE),  # "quick_gelu" (CLIP, X-CLIP, OWL-ViT, GroupViT)
+    "BloomGelu": ("gelu_tanh", _SLOPE),  # BLOOM's MLP: the tanh formula (its own autograd Function in training)
 }
 # ("relu", "swish", "sigmoid", "tanh", "leaky_relu" give torch.nn's own classes: fuse's own table.)
 
