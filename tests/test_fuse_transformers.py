@@ -17,6 +17,7 @@ import os
 import subprocess
 import sys
 import warnings
+from collections import OrderedDict
 
 import pytest
 import torch
@@ -967,6 +968,8 @@ Block.__module__ = "transformers.models.fake.modeling_fake"
     ("QuickGELUActivation", lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", "transformers.activations"),
     ("QuickGELUActivation", lambda x: x * torch.sigmoid(1.7 * x), None, "transformers.activations"),
     ("QuickGELU", lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", "timm.layers.activations"),
+    ("QuickGELU", lambda x: x * torch.sigmoid(1.702 * x), "quick_gelu", "open_clip.transformer"),
+    ("QuickGELU", lambda x: x * torch.sigmoid(1.7 * x), None, "open_clip.transformer"),
     ("SiLUActivation", lambda x: x * torch.sigmoid(x), "silu", "transformers.activations"),
     ("SiLUActivation", lambda x: x * torch.sigmoid(x) * 1.001, None, "transformers.activations"),
     ("GELUTanh", lambda x: torch.nn.functional.gelu(x, approximate="tanh"), "gelu_tanh", "timm.layers.activations"),
@@ -986,6 +989,51 @@ def test_library_activation_needs_its_formula(name, formula, fused_as, module):
         assert type(fused.act) is nn.Identity
     x = torch.randn(4, 8, requires_grad=True)
     assert_close(fused(x), model(x))
+
+
+@pytest.mark.parametrize("scale, fused_as", [(1.702, "quick_gelu"), (1.7, None)], ids=["quick_gelu", "other_formula"])
+@pytest.mark.parametrize("form", ["sequential", "traced_forward"])
+def test_open_clip_residual_block_mlp(form, scale, fused_as):
+    """open_clip's ResidualAttentionBlock MLP, nn.Sequential(c_fc, QuickGELU, c_proj) as in the
+    models of OpenAI's CLIP weights (or the same in a forward fuse() traces), in a residual block:
+    c_fc becomes a FusedLinear quick_gelu, the same numbers; a QuickGELU of another formula stays."""
+    quick_gelu = _fake_activation("QuickGELU", lambda x: x * torch.sigmoid(scale * x), "open_clip.transformer")
+
+    class Mlp(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.c_fc, self.gelu, self.c_proj = nn.Linear(8, 32), quick_gelu(), nn.Linear(32, 8)
+
+        def forward(self, x):
+            return self.c_proj(self.gelu(self.c_fc(x)))
+
+    class ResidualBlock(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.ln_2 = nn.LayerNorm(8)
+            self.mlp = Mlp() if form == "traced_forward" else nn.Sequential(OrderedDict(
+                [("c_fc", nn.Linear(8, 32)), ("gelu", quick_gelu()), ("c_proj", nn.Linear(32, 8))]))
+
+        def forward(self, x):
+            return x + self.mlp(self.ln_2(x))
+
+    torch.manual_seed(0)
+    model = nn.Sequential(ResidualBlock(), ResidualBlock())
+    fused, report = fuse(copy.deepcopy(model))
+    for i, block in enumerate(fused):
+        if fused_as is None:
+            assert type(block.mlp.c_fc) is nn.Linear and type(block.mlp.gelu) is not nn.Identity, str(report)
+            assert any(f"{i}.mlp.c_fc (Linear 8->32)" in line for line in report.skipped), str(report)
+        else:
+            assert type(block.mlp.c_fc) is FusedLinear and block.mlp.c_fc.activation == fused_as, str(report)
+            assert f"{i}.mlp.c_fc (Linear 8->32) + quick_gelu -> FusedLinear" in report.replaced, str(report)
+            # (a traced forward drops the activation's call; a Sequential's slot becomes Identity)
+            assert form == "traced_forward" or type(block.mlp.gelu) is nn.Identity, str(report)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    assert_close(fused(x), model(x))
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
+    for a, b in zip(*grads):
+        assert_close(a, b)
 
 
 def test_linear_named_by_code_above_is_left_alone():

@@ -26,8 +26,10 @@ What it replaces:
     of three statements needs its class's other methods not to name them. Where a source cannot
     be read, it is left alone.
 - activations of other libraries (transformers.activations' GELUActivation, NewGELUActivation,
-  SiLUActivation..., timm's) are known by class name in torch_ext/integrations and accepted
-  only if they also compute the activation numerically at fuse time (activations.computes).
+  SiLUActivation..., timm's, open_clip's QuickGELU) are known by class name in
+  torch_ext/integrations, in traced forwards, nn.Sequential slots and rewritten modules alike, and
+  accepted only if they also compute the activation numerically at fuse time
+  (activations.computes).
 - loss modules (``CrossEntropyLoss``, ``MSELoss``, ``HuberLoss``, ``SmoothL1Loss``,
   ``TripletMarginLoss``, ``LinearCrossEntropyLoss``) become torch_ext's, which subclass them.
 - a transformers causal LM (``...ForCausalLM``, ``GPT2LMHeadModel``) computes its loss with

@@ -41,7 +41,7 @@ def _callable_spec(fn) -> Optional[Spec]:
     if fn is F.gelu:
         return ("gelu", _DEFAULT_SLOPE)
     if isinstance(fn, nn.Module):
-        return _module_spec(fn)
+        return activation_spec(fn)
     return None
 
 
@@ -59,7 +59,7 @@ def _node_spec(node: torch.fx.Node, owner: nn.Module) -> Optional[Spec]:
     if node.op == "call_module":
         if len(node.args) + len(node.kwargs) != 1:
             return None
-        return _module_spec(owner.get_submodule(node.target))
+        return activation_spec(owner.get_submodule(node.target))
     if node.op == "call_method" and node.target in _METHOD_ACTIVATIONS and len(node.args) == 1 and not node.kwargs:
         return (_METHOD_ACTIVATIONS[node.target], _DEFAULT_SLOPE)
     if node.op != "call_function" or node.target not in _FUNCTION_ACTIVATIONS:
@@ -113,7 +113,7 @@ def computes(module: nn.Module, spec: Spec) -> bool:
 
 def activation_spec(module) -> Optional[Spec]:
     """The FusedLinear activation an activation module computes: torch.nn's exact classes, or a
-    class torch_ext/integrations knows by name (transformers, timm) that passes `computes`."""
+    class torch_ext/integrations knows by name (transformers, timm, open_clip) that passes `computes`."""
     spec = _module_spec(module)
     if spec is not None or not isinstance(module, nn.Module):
         return spec

@@ -13,7 +13,7 @@ import torch
 import torch.fx
 from torch import nn
 
-from .activations import Spec, _callable_spec, _module_spec, _node_spec
+from .activations import Spec, _callable_spec, _node_spec, activation_spec
 from .rewrite import _has_hooks, _identity_like, fused_subclass, rebuilt
 from .source import ALL, _analyze_source, _SourceFacts
 
@@ -206,7 +206,7 @@ def _sequential_use(m: _Model, path: str, seq: nn.Sequential, key: str) -> _Use:
     if index + 1 >= len(keys):
         return _Use(path, None, "last in its nn.Sequential")
     act = seq._modules[keys[index + 1]]
-    spec = _module_spec(act)
+    spec = activation_spec(act)
     if spec is None:
         return _Use(path, None, f"followed by {type(act).__name__}, not a supported activation")
     why = _activation_replaceable(m, act)

@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 from torch import nn
 
 # The top-level package of a module's class -> the file here that knows it.
-_LIBRARIES = {"transformers": "transformers", "timm": "timm"}
+_LIBRARIES = {"transformers": "transformers", "timm": "timm", "open_clip": "open_clip"}
 
 
 def _top_package(cls) -> str:
