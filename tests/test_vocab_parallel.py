@@ -243,3 +243,15 @@ def test_process_group_needs_an_initialized_group():
     with pytest.raises(RuntimeError, match="torch.distributed is not initialized"):
         torch_ext.linear_cross_entropy(torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2]),
                                        process_group=object())
+
+
+@pytest.mark.parametrize("case", ["chunk_size_zero", "weight_requires_grad"])
+def test_process_group_call_checks_its_arguments_first(case):
+    # The same argument errors as the one-process path, before any collective is attempted.
+    x, w, t = torch.randn(3, 4), torch.randn(5, 4), torch.tensor([0, 1, 2])
+    if case == "chunk_size_zero":
+        with pytest.raises(ValueError, match="chunk_size must be >= 1, got 0"):
+            torch_ext.linear_cross_entropy(x, w, t, chunk_size=0, process_group=object())
+    else:
+        with pytest.raises(RuntimeError, match="not differentiable with respect to weight"):
+            torch_ext.linear_cross_entropy(x, w, t, weight=torch.ones(5, requires_grad=True), process_group=object())

@@ -396,16 +396,22 @@ def rows_per_chunk(chunk_size: Optional[int], options) -> Optional[int]:
     return None
 
 
-def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
-                    z_loss, chunk_size, softcap, process_group, return_lse, return_accuracy):
-    from .vocab_parallel import vocab_parallel_linear_cross_entropy
-
+def _check_call(weight, chunk_size) -> None:
+    """What both paths (one process, vocab-parallel) refuse before any work: a class weight that
+    asks for its gradient, and fewer than one row per chunk."""
     if weight is not None and weight.requires_grad and torch.is_grad_enabled():
         raise RuntimeError(
             "torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()"
         )
     if chunk_size is not None and chunk_size < 1:
         raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
+
+
+def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
+                    z_loss, chunk_size, softcap, process_group, return_lse, return_accuracy):
+    from .vocab_parallel import vocab_parallel_linear_cross_entropy
+
+    _check_call(weight, chunk_size)
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
     loss_dtype = torch.float32 if float32_loss_of_16_bit(input) else input.dtype
     return vocab_parallel_linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction,
@@ -416,16 +422,11 @@ def _vocab_parallel(input, linear_weight, target, linear_bias, weight, reduction
 def _linear_cross_entropy(input, linear_weight, target, linear_bias, weight, reduction, ignore_index, label_smoothing,
                           z_loss, chunk_size, softcap=0.0, return_stats=False, ignored_row_stats=False):
     """The loss (with return_stats: (loss, the rows' stats)) by the path that applies."""
-    if weight is not None and weight.requires_grad and torch.is_grad_enabled():
-        raise RuntimeError(
-            "torch_ext.linear_cross_entropy is not differentiable with respect to weight; pass weight.detach()"
-        )
+    _check_call(weight, chunk_size)
     if linear_weight.dim() > 2:
         return _k_dimensional(input, linear_weight, target, linear_bias, weight, reduction, ignore_index,
                               label_smoothing, z_loss, chunk_size, softcap)
     rows = input.shape[:-1].numel() if input.dim() >= 1 else 0
-    if chunk_size is not None and chunk_size < 1:
-        raise ValueError(f"torch_ext.linear_cross_entropy: chunk_size must be >= 1, got {chunk_size}")
     input, linear_weight, linear_bias = autocast_to_lower_precision(input, linear_weight, linear_bias)
     if chunk_size is None:  # for the dtype the GEMMs run in (autocast's, where it casts)
         chunk_size = default_chunk_size(
