@@ -1096,6 +1096,66 @@ def test_mlp_edited_in_its_forward_while_code_above_names_its_linears():
     assert not fused.mlp.fc2.bias.any()
 
 
+def _pretrained_with_sequential(helper_calls_layer: bool):
+    """A transformers PreTrainedModel holding an nn.Sequential(Linear, GELU, Linear), whose
+    _init_weights calls super()'s (transformers' own, as every model's does); with
+    `helper_calls_layer`, the model overrides a helper of a model-specific base class (which calls
+    the Sequential's first Linear itself) and reaches it through super()."""
+
+    class FakeConfig(tf.PretrainedConfig):
+        model_type = "torch_ext_fake_sequential"
+
+    class FakeModel(tf.PreTrainedModel):
+        config_class = FakeConfig
+
+        def __init__(self, config):
+            super().__init__(config)
+            self.proj = nn.Sequential(nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8))
+            self.post_init()
+
+        def _init_weights(self, module):
+            super()._init_weights(module)
+
+        def forward(self, x):
+            return self.proj(x)
+
+    class WithHelper(FakeModel):
+        def helper(self, x):
+            return self.proj[0](x)
+
+    class OverridingHelper(WithHelper):
+        def helper(self, x):
+            return super().helper(x)
+
+    for cls in (FakeConfig, FakeModel, WithHelper, OverridingHelper):
+        cls.__module__ = "transformers.models.fake.modeling_fake"
+    torch.manual_seed(0)
+    return (OverridingHelper if helper_calls_layer else FakeModel)(FakeConfig())
+
+
+@pytest.mark.parametrize("helper_calls_layer", [False, True], ids=["framework_code_only", "base_helper_calls_it"])
+def test_sequential_inside_a_pretrained_model(helper_calls_layer):
+    # transformers' own base classes (PreTrainedModel and its mixins) pass self to helpers and
+    # find modules by names from configs, but call no layer on data: fuse() does not read them, and
+    # a super() call that reaches them (every _init_weights) hides nothing. Before, every
+    # nn.Sequential in a transformers model (Qwen2-VL's patch merger, SAM's MLPs) was left alone as
+    # "may call it directly (code fuse() cannot read)". A super() call that reaches the model's
+    # own base class code, which fuse() does not read there, still blocks.
+    model = _pretrained_with_sequential(helper_calls_layer)
+    fused, report = fuse(model)
+    if helper_calls_layer:
+        assert type(fused.proj[0]) is nn.Linear, str(report)
+        assert any("proj.0 (Linear 8->16)" in s and "may call it directly" in s for s in report.skipped), str(report)
+    else:
+        assert type(fused.proj[0]) is FusedLinear and fused.proj[0].activation == "gelu", str(report)
+        assert type(fused.proj[1]) is nn.Identity
+    x = torch.randn(3, 8, requires_grad=True)
+    assert_close(fused(x), model(x))
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
 def test_unreadable_source_above_is_left_alone():
     """A module above the MLP has a method whose source cannot be read: fuse() cannot tell
     whether it calls the Linear, so it leaves the MLP alone and says so."""

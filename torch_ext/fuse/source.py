@@ -53,10 +53,13 @@ def _method_ast(fn) -> Optional[ast.AST]:
 
 def _own_methods(cls) -> Dict[str, Callable]:
     """Functions defined by cls and its bases below nn.Module, by name (the most derived); not
-    the pickling methods fuse() gives the classes it rewrites (rewrite.fused_subclass)."""
+    the pickling methods fuse() gives the classes it rewrites (rewrite.fused_subclass), nor a
+    library's base classes of every model (integrations.framework_class)."""
+    from ..integrations import framework_class  # noqa: PLC0415 (imports a library's file only for its classes)
+
     methods: Dict[str, Callable] = {}
     for klass in reversed(cls.__mro__):
-        if klass in (object, nn.Module) or klass.__module__.startswith("torch."):
+        if klass in (object, nn.Module) or klass.__module__.startswith("torch.") or framework_class(klass):
             continue
         for name, value in vars(klass).items():
             fn = value.fget if isinstance(value, property) else value
@@ -113,6 +116,20 @@ def _attribute_chain(node) -> Optional[List[str]]:
     return list(reversed(names)) if isinstance(node, ast.Name) and node.id == "self" and names else None
 
 
+def _super_reaches_generic_code(cls, method: str, attribute) -> bool:
+    """Whether `super().name` (`attribute`, the ast.Attribute on the super() call) in cls's
+    `method` reaches a method of torch's classes or a library's framework class (transformers'
+    PreTrainedModel._init_weights, say), which call no layer of the model on data."""
+    from ..integrations import framework_class  # noqa: PLC0415
+
+    if not isinstance(attribute, ast.Attribute):
+        return False
+    mro = cls.__mro__
+    owner = next((i for i, k in enumerate(mro) if method in vars(k)), None)
+    target = None if owner is None else next((k for k in mro[owner + 1:] if attribute.attr in vars(k)), None)
+    return target is not None and (target.__module__.startswith("torch.") or framework_class(target))
+
+
 def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: str) -> List[str]:
     """Records in `facts` what one method does with self; returns the methods of self it calls."""
     parents = {child: node for node in ast.walk(tree) for child in ast.iter_child_nodes(node)}
@@ -132,7 +149,8 @@ def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: 
             facts.problem = facts.problem or ("its forward has a with-block (torch.no_grad, autocast, ...), "
                                               "which torch.fx does not record")
         if isinstance(node, ast.Call) and isinstance(node.func, ast.Name) and node.func.id == "super":
-            opaque_all()  # the base class's methods are not analysed
+            if not _super_reaches_generic_code(type(module), method, parents.get(node)):
+                opaque_all()  # the base class's methods are not analysed
             if in_forward:
                 facts.problem = facts.problem or "its forward calls super(), whose code fuse() does not read"
         if isinstance(node, ast.Name) and node.id == "self" and not isinstance(parents.get(node), ast.Attribute):

@@ -56,6 +56,16 @@ def linear_like(module: nn.Module) -> bool:
     return lib is not None and hasattr(lib, "linear_like") and lib.linear_like(module)
 
 
+def framework_class(cls) -> bool:
+    """A library's base class of every model (transformers' PreTrainedModel and its mixins), whose
+    methods fuse() need not read for code that may call a layer (see the library's file)."""
+    name = _LIBRARIES.get(_top_package(cls))
+    if name is None:
+        return False
+    lib = importlib.import_module(f"{__name__}.{name}")
+    return hasattr(lib, "framework_class") and lib.framework_class(cls)
+
+
 def fused_linear_like(module: nn.Module, spec) -> nn.Module:
     """The fused replacement of a `linear_like` module, holding its Parameter objects."""
     return _library(module).fused_linear_like(module, spec)

@@ -46,6 +46,16 @@ ACTIVATIONS = {
 # ("relu", "swish", "sigmoid", "tanh", "leaky_relu" give torch.nn's own classes: fuse's own table.)
 
 
+def framework_class(cls) -> bool:
+    """transformers' own base classes of every model, defined outside transformers.models
+    (PreTrainedModel and its mixins: loading, saving, generation, adapters, parallelism). Their
+    methods work on any model generically (modules(), submodules by names from a config or a
+    checkpoint) and pass `self` to helpers, which makes fuse() assume they may call any layer;
+    none calls a layer on data. So fuse() does not read them: otherwise every nn.Sequential inside
+    a transformers model (Qwen2-VL's patch merger, SAM's and GIT's MLPs) is left alone."""
+    return cls.__module__.startswith("transformers.") and not cls.__module__.startswith("transformers.models.")
+
+
 def linear_like(module) -> bool:
     return type(module) is Conv1D
 
