@@ -813,6 +813,75 @@ def test_chunked_gated_mlp_forms(variant, act, tmp_path):
         assert not calls, calls  # training with p > 0: the module's own forward, as the report says
 
 
+class _Gated(nn.Module):
+    """A library's gated MLP with gate, up and down Linears; the test picks its forward."""
+
+    def __init__(self):
+        super().__init__()
+        self.gate_proj, self.up_proj = nn.Linear(8, 16, bias=False), nn.Linear(8, 16, bias=False)
+        self.down_proj = nn.Linear(16, 8, bias=False)
+        self.act_fn = tf.activations.ACT2FN["silu"]
+
+
+class _Holder(nn.Module):
+    """Layers iterated as a decoder model does (with an optional argument, which fx cannot trace):
+    fuse() reads the MLPs' own forwards (local.py)."""
+
+    def __init__(self, mlp):
+        super().__init__()
+        self.layers = nn.ModuleList([mlp])
+
+    def forward(self, x, mask=None):
+        for layer in self.layers:
+            x = layer(x)
+        return x
+
+
+_Holder.__module__ = "transformers.models.fake.modeling_fake"
+
+_GATED_FORWARDS = {
+    # fused: LlamaMLP's, its result named first, Llama 4's product named first (either order)
+    "llama": ("fused", "return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))"),
+    "named_result": ("fused", "h = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n    return h"),
+    "llama4": ("fused", "h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)\n    return self.down_proj(h)"),
+    "llama4_reversed": ("fused", "h = self.up_proj(x) * self.act_fn(self.gate_proj(x))\n    return self.down_proj(h)"),
+    # left whole: the product read again, scaled before down, a dropout after down (Seed-OSS's)
+    "h_again": ("left", "h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)\n    return self.down_proj(h) + h.sum()"),
+    "scaled": ("left", "h = self.act_fn(self.gate_proj(x)) * self.up_proj(x)\n    return self.down_proj(h * 2)"),
+    "dropout_after": ("left", "h = self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))\n"
+                              "    h = torch.nn.functional.dropout(h, p=0.0, training=self.training)\n    return h"),
+}
+
+
+@pytest.mark.parametrize("variant", list(_GATED_FORWARDS))
+def test_gated_mlp_forms(variant, tmp_path):
+    """fuse() replaces the forward of a gated MLP (gate, up, down Linears) in the forms that mean
+    down(act(gate(x)) * up(x)), and no other; either way the numbers are the module's own."""
+    import importlib.util
+
+    expect, body = _GATED_FORWARDS[variant]
+    path = tmp_path / f"gated_{variant}.py"  # a real source file (fuse() reads forward's source)
+    path.write_text(f"import torch\n\n\ndef forward(self, x):\n    {body}\n")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cls = type(f"Gated_{variant}", (_Gated,), {"forward": mod.forward})
+    cls.__module__ = "transformers.models.fake.modeling_fake"
+    torch.manual_seed(0)
+    model = _Holder(cls())
+    ref = copy.deepcopy(model)
+    fused, report = fuse(model)
+    line = "gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"
+    whole = [r for r in report.replaced if line in r]
+    assert bool(whole) == (expect == "fused"), str(report)
+    x = torch.randn(3, 5, 8, requires_grad=True)
+    y, yr = fused(x), ref(x)
+    assert_close(y, yr, msg=variant)
+    grads = [torch.autograd.grad(out.square().sum(), [x, *m.parameters()]) for out, m in ((y, fused), (yr, ref))]
+    for a, b in zip(*grads):
+        assert_close(a, b, msg=variant)
+
+
 class _ChunkedFFN(nn.Module):
     """DistilBERT's FFN shape: forward hands its input to ff_chunk through transformers'
     apply_chunking_to_forward; `also_named` adds a method that names lin1 (other code might call it)."""

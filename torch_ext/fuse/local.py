@@ -191,23 +191,28 @@ def _gated_factors(r: _Reader, product):
 
 
 def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[str, str, str, str, Spec]]:
-    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`: (gate, up,
-    down, act, spec), or None."""
+    """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, also as
+    `h = self.down(...); return h` or `h = self.act(self.gate(x)) * self.up(x); return
+    self.down(h)` (Llama 4's): (gate, up, down, act, spec), or None."""
     x = _only_argument(r)
-    if x is None:
+    if x is None or not body or not isinstance(body[-1], ast.Return):
         return None
-    if len(body) == 1 and isinstance(body[0], ast.Return):
-        expr = body[0].value
-    elif (len(body) == 2 and isinstance(body[0], ast.Assign) and len(body[0].targets) == 1
-          and isinstance(body[0].targets[0], ast.Name) and isinstance(body[1], ast.Return)
-          and isinstance(body[1].value, ast.Name) and body[1].value.id == body[0].targets[0].id):
-        expr = body[0].value
+    ret = body[-1].value
+    if len(body) == 1:
+        expr, product = ret, None
+    elif len(body) == 2 and (h := _assigned(body[0])) is not None:
+        if isinstance(ret, ast.Name) and ret.id == h:
+            expr, product = body[0].value, None
+        elif r.linear(ret) and isinstance(ret.args[0], ast.Name) and ret.args[0].id == h:
+            expr, product = ret, body[0].value
+        else:
+            return None
     else:
         return None
     down = r.linear(expr)
     if down is None or type(r.sub(down)) is not nn.Linear:
         return None
-    for act_call, up_call, act in _gated_factors(r, expr.args[0]):
+    for act_call, up_call, act in _gated_factors(r, expr.args[0] if product is None else product):
         gate, up = r.linear(act_call.args[0]), r.linear(up_call)
         on_x = all(isinstance(c.args[0], ast.Name) and c.args[0].id == x for c in (act_call.args[0], up_call))
         if gate and up and on_x and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear:
