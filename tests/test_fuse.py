@@ -1416,3 +1416,54 @@ def test_not_a_module(bad, name):
         torch_ext.fuse(bad)
     with pytest.raises(TypeError, match=rf"\b{name}\b"):
         torch_ext.fuse(bad, inplace=True, return_report=True)
+
+
+class _FeedForward(nn.Module):
+    """torchtitan's (and Meta's Llama reference) FeedForward: w2(F.silu(w1(x)) * w3(x))."""
+
+    def __init__(self, dim: int = 8, hidden: int = 16):
+        super().__init__()
+        self.w1 = nn.Linear(dim, hidden, bias=False)
+        self.w2 = nn.Linear(hidden, dim, bias=False)
+        self.w3 = nn.Linear(dim, hidden, bias=False)
+
+    def forward(self, x):
+        return self.w2(F.silu(self.w1(x)) * self.w3(x))
+
+
+class _TraceableDecoder(nn.Module):
+    """Pre-norm residual blocks around a gated MLP, in forwards fuse() traces whole."""
+
+    def __init__(self):
+        super().__init__()
+        self.norms = nn.ModuleList([nn.LayerNorm(8), nn.LayerNorm(8)])
+        self.ffs = nn.ModuleList([_FeedForward(), _FeedForward()])
+
+    def forward(self, x):
+        for norm, ff in zip(self.norms, self.ffs):
+            x = x + ff(norm(x))
+        return x
+
+
+def test_gated_mlp_with_a_function_activation_in_a_traced_model():
+    # The gated MLP as torchtitan and Meta's Llama write it (F.silu, no activation module), in a
+    # model fuse() traces: the MLP's forward becomes fused_mlp swiglu on its own w1 / w3 / w2, where
+    # the fx path alone made a FusedLinear of w1 + silu and left w3 and the product to eager ops.
+    torch.manual_seed(0)
+    model = _TraceableDecoder()
+    fused, report = torch_ext.fuse(model, return_report=True)
+    for i in range(2):
+        assert f"ffs.{i} (_FeedForward: w1, w3, w2 + silu function) -> torch_ext.fused_mlp swiglu" in report.replaced, \
+            str(report)
+        assert type(fused.ffs[i].w1) is nn.Linear and isinstance(fused.ffs[i], _FeedForward)
+    with TorchExtOps() as ops:
+        fused(torch.randn(3, 8))
+    assert any("mlp" in name for name in ops), ops
+    assert_same_outputs_and_grads(fused, model, [torch.randn(2, 5, 8)], "gated MLP, function activation")
+    for how in ("pickle", "deepcopy"):
+        loaded = round_trip(fused, how)
+        assert type(loaded.ffs[0]).__name__ == type(fused.ffs[0]).__name__, how
+        with TorchExtOps() as ops:
+            loaded(torch.randn(3, 8))
+        assert any("mlp" in name for name in ops), (how, ops)
+        assert_same_outputs_and_grads(loaded, model, [torch.randn(2, 5, 8)], f"gated MLP, function activation, {how}")

@@ -15,7 +15,9 @@ What it replaces:
     module whose own forward it cannot trace), in that module on its own, read from its
     forward's source (local.py): a Linear -> activation module pair (FusedLinear, the activation
     nn.Identity); ``fc1 -> act -> fc2`` statements (``fused_mlp``); a gated MLP
-    ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh), its variant on one
+    ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh; the activation a
+    module or a function such as F.silu; taken over the fx path's pairs in a traced model too,
+    as it fuses more), its variant on one
     [gate; up] Linear (``gate, up = self.gate_up(x).chunk(2, dim=-1)``) or gated product (one
     GEMM and the gated activation). This is how it reaches Hugging Face models
     (BertIntermediate, ViTMLP, LlamaMLP, Phi3MLP, ModernBertMLP, T5DenseActDense,

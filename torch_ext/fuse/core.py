@@ -9,6 +9,7 @@ from torch import nn
 
 from ..integrations import fuse_whole_models, fused_linear_like, is_library_module, linear_like
 from ..linear_act import FusedLinear
+from ..mlp import GATED_ACTIVATIONS
 from . import forwards, local
 from .activations import _describe
 from .losses import _replacement_loss
@@ -58,6 +59,8 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
     # Linear + activation: nn.Sequential, Transformer layers and traced forwards (traced.py);
     # then, for the Linears those left alone in a custom module, that module on its own (local.py).
     pending: Dict[int, int] = {}  # a Linear left alone in a custom module -> its line in report.skipped
+    whole_mlps = {id(mod._modules[name]) for mod in m.modules.values() if _is_custom(mod)
+                  for name in local.whole_mlp_linears(mod, _linear_ok)}
     for key, paths in m.paths.items():
         linear = m.modules[key]
         if not isinstance(linear, nn.Linear) and _is_custom(linear) and linear_like(linear):
@@ -77,6 +80,10 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
             continue
         if _has_hooks(linear):
             report.skipped.append(f"{label}: has hooks")
+            continue
+        if key in whole_mlps:  # its gated MLP's forward is replaced whole (local.py), which fuses more
+            pending[key] = len(report.skipped)
+            report.skipped.append(f"{label}: part of a gated MLP, left to its own forward")
             continue
         uses = _uses_of_linear(m, linear)
         blocked = [u for u in uses if u.spec is None]
@@ -160,14 +167,15 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
         prefix = f"{where}." if parent_paths[0] else ""
         children = {name: sub for name, sub in parent._modules.items() if sub is not None and id(sub) in pending}
         if p.gated is not None:
-            gate, up, down, act, kind = p.gated
-            parent.__class__ = forwards.gated_class(type(parent), gate, up, down, kind, act, type(parent._modules[act]))
+            gate, up, down, act, kind = p.gated  # act: None for a function (F.silu)
+            act_type = type(parent._modules[act]) if act else None
+            parent.__class__ = forwards.gated_class(type(parent), gate, up, down, kind, act, act_type)
             for name in (gate, up, down):
                 if id(parent._modules[name]) in pending:
                     done[pending[id(parent._modules[name])]] = ""
+            what = act_type.__name__ if act else f"{GATED_ACTIVATIONS[kind]} function"
             report.replaced.append(
-                f"{where} ({type(parent).__name__}: {gate}, {up}, {down} + {type(parent._modules[act]).__name__}) "
-                f"-> torch_ext.fused_mlp {kind}")
+                f"{where} ({type(parent).__name__}: {gate}, {up}, {down} + {what}) -> torch_ext.fused_mlp {kind}")
             continue
         if p.chunked_gated is not None:
             gate_up, down, act, kind, drop = p.chunked_gated

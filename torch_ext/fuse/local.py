@@ -178,22 +178,25 @@ def _assigned(stmt) -> Optional[str]:
     return stmt.targets[0].id if ok else None
 
 
-def _gated_factors(r: _Reader, product):
+def _gated_factors(r: _Reader, product, functions: bool = False):
     """(activation call, other factor, (spec, activation module name)) for each order of the
     product `self.act(...) * other` whose activation module is a gated one's (silu, gelu,
-    gelu_tanh); nothing when `product` is not such a product."""
+    gelu_tanh), with `functions` also `F.silu(...) * other` (module name None); nothing when
+    `product` is not such a product."""
     if not (isinstance(product, ast.BinOp) and isinstance(product.op, ast.Mult)):
         return
     for act_call, other in ((product.left, product.right), (product.right, product.left)):
         act = r.activation(act_call)
-        if act is not None and act[1] is not None and act[0][0] in _GATED:
+        if act is not None and (functions or act[1] is not None) and act[0][0] in _GATED:
             yield act_call, other, act
 
 
 def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[str, str, str, str, Spec]]:
     """The gated MLP forward `return self.down(self.act(self.gate(x)) * self.up(x))`, also as
     `h = self.down(...); return h` or `h = self.act(self.gate(x)) * self.up(x); return
-    self.down(h)` (Llama 4's): (gate, up, down, act, spec), or None."""
+    self.down(h)` (Llama 4's), the activation a module or a function (`F.silu(self.w1(x))`, as
+    torchtitan's and Meta's Llama FeedForward): (gate, up, down, act module name or None, spec),
+    or None."""
     x = _only_argument(r)
     if x is None or not body or not isinstance(body[-1], ast.Return):
         return None
@@ -212,7 +215,7 @@ def _gated(r: _Reader, body: List[ast.stmt]) -> Optional[Tuple[str, str, str, st
     down = r.linear(expr)
     if down is None or type(r.sub(down)) is not nn.Linear:
         return None
-    for act_call, up_call, act in _gated_factors(r, expr.args[0] if product is None else product):
+    for act_call, up_call, act in _gated_factors(r, expr.args[0] if product is None else product, functions=True):
         gate, up = r.linear(act_call.args[0]), r.linear(up_call)
         on_x = all(isinstance(c.args[0], ast.Name) and c.args[0].id == x for c in (act_call.args[0], up_call))
         if gate and up and on_x and gate != up and type(r.sub(gate)) is type(r.sub(up)) is nn.Linear:
@@ -371,6 +374,23 @@ def _chunking_method(r: _Reader, body: List[ast.stmt], methods) -> Optional[str]
     return method if isinstance(last, ast.Name) and last.id == x else None
 
 
+def whole_mlp_linears(module: nn.Module, linear_ok) -> Tuple[str, ...]:
+    """The Linears (names) of a gated MLP whose whole forward plan() replaces (fused_mlp swiglu /
+    geglu on its own Linears), or (): the fx path leaves them to it, as its pairs would fuse less
+    (a FusedLinear gate and a plain up projection)."""
+    if "forward" not in _own_methods(type(module)):
+        return ()
+    r = _Reader(module, linear_ok)
+    if r.tree is None or not isinstance(r.tree.body[0], ast.FunctionDef) or r.tree.body[0].decorator_list:
+        return ()
+    body = _without_docstring(r.tree.body[0].body)
+    g = _gated(r, body)
+    if g is not None:
+        return g[:3]
+    cg = _chunked_gated(r, body)
+    return cg[:2] if cg is not None else ()
+
+
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
     """What can be rewritten in `module` alone (see the module docstring); `ancestors`: every
     module above it, whose methods must not name what is swapped."""
@@ -435,7 +455,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
         why = ""
         if (r.sub(gate).bias is None) != (r.sub(up).bias is None):
             why = "only one of its gate and up projections has a bias"
-        if any(_has_hooks(r.sub(n)) for n in (gate, up, down, act)):
+        if any(_has_hooks(r.sub(n)) for n in (gate, up, down) + ((act,) if act else ())):
             why = why or "a module of its gated MLP has hooks"
         if not why:
             p.gated = (gate, up, down, act, _GATED[spec[0]])
