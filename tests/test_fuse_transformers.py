@@ -723,6 +723,20 @@ def test_chunked_gated_mlp_keeps_parameter_objects():
     assert list(mlp.state_dict()) == ["gate_up_proj.weight", "down_proj.weight"]
 
 
+def _class_with_forward(base, name: str, body: str, path):
+    """A subclass of `base` named `name` whose forward is `body`, written to a real source file
+    (fuse() reads forward's source) at `path`, and named as a transformers module."""
+    import importlib.util
+
+    path.write_text(f"import torch\n\n\ndef forward(self, x):\n    {body}\n")
+    spec = importlib.util.spec_from_file_location(path.stem, path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    cls = type(name, (base,), {"forward": mod.forward})
+    cls.__module__ = "transformers.models.fake.modeling_fake"
+    return cls
+
+
 class _ChunkedGated(nn.Module):
     """A library's gated MLP whose first Linear holds [gate; up]; `variant` picks its forward."""
 
@@ -764,17 +778,8 @@ _CHUNKED_GATED_FORWARDS = {
 def test_chunked_gated_mlp_forms(variant, act, tmp_path):
     """fuse() takes the [gate; up] gated MLP in the forms that mean act(first half) * second half,
     and leaves every other form alone; either way the numbers are the module's own."""
-    import importlib.util
-
     expect, body = _CHUNKED_GATED_FORWARDS[variant]
-    # A real source file (fuse() reads forward's source), named as a transformers module.
-    path = tmp_path / f"chunked_{variant}_{act}.py"
-    path.write_text(f"def forward(self, x):\n    {body}\n")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cls = type(f"ChunkedGated_{variant}", (_ChunkedGated,), {"forward": mod.forward})
-    cls.__module__ = "transformers.models.fake.modeling_fake"
+    cls = _class_with_forward(_ChunkedGated, f"ChunkedGated_{variant}", body, tmp_path / f"chunked_{variant}_{act}.py")
     activation = tf.activations.ACT2FN["silu" if act == "silu" else "gelu_pytorch_tanh"]
     torch.manual_seed(0)
     model = cls(activation, bias=act != "silu", dropout=0.5 if variant == "dropout_active" else 0.0)
@@ -857,16 +862,8 @@ _GATED_FORWARDS = {
 def test_gated_mlp_forms(variant, tmp_path):
     """fuse() replaces the forward of a gated MLP (gate, up, down Linears) in the forms that mean
     down(act(gate(x)) * up(x)), and no other; either way the numbers are the module's own."""
-    import importlib.util
-
     expect, body = _GATED_FORWARDS[variant]
-    path = tmp_path / f"gated_{variant}.py"  # a real source file (fuse() reads forward's source)
-    path.write_text(f"import torch\n\n\ndef forward(self, x):\n    {body}\n")
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    cls = type(f"Gated_{variant}", (_Gated,), {"forward": mod.forward})
-    cls.__module__ = "transformers.models.fake.modeling_fake"
+    cls = _class_with_forward(_Gated, f"Gated_{variant}", body, tmp_path / f"gated_{variant}.py")
     torch.manual_seed(0)
     model = _Holder(cls())
     ref = copy.deepcopy(model)
