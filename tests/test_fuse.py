@@ -1467,3 +1467,53 @@ def test_gated_mlp_with_a_function_activation_in_a_traced_model():
             loaded(torch.randn(3, 8))
         assert any("mlp" in name for name in ops), (how, ops)
         assert_same_outputs_and_grads(loaded, model, [torch.randn(2, 5, 8)], f"gated MLP, function activation, {how}")
+
+
+class _Mlp(nn.Module):
+    """timm's Mlp shape: fc1, act, fc2 statements; `dropout` adds a statement after fc2."""
+
+    def __init__(self, dropout: bool = False):
+        super().__init__()
+        self.fc1, self.act, self.fc2 = nn.Linear(8, 16), nn.GELU(), nn.Linear(16, 8)
+        self.drop = nn.Dropout(0.0) if dropout else None
+
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.act(x)
+        x = self.fc2(x)
+        return x
+
+
+class _MlpThenDropout(_Mlp):
+    def forward(self, x):
+        x = self.fc1(x)
+        x = self.act(x)
+        x = self.fc2(x)
+        x = self.drop(x)
+        return x
+
+
+@pytest.mark.parametrize("kind", ["whole_forward", "more_after_fc2"])
+def test_mlp_statements_in_a_traced_model(kind):
+    # An MLP module whose whole forward is fc1 -> act -> fc2, in a model fuse() traces: fused_mlp
+    # (which keeps only the pre-activation for backward) rather than the fx path's FusedLinear
+    # fc1, whose output fc2 saves again. A forward that does more stays with the fx path's pair.
+    class Net(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.norm = nn.LayerNorm(8)
+            self.mlp = _Mlp() if kind == "whole_forward" else _MlpThenDropout(dropout=True)
+
+        def forward(self, x):
+            return x + self.mlp(self.norm(x))
+
+    torch.manual_seed(0)
+    model = Net()
+    fused, report = torch_ext.fuse(model, return_report=True)
+    if kind == "whole_forward":
+        assert any("mlp (_Mlp: fc1, fc2 + GELU) -> torch_ext.fused_mlp gelu (in its forward)" in r
+                   for r in report.replaced), str(report)
+        assert type(fused.mlp.fc1) is nn.Linear
+    else:
+        assert "mlp.fc1 (Linear 8->16) + gelu -> FusedLinear" in report.replaced, str(report)
+    assert_same_outputs_and_grads(fused, model, [torch.randn(2, 5, 8)], kind)

@@ -17,7 +17,8 @@ What it replaces:
     nn.Identity); ``fc1 -> act -> fc2`` statements (``fused_mlp``); a gated MLP
     ``down(act(gate(x)) * up(x))`` (``fused_mlp`` swiglu / geglu / geglu_tanh; the activation a
     module or a function such as F.silu; taken over the fx path's pairs in a traced model too,
-    as it fuses more), its variant on one
+    as it fuses more, and so are fc1 -> act -> fc2 statements that are a module's whole
+    forward), its variant on one
     [gate; up] Linear (``gate, up = self.gate_up(x).chunk(2, dim=-1)``) or gated product (one
     GEMM and the gated activation). This is how it reaches Hugging Face models
     (BertIntermediate, ViTMLP, LlamaMLP, Phi3MLP, ModernBertMLP, T5DenseActDense,

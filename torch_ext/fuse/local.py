@@ -375,9 +375,10 @@ def _chunking_method(r: _Reader, body: List[ast.stmt], methods) -> Optional[str]
 
 
 def whole_mlp_linears(module: nn.Module, linear_ok) -> Tuple[str, ...]:
-    """The Linears (names) of a gated MLP whose whole forward plan() replaces (fused_mlp swiglu /
-    geglu on its own Linears), or (): the fx path leaves them to it, as its pairs would fuse less
-    (a FusedLinear gate and a plain up projection)."""
+    """The Linears (names) of an MLP that is the module's whole forward and that plan() makes one
+    fused_mlp (a gated MLP; `h = fc1(x); h = act(h); y = fc2(h); return y`), or (): the fx path
+    leaves them to it, as its pairs would fuse less (a FusedLinear gate and a plain up projection;
+    a FusedLinear fc1 whose output fc2 saves again)."""
     if "forward" not in _own_methods(type(module)):
         return ()
     r = _Reader(module, linear_ok)
@@ -388,7 +389,13 @@ def whole_mlp_linears(module: nn.Module, linear_ok) -> Tuple[str, ...]:
     if g is not None:
         return g[:3]
     cg = _chunked_gated(r, body)
-    return cg[:2] if cg is not None else ()
+    if cg is not None:
+        return cg[:2]
+    seq = _mlp_sequence(r, body)
+    if (seq is not None and seq[0] == 0 and len(body) == 4 and seq[6] == _only_argument(r)
+            and isinstance(body[3], ast.Return) and isinstance(body[3].value, ast.Name) and body[3].value.id == seq[7]):
+        return seq[2], seq[3]
+    return ()
 
 
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
