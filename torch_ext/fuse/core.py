@@ -59,7 +59,9 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
     # Linear + activation: nn.Sequential, Transformer layers and traced forwards (traced.py);
     # then, for the Linears those left alone in a custom module, that module on its own (local.py).
     pending: Dict[int, int] = {}  # a Linear left alone in a custom module -> its line in report.skipped
-    whole_mlps = {id(mod._modules[name]) for mod in m.modules.values() if _is_custom(mod)
+    # (only in modules the local path reads: a library's, or one whose forward the fx path could rewrite)
+    whole_mlps = {id(mod._modules[name]) for mod in m.modules.values()
+                  if _is_custom(mod) and (is_library_module(mod) or getattr(m.traced.get(id(mod)), "rewritable", False))
                   for name in local.whole_mlp_linears(mod, _linear_ok)}
     for key, paths in m.paths.items():
         linear = m.modules[key]
