@@ -83,9 +83,9 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
         if _has_hooks(linear):
             report.skipped.append(f"{label}: has hooks")
             continue
-        if key in whole_mlps:  # its gated MLP's forward is replaced whole (local.py), which fuses more
+        if key in whole_mlps:  # its module's forward, an MLP, becomes one fused_mlp (local.py): more than pairs
             pending[key] = len(report.skipped)
-            report.skipped.append(f"{label}: part of a gated MLP, left to its own forward")
+            report.skipped.append(f"{label}: in an MLP that is its module's whole forward, left to its rewrite")
             continue
         uses = _uses_of_linear(m, linear)
         blocked = [u for u in uses if u.spec is None]
