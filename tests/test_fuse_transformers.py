@@ -67,6 +67,10 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.BloomForCausalLM(tf.BloomConfig(vocab_size=100, hidden_size=32, n_layer=2, n_head=2,
                                                       hidden_dropout=0.0, attention_dropout=0.0, bos_token_id=0,
                                                       eos_token_id=0, pad_token_id=0))
+        if family == "falcon":  # FalconLinear (an nn.Linear subclass); its head keeps its logits
+            return tf.FalconForCausalLM(tf.FalconConfig(vocab_size=100, hidden_size=32, num_hidden_layers=2,
+                                                        num_attention_heads=2, ffn_hidden_size=128, hidden_dropout=0.0,
+                                                        attention_dropout=0.0, bos_token_id=0, eos_token_id=0))
         if family == "gpt2":
             return tf.GPT2LMHeadModel(tf.GPT2Config(vocab_size=100, n_positions=32, n_embd=32, n_layer=2, n_head=2,
                                                     resid_pdrop=0.0, embd_pdrop=0.0, attn_pdrop=0.0,
@@ -97,8 +101,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "clip", "gpt2", "bloom", "llama", "mistral", "qwen2",
-            "phi3", "t5", "t5-gated"]
+FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "clip", "gpt2", "bloom", "falcon", "llama", "mistral",
+            "qwen2", "phi3", "t5", "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
@@ -110,6 +114,7 @@ MLP_LINES = {
     "gpt2": ["transformer.h.{i}.mlp (GPT2MLP: c_fc, c_proj + NewGELUActivation) "
              "-> torch_ext.fused_mlp gelu_tanh (in its forward)"],
     "bloom": ["transformer.h.{i}.mlp.dense_h_to_4h (Linear 32->128) + gelu_tanh (BloomGelu) -> FusedLinear"],
+    "falcon": ["transformer.h.{i}.mlp.dense_h_to_4h (FalconLinear 32->128) + gelu (GELUActivation) -> FusedLinear"],
     "llama": ["model.layers.{i}.mlp (LlamaMLP: gate_proj, up_proj, down_proj + SiLUActivation) "
               "-> torch_ext.fused_mlp swiglu"],
     "mistral": ["model.layers.{i}.mlp (MistralMLP: gate_proj, up_proj, down_proj + SiLUActivation) "
@@ -131,7 +136,7 @@ MLP_LINES = {
 }
 # The Linears feeding an activation in each family's MLP: never in the "left alone" lines.
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "clip": "mlp.fc",
-                     "gpt2": "mlp.c_", "bloom": "mlp.dense_h_to_4h",
+                     "gpt2": "mlp.c_", "bloom": "mlp.dense_h_to_4h", "falcon": "mlp.dense_h_to_4h",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "modernbert": "mlp.",
                      "distilbert": "ffn.lin1",
                      "t5": "DenseReluDense.wi ",
@@ -1218,6 +1223,56 @@ def test_sequential_inside_a_pretrained_model(helper_calls_layer):
     x = torch.randn(3, 8, requires_grad=True)
     assert_close(fused(x), model(x))
     grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
+    for a, b in zip(*grads):
+        assert_close(a, b)
+
+
+class _LinearVariantMlp(nn.Module):
+    """fc1 -> act -> fc2 statements on an nn.Linear subclass named FalconLinear (`scale`: its forward
+    multiplies F.linear's result, as a changed formula would)."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+
+        class FalconLinear(nn.Linear):
+            def forward(self, input):
+                out = input @ self.weight.T
+                return (out if self.bias is None else out + self.bias) * scale
+
+        FalconLinear.__module__ = "transformers.models.falcon.modeling_fake"
+        self.fc1, self.act, self.fc2 = FalconLinear(8, 16), nn.GELU(), FalconLinear(16, 8)
+
+    def forward(self, x):
+        h = self.fc1(x)
+        h = self.act(h)
+        y = self.fc2(h)
+        return y
+
+
+_LinearVariantMlp.__module__ = "transformers.models.falcon.modeling_fake"
+
+
+@pytest.mark.parametrize("scale", [1.0, 2.0], ids=["linear", "changed_formula"])
+def test_falcon_linear_taken_only_when_it_computes_linear(scale):
+    # FalconLinear (F.linear written out) is taken as a Linear: fc1 + act becomes a FusedLinear
+    # holding its Parameters (not fused_mlp, whose layer checks take exact nn.Linear); a class of
+    # that name whose forward computes something else stays, as the report says.
+    torch.manual_seed(0)
+    model = _Holder(_LinearVariantMlp(scale))
+    ref = copy.deepcopy(model)
+    weight = model.layers[0].fc1.weight
+    fused, report = fuse(model, inplace=True)
+    mlp = fused.layers[0]
+    if scale == 1.0:
+        assert type(mlp.fc1) is FusedLinear and mlp.fc1.activation == "gelu", str(report)
+        assert mlp.fc1.weight is weight  # the same Parameter object
+        assert type(mlp.fc2).__name__ == "FalconLinear" and type(mlp.act) is nn.Identity
+    else:
+        assert type(mlp.fc1).__name__ == "FalconLinear" and not report.replaced, str(report)
+        assert any("a subclass of nn.Linear" in line for line in report.skipped), str(report)
+    x = torch.randn(3, 8, requires_grad=True)
+    assert_close(fused(x), ref(x))
+    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, ref)]
     for a, b in zip(*grads):
         assert_close(a, b)
 

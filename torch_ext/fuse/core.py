@@ -65,7 +65,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
                   for name in local.whole_mlp_linears(mod, _linear_ok)}
     for key, paths in m.paths.items():
         linear = m.modules[key]
-        if not isinstance(linear, nn.Linear) and _is_custom(linear) and linear_like(linear):
+        if type(linear) is not nn.Linear and _is_custom(linear) and linear_like(linear):
             pending[key] = len(report.skipped)  # a library's Linear variant: only the local path knows it
             report.skipped.append(f"{_label(linear, paths)}: its module's forward does not pass it to an activation")
             continue

@@ -335,6 +335,8 @@ def _mlp_sequence(r: _Reader, body: List[ast.stmt]):
         act = r.activation(s2.value)
         if not (fc1 and fc2 and act and act[1] and fc1 != fc2 and type(r.sub(fc1)) is type(r.sub(fc2))):
             continue
+        if type(r.sub(fc1)) is not nn.Linear and isinstance(r.sub(fc1), nn.Linear):
+            continue  # an nn.Linear subclass (FalconLinear): fused_mlp's layer checks take exact Linears only
         x = s1.value.args[0]
         a2, a3 = s2.value.args[0], s3.value.args[0]
         if not (isinstance(x, ast.Name) and h == h2 and isinstance(a2, ast.Name) and a2.id == h
@@ -510,7 +512,7 @@ def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:
             why = why or "a module of its MLP has hooks"
         if not why:
             # Conv1D stores its weight (in, out): fused_mlp gets its transposed view (no copy).
-            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, type(r.sub(fc1)) is not nn.Linear), act,
+            p.edit = Edit(index, 3, target, "mlp", (fc1, fc2), x, (*spec, not isinstance(r.sub(fc1), nn.Linear)), act,
                           type(r.sub(act)))
             p.edit_label = (f"{type(module).__name__}: {fc1}, {fc2} + {type(r.sub(act)).__name__}) "
                             f"-> torch_ext.fused_mlp {_describe(spec)} (in its forward)")

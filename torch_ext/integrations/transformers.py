@@ -15,6 +15,7 @@ Imported only when a model holds a transformers module.
 from __future__ import annotations
 
 import ast
+import functools
 import inspect
 import warnings
 
@@ -25,7 +26,7 @@ from transformers.pytorch_utils import Conv1D
 
 from .._common import divide_by_items
 from ..fuse.forwards import unchanged
-from ..fuse.rewrite import fused_subclass, rebuilt
+from ..fuse.rewrite import _fused_linear_from, fused_subclass, rebuilt
 from ..linear_act import fused_linear
 from ..linear_cross_entropy import linear_cross_entropy
 
@@ -57,7 +58,27 @@ def framework_class(cls) -> bool:
 
 
 def linear_like(module) -> bool:
-    return type(module) is Conv1D
+    """Conv1D (GPT-2: weight stored (in, out)), or Falcon's FalconLinear: an nn.Linear subclass whose
+    forward writes F.linear out (`input @ weight.T`, then `+ bias`), taken by name with a check
+    of its class's numbers (_computes_linear), so that a changed forward is not fused silently."""
+    cls = type(module)
+    if cls is Conv1D:
+        return True
+    return (cls.__name__ == "FalconLinear" and cls.__module__.startswith(MODULE_PREFIX)
+            and isinstance(module, nn.Linear) and _computes_linear(cls, module.bias is not None))
+
+
+@functools.cache
+def _computes_linear(cls, bias: bool) -> bool:
+    """Whether a small instance of the nn.Linear subclass `cls` gives F.linear's output."""
+    gen = torch.Generator().manual_seed(0)
+    try:
+        with torch.device("cpu"), torch.no_grad():
+            probe = cls(5, 3, bias=bias)
+            x = torch.randn(4, 5, generator=gen)
+            return torch.allclose(probe(x), F.linear(x, probe.weight, probe.bias), rtol=1e-5, atol=1e-6)
+    except Exception:  # noqa: BLE001 (a class that cannot be built or run so is not taken)
+        return False
 
 
 class FusedConv1D(Conv1D):
@@ -77,8 +98,11 @@ class FusedConv1D(Conv1D):
         return f"FusedConv1D(nf={self.nf}, nx={self.nx}, activation={self.activation!r})"
 
 
-def fused_linear_like(module: Conv1D, spec) -> FusedConv1D:
-    """A FusedConv1D holding `module`'s own weight and bias (built on meta: nothing allocated)."""
+def fused_linear_like(module: nn.Module, spec) -> nn.Module:
+    """A FusedConv1D holding a Conv1D's own weight and bias (built on meta: nothing allocated); for
+    FalconLinear, a FusedLinear holding its Parameters."""
+    if isinstance(module, nn.Linear):
+        return _fused_linear_from(module, spec)
     with torch.device("meta"):
         fused = FusedConv1D(module.nf, module.nx, spec[0], spec[1])
     fused.weight, fused.bias = module.weight, module.bias
