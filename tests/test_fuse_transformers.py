@@ -85,6 +85,11 @@ def build(family: str, seed: int = 0) -> nn.Module:
             return tf.DistilBertForSequenceClassification(tf.DistilBertConfig(
                 vocab_size=100, dim=32, hidden_dim=64, n_layers=2, n_heads=2, dropout=0.0, attention_dropout=0.0,
                 seq_classif_dropout=0.0, num_labels=3))
+        if family == "albert":  # one layer shared by every layer; its pair in ff_chunk, among forward's statements
+            return tf.AlbertForSequenceClassification(tf.AlbertConfig(
+                vocab_size=100, embedding_size=16, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                intermediate_size=64, hidden_dropout_prob=0.0, attention_probs_dropout_prob=0.0,
+                classifier_dropout_prob=0.0, num_labels=3))
         if family == "modernbert":  # its MLP's Wi holds [gate; up], with a dropout before Wo
             return tf.ModernBertForSequenceClassification(tf.ModernBertConfig(
                 vocab_size=100, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=2,
@@ -101,8 +106,8 @@ def build(family: str, seed: int = 0) -> nn.Module:
     raise ValueError(family)
 
 
-FAMILIES = ["bert", "roberta", "distilbert", "modernbert", "vit", "clip", "gpt2", "bloom", "falcon", "llama", "mistral",
-            "qwen2", "phi3", "t5", "t5-gated"]
+FAMILIES = ["bert", "roberta", "distilbert", "albert", "modernbert", "vit", "clip", "gpt2", "bloom", "falcon", "llama",
+            "mistral", "qwen2", "phi3", "t5", "t5-gated"]
 
 # The MLP blocks each family must report replaced, one per layer ({i}): a substring of the line.
 MLP_LINES = {
@@ -123,6 +128,8 @@ MLP_LINES = {
               "-> torch_ext.fused_mlp swiglu"],
     "distilbert": ["distilbert.transformer.layer.{i}.ffn.lin1 (Linear 32->64) + gelu (GELUActivation) -> FusedLinear "
                    "(in FFN.ff_chunk, rewritten on its own)"],
+    "albert": ["albert.encoder.albert_layer_groups.0.albert_layers.0.ffn (Linear 32->64) + gelu_tanh "
+               "(NewGELUActivation) -> FusedLinear (in AlbertLayer.ff_chunk, rewritten on its own)"],  # (shared: once)
     "modernbert": ["model.layers.{i}.mlp (ModernBertMLP: Wi [gate; up], Wo + GELUActivation) "
                    "-> torch_ext.fused_mlp geglu (unfused while its dropout self.drop is active"],
     "phi3": ["model.layers.{i}.mlp (Phi3MLP: gate_up_proj [gate; up], down_proj + SiLUActivation) "
@@ -138,7 +145,7 @@ MLP_LINES = {
 MLP_INPUT_LINEARS = {"bert": "intermediate.dense", "roberta": "intermediate.dense", "vit": "mlp.fc", "clip": "mlp.fc",
                      "gpt2": "mlp.c_", "bloom": "mlp.dense_h_to_4h", "falcon": "mlp.dense_h_to_4h",
                      "llama": "mlp.", "mistral": "mlp.", "qwen2": "mlp.", "phi3": "mlp.", "modernbert": "mlp.",
-                     "distilbert": "ffn.lin1",
+                     "distilbert": "ffn.lin1", "albert": ".ffn (",
                      "t5": "DenseReluDense.wi ",
                      "t5-gated": "DenseReluDense.wi_"}
 LM_LOSS_LINE = "lm_head, its loss) -> torch_ext.linear_cross_entropy"
@@ -163,7 +170,7 @@ def batch(family: str, seed: int = 0) -> dict:
         out = dict(pixel_values=images, labels=torch.tensor([0, 2], device="cpu"))
     else:
         ids = torch.randint(0, 100, (2, 7), generator=g, device="cpu")
-        if family in ("bert", "roberta", "distilbert", "modernbert"):
+        if family in ("bert", "roberta", "distilbert", "albert", "modernbert"):
             out = dict(input_ids=ids, labels=torch.tensor([0, 2], device="cpu"))
         elif family.startswith("t5"):
             out = dict(input_ids=ids, labels=torch.randint(0, 100, (2, 5), generator=g, device="cpu"))
@@ -328,6 +335,11 @@ def test_gradient_checkpointing(family, use_reentrant):
     fused, report = fuse(ref)
     assert report.replaced, f"{family}: nothing fused"
     kwargs = {"use_reentrant": use_reentrant}
+    if not ref.supports_gradient_checkpointing:  # (ALBERT): the fused model says the same, not more
+        for model in (ref, fused):
+            with pytest.raises(ValueError, match="does not support activation checkpointing"):
+                model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=kwargs)
+        return
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # transformers' notes on use_cache and checkpointing
         for model in (ref, fused):
@@ -908,10 +920,29 @@ class _ChunkedFFNNamed(_ChunkedFFN):
         return self.lin1
 
 
-_ChunkedFFN.__module__ = _ChunkedFFNNamed.__module__ = "transformers.models.fake.modeling_fake"
+class _ChunkedLayer(_ChunkedFFN):
+    """ALBERT's layer shape: the chunked call among other statements of forward."""
+
+    def forward(self, x):
+        a = x * 2
+        h = tf.pytorch_utils.apply_chunking_to_forward(self.ff_chunk, 2, 1, a)
+        return h + a
 
 
-@pytest.mark.parametrize("cls", [_ChunkedFFN, _ChunkedFFNNamed], ids=["alone", "named_elsewhere"])
+class _ChunkedLayerOwnLinear(_ChunkedFFN):
+    """Forward calls a Linear itself too: it is read as it is, ff_chunk not (lin1 left alone)."""
+
+    def forward(self, x):
+        h = tf.pytorch_utils.apply_chunking_to_forward(self.ff_chunk, 2, 1, x)
+        return h + self.lin2(self.lin1(x) * 0)
+
+
+for _cls in (_ChunkedFFN, _ChunkedFFNNamed, _ChunkedLayer, _ChunkedLayerOwnLinear):
+    _cls.__module__ = "transformers.models.fake.modeling_fake"
+
+
+@pytest.mark.parametrize("cls", [_ChunkedFFN, _ChunkedFFNNamed, _ChunkedLayer, _ChunkedLayerOwnLinear],
+                         ids=["alone", "named_elsewhere", "among_other_statements", "forward_calls_a_linear"])
 def test_pairs_in_the_method_forward_hands_to_apply_chunking(cls):
     """The pair in ff_chunk becomes a FusedLinear, chunked over the sequence as before; left alone
     where another method names the Linear. The same numbers either way."""
@@ -919,12 +950,13 @@ def test_pairs_in_the_method_forward_hands_to_apply_chunking(cls):
     model = cls()
     ref = copy.deepcopy(model)
     fused, report = fuse(model)
-    if cls is _ChunkedFFN:
+    if cls in (_ChunkedFFN, _ChunkedLayer):
         assert type(fused.lin1) is FusedLinear and type(fused.activation) is nn.Identity, str(report)
-        assert any("(in _ChunkedFFN.ff_chunk, rewritten on its own)" in r for r in report.replaced), str(report)
+        assert any(f"(in {cls.__name__}.ff_chunk, rewritten on its own)" in r for r in report.replaced), str(report)
     else:
         assert type(fused.lin1) is nn.Linear and not report.replaced, str(report)
-        assert any("first_layer names 'lin1'" in s for s in report.skipped), str(report)
+        if cls is _ChunkedFFNNamed:
+            assert any("first_layer names 'lin1'" in s for s in report.skipped), str(report)
     x = torch.randn(3, 4, 8, requires_grad=True)
     xr = x.detach().clone().requires_grad_()
     y, yr = fused(x), ref(xr)

@@ -356,24 +356,27 @@ def _without_docstring(body: List[ast.stmt]) -> List[ast.stmt]:
 
 
 def _chunking_method(r: _Reader, body: List[ast.stmt], methods) -> Optional[str]:
-    """'ff_chunk' for a forward that is exactly `return apply_chunking_to_forward(self.ff_chunk, ...,
-    x)` with transformers' helper (known by name: this module does not import transformers), x its
-    one argument and ff_chunk an own method of the class; else None."""
-    x = _only_argument(r)
-    if x is None or len(body) != 1 or not isinstance(body[0], ast.Return):
+    """'ff_chunk' for a forward that hands work to transformers' helper (known by name: this module
+    does not import transformers) as `apply_chunking_to_forward(self.ff_chunk, ...)`, ff_chunk an
+    own method of the class, and calls no Linear itself: exactly `return apply_chunking_to_forward(
+    self.ff_chunk, ..., x)` (DistilBERT's FFN), or among other statements (ALBERT's layer); else
+    None. Only pairs are rewritten there: swapping a Linear and its activation is the same function
+    whatever the chunking passes in."""
+    if any(isinstance(n, ast.Call) and r.linear(n) for n in ast.walk(r.tree)):
         return None
-    call = body[0].value
-    if not (isinstance(call, ast.Call) and call.args and not call.keywords):
-        return None
-    fn = _resolve(call.func, r.scope)
-    if not (callable(fn) and getattr(fn, "__name__", "") == "apply_chunking_to_forward"
-            and getattr(fn, "__module__", "").startswith("transformers.")):
-        return None
-    method = _self_attr(call.args[0])
-    last = call.args[-1]
-    if method is None or method == "forward" or method not in methods:
-        return None
-    return method if isinstance(last, ast.Name) and last.id == x else None
+    found = None
+    for call in ast.walk(r.tree):
+        if not (isinstance(call, ast.Call) and call.args and not call.keywords):
+            continue
+        fn = _resolve(call.func, r.scope)
+        if not (callable(fn) and getattr(fn, "__name__", "") == "apply_chunking_to_forward"
+                and getattr(fn, "__module__", "").startswith("transformers.")):
+            continue
+        method = _self_attr(call.args[0])
+        if method is None or method == "forward" or method not in methods or found not in (None, method):
+            return None
+        found = method
+    return found
 
 
 def whole_mlp_linears(module: nn.Module, linear_ok) -> Tuple[str, ...]:
