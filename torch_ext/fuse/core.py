@@ -59,9 +59,7 @@ def fuse(model: nn.Module, inplace: bool = False, *, return_report: bool = False
     # Linear + activation: nn.Sequential, Transformer layers and traced forwards (traced.py);
     # then, for the Linears those left alone in a custom module, that module on its own (local.py).
     pending: Dict[int, int] = {}  # a Linear left alone in a custom module -> its line in report.skipped
-    # (only in modules the local path reads: a library's, or one whose forward the fx path could rewrite)
-    whole_mlps = {id(mod._modules[name]) for mod in m.modules.values()
-                  if _is_custom(mod) and (is_library_module(mod) or getattr(m.traced.get(id(mod)), "rewritable", False))
+    whole_mlps = {id(mod._modules[name]) for mod in m.modules.values() if _read_locally(m, mod)
                   for name in local.whole_mlp_linears(mod, _linear_ok)}
     for key, paths in m.paths.items():
         linear = m.modules[key]
@@ -137,6 +135,13 @@ def _linear_ok(module) -> bool:
     return module is not None and (type(module) is nn.Linear or (_is_custom(module) and linear_like(module)))
 
 
+def _read_locally(m: _Model, module: nn.Module) -> bool:
+    """Whether local.py reads `module` on its own: a library's module, or other code whose own forward
+    passes the fx path's checks (no branch on self.training or on data, no with-block)."""
+    t = m.traced.get(id(module))
+    return _is_custom(module) and (is_library_module(module) or (t is not None and t.rewritable))
+
+
 def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> None:
     """local.py on each custom module holding a Linear the fx path left alone (and that the fx
     path does not rewrite itself); its lines in the report are replaced by what it did or, when
@@ -152,11 +157,9 @@ def _rewrite_locally(m: _Model, pending: Dict[int, int], report: FuseReport) -> 
         t = m.traced.get(id(parent))
         if t is not None and t.edits:
             continue  # its forward is being rewritten from its trace
-        library = is_library_module(parent)
-        if not (t is not None and t.rewritable) and not library:
-            # Other code: only where its own forward passes the fx path's checks (no branch on
-            # self.training or on data, no with-block), as the fx path would have it.
+        if not _read_locally(m, parent):
             continue
+        library = is_library_module(parent)
         parent_paths = m.paths.get(id(parent), [""])  # "" for the model itself
         ancestors = {}
         for pp in parent_paths:

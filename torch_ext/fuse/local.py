@@ -383,24 +383,23 @@ def whole_mlp_linears(module: nn.Module, linear_ok) -> Tuple[str, ...]:
     """The Linears (names) of an MLP that is the module's whole forward and that plan() makes one
     fused_mlp (a gated MLP; `h = fc1(x); h = act(h); y = fc2(h); return y`), or (): the fx path
     leaves them to it, as its pairs would fuse less (a FusedLinear gate and a plain up projection;
-    a FusedLinear fc1 whose output fc2 saves again)."""
-    if "forward" not in _own_methods(type(module)):
+    a FusedLinear fc1 whose output fc2 saves again). plan() decides, so nothing is handed over
+    that it then refuses; none of these rewrites reads the modules above (no ancestors given)."""
+    if sum(1 for sub in module._modules.values() if sub is not None and linear_ok(sub)) < 2:
+        return ()  # (no MLP: spares plan() on every other module)
+    p = plan(module, [], linear_ok)
+    if p.gated is not None:
+        return p.gated[:3]
+    if p.chunked_gated is not None:
+        return p.chunked_gated[:2]
+    if p.edit is None or p.edit.helper != "mlp" or p.edit.index != 0:
         return ()
     r = _Reader(module, linear_ok)
-    if r.tree is None or not isinstance(r.tree.body[0], ast.FunctionDef) or r.tree.body[0].decorator_list:
-        return ()
     body = _without_docstring(r.tree.body[0].body)
-    g = _gated(r, body)
-    if g is not None:
-        return g[:3]
-    cg = _chunked_gated(r, body)
-    if cg is not None:
-        return cg[:2]
-    seq = _mlp_sequence(r, body)
-    if (seq is not None and seq[0] == 0 and len(body) == 4 and seq[6] == _only_argument(r)
-            and isinstance(body[3], ast.Return) and isinstance(body[3].value, ast.Name) and body[3].value.id == seq[7]):
-        return seq[2], seq[3]
-    return ()
+    last = body[-1]
+    whole = (len(body) == 4 and p.edit.x == _only_argument(r) and isinstance(last, ast.Return)
+             and isinstance(last.value, ast.Name) and last.value.id == p.edit.target)
+    return p.edit.attrs if whole else ()
 
 
 def plan(module: nn.Module, ancestors: List[nn.Module], linear_ok) -> Plan:

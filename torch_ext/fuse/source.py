@@ -11,6 +11,8 @@ from typing import Callable, Dict, List, Optional, Tuple
 
 from torch import nn
 
+from ..integrations import framework_class
+
 ALL = None  # "every submodule" in _SourceFacts.opaque
 
 
@@ -51,15 +53,19 @@ def _method_ast(fn) -> Optional[ast.AST]:
     return ast.Module(body=block.body, type_ignores=[])
 
 
+def _generic_class(klass) -> bool:
+    """A class whose methods fuse() does not read: object, torch's, and a library's base classes of
+    every model (integrations.framework_class), none of which calls a layer of the model on data."""
+    return klass is object or klass.__module__.startswith("torch.") or framework_class(klass)
+
+
 def _own_methods(cls) -> Dict[str, Callable]:
     """Functions defined by cls and its bases below nn.Module, by name (the most derived); not
-    the pickling methods fuse() gives the classes it rewrites (rewrite.fused_subclass), nor a
-    library's base classes of every model (integrations.framework_class)."""
-    from ..integrations import framework_class  # noqa: PLC0415 (imports a library's file only for its classes)
-
+    the pickling methods fuse() gives the classes it rewrites (rewrite.fused_subclass), nor those
+    of generic classes (_generic_class)."""
     methods: Dict[str, Callable] = {}
     for klass in reversed(cls.__mro__):
-        if klass in (object, nn.Module) or klass.__module__.startswith("torch.") or framework_class(klass):
+        if _generic_class(klass):
             continue
         for name, value in vars(klass).items():
             fn = value.fget if isinstance(value, property) else value
@@ -118,16 +124,14 @@ def _attribute_chain(node) -> Optional[List[str]]:
 
 def _super_reaches_generic_code(cls, method: str, attribute) -> bool:
     """Whether `super().name` (`attribute`, the ast.Attribute on the super() call) in cls's
-    `method` reaches a method of torch's classes or a library's framework class (transformers'
-    PreTrainedModel._init_weights, say), which call no layer of the model on data."""
-    from ..integrations import framework_class  # noqa: PLC0415
-
+    `method` reaches a method of a generic class (transformers' PreTrainedModel._init_weights,
+    say), which fuse() does not read either."""
     if not isinstance(attribute, ast.Attribute):
         return False
     mro = cls.__mro__
     owner = next((i for i, k in enumerate(mro) if method in vars(k)), None)
     target = None if owner is None else next((k for k in mro[owner + 1:] if attribute.attr in vars(k)), None)
-    return target is not None and (target.__module__.startswith("torch.") or framework_class(target))
+    return target is not None and _generic_class(target)
 
 
 def _scan(tree, module, methods, facts: _SourceFacts, in_forward: bool, method: str) -> List[str]:

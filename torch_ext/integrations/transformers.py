@@ -53,7 +53,7 @@ def framework_class(cls) -> bool:
     methods work on any model generically (modules(), submodules by names from a config or a
     checkpoint) and pass `self` to helpers, which makes fuse() assume they may call any layer;
     none calls a layer on data. So fuse() does not read them: otherwise every nn.Sequential inside
-    a transformers model (Qwen2-VL's patch merger, SAM's and GIT's MLPs) is left alone."""
+    a transformers model (Qwen2-VL's patch merger, SAM's feed-forward heads) is left alone."""
     return cls.__module__.startswith("transformers.") and not cls.__module__.startswith("transformers.models.")
 
 
