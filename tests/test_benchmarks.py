@@ -46,6 +46,7 @@ def test_json_has_every_figure(quick_run):
     assert meta["thp"]["set_before_torch_import"]
     assert data["models"] == []  # --sizes narrows the run to the op cases
     assert meta["copy_bandwidth"] > 0 and meta["gemm_flops"] > 0
+    assert meta["memory_not_preloaded"] == []  # the measuring processes' server imported the suite once
     ops = {r["op"] for r in data["results"]}
     assert {"linear_act", "cross_entropy", "mse", "huber", "triplet"} <= ops
     for r in data["results"]:
@@ -218,6 +219,36 @@ def test_cuda_without_gpu_is_a_clear_error(run_module, capsys, monkeypatch):
     monkeypatch.setenv("THP_MEM_ALLOC_ENABLE", "1")
     assert run_module.cli(["--device", "cuda"]) == 2
     assert "no CUDA GPU is available" in capsys.readouterr().err
+
+
+MEASURE_ONE = """
+import sys
+sys.path.insert(0, {bench!r})
+from suite import memory, select
+from suite.measure_op import peak_job
+if sys.argv[1] == "suite hidden":
+    memory.SUITE_PARENT = "/nonexistent"
+case = select.resolve_cases(["cross_entropy"], ["tiny"], False)[0][0]
+results = []
+memory.measure([(peak_job, (case, "ours", "float32", "cpu"))], "cpu", lambda i, r: results.append(r))
+print(results[0]["peak"] is not None, results[0]["not_preloaded"])
+"""
+
+
+@pytest.mark.parametrize("where", ["suite found", "suite hidden"])
+def test_memory_processes_report_what_their_server_did_not_preload(where):
+    # The peak-memory processes fork from a server that imported torch, torch_ext and the suite once;
+    # Python's forkserver does not inherit sys.path, so the suite reaches it through PYTHONPATH. Where
+    # that fails, the server skips the imports silently: each result says what was missing.
+    code = MEASURE_ONE.format(bench=os.path.join(ROOT, "benchmarks"))
+    proc = subprocess.run([sys.executable, "-c", code, where], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    measured, missing = proc.stdout.split(" ", 1)
+    assert measured == "True", proc.stdout
+    if where == "suite found":
+        assert missing.strip() == "[]", proc.stdout
+    else:
+        assert "'suite.timing'" in missing, proc.stdout
 
 
 def test_vocab_parallel_benchmark(tmp_path):

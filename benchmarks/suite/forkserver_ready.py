@@ -8,6 +8,8 @@ need: the one-off set-up that every forked process then inherits instead of repe
   torch and transformers), so each gc.collect() in a measuring process is cheap rather than a walk
   over all of them.
 Neither starts threads, so forking afterwards stays safe.
+PRELOADED: the modules the server had imported by then, which each measuring process checks its
+preload list against (the server skips a preload that fails to import, silently).
 """
 import gc
 import sys
@@ -16,6 +18,8 @@ if "torch._inductor.codecache" in sys.modules:
     import torch._inductor.cpu_vec_isa
 
     torch._inductor.cpu_vec_isa.pick_vec_isa()
+
+PRELOADED = frozenset(sys.modules)
 
 gc.collect()
 gc.freeze()

@@ -39,7 +39,10 @@ class Config:
     model_seconds: float
     min_round_s: float
     quick: bool = False
-    memory_jobs: int = 2
+    # One measuring process at a time: two at once, each with PyTorch's threads for every core, ran the
+    # default run's memory phase in ~80 s against ~61 s one by one on 2 cores (OpenMP threads of one
+    # process spinning while the other's held the cores; a compiling job 3-6x slower).
+    memory_jobs: int = 1
     # Peak memory of the "tiny" cases on CPU: peak RSS counts 4 KiB pages, coarser than what such a
     # step allocates (a few KB), so the default run leaves them out (their saved bytes are exact);
     # asking for them (--sizes tiny) measures them.
@@ -196,14 +199,6 @@ def _model_summary(r: dict) -> str:
     return f"eager step {r['time_ms']['eager']['median']:.0f} ms ({text} vs eager); check {r['check']}"
 
 
-def _memory_job_seconds(record: dict, name: str) -> float:
-    """A rough guess of how long candidate `name`'s memory job takes: a process start, its
-    compilation (from the inductor cache the timing run filled), its warm-up and measured steps."""
-    if "model" in record:
-        return 0.5 + record["first_step_s"].get(name, 0.0) + 2e-3 * record["time_ms"][name]["median"]
-    return 0.5 + (2.5 if name == "compile" else 0.0) + 2e-3 * record["time_ms"][name]["fwd+bwd"]["median"]
-
-
 def run_memory(cases, records: List[dict], model_records: List[dict], cfg: Config, meta: dict, progress) -> None:
     """Peak memory of every candidate of every op case and model case that ran, into the records."""
     where = []  # (record, candidate) of each job
@@ -219,10 +214,6 @@ def run_memory(cases, records: List[dict], model_records: List[dict], cfg: Confi
         jobs.append(job)
     if not jobs:
         return
-    # Longest first, so that the parallel processes finish together rather than one long job
-    # (a compiled model) running alone at the end.
-    order = sorted(range(len(jobs)), key=lambda i: -_memory_job_seconds(*where[i]))
-    where, jobs = [where[i] for i in order], [jobs[i] for i in order]
     for r, _ in where:
         r.setdefault("peak_bytes", {})
         r.setdefault("retained_bytes", {})
@@ -232,6 +223,7 @@ def run_memory(cases, records: List[dict], model_records: List[dict], cfg: Confi
     start = time.perf_counter()
     progress.begin_memory(len(jobs))
     resets = {}
+    not_preloaded = set()
 
     def done(i, result):
         r, name = where[i]
@@ -245,9 +237,11 @@ def run_memory(cases, records: List[dict], model_records: List[dict], cfg: Confi
             r["notes"].append(f"peak memory of {display} not measured: {result['error']}")
         if "reset" in result:
             resets[is_model] = resets.get(is_model, True) and result["reset"]
+        not_preloaded.update(result.get("not_preloaded", ()))
         progress.memory_done(f"{r.get('model') or r['op']} {'' if is_model else r['case']}: {display}")
 
     memory.measure(jobs, cfg.device, done, parallel=cfg.memory_jobs, timeout_s=cfg.memory_timeout_s, preload=preload)
+    meta["memory_not_preloaded"] = sorted(not_preloaded)  # the slow path, if any: each process imported these
     if False in resets:
         meta["memory_method"] = memory.method(cfg.device, resets.get(False, True), "fwd+bwd step",
                                               measure_op.MEMORY_SETUP) + f" ({measure_op.MEMORY_SCOPE})"

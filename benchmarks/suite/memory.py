@@ -18,6 +18,8 @@ import ctypes
 import gc
 import multiprocessing
 import multiprocessing.connection
+import multiprocessing.forkserver
+import os
 import sys
 import time
 import warnings
@@ -191,13 +193,16 @@ def method(device: str, reset: bool, step: str, setup: str) -> str:
     return (METHOD_CPU if reset else METHOD_CPU_NO_RESET).format(step=step, setup=setup)
 
 
-def _child(conn, job: Job, device: str) -> None:
+def _child(conn, job: Job, device: str, preload: Sequence[str]) -> None:
     fix_mmap_threshold()
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
             fn, args = job
-            conn.send(step_peak(lambda: fn(*args), device))
+            result = step_peak(lambda: fn(*args), device)
+        ready = sys.modules.get("suite.forkserver_ready")  # imported by the forkserver, last, or not at all
+        result["not_preloaded"] = [m for m in preload if ready is None or m not in ready.PRELOADED]
+        conn.send(result)
     except BaseException as e:  # noqa: BLE001 (reported to the parent)
         conn.send({"error": f"{type(e).__name__}: {e}"})
     finally:
@@ -205,6 +210,8 @@ def _child(conn, job: Job, device: str) -> None:
 
 
 _CONTEXT = None
+
+SUITE_PARENT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))  # benchmarks/, which holds suite/
 
 # Imported once in the forkserver instead of in each child (seconds each).
 PRELOAD = ["torch", "torch_ext", "suite.timing", "suite.memory", "suite.ops", "suite.models", "suite.measure_op",
@@ -214,8 +221,8 @@ COMPILE_PRELOAD = ["torch._dynamo", "torch._functorch.aot_autograd", "torch._ind
 
 
 def _context(preload: Sequence[str]):
-    """The forkserver context, its server preloading `preload` (set by the first call: the server
-    starts once per process); spawn where there is no fork."""
+    """The forkserver context, its server started now, preloading `preload` (set by the first call:
+    the server runs once per process); spawn where there is no fork."""
     global _CONTEXT
     if _CONTEXT is None:
         try:
@@ -224,14 +231,31 @@ def _context(preload: Sequence[str]):
             _CONTEXT = multiprocessing.get_context("spawn")
             return _CONTEXT
         ctx.set_forkserver_preload(list(preload))
+        # The server is a fresh interpreter that gets neither this process's sys.path nor its main
+        # script (Python 3.11's forkserver passes them under keys its main() never reads), so the
+        # suite's own modules are found through PYTHONPATH only. Without it every suite.* preload
+        # failed, silently (the server skips an ImportError), and each measuring process imported them
+        # itself and collected garbage over everything torch had made: +0.4 s a process, +1.5 s a
+        # compiling one (child results say what was not preloaded: main.py reports it).
+        before = os.environ.get("PYTHONPATH")
+        os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SUITE_PARENT, before) if p)
+        try:
+            multiprocessing.forkserver.ensure_running()
+        finally:
+            if before is None:
+                del os.environ["PYTHONPATH"]
+            else:
+                os.environ["PYTHONPATH"] = before
         _CONTEXT = ctx
     return _CONTEXT
 
 
-def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], *, parallel: int = 2,
+def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], *, parallel: int = 1,
             timeout_s: float = 600.0, preload: Sequence[str] = ()) -> None:
     """Peak memory of each job's step; on_done(job index, result) as each finishes (result:
-    "peak", "retained" in bytes, "seconds" the job took, "error" if it failed).
+    "peak", "retained" in bytes, "seconds" the job took, "error" if it failed, and on CPU
+    "not_preloaded": the modules the forkserver was not seen to import for it: all of them where
+    it could not import suite.forkserver_ready, the last).
     CPU: one fresh process per job, up to `parallel` at a time (nothing else runs then, and
     peak RSS is per process); a job whose process fails is run once more. `preload`: modules
     the jobs need beyond PRELOAD. CUDA: one job after the other in this process."""
@@ -249,10 +273,9 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
             result["seconds"] = round(time.perf_counter() - start, 2)
             on_done(i, result)
         return
-    main = sys.modules.get("__main__")
-    modules = (["__main__"] if getattr(main, "__file__", None) else []) + PRELOAD + list(preload)
-    modules.append("suite.forkserver_ready")  # last: it acts on what the others imported
+    modules = PRELOAD + list(preload) + ["suite.forkserver_ready"]  # last: it acts on what the others imported
     ctx = _context(modules)
+    check = modules[:-1] if ctx.get_start_method() == "forkserver" else []
     pending = list(range(len(jobs)))
     running = {}  # connection -> (index, process, start time)
     failed_once = set()
@@ -260,7 +283,7 @@ def measure(jobs: List[Job], device: str, on_done: Callable[[int, dict], None], 
         while pending and len(running) < parallel:
             i = pending.pop(0)
             parent, child = ctx.Pipe(duplex=False)
-            proc = ctx.Process(target=_child, args=(child, jobs[i], device), daemon=True)
+            proc = ctx.Process(target=_child, args=(child, jobs[i], device, check), daemon=True)
             proc.start()
             child.close()
             running[parent] = (i, proc, time.perf_counter())

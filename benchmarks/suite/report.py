@@ -185,6 +185,10 @@ def notes_text(meta: dict, records: List[dict], model_records: List[dict], extra
         lines += [note for key, (_, _, note) in PEERS.items() if note and key in used]
     if model_records:
         lines += model_notes(meta, model_records)
+    if meta.get("memory_not_preloaded"):
+        lines.append("The memory-measuring processes' server did not preload "
+                     f"{', '.join(meta['memory_not_preloaded'])}: each process imported them itself (the same figures, "
+                     "a slower memory phase).")
     lines += extra
     for r in records:
         for n in r.get("notes", []):
