@@ -45,7 +45,7 @@ Sizes (--sizes NAME picks it for every op that has it; default: the starred ones
   mse, huber, smooth_l1 cnn 32x150528, ffn* 4096x4096   (smooth_l1 only when named in --ops; the
                         same sizes for mse_autocast: bfloat16 inputs under autocast, when named)
   triplet               cnn* 8192x512
-  linear_cross_entropy  rnn 2048x512->10000, llm* 4096x512->32000   (N x H -> vocabulary V)
+  linear_cross_entropy  rnn 2048x512->10000, llm* 2048x512->32000   (N x H -> vocabulary V)
   mlp                   ffn* 4096x256->1024 gelu, llm* 2048x512->1376 swiglu   (M x K -> hidden H)
   every op: quick (the --quick size), tiny (for tests)
 Explicit sizes: MxKxN[:activation] for linear_act, MxKxH[:activation] for mlp, NxHxV for
