@@ -39,9 +39,9 @@ class Config:
     model_seconds: float
     min_round_s: float
     quick: bool = False
-    # One measuring process at a time: two at once, each with PyTorch's threads for every core, ran the
-    # default run's memory phase in ~80 s against ~61 s one by one on 2 cores (OpenMP threads of one
-    # process spinning while the other's held the cores; a compiling job 3-6x slower).
+    # One measuring process at a time: two at once, each with PyTorch's threads for every core,
+    # oversubscribe the cores (one's OpenMP threads spin while the other's hold them) and made the
+    # memory phase slower, not faster (docs/benchmarks.md).
     memory_jobs: int = 1
     # Peak memory of the "tiny" cases on CPU: peak RSS counts 4 KiB pages, coarser than what such a
     # step allocates (a few KB), so the default run leaves them out (their saved bytes are exact);

@@ -235,8 +235,8 @@ def _context(preload: Sequence[str]):
         # script (Python 3.11's forkserver passes them under keys its main() never reads), so the
         # suite's own modules are found through PYTHONPATH only. Without it every suite.* preload
         # failed, silently (the server skips an ImportError), and each measuring process imported them
-        # itself and collected garbage over everything torch had made: +0.4 s a process, +1.5 s a
-        # compiling one (child results say what was not preloaded: main.py reports it).
+        # itself and collected garbage over everything torch had made, unfrozen (docs/benchmarks.md;
+        # child results say what was not preloaded, and main.py reports it).
         before = os.environ.get("PYTHONPATH")
         os.environ["PYTHONPATH"] = os.pathsep.join(p for p in (SUITE_PARENT, before) if p)
         try:
