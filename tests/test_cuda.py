@@ -21,7 +21,7 @@ import torch.nn.functional as F
 
 import torch_ext
 from devices import DEVICES, cuda_only, dtypes_for
-from utils import assert_close
+from utils import act_fn, assert_close
 
 
 def ref_dtype(dtype):
@@ -360,18 +360,6 @@ def test_triplet(device, p, swap, reduction):
 
 # ---- dense + activation, MLP --------------------------------------------------------------------
 
-EAGER = {
-    "none": lambda t: t,
-    "relu": F.relu,
-    "leaky_relu": lambda t: F.leaky_relu(t, 0.01),
-    "gelu": F.gelu,
-    "gelu_tanh": lambda t: F.gelu(t, approximate="tanh"),
-    "silu": F.silu,
-    "sigmoid": torch.sigmoid,
-    "tanh": torch.tanh,
-    "quick_gelu": lambda t: t * torch.sigmoid(1.702 * t),
-}
-
 
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("activation", torch_ext.ACTIVATIONS)
@@ -383,7 +371,7 @@ def test_fused_linear(device, activation):
             b = torch.randn(n, device=device).to(dtype)
             check_against_reference(
                 lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
-                lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                lambda x, w, b: act_fn(activation)(F.linear(x, w, b)),
                 [x, w, b],
                 dtype,
             )
@@ -426,7 +414,7 @@ def test_fused_linear_cublaslt_shapes(device, activation, cublaslt):
                 inputs = [x, w] + ([b] if b is not None else [])
                 check_against_reference(
                     lambda x, w, *b: torch_ext.fused_linear(x, w, b[0] if b else None, activation),
-                    lambda x, w, *b: EAGER[activation](F.linear(x, w, b[0] if b else None)),
+                    lambda x, w, *b: act_fn(activation)(F.linear(x, w, b[0] if b else None)),
                     inputs,
                     dtype,
                 )
@@ -472,7 +460,7 @@ def test_fused_linear_nan_inf_propagate(device, activation, cublaslt):
         w = torch.randn(128, 32, device=device).to(dtype)
         b = torch.randn(128, device=device).to(dtype)
         ours = torch_ext.fused_linear(x, w, b, activation).float()
-        ref = EAGER[activation](F.linear(x.float(), w.float(), b.float()))
+        ref = act_fn(activation)(F.linear(x.float(), w.float(), b.float()))
         assert torch.equal(torch.isnan(ours), torch.isnan(ref)), f"{dtype}: NaN positions differ"
         assert torch.equal(torch.isinf(ours), torch.isinf(ref)), f"{dtype}: inf positions differ"
 
@@ -513,7 +501,7 @@ def test_fused_linear_misaligned_bias(device, activation, cublaslt):
             warnings.filterwarnings("ignore", message=".*cuBLASLt declined")  # once per process: not asserted
             check_against_reference(
                 lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
-                lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                lambda x, w, b: act_fn(activation)(F.linear(x, w, b)),
                 [x, w, b],
                 dtype,
             )
@@ -537,7 +525,7 @@ def test_fused_linear_single_row_or_column(device, activation, cublaslt):
                 warnings.filterwarnings("ignore", message=".*cuBLASLt declined")
                 check_against_reference(
                     lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
-                    lambda x, w, b: EAGER[activation](F.linear(x, w, b)),
+                    lambda x, w, b: act_fn(activation)(F.linear(x, w, b)),
                     [x, w, b],
                     dtype,
                 )
@@ -558,7 +546,7 @@ def test_fused_linear_backward_deterministic(device, cublaslt):
 @pytest.mark.parametrize("activation", ["gelu", "relu", "swiglu", "geglu"])
 def test_fused_mlp(device, activation):
     gate = torch_ext.GATED_ACTIVATIONS.get(activation)
-    act = EAGER[gate or activation]
+    act = act_fn(gate or activation)
 
     def reference(x, w1, b1, w2, b2):
         h = F.linear(x, w1, b1)
