@@ -29,7 +29,7 @@ import torch_ext  # noqa: E402
 from torch_ext import FusedLinear  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(__file__))
-from test_fuse import TorchExtOps, load_in_new_process, round_trip  # noqa: E402
+from test_fuse import TorchExtOps, assert_same_outputs_and_grads, load_in_new_process, round_trip  # noqa: E402
 from utils import SavedTensorBytes, assert_close  # noqa: E402
 
 # Every test on every device (tests/devices.py).
@@ -888,12 +888,7 @@ def test_gated_mlp_forms(variant, tmp_path):
     line = "gate_proj, up_proj, down_proj + SiLUActivation) -> torch_ext.fused_mlp swiglu"
     whole = [r for r in report.replaced if line in r]
     assert bool(whole) == (expect == "fused"), str(report)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    y, yr = fused(x), ref(x)
-    assert_close(y, yr, msg=variant)
-    grads = [torch.autograd.grad(out.square().sum(), [x, *m.parameters()]) for out, m in ((y, fused), (yr, ref))]
-    for a, b in zip(*grads):
-        assert_close(a, b, msg=variant)
+    assert_same_outputs_and_grads(fused, ref, [torch.randn(3, 5, 8)], variant)
 
 
 class _ChunkedFFN(nn.Module):
@@ -1132,11 +1127,7 @@ def test_open_clip_residual_block_mlp(form, scale, fused_as):
             assert f"{i}.mlp.c_fc (Linear 8->32) + quick_gelu -> FusedLinear" in report.replaced, str(report)
             # (a traced forward drops the activation's call; a Sequential's slot becomes Identity)
             assert form == "traced_forward" or type(block.mlp.gelu) is nn.Identity, str(report)
-    x = torch.randn(3, 5, 8, requires_grad=True)
-    assert_close(fused(x), model(x))
-    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
-    for a, b in zip(*grads):
-        assert_close(a, b)
+    assert_same_outputs_and_grads(fused, model, [torch.randn(3, 5, 8)], f"{form}, {fused_as}")
 
 
 def test_linear_named_by_code_above_is_left_alone():
@@ -1190,11 +1181,7 @@ def test_mlp_edited_in_its_forward_while_code_above_names_its_linears():
     assert any("mlp (SeqMLP: fc1, fc2 + GELU) -> torch_ext.fused_mlp gelu (in its forward)" in r
                for r in report.replaced), str(report)
     assert type(fused.mlp.fc1) is nn.Linear and type(fused.mlp).forward is not SeqMLP.forward
-    x = torch.randn(3, 8, requires_grad=True)
-    assert_close(fused(x), model(x))
-    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
-    for a, b in zip(*grads):
-        assert_close(a, b)
+    assert_same_outputs_and_grads(fused, model, [torch.randn(3, 8)], "SeqMLP named above")
     fused.reset()
     assert not fused.mlp.fc2.bias.any()
 
@@ -1252,11 +1239,7 @@ def test_sequential_inside_a_pretrained_model(helper_calls_layer):
     else:
         assert type(fused.proj[0]) is FusedLinear and fused.proj[0].activation == "gelu", str(report)
         assert type(fused.proj[1]) is nn.Identity
-    x = torch.randn(3, 8, requires_grad=True)
-    assert_close(fused(x), model(x))
-    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, model)]
-    for a, b in zip(*grads):
-        assert_close(a, b)
+    assert_same_outputs_and_grads(fused, model, [torch.randn(3, 8)], f"helper_calls_layer={helper_calls_layer}")
 
 
 class _LinearVariantMlp(nn.Module):
@@ -1302,11 +1285,7 @@ def test_falcon_linear_taken_only_when_it_computes_linear(scale):
     else:
         assert type(mlp.fc1).__name__ == "FalconLinear" and not report.replaced, str(report)
         assert any("a subclass of nn.Linear" in line for line in report.skipped), str(report)
-    x = torch.randn(3, 8, requires_grad=True)
-    assert_close(fused(x), ref(x))
-    grads = [torch.autograd.grad(m(x).square().sum(), [x, *m.parameters()]) for m in (fused, ref)]
-    for a, b in zip(*grads):
-        assert_close(a, b)
+    assert_same_outputs_and_grads(fused, ref, [torch.randn(3, 8)], f"scale={scale}")
 
 
 def test_unreadable_source_above_is_left_alone():
