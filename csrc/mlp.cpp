@@ -3,7 +3,9 @@
 // call the same code.
 //
 // Device-neutral: ATen GEMMs plus torch_ext's dense-layer and activation ops through the
-// dispatcher, registered for CPU here and for CUDA when it is built (as linear_cross_entropy).
+// dispatcher, registered for CPU here and for CUDA when it is built (as linear_cross_entropy);
+// on CPU, one in-place pass of the activation (csrc/cpu/mlp_act.h) where the node hands it the
+// saved pre-activation.
 //
 // hidden: the activation's output act(fc1(x)), fc2's input; when it was not saved (recompute),
 // it is formed again from `saved` (the pre-activation), in the same pass as the activation's
@@ -17,7 +19,9 @@
 #include <optional>
 #include <tuple>
 
+#include "allocation.h"
 #include "checks.h"
+#include "cpu/mlp_act.h"
 #include "matmul.h"
 #include "shapes.h"
 
@@ -82,7 +86,29 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_ou
   auto hidden_grad = [&] { return dense_product(g2d, fc2_weight).view(with_last_dim(input, hidden_width)); };
 
   Tensor grad_input, grad_w1, grad_b1, grad_w2, grad_b2;
-  if (gated) {
+  auto gated_fc1_grads = [&](const Tensor& grad_pre) {
+    const Tensor pre2d = grad_pre.reshape({rows, fc1_weight.size(0)});
+    if (output_mask[0]) grad_input = dense_product(pre2d, fc1_weight).view(input.sizes());
+    if (output_mask[1]) grad_w1 = dense_product(pre2d.t(), input.reshape({rows, in_features}));
+    if (output_mask[2]) grad_b1 = pre2d.sum(0);
+  };
+  // On CPU, where the node handed the saved pre-activation over (recompute, graph not retained), one
+  // pass forms the activation's gradient over the pre-activation and the hidden activation again over
+  // hidden_grad: no new (rows, hidden) buffer, and one read of the pre-activation and one evaluation of
+  // the activation fewer than the two-pass path below, which other devices and retained graphs take.
+  if (recompute && need_fc1 && need_w2 && input.is_cpu() && held_alone(saved)) {
+    Tensor hidden_now = hidden_grad();
+    cpu::mlp_act_bwd_in_place(hidden_now, saved, activation, negative_slope, gated);
+    grad_w2 = fc2_weight_grad(hidden_now);
+    hidden_now.reset();  // before fc1's products, for the step's peak
+    if (gated) {
+      gated_fc1_grads(saved);
+    } else {  // saved holds grad_pre: fc1's products on the dense layer's GEMMs, as below
+      std::tie(grad_input, grad_w1, grad_b1) =
+          linear_act_bwd.call(saved, input, fc1_weight, at::empty({0}, input.options()), "none", 0.0,
+                              {output_mask[0], output_mask[1], output_mask[2]});
+    }
+  } else if (gated) {
     Tensor grad_pre;
     if (need_fc1) {
       // One pass: the gate's gradient and (recompute) the hidden activation again.
@@ -93,12 +119,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> mlp_bwd(const Tensor& grad_ou
     } else if (need_w2) {
       grad_w2 = fc2_weight_grad(recompute ? mlp_act_fwd.call(saved, activation, negative_slope, true) : *hidden);
     }
-    if (grad_pre.defined()) {
-      const Tensor pre2d = grad_pre.reshape({rows, fc1_weight.size(0)});
-      if (output_mask[0]) grad_input = dense_product(pre2d, fc1_weight).view(input.sizes());
-      if (output_mask[1]) grad_w1 = dense_product(pre2d.t(), input.reshape({rows, in_features}));
-      if (output_mask[2]) grad_b1 = pre2d.sum(0);
-    }
+    if (grad_pre.defined()) gated_fc1_grads(grad_pre);
   } else {
     if (need_w2)
       grad_w2 = fc2_weight_grad(recompute ? mlp_act_fwd.call(saved, activation, negative_slope, false) : *hidden);

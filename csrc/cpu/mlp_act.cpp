@@ -12,6 +12,7 @@
 
 #include "activation.h"
 #include "checks.h"
+#include "cpu/mlp_act.h"
 #include "cpu/runtime/allocator.h"
 #include "cpu/runtime/kernel_table.h"
 #include "dense_checks.h"
@@ -107,6 +108,25 @@ std::tuple<Tensor, Tensor> mlp_act_bwd_cpu(const Tensor& grad_output, const Tens
 }
 
 }  // namespace
+
+namespace cpu {
+
+void mlp_act_bwd_in_place(const Tensor& grad_output, const Tensor& input, c10::string_view activation,
+                          double negative_slope, bool gated) {
+  const Activation act = parse_activation(std::string_view(activation.data(), activation.size()));
+  const int64_t n = mlp_act_output_width("torch_ext.mlp_act_bwd", input, gated);
+  const int64_t rows = leading_rows(input);
+  TORCH_INTERNAL_ASSERT(input.is_contiguous() && grad_output.is_contiguous() && grad_output.numel() == rows * n &&
+                        grad_output.scalar_type() == input.scalar_type());
+  if (rows == 0 || n == 0) return;
+  const Tensor in2d = input.view({rows, input.size(-1)});
+  const Tensor g2d = grad_output.view({rows, n});
+  // Each kernel step loads its vectors (a segment of them, in 16-bit types) of every operand before
+  // it stores any result, so writing over the operands is safe.
+  run(true, act, negative_slope, rows, n, gated, in2d, g2d, /*out2d=*/g2d, /*grad2d=*/in2d);
+}
+
+}  // namespace cpu
 
 TORCH_LIBRARY_IMPL(torch_ext, CPU, m) {
   m.impl("mlp_act_fwd", &mlp_act_fwd_cpu);
