@@ -522,6 +522,31 @@ def test_large_logits(dtype, scale, how):
             assert torch.isfinite(y).all() and all(torch.isfinite(g).all() for g in grads)
 
 
+@pytest.mark.cpu_only("the CPU kernels' flush-to-zero (csrc/cpu/kernels/common.h)")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=dtype_id)
+def test_subnormal_probabilities_flush_to_zero(dtype):
+    # Logits of 30 * randn put many probabilities / N below float's normal range: PyTorch returns
+    # them subnormal, the CPU kernels 0 (Intel CPUs form subnormals ~100x slower). Every other entry
+    # matches the float64 answer, and the caller's thread still forms subnormals afterwards.
+    tiny = torch.finfo(torch.float32).tiny
+    for shape in ((64, 3000), (4, 1500, 2)):
+        x = (30 * torch.randn(shape)).to(dtype)
+        t = class_target(shape, shape[1])
+        for reduction in REDUCTIONS:  # (label smoothing would lift every entry to ~smoothing / C)
+            xo, xr = leaf(x), leaf(x, torch.float64)
+            g = torch.rand(shape[:1] + shape[2:]) if reduction == "none" else torch.tensor(1.0)
+            (cross_entropy(xo, t, reduction=reduction) * g).sum().backward()
+            (F.cross_entropy(xr, t, reduction=reduction) * g.double()).sum().backward()
+            ours, ref = xo.grad, xr.grad
+            subnormal = (ref != 0) & (ref.abs() < tiny)
+            assert subnormal.any(), "the case must reach subnormal gradients"
+            assert not ((ours != 0) & (ours.float().abs() < tiny)).any(), f"{shape} {reduction}"
+            # (4 * tiny: the exponential itself gives 0 below 2^-125, as ATen's exp_u20 does)
+            assert_close(ours, ref, dtype=dtype, check_dtype=False, atol=4 * tiny, msg=f"{shape} {reduction}")
+            assert (ours[ref.abs() > 4 * tiny] != 0).all()
+    assert torch.tensor(1e-30) * torch.tensor(1e-10) != 0  # this thread's flush-to-zero left as it was
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 def test_minus_inf_logits(dtype):
     # -inf in non-target classes: finite loss and gradient (0 at the -inf logits), as PyTorch.

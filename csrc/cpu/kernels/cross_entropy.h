@@ -465,6 +465,7 @@ void forward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   const bool linear_sums = prob || e > 0;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(C, 1));
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
+    const FlushToZero flush_to_zero;  // (common.h: subnormal probabilities)
     __at_align__ A xbuf[kBlock];
     __at_align__ A tbuf[kBlock];
     __at_align__ A gbuf[kBlock];
@@ -540,6 +541,7 @@ void backward_contiguous_rows(const CrossEntropyArgs<S>& a) {
   using A = acc_t<S>;
   const int64_t grain = std::max<int64_t>(1, 32768 / std::max<int64_t>(a.classes, 1));
   at::parallel_for(0, a.batch, grain, [&](int64_t begin, int64_t end) {
+    const FlushToZero flush_to_zero;  // (common.h: subnormal probabilities)
     __at_align__ A xbuf[kBlock];
     __at_align__ A tbuf[kBlock];
     __at_align__ A gbuf[kBlock];
@@ -582,6 +584,7 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
   const bool prob = a.target_prob != nullptr;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C * L, 1));
   at::parallel_for(0, a.batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+    const FlushToZero flush_to_zero;  // (common.h: subnormal probabilities)
     std::vector<A> xbuf, tbuf;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_image, s0 = (tile % tiles_per_image) * L;
@@ -660,6 +663,7 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
   const bool prob = a.target_prob != nullptr;
   const int64_t grain = std::max<int64_t>(1, 4096 / std::max<int64_t>(C * L, 1));
   at::parallel_for(0, a.batch * tiles_per_image, grain, [&](int64_t begin, int64_t end) {
+    const FlushToZero flush_to_zero;  // (common.h: subnormal probabilities)
     std::vector<A> xbuf, tbuf, gbuf, gtbuf;
     for (int64_t tile = begin; tile < end; ++tile) {
       const int64_t n = tile / tiles_per_image, s0 = (tile % tiles_per_image) * L;
