@@ -100,6 +100,15 @@ inline Vec<float> gelu_cdf(const Vec<float>& x, Vec<float>& e) {
   return V::blendv(V::blendv(q, V(1.0f) - q, x >= V(0.0f)), x, x != x);  // NaN stays NaN
 }
 
+// sigmoid(z) = 1 / (1 + exp(-z)) in float from exp_u20 and the refined reciprocal above, rather than
+// Sleef's exp call and a division (silu, sigmoid, quick_gelu, gelu_tanh): exactly 0 below z = -87,
+// where exp(-z) nears float's range and the reciprocal would be subnormal; NaN stays NaN.
+inline Vec<float> sigmoid_of(const Vec<float>& z) {
+  using V = Vec<float>;
+  const V s = reciprocal_of_at_least_one(V(1.0f) + z.neg().exp_u20());
+  return V::blendv(V::blendv(s, V(0.0f), z < V(-87.0f)), z, z != z);
+}
+
 template <Activation A, typename T>
 inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
   const Vec<T> one(T(1));
@@ -121,12 +130,16 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
     // exp_u20 (ATen's 2-ulp exp) rather than Sleef's 1-ulp: it made the backward prologue markedly
     // faster; results stay within float32 tolerance of F.gelu.
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x * x * x);
+    if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(Vec<T>(T(2)) * inner);
     return x / (one + (Vec<T>(T(-2)) * inner).exp_u20());
   } else if constexpr (A == Activation::Silu) {
+    if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(x);
     return x / (one + x.neg().exp());
   } else if constexpr (A == Activation::Sigmoid) {
+    if constexpr (std::is_same_v<T, float>) return sigmoid_of(x);
     return one / (one + x.neg().exp());
   } else if constexpr (A == Activation::QuickGelu) {
+    if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(Vec<T>(T(kQuickGeluScale)) * x);
     return x / (one + (Vec<T>(T(-kQuickGeluScale)) * x).exp());
   } else {
     return x.tanh();
@@ -138,6 +151,13 @@ template <Activation A, typename T>
 inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
   const Vec<T> one(T(1));
   const Vec<T> half(T(0.5));
+  auto sigmoid = [&](const Vec<T>& z) {
+    if constexpr (std::is_same_v<T, float>) {
+      return sigmoid_of(z);
+    } else {
+      return one / (one + z.neg().exp());
+    }
+  };
   if constexpr (A == Activation::Gelu) {
     const Vec<T>& x = saved;
     if constexpr (std::is_same_v<T, float>) {
@@ -152,17 +172,17 @@ inline Vec<T> act_backward(const Vec<T>& g, const Vec<T>& saved) {
     const Vec<T>& x = saved;
     const Vec<T> x_sq = x * x;
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x_sq * x);
-    const Vec<T> s = one / (one + (Vec<T>(T(-2)) * inner).exp_u20());
+    const Vec<T> s = sigmoid(Vec<T>(T(2)) * inner);
     const Vec<T> du = Vec<T>(T(kGeluTanhBeta)) * (one + Vec<T>(T(3 * kGeluTanhKappa)) * x_sq);
     return g * (s + Vec<T>(T(2)) * x * s * (one - s) * du);
   } else if constexpr (A == Activation::Silu) {
     const Vec<T>& x = saved;
-    const Vec<T> s = one / (one + x.neg().exp());
+    const Vec<T> s = sigmoid(x);
     return g * (s * (one + x * (one - s)));
   } else if constexpr (A == Activation::QuickGelu) {
     const Vec<T>& x = saved;
     const Vec<T> k = Vec<T>(T(kQuickGeluScale));
-    const Vec<T> s = one / (one + (Vec<T>(T(-kQuickGeluScale)) * x).exp());
+    const Vec<T> s = sigmoid(k * x);
     return g * (s * (one + k * x * (one - s)));
   } else if constexpr (A == Activation::Sigmoid) {
     return g * (one - saved) * saved;  // saved = output
