@@ -548,6 +548,13 @@ def test_mlp_nothing_requires_grad():
     assert not y.requires_grad
 
 
+def one_pass_rounds_bias_gradient(activation, dtype, name):
+    """Whether gradient `name` may differ by rounding between recompute's one-pass CPU backward and
+    the other paths: in 16-bit, non-gated, it sums the rounded 16-bit gradient of the pre-activation
+    into fc1's bias, as eager PyTorch does; the others sum it unrounded."""
+    return dtype in (torch.bfloat16, torch.float16) and name == "fc1_bias" and activation not in GATED
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("activation", MLP_ACTIVATIONS)
 def test_recompute_gives_the_gradients_of_saving(activation, dtype):
@@ -562,9 +569,7 @@ def test_recompute_gives_the_gradients_of_saving(activation, dtype):
             # (bfloat16, non-gated: forward's hidden is act of the float32 accumulator, rounded
             # once; the recomputed one is act of the bfloat16-rounded pre-activation.)
             assert_close(g1[name], g0[name], msg=name)
-        elif dtype in (torch.bfloat16, torch.float16) and name == "fc1_bias" and activation not in GATED:
-            # (16-bit, non-gated, CPU: recompute's one-pass backward sums the rounded 16-bit
-            # gradient of the pre-activation, as eager PyTorch does; saving's sums it unrounded.)
+        elif one_pass_rounds_bias_gradient(activation, dtype, name):
             assert_close(g1[name], g0[name], msg=name)
         else:
             assert torch.equal(g1[name], g0[name]), name
@@ -1001,7 +1006,7 @@ def test_recompute_backward_in_one_pass_when_handed_the_pre_activation(activatio
     # With recompute, a backward that is handed the saved pre-activation (graph not retained) forms
     # the activation's gradient and the hidden activation again in one pass over it, in place,
     # calling neither MLP activation op; a retained graph takes the two-pass path. Both give the
-    # same gradients (16-bit fc1_bias: see test_recompute_gives_the_gradients_of_saving).
+    # same gradients (but one_pass_rounds_bias_gradient's).
     tensors = make_mlp_args((3, 5, 24), 40, 9, activation, dtype)
     g = torch.randn(3, 5, 9).to(dtype)
     recomputes = torch_ext.mlp._recomputes(activation, True)  # (else the output is saved: no pass to save)
@@ -1019,7 +1024,7 @@ def test_recompute_backward_in_one_pass_when_handed_the_pre_activation(activatio
     assert not act_ops_handed
     assert act_ops_retained is recomputes
     for name, a, b in zip(NAMES, handed, retained):
-        if dtype in (torch.bfloat16, torch.float16) and name == "fc1_bias" and activation not in GATED:
+        if one_pass_rounds_bias_gradient(activation, dtype, name):
             assert_close(a, b, msg=name)
         else:
             assert torch.equal(a, b), name
