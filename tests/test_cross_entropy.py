@@ -541,10 +541,34 @@ def test_subnormal_probabilities_flush_to_zero(dtype):
             subnormal = (ref != 0) & (ref.abs() < tiny)
             assert subnormal.any(), "the case must reach subnormal gradients"
             assert not ((ours != 0) & (ours.float().abs() < tiny)).any(), f"{shape} {reduction}"
-            # (4 * tiny: the exponential itself gives 0 below 2^-125, as ATen's exp_u20 does)
+            # (4 * tiny: ATen's exp_u20, which runs where AVX-512 does not, gives 0 below 2^-125)
             assert_close(ours, ref, dtype=dtype, check_dtype=False, atol=4 * tiny, msg=f"{shape} {reduction}")
             assert (ours[ref.abs() > 4 * tiny] != 0).all()
     assert torch.tensor(1e-30) * torch.tensor(1e-10) != 0  # this thread's flush-to-zero left as it was
+
+
+def test_probabilities_keep_float_accuracy_across_the_exponent_range():
+    # The softmax's exponentials (csrc/cpu/kernels/common.h's fast_exp on AVX-512) over the whole
+    # range a probability can take in float: each gradient entry p_c of a sum-reduced loss is
+    # within a few float steps of the float64 answer, relative to itself, from p ~ 1 down to
+    # p ~ 2^-120 (2^n times the polynomial: an error in the range reduction grows with |n|).
+    for shape in ((8, 4000), (2, 4000, 3)):
+        x = torch.empty(shape).uniform_(-83.0, 0.0)
+        x.select(1, 0).fill_(0.0)  # the max: every row's lse is within log(C) of 0
+        t = torch.ones(shape[:1] + shape[2:], dtype=torch.long)
+        xo, xr = leaf(x), leaf(x, torch.float64)
+        cross_entropy(xo, t, reduction="sum").backward()
+        F.cross_entropy(xr, t, reduction="sum").backward()
+        ref, ours = xr.grad.narrow(1, 2, shape[1] - 2), xo.grad.narrow(1, 2, shape[1] - 2).double()
+        normal = ref.abs() > 2.0**-124  # (exp_u20, off AVX-512, gives 0 below 2^-125)
+        ref, ours = ref[normal], ours[normal]
+        assert ref.abs().min() < 2.0**-120  # the case spans the range
+        # 1e-6: a few float steps; the (N, C, d) kernels take exp(x - lse) in one exponential, and
+        # inherit the float rounding of lse and of x - lse (up to a step of |log p|)
+        bound = 1e-6 if len(shape) == 2 else 2e-6 + ref.abs().log().abs() * 2.0**-23
+        rel = ((ours - ref) / ref).abs()
+        worst = (rel / bound).argmax()
+        assert (rel < bound).all(), f"{shape}: relative error {rel[worst]:.3g} at p = {ref[worst]:.3g}"
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
@@ -1556,6 +1580,10 @@ ISA_SCRIPT = textwrap.dedent(
                   msg=f"{want} {shape}")
         x = T.make_input((4, 1100), dtype, 1e4)
         check(x, T.class_target(x.shape, 1100), reduction="none", z_loss=1e-3, msg=f"{want} 1e4 logits")
+    try:  # each instruction set's exponential (AVX-512's own, exp_u20 elsewhere)
+        T.test_probabilities_keep_float_accuracy_across_the_exponent_range()
+    except AssertionError as err:
+        failures.append(f"{want}: {err}")
     for f in failures:
         print(f)
     print(f"{want}: {len(failures)} failures")

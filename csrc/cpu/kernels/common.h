@@ -36,6 +36,35 @@ class FlushToZero {
 #endif
 };
 
+// exp(x) on a vector in about half the instructions of ATen's exp_u20 on AVX-512, with its range
+// (0 below ln(FLT_MIN) = -87.34, as exp_u20, and for NaN; inf above ln(FLT_MAX)) and a smaller error
+// (at most 2.7 ulp against exp_u20's 6.6, every 7th float of [-86.5, 88.7] against double): 2^n exp(r),
+// n = round(x / ln 2), r = x - n ln 2 in two steps (ln 2 split so that n times its high part is
+// exact), exp(r) by exp_u20's polynomial, and 2^n applied by vscalefps rather than by integer
+// exponent arithmetic and clamping. The softmax loops are bound by their exponentials where
+// memory is not the limit (one thread, bfloat16; Zen 4 runs a 512-bit instruction in two halves).
+// Elsewhere (AVX2, the default build, double) exp_u20 itself.
+template <typename A>
+inline at::vec::Vectorized<A> fast_exp(const at::vec::Vectorized<A>& x) {
+#if defined(CPU_CAPABILITY_AVX512)
+  if constexpr (std::is_same_v<A, float>) {
+    const __mmask16 in_range = _mm512_cmp_ps_mask(x, _mm512_set1_ps(-87.33654f), _CMP_GE_OQ);
+    const __m512 v = _mm512_min_ps(x, _mm512_set1_ps(89.0f));
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(v, _mm512_set1_ps(1.44269504f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145752f), v);  // ln 2's high part: exact times n
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.42860677e-06f), r);      // and its low part
+    __m512 p = _mm512_fmadd_ps(r, _mm512_set1_ps(0.00828929059f), _mm512_set1_ps(0.0418978221f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.166676521f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.499991506f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(0.999999701f));
+    p = _mm512_fmadd_ps(r, p, _mm512_set1_ps(1.0f));
+    return _mm512_maskz_scalef_ps(in_range, p, n);
+  }
+#endif
+  return x.exp_u20();
+}
+
 // dst[i] = src[i] for n elements, converting the type. bfloat16 / float16 -> float is
 // vectorized here: ATen's at::vec::convert has no vector path for it (one scalar conversion per
 // element, which made bfloat16 epilogues several times slower than ATen's own bfloat16 kernels),

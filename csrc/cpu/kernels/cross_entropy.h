@@ -83,8 +83,8 @@ inline Vectorized<A> load_or(const A* x, int64_t count, A fill) {
 // polynomial to u^9 for |u| < 1/4 (relative error < 1e-8 there), else (e - 1) / (e + 1), e = exp(2u),
 // u clamped to [-9, 9] (where tanh is +-1 in float32, and so is this ratio, exactly); NaN kept.
 // A vector whose lanes all lie below 1/4 (typical logits under a softcap of 30) takes the
-// polynomial alone, as x (1 + u^2 (...)): no exponential, no division. The exponential is ATen's
-// exp_u20, as in the softmax. double: PyTorch's own division and tanh.
+// polynomial alone, as x (1 + u^2 (...)): no exponential, no division. The exponential is
+// fast_exp (common.h), as in the softmax. double: PyTorch's own division and tanh.
 template <typename A>
 inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
   using V = Vectorized<A>;
@@ -98,7 +98,7 @@ inline Vectorized<A> cap_vector(const Vectorized<A>& x, A softcap) {
     const V small = u2 < V(A(1.0 / 16));  // |u| < 1/4; all-ones lanes where true, false for NaN
     if (small.zero_mask() == 0) return polynomial();
     const V clamped = at::vec::clamp(u, V(A(-9)), V(A(9)));
-    const V e = (clamped + clamped).exp_u20();
+    const V e = fast_exp(clamped + clamped);
     V capped = (e - V(A(1))) / (e + V(A(1))) * V(softcap);
     capped = V::blendv(capped, polynomial(), small);  // no test: mixed vectors are common, a branch mispredicts
     return V::blendv(capped, x, x != x);
@@ -209,7 +209,7 @@ template <typename A>
 inline Vectorized<A> exp_against(const A* x, int64_t i, int64_t n, A m) {
   using V = Vectorized<A>;
   if (m == -std::numeric_limits<A>::infinity()) return V(0);
-  return (load_or(x + i, std::min<int64_t>(V::size(), n - i), -std::numeric_limits<A>::infinity()) - V(m)).exp_u20();
+  return fast_exp(load_or(x + i, std::min<int64_t>(V::size(), n - i), -std::numeric_limits<A>::infinity()) - V(m));
 }
 
 // Folds classes [c0, c0 + n) of a row into `st`. x, t: the block (float/double), block_max: the
@@ -244,7 +244,7 @@ inline void accumulate_block(RowState<acc_t<S>>& st, const acc_t<S>* x, acc_t<S>
     for (int64_t i = 0; i < full; i += L) {
       __builtin_prefetch(next + i);
       const V xv = V::loadu(x + i);
-      const V ev = (xv - m).exp_u20();
+      const V ev = fast_exp(xv - m);
       s += ev;
       if constexpr (decltype(capped)::value) {
         (ev * cap_derivative(xv, vinv_cap)).store(exps + i);
@@ -297,7 +297,7 @@ inline void accumulate_block(RowState<acc_t<S>>& st, const acc_t<S>* x, acc_t<S>
 }
 
 // Whether a (not ignored) row's loss and gradient are NaN, from its max: see the top of the file.
-// Checked explicitly, since exp_u20 does not propagate NaN (it gives inf).
+// Checked explicitly, since the exponential (fast_exp) does not propagate NaN.
 template <typename A>
 inline bool row_is_nan(A row_max) {
   return !std::isfinite(row_max);
@@ -599,7 +599,7 @@ void forward_spatial_tiles(const CrossEntropyArgs<S>& a) {
       const V keep(A(1) - e), spread(e * inv_c);
       for (int64_t c = 0; c < C; ++c) {
         const V xv = V::loadu(x + c * ld, lanes);
-        s += (xv - m).exp_u20();
+        s += fast_exp(xv - m);
         const V wv(a.weight ? a.weight[c] : A(1));
         if (prob) {
           const V wt = wv * (V::loadu(t + c * ldt, lanes) * keep + spread);
@@ -744,7 +744,7 @@ void backward_spatial_tiles(const CrossEntropyArgs<S>& a) {
         const V xv = V::loadu(x + c * ld, lanes);
         if (any_ignored) lane_max = at::vec::maximum(lane_max, xv);
         const V wv(a.weight ? a.weight[c] : A(1));
-        V g = vp * ((xv - vmax) - vlog).exp_u20();
+        V g = vp * fast_exp((xv - vmax) - vlog);
         if (prob) {
           g = g - vw * wv * (V::loadu(t + c * ldt, lanes) * keep + spread);
           if (gt_out) (vsc * keep * wv * ((vmax - xv) + vlog)).store(gt_out + c * ldg, lanes);

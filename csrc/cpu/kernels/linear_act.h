@@ -86,10 +86,11 @@ inline Vec<float> reciprocal_of_at_least_one(const Vec<float>& d) {
 // 1 - erf(z) = t P(t) exp(-z^2) with z = |x| / sqrt(2), t = 1 / (1 + p z), whose exp(-z^2) is e
 // itself, so the backward takes one exponential for both (ATen's erf and pdf take two, on Sleef's
 // exp, and a division): Phi = q for x < 0, 1 - q for x >= 0, q = t P(t) e / 2. The exponential is
-// exp_u20 (0 for x^2 / 2 past 87, so t's argument is bounded to keep 0 * t finite); NaN stays NaN.
+// fast_exp (common.h; 0 for x^2 / 2 past 87, so t's argument is bounded to keep 0 * t finite);
+// NaN stays NaN.
 inline Vec<float> gelu_cdf(const Vec<float>& x, Vec<float>& e) {
   using V = Vec<float>;
-  e = (V(-0.5f) * x * x).exp_u20();
+  e = fast_exp(V(-0.5f) * x * x);
   const V z = at::vec::minimum(x.abs(), V(16.0f)) * V(float(kSqrt1_2));
   const V t = reciprocal_of_at_least_one(at::vec::fmadd(V(0.3275911f), z, V(1.0f)));
   V poly = at::vec::fmadd(V(1.061405429f), t, V(-1.453152027f));
@@ -100,12 +101,12 @@ inline Vec<float> gelu_cdf(const Vec<float>& x, Vec<float>& e) {
   return V::blendv(V::blendv(q, V(1.0f) - q, x >= V(0.0f)), x, x != x);  // NaN stays NaN
 }
 
-// sigmoid(z) = 1 / (1 + exp(-z)) in float from exp_u20 and the refined reciprocal above, rather than
+// sigmoid(z) = 1 / (1 + exp(-z)) in float from fast_exp and the refined reciprocal above, rather than
 // Sleef's exp call and a division (silu, sigmoid, quick_gelu, gelu_tanh): exactly 0 below z = -87,
 // where exp(-z) nears float's range and the reciprocal would be subnormal; NaN stays NaN.
 inline Vec<float> sigmoid_of(const Vec<float>& z) {
   using V = Vec<float>;
-  const V s = reciprocal_of_at_least_one(V(1.0f) + z.neg().exp_u20());
+  const V s = reciprocal_of_at_least_one(V(1.0f) + fast_exp(z.neg()));
   return V::blendv(V::blendv(s, V(0.0f), z < V(-87.0f)), z, z != z);
 }
 
@@ -127,11 +128,11 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
     return x * half * (one + (x * Vec<T>(T(kSqrt1_2))).erf());
   } else if constexpr (A == Activation::GeluTanh) {
     // x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)); see csrc/activation.h.
-    // exp_u20 (ATen's 2-ulp exp) rather than Sleef's 1-ulp: it made the backward prologue markedly
-    // faster; results stay within float32 tolerance of F.gelu.
+    // fast_exp (exp_u20's accuracy) rather than Sleef's 1-ulp exp: it made the backward prologue
+    // markedly faster; results stay within float32 tolerance of F.gelu.
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x * x * x);
     if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(Vec<T>(T(2)) * inner);
-    return x / (one + (Vec<T>(T(-2)) * inner).exp_u20());
+    return x / (one + fast_exp(Vec<T>(T(-2)) * inner));
   } else if constexpr (A == Activation::Silu) {
     if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(x);
     return x / (one + x.neg().exp());
