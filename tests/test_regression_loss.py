@@ -898,7 +898,8 @@ def test_raw_ops_match_autograd(loss, weighted, reduction, dtype):
 def test_fwd_grad_mask_equals_fwd_then_bwd(loss, weighted, reduction, mask):
     """regression_loss_fwd with grad_mask = (the loss without, the backward op's gradients for grad 1)."""
     for dtype in DTYPES:
-        for shape in [(3, 11), (2, 0), (7,)]:
+        # (3, 20001): whole vectors in several blocks, then a tail (the forward's vector loop)
+        for shape in [(3, 11), (2, 0), (7,), (3, 20001)]:
             x, t, w, param = _raw_args(loss, weighted, shape, dtype)
             value, gx, gt = FWD(x, t, w, loss, param, reduction, mask)
             same = dict(rtol=0, atol=0, equal_nan=True)  # the mean of nothing is NaN in both

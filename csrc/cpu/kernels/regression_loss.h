@@ -63,6 +63,48 @@ inline Vectorized<A> grad_of(const Vectorized<A>& d, A param) {
   }
 }
 
+// The forward over [first, last) of a block with no weight and no per-element loss (the mean and
+// sum reductions), in whole vectors of S straight from memory and back: bfloat16 and float16
+// widened and narrowed in registers rather than through float buffers, and no per-vector test
+// (the buffered loop below made the 16-bit step arithmetic-bound; docs/cpu.md). Adds each
+// vector's loss to loss_sum in that loop's order and forms the gradients (for `scale`) with the
+// same products, so the bits are the same; returns where it stopped (the rest, less than one
+// vector, is left to that loop).
+template <RegressionLoss K, typename S>
+inline int64_t unweighted_vectors(const RegressionLossArgs<S>& a, int64_t first, int64_t last,
+                                  Vectorized<acc_t<S>>& loss_sum) {
+  using A = acc_t<S>;
+  using V = Vectorized<A>;
+  const V scale(a.scale);
+  int64_t i = first;
+  if constexpr (std::is_same_v<S, A>) {
+    constexpr int64_t L = V::size();
+    for (; i + L <= last; i += L) {
+      const V d = V::loadu(a.input + i) - V::loadu(a.target + i);
+      loss_sum += loss_of<K, A>(d, a.param);
+      if (a.grad_input == nullptr && a.grad_target == nullptr) continue;
+      const V r = grad_of<K, A>(d, a.param) * scale;
+      if (a.grad_input != nullptr) r.store(a.grad_input + i);
+      if (a.grad_target != nullptr) r.neg().store(a.grad_target + i);
+    }
+  } else {
+    using VS = Vectorized<S>;
+    constexpr int64_t L = VS::size();  // two float vectors
+    for (; i + L <= last; i += L) {
+      const auto [x0, x1] = at::vec::convert_to_float<S>(VS::loadu(a.input + i));
+      const auto [t0, t1] = at::vec::convert_to_float<S>(VS::loadu(a.target + i));
+      const V d0 = x0 - t0, d1 = x1 - t1;
+      loss_sum += loss_of<K, A>(d0, a.param);
+      loss_sum += loss_of<K, A>(d1, a.param);
+      if (a.grad_input == nullptr && a.grad_target == nullptr) continue;
+      const V r0 = grad_of<K, A>(d0, a.param) * scale, r1 = grad_of<K, A>(d1, a.param) * scale;
+      if (a.grad_input != nullptr) at::vec::convert_from_float<S>(r0, r1).store(a.grad_input + i);
+      if (a.grad_target != nullptr) at::vec::convert_from_float<S>(r0.neg(), r1.neg()).store(a.grad_target + i);
+    }
+  }
+  return i;
+}
+
 template <RegressionLoss K, typename S>
 void forward(const RegressionLossArgs<S>& a) {
   using A = acc_t<S>;
@@ -78,7 +120,10 @@ void forward(const RegressionLossArgs<S>& a) {
     for (int64_t b = b0; b < b1; ++b) {
       const int64_t first = b * a.block, last = std::min(a.numel, first + a.block);
       V loss_sum(0), weight_sum(0);
-      for (int64_t c = first; c < last; c += kChunk) {
+      int64_t c = first;
+      if (a.weight == nullptr && a.out == nullptr && a.out_acc == nullptr)
+        c = unweighted_vectors<K, S>(a, first, last, loss_sum);
+      for (; c < last; c += kChunk) {
         const int64_t n = std::min(kChunk, last - c);
         const A* x = as_math<S, A>(a.input + c, n, xb);
         const A* t = as_math<S, A>(a.target + c, n, tb);
