@@ -128,8 +128,8 @@ inline Vec<T> act_forward(const Vec<T>& x, const Vec<T>& slope) {
     return x * half * (one + (x * Vec<T>(T(kSqrt1_2))).erf());
   } else if constexpr (A == Activation::GeluTanh) {
     // x * sigmoid(2u), the same function as 0.5 x (1 + tanh(u)); see csrc/activation.h.
-    // fast_exp (exp_u20's accuracy) rather than Sleef's 1-ulp exp: it made the backward prologue
-    // markedly faster; results stay within float32 tolerance of F.gelu.
+    // Float through sigmoid_of; otherwise fast_exp (exp_u20 off AVX-512) rather than Sleef's 1-ulp
+    // exp: it made the backward prologue markedly faster; within float32 tolerance of F.gelu.
     const Vec<T> inner = Vec<T>(T(kGeluTanhBeta)) * (x + Vec<T>(T(kGeluTanhKappa)) * x * x * x);
     if constexpr (std::is_same_v<T, float>) return x * sigmoid_of(Vec<T>(T(2)) * inner);
     return x / (one + fast_exp(Vec<T>(T(-2)) * inner));
