@@ -174,7 +174,8 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
                     "avoids this");
   }
 #endif
-  // (Where ATen's 16-bit GEMM is slow, the float32 product below: csrc/matmul.h.)
+  // Where ATen's 16-bit GEMM is slow, matmul_into below multiplies the 16-bit operands in float32,
+  // a block at a time, into the float32 sum (csrc/matmul.h).
   if (widen && acc.is_cpu() && !cpu::aten_reduced_gemm_is_slow(dlogits.scalar_type())) {
     if (!product.defined()) product = empty_scratch(acc.sizes(), dlogits.options());
     at::mm_out(product, dlogits.t(), xc);
@@ -185,8 +186,9 @@ void accumulate_weight_grad(Tensor& acc, const Tensor& dlogits, const Tensor& xc
     }
     return;
   }
-  const Tensor d_t = widen ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
-  const Tensor x_acc = widen ? xc.to(acc.scalar_type()) : xc;
+  const bool widen_here = widen && !acc.is_cpu();
+  const Tensor d_t = widen_here ? dlogits.t().to(acc.scalar_type()) : dlogits.t();
+  const Tensor x_acc = widen_here ? xc.to(acc.scalar_type()) : xc;
   matmul_into(acc, d_t, x_acc, /*accumulate=*/!first);
 }
 

@@ -526,8 +526,8 @@ static PyMethodDef methods[] = {
      "GEMM of float32 CPU products of 32 rows or more now: ours or aten (see TORCH_EXT_CPU_GEMM in docs/cpu.md)."},
     {"_cpu_16bit_gemm", cpu_16bit_gemm, METH_O,
      "_cpu_16bit_gemm('bfloat16' | 'float16'): how the CPU ops multiply matrices of that dtype: 'aten' (oneDNN's "
-     "GEMM), or 'float32' (as float32 products of their values, where ATen's GEMM of that dtype is a reference "
-     "loop: no AVX-512 for bfloat16, no AVX-512 FP16 for float16)."},
+     "GEMM), or 'float32' (as float32 products of their values, where ATen's GEMM of that dtype runs far below "
+     "its float32 one: no AVX512-BF16 for bfloat16, no AVX-512 FP16 for float16)."},
     {"_cpu_matmul_into", cpu_matmul_into, METH_VARARGS,
      "_cpu_matmul_into(out, a, b, accumulate): out = a @ b, or out += a @ b, as the CPU ops multiply (tests, "
      "benchmarks)."},

@@ -161,9 +161,9 @@ def test_cases_that_go_to_aten(gemm, m, dtype):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
 @pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
 def test_16_bit_products(gemm, accumulate, dtype):
-    # bfloat16 / float16 run ATen's GEMM where that is oneDNN's (bfloat16: AVX-512; float16:
-    # AVX-512 FP16), else (a reference loop there) the float32 product of the values, rounded
-    # once: csrc/matmul.h.
+    # bfloat16 / float16 run ATen's GEMM where that is oneDNN's at full speed (bfloat16: AVX512-BF16;
+    # float16: AVX-512 FP16), else (emulated dot products or a reference loop there) the float32
+    # product of the values, rounded once: csrc/matmul.h.
     a = torch.randn(64, 70).to(dtype)
     b = torch.randn(50, 70).to(dtype).t()  # a transposed view, as the dense layers pass weights
     start = torch.randn(64, 50).to(dtype)
@@ -179,6 +179,46 @@ def test_16_bit_products(gemm, accumulate, dtype):
     # Both ways agree to the dtype's rounding with the float64 product.
     exact = (start.double() if accumulate else 0) + a.double() @ b.double()
     torch.testing.assert_close(out.double(), exact, rtol=1.6e-2, atol=1e-2)
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("accumulate", [False, True], ids=["write", "accumulate"])
+@pytest.mark.parametrize("mkn", [(600, 1500, 600), (1500, 600, 600), (600, 600, 1500)],
+                         ids=["cut-k", "cut-rows", "cut-columns"])
+def test_16_bit_products_in_blocks(mkn, accumulate, dtype):
+    # Where 16-bit products run in float32 (csrc/matmul.cpp, product_through_float32), the larger
+    # operand is widened a block at a time, cut along the largest of m, k and n: at these sizes
+    # every cut makes several blocks. Each block is the float32 product rounded once (the k cut
+    # sums in float32 in another order), so the result is within one rounding of the whole float32
+    # product; ATen's 16-bit GEMM, where it runs instead, too.
+    m, k, n = mkn
+    gen = torch.Generator().manual_seed(0)
+    a = torch.randn(m, k, generator=gen).to(dtype)
+    b = torch.randn(n, k, generator=gen).to(dtype).t()
+    start = torch.randn(m, n, generator=gen).to(dtype)
+    out = start.clone()
+    matmul_into(out, a, b, accumulate)
+    want = torch.addmm(start.float(), a.float(), b.float()) if accumulate else a.float() @ b.float()
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(out.float(), want, rtol=ulp, atol=1e-3)
+    # Not a block left out or written twice: far from right anywhere shows here.
+    assert (out.float() - want).abs().max() < 0.05 * want.abs().max()
+
+
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bfloat16", "float16"])
+@pytest.mark.parametrize("rows_out", [(1500, 600), (300, 1500)], ids=["cut-rows", "cut-columns"])
+def test_16_bit_dense_layer_bias_in_blocks(rows_out, dtype):
+    # fused_linear's 16-bit forward adds the bias inside the product (addmm_into), block by block
+    # where the product runs in float32: each block takes its own slice of the bias.
+    rows, out_features = rows_out
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(rows, 600, generator=gen).to(dtype)
+    w = (torch.randn(out_features, 600, generator=gen) / 600**0.5).to(dtype)
+    bias = torch.linspace(-50, 50, out_features).to(dtype)  # a slice in the wrong place shows
+    out = torch_ext.fused_linear(x, w, bias, "none")
+    want = torch.addmm(bias.float(), x.float(), w.float().t())
+    ulp = 2.0**-7 if dtype == torch.bfloat16 else 2.0**-10
+    torch.testing.assert_close(out.float(), want, rtol=ulp, atol=1e-3)
 
 
 def test_bad_arguments():

@@ -389,7 +389,10 @@ def test_default_chunk_size_rule():
 
 @pytest.mark.cpu_only("the CPU 16-bit GEMM path")
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
-@pytest.mark.parametrize("shape", [(37, 13, 29, 8), (300, 40, 1003, 64)], ids=["odd", "wide"])
+# "blocked": where the products run in float32, each of the three is cut along the vocabulary into
+# several blocks (csrc/matmul.cpp, product_through_float32).
+@pytest.mark.parametrize("shape", [(37, 13, 29, 8), (300, 40, 1003, 64), (160, 24, 12007, 64)],
+                         ids=["odd", "wide", "blocked"])
 def test_16_bit_weight_grad_sums_chunk_products_in_float32(dtype, shape):
     """Over several chunks, the 16-bit weight gradient is the chunks' products (each one 16-bit
     GEMM, or a float32 one of the widened operands where ATen's is slow) summed in float32 and

@@ -130,8 +130,9 @@ def show_config() -> str:
                            "built (ATEN_CPU_CAPABILITY overrides)"),
         ("CPU float32 GEMM", f"{_C.cpu_gemm()} (set_config(cpu_gemm=...) or TORCH_EXT_CPU_GEMM=ours|aten|auto)"),
         *((f"CPU {dtype} GEMM", "ATen's (oneDNN)" if _C._cpu_16bit_gemm(dtype) == "aten" else
-           f"float32 products of the {dtype} values (no {needs}: ATen's {dtype} GEMM is a reference loop here)")
-          for dtype, needs in (("bfloat16", "AVX-512"), ("float16", "AVX-512 FP16"))),
+           f"float32 products of the {dtype} values (no {needs}: ATen's {dtype} GEMM runs far below its float32 "
+           "one here)")
+          for dtype, needs in (("bfloat16", "AVX512-BF16"), ("float16", "AVX-512 FP16"))),
         ("run-time config", ", ".join(f"{k}={v}" for k, v in get_config().items())),
         ("C++ flags", " ".join(cfg["cxx_flags"] + [f"(CPU kernels: + {f})" for f in cfg.get("cpu_kernel_flags", [])])
          if cfg else UNKNOWN),

@@ -47,6 +47,8 @@ def machine_info(device: str = "cpu") -> dict:
         "threads": torch.get_num_threads(),
         "cpu_capability": torch_ext.cpu_capability(),
         "cpu_gemm": torch_ext.cpu_gemm(),
+        # How the CPU ops multiply 16-bit matrices: "aten" (its GEMM of that dtype) or "float32".
+        "cpu_16bit_gemm": {d: torch_ext._C._cpu_16bit_gemm(d) for d in ("bfloat16", "float16")},
         "device": device,
     }
     if device.startswith("cuda"):

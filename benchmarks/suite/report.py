@@ -135,12 +135,24 @@ def model_table(records: List[dict]) -> str:
     return render(headers, rows, left=3)
 
 
+def _sixteen_bit_gemm_text(meta: dict) -> str:
+    """For a CPU run in a 16-bit dtype whose products torch_ext runs in float32 (csrc/matmul.h), the
+    machine line's note saying so; else empty."""
+    dtype = str(meta.get("dtype", "")).removeprefix("torch.")
+    route = (meta["machine"].get("cpu_16bit_gemm") or {}).get(dtype)
+    if meta["device"] != "cpu" or route != "float32":
+        return ""
+    return (f", {dtype} GEMM: float32 products of the {dtype} values (ATen's {dtype} GEMM runs far below "
+            "its float32 one here)")
+
+
 def notes_text(meta: dict, records: List[dict], model_records: List[dict], extra: List[str]) -> List[str]:
     m = meta["machine"]
     lines = [
         f"Machine: {m.get('processor')}, {m.get('cores')} cores, {m.get('threads')} torch threads, "
         f"{m.get('cpu_capability')}"
         + (f", float32 GEMM: {m['cpu_gemm']}" if m.get("cpu_gemm") and meta["device"] == "cpu" else "")
+        + _sixteen_bit_gemm_text(meta)
         + (f", {m['gpu']}" if m.get("gpu") else "")
         + f"; torch {m['torch']}, torch_ext {m['torch_ext']}; git {str(meta['git_commit'])[:12]}"
         + (" (uncommitted changes)" if meta.get("git_dirty") else "") + f"; {meta['timestamp']}",
@@ -163,6 +175,8 @@ def notes_text(meta: dict, records: List[dict], model_records: List[dict], extra
             "Floors, for the fwd+bwd step: memory-bound losses: the bytes a step must move (read the inputs once, "
             "write the gradient once) / copy bandwidth"
             + (f"; {floors}, at the same shapes, on ATen's GEMM, timed in each round" if floors else "")
+            + (" (in float32, on float32 copies of the operands, where torch_ext's 16-bit CPU products run that "
+               "way: see the machine line)" if floors and _sixteen_bit_gemm_text(meta) else "")
             + ". '% of floor' = floor time / ours time (100% = at the floor; "
             "reads alone run faster than copies, so a loss can pass 100%; ours can pass it where its float32 CPU GEMMs "
             "run on torch_ext's own, 'float32 GEMM: ours' above). The JSON also has per-phase floors, each phase "

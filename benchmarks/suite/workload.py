@@ -41,3 +41,17 @@ class Workload:
     def step(self, fn: Callable[..., torch.Tensor]) -> Tuple[torch.Tensor, ...]:
         """One training step of `fn`: forward, then the gradients of `requires`."""
         return self.backward(fn(*self.inputs))
+
+
+def gemm_operands(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
+    """The operands a floor's bare GEMMs multiply: the tensors as they are, or float32 copies of
+    16-bit CPU ones where torch_ext multiplies such matrices in float32 (ATen's GEMM of that dtype
+    runs far below the float32 one there: csrc/matmul.h), so that the floor is the faster GEMM
+    this machine has for the step, not the slow one. The copies are made here, once, untimed."""
+    import torch_ext
+
+    first = tensors[0]
+    if first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
+        if torch_ext._C._cpu_16bit_gemm(str(first.dtype).removeprefix("torch.")) == "float32":
+            return tuple(t.float() for t in tensors)
+    return tensors

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 
 import torch_ext
 
-from ..workload import Workload
+from ..workload import Workload, gemm_operands
 from .spec import OpSpec, dense_label
 
 EAGER_ACT = {
@@ -48,7 +48,7 @@ def make_workload(m, k, n, activation, dtype=torch.float32, device="cpu") -> Wor
     w = (torch.randn(n, k, device=device, dtype=dtype) / k**0.5).requires_grad_()
     b = torch.randn(n, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(m, n, device=device, dtype=dtype)
-    xd, wd = x.detach(), w.detach()
+    xd, wd, g_floor = gemm_operands(x.detach(), w.detach(), g)
     return Workload(
         label=f"{m}x{k}->{n} {activation}",
         inputs=(x, w, b),
@@ -59,7 +59,7 @@ def make_workload(m, k, n, activation, dtype=torch.float32, device="cpu") -> Wor
             "eager": make_eager(activation),
             "ours": lambda x, w, b: torch_ext.fused_linear(x, w, b, activation),
         },
-        floor_fns=(lambda: xd @ wd.t(), lambda _: (g @ wd, g.t() @ xd)),
+        floor_fns=(lambda: xd @ wd.t(), lambda _: (g_floor @ wd, g_floor.t() @ xd)),
         floor_flops={"fwd": 2 * m * k * n, "bwd": 4 * m * k * n, "fwd+bwd": 6 * m * k * n},
     )
 

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 import torch_ext
 
-from ..workload import Workload
+from ..workload import Workload, gemm_operands
 from .spec import OpSpec, head_label
 
 SCENARIOS = {  # name -> (N rows, H hidden, V vocabulary)
@@ -27,12 +27,12 @@ def make_workload(n: int, h: int, v: int, dtype=torch.float32, device="cpu") -> 
     x = torch.randn(n, h, dtype=dtype, device=device, requires_grad=True)
     w = (torch.randn(v, h, dtype=dtype, device=device) / h**0.5).requires_grad_()
     t = torch.randint(0, v, (n,), device=device)
-    xd, wd = x.detach(), w.detach()
+    xd, wd = gemm_operands(x.detach(), w.detach())
     grad_logits = []  # made on first use: only the floor needs it
 
     def floor_fwd():
         if not grad_logits:
-            grad_logits.append(torch.randn(n, v, dtype=dtype, device=device))
+            grad_logits.append(torch.randn(n, v, dtype=xd.dtype, device=device))
         return xd @ wd.t()
 
     def floor_bwd(_):

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 import torch_ext
 
-from ..workload import Workload
+from ..workload import Workload, gemm_operands
 from .linear_act import EAGER_ACT
 from .spec import OpSpec, dense_label
 
@@ -49,8 +49,8 @@ def make_workload(m, k, h, activation, dtype=torch.float32, device="cpu") -> Wor
     w2 = (torch.randn(k, h, device=device, dtype=dtype) / h**0.5).requires_grad_()
     b2 = torch.randn(k, device=device, dtype=dtype, requires_grad=True)
     g = torch.randn(m, k, device=device, dtype=dtype)
-    xd, w1d, w2d = x.detach(), w1.detach(), w2.detach()
     g_hidden = torch.randn(m, h1, device=device, dtype=dtype)
+    xd, w1d, w2d, g_floor, g_hidden = gemm_operands(x.detach(), w1.detach(), w2.detach(), g, g_hidden)
 
     def floor_fwd():
         hidden = xd @ w1d.t()
@@ -58,7 +58,7 @@ def make_workload(m, k, h, activation, dtype=torch.float32, device="cpu") -> Wor
 
     def floor_bwd(fwd):
         hidden = fwd[1][:, :h]
-        return g @ w2d, g.t() @ hidden, g_hidden @ w1d, g_hidden.t() @ xd
+        return g_floor @ w2d, g_floor.t() @ hidden, g_hidden @ w1d, g_hidden.t() @ xd
 
     flops = 2 * m * k * (h1 + h)
     return Workload(

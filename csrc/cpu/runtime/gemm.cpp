@@ -58,9 +58,10 @@ const char* float32_gemm() { return own_float32_gemm() ? "ours" : "aten"; }
 
 bool aten_reduced_gemm_is_slow(at::ScalarType dtype) {
 #if defined(__x86_64__) || defined(__i386__)
-  // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers.
-  static const bool bfloat16_slow = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-                                      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"));
+  // __builtin_cpu_supports also checks that the OS saves the AVX-512 registers. oneDNN's bfloat16
+  // GEMM runs at its speed only with AVX512-BF16 dot products (AMX CPUs have them too); on AVX-512
+  // without them it emulates the dot products, and without AVX-512 ATen runs a reference loop.
+  static const bool bfloat16_slow = !(__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bf16"));
   static const bool float16_slow = !__builtin_cpu_supports("avx512fp16");
   return dtype == at::kBFloat16 ? bfloat16_slow : dtype == at::kHalf && float16_slow;
 #else

@@ -27,11 +27,12 @@ void run_own_gemm(at::Tensor& out, const at::Tensor& a, const at::Tensor& b, boo
 // Whether float32 products run on our GEMM now ("ours") or on ATen's ("aten").
 const char* float32_gemm();
 
-// Whether ATen's CPU GEMM of this 16-bit dtype is a reference loop here. oneDNN takes bfloat16
-// only on CPUs with AVX-512 F, BW, VL and DQ (ATen's mkldnn_bf16_device_check), float16 only
-// with AVX-512 FP16 or AMX-FP16 (mkldnn_fp16_device_check; AMX-FP16 CPUs have AVX-512 FP16
-// too); elsewhere the loop runs far slower than the float32 GEMM of the same shape (docs/cpu.md
-// has the figures). False for other dtypes.
+// Whether ATen's CPU GEMM of this 16-bit dtype runs far below the float32 GEMM of the same shape
+// here (docs/cpu.md has the figures). bfloat16: oneDNN's GEMM is fast only with AVX512-BF16 dot
+// products; on other AVX-512 CPUs it emulates them (4-5x below float32), and without AVX-512 F,
+// BW, VL and DQ (ATen's mkldnn_bf16_device_check) ATen runs a reference loop. float16: oneDNN
+// takes it only with AVX-512 FP16 or AMX-FP16 (mkldnn_fp16_device_check; AMX-FP16 CPUs have
+// AVX-512 FP16 too), elsewhere a reference loop. False for other dtypes.
 bool aten_reduced_gemm_is_slow(at::ScalarType dtype);
 
 }  // namespace torch_ext::cpu
