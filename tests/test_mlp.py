@@ -807,6 +807,30 @@ def test_compile_matches_eager(dynamo_reset, backend):
         assert_close(a, e, msg="compiled grad")
 
 
+@pytest.mark.cpu_only("the CPU 16-bit GEMM route")
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "f16"])
+def test_compiled_second_layer_follows_the_16_bit_route(dynamo_reset, dtype):
+    # Traced, fc2 is F.linear (ATen's GEMM) where ATen's 16-bit GEMM is fast, and the dense layer's
+    # op without activation, which multiplies in float32, where it is slow (csrc/matmul.h), as
+    # the eager path's fc2 does: either way the result is the float32 product rounded once.
+    from torch_ext import _C
+
+    targets = []
+
+    def backend(gm, example_inputs):
+        targets.extend(str(n.target) for n in gm.graph.nodes if n.op == "call_function")
+        return gm.forward
+
+    mlp = FusedMLP(64, 96, activation="gelu").to(dtype)
+    x = torch.randn(8, 64).to(dtype)
+    with torch.no_grad():
+        out = torch.compile(mlp, backend=backend, fullgraph=True)(x)
+        eager = mlp(x)
+    dense_ops = sum("linear_act_fwd" in t for t in targets)
+    assert dense_ops == (2 if _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32" else 1), targets
+    assert_close(out, eager, msg="compiled output")
+
+
 def test_compile_no_graph_breaks(dynamo_reset):
     model = _Model()
 

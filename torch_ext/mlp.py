@@ -44,6 +44,20 @@ _act_fwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_fwd.default)
 _act_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_act_bwd.default)
 _mlp_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_bwd.default)
 
+# The 16-bit dtypes whose CPU products torch_ext runs in float32 here (csrc/matmul.h: ATen's GEMM of
+# that dtype is slow on this CPU): a property of the machine, asked once.
+_CPU_FLOAT32_PRODUCTS = {dtype for dtype in (torch.bfloat16, torch.float16)
+                         if _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"}
+
+
+def _second_layer(hidden: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:
+    """fc2 as the traced forward runs it: F.linear (ATen's GEMM, which torch.compile can fuse
+    around), except for 16-bit CPU tensors whose ATen GEMM is slow here, where the dense layer's op
+    without activation multiplies in float32 (as the eager path's dense_linear does)."""
+    if hidden.dtype in _CPU_FLOAT32_PRODUCTS and hidden.device.type == "cpu":
+        return _linear_fwd(hidden, fc2_weight, fc2_bias, "none", 0.0, False)[0]
+    return F.linear(hidden, fc2_weight, fc2_bias)
+
 
 def _check_mlp_act_input(op: str, input: Tensor, gated: bool) -> int:
     """The checks of csrc/cpu/mlp_act.cpp for fake tensors; returns the output width."""
@@ -177,7 +191,7 @@ def _mlp_forward(input, fc1_weight, fc1_bias, fc2_weight, fc2_bias, activation, 
         saved = pre
     else:
         hidden, saved = _linear_fwd(input, fc1_weight, fc1_bias, activation, negative_slope, for_backward)
-    return F.linear(hidden, fc2_weight, fc2_bias), hidden, saved
+    return _second_layer(hidden, fc2_weight, fc2_bias), hidden, saved
 
 
 def _recomputes(activation: str, recompute: bool) -> bool:
