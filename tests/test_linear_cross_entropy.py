@@ -398,7 +398,7 @@ def test_16_bit_weight_grad_sums_chunk_products_in_float32(dtype, shape):
     GEMM, or a float32 one of the widened operands where ATen's is slow) summed in float32 and
     rounded once: bit for bit what that sum written with PyTorch's ops gives where the products
     are ATen's 16-bit GEMMs (V x H odd, so the widening add's vector loop and its tail both run)."""
-    from torch_ext import _C
+    from torch_ext._common import cpu_products_in_float32
 
     rows, hidden, vocab, chunk = shape
     gen = torch.Generator().manual_seed(0)
@@ -406,7 +406,7 @@ def test_16_bit_weight_grad_sums_chunk_products_in_float32(dtype, shape):
     w = torch.randn(vocab, hidden, generator=gen, device="cpu").to(dtype).requires_grad_()
     t = torch.randint(0, vocab, (rows,), generator=gen, device="cpu")
     torch_ext.linear_cross_entropy(x, w, t, chunk_size=chunk, reduction="sum").backward()
-    widened = _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"
+    widened = cpu_products_in_float32(dtype)
     total = torch.zeros(vocab, hidden)
     for r0 in range(0, rows, chunk):
         xc = x.detach()[r0:r0 + chunk]

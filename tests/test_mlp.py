@@ -813,7 +813,7 @@ def test_compiled_second_layer_follows_the_16_bit_route(dynamo_reset, dtype):
     # Traced, fc2 is F.linear (ATen's GEMM) where ATen's 16-bit GEMM is fast, and the dense layer's
     # op without activation, which multiplies in float32, where it is slow (csrc/matmul.h), as
     # the eager path's fc2 does: either way the result is the float32 product rounded once.
-    from torch_ext import _C
+    from torch_ext._common import cpu_products_in_float32
 
     targets = []
 
@@ -827,7 +827,7 @@ def test_compiled_second_layer_follows_the_16_bit_route(dynamo_reset, dtype):
         out = torch.compile(mlp, backend=backend, fullgraph=True)(x)
         eager = mlp(x)
     dense_ops = sum("linear_act_fwd" in t for t in targets)
-    assert dense_ops == (2 if _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32" else 1), targets
+    assert dense_ops == (2 if cpu_products_in_float32(dtype) else 1), targets
     assert_close(out, eager, msg="compiled output")
 
 

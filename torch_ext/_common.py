@@ -7,6 +7,8 @@ import torch
 from torch import Tensor
 from torch.autograd import forward_ad as _forward_ad
 
+from . import _C
+
 # What torch.library's own autograd kernel uses to call an op's kernels without autograd.
 _below_autograd = torch._C._AutoDispatchBelowAutograd
 _any_requires_grad = torch._C._any_requires_grad  # C++; dynamo cannot trace it (any_requires_grad can)
@@ -116,6 +118,14 @@ def autocast_to_float32(*tensors: Optional[Tensor]):
     return tuple(
         t.float() if t is not None and t.dtype in (torch.float16, torch.bfloat16) else t for t in tensors
     )
+
+
+def cpu_products_in_float32(dtype: torch.dtype) -> bool:
+    """Whether torch_ext multiplies CPU matrices of this 16-bit dtype as float32 products, rounded
+    once (csrc/matmul.h: ATen's GEMM of that dtype is slow on this CPU); False for other dtypes."""
+    if dtype not in (torch.bfloat16, torch.float16):
+        return False
+    return _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"
 
 
 def accumulation_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -26,6 +26,7 @@ from torch import Tensor, nn
 from . import _C
 from ._common import (
     autocast_to_lower_precision,
+    cpu_products_in_float32,
     direct_when_no_grad,
     fake_grads,
     forward_with_ctx,
@@ -46,8 +47,7 @@ _mlp_bwd = direct_when_no_grad(torch.ops.torch_ext.mlp_bwd.default)
 
 # The 16-bit dtypes whose CPU products torch_ext runs in float32 here (csrc/matmul.h: ATen's GEMM of
 # that dtype is slow on this CPU): a property of the machine, asked once.
-_CPU_FLOAT32_PRODUCTS = {dtype for dtype in (torch.bfloat16, torch.float16)
-                         if _C._cpu_16bit_gemm(str(dtype).removeprefix("torch.")) == "float32"}
+_CPU_FLOAT32_PRODUCTS = {dtype for dtype in (torch.bfloat16, torch.float16) if cpu_products_in_float32(dtype)}
 
 
 def _second_layer(hidden: Tensor, fc2_weight: Tensor, fc2_bias: Optional[Tensor]) -> Tensor:

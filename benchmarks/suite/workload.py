@@ -48,10 +48,9 @@ def gemm_operands(*tensors: torch.Tensor) -> Tuple[torch.Tensor, ...]:
     16-bit CPU ones where torch_ext multiplies such matrices in float32 (ATen's GEMM of that dtype
     runs far below the float32 one there: csrc/matmul.h), so that the floor is the faster GEMM
     this machine has for the step, not the slow one. The copies are made here, once, untimed."""
-    import torch_ext
+    from torch_ext._common import cpu_products_in_float32
 
     first = tensors[0]
-    if first.device.type == "cpu" and first.dtype in (torch.bfloat16, torch.float16):
-        if torch_ext._C._cpu_16bit_gemm(str(first.dtype).removeprefix("torch.")) == "float32":
-            return tuple(t.float() for t in tensors)
+    if first.device.type == "cpu" and cpu_products_in_float32(first.dtype):
+        return tuple(t.float() for t in tensors)
     return tensors
